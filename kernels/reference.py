@@ -1,0 +1,109 @@
+"""Plain PyTorch reference ops: the path CPU/MPS users run and every Triton kernel is tested against.
+
+Each function here has the exact signature of its Triton counterpart, so the op table in
+`minimind_fast.ops` can swap one for the other without the model noticing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * x / sqrt(mean(x^2) + eps)` over the last dim, computed in fp32, returned in x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: returns (normed, new_residual) with new_residual = x + residual."""
+    new_residual = x + residual
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, T, Hq, D) and k (B, T, Hk, D) in the half-rotation (HF Llama) convention.
+
+    cos/sin are (T, D) or (B, T, D), each half repeated: cos[..., :D/2] == cos[..., D/2:].
+    """
+    cos = cos.unsqueeze(-2).float()
+    sin = sin.unsqueeze(-2).float()
+    q_out = q.float() * cos + rotate_half(q.float()) * sin
+    k_out = k.float() * cos + rotate_half(k.float()) * sin
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up`, the activation of the SwiGLU feed-forward."""
+    return F.silu(gate) * up
+
+
+def moe_route(
+    logits: torch.Tensor, top_k: int, norm_topk_prob: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax router: returns (scores (N, E) fp32, topk_weight (N, k) fp32, topk_idx (N, k) int64).
+
+    As in MiniMind2, the top-k weights are renormalised only when k > 1, so a top-1 router still
+    receives gradient from the main loss through its (unnormalised) probability.
+    """
+    scores = logits.float().softmax(dim=-1)
+    topk_weight, topk_idx = torch.topk(scores, k=top_k, dim=-1)
+    if top_k > 1 and norm_topk_prob:
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+    return scores, topk_weight, topk_idx
+
+
+def moe_experts(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> torch.Tensor:
+    """Dropless SwiGLU experts over routed tokens, grouped by expert.
+
+    x (N, H); topk_idx, topk_weight (N, k); w_gate, w_up (E, I, H); w_down (E, H, I).
+    The (token, slot) pairs are sorted by expert so each expert runs one matmul over its tokens;
+    the weighted outputs are summed back per token in fp32.
+    """
+    n_tokens, hidden = x.shape
+    top_k = topk_idx.shape[1]
+    n_experts = w_gate.shape[0]
+    flat_idx = topk_idx.reshape(-1)
+    order = torch.argsort(flat_idx, stable=True)
+    token_of = order // top_k
+    counts = torch.bincount(flat_idx, minlength=n_experts).tolist()
+    xs = x.index_select(0, token_of)
+    outs = []
+    for e, chunk in enumerate(torch.split(xs, counts)):
+        h = swiglu(chunk @ w_gate[e].t(), chunk @ w_up[e].t())
+        outs.append(h @ w_down[e].t())
+    ys = torch.cat(outs).float() * topk_weight.reshape(-1)[order].float().unsqueeze(-1)
+    out = torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device)
+    out.index_add_(0, token_of, ys)
+    return out.to(x.dtype)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against targets, skipping ignore_index.
+
+    hidden (N, H), weight (V, H), targets (N,). Returns 0 (with a graph) when every target is ignored.
+    """
+    logits = hidden @ weight.t()
+    loss = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+    count = (targets != ignore_index).sum().clamp(min=1)
+    return loss / count

@@ -1,0 +1,147 @@
+"""Model directories: the consolidated weights every later stage, chat, export and serving load.
+
+A model directory holds `model.safetensors` (full weights, tied output head stored once),
+`model_config.json` (our `ModelConfig`) and the tokenizer's files. A training run directory holds
+`checkpoints/step_NNNNNNNN/model/` (one model directory per checkpoint, beside DeepSpeed's state)
+and `final/` (a model directory). `resolve_model_dir` turns any of these into the model directory to
+load; `load_model` also accepts a MiniMind2 `.pth` file and a Hugging Face export (see `interop`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minimind_fast.config import ModelConfig
+from minimind_fast.model import MiniMindForCausalLM
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def state_dict_for_saving(model: MiniMindForCausalLM) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, with the tied output head dropped (safetensors refuses shared storage)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_model_dir(
+    model: MiniMindForCausalLM,
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a model directory atomically (a temporary sibling renamed into place).
+
+    `state_dict` overrides the model's own (the engine passes ZeRO-3-consolidated weights).
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        state = state_dict if state_dict is not None else state_dict_for_saving(model)
+        if model.config.tie_word_embeddings:
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt", **(metadata or {})})
+        model.config.save(tmp / CONFIG)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    src, dst = Path(src), Path(dst)
+    if not (src / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{src}: no tokenizer.json (not a tokenizer directory)")
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory from a model dir, a run dir (its `final/` or newest checkpoint) or a checkpoint dir."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    if (p / WEIGHTS).exists():
+        return p
+    if (p / "model" / WEIGHTS).exists():
+        return p / "model"
+    if (p / "final" / WEIGHTS).exists():
+        return p / "final"
+    ckpts = sorted(d for d in (p / "checkpoints").glob("step_*") if (d / "model" / WEIGHTS).exists())
+    if ckpts:
+        return ckpts[-1] / "model"
+    raise FileNotFoundError(
+        f"{p}: not a model directory ({WEIGHTS} + {CONFIG}), a run directory with final/ or "
+        f"checkpoints/step_*/model/, a MiniMind .pth file or a Hugging Face export")
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    kernels: str | None = None,
+) -> MiniMindForCausalLM:
+    """Load weights from our model/run directory, a MiniMind2 `.pth`, or a Hugging Face export."""
+    p = Path(path)
+    if p.suffix == ".pth":
+        from minimind_fast import interop
+
+        model = interop.load_minimind_pth(p)
+    elif p.is_dir() and (p / "config.json").exists() and not (p / CONFIG).exists():
+        from minimind_fast import interop
+
+        model = interop.load_hf_dir(p)
+    else:
+        model_dir = resolve_model_dir(p)
+        config = ModelConfig.load(model_dir / CONFIG)
+        model = MiniMindForCausalLM(config)
+        load_state(model, load_file(str(model_dir / WEIGHTS)), source=str(model_dir / WEIGHTS))
+    if kernels is not None:
+        model = rebuild_with_kernels(model, kernels)
+    return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+def load_state(model: MiniMindForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with an error that lists every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k}: file {tuple(state[k].shape)} != model {tuple(expected[k].shape)}"
+                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        lines = [f"{source}: weights do not match the model config"]
+        lines += [f"  missing: {k}" for k in missing[:20]] + [f"  unexpected: {k}" for k in unexpected[:20]]
+        lines += [f"  shape: {s}" for s in shapes[:20]]
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=False)
+
+
+def rebuild_with_kernels(model: MiniMindForCausalLM, kernels: str) -> MiniMindForCausalLM:
+    """The same weights in a model whose op table is `kernels` (auto|triton|reference)."""
+    if model.config.kernels == kernels:
+        return model
+    new = MiniMindForCausalLM(model.config.replace(kernels=kernels))
+    new.load_state_dict(model.state_dict())
+    return new

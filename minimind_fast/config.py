@@ -1,0 +1,183 @@
+"""Model configuration with MiniMind2's field names and defaults, plus named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+YARN_DEFAULTS: dict[str, Any] = {
+    "type": "yarn",
+    "factor": 16.0,
+    "original_max_position_embeddings": 2048,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "attention_factor": 1.0,
+}
+
+KERNEL_CHOICES = ("auto", "triton", "reference")
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    """MiniMind2's rule: 8/3 of the hidden size, rounded up to a multiple of 64."""
+    return 64 * math.ceil(int(hidden_size * 8 / 3) / 64)
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    vocab_size: int = 6400
+    intermediate_size: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 32768
+    inference_rope_scaling: bool = False
+    rope_scaling: dict[str, Any] | None = None
+    dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    hidden_act: str = "silu"
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    # Qwen3-style per-head RMSNorm on Q and K (minimind-3 checkpoints); off for MiniMind2.
+    qk_norm: bool = False
+    # MoE (ignored unless use_moe)
+    use_moe: bool = False
+    num_experts_per_tok: int = 2
+    n_routed_experts: int = 4
+    n_shared_experts: int = 1
+    scoring_func: str = "softmax"
+    aux_loss_alpha: float = 0.01
+    seq_aux: bool = True
+    norm_topk_prob: bool = True
+    # Runtime switches (not part of the architecture).
+    kernels: str = "auto"
+    gradient_checkpointing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None:
+            self.intermediate_size = default_intermediate_size(self.hidden_size)
+        if self.inference_rope_scaling and self.rope_scaling is None:
+            self.rope_scaling = dict(YARN_DEFAULTS)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ValueError(f"invalid ModelConfig: {msg}")
+
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size", "intermediate_size"):
+            if int(getattr(self, name)) <= 0:
+                fail(f"{name}={getattr(self, name)} must be positive")
+        if self.hidden_size % self.num_attention_heads:
+            fail(f"num_attention_heads={self.num_attention_heads} does not divide "
+                 f"hidden_size={self.hidden_size}")
+        if self.head_dim % 2:
+            fail(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail(f"num_key_value_heads={self.num_key_value_heads} does not divide "
+                 f"num_attention_heads={self.num_attention_heads}")
+        if self.kernels not in KERNEL_CHOICES:
+            fail(f"kernels={self.kernels!r} must be one of {KERNEL_CHOICES}")
+        if self.hidden_act != "silu":
+            fail(f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
+        if self.use_moe:
+            if self.n_routed_experts <= 0:
+                fail("n_routed_experts must be positive when use_moe")
+            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+                fail(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                     f"1..n_routed_experts={self.n_routed_experts}")
+            if self.scoring_func != "softmax":
+                fail(f"scoring_func={self.scoring_func!r}: only 'softmax' is supported")
+            if self.n_shared_experts < 0:
+                fail("n_shared_experts must be >= 0")
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if unknown:
+            kwargs.setdefault("extra", {}).update({k: data[k] for k in unknown})
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # --- sizes ---------------------------------------------------------------------------
+    def num_parameters(self, include_embedding: bool = True) -> int:
+        """Parameter count computed from the shapes (tied embeddings counted once)."""
+        h, inter, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
+        attn = 2 * h * h + 2 * h * kv + (2 * self.head_dim if self.qk_norm else 0)
+        ffn = 3 * h * inter
+        if self.use_moe:
+            ffn = ffn * (self.n_routed_experts + self.n_shared_experts) + self.n_routed_experts * h
+        per_layer = attn + ffn + 2 * h
+        emb = self.vocab_size * h if include_embedding else 0
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.num_hidden_layers * per_layer + h + emb + head
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests and CPU demos: trains visibly in minutes on two cores.
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048),
+    "tiny-moe": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=2048, use_moe=True,
+                     n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
+    "small-26m": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=2),
+    "base-104m": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8,
+                      num_key_value_heads=2),
+    "moe-145m": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8,
+                     num_key_value_heads=2, use_moe=True),
+    "medium-200m": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,
+                        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
+    "large-1b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192),
+}
+
+# Nominal sizes the preset names promise (checked by the tests, within 15%).
+PRESET_NOMINAL_PARAMS = {
+    "small-26m": 26e6, "base-104m": 104e6, "moe-145m": 145e6,
+    "medium-200m": 200e6, "large-1b": 1e9,
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
