@@ -76,7 +76,7 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A model directory from a model dir, a run dir (its `final/` or newest checkpoint) or a checkpoint dir."""
+    """The model directory in a model dir, a run dir (`final/` or newest checkpoint) or a checkpoint dir."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")

@@ -185,7 +185,7 @@ class MoEFeedForward(nn.Module):
         cfg = self.config
         if not self.training or cfg.aux_loss_alpha <= 0:
             return scores.new_zeros(())
-        n_exp, top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        n_exp = cfg.n_routed_experts
         if cfg.seq_aux:
             idx = topk_idx.view(bsz, -1)
             counts = torch.zeros(bsz, n_exp, device=scores.device)

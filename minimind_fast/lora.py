@@ -1,0 +1,162 @@
+"""LoRA adapters: low-rank updates `W + (alpha / r) * B @ A` on chosen linear projections.
+
+Unlike MiniMind's LoRA (rank hard-coded, no alpha, square layers only), any `nn.Linear` whose name
+ends with one of `target_modules` gets an adapter, whatever its shape, so under GQA k_proj and v_proj
+are adapted too. Base weights are frozen (`requires_grad=False`), so they never enter optimizer state.
+Adapters are saved apart in a small safetensors file with their settings, loaded at chat time, and
+merged into the base weights for export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules is empty")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoraLinear(nn.Module):
+    """A frozen `nn.Linear` plus a trainable low-rank update (B starts at zero, so at the base)."""
+
+    def __init__(self, base: nn.Linear, config: LoraConfig):
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        self.scaling = config.scaling
+        self.lora_A = nn.Parameter(torch.empty(config.rank, base.in_features,
+                                               device=base.weight.device, dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, config.rank,
+                                               device=base.weight.device, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+
+
+def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[nn.Module, str, nn.Linear]]:
+    found = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Linear) and child_name in config.target_modules:
+                found.append((module, child_name, child))
+        del name
+    return found
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Freeze every base parameter and wrap the target projections; returns the adapted module names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = _targets(model, config)
+    if not targets:
+        raise ValueError(f"no nn.Linear named any of {config.target_modules} in the model")
+    for parent, child_name, child in targets:
+        setattr(parent, child_name, LoraLinear(child, config))
+    model.lora_config = config
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without adapters, keys as in the plain model (merged adapters if any)."""
+    merged = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            merged[f"{name}.weight"] = module.merged_weight().detach()
+    state = {}
+    for k, v in model.state_dict().items():
+        if ".lora_" in k:
+            continue
+        key = k.replace(".base.", ".")
+        state[key] = merged.get(key, v)
+    return state
+
+
+def save_lora(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Write `adapter.safetensors` + `adapter_config.json` (the adapters only, a few MB at most)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config: LoraConfig = model.lora_config
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+    os.close(fd)
+    save_file(lora_state_dict(model), tmp)
+    os.replace(tmp, out / ADAPTER_WEIGHTS)
+    tmp_cfg = out / f"{ADAPTER_CONFIG}.tmp"
+    tmp_cfg.write_text(json.dumps(asdict(config), indent=2))
+    os.replace(tmp_cfg, out / ADAPTER_CONFIG)
+    return out
+
+
+def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Wrap `model` with the adapters saved in `adapter_dir` (in place) and load their weights."""
+    adapter_dir = Path(adapter_dir)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if not (adapter_dir / name).exists():
+            raise FileNotFoundError(f"{adapter_dir}: missing {name} (not a LoRA adapter directory)")
+    config = LoraConfig(**json.loads((adapter_dir / ADAPTER_CONFIG).read_text()))
+    apply_lora(model, config)
+    state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    expected = lora_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    bad_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if missing or unexpected or bad_shape:
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS}: adapter does not fit the model "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, shape {bad_shape[:5]})")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and unwrap it (in place); the result is a plain model."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, LoraLinear):
+                with torch.no_grad():
+                    child.base.weight.copy_(child.merged_weight())
+                child.base.weight.requires_grad_(True)
+                setattr(parent, child_name, child.base)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
