@@ -1,0 +1,20 @@
+"""Train a byte-level BPE tokenizer (MiniMind's special tokens and ChatML template) on JSONL files."""
+
+import argparse
+
+from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", nargs="+", required=True, help="JSONL files (text or conversations)")
+    p.add_argument("--vocab-size", type=int, default=6400)
+    p.add_argument("--out", required=True, help="output directory (Hugging Face tokenizer layout)")
+    args = p.parse_args()
+    out = train_tokenizer(args.data, args.vocab_size, args.out)
+    tok = load_tokenizer(out)
+    print(f"tokenizer: {out} ({tok.vocab_size} tokens, fingerprint {tok.fingerprint})")
+
+
+if __name__ == "__main__":
+    main()

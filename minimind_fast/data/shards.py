@@ -1,0 +1,141 @@
+"""The `.bin` shard format (version 1): a token stream with document offsets and a loss mask.
+
+Layout, little-endian, every section starting on an 8-byte boundary:
+
+    header   64 bytes  magic b"MMFSHARD" | version u32 | token_bytes u32 (2: uint16, 4: uint32)
+                       | kind u32 | has_mask u32 | n_tokens u64 | n_docs u64 | vocab_size u64 | 16 zero bytes
+    tokens   n_tokens x uint16/uint32         every document's tokens, back to back
+    offsets  (n_docs + 1) x uint64            document d is tokens[offsets[d]:offsets[d+1]]
+    mask     n_tokens x uint8 (if has_mask)   0: no loss on this token as a target, 1: loss,
+                                              2: loss with the special-token weight (reasoning tags)
+
+Kinds: 0 pretrain (no mask), 1 sft, 2 reasoning, 3 dpo (documents come in pairs: 2i chosen,
+2i+1 rejected). Tokens use uint16 when the vocabulary fits, else uint32. `ShardWriter` writes to a
+temporary name and renames on `close()`; `Shard` maps a file read-only with numpy and validates it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMFSHARD"
+VERSION = 1
+HEADER = struct.Struct("<8sIIIIQQQ16x")
+KINDS = {"pretrain": 0, "sft": 1, "reasoning": 2, "dpo": 3}
+KIND_NAMES = {v: k for k, v in KINDS.items()}
+assert HEADER.size == 64
+
+
+class ShardError(ValueError):
+    """A shard file that is not a valid version-1 shard (names the file)."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def _align8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+class ShardWriter:
+    """Appends documents (token arrays, optional masks) to a shard written atomically on close()."""
+
+    def __init__(self, path: str | os.PathLike, kind: str, vocab_size: int):
+        self.path = Path(path)
+        self.kind = kind
+        self.vocab_size = vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.has_mask = kind != "pretrain"
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.f = open(self.tmp, "wb")
+        self.f.write(b"\0" * HEADER.size)
+        self.offsets = [0]
+        self.masks: list[np.ndarray] = []
+
+    @property
+    def n_tokens(self) -> int:
+        return self.offsets[-1]
+
+    def add(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.size and int(tokens.max()) >= self.vocab_size:
+            raise ShardError(f"{self.path}: token id {int(tokens.max())} >= vocab_size {self.vocab_size}")
+        self.f.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self.offsets.append(self.offsets[-1] + len(tokens))
+        if self.has_mask:
+            if mask is None or len(mask) != len(tokens):
+                raise ValueError(f"{self.kind} documents need a mask as long as their tokens")
+            self.masks.append(np.asarray(mask, dtype=np.uint8))
+
+    def close(self) -> Path:
+        body = self.n_tokens * self.dtype.itemsize
+        self.f.write(b"\0" * (_align8(HEADER.size + body) - HEADER.size - body))
+        self.f.write(np.asarray(self.offsets, dtype=np.uint64).tobytes())
+        if self.has_mask:
+            self.f.write(np.concatenate(self.masks or [np.zeros(0, np.uint8)]).tobytes())
+        self.f.seek(0)
+        self.f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, KINDS[self.kind], int(self.has_mask),
+                                 self.n_tokens, len(self.offsets) - 1, self.vocab_size))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class Shard:
+    """A read-only memory map of one shard: `.tokens`, `.offsets`, `.mask` (or None), `.doc(i)`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        if size < HEADER.size:
+            raise ShardError(f"{self.path}: truncated shard ({size} bytes, smaller than its header)")
+        with open(self.path, "rb") as f:
+            magic, version, tbytes, kind, has_mask, n_tokens, n_docs, vocab = HEADER.unpack(f.read(64))
+        if magic != MAGIC:
+            raise ShardError(f"{self.path}: not a minimind_fast shard (bad magic {magic!r})")
+        if version != VERSION:
+            raise ShardError(f"{self.path}: shard format version {version}, this code reads {VERSION}")
+        if tbytes not in (2, 4) or kind not in KIND_NAMES:
+            raise ShardError(f"{self.path}: corrupt header (token bytes {tbytes}, kind {kind})")
+        self.kind, self.vocab_size = KIND_NAMES[kind], vocab
+        dtype = np.uint16 if tbytes == 2 else np.uint32
+        off_start = _align8(HEADER.size + n_tokens * tbytes)
+        expected = off_start + (n_docs + 1) * 8 + (n_tokens if has_mask else 0)
+        if size != expected:
+            raise ShardError(f"{self.path}: truncated or corrupt shard ({size} bytes, header says {expected})")
+        self.tokens = np.memmap(self.path, dtype=dtype, mode="r", offset=HEADER.size, shape=(n_tokens,))
+        self.offsets = np.memmap(self.path, dtype=np.uint64, mode="r", offset=off_start, shape=(n_docs + 1,))
+        self.mask = (np.memmap(self.path, dtype=np.uint8, mode="r", offset=off_start + (n_docs + 1) * 8,
+                               shape=(n_tokens,)) if has_mask else None)
+        if n_docs and int(self.offsets[-1]) != n_tokens:
+            raise ShardError(f"{self.path}: document offsets end at {int(self.offsets[-1])}, not {n_tokens}")
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def doc(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.tokens[a:b], (self.mask[a:b] if self.mask is not None else None)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Fail, naming the shard, if any token id is outside [0, vocab_size)."""
+        top = int(self.tokens.max()) if self.n_tokens else -1
+        if top >= vocab_size:
+            raise ShardError(f"{self.path}: token id {top} is out of range for vocab_size {vocab_size} "
+                             f"(shard written for vocab_size {self.vocab_size})")

@@ -1,0 +1,159 @@
+"""Byte-level BPE tokenizer: training (streamed from JSONL), loading, and the ChatML chat template.
+
+Saved in Hugging Face's layout (`tokenizer.json` + `tokenizer_config.json` with the chat template),
+so `transformers.AutoTokenizer.from_pretrained(dir)` loads it; an existing MiniMind tokenizer
+directory loads as is. Special tokens sit at MiniMind's ids: 0 `<|endoftext|>` (pad), 1
+`<|im_start|>` (bos), 2 `<|im_end|>` (eos).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PAD, BOS, EOS = SPECIAL_TOKENS
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def iter_texts(files: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Texts of pretrain (`text`) and conversation (`conversations`/`chosen`/`rejected`) JSONL lines.
+
+    Streams line by line; lines that do not parse are skipped here (the shard writer reports them).
+    """
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(record, dict):
+                    continue
+                if isinstance(record.get("text"), str):
+                    yield record["text"]
+                for key in ("conversations", "chosen", "rejected"):
+                    for msg in record.get(key) or []:
+                        if isinstance(msg, dict) and isinstance(msg.get("content"), str):
+                            yield msg["content"]
+
+
+def train_tokenizer(files: list[str | os.PathLike], vocab_size: int, out_dir: str | os.PathLike) -> Path:
+    """Train a byte-level BPE tokenizer on the JSONL `files` and save it (atomically) to `out_dir`."""
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"{f}: no such file")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} is below the 256 byte tokens + special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=True,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(iter_texts(files), trainer=trainer)
+    for i, name in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(name) == i, f"special token {name} landed at id {tok.token_to_id(name)}"
+    return save_tokenizer(tok, out_dir)
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tok.save(str(tmp / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD,
+        "model_max_length": 32768, "clean_up_tokenization_spaces": False,
+        "add_bos_token": False, "add_eos_token": False,
+        "chat_template": CHATML_TEMPLATE,
+    }
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (tmp / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+class ChatTokenizer:
+    """A `tokenizers.Tokenizer` plus the chat template and MiniMind's special ids."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        tok_file = self.path / "tokenizer.json" if self.path.is_dir() else self.path
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{self.path}: no tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(tok_file))
+        self.dir = tok_file.parent
+        config_file = self.dir / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        self.chat_template = config.get("chat_template") or CHATML_TEMPLATE
+        self.pad_token_id = self._id(config.get("pad_token"), PAD)
+        self.bos_token_id = self._id(config.get("bos_token"), BOS)
+        self.eos_token_id = self._id(config.get("eos_token"), EOS)
+        self.fingerprint = hashlib.sha256(tok_file.read_bytes()).hexdigest()[:16]
+
+    def _id(self, token, default: str) -> int:
+        if isinstance(token, dict):  # {"content": "<|im_end|>", ...} as some configs store it
+            token = token.get("content")
+        tid = self.tokenizer.token_to_id(token or default)
+        if tid is None:
+            raise ValueError(f"{self.dir}: special token {token or default!r} is not in the vocabulary")
+        return tid
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def _template(self):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            **kwargs) -> str:
+        """Render `messages` with the tokenizer's chat template (ChatML for ours), as transformers does."""
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=BOS, eos_token=EOS, **kwargs)
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """Copy the tokenizer's files into `out_dir` (what checkpoints carry)."""
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (self.dir / name).exists():
+                shutil.copy2(self.dir / name, Path(out_dir) / name)
+
+
+def load_tokenizer(path: str | os.PathLike) -> ChatTokenizer:
+    return ChatTokenizer(path)
