@@ -208,7 +208,7 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
                 file_counts: Counter = Counter()
                 pending: deque = deque()
 
-                def drain(block: bool) -> None:
+                def drain(pending: deque, path: Path, file_counts: Counter, block: bool) -> None:
                     nonlocal n_docs
                     while pending and (block or pool is None or pending[0][0].ready()):
                         result, size = pending.popleft()
@@ -231,8 +231,8 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
                     task = (chunk, opts)
                     pending.append((pool.apply_async(_encode_chunk, (task,)) if pool else _encode_chunk(task),
                                     size))
-                    drain(block=len(pending) >= 2 * opts.workers)
-                drain(block=True)
+                    drain(pending, path, file_counts, block=len(pending) >= 2 * opts.workers)
+                drain(pending, path, file_counts, block=True)
                 counts.update({k: v for k, v in file_counts.items() if k != "lines"})
                 sources.append({**src, "records": file_counts["lines"],
                                 "skipped": {k: v for k, v in file_counts.items() if k != "lines"}})
