@@ -1,0 +1,61 @@
+"""Command-line flags shared by every training stage."""
+
+from __future__ import annotations
+
+import argparse
+
+from minimind_fast.config import PRESETS
+
+
+def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    g = p.add_argument_group("model")
+    if stage == "pretrain":
+        g.add_argument("--preset", default="small-26m", choices=sorted(PRESETS))
+        g.add_argument("--config", help="model config JSON (instead of --preset)")
+        g.add_argument("--vocab-size", type=int, help="override the preset's vocab_size")
+    else:
+        g.add_argument("--init", help="run dir, checkpoint, model dir, MiniMind .pth or HF dir to start from")
+    g.add_argument("--kernels", choices=("auto", "triton", "reference"), default="auto")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--doc-attention", action="store_true",
+                   help="keep attention inside packed documents (flash-attn varlen or a block mask)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="shard directory written by launch/tokenize.py")
+    g.add_argument("--val-data", help="shard directory for evaluation (default: --data's val split)")
+    g.add_argument("--seq-len", type=int, default=512)
+    g.add_argument("--micro-batch-size", type=int, default=16)
+    g.add_argument("--grad-accum", type=int, default=1)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1)
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
+    g.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--deepspeed-config", help="a DeepSpeed JSON config (its settings win over flags)")
+    g.add_argument("--seed", type=int, default=1337)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="run directory")
+    g.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a path")
+    g.add_argument("--save-every", type=int, default=1000)
+    g.add_argument("--keep-last", type=int, default=3)
+    g.add_argument("--eval-every", type=int, default=500)
+    g.add_argument("--eval-batches", type=int, default=20)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many NaN/Inf losses")
+    g.add_argument("--stop-at-step", type=int, help="checkpoint and stop at this step (time-boxed jobs)")
+    g.add_argument("--tensorboard", action="store_true")
+    g.add_argument("--wandb", metavar="PROJECT", help="log to wandb (set WANDB_MODE=offline to stay local)")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p

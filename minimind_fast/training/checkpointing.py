@@ -1,0 +1,119 @@
+"""Checkpoints: DeepSpeed's sharded state, consolidated weights, loader positions and RNG states.
+
+Layout of one checkpoint, `RUN/checkpoints/step_NNNNNNNN/`:
+    deepspeed/          DeepSpeed's own (model, optimizer, scheduler, loss scale; sharded under ZeRO)
+    model/              a model directory (safetensors + model_config.json + tokenizer): what later
+                        stages, chat and export load
+    rank_R.pt           rank R's loader position and RNG states (tensors only: loads weights_only)
+    trainer_state.json  step, tokens seen, bad-step count
+    COMPLETE            written last: only checkpoints holding it are resumed from
+Every rank writes into `step_NNNNNNNN.tmp/`; once all have finished, rank 0 renames it and writes
+COMPLETE, so a crash mid-save leaves the previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from minimind_fast.checkpoint import save_model_dir, state_dict_for_saving
+
+MARKER = "COMPLETE"
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.glob("step_*") if not d.name.endswith(".tmp") and (d / MARKER).exists())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_rest": json.dumps([int(np_state[2]), int(np_state[3]), float(np_state[4])]),
+             "python": json.dumps(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    pos, has_gauss, cached = json.loads(state["numpy_rest"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Full weights on rank 0 (gathered from the ZeRO-3 partitions when needed), None elsewhere."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().cpu() for k, v in state.items()} if state is not None else None
+    module = engine.module
+    from minimind_fast.lora import LoraLinear, base_state_dict
+
+    if any(isinstance(m, LoraLinear) for m in module.modules()):
+        return None if dist.get_rank() else {k: v.cpu() for k, v in base_state_dict(module).items()}
+    return None if dist.get_rank() else state_dict_for_saving(module)
+
+
+def save_checkpoint(engine, stage, run_dir: Path, step: int, loader_state: dict, trainer_state: dict,
+                    tokenizer_dir: Path | None, keep_last: int) -> Path:
+    """Write checkpoint `step` atomically (collective: every rank must call it)."""
+    rank = dist.get_rank()
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+    torch.save({"loader": json.dumps(loader_state), "rng": rng_state()}, tmp / f"rank_{rank}.pt")
+    state = consolidated_state_dict(engine)
+    if rank == 0:
+        save_model_dir(engine.module, tmp / "model", tokenizer_dir=tokenizer_dir, state_dict=state)
+        stage.save_extra(engine.module, tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        (final / MARKER).write_text(f"step {step}\n")
+        for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(engine, ckpt: Path) -> tuple[dict, dict]:
+    """Restore DeepSpeed state, RNG states; returns (loader_state, trainer_state)."""
+    rank = dist.get_rank()
+    load_path, _ = engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
+    if load_path is None:
+        raise RuntimeError(f"{ckpt}: DeepSpeed could not load its state")
+    rank_file = ckpt / f"rank_{rank}.pt"
+    if not rank_file.exists():
+        raise FileNotFoundError(f"{rank_file}: missing (was the checkpoint written with another world size?)")
+    saved = torch.load(rank_file, weights_only=True)
+    set_rng_state(saved["rng"])
+    return json.loads(saved["loader"]), json.loads((ckpt / "trainer_state.json").read_text())

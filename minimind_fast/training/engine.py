@@ -1,0 +1,346 @@
+"""The training engine: one loop on DeepSpeed for every stage.
+
+`train(stage, args)` sets up distributed state (DeepSpeed's launcher, torchrun or a plain single
+process, on CUDA or the CPU), checks every input before the first step, builds the model through the
+stage, wraps it with `deepspeed.initialize`, resumes from the newest complete checkpoint, and runs
+optimizer steps with metrics, evaluation, periodic checkpoints and a clean stop on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minimind_fast.data.loaders import build_loader
+from minimind_fast.training import checkpointing
+from minimind_fast.training.ds_config import build_ds_config, precision
+from minimind_fast.training.flops import model_flops_per_token, peak_flops
+from minimind_fast.training.metrics import MetricsLogger, memory_mb
+from minimind_fast.training.schedule import lr_factor
+from minimind_fast.training.stages import Stage, to_device
+
+
+class TrainingError(RuntimeError):
+    """A problem found before or during training, with a message meant for the user."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed (a world of one when no launcher set it up)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def check_output_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"output directory {run_dir} is not writable: {e}") from None
+
+
+def resolve_dtype(args, device: torch.device) -> str:
+    if args.dtype != "auto":
+        if args.dtype in ("bf16", "fp16") and device.type == "cpu" and args.dtype == "fp16":
+            raise TrainingError("--dtype fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        return args.dtype
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(t)
+    return t.item() == 0
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class Trainer:
+    def __init__(self, stage: Stage, args):
+        self.stage, self.args = stage, args
+        self.run_dir = Path(args.out)
+        self.rank, self.world, self.device = setup_distributed()
+        self.is_main = self.rank == 0
+        torch.manual_seed(args.seed + self.rank)
+        self._prepare()
+
+    # --- set-up: every check happens here, before the first step ----------------------------
+    def _prepare(self) -> None:
+        a = self.args
+        check_output_dir(self.run_dir)
+        data = Path(a.data)
+        if not (data / "manifest.json").exists():
+            raise TrainingError(f"--data {data}: no manifest.json there (write shards with launch/tokenize.py)")
+        self.manifest = json.loads((data / "manifest.json").read_text())
+        if self.manifest["kind"] not in _accepted_kinds(self.stage.data_kind):
+            raise TrainingError(f"--data {data} holds {self.manifest['kind']} shards; "
+                                f"the {self.stage.name} stage needs {self.stage.data_kind} shards")
+        model = self.stage.build_model(self.manifest)
+        self.stage.setup(model)
+        self.config = model.config
+        self.loader = build_loader(self.stage.data_kind, data, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
+                                   seed=a.seed, rank=self.rank, world_size=self.world,
+                                   vocab_size=self.config.vocab_size, pin_memory=self.device.type == "cuda")
+        self.val_loader = None
+        if a.eval_every > 0:
+            try:
+                self.val_loader = build_loader(self.stage.data_kind, a.val_data or data, seq_len=a.seq_len,
+                                               micro_batch_size=a.micro_batch_size, seed=a.seed, rank=self.rank,
+                                               world_size=self.world, split="val",
+                                               vocab_size=self.config.vocab_size)
+            except ValueError as e:
+                if a.val_data:
+                    raise
+                self._note(f"no evaluation: {e}")
+        self.dtype = resolve_dtype(a, self.device)
+        self.ds_config = build_ds_config(micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
+                                         grad_clip=a.grad_clip, zero_stage=a.zero_stage, dtype=self.dtype,
+                                         user_file=a.deepspeed_config)
+        self.dtype = precision(self.ds_config)
+        self.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.tokens_per_step = self.micro_batch * a.seq_len * self.grad_accum * self.world
+        self.total_steps = a.steps or max(1, math.ceil(
+            a.epochs * self.loader.n_items * _items_tokens(self.loader, a.seq_len)
+            / self.tokens_per_step))
+        self.engine = self._wrap(model)
+
+    def _wrap(self, model):
+        import deepspeed
+
+        a = self.args
+        params = self.stage.trainable_parameters(model)
+        if not params:
+            raise TrainingError(f"the {self.stage.name} stage has no trainable parameters")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=tuple(a.betas), fused=fused)
+        total, warmup, floor = self.total_steps, a.warmup_steps, a.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, floor))
+        if self.ds_config["zero_optimization"]["stage"] == 3:
+            # The fused loss reads the tied output weight outside the module that owns it.
+            deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=self.ds_config)
+        if a.compile:
+            engine.compile()
+        return engine
+
+    def _note(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def _write_run_files(self) -> None:
+        if not self.is_main:
+            return
+        run = {"stage": self.stage.name, "args": vars(self.args), "model_config": self.config.to_dict(),
+               "deepspeed_config": self.ds_config, "world_size": self.world, "device": str(self.device),
+               "precision": self.dtype, "tokens_per_step": self.tokens_per_step, "total_steps": self.total_steps,
+               "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+               "argv": sys.argv}
+        _write_json(self.run_dir / "config.json", run)
+        m = self.manifest
+        stats = {k: m.get(k) for k in ("kind", "vocab_size", "tokenizer_fingerprint", "seq_len", "sources",
+                                        "skipped")}
+        stats["splits"] = {s: {"tokens": v["tokens"], "docs": v["docs"], "shards": len(v["shards"])}
+                           for s, v in m["splits"].items()}
+        _write_json(self.run_dir / "dataset_stats.json", stats)
+
+    # --- resume ---------------------------------------------------------------------------
+    def _resume(self) -> dict:
+        a = self.args
+        if a.resume == "none":
+            return {"step": 0, "tokens": 0, "bad_steps": 0}
+        ckpt = checkpointing.latest_checkpoint(self.run_dir) if a.resume == "auto" else Path(a.resume)
+        if ckpt is None:
+            return {"step": 0, "tokens": 0, "bad_steps": 0}
+        if not (ckpt / checkpointing.MARKER).exists():
+            raise TrainingError(f"--resume {ckpt}: not a complete checkpoint (no {checkpointing.MARKER} marker)")
+        loader_state, trainer_state = checkpointing.load_checkpoint(self.engine, ckpt)
+        self.loader.load_state_dict(loader_state)
+        self._note(f"resumed from {ckpt} at step {trainer_state['step']}")
+        return trainer_state
+
+    # --- the loop -------------------------------------------------------------------------
+    def run(self) -> dict:
+        a = self.args
+        state = self._resume()
+        step = state["step"]
+        self._write_run_files()
+        peak = peak_flops(self.device)
+        flops_per_token = model_flops_per_token(self.config, a.seq_len)
+        self._note(f"{self.stage.name}: {self.world} rank(s) on {self.device.type}, {self.dtype}, ZeRO "
+                   f"{self.ds_config['zero_optimization']['stage']}; global batch "
+                   f"{self.micro_batch * self.grad_accum * self.world} sequences = {self.tokens_per_step:,} "
+                   f"tokens/step; {self.total_steps} steps; {self.config.num_parameters() / 1e6:.1f}M parameters")
+        logger = MetricsLogger(self.run_dir, self.total_steps, step, self.is_main, a.tensorboard, a.wandb,
+                               {"args": vars(a)})
+        stop = StopRequest()
+        batches = iter(self.loader)
+        bad_steps = state["bad_steps"]
+        tokens_seen = state["tokens"]
+        t_last, tokens_last = time.time(), 0
+        self.engine.train()
+        try:
+            while step < self.total_steps:
+                losses, metrics_acc = [], {}
+                micro = 0
+                while micro < self.grad_accum:
+                    batch = to_device(next(batches), self.device)
+                    loss, metrics = self.stage.compute_loss(self.engine, batch)
+                    if not all_true(bool(torch.isfinite(loss.detach()).item()), self.device):
+                        bad_steps += 1
+                        logger.message(f"step {step + 1}: non-finite loss, batch skipped ({bad_steps} so far)")
+                        if bad_steps > a.max_bad_steps:
+                            raise TrainingError(f"stopping: {bad_steps} non-finite losses (limit --max-bad-steps "
+                                                f"{a.max_bad_steps}); lower --lr or check the data")
+                        continue
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    micro += 1
+                    losses.append(loss.detach().float())
+                    for k, v in metrics.items():
+                        metrics_acc[k] = metrics_acc.get(k, 0.0) + v / self.grad_accum
+                    tokens_last += self.stage.tokens_in_batch(batch) * self.world
+                step += 1
+                logger.advance()
+                if step % a.log_every == 0 or step == self.total_steps:
+                    loss_val = torch.stack(losses).mean()
+                    dist.all_reduce(loss_val)
+                    elapsed = time.time() - t_last
+                    tok_s = tokens_last / max(elapsed, 1e-9)
+                    tokens_seen += tokens_last
+                    record = {"step": step, "loss": loss_val.item() / self.world,
+                              "lr": self.engine.get_lr()[0], "grad_norm": _grad_norm(self.engine),
+                              "tokens_per_s": tok_s, "tokens": tokens_seen, "memory_mb": memory_mb(self.device),
+                              "bad_steps": bad_steps, **metrics_acc}
+                    if peak:
+                        record["mfu"] = flops_per_token * tok_s / (peak * self.world)
+                    logger.log(record)
+                    t_last, tokens_last = time.time(), 0
+                if self.val_loader is not None and (step % a.eval_every == 0 or step == self.total_steps):
+                    logger.log({"step": step, **self.evaluate()})
+                stopping = not all_true(not stop.requested, self.device) or step == a.stop_at_step
+                if step % a.save_every == 0 or step == self.total_steps or stopping:
+                    self.save(step, {"tokens": tokens_seen, "bad_steps": bad_steps})
+                if stopping:
+                    logger.message(f"stopped at step {step} (checkpoint saved); resume with --resume auto")
+                    break
+            if step == self.total_steps and self.is_main:
+                final = checkpointing.latest_checkpoint(self.run_dir) / "model"
+                _replace_dir_copy(final, self.run_dir / "final")
+        finally:
+            logger.close()
+        dist.barrier()
+        return {"step": step, "bad_steps": bad_steps}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        total = torch.zeros(2, device=self.device)
+        for i, batch in enumerate(self.val_loader._batches()):
+            if i >= self.args.eval_batches:
+                break
+            batch = to_device(batch[0], self.device)
+            loss = self.stage.eval_loss(self.engine, batch)
+            n = (batch.get("targets", batch.get("chosen_targets")) != -100).sum()
+            total += torch.stack([loss.float() * n, n.float()])
+        dist.all_reduce(total)
+        self.engine.train()
+        val = (total[0] / total[1].clamp(min=1)).item()
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+
+    def save(self, step: int, trainer_state: dict) -> None:
+        checkpointing.save_checkpoint(self.engine, self.stage, self.run_dir, step, self.loader.state_dict(),
+                                      trainer_state, self.stage.tokenizer_dir(self.manifest), self.args.keep_last)
+
+
+def _accepted_kinds(kind: str) -> tuple[str, ...]:
+    return {"sft": ("sft", "reasoning")}.get(kind, (kind,))
+
+
+def _items_tokens(loader, seq_len: int) -> float:
+    """Tokens per loader item, for turning --epochs into steps (packed SFT: mean document length)."""
+    if loader.kind == "pretrain":
+        return seq_len
+    split = loader.manifest["splits"]["train"]
+    return split["tokens"] / max(split["docs"], 1) * (2 if loader.kind == "dpo" else 1)
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = torch.norm(torch.stack([p.grad.detach().float().norm() for p in engine.module.parameters()
+                                       if p.grad is not None])) if any(
+            p.grad is not None for p in engine.module.parameters()) else torch.tensor(0.0)
+    return float(norm)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _replace_dir_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
+def train(stage_cls: type[Stage], argv: list[str] | None = None, parser=None) -> dict:
+    """Parse flags, train, and turn `TrainingError`s into a clean one-line exit."""
+    from minimind_fast.training.args import training_parser
+
+    parser = parser or training_parser(stage_cls.__doc__ or stage_cls.name, stage_cls.name)
+    args = parser.parse_args(argv)
+    try:
+        return Trainer(stage_cls(args), args).run()
+    except (TrainingError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,110 @@
+"""Run metrics: a JSONL file, a progress line with ETA, optional TensorBoard/wandb, a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsLogger:
+    """Rank 0's metrics sink. Other ranks get a logger whose methods do nothing."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool,
+                 tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.run_dir = run_dir
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("--wandb needs the wandb package (pip install wandb)") from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {})
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if self.tb is not None and isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        if "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record.get('tokens_per_s', 0):,.0f}", refresh=False)
+        if "val_loss" in record:
+            self.bar.write(f"step {step}: val_loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.2f}")
+
+    def advance(self, steps: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if hasattr(self, "bar") else print)(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

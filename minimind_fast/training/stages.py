@@ -1,0 +1,184 @@
+"""Training stages: what differs between pretraining, SFT and the post-training methods.
+
+A stage names its dataset kind, builds (or loads) the model, says which parameters train, and
+computes the loss of one micro-batch. Everything else (DeepSpeed, schedule, checkpoints, resume,
+metrics, faults) is the one engine in `engine.py`, so a new method is a new `Stage`, never a new loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minimind_fast.checkpoint import load_model
+from minimind_fast.config import ModelConfig, get_preset
+from minimind_fast.model import MiniMindForCausalLM
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Stage:
+    name = "stage"
+    data_kind = "pretrain"
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    # --- model -------------------------------------------------------------------------
+    def model_config_overrides(self) -> dict:
+        a = self.args
+        overrides = {"kernels": a.kernels, "gradient_checkpointing": a.gradient_checkpointing}
+        if getattr(a, "dropout", None) is not None:
+            overrides["dropout"] = a.dropout
+        return overrides
+
+    def build_model(self, manifest: dict) -> MiniMindForCausalLM:
+        raise NotImplementedError
+
+    def tokenizer_dir(self, manifest: dict) -> Path | None:
+        """The tokenizer the checkpoints carry: the one the shards were made with."""
+        path = manifest.get("tokenizer_dir")
+        return Path(path) if path and (Path(path) / "tokenizer.json").exists() else None
+
+    def setup(self, model: MiniMindForCausalLM) -> None:
+        """Hook run after the model exists and before DeepSpeed wraps it (LoRA, reference models)."""
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    # --- loss --------------------------------------------------------------------------
+    def lm_inputs(self, batch: dict) -> dict:
+        """Model keyword arguments for a packed LM batch (document-local attention if asked)."""
+        inputs = {"input_ids": batch["input_ids"]}
+        if self.args.doc_attention:
+            inputs.update(position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                          max_seqlen=batch["max_seqlen"])
+        return inputs
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch (already on the device) and scalar metrics to log."""
+        out = model(**self.lm_inputs(batch), targets=batch["targets"])
+        aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.loss.device)
+        metrics = {"lm_loss": out.loss.detach().float().item()}
+        if self.uses_moe(model):
+            metrics["aux_loss"] = aux.detach().float().item()
+        return out.loss + aux, metrics
+
+    def eval_loss(self, model, batch: dict) -> torch.Tensor:
+        """Mean next-token loss on a held-out batch (no auxiliary terms)."""
+        return model(**self.lm_inputs(batch), targets=batch["targets"]).loss
+
+    def tokens_in_batch(self, batch: dict) -> int:
+        return int(batch["input_ids"].numel())
+
+    @staticmethod
+    def uses_moe(model) -> bool:
+        module = getattr(model, "module", model)
+        return bool(getattr(getattr(module, "config", None), "use_moe", False))
+
+    def save_extra(self, model, out_dir: Path) -> None:
+        """Hook to save stage-specific artefacts (LoRA adapters) beside the consolidated model."""
+
+
+class PretrainStage(Stage):
+    name = "pretrain"
+    data_kind = "pretrain"
+
+    def build_model(self, manifest: dict) -> MiniMindForCausalLM:
+        a = self.args
+        config = ModelConfig.load(a.config) if a.config else get_preset(a.preset)
+        overrides = self.model_config_overrides()
+        if a.vocab_size:
+            overrides["vocab_size"] = a.vocab_size
+        config = config.replace(**overrides)
+        config.validate()
+        if manifest["vocab_size"] > config.vocab_size:
+            raise ValueError(f"the shards' tokenizer has {manifest['vocab_size']} tokens but the model's "
+                             f"vocab_size is {config.vocab_size}: pass --vocab-size or retokenize")
+        return MiniMindForCausalLM(config)
+
+
+class FineTuneStage(Stage):
+    """A stage that starts from trained weights (`--init`)."""
+
+    def build_model(self, manifest: dict) -> MiniMindForCausalLM:
+        a = self.args
+        if not a.init:
+            raise ValueError(f"{self.name} needs --init RUN_DIR_OR_CHECKPOINT (the model to start from)")
+        model = load_model(a.init, kernels=a.kernels)
+        model.config.gradient_checkpointing = a.gradient_checkpointing
+        model.gradient_checkpointing = a.gradient_checkpointing
+        if manifest["vocab_size"] > model.config.vocab_size:
+            raise ValueError(f"{a.data}: shards use {manifest['vocab_size']} tokens, more than the model's "
+                             f"vocab_size {model.config.vocab_size} ({a.init})")
+        self._check_tokenizer(manifest)
+        return model
+
+    def _check_tokenizer(self, manifest: dict) -> None:
+        from minimind_fast.checkpoint import resolve_model_dir
+        from minimind_fast.data.tokenizer import load_tokenizer
+
+        init = Path(self.args.init)
+        if init.suffix == ".pth":
+            return
+        model_dir = resolve_model_dir(init) if not (init / "config.json").exists() else init
+        if not (model_dir / "tokenizer.json").exists():
+            return
+        mine = load_tokenizer(model_dir).fingerprint
+        if manifest.get("tokenizer_fingerprint") not in (None, mine):
+            raise ValueError(f"tokenizer mismatch: {self.args.data} was tokenized with tokenizer "
+                             f"{manifest['tokenizer_fingerprint']} but {model_dir} carries {mine}")
+
+
+class SFTStage(FineTuneStage):
+    """Full supervised fine-tuning: loss on assistant tokens only (the loader masks the rest)."""
+
+    name = "sft"
+    data_kind = "sft"
+
+
+class ReasoningStage(FineTuneStage):
+    """Reasoning distillation: SFT on <think>/<answer> data with extra weight on the tag tokens,
+    plus (with --teacher) a KL term towards a teacher's softened distribution."""
+
+    name = "distill"
+    data_kind = "reasoning"
+
+    def setup(self, model: MiniMindForCausalLM) -> None:
+        self.teacher = None
+        if getattr(self.args, "teacher", None):
+            self.teacher = load_model(self.args.teacher, kernels=self.args.kernels).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(**self.lm_inputs(batch), targets=None)
+        logits = out.logits.float()
+        targets = batch["targets"]
+        valid = targets != -100
+        weight = batch["loss_weight"] * valid
+        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100,
+                             reduction="none").view_as(targets)
+        loss = (ce * weight).sum() / weight.sum().clamp(min=1)
+        metrics = {"lm_loss": loss.detach().item()}
+        if self.teacher is not None:
+            t = self.args.kd_temperature
+            self.teacher.to(logits.device)
+            with torch.no_grad():
+                teacher_logits = self.teacher(**self.lm_inputs(batch)).logits.float()
+            kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                          log_target=True, reduction="none").sum(-1)
+            kd = (kl * valid).sum() / valid.sum().clamp(min=1) * t * t
+            metrics["kd_loss"] = kd.detach().item()
+            loss = (1 - self.args.kd_alpha) * loss + self.args.kd_alpha * kd
+        if out.aux_loss is not None and self.uses_moe(model):
+            loss = loss + out.aux_loss
+        return loss, metrics
+
+
+STAGES = {"pretrain": PretrainStage, "sft": SFTStage, "distill": ReasoningStage}
