@@ -9,6 +9,7 @@ load; `load_model` also accepts a MiniMind2 `.pth` file and a Hugging Face expor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -106,7 +107,7 @@ def load_model(
         from minimind_fast import interop
 
         model = interop.load_minimind_pth(p)
-    elif p.is_dir() and (p / "config.json").exists() and not (p / CONFIG).exists():
+    elif is_hf_dir(p):
         from minimind_fast import interop
 
         model = interop.load_hf_dir(p)
@@ -118,6 +119,17 @@ def load_model(
     if kernels is not None:
         model = rebuild_with_kernels(model, kernels)
     return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face export: a config.json naming its architectures (our run dirs' config.json does not)."""
+    config = path / "config.json"
+    if not path.is_dir() or not config.exists() or (path / CONFIG).exists():
+        return False
+    try:
+        return "architectures" in json.loads(config.read_text())
+    except json.JSONDecodeError:
+        return False
 
 
 def load_state(model: MiniMindForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:

@@ -9,7 +9,7 @@ grouped GEMM can run them all in one launch. Every elementwise and norm op goes 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -216,8 +216,9 @@ class DecoderLayer(nn.Module):
         return h + out, aux
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    """A tuple (so that DeepSpeed's ZeRO-3 hooks see the tensors in it) with named fields."""
+
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None

@@ -32,3 +32,21 @@ def device() -> torch.device:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def builtin_data(tmp_path_factory):
+    """The built-in corpus (test size), a tokenizer trained on it and shards of each kind."""
+    from minimind_fast.data.corpus import write_builtin_corpus
+    from minimind_fast.data.pipeline import TokenizeOptions, tokenize_to_shards
+    from minimind_fast.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("builtin")
+    files = write_builtin_corpus(root / "jsonl", size="test")
+    tok_dir = train_tokenizer([files["pretrain"], files["sft"]], 1024, root / "tokenizer")
+    shards = {}
+    for kind, name in (("pretrain", "pretrain"), ("sft", "sft"), ("reasoning", "reasoning"), ("dpo", "dpo")):
+        opts = TokenizeOptions(kind=kind, seq_len=128, workers=1, val_fraction=0.05)
+        tokenize_to_shards([files[name]], tok_dir, root / "shards" / kind, opts)
+        shards[kind] = root / "shards" / kind
+    return {"root": root, "files": files, "tokenizer": tok_dir, "shards": shards}

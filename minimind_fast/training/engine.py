@@ -236,6 +236,8 @@ class Trainer:
                                                 f"{a.max_bad_steps}); lower --lr or check the data")
                         continue
                     self.engine.backward(loss)
+                    if self.engine.is_gradient_accumulation_boundary():
+                        grad_norm = _grad_norm(self.engine)
                     self.engine.step()
                     micro += 1
                     losses.append(loss.detach().float())
@@ -251,7 +253,7 @@ class Trainer:
                     tok_s = tokens_last / max(elapsed, 1e-9)
                     tokens_seen += tokens_last
                     record = {"step": step, "loss": loss_val.item() / self.world,
-                              "lr": self.engine.get_lr()[0], "grad_norm": _grad_norm(self.engine),
+                              "lr": self.engine.get_lr()[0], "grad_norm": grad_norm,
                               "tokens_per_s": tok_s, "tokens": tokens_seen, "memory_mb": memory_mb(self.device),
                               "bad_steps": bad_steps, **metrics_acc}
                     if peak:
@@ -308,12 +310,13 @@ def _items_tokens(loader, seq_len: int) -> float:
 
 
 def _grad_norm(engine) -> float:
+    """Global gradient norm before clipping: our own sum without ZeRO, else DeepSpeed's partitioned one
+    (which DeepSpeed reports from the previous step)."""
+    if engine.zero_optimization_stage() == 0:
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
     norm = engine.get_global_grad_norm()
-    if norm is None:
-        norm = torch.norm(torch.stack([p.grad.detach().float().norm() for p in engine.module.parameters()
-                                       if p.grad is not None])) if any(
-            p.grad is not None for p in engine.module.parameters()) else torch.tensor(0.0)
-    return float(norm)
+    return float(norm) if norm is not None else float("nan")
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -1,0 +1,182 @@
+"""The training engine, run as users run it: launch scripts in subprocesses (DeepSpeed on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimind_fast.checkpoint import load_model
+from minimind_fast.config import get_preset
+from minimind_fast.data.loaders import build_loader
+from minimind_fast.data.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "model.json"
+    get_preset("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=1024, max_position_embeddings=256).save(path)
+    return path
+
+
+def common(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--seq-len", "64", "--micro-batch-size", "4",
+            "--steps", str(steps), "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1",
+            "--eval-every", "1000", "--save-every", "4", "--seed", "7", *extra]
+
+
+def run(script: str, args: list[str], timeout: int = 240, launcher: list[str] | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "launch" / script)] + args
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(builtin_data, model_config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(model_config),
+                              "--eval-every", "6"))
+    return out
+
+
+def test_pretrain_learns_and_writes_the_run_directory(pretrain_run, builtin_data):
+    curve = losses(pretrain_run)
+    assert sorted(curve) == list(range(1, 13))
+    assert curve[12] < curve[1] - 0.5, curve
+    for name in ("config.json", "dataset_stats.json", "metrics.jsonl", "loss.png", "final/model.safetensors",
+                 "final/tokenizer.json"):
+        assert (pretrain_run / name).exists(), name
+    records = [json.loads(x) for x in (pretrain_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r and r["val_ppl"] > 1 for r in records)
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in records if "loss" in r)
+    ckpts = sorted((pretrain_run / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step_00000004", "step_00000008", "step_00000012"]
+    assert all((c / "COMPLETE").exists() for c in ckpts)
+    model = load_model(pretrain_run)
+    assert model.config.hidden_size == 64
+    stats = json.loads((pretrain_run / "dataset_stats.json").read_text())
+    assert stats["splits"]["train"]["tokens"] > 0
+
+
+def test_exact_resume_matches_an_uninterrupted_run(pretrain_run, builtin_data, model_config, tmp_path):
+    out = tmp_path / "resumed"
+    args = common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(model_config), "--eval-every", "6")
+    run("pretrain.py", args + ["--stop-at-step", "5"])
+    first = losses(out)
+    assert max(first) == 5 and (out / "checkpoints" / "step_00000005" / "COMPLETE").exists()
+    run("pretrain.py", args)
+    full, resumed = losses(pretrain_run), losses(out)
+    # Bitwise on CPU in fp32: the same batches, optimizer state, schedule and RNG.
+    assert [resumed[s] for s in range(6, 13)] == [full[s] for s in range(6, 13)]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, model_config, tmp_path):
+    out = tmp_path / "killed"
+    args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(model_config),
+                  "--save-every", "1000")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    ckpts = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(ckpts) == 1 and (out / "checkpoints" / ckpts[0] / "COMPLETE").exists(), ckpts
+    stopped_at = int(ckpts[0].split("_")[1])
+    assert 3 <= stopped_at < 400
+    result = run("pretrain.py", [*args[:args.index("--steps") + 1], str(stopped_at + 2),
+                                 *args[args.index("--steps") + 2:]], check=True)
+    assert f"resumed from {out / 'checkpoints' / ckpts[0]}" in result.stdout
+    assert max(losses(out)) == stopped_at + 2
+
+
+def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_run, builtin_data, tmp_path):
+    loader = build_loader("sft", builtin_data["shards"]["sft"], seq_len=64, micro_batch_size=2)
+    tok = load_tokenizer(builtin_data["tokenizer"])
+    batch = next(iter(loader))
+    inputs, targets = batch["input_ids"], batch["targets"]
+    for row in range(inputs.shape[0]):
+        kept = targets[row][targets[row] != -100].tolist()
+        assert kept and tok.decode(kept, skip_special_tokens=False).count("<|im_end|>") >= 1
+        text = tok.decode(inputs[row].tolist(), skip_special_tokens=False)
+        # Every predicted token is the next input token, and no user or system text is predicted.
+        valid = targets[row] != -100
+        assert torch.equal(targets[row][:-1][valid[:-1]], inputs[row][1:][valid[:-1]])
+        assert "user" in text and "user" not in tok.decode(kept, skip_special_tokens=False)
+    out = tmp_path / "sft"
+    run("sft.py", common(builtin_data["shards"]["sft"], out, 4, "--init", str(pretrain_run)))
+    assert all(v == v for v in losses(out).values()) and (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("vocab", "vocab_size"),
+    ("missing", "no manifest.json"),
+    ("unwritable", "not writable"),
+    ("nan", "non-finite losses"),
+    ("kind", "needs pretrain shards"),
+])
+def test_faults_give_clear_errors_before_training(bad, message, builtin_data, model_config, tmp_path):
+    data, out, extra = builtin_data["shards"]["pretrain"], tmp_path / "run", ["--config", str(model_config)]
+    if bad == "vocab":
+        extra += ["--vocab-size", "300"]
+    elif bad == "missing":
+        data = tmp_path / "nowhere"
+    elif bad == "unwritable":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "run"
+    elif bad == "nan":
+        extra += ["--lr", "1e30", "--max-bad-steps", "2", "--grad-clip", "0"]
+    elif bad == "kind":
+        data = builtin_data["shards"]["sft"]
+    proc = run("pretrain.py", common(data, out, 8) + extra, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_deepspeed_two_ranks_zero_stages_agree_with_single_process(builtin_data, model_config, tmp_path):
+    base = common(builtin_data["shards"]["pretrain"], tmp_path / "single", 4, "--config", str(model_config),
+                  "--save-every", "100")
+    run("pretrain.py", base)
+    single = losses(tmp_path / "single")
+    assert single[4] < single[1]
+    for stage in (0, 2, 3):
+        out = tmp_path / f"zero{stage}"
+        args = common(builtin_data["shards"]["pretrain"], out, 4, "--config", str(model_config),
+                      "--save-every", "100", "--zero-stage", str(stage))
+        # Two ranks of micro-batch 2 see the same 4 sequences per step as one rank of 4.
+        args[args.index("--micro-batch-size") + 1] = "2"
+        launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2",
+                    "--master_port", str(29600 + stage)]
+        run("pretrain.py", args, launcher=launcher, timeout=300)
+        multi = losses(out)
+        for step in range(1, 5):
+            assert abs(multi[step] - single[step]) < 2e-4 * max(1, abs(single[step])), (stage, multi, single)
+        assert load_model(out).num_parameters() == load_model(tmp_path / "single").num_parameters()
