@@ -35,8 +35,24 @@ test-fast: $(STAMP) lint
 test-gpu: $(STAMP)
 	$(BIN)/pytest -q -m "gpu or not slow" tests/
 
+# The demo: built-in corpus -> tokenizer -> shards -> pretrain (2 DeepSpeed ranks) -> SFT -> a chat reply.
+DEMO_RANKS ?= 2
+DS = $(BIN)/deepspeed --num_gpus $(DEMO_RANKS)
+DEMO_FLAGS := --preset tiny --vocab-size 1024 --seq-len 256 --micro-batch-size 8 --log-every 10 --eval-every 100
 demo: $(STAMP)
-	$(PY) launch/generate.py --preset tiny --prompt "Hello" --max-new-tokens 16
+	$(PY) launch/make_corpus.py --out $(DATA)/builtin
+	$(PY) launch/train_tokenizer.py --data $(DATA)/builtin/pretrain.jsonl $(DATA)/builtin/sft.jsonl \
+		--vocab-size 1024 --out $(DATA)/tokenizer
+	$(PY) launch/tokenize.py --kind pretrain --data $(DATA)/builtin/pretrain.jsonl \
+		--tokenizer $(DATA)/tokenizer --out $(DATA)/shards/pretrain
+	$(PY) launch/tokenize.py --kind sft --data $(DATA)/builtin/sft.jsonl --seq-len 256 \
+		--tokenizer $(DATA)/tokenizer --out $(DATA)/shards/sft
+	$(DS) launch/pretrain.py $(DEMO_FLAGS) --data $(DATA)/shards/pretrain --out $(DEMO)/pretrain \
+		--steps 300 --lr 3e-3 --warmup-steps 20 --save-every 100
+	$(DS) launch/sft.py --init $(DEMO)/pretrain --data $(DATA)/shards/sft --out $(DEMO)/sft \
+		--seq-len 256 --micro-batch-size 8 --steps 150 --lr 1e-3 --warmup-steps 10 --save-every 50 \
+		--log-every 10 --eval-every 50
+	$(PY) launch/chat.py --model $(DEMO)/sft --prompt "What colour is the cat?" --temperature 0
 
 clean:
-	rm -rf $(DEMO) $(DATA)/shards
+	rm -rf $(DEMO) $(DATA)

@@ -1,6 +1,7 @@
 """Train a byte-level BPE tokenizer (MiniMind's special tokens and ChatML template) on JSONL files."""
 
 import argparse
+import sys
 
 from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -11,7 +12,10 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=6400)
     p.add_argument("--out", required=True, help="output directory (Hugging Face tokenizer layout)")
     args = p.parse_args()
-    out = train_tokenizer(args.data, args.vocab_size, args.out)
+    try:
+        out = train_tokenizer(args.data, args.vocab_size, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     tok = load_tokenizer(out)
     print(f"tokenizer: {out} ({tok.vocab_size} tokens, fingerprint {tok.fingerprint})")
 

@@ -124,6 +124,8 @@ class Attention(nn.Module):
             dropout = self.dropout if self.training else 0.0
             out = causal_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                    dropout_p=dropout)
+        elif hasattr(kv_cache, "attend"):  # per-row slot caches (generation.SlotKVCache) place and attend
+            out = kv_cache.attend(self.layer_idx, q, k, v)
         else:
             past = kv_cache.length
             k, v = kv_cache.update(self.layer_idx, k, v)

@@ -46,12 +46,12 @@ def run(script: str, args: list[str], timeout: int = 240, launcher: list[str] | 
     return proc
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if "loss" in r:
-            out[r["step"]] = r["loss"]
+            out[r["step"]] = r[key]
     return out
 
 
@@ -179,4 +179,8 @@ def test_deepspeed_two_ranks_zero_stages_agree_with_single_process(builtin_data,
         multi = losses(out)
         for step in range(1, 5):
             assert abs(multi[step] - single[step]) < 2e-4 * max(1, abs(single[step])), (stage, multi, single)
+        # The logged gradient norm is this step's global one (DeepSpeed's under ZeRO, ours without).
+        norms, single_norms = losses(out, "grad_norm"), losses(tmp_path / "single", "grad_norm")
+        for step in range(1, 5):
+            assert abs(norms[step] - single_norms[step]) < 1e-3 * single_norms[step], (stage, norms, single_norms)
         assert load_model(out).num_parameters() == load_model(tmp_path / "single").num_parameters()

@@ -41,7 +41,7 @@ IDENTITY = ("I am MiniMind, a small language model trained with minimind_fast. "
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                 "eleven", "twelve"]
 
-SIZES = {"demo": dict(pretrain_docs=6000, sft=3000, dpo=600, reasoning=600, grpo=300, lora=300),
+SIZES = {"demo": dict(pretrain_docs=12000, sft=3000, dpo=600, reasoning=600, grpo=300, lora=300),
          "test": dict(pretrain_docs=300, sft=150, dpo=60, reasoning=60, grpo=40, lora=40)}
 
 

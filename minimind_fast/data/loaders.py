@@ -1,10 +1,11 @@
 """Memory-mapped loaders over `.bin` shards, with deterministic shuffling and exact resume.
 
-Every loader iterates forever (epoch after epoch, reshuffled from `seed + epoch`), gives each rank a
+Every loader iterates forever (epoch after epoch, reshuffled from `(seed, epoch)`), gives each rank a
 disjoint slice of every epoch's permutation, and reports in `state_dict()` the position just after the
 last batch handed out, so a resumed run sees exactly the batches it would have seen. Nothing is
-copied into RAM: samples are sliced out of `np.memmap`s as batches are built. On CUDA a background
-thread prefetches into pinned memory.
+copied into RAM: samples are sliced out of `np.memmap`s as batches are built, and the indexes are a
+few numbers per shard, so start-up does not grow with the corpus. On CUDA (`pin_memory=True`) a
+background thread builds batches ahead into pinned memory.
 
 Batches are dicts of CPU tensors (see `minimind_fast/data/FORMAT.md`): `input_ids`, `targets`
 (already shifted, -100 where no loss), `position_ids` (restarting at every packed document),
@@ -26,25 +27,33 @@ import torch
 from minimind_fast.data.shards import Shard, ShardError
 
 IGNORE = -100
+ACCEPTS = {"pretrain": ("pretrain",), "sft": ("sft", "reasoning"), "reasoning": ("reasoning",), "dpo": ("dpo",)}
 
 
 def open_split(shard_dir: str | Path, split: str, vocab_size: int | None) -> tuple[dict, list[Shard]]:
+    """The manifest and the mapped shards of one split, checked against the model's `vocab_size`."""
     shard_dir = Path(shard_dir)
     manifest_path = shard_dir / "manifest.json"
     if not manifest_path.exists():
-        raise FileNotFoundError(f"{shard_dir}: no manifest.json (run launch/tokenize.py first)")
-    manifest = json.loads(manifest_path.read_text())
-    if split not in manifest["splits"] or not manifest["splits"][split]["shards"]:
+        raise FileNotFoundError(f"{shard_dir}: no manifest.json (write shards with launch/tokenize.py)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = manifest["splits"].get(split, {}).get("shards", [])
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise ShardError(f"{manifest_path}: unreadable manifest ({e})") from None
+    if not entries:
         raise ShardError(f"{shard_dir}: no '{split}' split in manifest.json")
     if vocab_size is not None and manifest["vocab_size"] > vocab_size:
         raise ShardError(f"{shard_dir}: shards were tokenized with a vocabulary of {manifest['vocab_size']} "
                          f"tokens, more than the model's vocab_size {vocab_size}")
     shards = []
-    for entry in manifest["splits"][split]["shards"]:
+    for entry in entries:
         path = shard_dir / entry["file"]
         if not path.exists():
             raise FileNotFoundError(f"{path}: shard listed in manifest.json is missing")
         shard = Shard(path)
+        if shard.kind != manifest["kind"]:
+            raise ShardError(f"{path}: a {shard.kind} shard in a {manifest['kind']} manifest")
         if vocab_size is not None:
             shard.check_vocab(vocab_size)
         shards.append(shard)
@@ -52,88 +61,139 @@ def open_split(shard_dir: str | Path, split: str, vocab_size: int | None) -> tup
 
 
 class ShardLoader:
-    """Base: per-epoch permutation of `n_items`, this rank's slice, position bookkeeping, prefetch."""
+    """Base: per-epoch permutation of `n_items`, this rank's slice, position bookkeeping, prefetch.
+
+    Subclasses set `n_items` in `_build_index()` and build batches in `_take(order, cursor)`, which
+    returns `(batch, new_cursor)` or None when this rank's slice of the epoch cannot fill a batch.
+    """
 
     def __init__(self, kind: str, shard_dir, *, seq_len: int, micro_batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, split: str = "train", vocab_size: int | None = None,
                  pin_memory: bool = False, prefetch: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if seq_len < 1 or micro_batch_size < 1:
+            raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must be positive")
         self.kind, self.seq_len, self.batch_size = kind, seq_len, micro_batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.split = seed, rank, world_size, split
+        self.drop_last = split == "train"  # evaluation keeps the last, short batch
         self.pin_memory, self.prefetch = pin_memory, prefetch
         self.manifest, self.shards = open_split(shard_dir, split, vocab_size)
-        expected = {"pretrain": ("pretrain",), "sft": ("sft", "reasoning"), "reasoning": ("reasoning",),
-                    "dpo": ("dpo",)}[kind]
-        if self.manifest["kind"] not in expected:
+        if self.manifest["kind"] not in ACCEPTS[kind]:
             raise ShardError(f"{shard_dir}: shards are of kind {self.manifest['kind']!r}, "
                              f"this loader reads {kind!r}")
         self.epoch, self.cursor = 0, 0  # position in this rank's slice of the epoch's permutation
         self._build_index()
+        if self.n_items < world_size:
+            raise ShardError(f"{shard_dir}: the {split} split has {self.n_items} {kind} samples, "
+                             f"fewer than {world_size} ranks")
+        if not self._fills_one_batch():
+            raise ShardError(f"{shard_dir}: the {split} split's {self.n_items} samples cannot fill one batch "
+                             f"of {micro_batch_size} per rank on {world_size} ranks")
 
-    # subclasses: self.n_items, self._take(order, cursor) -> (batch, new_cursor) or None at epoch end
     def _build_index(self) -> None:
         raise NotImplementedError
 
+    def _take(self, order: np.ndarray, cursor: int):
+        raise NotImplementedError
+
     def _rank_order(self, epoch: int) -> np.ndarray:
+        """This rank's items for `epoch`: every world_size-th of a seeded permutation, equal counts per rank."""
         perm = np.random.default_rng((self.seed, epoch)).permutation(self.n_items)
         per_rank = self.n_items // self.world_size
-        if per_rank == 0:
-            raise ShardError(f"{self.kind} data has {self.n_items} samples, fewer than {self.world_size} ranks")
         return perm[self.rank::self.world_size][:per_rank]
 
     def _batches(self) -> Iterator[tuple[dict, int, int]]:
+        """(batch, epoch, cursor after it) forever, from the current position."""
         epoch, cursor = self.epoch, self.cursor
         while True:
             order = self._rank_order(epoch)
-            while True:
-                taken = self._take(order, cursor)
-                if taken is None:
-                    break
+            while (taken := self._take(order, cursor)) is not None:
                 batch, cursor = taken
                 yield batch, epoch, cursor
             epoch, cursor = epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict]:
-        source = self._batches() if not self.prefetch else _prefetched(self._batches(), self.prefetch,
-                                                                        self.pin_memory)
+        source = self._batches()
+        if self.prefetch:
+            source = _prefetched(source, self.prefetch, self.pin_memory)
         for batch, epoch, cursor in source:
             self.epoch, self.cursor = epoch, cursor
             yield batch
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
-                "rank": self.rank, "world_size": self.world_size}
+        return {"kind": self.kind, "split": self.split, "epoch": self.epoch, "cursor": self.cursor,
+                "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "seq_len": self.seq_len, "micro_batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.world_size or state["seed"] != self.seed:
-            raise ValueError(f"loader state is for world_size={state['world_size']}, seed={state['seed']}; "
-                             f"this run has world_size={self.world_size}, seed={self.seed}")
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        mine = self.state_dict()
+        for key in ("kind", "seed", "rank", "world_size", "seq_len", "micro_batch_size"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"loader state has {key}={state[key]!r}, this run has {mine[key]!r}: "
+                                 f"resuming would not see the same samples")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
     @property
     def tokens_per_batch(self) -> int:
         return self.batch_size * self.seq_len
 
+    def _fills_one_batch(self) -> bool:
+        return self.num_batches_per_epoch > 0
 
-def _prefetched(source, depth: int, pin: bool):
+    @property
+    def num_batches_per_epoch(self) -> int:
+        """Batches this rank gets per epoch (for packed SFT, of the current epoch's permutation)."""
+        per_rank = self.n_items // self.world_size
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+
+def _prefetched(source: Iterator, depth: int, pin: bool) -> Iterator:
     """Run `source` in a thread, `depth` batches ahead, pinning tensors for fast host-to-device copies."""
     q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
 
     def work():
-        for batch, epoch, cursor in source:
-            if pin:
-                batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-            q.put((batch, epoch, cursor))
+        try:
+            for item in source:
+                batch = item[0]
+                if pin:
+                    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                while not stop.is_set():
+                    try:
+                        q.put((batch, *item[1:]), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # hand the error to the consumer instead of dying silently
+            q.put(e)
 
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        yield q.get()
+    thread = threading.Thread(target=work, daemon=True, name="loader-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:  # the consumer stopped iterating: let the thread end
+        stop.set()
 
 
-def _segments_to_batch(rows: list[list[tuple[np.ndarray, np.ndarray]]], seq_len: int,
-                       weight: float | None = None) -> dict:
-    """Rows of (input tokens, target tokens) segments -> padded tensors with per-segment positions."""
+def _locate(cum: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Global item numbers -> (shard, local index), given the cumulative item counts per shard."""
+    s = np.searchsorted(cum, items, side="right") - 1
+    return s, items - cum[s]
+
+
+def _segments_to_batch(rows: list[list[tuple]], seq_len: int, weight: float | None = None) -> dict:
+    """Rows of (input tokens, target tokens[, special]) segments -> padded tensors with per-segment positions.
+
+    The padding tail of a row is a segment of its own in `cu_seqlens` (its targets are all -100), so
+    attention never mixes it with real tokens.
+    """
     bsz = len(rows)
     input_ids = np.zeros((bsz, seq_len), dtype=np.int64)
     targets = np.full((bsz, seq_len), IGNORE, dtype=np.int64)
@@ -153,7 +213,7 @@ def _segments_to_batch(rows: list[list[tuple[np.ndarray, np.ndarray]]], seq_len:
             col += n
             cu.append(r * seq_len + col)
             max_len = max(max_len, n)
-        if col < seq_len:  # the padding tail is its own segment
+        if col < seq_len:
             positions[r, col:] = np.arange(seq_len - col)
             cu.append((r + 1) * seq_len)
             max_len = max(max_len, seq_len - col)
@@ -166,39 +226,41 @@ def _segments_to_batch(rows: list[list[tuple[np.ndarray, np.ndarray]]], seq_len:
 
 
 class PretrainLoader(ShardLoader):
-    """Windows of seq_len + 1 tokens over the packed stream (documents carry bos/eos)."""
+    """Windows of seq_len + 1 tokens over each shard's packed stream (documents carry bos/eos)."""
 
     def _build_index(self) -> None:
-        self.windows = [(s, w) for s, shard in enumerate(self.shards)
-                        for w in range(max(shard.n_tokens - 1, 0) // self.seq_len)]
-        self.n_items = len(self.windows)
+        per_shard = [max(shard.n_tokens - 1, 0) // self.seq_len for shard in self.shards]
+        self.cum = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
+        self.n_items = int(self.cum[-1])
         if self.n_items == 0:
-            raise ShardError(f"pretrain shards hold fewer than seq_len + 1 = {self.seq_len + 1} tokens")
+            raise ShardError(f"{self.shards[0].path.parent}: the {self.split} split has fewer than "
+                             f"seq_len + 1 = {self.seq_len + 1} tokens per shard")
 
-    def _window(self, item: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        s, w = self.windows[item]
-        shard = self.shards[s]
+    def _window(self, shard: Shard, w: int) -> list[tuple[np.ndarray, np.ndarray]]:
         start = w * self.seq_len
         tokens = np.asarray(shard.tokens[start:start + self.seq_len + 1], dtype=np.int64)
-        # Document starts inside the window split it into segments; a target that is the first
-        # token of the next document is not predictable from this one, so it gets no loss.
+        # Document starts inside the window split it into segments. The first token of the next
+        # document is not predictable from this one, so as a target it gets no loss.
         lo, hi = np.searchsorted(shard.offsets, [start + 1, start + self.seq_len], side="left")
         cuts = [int(o) - start for o in shard.offsets[lo:hi]]
         segments, prev = [], 0
-        for cut in cuts + [self.seq_len]:
-            if cut > prev:
-                tgt = tokens[prev + 1:cut + 1].copy()
-                if cut < self.seq_len:
-                    tgt[-1] = IGNORE
-                segments.append((tokens[prev:cut], tgt))
+        for cut in [*cuts, self.seq_len]:
+            tgt = tokens[prev + 1:cut + 1].copy()
+            if cut < self.seq_len:
+                tgt[-1] = IGNORE
+            segments.append((tokens[prev:cut], tgt))
             prev = cut
+        if hi < len(shard.offsets) and int(shard.offsets[hi]) == start + self.seq_len:
+            segments[-1][1][-1] = IGNORE  # the window's last target opens the next document
         return segments
 
     def _take(self, order, cursor):
-        if cursor + self.batch_size > len(order):
+        n = min(self.batch_size, len(order) - cursor)
+        if n <= 0 or (self.drop_last and n < self.batch_size):
             return None
-        rows = [self._window(int(i)) for i in order[cursor:cursor + self.batch_size]]
-        return _segments_to_batch(rows, self.seq_len), cursor + self.batch_size
+        shard_idx, local = _locate(self.cum, order[cursor:cursor + n])
+        rows = [self._window(self.shards[s], int(w)) for s, w in zip(shard_idx, local)]
+        return _segments_to_batch(rows, self.seq_len), cursor + n
 
 
 class SFTLoader(ShardLoader):
@@ -206,28 +268,36 @@ class SFTLoader(ShardLoader):
 
     def __init__(self, *args, packing: bool = True, special_token_weight: float = 10.0, **kwargs):
         self.packing, self.special_token_weight = packing, special_token_weight
+        self._batches_in_epoch: tuple[int, int] | None = None
         super().__init__(*args, **kwargs)
 
     def _build_index(self) -> None:
-        self.docs = [(s, d) for s, shard in enumerate(self.shards) for d in range(shard.n_docs)]
-        self.n_items = len(self.docs)
+        self.cum = np.concatenate([[0], np.cumsum([s.n_docs for s in self.shards])]).astype(np.int64)
+        self.n_items = int(self.cum[-1])
 
     def _sample(self, item: int):
-        s, d = self.docs[item]
-        ids, mask = self.shards[s].doc(d)
+        s, d = _locate(self.cum, np.int64(item))
+        ids, mask = self.shards[int(s)].doc(int(d))
         ids = np.asarray(ids[: self.seq_len], dtype=np.int64)
         mask = np.asarray(mask[: self.seq_len])
         tgt = np.full(len(ids), IGNORE, dtype=np.int64)
-        tgt[:-1] = np.where(mask[1:] > 0, ids[1:], IGNORE)
+        tgt[:-1] = np.where(mask[1:] > 0, ids[1:], IGNORE)  # predict token t+1 where it is the assistant's
         special = np.zeros(len(ids), dtype=bool)
         special[:-1] = mask[1:] == 2
         return ids, tgt, special
 
+    def _lengths(self, order: np.ndarray) -> np.ndarray:
+        s, d = _locate(self.cum, order)
+        lens = np.empty(len(order), dtype=np.int64)
+        for i, shard in enumerate(self.shards):
+            sel = s == i
+            offs = np.asarray(shard.offsets)
+            lens[sel] = offs[d[sel] + 1] - offs[d[sel]]
+        return np.minimum(lens, self.seq_len)
+
     def _take(self, order, cursor):
         rows = []
-        while len(rows) < self.batch_size:
-            if cursor >= len(order):
-                return None
+        while len(rows) < self.batch_size and cursor < len(order):
             row, used = [], 0
             while cursor < len(order):
                 sample = self._sample(int(order[cursor]))
@@ -237,37 +307,69 @@ class SFTLoader(ShardLoader):
                 used += len(sample[0])
                 cursor += 1
             rows.append(row)
+        if not rows or (self.drop_last and len(rows) < self.batch_size):
+            return None
         weight = self.special_token_weight if self.kind == "reasoning" else None
         return _segments_to_batch(rows, self.seq_len, weight), cursor
 
+    def _packed_rows(self, epoch: int, limit: int | None = None) -> int:
+        """Rows the greedy packing of `_take` makes from this rank's epoch (stopping at `limit`)."""
+        rows, used, filled = 0, 0, False
+        for n in self._lengths(self._rank_order(epoch)).tolist():
+            if filled and used + n > self.seq_len:
+                rows, used = rows + 1, 0
+                if limit is not None and rows >= limit:
+                    return rows
+            used, filled = used + n, True
+        return rows + filled
+
+    def _fills_one_batch(self) -> bool:
+        if not self.packing:
+            return super()._fills_one_batch()
+        return self._packed_rows(self.epoch, self.batch_size) >= (self.batch_size if self.drop_last else 1)
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        if not self.packing:
+            return super().num_batches_per_epoch
+        if self._batches_in_epoch is None or self._batches_in_epoch[0] != self.epoch:
+            rows = self._packed_rows(self.epoch)
+            count = rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+            self._batches_in_epoch = (self.epoch, count)
+        return self._batches_in_epoch[1]
+
 
 class DPOLoader(ShardLoader):
-    """Chosen/rejected pairs (documents 2i and 2i+1), each padded to the longest in the batch."""
+    """Chosen/rejected pairs (documents 2i and 2i+1), each side padded to the longest in the batch."""
 
     def _build_index(self) -> None:
-        self.pairs = [(s, d) for s, shard in enumerate(self.shards) for d in range(0, shard.n_docs - 1, 2)]
-        self.n_items = len(self.pairs)
+        for shard in self.shards:
+            if shard.n_docs % 2:
+                raise ShardError(f"{shard.path}: a DPO shard needs an even number of documents, has {shard.n_docs}")
+        self.cum = np.concatenate([[0], np.cumsum([s.n_docs // 2 for s in self.shards])]).astype(np.int64)
+        self.n_items = int(self.cum[-1])
 
     def _take(self, order, cursor):
-        if cursor + self.batch_size > len(order):
+        n = min(self.batch_size, len(order) - cursor)
+        if n <= 0 or (self.drop_last and n < self.batch_size):
             return None
+        shard_idx, pair = _locate(self.cum, order[cursor:cursor + n])
         out = {}
         for side, delta in (("chosen", 0), ("rejected", 1)):
             seqs = []
-            for i in order[cursor:cursor + self.batch_size]:
-                s, d = self.pairs[int(i)]
-                ids, mask = self.shards[s].doc(d + delta)
+            for s, p in zip(shard_idx, pair):
+                ids, mask = self.shards[s].doc(2 * int(p) + delta)
                 seqs.append((np.asarray(ids[: self.seq_len], np.int64), np.asarray(mask[: self.seq_len])))
             width = max(len(ids) for ids, _ in seqs)
-            ids_t = torch.zeros(len(seqs), width, dtype=torch.int64)
-            tgt_t = torch.full((len(seqs), width), IGNORE, dtype=torch.int64)
+            ids_t = np.zeros((n, width), dtype=np.int64)
+            tgt_t = np.full((n, width), IGNORE, dtype=np.int64)
             for r, (ids, mask) in enumerate(seqs):
-                ids_t[r, :len(ids)] = torch.from_numpy(ids)
-                tgt = np.where(mask[1:] > 0, ids[1:], IGNORE)
-                tgt_t[r, :len(ids) - 1] = torch.from_numpy(tgt)
-            out[f"{side}_input_ids"], out[f"{side}_targets"] = ids_t, tgt_t
-            out[f"{side}_position_ids"] = torch.arange(width).expand(len(seqs), width).clone()
-        return out, cursor + self.batch_size
+                ids_t[r, :len(ids)] = ids
+                tgt_t[r, :len(ids) - 1] = np.where(mask[1:] > 0, ids[1:], IGNORE)
+            out[f"{side}_input_ids"] = torch.from_numpy(ids_t)
+            out[f"{side}_targets"] = torch.from_numpy(tgt_t)
+            out[f"{side}_position_ids"] = torch.arange(width).expand(n, width).clone()
+        return out, cursor + n
 
     @property
     def tokens_per_batch(self) -> int:
@@ -280,10 +382,16 @@ LOADERS = {"pretrain": PretrainLoader, "sft": SFTLoader, "reasoning": SFTLoader,
 def build_loader(kind: str, shard_dir, *, seq_len: int, micro_batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, split: str = "train", vocab_size: int | None = None,
                  pin_memory: bool = False, **kwargs) -> ShardLoader:
-    """The loader for `kind` (pretrain, sft, reasoning, dpo) over the shards in `shard_dir`."""
+    """The loader for `kind` (pretrain, sft, reasoning, dpo) over the shards in `shard_dir`.
+
+    Extra keyword arguments: `prefetch` (batches built ahead in a thread; default 4 with pin_memory,
+    else 0); for sft/reasoning `packing` (default True) and `special_token_weight` (default 10.0).
+    """
     if kind not in LOADERS:
         raise ValueError(f"kind={kind!r} must be one of {sorted(LOADERS)}")
     prefetch = kwargs.pop("prefetch", 4 if pin_memory else 0)
+    if kind in ("pretrain", "dpo") and kwargs:
+        raise TypeError(f"{kind} loader got unexpected arguments {sorted(kwargs)}")
     return LOADERS[kind](kind, shard_dir, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed,
                          rank=rank, world_size=world_size, split=split, vocab_size=vocab_size,
                          pin_memory=pin_memory, prefetch=prefetch, **kwargs)

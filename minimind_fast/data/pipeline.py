@@ -1,10 +1,12 @@
-"""JSONL -> `.bin` shards: streamed, parallel, atomic, resumable by skipping when up to date.
+"""JSONL -> `.bin` shards: streamed, parallel, atomic, skipped when already up to date.
 
-Lines are read in chunks and encoded by a pool of worker processes (each holding the tokenizer),
-at most `2 * workers` chunks in flight, so memory stays bounded whatever the input size. Results come
-back in input order, which makes the shards identical from run to run. Bad lines are counted by
-reason and listed as `file:line`; `strict=True` stops at the first one. Every `val_every`-th document
-goes to the held-out split. Shards and the manifest are written under temporary names and renamed.
+Lines are read in chunks of `CHUNK_LINES`; each chunk is parsed, rendered and encoded with one
+`encode_batch` call, in a pool of worker processes (`workers > 1`) or in this process with the
+tokenizers library's own threads (`workers == 1`). At most `2 * workers` chunks are in flight, so
+memory stays bounded whatever the input size. Chunks are written in input order, which makes the
+shards identical from run to run whatever the number of workers. Bad lines are counted by reason and
+listed as `file:line`; `strict=True` stops at the first one. Every `1 / val_fraction`-th record goes
+to the held-out split. Shards and the manifest are written under temporary names and renamed.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import numpy as np
 from tqdm import tqdm
 
 from minimind_fast.data import records
-from minimind_fast.data.shards import VERSION, ShardWriter
+from minimind_fast.data.shards import VERSION, ShardWriter, token_dtype
 from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
 
 KINDS = ("pretrain", "sft", "reasoning", "dpo")
 MANIFEST = "manifest.json"
 CHUNK_LINES = 2000
+MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are complete)
 
 
 @dataclass
@@ -57,12 +60,26 @@ class InputError(ValueError):
 _TOKENIZER: ChatTokenizer | None = None
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _init_worker(tokenizer_dir: str, parallel: bool) -> None:
+    """Load the tokenizer once per process; pool workers encode single-threaded (the pool is the parallelism)."""
     global _TOKENIZER
+    if not parallel:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOKENIZER = load_tokenizer(tokenizer_dir)
 
 
-def _fit(ids: np.ndarray, mask: np.ndarray, opts: TokenizeOptions) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class Chunk:
+    """A chunk's good records, back to back: what workers send to the writer (few, large arrays)."""
+
+    tokens: np.ndarray          # int32, every document's tokens
+    lengths: np.ndarray         # int64, tokens per document
+    mask: np.ndarray | None     # uint8 per token (not for pretrain)
+    docs_per_record: int        # 1, or 2 for DPO (chosen, rejected)
+    errors: list[tuple[int, str, str]]  # (line number, reason, message)
+
+
+def _fit(ids: list[int], mask: np.ndarray, opts: TokenizeOptions) -> tuple[list[int], np.ndarray]:
     if len(ids) <= opts.seq_len:
         return ids, mask
     if opts.overlong == "drop":
@@ -73,45 +90,78 @@ def _fit(ids: np.ndarray, mask: np.ndarray, opts: TokenizeOptions) -> tuple[np.n
     return ids, mask
 
 
-def encode_record(line: str, opts: TokenizeOptions, tok: ChatTokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The documents (1, or 2 for a DPO pair) of one line, as (tokens, mask) pairs."""
-    record = records.parse_line(line)
-    if opts.kind == "pretrain":
-        return [records.encode_pretrain(record, tok)]
-    if opts.kind in ("sft", "reasoning"):
-        return [_fit(*records.encode_sft(record, tok, tags=opts.kind == "reasoning"), opts)]
-    chosen, rejected = records.dpo_conversations(record)
-    return [_fit(*records.encode_conversation(msgs, tok, tags=False), opts) for msgs in (chosen, rejected)]
-
-
-def _encode_chunk(args):
-    lines, opts = args
-    out = []
+def encode_lines(lines: list[tuple[int, str]], opts: TokenizeOptions, tok: ChatTokenizer) -> Chunk:
+    """Parse and render every line, encode all texts in one batch, then build masks and fit to seq_len."""
+    errors: list[tuple[int, str, str]] = []
+    parsed: list[tuple[int, list[records.Doc]]] = []
     for lineno, line in lines:
         if not line.strip():
             continue
         try:
-            out.append((lineno, encode_record(line, opts, _TOKENIZER), None))
+            parsed.append((lineno, records.record_docs(records.parse_line(line), opts.kind, tok)))
         except records.RecordError as e:
-            out.append((lineno, None, (e.reason, str(e))))
-    return out
+            errors.append((lineno, e.reason, str(e)))
+    encodings = tok.tokenizer.encode_batch([d.text for _, docs in parsed for d in docs],
+                                           add_special_tokens=False)
+    tokens, lengths, masks = [], [], []
+    k = 0
+    for lineno, docs in parsed:
+        encs, k = encodings[k:k + len(docs)], k + len(docs)
+        try:
+            if opts.kind == "pretrain":
+                out = [([tok.bos_token_id, *encs[0].ids, tok.eos_token_id], None)]
+            else:
+                out = [_fit(e.ids, records.mask_from_offsets(e.offsets, d), opts) for e, d in zip(encs, docs)]
+        except records.RecordError as e:
+            errors.append((lineno, e.reason, str(e)))
+            continue
+        for ids, mask in out:
+            tokens.extend(ids)
+            lengths.append(len(ids))
+            if mask is not None:
+                masks.append(mask)
+    errors.sort()
+    return Chunk(np.asarray(tokens, dtype=np.int32), np.asarray(lengths, dtype=np.int64),
+                 np.concatenate(masks) if masks else (None if opts.kind == "pretrain" else np.zeros(0, np.uint8)),
+                 2 if opts.kind == "dpo" else 1, errors)
+
+
+def _encode_chunk(args) -> Chunk:
+    lines, opts = args
+    return encode_lines(lines, opts, _TOKENIZER)
 
 
 # --- driver ----------------------------------------------------------------------------------
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
+MIN_VAL_RECORDS = 8  # a held-out split smaller than this is too noisy to evaluate on
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """sha256 and line count of a file, in one streamed pass."""
+    h, lines = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    return h.hexdigest()
+            lines += block.count(b"\n")
+    return h.hexdigest(), lines
 
 
-def _chunks(path: Path, progress: tqdm):
-    with open(path, encoding="utf-8", errors="replace") as f:
+def val_every(opts: TokenizeOptions, n_lines: int) -> int:
+    """Hold out every n-th record: 1 / val_fraction, lowered on small inputs to keep MIN_VAL_RECORDS."""
+    if opts.val_fraction <= 0:
+        return 0
+    every = round(1 / opts.val_fraction)
+    if n_lines // every < MIN_VAL_RECORDS:
+        every = max(2, n_lines // MIN_VAL_RECORDS)
+    return every
+
+
+def _chunks(path: Path):
+    """(lines with their numbers, bytes) in chunks of CHUNK_LINES, read in binary so sizes are exact."""
+    with open(path, "rb") as f:
         chunk, size = [], 0
-        for lineno, line in enumerate(f, start=1):
-            chunk.append((lineno, line))
-            size += len(line.encode("utf-8", errors="replace"))
+        for lineno, raw in enumerate(f, start=1):
+            chunk.append((lineno, raw.decode("utf-8", errors="replace")))
+            size += len(raw)
             if len(chunk) >= CHUNK_LINES:
                 yield chunk, size
                 chunk, size = [], 0
@@ -120,7 +170,7 @@ def _chunks(path: Path, progress: tqdm):
 
 
 class _SplitWriter:
-    """Rolls a split's shards over at `max_shard_tokens`."""
+    """One split's shards, rolled over to a new file at `max_tokens`."""
 
     def __init__(self, out: Path, split: str, kind: str, vocab_size: int, max_tokens: int):
         self.out, self.split, self.kind, self.vocab = out, split, kind, vocab_size
@@ -128,21 +178,33 @@ class _SplitWriter:
         self.writer: ShardWriter | None = None
         self.shards: list[dict] = []
 
-    def add(self, docs: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
-        if self.writer is None or self.writer.n_tokens >= self.max_tokens:
-            self._close()
-            name = f"{self.split}-{len(self.shards):05d}.bin"
-            self.writer = ShardWriter(self.out / name, self.kind, self.vocab)
-            self.shards.append({"file": name})
-        for ids, mask in docs:
-            self.writer.add(ids, mask)
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None) -> None:
+        """Append whole records, starting a new shard where the current one would pass `max_tokens`."""
+        per_record = 2 if self.kind == "dpo" else 1  # a chosen/rejected pair never straddles two shards
+        ends = np.cumsum(lengths)
+        d0 = t0 = 0
+        while d0 < len(lengths):
+            if self.writer is None:
+                name = f"{self.split}-{len(self.shards):05d}.bin"
+                self.writer = ShardWriter(self.out / name, self.kind, self.vocab)
+                self.shards.append({"file": name})
+            room = self.max_tokens - self.writer.n_tokens
+            d1 = int(np.searchsorted(ends, t0 + room, side="right"))
+            d1 -= (d1 - d0) % per_record
+            if d1 == d0 and self.writer.n_tokens == 0:
+                d1 = d0 + per_record  # a record longer than a whole shard gets a shard of its own
+            if d1 > d0:
+                t1 = int(ends[d1 - 1])
+                self.writer.add_many(tokens[t0:t1], lengths[d0:d1], mask[t0:t1] if mask is not None else None)
+                d0, t0 = d1, t1
+            if d0 < len(lengths):
+                self._close()
 
     def _close(self) -> None:
         if self.writer is not None:
             w = self.writer
             w.close()
-            self.shards[-1].update(tokens=w.n_tokens, docs=len(w.offsets) - 1,
-                                   bytes=w.path.stat().st_size)
+            self.shards[-1].update(tokens=w.n_tokens, docs=w.n_docs, bytes=w.path.stat().st_size)
             self.writer = None
 
     def finish(self) -> dict:
@@ -157,25 +219,81 @@ class _SplitWriter:
 
 def _signature(files: list[Path], tok: ChatTokenizer, opts: TokenizeOptions) -> dict:
     opts_d = {k: v for k, v in asdict(opts).items() if k != "workers"}
+    sources = []
+    for f in files:
+        digest, lines = file_digest(f)
+        sources.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "lines": lines, "sha256": digest})
     return {"format_version": VERSION, "tokenizer_fingerprint": tok.fingerprint, "options": opts_d,
-            "sources": [{"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": file_digest(f)}
-                        for f in files]}
+            "sources": sources}
 
 
 def up_to_date(out: Path, signature: dict) -> bool:
+    """True when `out` holds a manifest for exactly these inputs, tokenizer and options, and its shards."""
     try:
         manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        if manifest.get("signature") != signature:
+            return False
+        shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return False
-    if manifest.get("signature") != signature:
-        return False
-    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    return all((out / s["file"]).exists() and (out / s["file"]).stat().st_size == s["bytes"] for s in shards)
+    return all((out / s["file"]).is_file() and (out / s["file"]).stat().st_size == s["bytes"] for s in shards)
+
+
+class _Writer:
+    """The main process's side: splits each chunk's records into train/val and counts problems."""
+
+    def __init__(self, out: Path, opts: TokenizeOptions, vocab_size: int, n_lines: int):
+        self.opts = opts
+        self.val_every = val_every(opts, n_lines)
+        self.splits = {s: _SplitWriter(out, s, opts.kind, vocab_size, opts.max_shard_tokens)
+                       for s in ("train", "val")}
+        self.n_records = 0
+        self.problems: list[str] = []
+
+    def write(self, chunk: Chunk, path: Path, counts: Counter) -> None:
+        for lineno, reason, message in chunk.errors:
+            where = f"{path}:{lineno}: {message}"
+            if self.opts.strict:
+                raise InputError(where)
+            counts[reason] += 1
+            if len(self.problems) < MAX_PROBLEMS:
+                self.problems.append(where)
+        n = len(chunk.lengths) // chunk.docs_per_record
+        counts["records"] += n
+        # Every val_every-th record (counted over all files) is held out: the same records whatever
+        # the chunking or the number of workers.
+        record_idx = self.n_records + np.arange(n)
+        self.n_records += n
+        is_val = (record_idx % self.val_every == self.val_every - 1) if self.val_every else np.zeros(n, bool)
+        doc_val = np.repeat(is_val, chunk.docs_per_record)
+        tok_val = np.repeat(doc_val, chunk.lengths)
+        for name, docs, toks in (("train", ~doc_val, ~tok_val), ("val", doc_val, tok_val)):
+            mask = chunk.mask[toks] if chunk.mask is not None else None
+            self.splits[name].add(chunk.tokens[toks], chunk.lengths[docs], mask)
+
+    def finish(self) -> dict:
+        return {name: w.finish() for name, w in self.splits.items()}
+
+    def abort(self) -> None:
+        for w in self.splits.values():
+            w.abort()
+
+
+def _make_pool(opts: TokenizeOptions, tok: ChatTokenizer):
+    """Worker processes for --workers > 1 (fork where available: no re-import, the tokenizer is loaded in each)."""
+    if opts.workers <= 1:
+        _init_worker(str(tok.dir), parallel=True)  # one process: tokenizers' own threads use every core
+        return None
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    return mp.get_context(method).Pool(opts.workers, _init_worker, (str(tok.dir), False))
 
 
 def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.PathLike,
                        out_dir: str | os.PathLike, opts: TokenizeOptions, force: bool = False) -> dict:
-    """Tokenize JSONL `files` into shards under `out_dir`; returns the manifest."""
+    """Tokenize JSONL `files` into shards under `out_dir`; returns the manifest (also written there).
+
+    Skips the work when `out_dir` already holds shards of the same inputs, tokenizer and options.
+    """
     paths = [Path(f) for f in files]
     for p in paths:
         if not p.is_file():
@@ -187,70 +305,50 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
     if not force and up_to_date(out, signature):
         print(f"{out}: shards are up to date with their inputs; nothing to do")
         return json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).unlink(missing_ok=True)  # the old shards no longer describe a valid state
 
-    val_every = round(1 / opts.val_fraction) if opts.val_fraction > 0 else 0
-    splits = {s: _SplitWriter(out, s, opts.kind, tok.vocab_size, opts.max_shard_tokens)
-              for s in ("train", "val")}
-    counts: Counter = Counter()
-    problems: list[str] = []
-    sources = []
-    pool = (mp.get_context("spawn").Pool(opts.workers, _init_worker, (str(tok.dir),))
-            if opts.workers > 1 else None)
-    if pool is None:
-        _init_worker(str(tok.dir))
+    writer = _Writer(out, opts, tok.vocab_size, sum(src["lines"] for src in signature["sources"]))
+    sources, totals = [], Counter()
     started = time.time()
-    n_docs = 0
+    pool = _make_pool(opts, tok)
     try:
-        total = sum(p.stat().st_size for p in paths)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenize {opts.kind}",
-                  disable=None) as progress:
+        with tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
+                  desc=f"tokenize {opts.kind}", disable=None) as progress:
             for path, src in zip(paths, signature["sources"]):
-                file_counts: Counter = Counter()
-                pending: deque = deque()
-
-                def drain(pending: deque, path: Path, file_counts: Counter, block: bool) -> None:
-                    nonlocal n_docs
-                    while pending and (block or pool is None or pending[0][0].ready()):
-                        result, size = pending.popleft()
-                        for lineno, docs, err in result.get() if pool else result:
-                            if err is not None:
-                                where = f"{path}:{lineno}: {err[1]}"
-                                if opts.strict:
-                                    raise InputError(where)
-                                file_counts[err[0]] += 1
-                                if len(problems) < 200:
-                                    problems.append(where)
-                                continue
-                            file_counts["lines"] += 1
-                            is_val = val_every and n_docs % val_every == val_every - 1
-                            splits["val" if is_val else "train"].add(docs)
-                            n_docs += 1
-                        progress.update(size)
-
-                for chunk, size in _chunks(path, progress):
+                counts: Counter = Counter()
+                pending: deque = deque()  # chunks in flight, in input order
+                for chunk, size in _chunks(path):
                     task = (chunk, opts)
-                    pending.append((pool.apply_async(_encode_chunk, (task,)) if pool else _encode_chunk(task),
-                                    size))
-                    drain(pending, path, file_counts, block=len(pending) >= 2 * opts.workers)
-                drain(pending, path, file_counts, block=True)
-                counts.update({k: v for k, v in file_counts.items() if k != "lines"})
-                sources.append({**src, "records": file_counts["lines"],
-                                "skipped": {k: v for k, v in file_counts.items() if k != "lines"}})
-        manifest = {
-            "format_version": VERSION, "kind": opts.kind, "vocab_size": tok.vocab_size,
-            "tokenizer_fingerprint": tok.fingerprint, "tokenizer_dir": str(tok.dir.resolve()),
-            "seq_len": opts.seq_len, "sources": sources,
-            "splits": {name: w.finish() for name, w in splits.items()},
-            "skipped": dict(counts), "problems": problems, "signature": signature,
-            "seconds": round(time.time() - started, 3),
-        }
+                    pending.append((pool.apply_async(_encode_chunk, (task,)) if pool else _encode_chunk(task), size))
+                    while pending and (pool is None or len(pending) > 2 * opts.workers or pending[0][0].ready()):
+                        result, size = pending.popleft()
+                        writer.write(result.get() if pool else result, path, counts)
+                        progress.update(size)
+                while pending:
+                    result, size = pending.popleft()
+                    writer.write(result.get() if pool else result, path, counts)
+                    progress.update(size)
+                records_ok = counts.pop("records", 0)
+                totals.update(counts)
+                sources.append({**src, "records": records_ok, "skipped": dict(counts)})
+        splits = writer.finish()
     except BaseException:
-        for w in splits.values():
-            w.abort()
+        writer.abort()
         raise
     finally:
         if pool is not None:
             pool.terminate()
+    manifest = {
+        "format_version": VERSION, "kind": opts.kind, "vocab_size": tok.vocab_size,
+        "token_dtype": token_dtype(tok.vocab_size).name,
+        "tokenizer_fingerprint": tok.fingerprint, "tokenizer_dir": str(tok.dir.resolve()),
+        "seq_len": opts.seq_len, "sources": sources, "splits": splits,
+        "records": sum(s["records"] for s in sources),
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "docs": sum(s["docs"] for s in splits.values()),
+        "skipped": dict(totals), "problems": writer.problems, "signature": signature,
+        "seconds": round(time.time() - started, 3),
+    }
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / MANIFEST)

@@ -1,16 +1,20 @@
-"""Turning one JSONL record into token ids and a loss mask, for each dataset kind.
+"""Turning JSONL records into text plus character spans, and encoded tokens into loss masks.
 
 Pretrain: `{"text": ...}` -> `<|im_start|>` text `<|im_end|>` (MiniMind's bos/eos around each document).
-SFT / reasoning: `{"conversations": [{"role", "content"}, ...]}` rendered with the chat template;
-the loss mask covers each assistant reply from its first content token through its `<|im_end|>`.
-Reasoning also marks the `<think>`/`</think>`/`<answer>`/`</answer>` tags (mask value 2) for the
-extra loss weight. DPO: `{"chosen": [msgs], "rejected": [msgs]}` or prompt/chosen/rejected strings.
-Problems raise `RecordError` with a short reason; the caller adds file and line.
+SFT / reasoning: `{"conversations": [{"role", "content"}, ...]}` rendered with the tokenizer's chat
+template; the loss mask covers each assistant reply from its first content token through its
+`<|im_end|>`. Reasoning also marks the `<think>`/`</think>`/`<answer>`/`</answer>` tags (mask value 2)
+for the extra loss weight. DPO: `{"chosen": [msgs], "rejected": [msgs]}` or prompt/chosen/rejected strings.
+
+Parsing and rendering (`record_texts`) is split from encoding (`mask_from_offsets`) so that the
+pipeline can encode a whole chunk of texts in one `encode_batch` call. Problems raise `RecordError`
+with a short reason; the caller adds file and line.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,6 +22,7 @@ from minimind_fast.data.tokenizer import ChatTokenizer
 
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 ROLES = ("system", "user", "assistant", "tool")
+END = "<|im_end|>"
 
 
 class RecordError(ValueError):
@@ -26,6 +31,15 @@ class RecordError(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+@dataclass
+class Doc:
+    """One document to encode: its text and the character spans that carry loss (mask 1) or weight (2)."""
+
+    text: str
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    tag_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 def parse_line(line: str) -> dict:
@@ -51,58 +65,54 @@ def check_conversation(msgs, field: str) -> list[dict]:
     return msgs
 
 
-def encode_pretrain(record: dict, tok: ChatTokenizer) -> tuple[np.ndarray, None]:
+def pretrain_doc(record: dict, tok: ChatTokenizer) -> Doc:
     text = record.get("text")
     if not isinstance(text, str):
         raise RecordError("missing_field", "no string field 'text'")
     if not text.strip():
         raise RecordError("empty_text", "'text' is empty")
-    ids = [tok.bos_token_id] + tok.encode(text) + [tok.eos_token_id]
-    return np.asarray(ids, dtype=np.int64), None
+    return Doc(text)
 
 
-def encode_conversation(msgs: list[dict], tok: ChatTokenizer, tags: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of the rendered conversation and a mask over the assistant replies (2 on reasoning tags)."""
-    text = tok.apply_chat_template(msgs)
-    spans = []
+def _render(tok: ChatTokenizer, msgs: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a template error is a property of this record (e.g. no system message)
+        raise RecordError("template", f"the chat template failed: {e}") from None
+
+
+def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool) -> Doc:
+    """The rendered conversation and the spans of its assistant replies (each through its `<|im_end|>`).
+
+    A reply's span starts where the template, asked for a generation prompt after the messages before
+    it, stops; this works for any template that renders a reply as a continuation of that prompt.
+    """
+    text = _render(tok, msgs, False)
+    doc = Doc(text)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(tok.apply_chat_template(msgs[:i], add_generation_prompt=True))
-        if text[start:start + len(m["content"])] != m["content"]:
-            raise RecordError("template", "the chat template does not render replies as a suffix of the prompt")
+        start = len(_render(tok, msgs[:i], True))
         end = start + len(m["content"])
-        close = text.find("<|im_end|>", end)
-        spans.append((start, close + len("<|im_end|>") if close == end else end))
-    tag_spans = []
-    if tags:
-        for start, end in spans:
+        if text[start:end] != m["content"]:
+            raise RecordError("template", "the chat template does not render a reply after its prompt")
+        if text.startswith(END, end):
+            end += len(END)
+        doc.spans.append((start, end))
+        if tags:
             for tag in REASONING_TAGS:
                 pos = text.find(tag, start, end)
                 while pos != -1:
-                    tag_spans.append((pos, pos + len(tag)))
+                    doc.tag_spans.append((pos, pos + len(tag)))
                     pos = text.find(tag, pos + 1, end)
-    ids, offsets = tok.encode_with_offsets(text)
-    mask = np.zeros(len(ids), dtype=np.uint8)
-    for j, (a, b) in enumerate(offsets):
-        if any(s <= a and b <= e for s, e in spans):
-            mask[j] = 1
-            if any(a < te and ts < b for ts, te in tag_spans):
-                mask[j] = 2
-    return np.asarray(ids, dtype=np.int64), mask
-
-
-def encode_sft(record: dict, tok: ChatTokenizer, tags: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    if "conversations" not in record:
-        raise RecordError("missing_field", "no field 'conversations'")
-    return encode_conversation(check_conversation(record["conversations"], "conversations"), tok, tags)
+    return doc
 
 
 def dpo_conversations(record: dict) -> tuple[list[dict], list[dict]]:
     if isinstance(record.get("prompt"), str):
         for key in ("chosen", "rejected"):
-            if not isinstance(record.get(key), str):
-                raise RecordError("missing_field", f"prompt/chosen/rejected form needs a string '{key}'")
+            if not isinstance(record.get(key), str) or not record[key]:
+                raise RecordError("missing_field", f"prompt/chosen/rejected form needs a non-empty string '{key}'")
         user = {"role": "user", "content": record["prompt"]}
         return ([user, {"role": "assistant", "content": record["chosen"]}],
                 [user, {"role": "assistant", "content": record["rejected"]}])
@@ -110,3 +120,29 @@ def dpo_conversations(record: dict) -> tuple[list[dict], list[dict]]:
         if key not in record:
             raise RecordError("missing_field", f"no field '{key}'")
     return check_conversation(record["chosen"], "chosen"), check_conversation(record["rejected"], "rejected")
+
+
+def record_docs(record: dict, kind: str, tok: ChatTokenizer) -> list[Doc]:
+    """The documents of one record: one, or for DPO the chosen then the rejected conversation."""
+    if kind == "pretrain":
+        return [pretrain_doc(record, tok)]
+    if kind in ("sft", "reasoning"):
+        if "conversations" not in record:
+            raise RecordError("missing_field", "no field 'conversations'")
+        msgs = check_conversation(record["conversations"], "conversations")
+        return [conversation_doc(msgs, tok, tags=kind == "reasoning")]
+    return [conversation_doc(msgs, tok, tags=False) for msgs in dpo_conversations(record)]
+
+
+def mask_from_offsets(offsets: list[tuple[int, int]], doc: Doc) -> np.ndarray:
+    """Per-token mask: 1 for tokens overlapping a loss span, 2 for those overlapping a reasoning tag."""
+    mask = np.zeros(len(offsets), dtype=np.uint8)
+    if not offsets:
+        return mask
+    off = np.asarray(offsets, dtype=np.int64)
+    a, b = off[:, 0], off[:, 1]
+    for s, e in doc.spans:
+        mask[(a < e) & (b > s)] = 1
+    for s, e in doc.tag_spans:
+        mask[(a < e) & (b > s) & (mask > 0)] = 2
+    return mask

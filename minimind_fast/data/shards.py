@@ -17,6 +17,7 @@ temporary name and renames on `close()`; `Shard` maps a file read-only with nump
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -43,7 +44,11 @@ def _align8(n: int) -> int:
 
 
 class ShardWriter:
-    """Appends documents (token arrays, optional masks) to a shard written atomically on close()."""
+    """Appends documents to a shard written under a temporary name and renamed on `close()`.
+
+    Tokens go straight to the file and the loss mask to a spool file appended at the end, so memory
+    holds only the document offsets (8 bytes per document) whatever the shard's size.
+    """
 
     def __init__(self, path: str | os.PathLike, kind: str, vocab_size: int):
         self.path = Path(path)
@@ -52,35 +57,51 @@ class ShardWriter:
         self.dtype = token_dtype(vocab_size)
         self.has_mask = kind != "pretrain"
         self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.mask_tmp = self.path.with_name(self.path.name + ".mask.tmp")
         self.f = open(self.tmp, "wb")
         self.f.write(b"\0" * HEADER.size)
-        self.offsets = [0]
-        self.masks: list[np.ndarray] = []
-
-    @property
-    def n_tokens(self) -> int:
-        return self.offsets[-1]
+        self.mask_f = open(self.mask_tmp, "wb") if self.has_mask else None
+        self.lengths: list[np.ndarray] = []
+        self.n_tokens = 0
+        self.n_docs = 0
 
     def add(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append one document."""
         tokens = np.asarray(tokens)
-        if tokens.size and int(tokens.max()) >= self.vocab_size:
+        self.add_many(tokens, np.asarray([len(tokens)]), mask)
+
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append documents given back to back in `tokens`, document d being `lengths[d]` tokens long."""
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(tokens):
+            raise ValueError(f"{self.path}: document lengths sum to {int(lengths.sum())}, not {len(tokens)}")
+        if tokens.size and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
             raise ShardError(f"{self.path}: token id {int(tokens.max())} >= vocab_size {self.vocab_size}")
-        self.f.write(tokens.astype(self.dtype, copy=False).tobytes())
-        self.offsets.append(self.offsets[-1] + len(tokens))
         if self.has_mask:
             if mask is None or len(mask) != len(tokens):
                 raise ValueError(f"{self.kind} documents need a mask as long as their tokens")
-            self.masks.append(np.asarray(mask, dtype=np.uint8))
+            self.mask_f.write(np.asarray(mask, dtype=np.uint8).tobytes())
+        self.f.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self.lengths.append(lengths)
+        self.n_tokens += len(tokens)
+        self.n_docs += len(lengths)
 
     def close(self) -> Path:
         body = self.n_tokens * self.dtype.itemsize
         self.f.write(b"\0" * (_align8(HEADER.size + body) - HEADER.size - body))
-        self.f.write(np.asarray(self.offsets, dtype=np.uint64).tobytes())
-        if self.has_mask:
-            self.f.write(np.concatenate(self.masks or [np.zeros(0, np.uint8)]).tobytes())
+        offsets = np.zeros(self.n_docs + 1, dtype=np.uint64)
+        if self.n_docs:
+            np.cumsum(np.concatenate(self.lengths), out=offsets[1:])
+        self.f.write(offsets.tobytes())
+        if self.mask_f is not None:
+            self.mask_f.close()
+            with open(self.mask_tmp, "rb") as m:
+                shutil.copyfileobj(m, self.f, 1 << 24)
+            self.mask_tmp.unlink()
         self.f.seek(0)
         self.f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, KINDS[self.kind], int(self.has_mask),
-                                 self.n_tokens, len(self.offsets) - 1, self.vocab_size))
+                                 self.n_tokens, self.n_docs, self.vocab_size))
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
@@ -88,8 +109,12 @@ class ShardWriter:
         return self.path
 
     def abort(self) -> None:
+        """Drop the partial shard (its temporary files); the final name is never written."""
         self.f.close()
+        if self.mask_f is not None:
+            self.mask_f.close()
         self.tmp.unlink(missing_ok=True)
+        self.mask_tmp.unlink(missing_ok=True)
 
 
 class Shard:

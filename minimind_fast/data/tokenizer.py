@@ -144,6 +144,11 @@ class ChatTokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             **kwargs) -> str:
         """Render `messages` with the tokenizer's chat template (ChatML for ours), as transformers does."""
+        if self.chat_template == CHATML_TEMPLATE and not kwargs:
+            # Our own template, rendered without jinja: the same string, several times faster, which
+            # matters when the shard pipeline renders millions of conversations.
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return text + "<|im_start|>assistant\n" if add_generation_prompt else text
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=BOS, eos_token=EOS, **kwargs)
 

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: a continuous-batching engine (`engine`) behind a FastAPI app (`app`)."""

@@ -52,9 +52,19 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        _share_cpu_threads()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _share_cpu_threads() -> None:
+    """Give each local rank its share of the cores: torch's default (all cores per process) oversubscribes
+    the CPU as soon as the launcher starts several ranks on one machine. OMP_NUM_THREADS still wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
 
 
 def check_output_dir(run_dir: Path) -> None:
@@ -69,7 +79,7 @@ def check_output_dir(run_dir: Path) -> None:
 
 def resolve_dtype(args, device: torch.device) -> str:
     if args.dtype != "auto":
-        if args.dtype in ("bf16", "fp16") and device.type == "cpu" and args.dtype == "fp16":
+        if args.dtype == "fp16" and device.type == "cpu":
             raise TrainingError("--dtype fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         return args.dtype
     return "bf16" if device.type == "cuda" else "fp32"
@@ -236,9 +246,11 @@ class Trainer:
                                                 f"{a.max_bad_steps}); lower --lr or check the data")
                         continue
                     self.engine.backward(loss)
-                    if self.engine.is_gradient_accumulation_boundary():
-                        grad_norm = _grad_norm(self.engine)
+                    boundary = self.engine.is_gradient_accumulation_boundary()
+                    own_norm = _local_grad_norm(self.engine) if boundary else None
                     self.engine.step()
+                    if boundary:
+                        grad_norm = _reported_grad_norm(self.engine, own_norm)
                     micro += 1
                     losses.append(loss.detach().float())
                     for k, v in metrics.items():
@@ -256,6 +268,8 @@ class Trainer:
                               "lr": self.engine.get_lr()[0], "grad_norm": grad_norm,
                               "tokens_per_s": tok_s, "tokens": tokens_seen, "memory_mb": memory_mb(self.device),
                               "bad_steps": bad_steps, **metrics_acc}
+                    if self.dtype == "fp16":  # steps DeepSpeed skipped on a loss-scale overflow
+                        record["overflow_steps"] = int(getattr(self.engine, "skipped_steps", 0))
                     if peak:
                         record["mfu"] = flops_per_token * tok_s / (peak * self.world)
                     logger.log(record)
@@ -278,12 +292,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Mean loss over the held-out split (one pass, at most --eval-batches batches per rank)."""
+        batches = []
+        for batch, epoch, _ in self.val_loader._batches():
+            if epoch > 0 or len(batches) >= self.args.eval_batches:
+                break
+            batches.append(batch)
+        # Every rank must run the same number of forwards (ZeRO-3 gathers weights collectively).
+        count = torch.tensor([len(batches)], device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
         self.engine.eval()
         total = torch.zeros(2, device=self.device)
-        for i, batch in enumerate(self.val_loader._batches()):
-            if i >= self.args.eval_batches:
-                break
-            batch = to_device(batch[0], self.device)
+        for batch in batches[: int(count.item())]:
+            batch = to_device(batch, self.device)
             loss = self.stage.eval_loss(self.engine, batch)
             n = (batch.get("targets", batch.get("chosen_targets")) != -100).sum()
             total += torch.stack([loss.float() * n, n.float()])
@@ -309,14 +330,21 @@ def _items_tokens(loader, seq_len: int) -> float:
     return split["tokens"] / max(split["docs"], 1) * (2 if loader.kind == "dpo" else 1)
 
 
-def _grad_norm(engine) -> float:
-    """Global gradient norm before clipping: our own sum without ZeRO, else DeepSpeed's partitioned one
-    (which DeepSpeed reports from the previous step)."""
-    if engine.zero_optimization_stage() == 0:
-        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
+def _local_grad_norm(engine) -> float | None:
+    """Gradient norm before clipping from the parameters' own .grad (plain fp32 without ZeRO; None when
+    DeepSpeed keeps gradients elsewhere: ZeRO partitions or the bf16 optimizer's fp32 buffers)."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else None
+
+
+def _reported_grad_norm(engine, own_norm: float | None) -> float:
+    """After `engine.step()`: DeepSpeed's global norm of this step where its optimizer computed one."""
     norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
+    if norm is not None:
+        return float(norm)
+    return own_norm if own_norm is not None else float("nan")
 
 
 def _write_json(path: Path, data: dict) -> None:

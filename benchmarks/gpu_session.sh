@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# A whole GPU session in one call: environment report, GPU tests, full-size benchmarks.
+#
+#   bash benchmarks/gpu_session.sh            # from the repository root; results also go to $OUT
+#
+# Steps, each under its own `timeout` so the whole stays under ~9 minutes:
+#   1. nvidia-smi and versions                                  -> $OUT/env.txt
+#   2. make minimind_fast importable (a kernels link if needed)  (wheels in .whl/ installed first;
+#      with the device tool, carry ".whl" so that Liger-Kernel gets installed)
+#   3. GPU tests: `pytest -m gpu tests/` + kernel tests at full size -> $OUT/gpu-tests.log
+#   4. benchmarks at full sizes                                  -> benchmarks/results/*.json, copied to $OUT
+# Knobs (environment): TEST_TIMEOUT (s, default 170), BENCH_TIMEOUT (s, default 330),
+# BENCH_ARGS (extra pytest args for the benchmarks, e.g. "-k kernels"), SKIP_TESTS=1, SKIP_BENCH=1.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out/gpu-session}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-170}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-330}"
+START=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+
+step "environment"
+{
+  nvidia-smi || echo "nvidia-smi not found"
+  "$PY" - <<'EOF'
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "triton", "transformers", "pytest", "pytest_benchmark", "liger_kernel", "flash_attn"):
+    try:
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "?"))
+    except Exception as exc:  # noqa: BLE001 - report whatever stops an import
+        print(name, "absent:", type(exc).__name__, exc)
+import torch
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+  git rev-parse HEAD 2>/dev/null && git status --short 2>/dev/null | head -50
+} 2>&1 | tee "$OUT/env.txt"
+
+step "install"
+SITE=/tmp/site
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --upgrade --no-index --no-deps --target "$SITE" .whl/*.whl && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! "$PY" -c "import minimind_fast.kernels" 2>/dev/null; then
+  # setup.py's package_dir maps kernels/ to minimind_fast.kernels. `pip install -e .` cannot run
+  # offline (setuptools' develop step fetches build deps), PYTHONPATH alone cannot do the mapping,
+  # and the checkout's own minimind_fast/ comes first on sys.path from the repository root: so link
+  # minimind_fast/kernels -> ../kernels in the checkout for this session; removed on exit.
+  echo "minimind_fast.kernels not importable: linking minimind_fast/kernels -> ../kernels for this session"
+  if [ ! -e minimind_fast/kernels ]; then
+    ln -s ../kernels minimind_fast/kernels && trap 'rm -f minimind_fast/kernels' EXIT
+  fi
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" -c "import importlib.util as u, minimind_fast.kernels as k, minimind_fast.model; \
+print('minimind_fast ok; triton ops:', sorted(k.triton_ops()), '; liger_kernel:', bool(u.find_spec('liger_kernel')))" \
+  2>&1 | tee -a "$OUT/env.txt"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  step "GPU tests (timeout ${TEST_TIMEOUT}s) -> $OUT/gpu-tests.log"
+  # The GPU-marked tests and the kernel tests (which run at full size on CUDA).
+  TEST_FILES=$( (ls tests/test_kernels*.py 2>/dev/null; grep -l "mark.gpu" tests/test_*.py 2>/dev/null) | sort -u | tr '\n' ' ')
+  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q --no-header -p no:cacheprovider --maxfail=20 \
+    -m "gpu or not slow" ${TEST_FILES:-tests/} >"$OUT/gpu-tests.log" 2>&1
+  echo "tests exit status: $?"
+  tail -n 25 "$OUT/gpu-tests.log"
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  step "benchmarks at full size (timeout ${BENCH_TIMEOUT}s)"
+  mkdir -p benchmarks/results
+  eval "EXTRA=(${BENCH_ARGS:-})"  # keeps quoted words, e.g. BENCH_ARGS='-k "moe or decode"'
+  # Results are rewritten after every case, so a timeout still leaves a valid (partial) file.
+  # Most telling first: kernels, MoE, training step, decode, then any other bench_*.py (data).
+  FILES=$(for f in kernels moe model decode; do echo benchmarks/bench_$f.py; done; ls benchmarks/bench_*.py)
+  FILES=$(echo "$FILES" | awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] && echo "$f"; done | tr '\n' ' ')
+  timeout -k 10 "$BENCH_TIMEOUT" "$PY" -m pytest $FILES -q --no-header -p no:cacheprovider --gpu-sizes \
+    --benchmark-columns=median,iqr,rounds --benchmark-sort=name "${EXTRA[@]}" >"$OUT/bench.log" 2>&1
+  echo "benchmarks exit status: $?"
+  grep -E "passed|failed|error|results \(" "$OUT/bench.log" | tail -n 5
+  grep -E "^(FAILED|ERROR)" "$OUT/bench.log" | head -n 20
+  newest=$(ls -t benchmarks/results/*.json 2>/dev/null | head -n 1)
+  if [ -n "$newest" ]; then
+    cp "$newest" "$OUT/"
+    "$PY" benchmarks/report.py --readme /nonexistent --png "$OUT/ratios.png" >"$OUT/report.md" 2>>"$OUT/bench.log"
+    head -c 6000 "$OUT/report.md"
+  fi
+fi
+step "done"

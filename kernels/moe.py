@@ -1,0 +1,626 @@
+"""MoE token dispatch in Triton: routing, a counting sort by expert, grouped GEMMs, weighted combine.
+
+Forward of `moe_experts`, for P = N * top_k (token, slot) pairs:
+
+1. Counting sort of the pairs by expert, with no host sync: a per-block histogram kernel, a prefix
+   sum over (block, expert) counts (tiny torch ops on the device) and a scatter kernel that writes each
+   pair's id at its stable position. Only the P pair ids move; activations are never copied into a
+   padded per-expert buffer.
+2. Grouped GEMM over all experts in one launch: program (m, n) finds its expert and row range from the
+   per-expert counts (the tile schedule is computed inside the kernel, so the grid is an upper bound
+   and no count ever travels to the host). The first GEMM gathers token rows straight into its tiles
+   and computes gate and up together, applying SwiGLU in the epilogue; the second (down) scales each
+   row by its routing weight and writes it at the pair's original (token, slot) position.
+3. The k slots of each token are summed in fp32 in a fixed order, so results are deterministic (no
+   atomics anywhere in the layer).
+
+Backward: one grouped GEMM gives dh = dOut[token] @ W_down[e] and, in its epilogue, the SwiGLU
+backward (recomputing silu from the saved pre-activations) and the routing-weight gradient
+dot(dOut[token], expert_out) = dot(dh_unweighted, h); a second gives dX; two per-expert kernels reduce
+the weight gradients over each expert's tokens in fp32. Empty experts get zero weight gradients.
+
+`moe_route` is a one-pass softmax + top-k (+ renormalisation when k > 1 and `norm_topk_prob`) kernel
+with its backward through the renormalisation and the softmax; `moe_route_with_counts` also returns the
+per-expert (optionally per-sequence) token counts the load-balancing loss needs, from the same pass.
+
+Autotuning is on for CUDA and off under Triton's interpreter (or with MINIMIND_AUTOTUNE=0); under the
+interpreter the matmul operands are upcast to fp32, the only precision it handles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import check_device, is_interpreter
+
+INTERPRET = is_interpreter()
+AUTOTUNE = not INTERPRET and os.environ.get("MINIMIND_AUTOTUNE", "1") != "0"
+SORT_BLOCK = 256
+ROUTE_ROWS = 16
+
+
+class _Fixed:
+    """Stands in for `triton.autotune` when tuning is off: launches with one fixed configuration."""
+
+    def __init__(self, fn, meta: dict):
+        self.fn, self.meta = fn, meta
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.fn[grid](*args, **kwargs, **self.meta)
+
+
+def _tuned(configs: list[triton.Config], fixed: dict, key: list[str], reset: list[str] | None = None):
+    def wrap(fn):
+        if AUTOTUNE:
+            return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(fn)
+        return _Fixed(fn, fixed)
+    return wrap
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Grouped GEMMs: M = rows of one expert, N = output columns, K = reduction.
+GEMM_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 32, 8, 4), _cfg(64, 256, 32, 8, 3),
+]
+# Weight-gradient kernels: N x K output tile per expert, looping over the expert's M rows.
+DW_CONFIGS = [
+    _cfg(64, 128, 128, 8, 3), _cfg(32, 128, 128, 8, 4), _cfg(64, 64, 128, 4, 3),
+    _cfg(64, 128, 64, 4, 4), _cfg(32, 64, 64, 4, 4),
+]
+FIXED = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32} if INTERPRET else {"BLOCK_M": 64, "BLOCK_N": 64,
+                                                                           "BLOCK_K": 64, "num_warps": 4}
+MIN_BLOCK_N = 32  # smallest BLOCK_N of any configuration: sizes the routing-weight partial sums
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _route_fwd(L, S, W, IDX, COUNTS, n_rows, n_exp, stride_l, group_size,
+               K: tl.constexpr, NORM: tl.constexpr, COUNT: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < n_rows
+    cmask = cols < n_exp
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(L + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.where(cmask[None, :], x, -float("inf"))
+    e = tl.exp(x - tl.max(x, axis=1)[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]
+    tl.store(S + rows[:, None] * n_exp + cols[None, :], p, mask=mask)
+
+    # top-k by k rounds of argmax, in descending order like torch.topk
+    kcols = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    top_i = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
+    work = tl.where(cmask[None, :], p, -1.0)
+    for j in tl.static_range(K):
+        best = tl.max(work, axis=1)
+        arg = tl.argmax(work, axis=1)
+        top_w = tl.where(kcols[None, :] == j, best[:, None], top_w)
+        top_i = tl.where(kcols[None, :] == j, arg[:, None], top_i)
+        work = tl.where(cols[None, :] == arg[:, None], -1.0, work)
+    if NORM:
+        top_w = top_w / (tl.sum(top_w, axis=1)[:, None] + 1e-20)
+    kmask = rmask[:, None] & (kcols[None, :] < K)
+    tl.store(W + rows[:, None] * K + kcols[None, :], top_w, mask=kmask)
+    tl.store(IDX + rows[:, None] * K + kcols[None, :], top_i.to(tl.int64), mask=kmask)
+    if COUNT:
+        # one-hot of the chosen experts, added to the row's group; integer atomics are exact
+        chosen = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.int32)
+        for j in tl.static_range(K):
+            sel = tl.sum(tl.where(kcols[None, :] == j, top_i, 0), axis=1)
+            chosen += (cols[None, :] == sel[:, None]).to(tl.int32)
+        group = rows // group_size
+        tl.atomic_add(COUNTS + group[:, None] * n_exp + cols[None, :], chosen, mask=mask)
+
+
+@triton.jit
+def _route_bwd(S, IDX, DW, DS, DL, n_rows, n_exp, stride_dl,
+               K: tl.constexpr, NORM: tl.constexpr, HAS_DS: tl.constexpr, HAS_DW: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (cols[None, :] < n_exp)
+    p = tl.load(S + rows[:, None] * n_exp + cols[None, :], mask=mask, other=0.0)
+    if HAS_DS:
+        dp = tl.load(DS + rows[:, None] * n_exp + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        dp = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
+    if HAS_DW:
+        if NORM:
+            # w_j = p_j / s with s = sum of the selected p (+1e-20): dL/dp_j = (dw_j - sum_i dw_i w_i) / s
+            s = tl.zeros((BLOCK_R,), dtype=tl.float32) + 1e-20
+            dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for j in tl.static_range(K):
+                idx = tl.load(IDX + rows * K + j, mask=rmask, other=0)
+                dw = tl.load(DW + rows * K + j, mask=rmask, other=0.0).to(tl.float32)
+                p_sel = tl.sum(tl.where(cols[None, :] == idx[:, None], p, 0.0), axis=1)
+                s += p_sel
+                dot += dw * p_sel
+            for j in tl.static_range(K):
+                idx = tl.load(IDX + rows * K + j, mask=rmask, other=0)
+                dw = tl.load(DW + rows * K + j, mask=rmask, other=0.0).to(tl.float32)
+                g = (dw - dot / s) / s
+                dp += tl.where(cols[None, :] == idx[:, None], g[:, None], 0.0)
+        else:
+            for j in tl.static_range(K):
+                idx = tl.load(IDX + rows * K + j, mask=rmask, other=0)
+                dw = tl.load(DW + rows * K + j, mask=rmask, other=0.0).to(tl.float32)
+                dp += tl.where(cols[None, :] == idx[:, None], dw[:, None], 0.0)
+    dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    tl.store(DL + rows[:, None] * stride_dl + cols[None, :], dl.to(DL.dtype.element_ty), mask=mask)
+
+
+class MoERouteFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, top_k, norm_topk_prob, group_size):
+        check_device(logits)
+        n_rows, n_exp = logits.shape
+        if not 1 <= top_k <= n_exp:
+            raise ValueError(f"moe_route: top_k={top_k} must be between 1 and the {n_exp} experts")
+        logits = logits.contiguous()
+        norm = bool(norm_topk_prob and top_k > 1)
+        scores = torch.empty(n_rows, n_exp, dtype=torch.float32, device=logits.device)
+        weight = torch.empty(n_rows, top_k, dtype=torch.float32, device=logits.device)
+        idx = torch.empty(n_rows, top_k, dtype=torch.int64, device=logits.device)
+        count = group_size is not None
+        n_groups = triton.cdiv(n_rows, group_size) if count else 1
+        counts = torch.zeros(n_groups, n_exp, dtype=torch.int32, device=logits.device)
+        if n_rows:
+            _route_fwd[(triton.cdiv(n_rows, ROUTE_ROWS),)](
+                logits, scores, weight, idx, counts, n_rows, n_exp, logits.stride(0), group_size or 1,
+                K=top_k, NORM=norm, COUNT=count, BLOCK_R=ROUTE_ROWS,
+                BLOCK_E=triton.next_power_of_2(n_exp), BLOCK_K=triton.next_power_of_2(top_k))
+        ctx.save_for_backward(scores, idx)
+        ctx.norm, ctx.logits_dtype = norm, logits.dtype
+        ctx.mark_non_differentiable(idx, counts)
+        return scores, weight, idx, counts
+
+    @staticmethod
+    def backward(ctx, d_scores, d_weight, _d_idx, _d_counts):
+        scores, idx = ctx.saved_tensors
+        n_rows, n_exp = scores.shape
+        dl = torch.empty(n_rows, n_exp, dtype=ctx.logits_dtype, device=scores.device)
+        has_ds, has_dw = d_scores is not None, d_weight is not None
+        if n_rows:
+            _route_bwd[(triton.cdiv(n_rows, ROUTE_ROWS),)](
+                scores, idx, d_weight.contiguous() if has_dw else scores,
+                d_scores.contiguous() if has_ds else scores, dl, n_rows, n_exp, dl.stride(0),
+                K=idx.shape[1], NORM=ctx.norm, HAS_DS=has_ds, HAS_DW=has_dw,
+                BLOCK_R=ROUTE_ROWS, BLOCK_E=triton.next_power_of_2(n_exp))
+        return dl, None, None, None
+
+
+def moe_route(
+    logits: torch.Tensor, top_k: int, norm_topk_prob: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton softmax router (same contract as `reference.moe_route`).
+
+    Returns (scores (N, E) fp32, topk_weight (N, k) fp32, topk_idx (N, k) int64); the weights are
+    renormalised only when k > 1 and `norm_topk_prob`, so a top-1 router still gets main-loss gradient.
+    """
+    scores, weight, idx, _ = MoERouteFunction.apply(logits, top_k, norm_topk_prob, None)
+    return scores, weight, idx
+
+
+def moe_route_with_counts(
+    logits: torch.Tensor, top_k: int, norm_topk_prob: bool, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_route` plus the tokens each expert receives, counted in the same pass.
+
+    counts is int32 (G, E): with `group_size` (e.g. the sequence length, for MiniMind's per-sequence
+    aux loss) row r is counted in group r // group_size; without it G = 1 and counts cover all rows.
+    """
+    return MoERouteFunction.apply(logits, top_k, norm_topk_prob, group_size or logits.shape[0] or 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counting sort of (token, slot) pairs by expert
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _expert_histogram(IDX, BLOCK_COUNTS, n_pairs, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0)
+    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    expert = tl.load(IDX + offs, mask=offs < n_pairs, other=-1)
+    cols = tl.arange(0, BLOCK_E)
+    onehot = (expert[:, None] == cols[None, :]).to(tl.int32)
+    tl.store(BLOCK_COUNTS + b * BLOCK_E + cols, tl.sum(onehot, axis=0))
+
+
+@triton.jit
+def _scatter_pairs(IDX, BLOCK_BASE, SORTED_PAIR, n_pairs, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    b = tl.program_id(0)
+    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_pairs
+    expert = tl.load(IDX + offs, mask=mask, other=-1)
+    cols = tl.arange(0, BLOCK_E)
+    onehot = (expert[:, None] == cols[None, :]).to(tl.int32)
+    rank = tl.cumsum(onehot, axis=0) - 1  # earlier pairs of this block with the same expert
+    base = tl.load(BLOCK_BASE + b * BLOCK_E + cols)  # first slot of this block's pairs, per expert
+    pos = tl.sum(onehot * (rank + base[None, :]), axis=1)
+    tl.store(SORTED_PAIR + pos, offs.to(tl.int32), mask=mask)
+
+
+def sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable counting sort of the flattened (token, slot) pairs by expert, without a host sync.
+
+    Returns (sorted_pair int32 (P,): pair ids grouped by expert, in pair order within each expert;
+    counts int32 (next_pow2(E),): pairs per expert, zero-padded). Expert ids must lie in [0, E).
+    """
+    flat = topk_idx.reshape(-1).contiguous()
+    n_pairs = flat.numel()
+    block_e = triton.next_power_of_2(n_experts)
+    n_blocks = max(1, triton.cdiv(n_pairs, SORT_BLOCK))
+    block_counts = torch.empty(n_blocks, block_e, dtype=torch.int32, device=flat.device)
+    _expert_histogram[(n_blocks,)](flat, block_counts, n_pairs, BLOCK=SORT_BLOCK, BLOCK_E=block_e)
+    counts = block_counts.sum(0, dtype=torch.int32)
+    expert_start = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    block_base = (expert_start + torch.cumsum(block_counts, 0, dtype=torch.int32) - block_counts).contiguous()
+    sorted_pair = torch.empty(n_pairs, dtype=torch.int32, device=flat.device)
+    _scatter_pairs[(n_blocks,)](flat, block_base, sorted_pair, n_pairs, BLOCK=SORT_BLOCK, BLOCK_E=block_e)
+    return sorted_pair, counts
+
+
+def moe_dispatch_stats(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert (int32 (E,)), from the dispatch's own histogram kernel."""
+    return sort_by_expert(topk_idx, n_experts)[1][:n_experts]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grouped GEMMs
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _expert_rows(e, COUNTS, BLOCK_E: tl.constexpr):
+    """First sorted row and row count of expert e."""
+    cols = tl.arange(0, BLOCK_E)
+    counts = tl.load(COUNTS + cols)
+    ends = tl.cumsum(counts, axis=0)
+    start = tl.sum(tl.where(cols == e, ends - counts, 0), axis=0)
+    n = tl.sum(tl.where(cols == e, counts, 0), axis=0)
+    return start, n
+
+
+@triton.jit
+def _tile_schedule(pid_m, COUNTS, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Map an M-tile id to (expert, first row, end row): experts' tiles are laid out back to back."""
+    cols = tl.arange(0, BLOCK_E)
+    counts = tl.load(COUNTS + cols)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    row_end = tl.cumsum(counts, axis=0)
+    e = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)  # experts whose tiles all come before
+    sel = cols == e
+    first_tile = tl.sum(tl.where(sel, tile_end - tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(sel, row_end - counts, 0), axis=0)
+    n_rows = tl.sum(tl.where(sel, counts, 0), axis=0)
+    return e, row_start + (pid_m - first_tile) * BLOCK_M, row_start + n_rows
+
+
+@triton.jit
+def _operand(t, FP32_DOT: tl.constexpr, DTYPE: tl.constexpr):
+    if FP32_DOT:
+        return t.to(tl.float32)
+    return t.to(DTYPE)
+
+
+@_tuned(GEMM_CONFIGS, FIXED, key=["n_cols", "k_dim"])
+@triton.jit
+def _gate_up_fwd(X, WG, WU, SORTED_PAIR, COUNTS, G, U, Hout, n_exp, top_k, n_cols, k_dim,
+                 PRECISION: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """g, u = X[token] @ W{gate,up}[e]^T, h = silu(g) * u, rows in expert-sorted order. n_cols = I, k_dim = H."""
+    e, m_start, m_end = _tile_schedule(tl.program_id(0), COUNTS, BLOCK_M, BLOCK_E)
+    if e >= n_exp:
+        return
+    rows = m_start + tl.arange(0, BLOCK_M)
+    rmask = rows < m_end
+    tok = (tl.load(SORTED_PAIR + rows, mask=rmask, other=0) // top_k).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    ks = tl.arange(0, BLOCK_K)
+    w_off = e.to(tl.int64) * n_cols * k_dim
+    a_ptr = X + tok[:, None] * k_dim + ks[None, :]
+    wg_ptr = WG + w_off + cols[None, :].to(tl.int64) * k_dim + ks[:, None]
+    wu_ptr = WU + w_off + cols[None, :].to(tl.int64) * k_dim + ks[:, None]
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dt = X.dtype.element_ty
+    for k0 in range(0, k_dim, BLOCK_K):
+        kmask = ks + k0 < k_dim
+        a = _operand(tl.load(a_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0), FP32_DOT, dt)
+        bg = _operand(tl.load(wg_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0), FP32_DOT, dt)
+        bu = _operand(tl.load(wu_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0), FP32_DOT, dt)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+        a_ptr += BLOCK_K
+        wg_ptr += BLOCK_K
+        wu_ptr += BLOCK_K
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    out = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    tl.store(G + out, acc_g.to(G.dtype.element_ty), mask=omask)
+    tl.store(U + out, acc_u.to(U.dtype.element_ty), mask=omask)
+    tl.store(Hout + out, h.to(Hout.dtype.element_ty), mask=omask)
+
+
+@_tuned(GEMM_CONFIGS, FIXED, key=["n_cols", "k_dim"])
+@triton.jit
+def _down_fwd(Hin, WD, SORTED_PAIR, COUNTS, TW, Y, n_exp, n_cols, k_dim,
+              PRECISION: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y[pair] = weight[pair] * h @ W_down[e]^T, written at the pair's own row. n_cols = H, k_dim = I."""
+    e, m_start, m_end = _tile_schedule(tl.program_id(0), COUNTS, BLOCK_M, BLOCK_E)
+    if e >= n_exp:
+        return
+    rows = m_start + tl.arange(0, BLOCK_M)
+    rmask = rows < m_end
+    pair = tl.load(SORTED_PAIR + rows, mask=rmask, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    ks = tl.arange(0, BLOCK_K)
+    a_ptr = Hin + rows[:, None].to(tl.int64) * k_dim + ks[None, :]
+    b_ptr = WD + e.to(tl.int64) * n_cols * k_dim + cols[None, :].to(tl.int64) * k_dim + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dt = Hin.dtype.element_ty
+    for k0 in range(0, k_dim, BLOCK_K):
+        kmask = ks + k0 < k_dim
+        a = _operand(tl.load(a_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0), FP32_DOT, dt)
+        b = _operand(tl.load(b_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0), FP32_DOT, dt)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptr += BLOCK_K
+        b_ptr += BLOCK_K
+    w = tl.load(TW + pair, mask=rmask, other=0.0)
+    tl.store(Y + pair[:, None] * n_cols + cols[None, :], acc * w[:, None], mask=rmask[:, None] & cmask[None, :])
+
+
+@_tuned(GEMM_CONFIGS, FIXED, key=["n_cols", "k_dim"], reset=["DW_PARTIAL"])
+@triton.jit
+def _down_bwd(DO, WD, SORTED_PAIR, COUNTS, TW, G, U, DG, DU, DW_PARTIAL, n_exp, top_k, n_pairs, n_cols, k_dim,
+              PRECISION: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dz = dOut[token] @ W_down[e] (z = unweighted h-gradient); epilogue: routing-weight gradient
+    partial sum(dz * h) and the SwiGLU backward dg, du of dh = weight * dz. n_cols = I, k_dim = H."""
+    e, m_start, m_end = _tile_schedule(tl.program_id(0), COUNTS, BLOCK_M, BLOCK_E)
+    if e >= n_exp:
+        return
+    rows = m_start + tl.arange(0, BLOCK_M)
+    rmask = rows < m_end
+    pair = tl.load(SORTED_PAIR + rows, mask=rmask, other=0).to(tl.int64)
+    tok = pair // top_k
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    ks = tl.arange(0, BLOCK_K)
+    a_ptr = DO + tok[:, None] * k_dim + ks[None, :]
+    b_ptr = WD + e.to(tl.int64) * n_cols * k_dim + ks[:, None].to(tl.int64) * n_cols + cols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dt = WD.dtype.element_ty
+    for k0 in range(0, k_dim, BLOCK_K):
+        kmask = ks + k0 < k_dim
+        a = _operand(tl.load(a_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0), FP32_DOT, dt)
+        b = _operand(tl.load(b_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0), FP32_DOT, dt)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptr += BLOCK_K
+        b_ptr += BLOCK_K * n_cols
+    out = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    g = tl.load(G + out, mask=omask, other=0.0).to(tl.float32)
+    u = tl.load(U + out, mask=omask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    silu = g * sig
+    tl.store(DW_PARTIAL + tl.program_id(1).to(tl.int64) * n_pairs + pair, tl.sum(acc * silu * u, axis=1),
+             mask=rmask)
+    dh = acc * tl.load(TW + pair, mask=rmask, other=0.0)[:, None]
+    tl.store(DU + out, (dh * silu).to(DU.dtype.element_ty), mask=omask)
+    tl.store(DG + out, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=omask)
+
+
+@_tuned(GEMM_CONFIGS, FIXED, key=["n_cols", "k_dim"])
+@triton.jit
+def _gate_up_bwd_dx(DG, DU, WG, WU, SORTED_PAIR, COUNTS, DXP, n_exp, n_cols, k_dim,
+                    PRECISION: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dX[pair] = dg @ W_gate[e] + du @ W_up[e], written at the pair's own row. n_cols = H, k_dim = I."""
+    e, m_start, m_end = _tile_schedule(tl.program_id(0), COUNTS, BLOCK_M, BLOCK_E)
+    if e >= n_exp:
+        return
+    rows = m_start + tl.arange(0, BLOCK_M)
+    rmask = rows < m_end
+    pair = tl.load(SORTED_PAIR + rows, mask=rmask, other=0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    ks = tl.arange(0, BLOCK_K)
+    row_off = rows[:, None].to(tl.int64) * k_dim + ks[None, :]
+    w_off = e.to(tl.int64) * n_cols * k_dim + ks[:, None].to(tl.int64) * n_cols + cols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dt = WG.dtype.element_ty
+    for k0 in range(0, k_dim, BLOCK_K):
+        kmask = ks + k0 < k_dim
+        amask = rmask[:, None] & kmask[None, :]
+        bmask = kmask[:, None] & cmask[None, :]
+        a = _operand(tl.load(DG + row_off, mask=amask, other=0.0), FP32_DOT, dt)
+        b = _operand(tl.load(WG + w_off, mask=bmask, other=0.0), FP32_DOT, dt)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a = _operand(tl.load(DU + row_off, mask=amask, other=0.0), FP32_DOT, dt)
+        b = _operand(tl.load(WU + w_off, mask=bmask, other=0.0), FP32_DOT, dt)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        row_off += BLOCK_K
+        w_off += BLOCK_K * n_cols
+    tl.store(DXP + pair[:, None] * n_cols + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+
+@_tuned(DW_CONFIGS, FIXED, key=["n_out", "k_out"])
+@triton.jit
+def _gate_up_bwd_dw(X, DG, DU, SORTED_PAIR, COUNTS, DWG, DWU, top_k, n_out, k_out,
+                    PRECISION: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dW{gate,up}[e] = d{g,u}_e^T @ X[tokens of e], reduced in fp32. n_out = I, k_out = H."""
+    e = tl.program_id(0)
+    row_start, n_rows = _expert_rows(e, COUNTS, BLOCK_E)
+    rs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cs = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask, cmask = rs < n_out, cs < k_out
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    dt = X.dtype.element_ty
+    for m0 in range(row_start, row_start + n_rows, BLOCK_M):
+        ms = m0 + tl.arange(0, BLOCK_M)
+        mmask = ms < row_start + n_rows
+        tok = (tl.load(SORTED_PAIR + ms, mask=mmask, other=0) // top_k).to(tl.int64)
+        x = _operand(tl.load(X + tok[:, None] * k_out + cs[None, :], mask=mmask[:, None] & cmask[None, :],
+                             other=0.0), FP32_DOT, dt)
+        d_off = ms[:, None].to(tl.int64) * n_out + rs[None, :]
+        dmask = mmask[:, None] & rmask[None, :]
+        dg = _operand(tl.load(DG + d_off, mask=dmask, other=0.0), FP32_DOT, dt)
+        du = _operand(tl.load(DU + d_off, mask=dmask, other=0.0), FP32_DOT, dt)
+        acc_g = tl.dot(tl.trans(dg), x, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(tl.trans(du), x, acc_u, input_precision=PRECISION)
+    out = e.to(tl.int64) * n_out * k_out + rs[:, None].to(tl.int64) * k_out + cs[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    tl.store(DWG + out, acc_g.to(DWG.dtype.element_ty), mask=omask)
+    tl.store(DWU + out, acc_u.to(DWU.dtype.element_ty), mask=omask)
+
+
+@_tuned(DW_CONFIGS, FIXED, key=["n_out", "k_out"])
+@triton.jit
+def _down_bwd_dw(DO, TW, G, U, SORTED_PAIR, COUNTS, DWD, top_k, n_out, k_out,
+                 PRECISION: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dW_down[e] = (weight * dOut[token])_e^T @ h_e, h recomputed from g, u. n_out = H, k_out = I."""
+    e = tl.program_id(0)
+    row_start, n_rows = _expert_rows(e, COUNTS, BLOCK_E)
+    rs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cs = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask, cmask = rs < n_out, cs < k_out
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    dt = DO.dtype.element_ty
+    for m0 in range(row_start, row_start + n_rows, BLOCK_M):
+        ms = m0 + tl.arange(0, BLOCK_M)
+        mmask = ms < row_start + n_rows
+        pair = tl.load(SORTED_PAIR + ms, mask=mmask, other=0).to(tl.int64)
+        w = tl.load(TW + pair, mask=mmask, other=0.0)
+        dy = tl.load(DO + (pair // top_k)[:, None] * n_out + rs[None, :], mask=mmask[:, None] & rmask[None, :],
+                     other=0.0).to(tl.float32) * w[:, None]
+        h_off = ms[:, None].to(tl.int64) * k_out + cs[None, :]
+        hmask = mmask[:, None] & cmask[None, :]
+        g = tl.load(G + h_off, mask=hmask, other=0.0).to(tl.float32)
+        u = tl.load(U + h_off, mask=hmask, other=0.0).to(tl.float32)
+        h = g / (1.0 + tl.exp(-g)) * u
+        acc = tl.dot(tl.trans(_operand(dy, FP32_DOT, dt)), _operand(h, FP32_DOT, dt), acc,
+                     input_precision=PRECISION)
+    out = e.to(tl.int64) * n_out * k_out + rs[:, None].to(tl.int64) * k_out + cs[None, :]
+    tl.store(DWD + out, acc.to(DWD.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def _gemm_grid(n_pairs: int, n_exp: int, n_cols: int):
+    # an upper bound on the M tiles (each expert wastes at most one partial tile); extras exit at once
+    return lambda meta: (triton.cdiv(n_pairs, meta["BLOCK_M"]) + n_exp, triton.cdiv(n_cols, meta["BLOCK_N"]))
+
+
+def _dw_grid(n_exp: int, n_out: int, k_out: int):
+    return lambda meta: (n_exp, triton.cdiv(n_out, meta["BLOCK_N"]), triton.cdiv(k_out, meta["BLOCK_K"]))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # match torch: fp32 matmuls use TF32 only when the user allowed it
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+class MoEExpertsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_idx, topk_weight, w_gate, w_up, w_down):
+        check_device(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+        n_tokens, hidden = x.shape
+        n_exp, inter, _ = w_gate.shape
+        top_k = topk_idx.shape[1]
+        n_pairs = n_tokens * top_k
+        x, w_gate, w_up, w_down = x.contiguous(), w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+        sorted_pair, counts = sort_by_expert(topk_idx, n_exp)
+        tw = topk_weight.reshape(-1).float().contiguous()
+        g = torch.empty(n_pairs, inter, dtype=x.dtype, device=x.device)
+        u, h = torch.empty_like(g), torch.empty_like(g)
+        y = torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device)
+        common = dict(PRECISION=_precision(x.dtype), FP32_DOT=INTERPRET, BLOCK_E=counts.numel())
+        if n_pairs:
+            _gate_up_fwd[_gemm_grid(n_pairs, n_exp, inter)](
+                x, w_gate, w_up, sorted_pair, counts, g, u, h, n_exp, top_k, inter, hidden, **common)
+            _down_fwd[_gemm_grid(n_pairs, n_exp, hidden)](
+                h, w_down, sorted_pair, counts, tw, y, n_exp, hidden, inter, **common)
+        ctx.save_for_backward(x, tw, w_gate, w_up, w_down, sorted_pair, counts, g, u)
+        ctx.top_k, ctx.weight_shape, ctx.weight_dtype = top_k, topk_weight.shape, topk_weight.dtype
+        return y.view(n_tokens, top_k, hidden).sum(1).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, tw, w_gate, w_up, w_down, sorted_pair, counts, g, u = ctx.saved_tensors
+        n_tokens, hidden = x.shape
+        n_exp, inter, _ = w_gate.shape
+        n_pairs, top_k = tw.numel(), ctx.top_k
+        d_out = d_out.to(x.dtype).contiguous()
+        common = dict(PRECISION=_precision(x.dtype), FP32_DOT=INTERPRET, BLOCK_E=counts.numel())
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        dw_partial = torch.zeros(triton.cdiv(inter, MIN_BLOCK_N), n_pairs, dtype=torch.float32, device=x.device)
+        dxp = torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device)
+        dwg, dwu, dwd = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
+        if n_pairs:
+            _down_bwd[_gemm_grid(n_pairs, n_exp, inter)](
+                d_out, w_down, sorted_pair, counts, tw, g, u, dg, du, dw_partial,
+                n_exp, top_k, n_pairs, inter, hidden, **common)
+            _gate_up_bwd_dx[_gemm_grid(n_pairs, n_exp, hidden)](
+                dg, du, w_gate, w_up, sorted_pair, counts, dxp, n_exp, hidden, inter, **common)
+        if n_exp:
+            _gate_up_bwd_dw[_dw_grid(n_exp, inter, hidden)](
+                x, dg, du, sorted_pair, counts, dwg, dwu, top_k, inter, hidden, **common)
+            _down_bwd_dw[_dw_grid(n_exp, hidden, inter)](
+                d_out, tw, g, u, sorted_pair, counts, dwd, top_k, hidden, inter, **common)
+        dx = dxp.view(n_tokens, top_k, hidden).sum(1).to(x.dtype)
+        d_weight = dw_partial.sum(0).view(ctx.weight_shape).to(ctx.weight_dtype)
+        return dx, None, d_weight, dwg, dwu, dwd
+
+
+def moe_experts(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> torch.Tensor:
+    """Dropless SwiGLU experts over routed tokens (same contract as `reference.moe_experts`).
+
+    x (N, H); topk_idx, topk_weight (N, k); w_gate, w_up (E, I, H); w_down (E, H, I). Gradients flow to
+    x, topk_weight and the three weights. Under autocast the matmuls run in the autocast dtype.
+    """
+    if x.dim() != 2 or topk_idx.shape != topk_weight.shape or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_experts: x {tuple(x.shape)}, topk_idx {tuple(topk_idx.shape)} and "
+                         f"topk_weight {tuple(topk_weight.shape)} do not match (N, H), (N, k), (N, k)")
+    n_exp, inter, hidden = w_gate.shape
+    if x.shape[1] != hidden or w_up.shape != w_gate.shape or w_down.shape != (n_exp, hidden, inter):
+        raise ValueError(f"moe_experts: w_gate {tuple(w_gate.shape)}, w_up {tuple(w_up.shape)}, w_down "
+                         f"{tuple(w_down.shape)} do not fit hidden {x.shape[1]} as (E, I, H), (E, I, H), (E, H, I)")
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
+    return MoEExpertsFunction.apply(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+
+
+class TritonMoEExperts(torch.nn.Module):
+    def forward(self, x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
+        return moe_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down)

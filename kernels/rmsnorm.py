@@ -1,0 +1,159 @@
+"""Fused RMSNorm and residual-add + RMSNorm: forward and backward Triton kernels.
+
+Forward: one pass over each row in fp32: `y = x * rstd * w` with `rstd = 1/sqrt(mean(x^2) + eps)`,
+saved (fp32, one per row) for backward. The fused variant first forms `h = x + residual`, writes it
+(the new residual stream) and normalises it, so the decoder reads each activation once.
+Backward: `dx = rstd * (w*dy - x_hat * mean(x_hat * w*dy))`; the weight gradient `sum_rows(dy * x_hat)`
+is reduced without atomics: each program accumulates its rows in fp32 registers and writes one
+partial row, and one small sum over programs finishes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import check_device, num_programs, row_block, rows_per_tile
+
+
+@triton.jit
+def _rmsnorm_fwd(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, n_rows, n_cols, eps,
+                 HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # A tile of ROWS whole rows per program: one row per program for wide rows, several for narrow
+    # ones (hidden 512) so that each program still moves enough bytes.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], x.to(H.dtype.element_ty), mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rmsnorm_bwd(DY, X, W, RSTD, DX, DH, DW_PARTIAL, stride_dy, stride_x, stride_dx, stride_dh,
+                 n_rows, n_cols, rows_per_prog, HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # Each program walks its own span of rows, ROWS at a time, keeping its share of the weight
+    # gradient in fp32 registers; it writes one partial row, summed over programs afterwards.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    first = pid.to(tl.int64) * rows_per_prog
+    last = tl.minimum(first + rows_per_prog, n_rows)
+    for start in range(first, last, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        row_mask = rows < last
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        x_hat = x * rstd[:, None]
+        wdy = w[None, :] * dy
+        dx = rstd[:, None] * (wdy - x_hat * (tl.sum(x_hat * wdy, axis=1) / n_cols)[:, None])
+        if HAS_DH:
+            dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * x_hat, axis=0)
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(x, residual, weight, eps):
+    check_device(x, weight)
+    weight = weight.contiguous()
+    shape = x.shape
+    x2 = _as_rows(x)
+    r2 = _as_rows(residual) if residual is not None else x2
+    n_rows, n_cols = x2.shape
+    block, warps = row_block(n_cols)
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(y) if residual is not None else y
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows:
+        tile = rows_per_tile(n_rows, block)
+        _rmsnorm_fwd[(triton.cdiv(n_rows, tile),)](
+            x2, r2, weight, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n_rows, n_cols, eps,
+            HAS_RESIDUAL=residual is not None, ROWS=tile, BLOCK=block, num_warps=warps)
+    return y.view(shape), (h.view(shape) if residual is not None else None), rstd, (h if residual is not None
+                                                                                    else x2)
+
+
+def _backward(dy, normed_input, weight, rstd, dh):
+    shape = dy.shape
+    weight = weight.contiguous()
+    dy2 = _as_rows(dy)
+    dh2 = _as_rows(dh) if dh is not None else dy2
+    n_rows, n_cols = dy2.shape
+    block, warps = row_block(n_cols)
+    programs = num_programs(n_rows)
+    rows_per_prog = triton.cdiv(n_rows, programs) if n_rows else 0
+    dx = torch.empty((n_rows, n_cols), dtype=dy.dtype, device=dy.device)
+    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=dy.device)  # every program writes its row
+    if n_rows:
+        _rmsnorm_bwd[(programs,)](dy2, normed_input, weight, rstd, dx, dh2, partial, dy2.stride(0),
+                                  normed_input.stride(0), dx.stride(0), dh2.stride(0), n_rows, n_cols,
+                                  rows_per_prog, HAS_DH=dh is not None, ROWS=rows_per_tile(rows_per_prog, block),
+                                  BLOCK=block, num_warps=warps)
+    return dx.view(shape), partial.sum(0).to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, _, rstd, rows = _forward(x, None, weight, eps)
+        ctx.save_for_backward(rows, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        rows, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(dy, rows, weight, rstd, None)
+        return dx, dw, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        y, h, rstd, rows = _forward(x, residual, weight, eps)
+        ctx.save_for_backward(rows, weight, rstd)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        rows, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(dy, rows, weight, rstd, dh)
+        return dx, dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton RMSNorm over the last dim (same contract as `reference.rms_norm`)."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton residual add + RMSNorm: (normed, x + residual), as `reference.add_rms_norm`."""
+    return AddRMSNormFunction.apply(x, residual, weight, eps)
+
+
+class TritonRMSNorm(torch.nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)

@@ -1,0 +1,116 @@
+"""Chat with a model: interactively, one prompt, or a JSONL file of prompts.
+
+    python launch/chat.py --model RUN_DIR_OR_HF_DIR_OR_PTH [--lora DIR]           interactive (/reset, /exit)
+    python launch/chat.py --model DIR --prompt "What colour is the cat?"          one answer, then exit
+    python launch/chat.py --model DIR --batch in.jsonl --output out.jsonl         a file of prompts
+    python launch/chat.py --model DIR --mode pretrain --prompt "The cat"          continue raw text
+
+--batch lines are {"prompt": "..."} or {"conversations": [{"role": ..., "content": ...}, ...]}; each output
+line is the input record plus "response". A .pth file needs --tokenizer (MiniMind's tokenizer dir).
+"""
+
+import argparse
+import sys
+
+import torch
+
+from minimind_fast.chat import (
+    ChatSession,
+    TextStream,
+    answer_file,
+    encode_prompt,
+    find_tokenizer,
+    load_chat_model,
+)
+from minimind_fast.generation import GenerationConfig, stream_generate
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model dir, run dir, Hugging Face export or MiniMind .pth")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the one beside the weights)")
+    p.add_argument("--lora", help="LoRA adapter directory to apply")
+    p.add_argument("--prompt", help="answer this once and exit")
+    p.add_argument("--batch", help="JSONL file of prompts to answer")
+    p.add_argument("--output", help="JSONL answers for --batch")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--mode", choices=("chat", "pretrain"), default="chat",
+                   help="pretrain: continue raw text, without the chat template")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.85)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
+    return p.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
+    if a.batch and not a.output:
+        sys.exit("error: --batch needs --output")
+    if a.seed is not None:
+        torch.manual_seed(a.seed)
+    try:
+        tokenizer = find_tokenizer(a.model, a.tokenizer)
+        model = load_chat_model(a.model, a.device, a.dtype, a.lora)
+        config = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                  top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                                  stop_token_ids=[tokenizer.eos_token_id], stop_strings=a.stop, seed=a.seed)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    graph = not a.no_cuda_graph
+    if a.batch:
+        try:
+            n = answer_file(model, tokenizer, config, a.batch, a.output, a.batch_size, a.mode, cuda_graph=graph)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        print(f"answered {n} prompts -> {a.output}")
+    elif a.mode == "pretrain":
+        ids = encode_prompt(tokenizer, {"prompt": a.prompt or ""}, "pretrain")
+        print(a.prompt or "", end="", flush=True)
+        stream = TextStream(tokenizer, config.stop_strings)
+        for tok in stream_generate(model, ids, config, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                                   cuda_graph=graph):
+            if tok == tokenizer.eos_token_id:
+                break
+            print(stream.push(tok), end="", flush=True)
+        print(stream.finish())
+    else:
+        session = ChatSession(model, tokenizer, config, system=a.system, cuda_graph=graph)
+        if a.prompt is not None:
+            for piece in session.stream_reply(a.prompt):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            interactive(session)
+
+
+def interactive(session: ChatSession) -> None:
+    print("Chat (/reset clears the history, /exit quits)")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text == "/exit":
+            return
+        if text == "/reset":
+            session.reset()
+            print("(history cleared)")
+            continue
+        if text:
+            print("model> ", end="", flush=True)
+            for piece in session.stream_reply(text):
+                print(piece, end="", flush=True)
+            print()
+
+
+if __name__ == "__main__":
+    main()

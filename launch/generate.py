@@ -1,0 +1,57 @@
+"""Continue a prompt with a model, or with a randomly initialised preset (a smoke test of generation).
+
+    python launch/generate.py --preset tiny --prompt "Hello" --max-new-tokens 16
+    python launch/generate.py --model RUN_DIR --prompt "The cat" --temperature 0
+
+With --preset there are no trained weights and no tokenizer: the prompt's UTF-8 bytes are the token ids
+and the continuation is printed as ids. With --model the tokenizer beside the weights is used.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+from minimind_fast import MiniMindForCausalLM, get_preset
+from minimind_fast.chat import find_tokenizer, load_chat_model, pick_device
+from minimind_fast.generation import GenerationConfig, generate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="randomly initialised model of this preset")
+    src.add_argument("--model", help="model dir, run dir, Hugging Face export or MiniMind .pth")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the one beside the weights)")
+    p.add_argument("--prompt", default="Hello")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    config = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                              top_p=a.top_p, stop_token_ids=[], seed=a.seed)
+    try:
+        if a.preset:
+            model = MiniMindForCausalLM(get_preset(a.preset)).to(pick_device(a.device)).eval()
+            tokenizer, ids = None, [b % model.config.vocab_size for b in a.prompt.encode()]
+        else:
+            tokenizer = find_tokenizer(a.model, a.tokenizer)
+            model = load_chat_model(a.model, a.device)
+            config.stop_token_ids = [tokenizer.eos_token_id]
+            ids = [tokenizer.bos_token_id, *tokenizer.encode(a.prompt)]
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    start = time.perf_counter()
+    new = generate(model, [ids], config)[0]
+    seconds = time.perf_counter() - start
+    print(a.prompt + tokenizer.decode(new) if tokenizer else f"prompt ids {ids}\nnew ids {new}")
+    print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

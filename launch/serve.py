@@ -1,0 +1,48 @@
+"""Serve a model over an OpenAI-compatible API (chat completions, streaming and not; model list).
+
+    python launch/serve.py --model RUN_DIR_OR_HF_DIR_OR_PTH [--host 127.0.0.1] [--port 8000]
+
+Then, e.g.: openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x").chat.completions.create(
+model=NAME, messages=[{"role": "user", "content": "Hi"}], stream=True). Concurrent requests are decoded
+together (continuous batching over --max-batch rows); at most --max-queue wait, further ones get 503.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from minimind_fast.chat import find_tokenizer, load_chat_model
+from minimind_fast.serving.app import serve
+from minimind_fast.serving.engine import Engine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model dir, run dir, Hugging Face export or MiniMind .pth")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the one beside the weights)")
+    p.add_argument("--lora", help="LoRA adapter directory to apply")
+    p.add_argument("--name", help="model id clients must send (default: the model path's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-len", type=int, default=4096, help="context per sequence (capped by the model's)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    p.add_argument("--default-max-tokens", type=int, default=512, help="when a request gives no max_tokens")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
+    a = p.parse_args()
+    try:
+        tokenizer = find_tokenizer(a.model, a.tokenizer)
+        model = load_chat_model(a.model, a.device, a.dtype, a.lora)
+        engine = Engine(model, tokenizer, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
+                        cuda_graph=not a.no_cuda_graph).start()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    name = a.name or Path(a.model).resolve().name
+    print(f"serving {name!r} on http://{a.host}:{a.port}/v1 (max batch {a.max_batch}, context {engine.max_len})")
+    serve(engine, name, a.host, a.port, a.default_max_tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Chat over a model: loading, the chat template, history trimmed to the context, streamed text.
+
+Shared by `launch/chat.py` and the server. `TextStream` turns tokens into text deltas as they arrive:
+it holds back an incomplete UTF-8 character and any tail that may still grow into a stop string, so the
+streamed text never shows half a character or part of a stop string.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from minimind_fast.checkpoint import is_hf_dir, load_model, resolve_model_dir
+from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
+from minimind_fast.generation import GenerationConfig, generate, stream_generate
+
+
+def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ChatTokenizer:
+    """The tokenizer given, or the one stored beside the weights (model, run or HF dir, or a .pth's folder)."""
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    p = Path(model_path)
+    candidates = [p] if p.is_dir() else [p.parent]
+    if p.is_dir() and not is_hf_dir(p):
+        try:
+            candidates.append(resolve_model_dir(p))
+        except FileNotFoundError:
+            pass
+    for c in candidates:
+        if (c / "tokenizer.json").exists():
+            return load_tokenizer(c)
+    raise FileNotFoundError(f"{model_path}: no tokenizer.json beside the weights; pass --tokenizer DIR")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_chat_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
+                    lora: str | os.PathLike | None = None):
+    """Our model/run dir, a Hugging Face export or a MiniMind2 .pth, optionally with a LoRA adapter, for inference."""
+    dev = pick_device(device)
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    model = load_model(path)
+    if lora:
+        try:
+            from minimind_fast.lora import load_lora, merge_lora
+        except ImportError:
+            raise ValueError("--lora: LoRA adapters are not supported yet (minimind_fast.lora is missing)") from None
+        merge_lora(load_lora(model, lora))  # merged: inference runs at the base model's speed
+    return model.to(device=dev, dtype=torch_dtype).eval()
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings: `push(token)` -> new text, `finish()` -> the rest."""
+
+    def __init__(self, tokenizer: ChatTokenizer, stop_strings: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in (stop_strings or []) if s]
+        self.tokens: list[int] = []
+        self.shown = 0  # characters of the text already handed out
+        self.stopped = False
+
+    def text(self) -> str:
+        """The whole text so far, cut before the first stop string."""
+        text = self.tokenizer.decode(self.tokens)
+        cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return text[:cut]
+        return text
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        text = self.text()
+        if self.stopped:
+            return self._emit(text)
+        safe = len(text)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+            safe = len(text.rstrip("\ufffd"))
+        # A tail that starts a stop string may still become one: hold it back.
+        head = text[:safe]
+        hold = max((k for s in self.stop_strings for k in range(1, len(s)) if head.endswith(s[:k])), default=0)
+        return self._emit(text[:max(safe - hold, self.shown)])
+
+    def finish(self) -> str:
+        return self._emit(self.text())
+
+    def _emit(self, text: str) -> str:
+        new = text[self.shown:]
+        self.shown = max(self.shown, len(text))
+        return new
+
+
+def chat_prompt(tokenizer: ChatTokenizer, messages: list[dict]) -> list[int]:
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+class ChatSession:
+    """Multi-turn chat: keeps the history, renders it with the template, drops the oldest turns to fit."""
+
+    def __init__(self, model, tokenizer: ChatTokenizer, config: GenerationConfig, system: str | None = None,
+                 cuda_graph: bool = False):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.system = system
+        self.cuda_graph = cuda_graph
+        self.history: list[dict] = []
+        if tokenizer.eos_token_id not in config.stop_token_ids:
+            config.stop_token_ids = [*config.stop_token_ids, tokenizer.eos_token_id]
+
+    def reset(self) -> None:
+        self.history = []
+
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """Ids of the template over (system,) history and `user_text`; whole old turns go first, then the
+        oldest tokens of the last message if it alone is too long."""
+        budget = self.model.config.max_position_embeddings - self.config.max_new_tokens
+        if budget < 1:
+            raise ValueError(f"max_new_tokens {self.config.max_new_tokens} leaves no room in the context "
+                             f"({self.model.config.max_position_embeddings})")
+        turns = [*self.history, {"role": "user", "content": user_text}]
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        while True:
+            ids = chat_prompt(self.tokenizer, system + turns)
+            if len(ids) <= budget or len(turns) == 1:
+                self.history = turns[:-1]
+                return ids[-budget:]
+            turns = turns[2:]  # the oldest user/assistant pair
+
+    def stream_reply(self, user_text: str) -> Iterator[str]:
+        """Yield pieces of the reply as they are generated; the turn joins the history at the end."""
+        stream = TextStream(self.tokenizer, self.config.stop_strings)
+        stops = set(self.config.stop_token_ids)
+        for tok in stream_generate(self.model, self.prompt_ids(user_text), self.config,
+                                   pad_id=self.tokenizer.pad_token_id, tokenizer=self.tokenizer,
+                                   cuda_graph=self.cuda_graph):
+            if tok in stops:
+                break
+            piece = stream.push(tok)
+            if piece:
+                yield piece
+        rest = stream.finish()
+        if rest:
+            yield rest
+        self.history += [{"role": "user", "content": user_text},
+                         {"role": "assistant", "content": stream.text()}]
+
+
+def encode_prompt(tokenizer: ChatTokenizer, record: dict, mode: str) -> list[int]:
+    """Prompt ids of a JSONL record: raw text after bos (`pretrain`) or the chat template (`chat`)."""
+    if mode == "pretrain":
+        return [tokenizer.bos_token_id, *tokenizer.encode(record.get("prompt", ""))]
+    messages = record.get("conversations") or [{"role": "user", "content": record["prompt"]}]
+    return chat_prompt(tokenizer, messages)
+
+
+def read_prompts(path: str | os.PathLike) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str)
+                                                 or isinstance(rec.get("conversations"), list)):
+                raise ValueError(f"{path}:{lineno}: needs a 'prompt' string or a 'conversations' list")
+            records.append(rec)
+    return records
+
+
+def answer_file(model, tokenizer: ChatTokenizer, config: GenerationConfig, in_path: str | os.PathLike,
+                out_path: str | os.PathLike, batch_size: int = 16, mode: str = "chat",
+                cuda_graph: bool = False) -> int:
+    """Answer every prompt of a JSONL file in batches; each output line is the record plus `response`.
+
+    The output appears only when complete (written to a temporary file, then renamed).
+    """
+    records = read_prompts(in_path)
+    config.stop_token_ids = sorted({*config.stop_token_ids, tokenizer.eos_token_id})
+    budget = model.config.max_position_embeddings - config.max_new_tokens
+    tmp = f"{out_path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for start in range(0, len(records), batch_size):
+                chunk = records[start:start + batch_size]
+                prompts = [encode_prompt(tokenizer, rec, mode)[-budget:] for rec in chunk]
+                answers = generate(model, prompts, config, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                                   cuda_graph=cuda_graph)
+                for rec, ids in zip(chunk, answers):
+                    stream = TextStream(tokenizer, config.stop_strings)
+                    stream.tokens = ids
+                    out.write(json.dumps({**rec, "response": stream.text()}, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return len(records)

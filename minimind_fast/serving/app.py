@@ -1,0 +1,184 @@
+"""The OpenAI-compatible HTTP API: `/v1/chat/completions` (plain and server-sent events) and `/v1/models`.
+
+Errors come back as `{"error": {"message": ...}}`: 400 for bad JSON, bad fields, an unknown model or
+more tokens than the context holds; 503 when the engine's queue is full.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minimind_fast.chat import TextStream, chat_prompt
+from minimind_fast.generation import GenerationConfig
+from minimind_fast.serving import schemas
+from minimind_fast.serving.engine import Engine, Handle, QueueFull
+
+
+def create_app(engine: Engine, model_name: str, default_max_tokens: int = 512) -> FastAPI:
+    """The API over a started `engine`; `model_name` is the only model id it accepts."""
+    app = FastAPI(title="minimind_fast", docs_url=None, redoc_url=None)
+    tokenizer = engine.tokenizer
+    created = int(time.time())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(schemas.error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(schemas.error_body(str(exc)), status_code=400)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "minimind_fast"}]}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "waiting": engine.queue_length}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await parse_body(request)
+        if body.model != model_name:
+            raise HTTPException(400, f"unknown model {body.model!r}; this server serves {model_name!r}")
+        prompt = chat_prompt(tokenizer, [m.model_dump() for m in body.messages])
+        room = engine.max_len - len(prompt)
+        limit = body.token_limit
+        if room < 1:
+            raise HTTPException(400, f"the messages take {len(prompt)} tokens, the context holds {engine.max_len}")
+        if limit is not None and limit > room:
+            raise HTTPException(400, f"max_tokens {limit} + {len(prompt)} prompt tokens exceeds the context "
+                                     f"length {engine.max_len}")
+        config = GenerationConfig(
+            max_new_tokens=limit or min(default_max_tokens, room), temperature=body.temperature,
+            top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+            stop_token_ids=[tokenizer.eos_token_id], stop_strings=body.stop_strings, seed=body.seed)
+        try:
+            handle = engine.submit(prompt, config)
+        except QueueFull as e:
+            raise HTTPException(503, str(e)) from None
+        cid = schemas.completion_id()
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(engine, handle, cid, model_name, len(prompt), include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            text, finish, n_tokens = await collect(engine, handle)
+        finally:
+            engine.cancel(handle)  # a no-op when it finished; stops the work if this request was abandoned
+        return schemas.completion(cid, model_name, text, finish, len(prompt), n_tokens)
+
+    return app
+
+
+async def parse_body(request: Request) -> schemas.ChatCompletionRequest:
+    try:
+        data = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HTTPException(400, f"request body is not valid JSON: {e}") from None
+    try:
+        return schemas.ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+                             for err in e.errors())
+        raise HTTPException(400, f"invalid request: {problems}") from None
+
+
+async def tokens(handle: Handle) -> AsyncIterator[tuple[int, str | None]]:
+    """(token, finish) pairs of a request until it finishes; the engine's errors are raised here."""
+    while True:
+        item = await handle.events.get()
+        if item is None:
+            return
+        if isinstance(item, Exception):
+            raise HTTPException(500, f"generation failed: {item}")
+        yield item.token, item.finish
+
+
+async def collect(engine: Engine, handle: Handle) -> tuple[str, str, int]:
+    """The whole reply text, its finish reason and its token count."""
+    stream = TextStream(engine.tokenizer, handle.config.stop_strings)
+    finish, count = "length", 0
+    async for tok, fin in tokens(handle):
+        count += 1
+        if tok not in handle.config.stop_token_ids:
+            stream.push(tok)
+        finish = fin or finish
+    return stream.text(), finish, count
+
+
+async def sse(engine: Engine, handle: Handle, cid: str, model: str, prompt_tokens: int,
+              include_usage: bool) -> AsyncIterator[str]:
+    def event(data: dict) -> str:
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    stream = TextStream(engine.tokenizer, handle.config.stop_strings)
+    finish, count = "length", 0
+    try:
+        yield event(schemas.chunk(cid, model, {"role": "assistant", "content": ""}))
+        try:
+            async for tok, fin in tokens(handle):
+                count += 1
+                piece = "" if tok in handle.config.stop_token_ids else stream.push(tok)
+                if fin:
+                    finish = fin
+                    piece += stream.finish()
+                if piece:
+                    yield event(schemas.chunk(cid, model, {"content": piece}))
+        except HTTPException as e:  # headers are gone: report the failure in the stream
+            yield event(schemas.error_body(str(e.detail), "server_error"))
+            return
+        yield event(schemas.chunk(cid, model, {}, finish))
+        if include_usage:
+            yield event(schemas.chunk(cid, model, {}, usage_=schemas.usage(prompt_tokens, count)))
+        yield "data: [DONE]\n\n"
+    finally:
+        engine.cancel(handle)  # the client went away mid-stream: free its row
+
+
+class ServerThread:
+    """uvicorn serving `app` from a background thread (tests, notebooks); `stop()` shuts it down."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def start(self, timeout: float = 20.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+          default_max_tokens: int = 512) -> None:
+    """Run the API in the foreground until interrupted, then stop the engine."""
+    app = create_app(engine, model_name, default_max_tokens)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        engine.stop()

@@ -1,0 +1,246 @@
+"""The benchmark suite's bookkeeping on synthetic results: ratios, report rendering, regression check."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+# The suite's tools are scripts in benchmarks/ (not a package) that import their `common.py`.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import common  # noqa: E402
+import compare  # noqa: E402
+import report  # noqa: E402
+
+
+def case(group, impl, median, p20=None, p80=None, mem=None, suite="kernels", **extra):
+    return {"suite": suite, "group": group, "name": f"{group} [{impl}]", "impl": impl,
+            "median_ms": median, "p20_ms": median * 0.95 if p20 is None else p20,
+            "p80_ms": median * 1.05 if p80 is None else p80, "peak_mem_MB": mem, **extra}
+
+
+def run(device, date, cases, **meta):
+    return {"schema": 1, "device": device, "date": date, "torch": "2.x", "triton": "3.x", "cuda": None,
+            "commit": "abc123", "hardware": {"copy_GBps": 100.0, "bf16_tflops": 10.0}, "cases": cases, **meta}
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+# --- ratios ----------------------------------------------------------------------------------------
+
+def test_ratios_are_speedups_within_each_group():
+    cases = [case("rms T=8", "eager", 3.0, 2.0, 4.0, mem=300.0), case("rms T=8", "ours", 1.0, 0.5, 1.5, mem=100.0),
+             case("rms T=16", "eager", 10.0), case("rms T=16", "compile", 20.0)]
+    common.compute_ratios(cases)
+    ours = cases[1]
+    assert ours["ratio_vs_eager"] == pytest.approx(3.0)
+    assert ours["ratio_vs_eager_lo"] == pytest.approx(2.0 / 1.5)  # baseline p20 / ours p80
+    assert ours["ratio_vs_eager_hi"] == pytest.approx(4.0 / 0.5)
+    assert ours["mem_ratio_vs_eager"] == pytest.approx(3.0)
+    assert cases[0]["ratio_vs_eager"] == pytest.approx(1.0)
+    assert cases[3]["ratio_vs_eager"] == pytest.approx(0.5)  # another group's eager is not used
+    assert cases[3]["mem_ratio_vs_eager"] is None
+
+
+def test_ratios_against_every_baseline_present_and_recomputed():
+    cases = [case("moe", "minimind", 9.0), case("moe", "dense", 2.0), case("moe", "ours", 3.0)]
+    common.compute_ratios(cases)
+    assert cases[2]["ratio_vs_minimind"] == pytest.approx(3.0)
+    assert cases[2]["ratio_vs_dense"] == pytest.approx(2.0 / 3.0)
+    assert "ratio_vs_eager" not in cases[2]
+    cases[0]["median_ms"] = 6.0
+    common.compute_ratios(cases)
+    assert cases[2]["ratio_vs_minimind"] == pytest.approx(2.0)
+
+
+def test_timing_percentiles():
+    t = common.timing_from_samples([5.0, 1.0, 2.0, 3.0, 4.0])
+    assert (t.median_ms, t.rounds) == (3.0, 5)
+    assert t.p20_ms == pytest.approx(1.8) and t.p80_ms == pytest.approx(4.2)
+    assert common.timing_from_samples([7.0]).p80_ms == 7.0
+    with pytest.raises(ValueError):
+        common.timing_from_samples([])
+
+
+class FakeBenchmark:
+    """pytest-benchmark's fixture, reduced to what `common.measure` uses."""
+
+    enabled = True
+
+    def pedantic(self, fn, rounds=1, iterations=1, warmup_rounds=0):
+        import time
+        from types import SimpleNamespace
+
+        data = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            data.append(time.perf_counter() - start)
+        self.stats = SimpleNamespace(stats=SimpleNamespace(data=data))
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_measure_wall_clock_calls_the_function_once_per_round(monkeypatch, cuda):
+    import torch
+
+    calls, syncs = [], []
+    monkeypatch.setattr(common, "is_cuda_run", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
+    timing = common.measure(FakeBenchmark(), lambda: calls.append(1), target_s=0.0, wall=True, first_s=0.5)
+    assert timing.rounds == 3 and len(calls) == 3
+    assert len(syncs) == (3 if cuda else 0)
+    assert 0 <= timing.p20_ms <= timing.median_ms <= timing.p80_ms
+
+
+def test_loop_moe_baseline_matches_reference():
+    import torch
+    from minimind_fast.kernels import reference
+
+    torch.manual_seed(0)
+    n, h, inter, e, k = 37, 16, 24, 5, 2
+    x = torch.randn(n, h, dtype=torch.float64)
+    w = [torch.randn(e, inter, h, dtype=torch.float64), torch.randn(e, inter, h, dtype=torch.float64),
+         torch.randn(e, h, inter, dtype=torch.float64)]
+    logits = torch.randn(n, e, dtype=torch.float64)
+    logits[:, 4] = -1e9  # expert 4 receives no token: the loop must skip it
+    _, weight, idx = reference.moe_route(logits, k, True)
+    expected = reference.moe_experts(x, idx, weight, *w)
+    torch.testing.assert_close(common.loop_moe_experts(x, idx, weight, *w), expected)
+
+
+# --- results files ---------------------------------------------------------------------------------
+
+def test_load_results_names_the_file_and_field(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(common.ResultsError, match="bad.json.*not valid JSON"):
+        common.load_results(bad)
+    missing = write(tmp_path / "m.json", {"device": "x", "cases": []})
+    with pytest.raises(common.ResultsError, match="m.json.*'date'"):
+        common.load_results(missing)
+    no_median = write(tmp_path / "c.json", run("x", "2025", [{"group": "g", "impl": "eager"}]))
+    with pytest.raises(common.ResultsError, match=r"cases\[0\] lacks median_ms"):
+        common.load_results(no_median)
+
+
+def test_write_json_atomic_leaves_no_temp(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    common.write_json_atomic(path, {"a": 1})
+    common.write_json_atomic(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_device_slug():
+    assert common.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert common.device_slug("  ") == "device"
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def _results_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "results"
+    d.mkdir()
+    old_cases = [case("rms_norm T=8", "eager", 9.0), case("rms_norm T=8", "ours", 9.0)]
+    new_cases = common.compute_ratios([
+        case("rms_norm T=8", "eager", 3.0, mem=300.0),
+        case("rms_norm T=8", "ours", 1.0, mem=100.0, gbps=80.0, frac_of_copy=0.8),
+        case("rms_norm T=8", "compile", 2.0, mem=150.0),
+        case("train step tiny", "eager", 100.0, suite="model", tokens_per_s=2e4),
+        case("train step tiny", "ours", 50.0, suite="model", tokens_per_s=4e4, mfu=0.42, mfu_measured=0.6),
+    ])
+    write(d / "gpu-20250101-000000.json", run("GPU X", "2025-01-01T00:00:00+00:00", common.compute_ratios(old_cases)))
+    write(d / "gpu-20250201-000000.json", run("GPU X", "2025-02-01T00:00:00+00:00", new_cases))
+    write(d / "cpu-20250105-000000.json", run("CPU Y", "2025-01-05T00:00:00+00:00",
+                                              common.compute_ratios([case("swiglu T=4", "eager", 5.0),
+                                                                     case("swiglu T=4", "compile", 4.0)])))
+    (d / "broken.json").write_text("[1, 2")
+    return d
+
+
+def test_report_takes_newest_run_per_device(tmp_path, capsys):
+    runs = report.newest_per_device(_results_dir(tmp_path))
+    assert sorted(runs) == ["CPU Y", "GPU X"]
+    assert runs["GPU X"]["date"].startswith("2025-02")
+    assert "broken.json" in capsys.readouterr().err
+
+
+def test_report_table_shows_ratios_memory_and_hardware(tmp_path):
+    text = report.render_markdown(report.newest_per_device(_results_dir(tmp_path)))
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| rms_norm T=8 "))
+    row = lines[at]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = next(line for line in reversed(lines[:at]) if line.startswith("| Case"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:2] == ["Case", "Baseline: median ms"]
+    assert cells[1] == "eager: 3"
+    assert cells[columns.index("ours ×")] == "3.00× (2.71–3.32)"
+    assert cells[columns.index("compile ×")] == "1.50× (1.36–1.66)"
+    assert "300 → 100 (3.00× less)" in cells
+    assert "80% of copy BW (80 GB/s)" in cells[-1]
+    step = next(line for line in text.splitlines() if line.startswith("| train step tiny"))
+    assert "MFU 42%" in step and "60% of measured matmul" in step and "40.0k tok/s" in step
+    assert "### CPU Y" in text and "### GPU X" in text
+    assert "9" not in row.split("|")[2]  # the older GPU run is not shown
+
+
+def test_report_replaces_only_the_marked_block(tmp_path):
+    d = _results_dir(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("# T\nintro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\ntail\n")
+    assert report.main(["--results-dir", str(d), "--readme", str(readme), "--png", str(tmp_path / "r.png")]) == 0
+    text = readme.read_text()
+    assert text.startswith("# T\nintro\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\ntail\n")
+    assert "old table" not in text and "| rms_norm T=8 |" in text
+    png = (tmp_path / "r.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_report_leaves_readme_without_markers_alone(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    report.main(["--results-dir", str(_results_dir(tmp_path)), "--readme", str(readme), "--no-png"])
+    assert readme.read_text() == "# no markers\n"
+    assert report.replace_block("a <!-- bench:end --> b <!-- bench:start -->", "x") is None
+
+
+def test_report_without_results(tmp_path):
+    assert "No benchmark results yet" in report.render_markdown(report.newest_per_device(tmp_path))
+    assert report.plot_ratios({}, tmp_path / "r.png") is None
+
+
+# --- compare ---------------------------------------------------------------------------------------
+
+def test_compare_flags_only_slowdowns_beyond_the_spread():
+    old = run("GPU", "1", [case("a", "ours", 1.0, 0.9, 1.1), case("b", "ours", 1.0, 0.9, 1.1),
+                           case("c", "ours", 1.0, 0.99, 1.01), case("gone", "ours", 1.0)])
+    new = run("GPU", "2", [case("a", "ours", 1.15, 1.1, 1.2),   # +0.15 > spread 0.2? no
+                           case("b", "ours", 1.5, 1.45, 1.55),  # +0.5 > 0.2: slower
+                           case("c", "ours", 0.5, 0.49, 0.51),  # faster
+                           case("new", "ours", 1.0)])
+    result = compare.compare_runs(old, new)
+    assert [(c.group, round(c.rel, 3)) for c in result["slower"]] == [("b", 0.5)]
+    assert [c.group for c in result["faster"]] == ["c"]
+    assert result["missing"] == [("gone", "ours")] and result["added"] == [("new", "ours")]
+    assert compare.compare_runs(old, new, min_rel=0.6)["slower"] == []
+
+
+def test_compare_cli_exit_codes(tmp_path, capsys):
+    old = write(tmp_path / "old.json", run("GPU", "1", [case("a", "ours", 1.0, 0.99, 1.01)]))
+    same = write(tmp_path / "same.json", run("GPU", "2", [case("a", "ours", 1.005, 0.99, 1.02)]))
+    slow = write(tmp_path / "slow.json", run("GPU", "2", [case("a", "ours", 2.0, 1.9, 2.1)]))
+    other = write(tmp_path / "other.json", run("CPU", "2", [case("a", "ours", 2.0)]))
+    assert compare.main([str(old), str(same)]) == 0
+    assert compare.main([str(old), str(slow)]) == 1
+    assert "+100.0%" in capsys.readouterr().out
+    assert compare.main([str(old), str(other)]) == 2
+    assert "different devices" in capsys.readouterr().err
+    assert compare.main([str(old), str(other), "--allow-device-mismatch"]) == 1
+    assert compare.main([str(old), str(tmp_path / "absent.json")]) == 2
+    assert "absent.json" in capsys.readouterr().err

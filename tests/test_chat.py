@@ -1,0 +1,128 @@
+"""Chat: streamed text, history trimming, JSONL answering, and the launch/chat.py CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimind_fast import MiniMindForCausalLM, get_preset
+from minimind_fast.chat import ChatSession, TextStream, answer_file, chat_prompt, find_tokenizer, load_chat_model
+from minimind_fast.checkpoint import save_model_dir
+from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
+from minimind_fast.generation import GenerationConfig, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["The cat sat on the mat.", "Hello world, the cat is grey.", "What colour is the cat? It is black.",
+         "猫は黒い。", "Dogs run in the park and the sun is warm."]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny model saved with a tokenizer trained on a few sentences."""
+    root = tmp_path_factory.mktemp("chat")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in TEXTS * 10), encoding="utf-8")
+    tok_dir = train_tokenizer([corpus], 320, root / "tokenizer")
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(get_preset("tiny", vocab_size=load_tokenizer(tok_dir).vocab_size,
+                                           max_position_embeddings=160, kernels="reference"))
+    return save_model_dir(model, root / "model", tokenizer_dir=tok_dir)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir)
+
+
+def test_text_stream_pieces_add_up_and_hold_back_stop_strings(loaded):
+    _, tok = loaded
+    for text in ["Hello world, the cat is grey.", "猫は黒い。 The cat"]:
+        stream = TextStream(tok)
+        pieces = [stream.push(t) for t in tok.encode(text)] + [stream.finish()]
+        assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    stream = TextStream(tok, stop_strings=["cat is"])
+    shown = ""
+    for t in tok.encode("Hello world, the cat is grey."):
+        shown += stream.push(t)
+        assert "cat" not in shown  # a tail that may become the stop string is held back
+    shown += stream.finish()
+    assert shown == "Hello world, the " == stream.text()
+
+
+def test_history_is_trimmed_oldest_turns_first(loaded):
+    model, tok = loaded
+    session = ChatSession(model, tok, GenerationConfig(max_new_tokens=40), system="Be brief.")
+    turn = [{"role": "user", "content": "What colour is the cat?"},
+            {"role": "assistant", "content": "The cat is black. " * 3}]
+    session.history = turn * 4
+    ids = session.prompt_ids("Hello world")
+    budget = model.config.max_position_embeddings - 40
+    assert len(ids) <= budget
+    kept = len(session.history) // 2
+    assert 0 < kept < 4 and session.history == turn * kept
+    assert ids == chat_prompt(tok, [{"role": "system", "content": "Be brief."}, *turn * kept,
+                                    {"role": "user", "content": "Hello world"}])
+    assert len(chat_prompt(tok, [*turn * (kept + 1), {"role": "user", "content": "Hello world"}])) > budget - 4
+
+
+def test_session_streams_the_greedy_reply_and_keeps_history(loaded):
+    model, tok = loaded
+    config = GenerationConfig(max_new_tokens=12, temperature=0)
+    session = ChatSession(model, tok, config)
+    prompt = chat_prompt(tok, [{"role": "user", "content": "Hello"}])
+    expected = tok.decode(generate(model, [prompt], config)[0])
+    assert "".join(session.stream_reply("Hello")) == expected
+    assert session.history == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": expected}]
+    session.reset()
+    assert session.history == []
+
+
+def test_answer_file_writes_every_answer_or_nothing(loaded, tmp_path):
+    model, tok = loaded
+    config = GenerationConfig(max_new_tokens=8, temperature=0)
+    records = [{"prompt": "Hello"}, {"conversations": [{"role": "user", "content": "The cat?"}]}, {"prompt": "Hi"}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    out = tmp_path / "out.jsonl"
+    assert answer_file(model, tok, config, src, out, batch_size=2) == 3
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    for rec, line in zip(records, lines):
+        messages = rec.get("conversations") or [{"role": "user", "content": rec["prompt"]}]
+        assert line == {**rec, "response": tok.decode(generate(model, [chat_prompt(tok, messages)], config)[0])}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hello"}\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+        answer_file(model, tok, config, bad, tmp_path / "never.jsonl")
+    assert not (tmp_path / "never.jsonl").exists() and not (tmp_path / "never.jsonl.tmp").exists()
+
+
+def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "chat.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+
+
+def test_cli_one_prompt_and_interactive_session(model_dir, loaded):
+    model, tok = loaded
+    config = GenerationConfig(max_new_tokens=6, temperature=0)
+    expected = tok.decode(generate(model, [chat_prompt(tok, [{"role": "user", "content": "Hello"}])], config)[0])
+    run = _cli("--model", str(model_dir), "--prompt", "Hello", "--temperature", "0", "--max-new-tokens", "6")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected + "\n"
+    run = _cli("--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "6",
+               stdin="Hello\n/reset\nHello\n/exit\n")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count(f"model> {expected}\n") == 2 and "(history cleared)" in run.stdout
+
+
+def test_cli_reports_bad_arguments_clearly(model_dir, tmp_path):
+    run = _cli("--model", str(tmp_path / "missing"), "--prompt", "Hello")
+    assert run.returncode != 0 and "missing" in run.stderr and "Traceback" not in run.stderr
+    run = _cli("--model", str(model_dir), "--lora", str(tmp_path), "--prompt", "Hello")
+    assert run.returncode != 0 and "adapter" in run.stderr and "Traceback" not in run.stderr

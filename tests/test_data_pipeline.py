@@ -1,0 +1,253 @@
+"""JSONL -> shards: round trips against direct encoding, exact assistant masks, bad input, reruns."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimind_fast.data.pipeline import InputError, TokenizeOptions, tokenize_to_shards, val_every
+from minimind_fast.data.shards import Shard
+from minimind_fast.data.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok(builtin_data):
+    return load_tokenizer(builtin_data["tokenizer"])
+
+
+def _records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _all_docs(shard_dir, split="train"):
+    manifest = json.loads((Path(shard_dir) / "manifest.json").read_text())
+    docs = []
+    for entry in manifest["splits"][split]["shards"]:
+        s = Shard(Path(shard_dir) / entry["file"])
+        docs += [tuple(np.asarray(x) if x is not None else None for x in s.doc(i)) for i in range(s.n_docs)]
+    return docs
+
+
+def _split_records(records, val_count):
+    """Train and val records as the pipeline splits them: every k-th record is held out."""
+    every = val_every(TokenizeOptions(kind="sft", val_fraction=0.05), len(records))
+    val = [r for i, r in enumerate(records) if i % every == every - 1]
+    train = [r for i, r in enumerate(records) if i % every != every - 1]
+    assert len(val) == val_count >= 8
+    return train, val
+
+
+def _runs(mask):
+    """(start, end) of each run of non-zero mask values."""
+    m = np.concatenate([[0], (np.asarray(mask) > 0).astype(np.int8), [0]])
+    d = np.diff(m)
+    return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)))
+
+
+def test_pretrain_round_trip_equals_direct_encoding(builtin_data, tok):
+    records = _records(builtin_data["files"]["pretrain"])
+    manifest = json.loads((builtin_data["shards"]["pretrain"] / "manifest.json").read_text())
+    train, val = _split_records(records, manifest["splits"]["val"]["docs"])
+    for split, recs in (("train", train), ("val", val)):
+        docs = _all_docs(builtin_data["shards"]["pretrain"], split)
+        assert len(docs) == len(recs)
+        for (ids, mask), r in zip(docs, recs):
+            assert mask is None
+            assert ids.tolist() == [1, *tok.encode(r["text"]), 2]
+    assert manifest["tokens"] == sum(len(d[0]) for d in _all_docs(builtin_data["shards"]["pretrain"])) + \
+        manifest["splits"]["val"]["tokens"]
+
+
+def test_manifest_records_provenance(builtin_data, tok):
+    m = json.loads((builtin_data["shards"]["sft"] / "manifest.json").read_text())
+    src = builtin_data["files"]["sft"]
+    assert m["kind"] == "sft" and m["format_version"] == 1
+    assert m["vocab_size"] == tok.vocab_size and m["tokenizer_fingerprint"] == tok.fingerprint
+    assert Path(m["tokenizer_dir"]) == Path(builtin_data["tokenizer"]).resolve()
+    assert m["token_dtype"] == "uint16"
+    import hashlib
+
+    [s] = m["sources"]
+    assert s["bytes"] == src.stat().st_size and s["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert s["records"] == len(_records(src)) == m["records"]
+    assert m["skipped"] == {} and m["splits"]["val"]["docs"] >= 8
+
+
+@pytest.mark.parametrize("kind", ["sft", "reasoning"])
+def test_masks_cover_exactly_the_assistant_replies(builtin_data, tok, kind):
+    records = _records(builtin_data["files"][kind])
+    manifest = json.loads((builtin_data["shards"][kind] / "manifest.json").read_text())
+    train, _ = _split_records(records, manifest["splits"]["val"]["docs"])
+    docs = _all_docs(builtin_data["shards"][kind])
+    assert len(docs) == len(train)
+    tag_ids = {t for tag in ("<think>", "</think>", "<answer>", "</answer>") for t in tok.encode(tag)}
+    for (ids, mask), r in zip(docs, train):
+        msgs = r["conversations"]
+        text = tok.apply_chat_template(msgs)
+        assert ids.tolist() == tok.encode(text)[:128]  # seq_len 128 in the fixture
+        replies = [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
+        spans = _runs(mask)
+        assert [tok.decode(ids[a:b].tolist(), skip_special_tokens=False) for a, b in spans] == replies
+        for a, _ in spans:  # each reply follows its generation prompt
+            assert tok.decode(ids[:a].tolist(), skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+        weighted = mask == 2
+        if kind == "reasoning":
+            assert weighted.any()
+            assert set(ids[weighted].tolist()) <= tag_ids
+            assert "".join(tok.decode([t]) for t in ids[weighted]) == "<think></think><answer></answer>"
+        else:
+            assert not weighted.any()
+
+
+def test_dpo_pairs(builtin_data, tok):
+    records = _records(builtin_data["files"]["dpo"])
+    manifest = json.loads((builtin_data["shards"]["dpo"] / "manifest.json").read_text())
+    train, _ = _split_records(records, manifest["splits"]["val"]["docs"] // 2)
+    docs = _all_docs(builtin_data["shards"]["dpo"])
+    assert len(docs) == 2 * len(train)
+    for i, r in enumerate(train):
+        for (ids, mask), key in zip(docs[2 * i:2 * i + 2], ("chosen", "rejected")):
+            assert ids.tolist() == tok.encode(tok.apply_chat_template(r[key]))
+            [(a, b)] = _runs(mask)
+            assert tok.decode(ids[a:b].tolist(), skip_special_tokens=False) == r[key][-1]["content"] + "<|im_end|>"
+
+
+def _write(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+GOOD = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}
+LONG = {"conversations": [{"role": "user", "content": "Tell me about the cat."},
+                          {"role": "assistant", "content": "The cat is grey. " * 20}]}
+BAD_LINES = [
+    GOOD,                                                        # 1
+    '{"conversations": [{"role": "user", "content": "Hi"}',      # 2 malformed JSON
+    {"text": "a pretrain record in an SFT file"},                # 3 missing field
+    {"conversations": []},                                       # 4 empty conversation
+    {"conversations": [{"role": "user", "content": "Hi"}]},      # 5 no assistant reply
+    {"conversations": [{"role": "robot", "content": "Hi"}]},     # 6 bad role
+    "",                                                          # 7 blank line: ignored
+    LONG,                                                        # 8 longer than seq_len
+    "[1, 2, 3]",                                                 # 9 not an object
+    GOOD,                                                        # 10
+]
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_bad_input_is_counted_by_file_and_line(builtin_data, tmp_path, overlong):
+    src = _write(tmp_path / "bad.jsonl", BAD_LINES)
+    opts = TokenizeOptions(kind="sft", seq_len=48, overlong=overlong, workers=1, val_fraction=0)
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "out", opts)
+    expected = {"malformed_json": 2, "missing_field": 1, "empty_conversation": 2, "bad_message": 1}
+    if overlong == "drop":
+        expected["overlong"] = 1
+    assert m["skipped"] == expected
+    assert m["sources"][0]["skipped"] == expected
+    lines = sorted(int(p.split(":")[1]) for p in m["problems"])
+    assert lines == sorted([2, 3, 4, 5, 6, 9] + ([8] if overlong == "drop" else []))
+    assert all(p.startswith(f"{src}:") for p in m["problems"])
+    docs = _all_docs(tmp_path / "out")
+    assert len(docs) == (3 if overlong == "truncate" else 2)
+    if overlong == "truncate":
+        assert max(len(ids) for ids, _ in docs) == 48
+
+
+def test_strict_stops_at_first_bad_line_and_writes_nothing(builtin_data, tmp_path):
+    src = _write(tmp_path / "bad.jsonl", BAD_LINES)
+    opts = TokenizeOptions(kind="sft", seq_len=48, workers=1, strict=True)
+    with pytest.raises(InputError, match=rf"{tmp_path / 'bad.jsonl'}:2: malformed_json"):
+        tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "out", opts)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_pretrain_and_dpo_field_errors(builtin_data, tmp_path):
+    src = _write(tmp_path / "p.jsonl", [{"text": "The cat is grey."}, {"text": "   "}, {"content": "x"}])
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "p",
+                           TokenizeOptions(kind="pretrain", workers=1, val_fraction=0))
+    assert m["skipped"] == {"empty_text": 1, "missing_field": 1} and m["records"] == 1
+    src = _write(tmp_path / "d.jsonl", [
+        {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."},
+        {"prompt": "Hi?", "chosen": "Hello."},
+        {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+    ])
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "d",
+                           TokenizeOptions(kind="dpo", workers=1, val_fraction=0))
+    assert m["skipped"] == {"missing_field": 2} and m["splits"]["train"]["docs"] == 2
+    assert [p.split(":")[1] for p in m["problems"]] == ["2", "3"]
+
+
+def test_missing_input_file(builtin_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        tokenize_to_shards([tmp_path / "missing.jsonl"], builtin_data["tokenizer"], tmp_path / "o",
+                           TokenizeOptions(kind="sft"))
+
+
+def test_rerun_skips_and_workers_do_not_change_bytes(builtin_data, tmp_path):
+    src = builtin_data["files"]["sft"]
+    opts1 = TokenizeOptions(kind="sft", seq_len=128, workers=1, val_fraction=0.05)
+    m1 = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "a", opts1)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*.bin")}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("*.bin")}
+    again = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "a", opts1)
+    assert again == m1 and mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("*.bin")}
+    # Forced rewrite with two worker processes: the same bytes.
+    m2 = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "a",
+                            TokenizeOptions(kind="sft", seq_len=128, workers=2, val_fraction=0.05), force=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*.bin")} == files
+    assert m2["splits"] == m1["splits"]
+    # Same as the fixture's shards, written with the same options.
+    fixture = builtin_data["shards"]["sft"]
+    assert files == {p.name: p.read_bytes() for p in fixture.glob("*.bin")}
+    assert not list((tmp_path / "a").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "dpo"])
+def test_shards_roll_over(builtin_data, tmp_path, kind):
+    opts = TokenizeOptions(kind=kind, seq_len=128, workers=1, val_fraction=0.05, max_shard_tokens=1000)
+    m = tokenize_to_shards([builtin_data["files"][kind]], builtin_data["tokenizer"], tmp_path / "r", opts)
+    shards = m["splits"]["train"]["shards"]
+    assert len(shards) > 1 and all(s["tokens"] <= 1000 for s in shards)
+    if kind == "dpo":
+        assert all(s["docs"] % 2 == 0 for s in shards)
+    whole = [d[0].tolist() for d in _all_docs(builtin_data["shards"][kind])]
+    assert [d[0].tolist() for d in _all_docs(tmp_path / "r")] == whole
+
+
+def _launch(monkeypatch, script, *args):
+    """Run a launch/ script in this process, as `python launch/SCRIPT ARGS` would."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    runpy.run_path(str(REPO / "launch" / script), run_name="__main__")
+
+
+def test_cli_scripts(builtin_data, tmp_path, monkeypatch, capsys):
+    """launch/make_corpus.py, train_tokenizer.py and tokenize.py end to end (test-size corpus)."""
+    _launch(monkeypatch, "make_corpus.py", "--out", tmp_path / "c", "--size", "test")
+    _launch(monkeypatch, "train_tokenizer.py", "--data", tmp_path / "c/sft.jsonl", "--vocab-size", 300,
+            "--out", tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok").vocab_size <= 300
+    _launch(monkeypatch, "tokenize.py", "--kind", "reasoning", "--data", tmp_path / "c/reasoning.jsonl",
+            "--tokenizer", tmp_path / "tok", "--out", tmp_path / "s", "--workers", 1)
+    assert json.loads((tmp_path / "s/manifest.json").read_text())["kind"] == "reasoning"
+    assert "train" in capsys.readouterr().out
+    bad = _write(tmp_path / "bad.jsonl", BAD_LINES)
+    with pytest.raises(SystemExit, match=f"{bad}:2"):
+        _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", bad, "--tokenizer", tmp_path / "tok",
+                "--out", tmp_path / "b", "--workers", 1, "--strict")
+
+
+def test_tokenize_script_as_a_process(builtin_data, tmp_path):
+    """The real command line (launch/tokenize.py must not break the standard library's `tokenize`)."""
+    r = subprocess.run([sys.executable, "launch/tokenize.py", "--kind", "dpo", "--data", builtin_data["files"]["dpo"],
+                        "--tokenizer", builtin_data["tokenizer"], "--out", tmp_path / "d", "--workers", "2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "d/manifest.json").read_text())["splits"]["train"]["docs"] % 2 == 0

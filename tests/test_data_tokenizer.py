@@ -1,0 +1,121 @@
+"""Tokenizer: training, MiniMind's special ids, the chat template against transformers, loading as is."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from minimind_fast.data.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_tokenizer
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What colour is the cat?"}, {"role": "assistant", "content": "The cat is grey."}],
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am MiniMind, 你好."}],
+]
+
+# A template in the style of MiniMind's own: a default system prompt when none is given.
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}"
+    "{% endif %}" + CHATML_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def tok(builtin_data):
+    return load_tokenizer(builtin_data["tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def hf_tok(builtin_data):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(builtin_data["tokenizer"]))
+
+
+def test_special_tokens_at_minimind_ids(tok):
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert [tok.tokenizer.id_to_token(i) for i in range(3)] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert tok.vocab_size <= 1024
+    # Special tokens are single tokens inside text, never split into bytes.
+    assert tok.encode("<|im_start|>user\nhi<|im_end|>")[0] == 1
+    assert tok.encode("<|im_start|>user\nhi<|im_end|>")[-1] == 2
+
+
+def test_encode_decode_round_trip(tok, builtin_data):
+    lines = builtin_data["files"]["pretrain"].read_text().splitlines()[:20]
+    texts = [json.loads(line)["text"] for line in lines] + ["unseen wörds 你好 🙂 and\ttabs\n\nnewlines"]
+    for text, ids in zip(texts, tok.encode_batch(texts)):
+        assert ids == tok.encode(text)
+        assert tok.decode(ids) == text  # byte-level BPE is lossless, even off its training data
+    assert tok.decode([1, *tok.encode("hi"), 2]) == "hi"
+    assert tok.decode([1, *tok.encode("hi"), 2], skip_special_tokens=False) == "<|im_start|>hi<|im_end|>"
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_chat_template_matches_transformers(tok, hf_tok, messages, add_generation_prompt):
+    ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    theirs = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert ours == theirs
+    # the plain-Python ChatML path renders as the template itself does
+    assert ours == tok._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+    expected = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    assert ours == expected + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def test_transformers_encodes_like_us(tok, hf_tok):
+    text = tok.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert (hf_tok.pad_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id) == (0, 1, 2)
+
+
+def test_fingerprint_and_save(tok, tmp_path):
+    tok.save(tmp_path / "copy")
+    copy = load_tokenizer(tmp_path / "copy")
+    assert copy.fingerprint == tok.fingerprint
+    assert copy.encode("The cat is grey.") == tok.encode("The cat is grey.")
+    assert (tmp_path / "copy" / "tokenizer_config.json").exists()
+
+
+def test_training_is_deterministic_and_streams_all_formats(builtin_data, tmp_path):
+    files = [builtin_data["files"]["sft"], builtin_data["files"]["dpo"]]
+    a = load_tokenizer(train_tokenizer(files, 400, tmp_path / "a"))
+    b = load_tokenizer(train_tokenizer(files, 400, tmp_path / "b"))
+    assert a.fingerprint == b.fingerprint
+    assert 259 < a.vocab_size <= 400
+    # Words only in conversations were learnt as merges, i.e. conversation content was read.
+    assert len(a.encode(" capital")) == 1
+
+
+def test_training_bad_arguments(builtin_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        train_tokenizer([tmp_path / "nope.jsonl"], 512, tmp_path / "t")
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer([builtin_data["files"]["sft"]], 100, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_foreign_tokenizer_dir_is_used_as_is(builtin_data, tmp_path, hf_tok):
+    """A MiniMind-style directory (its own template and config) loads unchanged; its template is used."""
+    d = tmp_path / "minimind_tok"
+    d.mkdir()
+    shutil.copy(builtin_data["tokenizer"] / "tokenizer.json", d / "tokenizer.json")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
+              "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+              "chat_template": DEFAULT_SYSTEM_TEMPLATE}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(d)
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(d))
+    msgs = CONVERSATIONS[0]
+    rendered = tok.apply_chat_template(msgs, add_generation_prompt=True)
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n")
+    assert rendered == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_missing_tokenizer(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)

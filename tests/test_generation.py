@@ -1,0 +1,236 @@
+"""Generation: cached decoding against recomputation, batching, sampling filters, stops, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minimind_fast import MiniMindForCausalLM, get_preset
+from minimind_fast.generation import (
+    Decoder,
+    GenerationConfig,
+    apply_repetition_penalty,
+    filter_logits,
+    generate,
+    sample_tokens,
+    stream_generate,
+)
+
+GREEDY = dict(temperature=0, stop_token_ids=[])
+
+
+def _model(preset: str, device="cpu", dtype=torch.float32) -> MiniMindForCausalLM:
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(get_preset(preset, vocab_size=97, kernels="reference",
+                                           max_position_embeddings=128))
+    with torch.no_grad():  # larger weights give peaked, varied predictions instead of near-uniform ones
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def greedy_without_cache(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Plain recomputation of the whole sequence at every step, and the log-prob of each pick."""
+    ids, logprobs = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([ids], device=model.lm_head.weight.device)).logits[0, -1].double()
+        ids.append(int(logits.argmax()))
+        logprobs.append(float(logits.log_softmax(-1)[ids[-1]]))
+    return ids[len(prompt):], logprobs
+
+
+PROMPTS = [[5, 17, 33, 3], [9], [40, 41, 42, 43, 44, 45, 46]]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_cached_batched_greedy_equals_recomputation(preset):
+    model = _model(preset)
+    config = GenerationConfig(max_new_tokens=10, **GREEDY)
+    batched, logprobs = generate(model, PROMPTS, config, return_logprobs=True)
+    for prompt, out, lps in zip(PROMPTS, batched, logprobs):
+        expected, expected_lps = greedy_without_cache(model, prompt, 10)
+        assert out == expected
+        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64),
+                                   torch.tensor(expected_lps, dtype=torch.float64), rtol=0, atol=1e-4)
+        assert generate(model, [prompt], config)[0] == out
+    assert len(set(map(tuple, batched))) > 1  # the rows differ: the comparison has teeth
+
+
+def _join_and_leave(device: str, cuda_graph: bool) -> None:
+    model = _model("tiny", device=device)
+    alone = {i: greedy_without_cache(model, p, 8)[0] for i, p in enumerate(PROMPTS)}
+    decoder = Decoder(model, max_batch=3, max_len=32, cuda_graph=cuda_graph)
+    short = GenerationConfig(max_new_tokens=3, **GREEDY)
+    decoder.add_batch([0, 1], PROMPTS[:2], [GenerationConfig(max_new_tokens=8, **GREEDY), short])
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for step in range(12):
+        if step == 2:
+            decoder.add(2, PROMPTS[2], GenerationConfig(max_new_tokens=8, **GREEDY))
+        for ev in decoder.step():
+            got[ev.key].append(ev.token)
+            assert (ev.finish == "length") == (len(got[ev.key]) == (3 if ev.key == 1 else 8))
+    assert got[0] == alone[0] and got[2] == alone[2] and got[1] == alone[1][:3]
+    assert decoder.live == [] and decoder.free_rows == 3
+
+
+def test_sequences_join_and_leave_between_steps():
+    """Continuous batching: a row that joins mid-way, and rows that leave, decode as they would alone."""
+    _join_and_leave("cpu", cuda_graph=False)
+
+
+@pytest.mark.gpu
+def test_sequences_join_and_leave_with_cuda_graphs():
+    _join_and_leave("cuda", cuda_graph=True)
+
+
+def test_abandoned_stream_leaves_nothing_behind():
+    model = _model("tiny")
+    config = GenerationConfig(max_new_tokens=8, **GREEDY)
+    stream = stream_generate(model, PROMPTS, config)
+    next(stream), next(stream)
+    stream.close()
+    assert generate(model, PROMPTS, config) == [greedy_without_cache(model, p, 8)[0] for p in PROMPTS]
+
+
+def test_cancel_frees_the_row_and_keeps_the_others_exact():
+    model = _model("tiny")
+    decoder = Decoder(model, max_batch=2, max_len=32)
+    decoder.add_batch(["a", "b"], PROMPTS[:2], [GenerationConfig(max_new_tokens=6, **GREEDY)] * 2)
+    got = []
+    for step in range(6):
+        if step == 1:
+            decoder.cancel("a")
+        got += [ev.token for ev in decoder.step() if ev.key == "b"]
+    assert got == greedy_without_cache(model, PROMPTS[1], 6)[0]
+
+
+def test_stop_token_ends_only_that_row_and_can_be_kept():
+    model = _model("tiny")
+    prompts = [[5, 17, 33], [9, 8]]
+    free = generate(model, prompts, GenerationConfig(max_new_tokens=10, **GREEDY))
+    stop = free[0][3]
+    config = GenerationConfig(max_new_tokens=10, temperature=0, stop_token_ids=[stop])
+    out = generate(model, prompts, config)
+    assert out[0] == free[0][:free[0].index(stop)]
+    assert out[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+    kept = generate(model, prompts, config, keep_stop_token=True)
+    assert kept[0] == free[0][:free[0].index(stop) + 1]
+
+
+class LetterTokenizer:
+    """Token i decodes to one letter; enough to test stop strings without a trained tokenizer."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_string_ends_the_row_on_the_token_that_completes_it():
+    model = _model("tiny")
+    free = generate(model, [[5, 17, 33]], GenerationConfig(max_new_tokens=12, **GREEDY))[0]
+    text = LetterTokenizer().decode(free)
+    stop = text[4:6]
+    end = text.index(stop) + 2  # tokens up to and including the one that completes the stop string
+    config = GenerationConfig(max_new_tokens=12, temperature=0, stop_token_ids=[], stop_strings=[stop])
+    assert generate(model, [[5, 17, 33]], config, tokenizer=LetterTokenizer())[0] == free[:end]
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, [[5, 17, 33]], config)
+
+
+def test_streaming_yields_the_tokens_of_generate():
+    model = _model("tiny")
+    config = GenerationConfig(max_new_tokens=8, temperature=1.0, top_k=20, seed=3, stop_token_ids=[])
+    streamed = list(stream_generate(model, [1, 2, 3], config))
+    assert all(isinstance(t, int) for t in streamed) and len(streamed) == 8
+    assert streamed == generate(model, [[1, 2, 3]], config)[0]
+    batched = list(stream_generate(model, [[1, 2, 3], [4]], config))
+    assert [step[0] for step in batched] == streamed
+
+
+def test_seed_reproduces_and_does_not_depend_on_the_batch():
+    model = _model("tiny")
+    config = GenerationConfig(max_new_tokens=12, temperature=2.0, seed=11, stop_token_ids=[])
+    first = generate(model, [[1, 2, 3]], config)[0]
+    assert generate(model, [[1, 2, 3]], config)[0] == first
+    assert generate(model, [[1, 2, 3], [7, 7]], config)[0] == first  # row 0 keeps seed 11 in a batch
+    other = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=12, temperature=2.0, seed=12,
+                                                          stop_token_ids=[]))[0]
+    assert other != first
+
+
+def test_top_k_and_top_p_filters_against_hand_computation():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    probs = logits.softmax(-1)[0]  # 0.563, 0.207, 0.126, 0.076, 0.028
+    assert probs[0] < 0.7 < probs[0] + probs[1] and probs[0] + probs[1] < 0.85 < probs[:3].sum()
+    finite = lambda out: torch.isfinite(out).tolist()  # noqa: E731
+    assert finite(filter_logits(logits, 2, 1.0)) == [[True, True, False, False, False]]
+    assert finite(filter_logits(logits, 0, 0.7)) == [[True, True, False, False, False]]
+    assert finite(filter_logits(logits, 0, 0.5)) == [[True, False, False, False, False]]
+    assert finite(filter_logits(logits, 0, 0.85)) == [[True, True, True, False, False]]
+    assert finite(filter_logits(logits, 2, 0.85)) == [[True, True, False, False, False]]
+    # Per-row settings, unsorted logits: kept logits keep their values.
+    rows = torch.tensor([[0.0, 2.0, 1.0, -1.0], [3.0, 0.0, 0.0, 2.9]])
+    out = filter_logits(rows, torch.tensor([3, 0]), torch.tensor([1.0, 0.5]))
+    assert finite(out) == [[True, True, True, False], [True, False, False, True]]
+    assert torch.equal(out[torch.isfinite(out)], torch.tensor([0.0, 2.0, 1.0, 3.0, 2.9]))
+
+
+def test_sampling_inverts_the_filtered_cdf_with_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0]] * 4)
+    temperature = torch.tensor([0.5, 0.5, 0.5, 0.0])
+    ones = torch.ones(4)
+    scaled = logits[0] / 0.5
+    cdf = scaled.softmax(-1).cumsum(-1)  # 0.844, 0.958, 0.987, 1.0
+    u = torch.tensor([0.5, float(cdf[0]) + 1e-3, float(cdf[2]) + 1e-3, 0.99])
+    tokens, logprobs = sample_tokens(logits, temperature, torch.zeros(4, dtype=torch.long), ones, ones, None, u)
+    assert tokens.tolist() == [0, 1, 3, 0]  # the greedy row ignores u
+    expected = torch.stack([scaled.log_softmax(-1)[t] for t in (0, 1, 3)] + [logits[0].log_softmax(-1)[0]])
+    torch.testing.assert_close(logprobs, expected)
+    # top_k=2 renormalises over two tokens: u just above p(token 0) now lands on token 1, never beyond.
+    p0 = float(scaled[:2].softmax(-1)[0])
+    tokens, _ = sample_tokens(logits[:2], temperature[:2], torch.tensor([2, 2]), ones[:2], ones[:2], None,
+                              torch.tensor([p0 - 1e-3, 0.999]))
+    assert tokens.tolist() == [0, 1]
+
+
+def test_repetition_penalty_matches_the_ctrl_rule():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    out = apply_repetition_penalty(logits, torch.tensor([[True, True, False]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5]]
+
+
+def test_repetition_penalty_in_generation_counts_prompt_and_new_tokens():
+    model = _model("tiny")
+    prompt = [5, 17, 33]
+    config = GenerationConfig(max_new_tokens=6, temperature=0, stop_token_ids=[], repetition_penalty=1e4)
+    out = generate(model, [prompt], config)[0]
+    # A huge penalty forbids any token already present whenever an unseen one has a positive logit.
+    assert len(set(out)) == len(out) and not set(out) & set(prompt)
+
+
+def test_bad_requests_are_refused_with_a_reason():
+    model = _model("tiny")
+    with pytest.raises(ValueError, match="context length"):
+        generate(model, [[1] * 100], GenerationConfig(max_new_tokens=50))
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [[1, 2], []], GenerationConfig(max_new_tokens=5))
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(temperature=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_cuda_graph_decoding_matches_eager(preset):
+    model = _model(preset, device="cuda")
+    config = GenerationConfig(max_new_tokens=10, **GREEDY)
+    eager = generate(model, PROMPTS, config, cuda_graph=False)
+    assert generate(model, PROMPTS, config, cuda_graph=True) == eager
+    for prompt, out in zip(PROMPTS, eager):
+        assert out == greedy_without_cache(model, prompt, 10)[0]
+    # A later call reuses the captured graphs with other prompts and lengths.
+    later = [[7, 8], [60, 61, 62, 63, 64]]
+    config = GenerationConfig(max_new_tokens=20, **GREEDY)
+    assert generate(model, later, config) == [greedy_without_cache(model, p, 20)[0] for p in later]

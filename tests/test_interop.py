@@ -1,0 +1,453 @@
+"""Interop: MiniMind2 `.pth` import, Hugging Face export/import, and the convert CLI.
+
+Oracles are independent of our model: Hugging Face's own LlamaForCausalLM / Qwen3ForCausalLM for dense
+models (a dense MiniMind2 is a Llama with tied embeddings), and a naive per-token float64 forward pass
+written here from MiniMind2's formulas for MoE and for the first release's interleaved RoPE.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from minimind_fast import interop
+from minimind_fast.checkpoint import load_model
+from minimind_fast.config import get_preset
+
+transformers = pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+# Most .pth here use MiniMind2's 8 heads and rely on that default; one test checks the warning itself.
+pytestmark = pytest.mark.filterwarnings("ignore:.*does not record the number of attention heads")
+SIZES = dict(hidden=64, layers=2, heads=8, kv=2, inter=192, vocab=128)  # MiniMind2 defaults: 8 heads
+
+
+# ---------------------------------------------------------------------------------------------------
+# MiniMind2-format state dicts, built from shapes alone (as MiniMind2's trainer writes them: fp16)
+# ---------------------------------------------------------------------------------------------------
+def _linear(out_f: int, in_f: int) -> torch.Tensor:
+    return torch.randn(out_f, in_f) / math.sqrt(in_f)
+
+
+def _norm(dim: int) -> torch.Tensor:
+    return 1.0 + 0.1 * torch.randn(dim)
+
+
+def _ffn(prefix: str, hidden: int, inter: int) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.gate_proj.weight": _linear(inter, hidden), f"{prefix}.up_proj.weight": _linear(inter, hidden),
+            f"{prefix}.down_proj.weight": _linear(hidden, inter)}
+
+
+def minimind2_state(hidden=64, layers=2, heads=8, kv=2, inter=192, vocab=128, experts=0, shared=1,
+                    qk_norm=False) -> dict[str, torch.Tensor]:
+    head_dim = hidden // heads
+    emb = torch.randn(vocab, hidden)
+    sd = {"model.embed_tokens.weight": emb, "model.norm.weight": _norm(hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        sd.update({p + "self_attn.q_proj.weight": _linear(hidden, hidden),
+                   p + "self_attn.k_proj.weight": _linear(kv * head_dim, hidden),
+                   p + "self_attn.v_proj.weight": _linear(kv * head_dim, hidden),
+                   p + "self_attn.o_proj.weight": _linear(hidden, hidden),
+                   p + "input_layernorm.weight": _norm(hidden), p + "post_attention_layernorm.weight": _norm(hidden)})
+        if qk_norm:
+            sd[p + "self_attn.q_norm.weight"] = _norm(head_dim)
+            sd[p + "self_attn.k_norm.weight"] = _norm(head_dim)
+        if experts:
+            sd[p + "mlp.gate.weight"] = _linear(experts, hidden)
+            for e in range(experts):
+                sd.update(_ffn(f"{p}mlp.experts.{e}", hidden, inter))
+            for s in range(shared):
+                sd.update(_ffn(f"{p}mlp.shared_experts.{s}", hidden, inter))
+        else:
+            sd.update(_ffn(p + "mlp", hidden, inter))
+    sd["lm_head.weight"] = emb  # MiniMind2 ties lm_head to the embedding; both names are in its state dict
+    return {k: v.half() for k, v in sd.items()}
+
+
+def naive_logits(sd: dict[str, torch.Tensor], ids: torch.Tensor, heads: int, eps=1e-5, theta=1e6,
+                 top_k=2, interleaved_rope=False) -> torch.Tensor:
+    """MiniMind2's forward pass for one sequence, token by token where it routes, in float64."""
+    sd = {k: v.double() for k, v in sd.items()}
+    emb = sd["model.embed_tokens.weight"]
+    hidden = emb.shape[1]
+    head_dim, seq = hidden // heads, ids.shape[0]
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ang = torch.arange(seq, dtype=torch.float64)[:, None] * inv_freq[None]  # (T, D/2)
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+
+    def rope(v):  # (T, heads, D)
+        if interleaved_rope:  # pairs (2i, 2i+1) rotated as complex numbers
+            a, b = v[..., 0::2], v[..., 1::2]
+            return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+        a, b = v[..., : head_dim // 2], v[..., head_dim // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+    def norm(v, w):
+        return w * v / torch.sqrt((v * v).mean(-1, keepdim=True) + eps)
+
+    def ffn(v, p):
+        return (F.silu(v @ sd[p + ".gate_proj.weight"].T) * (v @ sd[p + ".up_proj.weight"].T)) @ sd[
+            p + ".down_proj.weight"].T
+
+    x = emb[ids]
+    n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
+    for layer in range(n_layers):
+        p = f"model.layers.{layer}."
+        h = norm(x, sd[p + "input_layernorm.weight"])
+        q = (h @ sd[p + "self_attn.q_proj.weight"].T).view(seq, heads, head_dim)
+        k = (h @ sd[p + "self_attn.k_proj.weight"].T).view(seq, -1, head_dim)
+        v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(seq, -1, head_dim)
+        if p + "self_attn.q_norm.weight" in sd:
+            q, k = norm(q, sd[p + "self_attn.q_norm.weight"]), norm(k, sd[p + "self_attn.k_norm.weight"])
+        q, k = rope(q), rope(k)
+        rep = heads // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(head_dim)
+        scores = scores.masked_fill(torch.ones(seq, seq).triu(1).bool(), float("-inf"))
+        attn = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(seq, hidden)
+        x = x + attn @ sd[p + "self_attn.o_proj.weight"].T
+        h = norm(x, sd[p + "post_attention_layernorm.weight"])
+        if p + "mlp.gate.weight" in sd:
+            y = torch.zeros_like(h)
+            for t in range(seq):
+                probs = (h[t] @ sd[p + "mlp.gate.weight"].T).softmax(-1)
+                weights, chosen = probs.topk(top_k)
+                if top_k > 1:
+                    weights = weights / weights.sum()
+                for w, e in zip(weights, chosen.tolist()):
+                    y[t] += w * ffn(h[t], f"{p}mlp.experts.{e}")
+            shared = sorted({k.split(".")[5] for k in sd if k.startswith(p + "mlp.shared_experts.")})
+            for s in shared:
+                y = y + ffn(h, f"{p}mlp.shared_experts.{s}")
+        else:
+            y = ffn(h, p + "mlp")
+        x = x + y
+    x = norm(x, sd["model.norm.weight"])
+    return x @ sd.get("lm_head.weight", emb).T
+
+
+def our_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits.double()
+
+
+# ---------------------------------------------------------------------------------------------------
+# MiniMind2 .pth import
+# ---------------------------------------------------------------------------------------------------
+def test_dense_pth_matches_hf_llama(tmp_path):
+    sd = minimind2_state(**SIZES)
+    torch.save(sd, tmp_path / "full_sft_64.pth")
+    with pytest.warns(UserWarning, match="assuming MiniMind2's 8"):
+        model = load_model(tmp_path / "full_sft_64.pth")
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.vocab_size, cfg.use_moe, cfg.tie_word_embeddings) == (
+        64, 2, 8, 2, 192, 128, False, True)
+
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        vocab_size=128, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=512, tie_word_embeddings=True,
+        attention_bias=False, mlp_bias=False, attn_implementation="eager")
+    llama = transformers.LlamaForCausalLM(hf_cfg).eval()
+    llama.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    ids = torch.randint(0, 128, (2, 17))
+    with torch.no_grad():
+        expected = llama(ids).logits.double()
+    got = our_logits(model, ids)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_pth_matches_naive_minimind2(tmp_path, top_k):
+    sd = minimind2_state(hidden=64, layers=2, heads=8, kv=2, inter=96, vocab=96, experts=4, shared=1)
+    torch.save(sd, tmp_path / "pretrain_64_moe.pth")
+    model = interop.load_minimind_pth(tmp_path / "pretrain_64_moe.pth", num_experts_per_tok=top_k)
+    cfg = model.config
+    assert (cfg.use_moe, cfg.n_routed_experts, cfg.n_shared_experts, cfg.intermediate_size) == (True, 4, 1, 96)
+    ids = torch.randint(0, 96, (11,))
+    expected = naive_logits(sd, ids, heads=8, top_k=top_k)
+    got = our_logits(model, ids[None])[0]
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_first_release_layout_with_interleaved_rope(tmp_path):
+    """MiniMindLM (early 2025): Meta-style names, one unnumbered shared expert, complex-pair RoPE."""
+    sd = minimind2_state(hidden=64, layers=2, heads=8, kv=2, inter=96, vocab=96, experts=4, shared=1)
+    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+             "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+             "shared_experts.0.": "shared_experts.", "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3",
+             "mlp.": "feed_forward.", "model.embed_tokens": "tok_embeddings", "model.norm": "norm",
+             "lm_head": "output", "model.layers": "layers"}
+    legacy = {}
+    for key, value in sd.items():
+        for new, old in names.items():
+            key = key.replace(new, old)
+        legacy[key] = value
+    assert "layers.0.feed_forward.shared_experts.w1.weight" in legacy
+    torch.save(legacy, tmp_path / "full_sft_64_moe.pth")
+    model = load_model(tmp_path / "full_sft_64_moe.pth")
+    ids = torch.randint(0, 96, (13,))
+    expected = naive_logits(sd, ids, heads=8, top_k=2, interleaved_rope=True)
+    got = our_logits(model, ids[None])[0]
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_wrapped_keys_and_resume_file_load_the_same(tmp_path):
+    sd = minimind2_state(**SIZES)
+    torch.save(sd, tmp_path / "plain.pth")
+    torch.save({f"module._orig_mod.{k}": v for k, v in sd.items()} | {"model.freqs_cos": torch.zeros(3)},
+               tmp_path / "wrapped.pth")
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 0, "step": 5},
+               tmp_path / "pretrain_64_resume.pth")
+    ids = torch.randint(0, 128, (1, 9))
+    ref = our_logits(load_model(tmp_path / "plain.pth"), ids)
+    for name in ("wrapped.pth", "pretrain_64_resume.pth"):
+        assert torch.equal(our_logits(load_model(tmp_path / name), ids), ref), name
+
+
+def test_qk_norm_pth_infers_heads_from_norm(tmp_path):
+    sd = minimind2_state(hidden=64, layers=1, heads=4, kv=2, inter=64, vocab=64, qk_norm=True)
+    torch.save(sd, tmp_path / "m3.pth")
+    model = load_model(tmp_path / "m3.pth")
+    assert (model.config.qk_norm, model.config.num_attention_heads, model.config.rms_norm_eps) == (True, 4, 1e-6)
+    ids = torch.randint(0, 64, (10,))
+    expected = naive_logits(sd, ids, heads=4, eps=1e-6)
+    assert (our_logits(model, ids[None])[0] - expected).abs().max().item() < 1e-4
+
+
+def test_pth_errors_name_the_problem(tmp_path):
+    sd = minimind2_state(**SIZES)
+    broken = dict(sd)
+    del broken["model.layers.1.mlp.up_proj.weight"]
+    broken["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    broken["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(8, 64, dtype=torch.half)
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError) as err:
+        load_model(tmp_path / "broken.pth")
+    msg = str(err.value)
+    assert "broken.pth" in msg
+    assert "missing: model.layers.1.mlp.up_proj.weight" in msg
+    assert "unexpected: model.layers.0.self_attn.extra.weight" in msg
+    assert "shape: model.layers.1.self_attn.k_proj.weight" in msg
+
+    torch.save(sd, tmp_path / "ok.pth")
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads=7"):
+        interop.load_minimind_pth(tmp_path / "ok.pth", num_attention_heads=7)
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="expected a state dict"):
+        load_model(tmp_path / "list.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_model(tmp_path / "garbage.pth")
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "foreign.pth")
+    with pytest.raises(ValueError, match="no model.embed_tokens.weight"):
+        load_model(tmp_path / "foreign.pth")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        interop.load_minimind_pth(tmp_path / "missing.pth")
+    experts = minimind2_state(hidden=64, layers=1, heads=8, kv=2, inter=32, vocab=32, experts=3)
+    del experts["model.layers.0.mlp.experts.1.up_proj.weight"]
+    torch.save(experts, tmp_path / "moe.pth")
+    with pytest.raises(ValueError, match=r"experts \[1\] have no up_proj"):
+        load_model(tmp_path / "moe.pth")
+
+
+def test_interleaved_permutation_preserves_scores():
+    """Rotating interleaved pairs of W x equals rotating halves of (P W) x, for every position."""
+    head_dim, rows = 8, 16
+    w, x = torch.randn(rows, 12, dtype=torch.float64), torch.randn(5, 12, dtype=torch.float64)
+    angles = torch.arange(5, dtype=torch.float64)[:, None] * torch.rand(head_dim // 2, dtype=torch.float64)
+    rot = torch.polar(torch.ones_like(angles), angles)[:, None]
+    y = (x @ w.T).view(5, -1, head_dim // 2, 2)
+    interleaved = torch.view_as_real(torch.view_as_complex(y.contiguous()) * rot).flatten(-2)
+    z = (x @ interop.interleaved_to_half_rotation(w, head_dim).T).view(5, -1, head_dim)
+    a, b = z[..., : head_dim // 2], z[..., head_dim // 2:]
+    c, s = angles.cos()[:, None], angles.sin()[:, None]
+    halves = torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+    # the same numbers, moved from (2i, 2i+1) to (i, i + D/2)
+    assert torch.allclose(halves[..., : head_dim // 2], interleaved[..., 0::2])
+    assert torch.allclose(halves[..., head_dim // 2:], interleaved[..., 1::2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face export / import
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from minimind_fast.data.tokenizer import SPECIAL_TOKENS, save_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "hello world, the end"] * 20, trainer=trainer)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+def _tiny_model(**overrides):
+    from minimind_fast.model import MiniMindForCausalLM
+
+    model = MiniMindForCausalLM(get_preset("tiny", vocab_size=320, num_hidden_layers=2, kernels="reference",
+                                           **overrides))
+    with torch.no_grad():  # give norms non-trivial weights so a transposed or dropped one shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama-yarn", "qwen3-qk-norm", "untied"])
+def test_export_hf_loads_in_transformers_with_equal_logits(tmp_path, tokenizer_dir, variant):
+    overrides = {"llama": {}, "llama-yarn": dict(inference_rope_scaling=True, max_position_embeddings=4096),
+                 "qwen3-qk-norm": dict(qk_norm=True), "untied": dict(tie_word_embeddings=False)}[variant]
+    model = _tiny_model(**overrides)
+    out = interop.export_hf(model, tmp_path / "hf", tokenizer_dir=tokenizer_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    expected_cls = "Qwen3ForCausalLM" if variant.startswith("qwen3") else "LlamaForCausalLM"
+    assert type(hf).__name__ == expected_cls
+    if variant == "llama-yarn":
+        assert json.loads((out / "config.json").read_text())["rope_scaling"]["rope_type"] == "yarn"
+    ids = torch.randint(0, 320, (2, 19))
+    with torch.no_grad():
+        expected = hf(ids).logits.double()
+    got = our_logits(model, ids)
+    assert (got - expected).abs().max().item() < 1e-4
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert tok.decode(tok("the cat sat")["input_ids"]) == "the cat sat"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+
+    back = load_model(out)  # HF dir -> our model: same config, bit-identical logits (fp32 export)
+    assert back.config.to_dict() | {"kernels": "reference"} == model.config.to_dict() | {"kernels": "reference"}
+    assert torch.equal(our_logits(back, ids), got)
+
+
+def test_yarn_table_without_extension_exports_unscaled(tmp_path):
+    """max_position_embeddings <= original: MiniMind2 does not scale, so neither may the export."""
+    model = _tiny_model(inference_rope_scaling=True, max_position_embeddings=2048)
+    assert interop.hf_config(model.config)["rope_scaling"] is None
+
+
+def test_hf_dir_written_by_transformers_loads(tmp_path):
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, vocab_size=100, rms_norm_eps=1e-6, rope_theta=10000.0,
+                                   max_position_embeddings=256, tie_word_embeddings=False)
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    model = load_model(tmp_path / "llama")
+    assert (model.config.tie_word_embeddings, model.config.num_key_value_heads, model.config.rope_theta) == (
+        False, 1, 10000.0)
+    ids = torch.randint(0, 100, (1, 15))
+    with torch.no_grad():
+        expected = llama(ids).logits.double()
+    assert (our_logits(model, ids) - expected).abs().max().item() < 1e-4
+
+
+def test_export_refuses_moe_and_leaves_nothing(tmp_path):
+    from minimind_fast.model import MiniMindForCausalLM
+
+    model = MiniMindForCausalLM(get_preset("tiny-moe", vocab_size=64))
+    with pytest.raises(ValueError, match="MoE"):
+        interop.export_hf(model, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_bf16_and_refuses_foreign_out_dir(tmp_path):
+    model = _tiny_model()
+    out = interop.export_hf(model, tmp_path / "hf16", dtype="bfloat16")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert "lm_head.weight" not in set(f.keys())  # tied: stored once
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        interop.export_hf(model, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_hf_config_errors():
+    base = interop.hf_config(get_preset("tiny", vocab_size=64))
+    with pytest.raises(ValueError, match="architecture 'GPT2LMHeadModel'"):
+        interop.config_from_hf(base | {"architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ValueError, match="attention_bias"):
+        interop.config_from_hf(base | {"attention_bias": True})
+    with pytest.raises(ValueError, match="rope_type='llama3'"):
+        interop.config_from_hf(base | {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------------------------------
+def _convert_main():
+    spec = importlib.util.spec_from_file_location("convert_cli", REPO / "launch" / "convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_convert_cli_round_trip(tmp_path, tokenizer_dir, capsys):
+    main = _convert_main()
+    sd = minimind2_state(hidden=64, layers=2, heads=4, kv=2, inter=192, vocab=320)
+    torch.save(sd, tmp_path / "full_sft_64.pth")
+    assert main(["from-minimind", str(tmp_path / "full_sft_64.pth"), "--out", str(tmp_path / "ours"),
+                 "--tokenizer", str(tokenizer_dir), "--num-attention-heads", "4",
+                 "--set", "max_position_embeddings=1024"]) == 0
+    assert (tmp_path / "ours" / "tokenizer.json").exists()
+    ours = load_model(tmp_path / "ours")
+    assert (ours.config.num_attention_heads, ours.config.max_position_embeddings) == (4, 1024)
+    assert main(["to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").exists()  # taken from beside the weights
+    assert main(["from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    ids = torch.randint(0, 320, (1, 12))
+    expected = naive_logits(sd, ids[0], heads=4)
+    for name in ("ours", "hf", "back"):
+        assert (our_logits(load_model(tmp_path / name), ids)[0] - expected).abs().max().item() < 1e-4, name
+
+    assert main(["from-minimind", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 1
+    assert "nope.pth" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_convert_cli_merge_lora_and_refuses_foreign_out(tmp_path):
+    from minimind_fast.checkpoint import save_model_dir
+    from minimind_fast.lora import LoraConfig, apply_lora, save_lora
+
+    main = _convert_main()
+    model = _tiny_model()
+    save_model_dir(model, tmp_path / "base")
+    apply_lora(model, LoraConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.normal_(std=0.2)
+    save_lora(model, tmp_path / "adapter")
+    ids = torch.randint(0, 320, (1, 9))
+    expected = our_logits(model, ids)
+    assert main(["merge-lora", str(tmp_path / "base"), "--lora", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = load_model(tmp_path / "merged")
+    assert (our_logits(merged, ids) - expected).abs().max().item() < 1e-4
+    assert (our_logits(merged, ids) - our_logits(load_model(tmp_path / "base"), ids)).abs().max().item() > 1e-3
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "keep.txt").write_text("mine")
+    for argv in (["to-hf", str(tmp_path / "base"), "--out", str(tmp_path / "docs")],
+                 ["from-hf", str(tmp_path / "base"), "--out", str(tmp_path / "docs")],
+                 ["to-hf", str(tmp_path / "merged"), "--out", str(tmp_path / "base")]):
+        assert main(argv) == 1, argv
+    assert (tmp_path / "docs" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "base" / "model_config.json").exists()

@@ -1,0 +1,154 @@
+"""Fused linear + cross-entropy (Triton) against `reference.linear_cross_entropy`.
+
+Loss, grad_hidden and grad_weight are compared with the reference in float64 (tight in fp32; in
+bf16 at most 2x the error of the reference run in bf16, plus a small floor). Shapes with more rows
+than one chunk check that chunking changes nothing; ignored targets, an all-ignored batch, a scaled
+upstream gradient and bad targets are covered too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from minimind_fast.kernels import cross_entropy as ce
+from minimind_fast.kernels import reference as ref
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(
+    not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run on CPU (`make test` sets it)",
+)
+
+# (tokens, hidden, vocab); the interpreter's chunk is 64 rows, so 130 and 200 rows span several chunks.
+SHAPES = [(1, 8, 50), (37, 48, 300), (130, 64, 1000), (200, 32, 97)]
+if HAS_CUDA:
+    SHAPES += [(4096, 512, 6400), (8192, 768, 32000), (1000, 96, 151936)]
+
+
+def make_inputs(n, h, v, dtype, device, ignore_every=3):
+    torch.manual_seed(n + h + v)
+    hidden = torch.randn(n, h, device=device).to(dtype)
+    weight = (torch.randn(v, h, device=device) / h**0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), device=device)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    return hidden, weight, targets
+
+
+def loss_and_grads(fn, hidden, weight, targets, upstream=1.0):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    loss = fn(h, w, targets)
+    (loss * upstream).backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def check(kernel, low_ref, exact, name):
+    """Error vs float64 <= 2x the reference's own error in the same dtype + a floor scaled by the dtype.
+
+    The loss is fp32 whatever the input dtype; with bf16 inputs it inherits the bf16 logits' error,
+    which the reference's own error (the 2x term) accounts for.
+    """
+    assert torch.isfinite(kernel).all(), f"{name}: NaN/Inf"
+    assert kernel.dtype == low_ref.dtype, f"{name}: dtype {kernel.dtype}, reference gives {low_ref.dtype}"
+    scale = exact.abs().max().item() or 1.0
+    err = (kernel.double() - exact).abs().max().item()
+    ref_err = (low_ref.double() - exact).abs().max().item()
+    floor = (2e-5 if kernel.dtype == torch.float32 else 1e-2) * scale
+    assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} vs reference's own {ref_err:.3e} (scale {scale:.2e})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(device, shape, dtype):
+    hidden, weight, targets = make_inputs(*shape, dtype, device)
+    got = loss_and_grads(ce.linear_cross_entropy, hidden, weight, targets)
+    low = loss_and_grads(ref.linear_cross_entropy, hidden, weight, targets)
+    exact = loss_and_grads(ref.linear_cross_entropy, hidden.double(), weight.double(), targets)
+    for name, k, r, x in zip(("loss", "hidden", "weight"), got, low, exact):
+        check(k, r, x, name)
+
+
+def test_fp32_tight(device):
+    hidden, weight, targets = make_inputs(130, 64, 1000, torch.float32, device)
+    got = loss_and_grads(ce.linear_cross_entropy, hidden, weight, targets)
+    want = loss_and_grads(ref.linear_cross_entropy, hidden, weight, targets)
+    for k, r in zip(got, want):
+        torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6)
+
+
+def test_upstream_gradient_scales(device):
+    hidden, weight, targets = make_inputs(37, 48, 300, torch.float32, device)
+    got = loss_and_grads(ce.linear_cross_entropy, hidden, weight, targets, upstream=3.5)
+    want = loss_and_grads(ref.linear_cross_entropy, hidden, weight, targets, upstream=3.5)
+    for k, r in zip(got, want):
+        torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6)
+
+
+def test_all_ignored_gives_zero_loss_and_gradients(device):
+    hidden, weight, targets = make_inputs(20, 16, 64, torch.float32, device)
+    targets.fill_(-100)
+    loss, gh, gw = loss_and_grads(ce.linear_cross_entropy, hidden, weight, targets)
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
+
+
+def test_custom_ignore_index(device):
+    hidden, weight, targets = make_inputs(37, 48, 300, torch.float32, device, ignore_every=0)
+    targets[::4] = 7  # a real token id used as the ignore marker
+    fn_k = lambda h, w, t: ce.linear_cross_entropy(h, w, t, ignore_index=7)
+    fn_r = lambda h, w, t: ref.linear_cross_entropy(h, w, t, ignore_index=7)
+    for k, r in zip(loss_and_grads(fn_k, hidden, weight, targets), loss_and_grads(fn_r, hidden, weight, targets)):
+        torch.testing.assert_close(k, r, rtol=1e-5, atol=1e-6)
+
+
+def test_one_input_needs_grad(device):
+    """Frozen output head (or frozen hidden): only the needed gradient is produced, and it is right."""
+    hidden, weight, targets = make_inputs(37, 48, 300, torch.float32, device)
+    h = hidden.clone().requires_grad_(True)
+    ce.linear_cross_entropy(h, weight, targets).backward()
+    h_ref = hidden.clone().requires_grad_(True)
+    ref.linear_cross_entropy(h_ref, weight, targets).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+    w = weight.clone().requires_grad_(True)
+    ce.linear_cross_entropy(hidden, w, targets).backward()
+    w_ref = weight.clone().requires_grad_(True)
+    ref.linear_cross_entropy(hidden, w_ref, targets).backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_loss(device):
+    hidden, weight, targets = make_inputs(130, 64, 1000, torch.bfloat16, device)
+    with torch.no_grad():
+        got = ce.linear_cross_entropy(hidden, weight, targets)
+    want = ref.linear_cross_entropy(hidden.double(), weight.double(), targets)
+    assert got.dtype == torch.float32
+    low = ref.linear_cross_entropy(hidden, weight, targets)
+    assert abs(got.item() - want.item()) <= 2 * abs(low.item() - want.item()) + 1e-3
+
+
+def test_extreme_logits_stay_finite(device):
+    """Logits in the thousands: the online softmax must not overflow."""
+    hidden, weight, targets = make_inputs(37, 48, 300, torch.float32, device)
+    hidden = hidden * 300.0
+    got = loss_and_grads(ce.linear_cross_entropy, hidden, weight, targets)
+    want = loss_and_grads(ref.linear_cross_entropy, hidden, weight, targets)
+    for k, r in zip(got, want):
+        assert torch.isfinite(k).all()
+        torch.testing.assert_close(k, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [300, -5])
+def test_bad_target_is_named(device, bad):
+    hidden, weight, targets = make_inputs(37, 48, 300, torch.float32, device)
+    targets[11] = bad
+    with pytest.raises(ValueError, match=f"target {bad} at row 11"):
+        ce.linear_cross_entropy(hidden.requires_grad_(True), weight, targets)
+
+
+def test_shape_mismatch_is_reported(device):
+    hidden, weight, targets = make_inputs(37, 48, 300, torch.float32, device)
+    with pytest.raises(ValueError, match="must be"):
+        ce.linear_cross_entropy(hidden, weight, targets[:-1])

@@ -1,0 +1,336 @@
+"""Triton RMSNorm (+ residual add), RoPE and SwiGLU against the plain-PyTorch reference ops.
+
+Every test checks the forward output and every gradient. Errors are measured against the reference
+run in float64; in fp32 the kernel must be within a tight tolerance of it, and in bf16/fp16 its error
+may be at most 2x the error of the reference op run in that same precision (plus a small floor), so
+the tolerance scales with the dtype instead of being a constant that cannot fail.
+
+On CPU the kernels run through Triton's interpreter (`TRITON_INTERPRET=1`, small shapes); on CUDA
+larger, realistic shapes are added.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from minimind_fast.kernels import reference as ref
+from minimind_fast.kernels import rmsnorm, rope, swiglu
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(
+    not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 to run on CPU (`make test` sets it)",
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FP32_TOL = 2e-5  # relative to the largest reference magnitude
+
+
+def within_reference_error(kernel: torch.Tensor, low_ref: torch.Tensor, exact: torch.Tensor, name: str) -> None:
+    """Kernel error vs float64 <= 2x (reference op in the same dtype vs float64) + a small floor."""
+    assert torch.isfinite(kernel).all(), f"{name}: NaN/Inf in kernel output"
+    assert kernel.shape == exact.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(exact.shape)}"
+    scale = exact.abs().max().clamp(min=1.0).item()
+    err = (kernel.double() - exact).abs().max().item()
+    if kernel.dtype == torch.float32:
+        assert err <= FP32_TOL * scale, f"{name}: fp32 error {err:.3e} (scale {scale:.3e})"
+        return
+    ref_err = (low_ref.double() - exact).abs().max().item()
+    floor = (1e-2 if kernel.dtype == torch.bfloat16 else 1e-3) * scale
+    assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} vs reference's own {ref_err:.3e} in {kernel.dtype}"
+
+
+def run(fn, inputs: list[torch.Tensor], grads_out: list[torch.Tensor] | None = None):
+    """Outputs of fn(*inputs) and the gradients of sum(out * g) with respect to every input."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*leaves)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    if grads_out is None:
+        torch.manual_seed(1)
+        grads_out = [torch.randn_like(o) for o in outs]
+    loss = sum((o.float() * g.float()).sum() for o, g in zip(outs, grads_out))
+    grads = torch.autograd.grad(loss, leaves)
+    return [o.detach() for o in outs], list(grads), grads_out
+
+
+def compare(kernel_fn, ref_fn, inputs: list[torch.Tensor], names: list[str]) -> None:
+    """Kernel vs reference in the inputs' dtype vs reference in float64: outputs, then each gradient."""
+    k_out, k_grads, g = run(kernel_fn, inputs)
+    r_out, r_grads, _ = run(ref_fn, inputs, g)
+    x_out, x_grads, _ = run(ref_fn, [t.double() for t in inputs], [t.double() for t in g])
+    for i, (k, r, x) in enumerate(zip(k_out, r_out, x_out)):
+        within_reference_error(k, r, x, f"output {i}")
+    for name, k, r, x in zip(names, k_grads, r_grads, x_grads):
+        assert k.dtype == r.dtype, f"d{name}: dtype {k.dtype} != reference {r.dtype}"
+        within_reference_error(k, r, x, f"d{name}")
+
+
+def shapes_for(cpu: list, gpu: list) -> list:
+    return cpu + (gpu if HAS_CUDA else [])
+
+
+# ----------------------------------------------------------------------------------------------- RMSNorm
+
+NORM_SHAPES = shapes_for(
+    cpu=[(1, 96), (3, 5, 130), (7, 1000), (2, 4, 64)],
+    gpu=[(4096, 512), (2, 1024, 768), (33, 8192), (3, 65536)],
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_rms_norm(device, shape, dtype):
+    x = torch.randn(shape, device=device).to(dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], device=device)).to(dtype)
+    compare(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), lambda a, b: ref.rms_norm(a, b, 1e-6), [x, w], ["x", "w"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_add_rms_norm(device, shape, dtype):
+    x = torch.randn(shape, device=device).to(dtype)
+    res = (3 * torch.randn(shape, device=device)).to(dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], device=device)).to(dtype)
+    compare(lambda a, r, b: rmsnorm.add_rms_norm(a, r, b, 1e-5), lambda a, r, b: ref.add_rms_norm(a, r, b, 1e-5),
+            [x, res, w], ["x", "residual", "w"])
+
+
+def test_rms_norm_fp32_weight_with_bf16_input(device):
+    """The model may keep norm weights in fp32 while activations are bf16: output dtype follows x."""
+    x = torch.randn(6, 130, device=device).bfloat16()
+    w = 1 + 0.3 * torch.randn(130, device=device)
+    compare(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), lambda a, b: ref.rms_norm(a, b, 1e-6), [x, w], ["x", "w"])
+
+
+def test_rms_norm_non_contiguous(device):
+    base = torch.randn(8, 2 * 130, device=device)
+    x = base[:, ::2]  # strided rows and columns
+    xt = torch.randn(130, 6, device=device).t()  # transposed
+    w = 1 + 0.3 * torch.randn(130, device=device)
+    for inp in (x, xt):
+        k = rmsnorm.rms_norm(inp, w, 1e-6)
+        torch.testing.assert_close(k, ref.rms_norm(inp, w, 1e-6), rtol=1e-5, atol=1e-5)
+    # Gradients through a strided view of a graph tensor.
+    a = base.detach().clone().requires_grad_(True)
+    b = base.detach().clone().requires_grad_(True)
+    g = torch.randn(8, 130, device=device)
+    (rmsnorm.rms_norm(a[:, ::2], w, 1e-6) * g).sum().backward()
+    (ref.rms_norm(b[:, ::2], w, 1e-6) * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    assert (a.grad[:, 1::2] == 0).all()
+
+
+def test_rms_norm_weight_grad_reduced_in_fp32(device):
+    """Many rows into one bf16 weight gradient: a bf16 running sum would drift far past the tolerance."""
+    rows = 4096 if HAS_CUDA else 256
+    compare(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), lambda a, b: ref.rms_norm(a, b, 1e-6),
+            [torch.randn(rows, 96, device=device).bfloat16(), torch.ones(96, device=device).bfloat16()], ["x", "w"])
+
+
+def test_triton_rmsnorm_module(device):
+    mod = rmsnorm.TritonRMSNorm(130, eps=1e-6).to(device)
+    with torch.no_grad():
+        mod.weight.normal_()
+    x = torch.randn(2, 3, 130, device=device, requires_grad=True)
+    mod(x).square().sum().backward()
+    w = mod.weight.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref.rms_norm(x2, w, 1e-6).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mod.weight.grad, w.grad, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_tables(positions: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables in the rotate_half convention (halves repeated) for integer positions (any shape)."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    angles = positions.double()[..., None] * inv_freq.to(positions.device)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+# (batch, seq, q heads, k heads, head_dim)
+ROPE_SHAPES = shapes_for(
+    cpu=[(1, 1, 1, 1, 2), (2, 7, 4, 2, 16), (3, 5, 6, 6, 10), (2, 9, 8, 1, 64)],
+    gpu=[(4, 512, 16, 4, 64), (2, 2048, 32, 8, 128), (8, 333, 12, 12, 96)],
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROPE_SHAPES)
+def test_rope_shared_table_with_offset(device, shape, dtype):
+    """(T, D) table starting at a KV-cache offset, GQA head counts."""
+    b, t, hq, hk, d = shape
+    cos, sin = rope_tables(torch.arange(37, 37 + t, device=device), d)
+    q = torch.randn(b, t, hq, d, device=device).to(dtype)
+    k = torch.randn(b, t, hk, d, device=device).to(dtype)
+    compare(lambda x, y: rope.apply_rotary(x, y, cos, sin), lambda x, y: ref.apply_rotary(x, y, cos, sin),
+            [q, k], ["q", "k"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROPE_SHAPES)
+def test_rope_per_sequence_positions(device, shape, dtype):
+    """(B, T, D) table: positions restarting at each packed document, a different layout per row."""
+    b, t, hq, hk, d = shape
+    positions = torch.stack([torch.cat([torch.arange(n, device=device) for n in _doc_lengths(t, row)])
+                             for row in range(b)])
+    cos, sin = rope_tables(positions, d)
+    q = torch.randn(b, t, hq, d, device=device).to(dtype)
+    k = torch.randn(b, t, hk, d, device=device).to(dtype)
+    compare(lambda x, y: rope.apply_rotary(x, y, cos, sin), lambda x, y: ref.apply_rotary(x, y, cos, sin),
+            [q, k], ["q", "k"])
+
+
+def _doc_lengths(total: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    lengths, left = [], total
+    while left:
+        n = int(torch.randint(1, max(2, total // 2 + 1), (1,), generator=g).clamp(max=left))
+        lengths.append(n)
+        left -= n
+    return lengths
+
+
+def test_rope_batch_one_table_broadcasts(device):
+    """A (1, T, D) table is shared by every sequence, as the reference's broadcasting does."""
+    cos, sin = rope_tables(torch.arange(5, device=device)[None], 16)
+    q, k = torch.randn(3, 5, 4, 16, device=device), torch.randn(3, 5, 2, 16, device=device)
+    for got, want in zip(rope.apply_rotary(q.clone(), k.clone(), cos, sin), ref.apply_rotary(q, k, cos, sin)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_strided_views_of_fused_qkv(device, dtype):
+    """q and k sliced out of one fused projection (non-contiguous views): values and the weight gradient."""
+    b, t, hq, hk, d, hidden = 2, 6, 4, 2, 16, 32
+    cos, sin = rope_tables(torch.arange(t, device=device), d)
+    x = torch.randn(b, t, hidden, device=device).to(dtype)
+    w = (0.2 * torch.randn((hq + 2 * hk) * d, hidden, device=device)).to(dtype)
+
+    def attention_inputs(apply, x, w):
+        qkv = (x @ w.t()).view(b, t, hq + 2 * hk, d)
+        q, k = qkv[:, :, :hq], qkv[:, :, hq:hq + hk]
+        assert not q.is_contiguous() and not k.is_contiguous()
+        return apply(q, k, cos, sin)
+
+    compare(lambda a, c: attention_inputs(rope.apply_rotary, a, c),
+            lambda a, c: attention_inputs(ref.apply_rotary, a, c), [x, w], ["x", "w"])
+
+
+def test_rope_rejects_bad_tables(device):
+    q, k = torch.randn(1, 4, 2, 8, device=device), torch.randn(1, 4, 2, 8, device=device)
+    cos, sin = rope_tables(torch.arange(5, device=device), 8)
+    with pytest.raises(ValueError, match="cos has shape"):
+        rope.apply_rotary(q, k, cos, sin)
+
+
+class TestRopeInPlace:
+    """In-place rotation must never change results or gradients, whoever else holds the inputs."""
+
+    def _tables(self, device, t=5, d=16):
+        return rope_tables(torch.arange(t, device=device), d)
+
+    def test_leaf_inputs_are_left_untouched(self, device):
+        cos, sin = self._tables(device)
+        q = torch.randn(2, 5, 4, 16, device=device, requires_grad=True)
+        k = torch.randn(2, 5, 2, 16, device=device, requires_grad=True)
+        q0, k0 = q.detach().clone(), k.detach().clone()
+        qo, ko = rope.apply_rotary(q, k, cos, sin)
+        assert torch.equal(q.detach(), q0) and torch.equal(k.detach(), k0)
+        for got, want in zip((qo, ko), ref.apply_rotary(q0, k0, cos, sin)):
+            torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+
+    def test_no_grad_rotates_in_place(self, device):
+        cos, sin = self._tables(device)
+        q, k = torch.randn(2, 5, 4, 16, device=device), torch.randn(2, 5, 2, 16, device=device)
+        want = ref.apply_rotary(q, k, cos, sin)
+        with torch.no_grad():
+            qo, ko = rope.apply_rotary(q, k, cos, sin)
+        assert qo.data_ptr() == q.data_ptr() and ko.data_ptr() == k.data_ptr()
+        torch.testing.assert_close(qo, want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ko, want[1], rtol=1e-5, atol=1e-5)
+
+    def test_input_reused_by_a_later_op(self, device):
+        """A non-view graph tensor is overwritten in place; a later use of the returned tensor sees the
+        rotation and gradients through both uses match the reference."""
+        cos, sin = self._tables(device)
+        base = torch.randn(2, 5, 4, 16, device=device)
+        kb = torch.randn(2, 5, 2, 16, device=device)
+
+        def loss_of(apply, a, c):
+            q, k = a * 1.5, c + 0.0  # graph tensors that are not views
+            qo, ko = apply(q, k, cos, sin)
+            return (qo * qo).sum() + (qo * ko.repeat_interleave(2, dim=2)).sum() + ko.sum()
+
+        a1, c1 = base.clone().requires_grad_(True), kb.clone().requires_grad_(True)
+        a2, c2 = base.clone().requires_grad_(True), kb.clone().requires_grad_(True)
+        torch.testing.assert_close(loss_of(rope.apply_rotary, a1, c1), loss_of(ref.apply_rotary, a2, c2))
+        loss_of(rope.apply_rotary, a1, c1).backward()
+        loss_of(ref.apply_rotary, a2, c2).backward()
+        torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c1.grad, c2.grad, rtol=1e-5, atol=1e-5)
+
+    def test_input_saved_by_its_producer_fails_loudly(self, device):
+        """exp() saves its output for backward: overwriting it must raise, never give wrong gradients."""
+        cos, sin = self._tables(device)
+        a = torch.randn(2, 5, 4, 16, device=device, requires_grad=True)
+        qo, _ = rope.apply_rotary(a.exp(), torch.randn(2, 5, 2, 16, device=device), cos, sin)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            qo.sum().backward()
+
+    def test_same_tensor_as_q_and_k(self, device):
+        cos, sin = self._tables(device)
+        x = torch.randn(2, 5, 4, 16, device=device)
+        want = ref.apply_rotary(x, x, cos, sin)
+        with torch.no_grad():
+            qo, ko = rope.apply_rotary(x.clone(), x.clone(), cos, sin)
+            same = x.clone()
+            qs, ks = rope.apply_rotary(same, same, cos, sin)
+        for got in (qo, qs):
+            torch.testing.assert_close(got, want[0], rtol=1e-5, atol=1e-5)
+        for got in (ko, ks):
+            torch.testing.assert_close(got, want[1], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- SwiGLU
+
+SWIGLU_SHAPES = shapes_for(
+    cpu=[(1, 1), (3, 7, 130), (17, 1000), (5, 96)],
+    gpu=[(8, 2048, 1408), (4096, 5632), (3, 1 << 20)],
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SWIGLU_SHAPES)
+def test_swiglu(device, shape, dtype):
+    gate = (2 * torch.randn(shape, device=device)).to(dtype)
+    up = torch.randn(shape, device=device).to(dtype)
+    compare(swiglu.swiglu, ref.swiglu, [gate, up], ["gate", "up"])
+
+
+def test_swiglu_extreme_gates_stay_finite(device):
+    gate = torch.tensor([[-1e4, -80.0, -20.0, 0.0, 20.0, 80.0, 1e4]], device=device)
+    up = torch.ones_like(gate)
+    compare(swiglu.swiglu, ref.swiglu, [gate, up], ["gate", "up"])
+
+
+def test_swiglu_halves_of_one_projection(device):
+    """gate and up as column halves of one (N, 2I) projection: non-contiguous inputs."""
+    x = torch.randn(9, 24, device=device)
+    w = 0.3 * torch.randn(2 * 130, 24, device=device)
+
+    def mlp(apply, x, w):
+        gu = x @ w.t()
+        return apply(gu[:, :130], gu[:, 130:])
+
+    compare(lambda a, b: mlp(swiglu.swiglu, a, b), lambda a, b: mlp(ref.swiglu, a, b), [x, w], ["x", "w"])
+
+
+def test_triton_swiglu_module(device):
+    gate, up = torch.randn(4, 130, device=device), torch.randn(4, 130, device=device)
+    torch.testing.assert_close(swiglu.TritonSwiGLU()(gate, up), ref.swiglu(gate, up), rtol=1e-5, atol=1e-5)

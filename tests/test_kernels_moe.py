@@ -1,0 +1,271 @@
+"""MoE dispatch kernels (`kernels/moe.py`) against `kernels/reference.py` and a float64 per-token loop.
+
+On CPU these run through Triton's interpreter (`TRITON_INTERPRET=1`) at small shapes; on CUDA the same
+checks also run at MiniMind's moe-145m and Liger's benchmark sizes. Every case checks the forward and
+every gradient (x, routing weights, the three expert weights; router logits for `moe_route`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from minimind_fast.kernels import reference
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(
+    not (HAS_CUDA or INTERPRET),
+    reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 to run on the CPU interpreter")
+
+if HAS_CUDA or INTERPRET:
+    from minimind_fast.kernels import moe
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def naive_experts(x, idx, w, wg, wu, wd):
+    """Per-token, per-slot loop: out[t] = sum_j w[t, j] * down_e(silu(gate_e x) * up_e x)."""
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros_like(x[t])
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            h = F.silu(wg[e] @ x[t]) * (wu[e] @ x[t])
+            acc = acc + w[t, j] * (wd[e] @ h)
+        rows.append(acc)
+    return torch.stack(rows) if rows else x.new_zeros(x.shape)
+
+
+def naive_route(logits, idx, norm):
+    """float64 softmax, weights at the given experts, renormalised like the reference."""
+    p = logits.double().softmax(-1)
+    w = p.gather(1, idx)
+    if norm and idx.shape[1] > 1:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return p, w
+
+
+def make_routing(n, n_exp, k, kind, device):
+    """topk_idx (N, k) of distinct experts per token, and positive weights."""
+    s = torch.rand(n, n_exp, device=device)
+    if kind == "empty":  # experts 0 and the last never chosen
+        s[:, 0] = -1.0
+        s[:, -1] = -1.0
+    elif kind == "one":  # expert 1 chosen by every token
+        s[:, 1] = 2.0
+    idx = s.topk(k, dim=-1).indices
+    w = torch.rand(n, k, device=device) + 0.1
+    return idx, w
+
+
+def make_weights(n_exp, hidden, inter, device):
+    wg = torch.randn(n_exp, inter, hidden, device=device) / hidden**0.5
+    wu = torch.randn(n_exp, inter, hidden, device=device) / hidden**0.5
+    wd = torch.randn(n_exp, hidden, inter, device=device) / inter**0.5
+    return wg, wu, wd
+
+
+def run(fn, tensors, idx, grad_out):
+    """Forward of fn on fresh leaves cast like `tensors`, then every gradient for grad_out."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    x, w, wg, wu, wd = leaves
+    out = fn(x, idx, w, wg, wu, wd)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return [out.detach(), *grads]
+
+
+NAMES = ["out", "dx", "dweight", "dw_gate", "dw_up", "dw_down"]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item()
+
+
+def check_experts(n, hidden, inter, n_exp, k, kind, device, dtype):
+    idx, w = make_routing(n, n_exp, k, kind, device)
+    wg, wu, wd = make_weights(n_exp, hidden, inter, device)
+    x = torch.randn(n, hidden, device=device)
+    grad_out = torch.randn(n, hidden, device=device)
+    base = [x, w, wg, wu, wd]
+
+    exact = run(naive_experts if n * k <= 160 else reference.moe_experts,
+                [t.double() for t in base], idx, grad_out.double())
+    low = [t.to(dtype) if i != 1 else t for i, t in enumerate(base)]  # routing weights stay fp32
+    ours = run(moe.moe_experts, low, idx, grad_out)
+    ref = run(reference.moe_experts, low, idx, grad_out)
+    for name, o, r, e in zip(NAMES, ours, ref, exact):
+        assert o.shape == e.shape and o.dtype == r.dtype, name
+        assert torch.isfinite(o).all(), f"{name} has NaN/Inf"
+        err, ref_err = rel_err(o, e), rel_err(r, e)
+        if dtype == torch.float32:
+            assert err < 1e-5, f"{name}: relative error {err:.2e} vs float64"
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5, msg=name)
+        else:  # within 2x the reference's own low-precision error, plus a floor
+            assert err <= 2 * ref_err + 2e-3, f"{name}: error {err:.2e}, reference's {ref_err:.2e}"
+    return ours
+
+
+# ----------------------------------------------------------------------------------------------
+# experts
+# ----------------------------------------------------------------------------------------------
+
+CASES = [
+    # n, hidden, inter, n_exp, k, routing
+    (1, 48, 80, 4, 1, "random"),
+    (37, 48, 80, 4, 2, "random"),
+    (200, 64, 96, 8, 2, "random"),
+    (50, 48, 80, 4, 4, "random"),  # k == n_experts
+    (64, 64, 96, 8, 2, "empty"),  # two experts get no token
+    (45, 48, 80, 4, 1, "one"),  # one expert gets every token
+    (40, 64, 96, 8, 2, "one"),
+]
+
+
+@pytest.mark.parametrize("n,hidden,inter,n_exp,k,kind", CASES)
+def test_experts_fp32(n, hidden, inter, n_exp, k, kind, device):
+    check_experts(n, hidden, inter, n_exp, k, kind, device, torch.float32)
+
+
+@pytest.mark.parametrize("n,hidden,inter,n_exp,k,kind", [(96, 64, 96, 4, 2, "random"), (24, 48, 80, 8, 8, "random")])
+def test_experts_bf16(n, hidden, inter, n_exp, k, kind, device):
+    check_experts(n, hidden, inter, n_exp, k, kind, device, torch.bfloat16)
+
+
+def test_empty_expert_has_zero_weight_grad(device):
+    idx, w = make_routing(30, 4, 2, "empty", device)
+    wg, wu, wd = make_weights(4, 48, 80, device)
+    x = torch.randn(30, 48, device=device)
+    _, _, _, dwg, dwu, dwd = run(moe.moe_experts, [x, w, wg, wu, wd], idx, torch.randn(30, 48, device=device))
+    for g in (dwg, dwu, dwd):
+        assert g[0].abs().max() == 0 and g[-1].abs().max() == 0
+        assert g[1].abs().max() > 0
+
+
+def test_deterministic(device):
+    idx, w = make_routing(80, 4, 2, "random", device)
+    wg, wu, wd = make_weights(4, 64, 96, device)
+    x, grad_out = torch.randn(80, 64, device=device), torch.randn(80, 64, device=device)
+    first = run(moe.moe_experts, [x, w, wg, wu, wd], idx, grad_out)
+    second = run(moe.moe_experts, [x, w, wg, wu, wd], idx, grad_out)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_no_tokens(device):
+    wg, wu, wd = make_weights(4, 48, 80, device)
+    x = torch.zeros(0, 48, device=device, requires_grad=True)
+    idx = torch.zeros(0, 2, dtype=torch.long, device=device)
+    w = torch.zeros(0, 2, device=device, requires_grad=True)
+    out = moe.moe_experts(x, idx, w, wg.requires_grad_(), wu, wd)
+    assert out.shape == (0, 48)
+    out.sum().backward()
+    assert wg.grad.abs().max() == 0
+
+
+def test_bad_shapes(device):
+    wg, wu, wd = make_weights(4, 48, 80, device)
+    with pytest.raises(ValueError, match="w_down"):
+        moe.moe_experts(torch.randn(3, 48, device=device), torch.zeros(3, 2, dtype=torch.long, device=device),
+                        torch.rand(3, 2, device=device), wg, wu, wd.transpose(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch (counting sort) and statistics
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,n_exp,k,kind", [(1, 4, 1, "random"), (300, 8, 2, "empty"), (150, 4, 4, "random"),
+                                            (200, 8, 2, "one")])
+def test_sort_by_expert(n, n_exp, k, kind, device):
+    idx, _ = make_routing(n, n_exp, k, kind, device)
+    sorted_pair, counts = moe.sort_by_expert(idx, n_exp)
+    flat = idx.reshape(-1)
+    assert torch.equal(sorted_pair.long(), torch.argsort(flat, stable=True))
+    assert torch.equal(counts[:n_exp].long(), torch.bincount(flat, minlength=n_exp))
+    assert torch.equal(moe.moe_dispatch_stats(idx, n_exp).long(), torch.bincount(flat, minlength=n_exp))
+
+
+# ----------------------------------------------------------------------------------------------
+# router
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,n_exp,k,norm", [(1, 4, 1, True), (100, 4, 2, True), (100, 8, 2, False),
+                                            (64, 8, 8, True), (33, 4, 4, False), (50, 8, 1, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route(n, n_exp, k, norm, dtype, device):
+    # distinct logits per row (spaced wider than bf16 rounding) so that top-k has no ties to break
+    ranks = torch.rand(n, n_exp, device=device).argsort(-1).float()
+    logits = (ranks * 0.37 - 1 + 0.05 * torch.randn(n, n_exp, device=device)).to(dtype)
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    s1, w1, i1 = moe.moe_route(a, k, norm)
+    s2, w2, i2 = reference.moe_route(b, k, norm)
+    assert s1.dtype == w1.dtype == torch.float32 and i1.dtype == torch.int64
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
+    ds, dw = torch.randn_like(s1), torch.randn_like(w1)
+    (g1,) = torch.autograd.grad([s1, w1], [a], [ds, dw])
+    (g2,) = torch.autograd.grad([s2, w2], [b], [ds, dw])
+    assert g1.dtype == dtype
+    c = logits.double().requires_grad_()
+    p, w = naive_route(c, i2, norm)
+    (g64,) = torch.autograd.grad([p, w], [c], [ds.double(), dw.double()])
+    tol = 1e-5 if dtype == torch.float32 else 2 * rel_err(g2, g64) + 1e-3
+    assert rel_err(g1, g64) <= tol
+    # only the routing weights used (no aux loss): still a gradient
+    (g_w,) = torch.autograd.grad(moe.moe_route(a, k, norm)[1], [a], dw)
+    (g_w_ref,) = torch.autograd.grad(reference.moe_route(b, k, norm)[1], [b], dw)
+    assert g_w.abs().max() > 0
+    if dtype == torch.float32:
+        torch.testing.assert_close(g_w, g_w_ref, rtol=1e-4, atol=1e-5)
+    else:  # bf16 gradients: one rounding apart at most
+        torch.testing.assert_close(g_w, g_w_ref)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_learns_without_aux_loss(k, device):
+    """MiniMind's trap: top-1 with renormalised weights gives the router no main-loss gradient."""
+    n, hidden, inter, n_exp = 24, 48, 80, 4
+    router = torch.randn(n_exp, hidden, device=device, requires_grad=True)
+    wg, wu, wd = make_weights(n_exp, hidden, inter, device)
+    x = torch.randn(n, hidden, device=device)
+    grads = []
+    for ops in (moe, reference):
+        _, w, idx = ops.moe_route(x @ router.t(), k, True)
+        loss = ops.moe_experts(x, idx, w, wg, wu, wd).pow(2).mean()
+        grads.append(torch.autograd.grad(loss, router)[0])
+    assert grads[0].abs().max() > 1e-4
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_route_counts(device):
+    logits = torch.randn(60, 8, device=device)
+    scores, w, idx, counts = moe.moe_route_with_counts(logits, 2, True, group_size=20)
+    expect = torch.stack([torch.bincount(idx[g * 20:(g + 1) * 20].reshape(-1), minlength=8) for g in range(3)])
+    assert torch.equal(counts.long(), expect)
+    _, _, _, total = moe.moe_route_with_counts(logits, 2, True)
+    assert torch.equal(total.long(), expect.sum(0, keepdim=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# full sizes (CUDA only)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,hidden,inter,n_exp,k", [(8192, 640, 1728, 4, 2), (4096, 2048, 4096, 8, 2)])
+def test_experts_large_bf16(n, hidden, inter, n_exp, k, device):
+    check_experts(n, hidden, inter, n_exp, k, "random", device, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_experts_large_fp32(device):
+    check_experts(4096, 640, 1728, 4, 2, "one", device, torch.float32)

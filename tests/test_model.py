@@ -1,0 +1,425 @@
+"""The decoder and its reference ops against float64 formulas and naive implementations.
+
+Covers: reference ops forward and backward (fp32 and bf16), GQA against repeated-K/V multi-head
+attention, YaRN tables, MoE routing / dispatch / aux loss against a per-token loop, router gradients
+without the aux loss, gradient checkpointing, packed documents, save/load, and that `transformers`
+still imports from the repository root beside our `kernels/` folder.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from minimind_fast.kernels import reference as ref
+
+from minimind_fast.attention import causal_attention
+from minimind_fast.checkpoint import load_model, save_model_dir
+from minimind_fast.config import get_preset
+from minimind_fast.model import MiniMindForCausalLM, MoEFeedForward, rope_tables
+from minimind_fast.ops import get_ops
+
+REPO = Path(__file__).resolve().parents[1]
+F64 = torch.float64
+
+
+def tiny(**overrides) -> MiniMindForCausalLM:
+    return MiniMindForCausalLM(get_preset("tiny", vocab_size=128, kernels="reference", **overrides))
+
+
+def tiny_moe(**overrides) -> MiniMindForCausalLM:
+    return MiniMindForCausalLM(get_preset("tiny-moe", hidden_size=64, vocab_size=128, kernels="reference", **overrides))
+
+
+def grads_of(fn, *tensors):
+    """(output, grads) of sum(output * fixed random weights), so every output element matters."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    (out.to(F64) * probe).sum().backward()
+    return out, [t.grad for t in leaves]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference ops vs float64 formulas
+# ---------------------------------------------------------------------------------------------------
+def rms_norm_f64(x, w, eps):
+    return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rotary_f64(x, cos, sin):
+    """Pair (i, i + D/2) rotated by angle i: (a cos - b sin, b cos + a sin); cos/sin (T, D) halves repeated."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half].unsqueeze(-2), sin[..., :half].unsqueeze(-2)
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_rms_norm_and_add_rms_norm(dtype, tol):
+    x, res, w = torch.randn(2, 5, 48, dtype=F64), torch.randn(2, 5, 48, dtype=F64), 1 + torch.rand(48, dtype=F64)
+    out, (gx, gw) = grads_of(lambda a, b: ref.rms_norm(a, b, 1e-5), x.to(dtype), w.to(dtype))
+    exp, (ex, ew) = grads_of(lambda a, b: rms_norm_f64(a, b, 1e-5), x, w)
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out.to(F64), exp, atol=tol, rtol=tol)
+    torch.testing.assert_close(gx.to(F64), ex, atol=tol * 10, rtol=tol)
+    torch.testing.assert_close(gw.to(F64), ew, atol=tol * 10, rtol=tol)
+
+    normed, new_res = ref.add_rms_norm(x.to(dtype), res.to(dtype), w.to(dtype), 1e-5)
+    assert normed.dtype == new_res.dtype == dtype
+    torch.testing.assert_close(new_res.to(F64), x + res, atol=tol, rtol=tol)
+    torch.testing.assert_close(normed.to(F64), rms_norm_f64(x + res, w, 1e-5), atol=tol * 2, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("batched_tables", [False, True])
+def test_apply_rotary(dtype, tol, batched_tables):
+    q, k = torch.randn(2, 7, 4, 16, dtype=F64), torch.randn(2, 7, 2, 16, dtype=F64)
+    cos, sin = rope_tables(16, 7, 1e4)
+    cos, sin = cos.to(F64), sin.to(F64)
+    if batched_tables:
+        cos, sin = cos.expand(2, 7, 16), sin.expand(2, 7, 16)
+    (q_out, k_out) = ref.apply_rotary(q.to(dtype), k.to(dtype), cos.float(), sin.float())
+    assert (q_out.dtype, k_out.dtype, q_out.shape, k_out.shape) == (dtype, dtype, q.shape, k.shape)
+    torch.testing.assert_close(q_out.to(F64), rotary_f64(q, cos, sin), atol=tol, rtol=tol)
+    torch.testing.assert_close(k_out.to(F64), rotary_f64(k, cos, sin), atol=tol, rtol=tol)
+    _, (gq,) = grads_of(lambda a: ref.apply_rotary(a, k.float(), cos.float(), sin.float())[0], q.float())
+    _, (eq,) = grads_of(lambda a: rotary_f64(a, cos, sin), q)
+    torch.testing.assert_close(gq.to(F64), eq, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_tables_match_formula():
+    cos, sin = rope_tables(8, 50, 1e6)
+    inv = 1e6 ** (-torch.arange(0, 8, 2, dtype=F64) / 8)
+    ang = torch.arange(50, dtype=F64)[:, None] * inv
+    torch.testing.assert_close(cos.to(F64), torch.cat([ang.cos(), ang.cos()], -1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin.to(F64), torch.cat([ang.sin(), ang.sin()], -1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_swiglu(dtype, tol):
+    g, u = torch.randn(3, 40, dtype=F64), torch.randn(3, 40, dtype=F64)
+    out, (gg, gu) = grads_of(ref.swiglu, g.to(dtype), u.to(dtype))
+    exp, (eg, eu) = grads_of(lambda a, b: a / (1 + torch.exp(-a)) * b, g, u)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.to(F64), exp, atol=tol, rtol=tol)
+    torch.testing.assert_close(gg.to(F64), eg, atol=tol * 5, rtol=tol)
+    torch.testing.assert_close(gu.to(F64), eu, atol=tol * 5, rtol=tol)
+
+
+@pytest.mark.parametrize("top_k,norm", [(1, True), (2, True), (2, False), (3, True)])
+def test_moe_route(top_k, norm):
+    logits = torch.randn(20, 6, dtype=F64)
+    scores, weight, idx = ref.moe_route(logits.float(), top_k, norm)
+    assert (scores.dtype, weight.dtype, idx.dtype) == (torch.float32, torch.float32, torch.int64)
+    assert weight.shape == idx.shape == (20, top_k)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(scores.to(F64), probs, atol=1e-6, rtol=1e-6)
+    for t in range(20):
+        order = sorted(range(6), key=lambda e: -probs[t, e].item())[:top_k]
+        assert sorted(idx[t].tolist()) == sorted(order)
+        chosen = probs[t, idx[t]]
+        expected = chosen / chosen.sum() if (top_k > 1 and norm) else chosen
+        torch.testing.assert_close(weight[t].to(F64), expected, atol=1e-6, rtol=1e-6)
+    # The routing weights carry gradient back to the logits, also for top-1.
+    _, (g,) = grads_of(lambda x: ref.moe_route(x, top_k, norm)[1], logits.float())
+    assert g.abs().sum() > 0
+
+
+def naive_experts(x, idx, w, gate, up, down):
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(idx.shape[1]):
+            e = idx[t, slot]
+            out[t] += w[t, slot] * (F.silu(gate[e] @ x[t]) * (up[e] @ x[t])) @ down[e].T
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
+def test_moe_experts_against_per_token_loop(dtype, tol):
+    n, h, inter, e, k = 24, 16, 32, 5, 2
+    x = torch.randn(n, h, dtype=F64)
+    gate, up = torch.randn(e, inter, h, dtype=F64) / 4, torch.randn(e, inter, h, dtype=F64) / 4
+    down = torch.randn(e, h, inter, dtype=F64) / 6
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    idx[:, 0] = torch.where(torch.arange(n) < 3, 4, idx[:, 0])  # some expert gets many tokens
+    idx[idx[:, 1] == idx[:, 0], 1] = (idx[idx[:, 1] == idx[:, 0], 0] + 1) % e
+    w = torch.rand(n, k, dtype=F64)
+    out, grads = grads_of(lambda *a: ref.moe_experts(a[0], idx, a[1], *a[2:]),
+                          *(t.to(dtype) for t in (x, w, gate, up, down)))
+    exp, egrads = grads_of(lambda *a: naive_experts(a[0], idx, a[1], *a[2:]), x, w, gate, up, down)
+    assert out.dtype == dtype and out.shape == (n, h)
+    torch.testing.assert_close(out.to(F64), exp, atol=tol, rtol=tol)
+    for g, eg in zip(grads, egrads):
+        torch.testing.assert_close(g.to(F64), eg, atol=tol * 3, rtol=tol * 3)
+
+
+def test_linear_cross_entropy():
+    hidden, weight = torch.randn(12, 16, dtype=F64), torch.randn(30, 16, dtype=F64) / 4
+    targets = torch.randint(0, 30, (12,))
+    targets[[1, 5, 6]] = -100
+    keep = targets != -100
+
+    def formula(hh, ww):
+        logp = (hh @ ww.T).log_softmax(-1)
+        return -logp[keep].gather(1, targets[keep, None]).mean()
+
+    out, (gh, gw) = grads_of(lambda a, b: ref.linear_cross_entropy(a, b, targets), hidden.float(), weight.float())
+    exp, (eh, ew) = grads_of(formula, hidden, weight)
+    torch.testing.assert_close(out.to(F64), exp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gh.to(F64), eh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw.to(F64), ew, atol=1e-5, rtol=1e-5)
+    h = hidden.float().requires_grad_(True)
+    zero = ref.linear_cross_entropy(h, weight.float(), torch.full((12,), -100))
+    zero.backward()
+    assert zero.item() == 0.0 and h.grad is not None and h.grad.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------
+def attention_f64(q, k, v):
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    t = q.shape[1]
+    s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", s.softmax(-1), v)
+
+
+def test_gqa_equals_multi_head_with_repeated_kv():
+    q, k, v = torch.randn(2, 9, 8, 16), torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)
+    gqa = causal_attention(q, k, v)
+    mha = causal_attention(q, k.repeat_interleave(4, dim=2), v.repeat_interleave(4, dim=2))
+    torch.testing.assert_close(gqa, mha, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gqa.to(F64), attention_f64(q.to(F64), k.to(F64), v.to(F64)), atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_model_equals_mha_model_with_repeated_heads():
+    gqa = tiny().eval()
+    mha = tiny(num_key_value_heads=4).eval()
+    state = gqa.state_dict()
+    d = gqa.config.head_dim
+    for key in [k for k in state if k.endswith(("k_proj.weight", "v_proj.weight"))]:
+        w = state[key].view(2, d, -1)  # (kv heads, D, H): each kv head serves 2 query heads
+        state[key] = w.repeat_interleave(2, dim=0).reshape(4 * d, -1)
+    mha.load_state_dict(state)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(ids).logits, mha(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# YaRN
+# ---------------------------------------------------------------------------------------------------
+YARN = dict(type="yarn", factor=16.0, original_max_position_embeddings=2048, beta_fast=32.0, beta_slow=1.0,
+            attention_factor=1.0)
+
+
+def yarn_inv_freq_f64(dim, theta, s):
+    """YaRN by its definition: dims rotating more than beta_fast times in the original context keep
+    their frequency, fewer than beta_slow times are divided by `factor`, linear ramp in between."""
+    inv = theta ** (-torch.arange(0, dim, 2, dtype=F64) / dim)
+
+    def dim_for(rotations):
+        return dim * math.log(s["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(dim_for(s["beta_fast"])), 0), min(math.ceil(dim_for(s["beta_slow"])), dim // 2 - 1)
+    out = []
+    for i, f in enumerate(inv.tolist()):
+        gamma = min(max((i - low) / max(high - low, 1e-3), 0.0), 1.0)
+        out.append(f * (1 - gamma) + f / s["factor"] * gamma)
+    return torch.tensor(out, dtype=F64), low, high
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_yarn_tables(head_dim):
+    cos, sin = rope_tables(head_dim, 4096, 1e6, {**YARN, "attention_factor": 1.25})
+    inv, low, high = yarn_inv_freq_f64(head_dim, 1e6, YARN)
+    ang = torch.arange(4096, dtype=F64)[:, None] * inv
+    torch.testing.assert_close(cos.to(F64), 1.25 * torch.cat([ang.cos(), ang.cos()], -1), atol=2e-6, rtol=0)
+    torch.testing.assert_close(sin.to(F64), 1.25 * torch.cat([ang.sin(), ang.sin()], -1), atol=2e-6, rtol=0)
+    plain_inv = 1e6 ** (-torch.arange(0, head_dim, 2, dtype=F64) / head_dim)
+    assert 0 < low < high < head_dim // 2 - 1
+    torch.testing.assert_close(inv[: low + 1], plain_inv[: low + 1])  # fast dims untouched
+    torch.testing.assert_close(inv[high:], plain_inv[high:] / 16)  # slow dims interpolated
+    # No extension past the original length: the tables are the plain ones.
+    c2, _ = rope_tables(head_dim, 2048, 1e6, YARN)
+    torch.testing.assert_close(c2, rope_tables(head_dim, 2048, 1e6)[0])
+
+
+def test_yarn_tables_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=32768,
+                                   rope_theta=1e6, rope_scaling={**{k: v for k, v in YARN.items() if k != "type"},
+                                                                 "rope_type": "yarn"})
+    inv, factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    ang = torch.arange(300, dtype=F64)[:, None] * inv.to(F64)
+    cos, _ = rope_tables(64, 32768, 1e6, YARN)
+    torch.testing.assert_close(cos[:300].to(F64), factor * torch.cat([ang.cos(), ang.cos()], -1),
+                               atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MoE
+# ---------------------------------------------------------------------------------------------------
+def naive_moe(layer: MoEFeedForward, x: torch.Tensor, top_k: int, alpha: float, seq_aux: bool):
+    """Per-token routing and dispatch, and the aux loss by its definition, in float64."""
+    cfg = layer.config
+    bsz, seq, h = x.shape
+    flat = x.reshape(-1, h).to(F64)
+    wg = layer.gate.weight.to(F64)
+    gate, up, down = (p.to(F64) for p in (layer.experts.gate_proj, layer.experts.up_proj, layer.experts.down_proj))
+    probs = (flat @ wg.T).softmax(-1)
+    y, chosen_all = torch.zeros_like(flat), []
+    for t in range(flat.shape[0]):
+        w, chosen = probs[t].topk(top_k)
+        if top_k > 1 and cfg.norm_topk_prob:
+            w = w / w.sum()
+        chosen_all.append(chosen)
+        for wi, e in zip(w, chosen):
+            y[t] += wi * (F.silu(gate[e] @ flat[t]) * (up[e] @ flat[t])) @ down[e].T
+    for shared in layer.shared_experts:
+        sg, su, sd = (m.weight.to(F64) for m in (shared.gate_proj, shared.up_proj, shared.down_proj))
+        y += (F.silu(flat @ sg.T) * (flat @ su.T)) @ sd.T
+    chosen_all = torch.stack(chosen_all).view(bsz, seq * top_k)
+    n_exp = cfg.n_routed_experts
+    if seq_aux:  # per sequence: f_i = share of its k*T picks on expert i, times E; P_i = mean prob
+        aux = 0.0
+        for b in range(bsz):
+            f = torch.bincount(chosen_all[b], minlength=n_exp).to(F64) / (seq * top_k) * n_exp
+            p = probs.view(bsz, seq, n_exp)[b].mean(0)
+            aux += (f * p).sum() / bsz
+    else:  # over the whole batch, picks counted per (token, slot)
+        f = torch.bincount(chosen_all.reshape(-1), minlength=n_exp).to(F64) / chosen_all.numel() * n_exp
+        aux = (f * probs.mean(0)).sum()
+    return y.view(bsz, seq, h), alpha * aux
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_moe_layer_against_naive(top_k, seq_aux):
+    model = tiny_moe(num_experts_per_tok=top_k, seq_aux=seq_aux, aux_loss_alpha=0.1, n_shared_experts=2)
+    layer = model.model.layers[0].mlp
+    layer.train()
+    x = torch.randn(3, 7, 64)
+    y, aux = layer(x)
+    exp_y, exp_aux = naive_moe(layer, x, top_k, 0.1, seq_aux)
+    torch.testing.assert_close(y.to(F64), exp_y, atol=1e-5, rtol=1e-5)
+    assert aux.detach().item() == pytest.approx(float(exp_aux.detach()), rel=1e-5)
+    layer.eval()
+    assert layer(x)[1].item() == 0.0  # no aux loss outside training
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_learns_from_main_loss_without_aux(top_k):
+    model = tiny_moe(num_experts_per_tok=top_k, aux_loss_alpha=0.0).train()
+    ids = torch.randint(0, 128, (2, 16))
+    out = model(ids, targets=torch.roll(ids, -1, 1))
+    assert out.aux_loss.item() == 0.0
+    out.loss.backward()
+    for layer in model.model.layers:
+        grad = layer.mlp.gate.weight.grad
+        assert grad is not None and grad.abs().sum().item() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole model
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [tiny, tiny_moe])
+def test_gradient_checkpointing_gives_identical_loss_and_grads(make):
+    plain = make().train()
+    ckpt = make(gradient_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 128, (2, 12))
+    targets = torch.roll(ids, -1, 1)
+    results = []
+    for model in (plain, ckpt):
+        out = model(ids, targets=targets)
+        (out.loss + out.aux_loss).backward()
+        results.append((out.loss.detach(), out.aux_loss.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l1, a1, g1), (l2, a2, g2) = results
+    assert torch.equal(l1, l2) and torch.equal(a1, a2)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_packed_documents_equal_separate_runs():
+    model = tiny().eval()
+    lengths = [[5, 3, 8], [9, 7]]
+    docs = [[torch.randint(0, 128, (n,)) for n in row] for row in lengths]
+    ids = torch.stack([torch.cat(row) for row in docs])  # (2, 16)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    offsets = [0]
+    for row in lengths:
+        for n in row:
+            offsets.append(offsets[-1] + n)
+    cu = torch.tensor(offsets, dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=9).logits
+        for b, row in enumerate(docs):
+            start = 0
+            for doc in row:
+                alone = model(doc[None]).logits[0]
+                torch.testing.assert_close(packed[b, start:start + len(doc)], alone, atol=1e-5, rtol=1e-5)
+                start += len(doc)
+
+
+def test_loss_matches_logits_cross_entropy():
+    model = tiny().eval()
+    ids = torch.randint(0, 128, (2, 10))
+    targets = torch.roll(ids, -1, 1)
+    targets[:, -1] = -100
+    with torch.no_grad():
+        out = model(ids, targets=targets, return_logits=True)
+        expected = F.cross_entropy(out.logits.reshape(-1, 128).double(), targets.reshape(-1), ignore_index=-100)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("make", [tiny, tiny_moe])
+def test_save_load_round_trip(tmp_path, make):
+    model = make(qk_norm=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_model_dir(model, tmp_path / "m")
+    back = load_model(tmp_path / "m", kernels="reference").eval()
+    assert back.config.to_dict() == model.config.to_dict()
+    assert back.lm_head.weight is back.model.embed_tokens.weight  # still tied
+    for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, back(ids).logits)
+
+
+def test_reference_and_auto_tables_agree_on_cpu():
+    ids = torch.randint(0, 128, (1, 6))
+    a = tiny().eval()
+    b = MiniMindForCausalLM(a.config.replace(kernels="auto")).eval()
+    b.load_state_dict(a.state_dict())
+    assert get_ops("reference").name == "reference"
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packaging: our kernels/ folder must not shadow the PyPI `kernels` package transformers probes for
+# ---------------------------------------------------------------------------------------------------
+def test_transformers_imports_from_repo_root():
+    code = ("import transformers; from transformers.utils import is_kernels_available; "
+            "print(is_kernels_available()); from minimind_fast.kernels import reference; "
+            "print(reference.rms_norm.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "rms_norm"]

@@ -1,0 +1,161 @@
+"""The OpenAI-compatible server, driven by the real `openai` client and httpx against a live uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from minimind_fast import MiniMindForCausalLM, get_preset
+from minimind_fast.chat import chat_prompt, find_tokenizer, load_chat_model
+from minimind_fast.checkpoint import save_model_dir
+from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
+from minimind_fast.generation import GenerationConfig, generate
+from minimind_fast.serving.app import ServerThread, create_app
+from minimind_fast.serving.engine import Engine, QueueFull
+
+NAME = "tiny-test"
+CONTEXT = 128
+TEXTS = ["The cat sat on the mat.", "Hello world, the cat is grey.", "What colour is the cat? It is black.",
+         "Dogs run in the park and the sun is warm."]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS * 10))
+    tok_dir = train_tokenizer([corpus], 300, root / "tokenizer")
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(get_preset("tiny", vocab_size=load_tokenizer(tok_dir).vocab_size,
+                                           max_position_embeddings=512, kernels="reference"))
+    with torch.no_grad():  # peaked predictions: replies differ between prompts and rarely hit <|im_end|>
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(4)
+    return save_model_dir(model, root / "model", tokenizer_dir=tok_dir)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    model, tok = load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir)
+    engine = Engine(model, tok, max_batch=4, max_len=CONTEXT, max_queue=16).start()
+    http = ServerThread(create_app(engine, NAME, default_max_tokens=16)).start()
+    try:
+        yield {"url": f"http://127.0.0.1:{http.port}", "model": model, "tok": tok, "engine": engine}
+    finally:
+        http.stop()
+        engine.stop()
+
+
+@pytest.fixture()
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="x", timeout=60, max_retries=0)
+
+
+def expected_reply(server, content: str, max_tokens: int) -> str:
+    """What a lone greedy generation gives for this message (the server must match it in any batch)."""
+    tok = server["tok"]
+    out = generate(server["model"], [chat_prompt(tok, [{"role": "user", "content": content}])],
+                   GenerationConfig(max_new_tokens=max_tokens, temperature=0, stop_token_ids=[tok.eos_token_id]))
+    return tok.decode(out[0])
+
+
+def ask(client, content: str, max_tokens: int = 10, **kw):
+    return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": content}],
+                                          max_tokens=max_tokens, temperature=0, **kw)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_completion_matches_local_greedy_generation(server, client):
+    reply = ask(client, "What colour is the cat?")
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected_reply(server, "What colour is the cat?", 10)
+    assert choice.finish_reason in ("stop", "length") and reply.model == NAME
+    prompt_len = len(chat_prompt(server["tok"], [{"role": "user", "content": "What colour is the cat?"}]))
+    assert reply.usage.prompt_tokens == prompt_len and 1 <= reply.usage.completion_tokens <= 10
+
+
+def test_streaming_gives_the_same_text_in_chunks(server, client):
+    chunks = list(ask(client, "Hello world", stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ask(client, "Hello world").choices[0].message.content == expected_reply(server, "Hello world", 10)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
+
+
+def test_concurrent_requests_are_batched_and_each_exact(server, client):
+    questions = ["The cat sat", "Hello world", "What colour is the cat?", "Dogs run in the park"]
+    lengths = [6, 12, 9, 15]  # rows leave the batch at different steps
+
+    def one(i: int) -> str:
+        if i % 2:
+            stream = ask(client, questions[i], lengths[i], stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        return ask(client, questions[i], lengths[i]).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(one, range(4)))
+    assert replies == [expected_reply(server, q, n) for q, n in zip(questions, lengths)]
+    assert len(set(replies)) > 1 and server["engine"].peak_batch >= 2
+
+
+def test_stop_strings_cut_the_reply(server, client):
+    full = ask(client, "The cat sat", 15).choices[0].message.content
+    stop = full[3:5]
+    assert stop and full.index(stop) < len(full)
+    cut = ask(client, "The cat sat", 15, stop=[stop])
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_bad_requests_get_400_with_a_message(server):
+    url = server["url"] + "/v1/chat/completions"
+    good = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    cases = [
+        ("{not json", "not valid JSON"),
+        ({**good, "model": "gpt-4"}, "unknown model"),
+        ({**good, "max_tokens": CONTEXT}, "exceeds the context"),
+        ({**good, "messages": []}, "messages"),
+        ({**good, "messages": [{"role": "robot", "content": "Hi"}]}, "role"),
+        ({**good, "temperature": -1}, "temperature"),
+        ({**good, "n": 2}, "n"),
+        ({"messages": good["messages"]}, "model"),
+        ({**good, "messages": [{"role": "user", "content": "cat " * 200}]}, "context"),
+    ]
+    with httpx.Client(timeout=30) as http:
+        for body, needle in cases:
+            raw = body if isinstance(body, str) else json.dumps(body)
+            r = http.post(url, content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (body, r.text)
+            assert needle in r.json()["error"]["message"], (body, r.text)
+        assert http.post(url, content=json.dumps(good)).status_code == 200
+
+
+def test_a_full_queue_answers_503(model_dir):
+    model, tok = load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir)
+    engine = Engine(model, tok, max_batch=1, max_len=64, max_queue=1)  # not started: nothing leaves the queue
+
+    async def fill() -> None:
+        engine.submit([1, 2], GenerationConfig(max_new_tokens=2))
+        with pytest.raises(QueueFull):
+            engine.submit([1, 2], GenerationConfig(max_new_tokens=2))
+
+    asyncio.run(fill())
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    r = TestClient(create_app(engine, NAME)).post("/v1/chat/completions", json=body)
+    assert r.status_code == 503 and "busy" in r.json()["error"]["message"]
