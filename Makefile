@@ -56,3 +56,11 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) $(DATA)
+
+bench: $(STAMP)
+	$(BIN)/pytest benchmarks/ -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds
+	$(PY) benchmarks/report.py
+
+bench-gpu: $(STAMP)
+	$(BIN)/pytest benchmarks/ -q -p no:cacheprovider --gpu-sizes --benchmark-columns=median,iqr,rounds
+	$(PY) benchmarks/report.py
