@@ -46,10 +46,7 @@ def save_model_dir(
 
     `state_dict` overrides the model's own (the engine passes ZeRO-3-consolidated weights).
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         state = state_dict if state_dict is not None else state_dict_for_saving(model)
         if model.config.tie_word_embeddings:
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}
@@ -58,6 +55,29 @@ def save_model_dir(
         model.config.save(tmp / CONFIG)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
+
+    return write_dir_atomically(Path(out_dir), write, is_model_dir)
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / CONFIG).exists()
+
+
+def check_replaceable(out: Path, replaceable) -> None:
+    """Refuse to replace an existing, non-empty directory that `replaceable` does not recognise, so a
+    mistyped output path is never wiped by the replace-on-write below."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not replaceable(out):
+        raise FileExistsError(f"{out}: exists and is not a directory of the kind being written; "
+                              "refusing to replace it (choose another output path)")
+
+
+def write_dir_atomically(out: Path, write, replaceable) -> Path:
+    """Fill a temporary sibling of `out` with `write(tmp)`, then swap it into place."""
+    check_replaceable(out, replaceable)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -23,8 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -339,7 +337,7 @@ def export_hf(model_or_dir: MiniMindForCausalLM | str | os.PathLike, out_dir: st
         if tokenizer_dir is not None:
             checkpoint.copy_tokenizer(tokenizer_dir, tmp)
 
-    return _write_dir_atomically(out, write)
+    return checkpoint.write_dir_atomically(out, write, checkpoint.is_hf_dir)
 
 
 def tokenizer_dir_beside(src: Path) -> Path | None:
@@ -354,28 +352,14 @@ def tokenizer_dir_beside(src: Path) -> Path | None:
 
 def check_output_dir(out: str | os.PathLike, kind: str) -> None:
     """Refuse an --out that exists and is not an empty directory or a directory of the same `kind`
-    ("hf" or "model"), so that a mistyped path is never wiped by the replace-on-write."""
+    ("hf" or "model"), before any work is done."""
     out = Path(out)
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    same_kind = checkpoint.is_hf_dir(out) if kind == "hf" else (out / checkpoint.CONFIG).exists()
-    if not same_kind:
-        what = "a Hugging Face export" if kind == "hf" else "a model directory"
-        raise FileExistsError(f"{out}: exists and is not {what}; refusing to replace it (choose another --out)")
-
-
-def _write_dir_atomically(out: Path, write) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        checkpoint.check_replaceable(out, checkpoint.is_hf_dir if kind == "hf" else checkpoint.is_model_dir)
+    except FileExistsError:
+        what = "a Hugging Face export" if kind == "hf" else "a model directory"
+        raise FileExistsError(f"{out}: exists and is not {what}; refusing to replace it "
+                              "(choose another --out)") from None
 
 
 # --------------------------------------------------------------------------------------------------
