@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minimind_fast.data.loaders import build_loader
 from minimind_fast.training import checkpointing
 from minimind_fast.training.ds_config import build_ds_config, precision
 from minimind_fast.training.flops import model_flops_per_token, peak_flops
@@ -117,25 +116,18 @@ class Trainer:
         a = self.args
         check_output_dir(self.run_dir)
         data = Path(a.data)
-        if not (data / "manifest.json").exists():
-            raise TrainingError(f"--data {data}: no manifest.json there (write shards with launch/tokenize.py)")
-        self.manifest = json.loads((data / "manifest.json").read_text())
-        if self.manifest["kind"] not in _accepted_kinds(self.stage.data_kind):
-            raise TrainingError(f"--data {data} holds {self.manifest['kind']} shards; "
-                                f"the {self.stage.name} stage needs {self.stage.data_kind} shards")
+        self.manifest = self.stage.open_data(data)
         model = self.stage.build_model(self.manifest)
         self.stage.setup(model)
         self.config = model.config
-        self.loader = build_loader(self.stage.data_kind, data, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
-                                   seed=a.seed, rank=self.rank, world_size=self.world,
-                                   vocab_size=self.config.vocab_size, pin_memory=self.device.type == "cuda")
+        self.loader = self.stage.build_loader(data, split="train", rank=self.rank, world_size=self.world,
+                                              vocab_size=self.config.vocab_size,
+                                              pin_memory=self.device.type == "cuda")
         self.val_loader = None
         if a.eval_every > 0:
             try:
-                self.val_loader = build_loader(self.stage.data_kind, a.val_data or data, seq_len=a.seq_len,
-                                               micro_batch_size=a.micro_batch_size, seed=a.seed, rank=self.rank,
-                                               world_size=self.world, split="val",
-                                               vocab_size=self.config.vocab_size)
+                self.val_loader = self.stage.build_loader(Path(a.val_data or data), split="val", rank=self.rank,
+                                                          world_size=self.world, vocab_size=self.config.vocab_size)
             except ValueError as e:
                 if a.val_data:
                     raise
@@ -149,7 +141,7 @@ class Trainer:
         self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
         self.tokens_per_step = self.micro_batch * a.seq_len * self.grad_accum * self.world
         self.total_steps = a.steps or max(1, math.ceil(
-            a.epochs * self.loader.n_items * _items_tokens(self.loader, a.seq_len)
+            a.epochs * self.loader.n_items * self.stage.items_tokens(self.loader)
             / self.tokens_per_step))
         self.engine = self._wrap(model)
 
@@ -318,18 +310,6 @@ class Trainer:
                                       trainer_state, self.stage.tokenizer_dir(self.manifest), self.args.keep_last)
 
 
-def _accepted_kinds(kind: str) -> tuple[str, ...]:
-    return {"sft": ("sft", "reasoning")}.get(kind, (kind,))
-
-
-def _items_tokens(loader, seq_len: int) -> float:
-    """Tokens per loader item, for turning --epochs into steps (packed SFT: mean document length)."""
-    if loader.kind == "pretrain":
-        return seq_len
-    split = loader.manifest["splits"]["train"]
-    return split["tokens"] / max(split["docs"], 1) * (2 if loader.kind == "dpo" else 1)
-
-
 def _local_grad_norm(engine) -> float | None:
     """Gradient norm before clipping from the parameters' own .grad (plain fp32 without ZeRO; None when
     DeepSpeed keeps gradients elsewhere: ZeRO partitions or the bf16 optimizer's fp32 buffers)."""
@@ -368,7 +348,9 @@ def train(stage_cls: type[Stage], argv: list[str] | None = None, parser=None) ->
     """Parse flags, train, and turn `TrainingError`s into a clean one-line exit."""
     from minimind_fast.training.args import training_parser
 
-    parser = parser or training_parser(stage_cls.__doc__ or stage_cls.name, stage_cls.name)
+    if parser is None:
+        parser = training_parser(stage_cls.__doc__ or stage_cls.name, stage_cls.name)
+        stage_cls.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return Trainer(stage_cls(args), args).run()

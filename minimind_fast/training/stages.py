@@ -8,6 +8,7 @@ metrics, faults) is the one engine in `engine.py`, so a new method is a new `Sta
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from minimind_fast.checkpoint import load_model
 from minimind_fast.config import ModelConfig, get_preset
+from minimind_fast.data.loaders import build_loader
 from minimind_fast.model import MiniMindForCausalLM
 
 
@@ -28,6 +30,37 @@ class Stage:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Hook: the stage's own flags (LoRA rank, DPO beta, GRPO group size...)."""
+
+    # --- data --------------------------------------------------------------------------
+    def open_data(self, data: Path) -> dict:
+        """The manifest of `--data`, checked against the stage's data kind (raises ValueError)."""
+        if not (data / "manifest.json").exists():
+            raise ValueError(f"--data {data}: no manifest.json there (write shards with launch/tokenize.py)")
+        manifest = json.loads((data / "manifest.json").read_text())
+        accepted = {"sft": ("sft", "reasoning")}.get(self.data_kind, (self.data_kind,))
+        if manifest["kind"] not in accepted:
+            raise ValueError(f"--data {data} holds {manifest['kind']} shards; "
+                             f"the {self.name} stage needs {self.data_kind} shards")
+        return manifest
+
+    def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
+                     pin_memory: bool = False):
+        """The loader of one split; anything with `__iter__`, `state_dict`, `load_state_dict`, `n_items`."""
+        a = self.args
+        return build_loader(self.data_kind, data, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
+                            seed=a.seed, rank=rank, world_size=world_size, split=split, vocab_size=vocab_size,
+                            pin_memory=pin_memory)
+
+    def items_tokens(self, loader) -> float:
+        """Tokens per loader item, for turning --epochs into steps (packed SFT: mean document length)."""
+        if loader.kind == "pretrain":
+            return self.args.seq_len
+        split = loader.manifest["splits"]["train"]
+        return split["tokens"] / max(split["docs"], 1) * (2 if loader.kind == "dpo" else 1)
 
     # --- model -------------------------------------------------------------------------
     def model_config_overrides(self) -> dict:
