@@ -106,30 +106,52 @@ def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, gr
     return losses.sum() * scale, grad_hidden, grad_weight
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index):
-        check_device(hidden, weight)
-        loss, grad_hidden, grad_weight = _fused_forward(hidden.contiguous(), weight, targets, ignore_index,
-                                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return loss
+# A custom op rather than an autograd.Function: the forward syncs with the host (the count of valid
+# targets, the vocabulary check), which torch.compile cannot trace; as an opaque op with a fake
+# implementation it stays one node of the compiled graph. Unneeded gradients come back as empty tensors.
+@torch.library.custom_op("minimind_fast::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                             need_grad_hidden: bool, need_grad_weight: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_device(hidden, weight)
+    loss, grad_hidden, grad_weight = _fused_forward(hidden.contiguous(), weight, targets, ignore_index,
+                                                    need_grad_hidden, need_grad_weight)
+    return (loss, grad_hidden if grad_hidden is not None else hidden.new_empty(0),
+            grad_weight if grad_weight is not None else hidden.new_empty(0))
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        g = grad_loss.float()
-        dh = (grad_hidden.float() * g).to(grad_hidden.dtype) if grad_hidden is not None else None
-        dw = (grad_weight * g).to(ctx.weight_dtype) if grad_weight is not None else None
-        return dh, dw, None, None
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, weight, targets, ignore_index, need_grad_hidden, need_grad_weight):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape, dtype=torch.float32) if need_grad_weight else hidden.new_empty(0)
+    return loss, grad_hidden, grad_weight
+
+
+def _setup_context(ctx, inputs, output):
+    _, weight, _, _, need_grad_hidden, need_grad_weight = inputs
+    _, grad_hidden, grad_weight = output
+    ctx.save_for_backward(grad_hidden, grad_weight)
+    ctx.needs = (need_grad_hidden, need_grad_weight)
+    ctx.weight_dtype = weight.dtype
+    ctx.mark_non_differentiable(grad_hidden, grad_weight)
+
+
+def _backward(ctx, grad_loss, _grad_hidden_unused, _grad_weight_unused):
+    grad_hidden, grad_weight = ctx.saved_tensors
+    g = grad_loss.float()
+    dh = (grad_hidden.float() * g).to(grad_hidden.dtype) if ctx.needs[0] else None
+    dw = (grad_weight * g).to(ctx.weight_dtype) if ctx.needs[1] else None
+    return dh, dw, None, None, None, None
+
+
+_linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against targets without materialising all logits
     (same contract as `reference.linear_cross_entropy`: fp32 loss, 0 when every target is ignored)."""
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        check_device(hidden, weight)
-        return _fused_forward(hidden.contiguous(), weight, targets, ignore_index, False, False)[0]
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index)
+    grad = torch.is_grad_enabled()
+    return _linear_cross_entropy_op(hidden, weight, targets, ignore_index,
+                                    grad and hidden.requires_grad, grad and weight.requires_grad)[0]

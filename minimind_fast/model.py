@@ -59,6 +59,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
 
+    def add_and_norm(self, delta: torch.Tensor | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + delta), residual + delta) in one fused op; plain norm when delta is None."""
+        if delta is None:
+            return self(residual), residual
+        return self.ops.add_rms_norm(delta, residual, self.weight, self.eps)
+
 
 class KVCache:
     """Keys and values for every layer, preallocated for the whole generation (no concatenation).
@@ -208,14 +214,21 @@ class DecoderLayer(nn.Module):
         self.mlp = MoEFeedForward(config, ops) if config.use_moe else FeedForward(config, ops)
         self.ops = ops
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, kv_cache=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, kv_cache)
-        normed = self.post_attention_layernorm(h)
+    def forward(self, residual, delta, cos, sin, cu_seqlens=None, max_seqlen=None, kv_cache=None):
+        """Pre-norm block on the residual stream, with each residual add fused into the next norm.
+
+        `delta` is the previous block's MLP output, not yet added (None for the first block). Returns
+        (residual, mlp_output, aux_loss): the add of mlp_output happens in the next block's (or the
+        final) norm, so every activation is read once per add+norm instead of twice.
+        """
+        normed, residual = self.input_layernorm.add_and_norm(delta, residual)
+        attn = self.self_attn(normed, cos, sin, cu_seqlens, max_seqlen, kv_cache)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attn, residual)
         if isinstance(self.mlp, MoEFeedForward):
             out, aux = self.mlp(normed)
         else:
-            out, aux = self.mlp(normed), h.new_zeros((), dtype=torch.float32)
-        return h + out, aux
+            out, aux = self.mlp(normed), residual.new_zeros((), dtype=torch.float32)
+        return residual, out, aux
 
 
 class ModelOutput(NamedTuple):
@@ -293,15 +306,16 @@ class MiniMindForCausalLM(nn.Module):
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         h = self.model.dropout(self.model.embed_tokens(input_ids))
         aux_total = h.new_zeros((), dtype=torch.float32)
+        delta = None
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and kv_cache is None:
-                h, aux = checkpoint(layer, h, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+                h, delta, aux = checkpoint(layer, h, delta, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
-                h, aux = layer(h, cos, sin, cu_seqlens, max_seqlen, kv_cache)
+                h, delta, aux = layer(h, delta, cos, sin, cu_seqlens, max_seqlen, kv_cache)
             aux_total = aux_total + aux
         if kv_cache is not None:
             kv_cache.length += seqlen
-        h = self.model.norm(h)
+        h, _ = self.model.norm.add_and_norm(delta, h)
 
         loss = logits = None
         if targets is not None:

@@ -130,3 +130,22 @@ def test_kv_cache_decode_matches(device):
                 steps.append(model(next_ids[:, t:t + 1], kv_cache=cache).logits[:, -1])
         logits.append(torch.stack(steps))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu  # inductor compiles the Triton kernels into the graph only on CUDA
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_compiled_model_with_kernels_matches_eager(device, preset):
+    """`--compile` with the Triton op table: torch.compile must trace every kernel (custom ops and
+    autograd.Functions) and give the eager model's loss and gradients."""
+    reference, triton = twin_models(preset, device)
+    compiled = torch.compile(triton)
+    ids, targets = batch(device)
+    grads = []
+    for model in (triton, compiled):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, targets=targets)
+        (out.loss + out.aux_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in triton.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert_close_rel(grads[1][name], grads[0][name], 1e-4, name)
