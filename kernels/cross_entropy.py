@@ -3,9 +3,11 @@
 The (tokens x vocab) logits are the largest activation of a small model's step (vocab 6400 x 16k
 tokens in fp32 is 400 MB). Here they exist one chunk at a time: for each chunk, a matmul gives the
 logits, a Triton kernel computes the loss of each row with an online softmax over vocabulary blocks
-and overwrites the logits in place with their gradient `(softmax - onehot) / n_valid`, and two more
-matmuls turn it into the chunk's grad_hidden and its share of grad_weight. The gradients are thus
-ready after forward; backward only scales them by the incoming gradient.
+and overwrites the logits in place with their gradient `softmax - onehot`, and two more matmuls turn
+it into the chunk's grad_hidden and its share of grad_weight. The gradients are thus ready after
+forward; backward only scales them by the incoming gradient over n_valid. That division happens in
+fp32 in backward, never in the 16-bit logits: (softmax - onehot) / n_valid for thousands of tokens
+is below fp16's normal range and would underflow before DeepSpeed's loss scale could lift it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ IGNORE_INDEX = -100
 
 
 @triton.jit
-def _ce_rows(LOGITS, TARGETS, LOSS, stride, n_rows, n_cols, scale, ignore_index,
+def _ce_rows(LOGITS, TARGETS, LOSS, stride, n_rows, n_cols, ignore_index,
              ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # ROWS rows per program (one for a large vocabulary on a GPU); two passes over vocabulary blocks:
     # an online max / sum-of-exp for the log-sum-exp, then the gradient written over the logits.
@@ -46,7 +48,7 @@ def _ce_rows(LOGITS, TARGETS, LOSS, stride, n_rows, n_cols, scale, ignore_index,
         mask = row_mask[:, None] & (start + cols < n_cols)[None, :]
         x = tl.load(base + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         grad = tl.exp(x - lse[:, None]) - tl.where(start + cols[None, :] == target[:, None], 1.0, 0.0)
-        grad = tl.where(valid[:, None], grad * scale, 0.0)
+        grad = tl.where(valid[:, None], grad, 0.0)
         tl.store(base + start + cols[None, :], grad.to(LOGITS.dtype.element_ty), mask=mask)
 
 
@@ -83,7 +85,7 @@ def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, gr
     if weight.dim() != 2 or weight.shape[1] != dim or targets.shape != (n_rows,):
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
                          f"targets {tuple(targets.shape)} must be (N, H), (V, H) and (N,)")
-    scale = 1.0 / max(_count_valid(targets, vocab, ignore_index), 1)
+    n_valid = max(_count_valid(targets, vocab, ignore_index), 1)
     losses = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight_needed else None
@@ -96,14 +98,14 @@ def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, gr
         logits = (h @ weight.t()).float() if is_interpreter() else h @ weight.t()
         rows = rows_per_tile(h.shape[0], block)
         _ce_rows[(triton.cdiv(h.shape[0], rows),)](logits, t, losses[start:start + chunk], logits.stride(0),
-                                                   h.shape[0], vocab, scale, ignore_index, ROWS=rows, BLOCK=block,
+                                                   h.shape[0], vocab, ignore_index, ROWS=rows, BLOCK=block,
                                                    num_warps=8 if block >= 2048 else 4)
-        g = logits.to(hidden.dtype)  # now (softmax - onehot) / n_valid, written over the logits
+        g = logits.to(hidden.dtype)  # now softmax - onehot, written over the logits
         if grad_hidden is not None:
             torch.mm(g, weight, out=grad_hidden[start:start + chunk])
         if grad_weight is not None:
             _add_weight_grad(grad_weight, g, h)
-    return losses.sum() * scale, grad_hidden, grad_weight
+    return losses.sum() / n_valid, grad_hidden, grad_weight, n_valid
 
 
 # A custom op rather than an autograd.Function: the forward syncs with the host (the count of valid
@@ -112,12 +114,13 @@ def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, gr
 @torch.library.custom_op("minimind_fast::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                              need_grad_hidden: bool, need_grad_weight: bool
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_device(hidden, weight)
-    loss, grad_hidden, grad_weight = _fused_forward(hidden.contiguous(), weight, targets, ignore_index,
-                                                    need_grad_hidden, need_grad_weight)
+    loss, grad_hidden, grad_weight, n_valid = _fused_forward(hidden.contiguous(), weight, targets, ignore_index,
+                                                             need_grad_hidden, need_grad_weight)
+    inv_n_valid = torch.full((), 1.0 / n_valid, dtype=torch.float32, device=hidden.device)
     return (loss, grad_hidden if grad_hidden is not None else hidden.new_empty(0),
-            grad_weight if grad_weight is not None else hidden.new_empty(0))
+            grad_weight if grad_weight is not None else hidden.new_empty(0), inv_n_valid)
 
 
 @_linear_cross_entropy_op.register_fake
@@ -125,21 +128,21 @@ def _(hidden, weight, targets, ignore_index, need_grad_hidden, need_grad_weight)
     loss = hidden.new_empty((), dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
     grad_weight = weight.new_empty(weight.shape, dtype=torch.float32) if need_grad_weight else hidden.new_empty(0)
-    return loss, grad_hidden, grad_weight
+    return loss, grad_hidden, grad_weight, hidden.new_empty((), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     _, weight, _, _, need_grad_hidden, need_grad_weight = inputs
-    _, grad_hidden, grad_weight = output
-    ctx.save_for_backward(grad_hidden, grad_weight)
+    _, grad_hidden, grad_weight, inv_n_valid = output
+    ctx.save_for_backward(grad_hidden, grad_weight, inv_n_valid)
     ctx.needs = (need_grad_hidden, need_grad_weight)
     ctx.weight_dtype = weight.dtype
-    ctx.mark_non_differentiable(grad_hidden, grad_weight)
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, inv_n_valid)
 
 
-def _backward(ctx, grad_loss, _grad_hidden_unused, _grad_weight_unused):
-    grad_hidden, grad_weight = ctx.saved_tensors
-    g = grad_loss.float()
+def _backward(ctx, grad_loss, *_unused_output_grads):
+    grad_hidden, grad_weight, inv_n_valid = ctx.saved_tensors
+    g = grad_loss.float() * inv_n_valid
     dh = (grad_hidden.float() * g).to(grad_hidden.dtype) if ctx.needs[0] else None
     dw = (grad_weight * g).to(ctx.weight_dtype) if ctx.needs[1] else None
     return dh, dw, None, None, None, None

@@ -177,3 +177,18 @@ def test_torch_compile_traces_the_fused_loss(device):
     want = loss_and_grads(step, hidden, weight, targets)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_gradients_survive_many_tokens(device):
+    """fp16 training: with thousands of tokens, (softmax - onehot) / n_valid falls below fp16's normal
+    range; the gradients must be carried unscaled and divided by n_valid only in fp32, or they
+    underflow before DeepSpeed's loss scale (the upstream gradient) can lift them."""
+    hidden, weight, targets = make_inputs(4096, 32, 512, torch.float16, device, ignore_every=0)
+    got = loss_and_grads(ce.linear_cross_entropy, hidden, weight, targets, upstream=65536.0)
+    low = loss_and_grads(ref.linear_cross_entropy, hidden, weight, targets, upstream=65536.0)
+    exact = loss_and_grads(ref.linear_cross_entropy, hidden.double(), weight.double(), targets, upstream=65536.0)
+    for name, k, r, x in zip(("loss", "hidden", "weight"), got, low, exact):
+        check(k, r, x, name)
+    for name, k, r, x in zip(("hidden", "weight"), got[1:], low[1:], exact[1:]):
+        err, ref_err = (((t.double() - x).norm() / x.norm()).item() for t in (k, r))
+        assert err <= 2 * ref_err + 2e-4, f"grad_{name}: relative error {err:.2e}, reference's own {ref_err:.2e}"
