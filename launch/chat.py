@@ -29,7 +29,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model dir, run dir, Hugging Face export or MiniMind .pth")
     p.add_argument("--tokenizer", help="tokenizer dir (default: the one beside the weights)")
-    p.add_argument("--lora", help="LoRA adapter directory to apply")
+    p.add_argument("--lora", help="LoRA adapter to apply: adapter dir, or a LoRA run/checkpoint dir "
+                                  "(its newest adapter)")
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--batch", help="JSONL file of prompts to answer")
     p.add_argument("--output", help="JSONL answers for --batch")

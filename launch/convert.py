@@ -5,6 +5,7 @@
     python launch/convert.py to-hf RUN_OR_MODEL_DIR --out hf/minimind [--dtype bfloat16] [--tokenizer DIR]
     python launch/convert.py from-hf hf/minimind --out models/back
     python launch/convert.py merge-lora MODEL_DIR --lora ADAPTER_DIR --out models/merged
+    python launch/convert.py merge-lora LORA_RUN --lora LORA_RUN --out models/merged   (a LoRA run keeps its base)
 
 A `.pth` carries no config: sizes come from the tensor shapes; the head count (not visible in the
 shapes) defaults to MiniMind2's 8. Any ModelConfig field can be set with --set NAME=VALUE.
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model -> model directory")
     s.add_argument("model", help="base model directory, run directory or .pth")
-    s.add_argument("--lora", required=True, help="adapter directory (adapter.safetensors + adapter_config.json)")
+    s.add_argument("--lora", required=True, help="adapter directory (adapter.safetensors + adapter_config.json), "
+                   "or a LoRA run/checkpoint directory (its newest adapter)")
     s.add_argument("--out", required=True)
     s.add_argument("--tokenizer")
     s.set_defaults(func=merge_lora)

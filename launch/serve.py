@@ -20,7 +20,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model dir, run dir, Hugging Face export or MiniMind .pth")
     p.add_argument("--tokenizer", help="tokenizer dir (default: the one beside the weights)")
-    p.add_argument("--lora", help="LoRA adapter directory to apply")
+    p.add_argument("--lora", help="LoRA adapter to apply: adapter dir, or a LoRA run/checkpoint dir "
+                                  "(its newest adapter)")
     p.add_argument("--name", help="model id clients must send (default: the model path's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

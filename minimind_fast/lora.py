@@ -5,6 +5,10 @@ ends with one of `target_modules` gets an adapter, whatever its shape, so under 
 are adapted too. Base weights are frozen (`requires_grad=False`), so they never enter optimizer state.
 Adapters are saved apart in a small safetensors file with their settings, loaded at chat time, and
 merged into the base weights for export.
+
+A LoRA training run keeps the frozen base weights in each model directory it writes and the adapter
+beside them in its `adapter/` subdirectory (`RUN/final/adapter/`, `RUN/checkpoints/step_N/model/adapter/`);
+`resolve_adapter_dir` finds the newest adapter from a run, checkpoint, model or adapter directory.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -112,14 +117,29 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_lora(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write `adapter.safetensors` + `adapter_config.json` (the adapters only, a few MB at most)."""
+def split_adapters(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(frozen base weights under the plain model's keys, adapter weights) of a state dict.
+
+    Unlike `base_state_dict` nothing is merged: the checkpointer stores the base as it was loaded, so
+    that an adapter can be applied to it, merged into it, or dropped.
+    """
+    base = {k.replace(".base.", "."): v for k, v in state.items() if ".lora_" not in k}
+    adapters = {k: v.contiguous() for k, v in state.items() if ".lora_" in k}
+    return base, adapters
+
+
+def save_lora(model: nn.Module, out_dir: str | os.PathLike,
+              state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `adapter.safetensors` + `adapter_config.json` (the adapters only, a few MB at most).
+
+    `state` overrides the model's own adapter weights (ZeRO-3 checkpoints pass gathered ones).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config: LoraConfig = model.lora_config
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
     os.close(fd)
-    save_file(lora_state_dict(model), tmp)
+    save_file(state if state is not None else lora_state_dict(model), tmp)
     os.replace(tmp, out / ADAPTER_WEIGHTS)
     tmp_cfg = out / f"{ADAPTER_CONFIG}.tmp"
     tmp_cfg.write_text(json.dumps(asdict(config), indent=2))
@@ -127,9 +147,33 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).exists() or (path / ADAPTER_WEIGHTS).exists()
+
+
+def resolve_adapter_dir(path: str | os.PathLike) -> Path:
+    """The adapter in an adapter dir, a model dir (`adapter/`), a checkpoint dir (`model/adapter/`) or a
+    LoRA run dir (`final/adapter/`, else the newest checkpoint's), so chat and merge take a run dir."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such LoRA adapter, run or checkpoint directory")
+    for candidate in (p, p / ADAPTER_DIR, p / "model" / ADAPTER_DIR, p / "final" / ADAPTER_DIR):
+        if _is_adapter_dir(candidate):
+            return candidate
+    ckpts = sorted(d for d in (p / "checkpoints").glob("step_*")
+                   if not d.name.endswith(".tmp") and _is_adapter_dir(d / "model" / ADAPTER_DIR))
+    if ckpts:
+        return ckpts[-1] / "model" / ADAPTER_DIR
+    raise FileNotFoundError(f"{p}: no LoRA adapter there ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}, in it, in "
+                            f"{ADAPTER_DIR}/, final/{ADAPTER_DIR}/ or checkpoints/step_*/model/{ADAPTER_DIR}/)")
+
+
 def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """Wrap `model` with the adapters saved in `adapter_dir` (in place) and load their weights."""
-    adapter_dir = Path(adapter_dir)
+    """Wrap `model` with the adapters saved in `adapter_dir` (in place) and load their weights.
+
+    `adapter_dir` may also be a LoRA run, checkpoint or model directory (see `resolve_adapter_dir`).
+    """
+    adapter_dir = resolve_adapter_dir(adapter_dir)
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (adapter_dir / name).exists():
             raise FileNotFoundError(f"{adapter_dir}: missing {name} (not a LoRA adapter directory)")

@@ -10,7 +10,7 @@ background thread builds batches ahead into pinned memory.
 Batches are dicts of CPU tensors (see `minimind_fast/data/FORMAT.md`): `input_ids`, `targets`
 (already shifted, -100 where no loss), `position_ids` (restarting at every packed document),
 `cu_seqlens` (int32 document offsets over the flattened batch) and `max_seqlen`; reasoning adds
-`loss_weight`; DPO gives `chosen_*` and `rejected_*` of each.
+`loss_weight`; DPO gives `chosen_*` and `rejected_*` of each, and `pair_index` (the pairs' numbers).
 """
 
 from __future__ import annotations
@@ -353,8 +353,17 @@ class DPOLoader(ShardLoader):
         n = min(self.batch_size, len(order) - cursor)
         if n <= 0 or (self.drop_last and n < self.batch_size):
             return None
-        shard_idx, pair = _locate(self.cum, order[cursor:cursor + n])
-        out = {}
+        return self.pairs_batch(order[cursor:cursor + n]), cursor + n
+
+    def pairs_batch(self, pairs: np.ndarray) -> dict:
+        """The batch of the given pair numbers of this split, in that order.
+
+        `pair_index` carries them: a stable id per pair (for reference log-probs computed once).
+        """
+        pairs = np.asarray(pairs, dtype=np.int64)
+        n = len(pairs)
+        shard_idx, pair = _locate(self.cum, pairs)
+        out = {"pair_index": torch.from_numpy(pairs.copy())}
         for side, delta in (("chosen", 0), ("rejected", 1)):
             seqs = []
             for s, p in zip(shard_idx, pair):
@@ -369,7 +378,7 @@ class DPOLoader(ShardLoader):
             out[f"{side}_input_ids"] = torch.from_numpy(ids_t)
             out[f"{side}_targets"] = torch.from_numpy(tgt_t)
             out[f"{side}_position_ids"] = torch.arange(width).expand(n, width).clone()
-        return out, cursor + n
+        return out
 
     @property
     def tokens_per_batch(self) -> int:

@@ -3,7 +3,8 @@
 Layout of one checkpoint, `RUN/checkpoints/step_NNNNNNNN/`:
     deepspeed/          DeepSpeed's own (model, optimizer, scheduler, loss scale; sharded under ZeRO)
     model/              a model directory (safetensors + model_config.json + tokenizer): what later
-                        stages, chat and export load
+                        stages, chat and export load; with LoRA, the frozen base weights (unmerged)
+                        and the adapter in model/adapter/ (see minimind_fast.lora)
     rank_R.pt           rank R's loader position and RNG states (tensors only: loads weights_only)
     trainer_state.json  step, tokens seen, bad-step count
     COMPLETE            written last: only checkpoints holding it are resumed from
@@ -64,16 +65,24 @@ def set_rng_state(state: dict) -> None:
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Full weights on rank 0 (gathered from the ZeRO-3 partitions when needed), None elsewhere."""
+    """Full weights on rank 0 (gathered from the ZeRO-3 partitions when needed), None elsewhere.
+
+    LoRA adapters are included (under their `.lora_` keys): `save_checkpoint` splits them off."""
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
         return {k: v.detach().cpu() for k, v in state.items()} if state is not None else None
-    module = engine.module
-    from minimind_fast.lora import LoraLinear, base_state_dict
+    return None if dist.get_rank() else state_dict_for_saving(engine.module)
 
-    if any(isinstance(m, LoraLinear) for m in module.modules()):
-        return None if dist.get_rank() else {k: v.cpu() for k, v in base_state_dict(module).items()}
-    return None if dist.get_rank() else state_dict_for_saving(module)
+
+def save_model_and_adapter(module, out: Path, state: dict[str, torch.Tensor],
+                           tokenizer_dir: Path | None) -> None:
+    """The model directory; under LoRA the frozen base weights there and the adapter in out/adapter/."""
+    from minimind_fast.lora import ADAPTER_DIR, save_lora, split_adapters
+
+    base, adapters = split_adapters(state)
+    save_model_dir(module, out, tokenizer_dir=tokenizer_dir, state_dict=base)
+    if adapters:
+        save_lora(module, out / ADAPTER_DIR, state=adapters)
 
 
 def save_checkpoint(engine, stage, run_dir: Path, step: int, loader_state: dict, trainer_state: dict,
@@ -90,7 +99,7 @@ def save_checkpoint(engine, stage, run_dir: Path, step: int, loader_state: dict,
     torch.save({"loader": json.dumps(loader_state), "rng": rng_state()}, tmp / f"rank_{rank}.pt")
     state = consolidated_state_dict(engine)
     if rank == 0:
-        save_model_dir(engine.module, tmp / "model", tokenizer_dir=tokenizer_dir, state_dict=state)
+        save_model_and_adapter(engine.module, tmp / "model", state, tokenizer_dir)
         stage.save_extra(engine.module, tmp)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     dist.barrier()

@@ -1,0 +1,166 @@
+"""Prompt datasets for on-policy training (GRPO): a JSONL of prompts and a rank-aware, resumable loader.
+
+Each line is `{"prompt": "...", "answer": ...}` (any further fields are kept and handed to the reward
+functions), or `{"conversations": [...]}`, whose messages up to and including the last user turn are
+the prompt (later turns, such as a reference reply, are dropped). Prompts are rendered with the
+tokenizer's chat template and a generation prompt, which is exactly the prefix the SFT data puts
+before an assistant reply (see `records.conversation_doc`), so the policy continues the way it was
+trained to. Problems raise ValueError naming the file, the line and the field.
+
+Unlike the shard loaders, prompts are few and small, so they are read and encoded into memory once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minimind_fast.data.records import ROLES
+from minimind_fast.data.tokenizer import ChatTokenizer
+
+
+@dataclass
+class PromptRecord:
+    messages: list[dict]
+    sample: dict  # the JSONL record as read: what reward functions see
+    line: int
+
+
+def _messages(record: dict) -> list[dict]:
+    """The prompt's chat messages; raises ValueError with the field at fault (the caller adds file:line)."""
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+            raise ValueError("field 'prompt' must be a non-empty string")
+        return [{"role": "user", "content": record["prompt"]}]
+    if "conversations" not in record:
+        raise ValueError("needs a field 'prompt' (string) or 'conversations' (list of messages)")
+    msgs = record["conversations"]
+    if not isinstance(msgs, list):
+        raise ValueError("field 'conversations' must be a list of messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"field 'conversations'[{i}] needs a role in {ROLES} and a string content")
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    if not users:
+        raise ValueError("field 'conversations' has no user message to answer")
+    return msgs[:users[-1] + 1]
+
+
+def read_prompt_file(path: str | Path, required: dict[str, str] | None = None) -> list[PromptRecord]:
+    """Every prompt of a JSONL file (blank lines skipped). `required` maps a field every record must
+    have to the reason given when one lacks it (e.g. {"answer": "the 'answer' reward"})."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file (expected a JSONL of prompts)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: a line must hold a JSON object")
+            try:
+                messages = _messages(record)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            for field, needed_by in (required or {}).items():
+                if record.get(field) is None:
+                    raise ValueError(f"{where}: no field '{field}' (needed by {needed_by})")
+            records.append(PromptRecord(messages, record, lineno))
+    if not records:
+        raise ValueError(f"{path}: no prompts in the file")
+    return records
+
+
+def encode_prompts(records: list[PromptRecord], tokenizer: ChatTokenizer, max_tokens: int,
+                   source: str = "") -> tuple[list[list[int]], list[PromptRecord]]:
+    """Token ids of each prompt under the chat template (with the generation prompt), leaving out
+    those longer than `max_tokens` (no room left to answer); returns (ids, the records kept)."""
+    texts = []
+    for r in records:
+        try:
+            texts.append(tokenizer.apply_chat_template(r.messages, add_generation_prompt=True))
+        except Exception as e:  # a user template may reject a record (e.g. it wants a system message)
+            raise ValueError(f"{source}:{r.line}: the chat template failed on this prompt ({e})") from None
+    ids, kept = [], []
+    for r, enc in zip(records, tokenizer.encode_batch(texts)):
+        if len(enc) <= max_tokens:
+            ids.append(enc)
+            kept.append(r)
+    return ids, kept
+
+
+class PromptLoader:
+    """Micro-batches of prompts, forever: each epoch a seeded permutation split disjointly over ranks.
+
+    For on-policy reuse, every `grad_accum` consecutive micro-batches (one optimizer step's worth)
+    are handed out `repeats` times in a row; each batch says which rollout it is (`rollout_id`, a
+    count of distinct batches on this rank) and which pass over it (`rollout_pass`). The position is
+    one counter, so `state_dict()` after a batch resumes exactly at the next one.
+    """
+
+    kind = "prompts"
+
+    def __init__(self, prompts: list[list[int]], samples: list[dict], *, micro_batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1, repeats: int = 1, source: str = "prompts"):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if micro_batch_size < 1 or grad_accum < 1 or repeats < 1:
+            raise ValueError("micro_batch_size, grad_accum and repeats must be positive")
+        if len(prompts) != len(samples):
+            raise ValueError("one sample record per prompt")
+        self.prompts, self.samples = prompts, samples
+        self.batch_size, self.seed, self.rank, self.world_size = micro_batch_size, seed, rank, world_size
+        self.grad_accum, self.repeats = grad_accum, repeats
+        self.n_items = len(prompts)
+        self.batches_per_epoch = self.n_items // world_size // micro_batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{source}: {self.n_items} prompts cannot fill one micro-batch of {micro_batch_size} "
+                             f"on each of {world_size} rank(s); lower --micro-batch-size or add prompts")
+        self.position = 0  # batches handed out so far, repeats included
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _rank_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            perm = np.random.default_rng((self.seed, epoch)).permutation(self.n_items)
+            per_rank = self.n_items // self.world_size
+            self._order = (epoch, perm[self.rank::self.world_size][:per_rank])
+        return self._order[1]
+
+    def batch_at(self, position: int) -> dict:
+        """The batch handed out at `position` (a pure function of it: what makes resume exact)."""
+        cycle, within = divmod(position, self.grad_accum * self.repeats)
+        rollout_pass, micro = divmod(within, self.grad_accum)
+        rollout_id = cycle * self.grad_accum + micro
+        epoch, b = divmod(rollout_id, self.batches_per_epoch)
+        picked = self._rank_order(epoch)[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+        return {"prompt_ids": [self.prompts[i] for i in picked], "samples": [self.samples[i] for i in picked],
+                "prompt_index": picked, "rollout_id": rollout_id, "rollout_pass": rollout_pass, "epoch": epoch}
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            batch = self.batch_at(self.position)
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "position": self.position, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "micro_batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "repeats": self.repeats, "n_items": self.n_items}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("kind", "seed", "rank", "world_size", "micro_batch_size", "grad_accum", "repeats", "n_items"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"loader state has {key}={state[key]!r}, this run has {mine[key]!r}: "
+                                 f"resuming would not see the same prompts")
+        self.position = int(state["position"])

@@ -1,0 +1,275 @@
+"""Direct preference optimisation: raise the chosen reply's log-probability over the rejected one's,
+measured against a frozen reference model.
+
+    loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+
+where pi_* and ref_* are the policy's and the reference's log-probabilities of a whole reply: the sum
+over its assistant tokens (targets != -100). With `--label-smoothing eps` (conservative DPO, for noisy
+labels) the loss is `(1 - eps) * that + eps * (the same with chosen and rejected swapped)`.
+
+The reference is the `--init` model unless `--reference` names another. It either runs beside the
+policy at every step, or (`--precompute-reference`) scores every train and val pair once before
+training, in the training precision, into `RUN/reference_logps.safetensors` (keyed by pair number,
+reused on resume), and is freed: no second model in memory and one forward per step instead of two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from minimind_fast.checkpoint import load_model
+from minimind_fast.data.loaders import build_loader
+from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.training.stages import FineTuneStage
+
+IGNORE = -100
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+def concat_pairs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen rows then rejected rows, padded to one width, so one forward scores both sides."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    ids = torch.cat([pad(batch[f"{s}_input_ids"], 0) for s in ("chosen", "rejected")])
+    targets = torch.cat([pad(batch[f"{s}_targets"], IGNORE) for s in ("chosen", "rejected")])
+    positions = torch.arange(width, device=ids.device).expand_as(ids)
+    return ids, targets, positions
+
+
+def sequence_logps(model, input_ids: torch.Tensor, targets: torch.Tensor,
+                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum of log p(target) over each row's target tokens in fp32, the model's MoE aux loss).
+
+    Only the rows' target positions are upcast and normalised: prompt and padding logits are never
+    copied to fp32.
+    """
+    out = model(input_ids=input_ids, position_ids=position_ids)
+    valid = targets != IGNORE
+    rows = valid.nonzero(as_tuple=True)[0]
+    token_logps = -F.cross_entropy(out.logits[valid].float(), targets[valid], reduction="none")
+    logps = torch.zeros(input_ids.shape[0], device=token_logps.device, dtype=torch.float32)
+    return logps.index_add(0, rows, token_logps), out.aux_loss
+
+
+def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean (conservative) DPO loss over the pairs, with the implicit rewards as metrics."""
+    reward_chosen = beta * (pi_chosen - ref_chosen)
+    reward_rejected = beta * (pi_rejected - ref_rejected)
+    margin = reward_chosen - reward_rejected
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    loss = losses.mean()
+    metrics = {"dpo_loss": loss.item(), "reward_chosen": reward_chosen.mean().item(),
+               "reward_rejected": reward_rejected.mean().item(), "reward_margin": margin.mean().item(),
+               "reward_accuracy": (margin > 0).float().mean().item()}
+    return loss, metrics
+
+
+def training_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    """The precision the engine will train in (so precomputed reference scores match a live reference)."""
+    if args.dtype == "fp16":
+        return torch.float16
+    if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+class DPOStage(FineTuneStage):
+    """DPO on preference pairs (DPO shards) against a frozen reference model."""
+
+    name = "dpo"
+    data_kind = "dpo"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("DPO")
+        g.add_argument("--beta", type=float, default=0.1, help="strength of the pull to the reference")
+        g.add_argument("--reference", help="reference model (default: the --init model)")
+        g.add_argument("--precompute-reference", action="store_true",
+                       help="score every pair with the reference once, store it in the run dir, free the model")
+        g.add_argument("--label-smoothing", type=float, default=0.0,
+                       help="conservative DPO: the share of pairs assumed mislabelled (0 <= eps < 0.5)")
+
+    def items_tokens(self, loader) -> float:
+        """A pair takes one batch row: counting it as seq_len tokens makes --epochs count pairs."""
+        return self.args.seq_len
+
+    def tokens_in_batch(self, batch: dict) -> int:
+        return int(batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel())
+
+    # --- reference -------------------------------------------------------------------------
+    def setup(self, model: MiniMindForCausalLM) -> None:
+        a = self.args
+        if a.beta <= 0:
+            raise ValueError(f"--beta {a.beta}: must be positive")
+        if not 0 <= a.label_smoothing < 0.5:
+            raise ValueError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
+        if a.reference and not Path(a.reference).exists():
+            raise FileNotFoundError(f"--reference {a.reference}: no such file or directory")
+        self.tables: dict[str, torch.Tensor] | None = None
+        # Precomputing loads the reference only if the run dir holds no usable scores (on resume it does);
+        # until then the policy, untouched before DeepSpeed wraps it, stands for the --init weights.
+        self._init_model = model if a.precompute_reference else None
+        self.reference = None if a.precompute_reference else self._load_reference(model)
+
+    def _load_reference(self, model: MiniMindForCausalLM) -> MiniMindForCausalLM:
+        a = self.args
+        if a.reference:
+            reference = load_model(a.reference, kernels=a.kernels)
+            if reference.config.vocab_size != model.config.vocab_size:
+                raise ValueError(f"--reference {a.reference}: vocab_size {reference.config.vocab_size} differs "
+                                 f"from the policy's {model.config.vocab_size} ({a.init})")
+        else:
+            reference = copy.deepcopy(model)
+        reference.gradient_checkpointing = False
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        return reference.eval()
+
+    def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
+                     pin_memory: bool = False):
+        """The split's loader; with --precompute-reference the train call also scores every pair."""
+        loader = super().build_loader(data, split=split, rank=rank, world_size=world_size, vocab_size=vocab_size,
+                                      pin_memory=pin_memory)
+        if split == "train" and self.args.precompute_reference:
+            self.tables = self._reference_tables(loader, vocab_size)
+            self.reference = self._init_model = None  # the scores replace the reference
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return loader
+
+    def _reference_tables(self, train_loader, vocab_size: int) -> dict[str, torch.Tensor]:
+        """{split: (pairs, 2) reference log-probs}: from the run dir when it matches, else computed now."""
+        a = self.args
+        loaders = {"train": train_loader}
+        if a.eval_every > 0:
+            try:
+                loaders["val"] = build_loader("dpo", Path(a.val_data or a.data), seq_len=a.seq_len,
+                                              micro_batch_size=a.micro_batch_size, split="val",
+                                              vocab_size=vocab_size)
+            except ValueError:
+                pass  # no val split: the engine says so when it builds its own
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        dtype = training_dtype(a, device)
+        meta = {"reference": str(Path(a.reference or a.init).resolve()), "dtype": str(dtype),
+                "seq_len": a.seq_len, **{f"{split}_data": _data_identity(loader) for split, loader in loaders.items()}}
+        path = Path(a.out) / REFERENCE_FILE
+        tables = _read_tables(path, meta)
+        if all_ranks_agree(tables is not None, device):
+            _note(f"reference log-probs reused from {path}")
+            return tables
+        _note(f"scoring {sum(x.n_items for x in loaders.values())} pairs with the reference -> {path}")
+        self.reference = self._load_reference(self._init_model).to(device=device, dtype=dtype)
+        tables = {split: self._score_split(loader, device) for split, loader in loaders.items()}
+        if dist.get_rank() == 0:
+            _write_tables(path, tables, meta)
+        dist.barrier()
+        return tables
+
+    @torch.no_grad()
+    def _score_split(self, loader, device: torch.device) -> torch.Tensor:
+        """(pairs, 2) reference log-probs of a split: each rank scores every world_size-th batch, summed."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        table = torch.zeros(loader.n_items, 2, dtype=torch.float64, device=device)
+        order = np.arange(loader.n_items)
+        chunks = [order[i:i + loader.batch_size] for i in range(0, len(order), loader.batch_size)]
+        for chunk in chunks[rank::world]:
+            batch = {k: v.to(device) for k, v in loader.pairs_batch(chunk).items()}
+            table[batch["pair_index"]] = self._live_reference(batch).double()
+        dist.all_reduce(table)
+        return table.float().cpu()
+
+    def _live_reference(self, batch: dict) -> torch.Tensor:
+        """(pairs, 2) log-probs of the chosen and rejected replies under the reference model."""
+        ids, targets, positions = concat_pairs(batch)
+        with torch.no_grad():
+            logps, _ = sequence_logps(self.reference, ids, targets, positions)
+        n = batch["chosen_input_ids"].shape[0]
+        return torch.stack([logps[:n], logps[n:]], dim=1)
+
+    def reference_logps(self, batch: dict, split: str, policy) -> torch.Tensor:
+        """(pairs, 2) reference log-probs of the batch: looked up by pair number, or computed live."""
+        if self.tables is not None:
+            if split not in self.tables:
+                raise RuntimeError(f"no precomputed reference log-probs for the {split} split")
+            return self.tables[split][batch["pair_index"].cpu()].to(batch["chosen_input_ids"].device)
+        weight = getattr(policy, "module", policy).model.embed_tokens.weight
+        self.reference.to(device=batch["chosen_input_ids"].device, dtype=weight.dtype)
+        return self._live_reference(batch)
+
+    # --- loss ------------------------------------------------------------------------------
+    def _loss(self, model, batch: dict, split: str) -> tuple[torch.Tensor, dict[str, float]]:
+        ids, targets, positions = concat_pairs(batch)
+        logps, aux = sequence_logps(model, ids, targets, positions)
+        n = batch["chosen_input_ids"].shape[0]
+        ref = self.reference_logps(batch, split, model)
+        loss, metrics = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], self.args.beta,
+                                 self.args.label_smoothing)
+        if aux is not None and self.uses_moe(model) and model.training:
+            loss = loss + aux
+            metrics["aux_loss"] = aux.detach().float().item()
+        return loss, metrics
+
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return self._loss(model, batch, "train")
+
+    def eval_loss(self, model, batch: dict) -> torch.Tensor:
+        """The DPO loss of held-out pairs (the engine logs it as val_loss)."""
+        return self._loss(model, batch, "val")[0]
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _data_identity(loader) -> list:
+    """What the scores of a split depend on besides the reference: its shards, tokenizer and size."""
+    split = loader.manifest["splits"][loader.split]
+    return [str(loader.shards[0].path.parent.resolve()), loader.manifest.get("tokenizer_fingerprint"),
+            split["tokens"], loader.n_items]
+
+
+def _note(text: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(text, flush=True)
+
+
+def _read_tables(path: Path, meta: dict) -> dict[str, torch.Tensor] | None:
+    """The stored reference log-probs if they were made for this reference, data and precision."""
+    if not path.exists():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            stored = f.metadata() or {}
+        tables = load_file(str(path))
+    except Exception as e:  # a corrupt file is recomputed, not fatal
+        _note(f"{path}: unreadable ({e}); recomputing")
+        return None
+    if json.loads(stored.get("meta", "{}")) != meta:
+        _note(f"{path}: made for another reference, data or precision; recomputing")
+        return None
+    return tables
+
+
+def _write_tables(path: Path, tables: dict[str, torch.Tensor], meta: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)

@@ -1,0 +1,364 @@
+"""GRPO: group-relative policy optimisation on prompts with rule-based (or user) rewards.
+
+Per micro-batch of P prompts the stage samples G completions of each from the current policy (the
+KV-cache decoder, all P*G rows in one batch), scores them with the `--reward` functions, and turns the
+rewards into group-normalised advantages A = (r - mean_group) / (std_group + eps) (population std).
+The loss is token-level (DAPO-style): the sum over every completion token of the micro-batch of
+
+    -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A) + kl_beta * k3,
+    ratio = exp(logp - logp_old),  k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1,
+
+divided by the number of completion tokens, so every token weighs the same whatever the length of its
+completion (per-sequence means would favour short wrong answers and long right ones less evenly).
+Log-probabilities are taken at the sampling temperature, for the policy and the reference alike.
+
+`logp_old` are the policy's log-probabilities when the rollout was sampled. They are taken from the
+first update's own forward pass (detached), where the weights are still those that sampled, so the
+ratio starts at exactly 1 and no extra forward is spent; the decoder's log-probabilities are not used,
+as they may differ from the training forward by kernel rounding. `--updates-per-rollout` mu > 1
+reuses each rollout for mu optimizer steps (the loader repeats the step's micro-batches), which is
+where clipping acts. The rollout buffer is not checkpointed: a run resumed part-way through a
+rollout's passes samples a fresh rollout for the remaining ones.
+
+Under ZeRO-3 the parameters are partitioned, so before sampling every rank gathers them
+(`deepspeed.zero.GatheredParameters`, collective) into a private full copy and generates with that;
+this costs one more copy of the model per rank, fine for MiniMind sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt_file
+from minimind_fast.generation import GenerationConfig, generate
+from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.training.rewards import REWARDS, RewardSet
+from minimind_fast.training.stages import FineTuneStage
+
+ADV_EPS = 1e-4
+
+
+# ------------------------------------------------------------------------------------- the maths
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
+    """(r - mean of its group) / (population std of its group + eps); rows are grouped consecutively.
+
+    A group whose completions all scored the same gets zero advantage: it carries no preference.
+    """
+    groups = rewards.view(-1, group_size)
+    mean = groups.mean(-1, keepdim=True)
+    std = groups.std(-1, unbiased=False, keepdim=True)
+    return ((groups - mean) / (std + eps)).view(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(policy || reference) per token: unbiased and never negative."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float,
+              kl_beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped surrogate plus the KL penalty, averaged over the completion tokens (`mask`).
+
+    logprobs/old_logprobs/ref_logprobs/mask are (N, T); advantages (N,), one per completion.
+    Returns the loss and {kl, clip_fraction, ratio_mean} over the masked tokens.
+    """
+    mask = mask.to(logprobs.dtype)
+    n = mask.sum().clamp(min=1)
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None].to(logprobs.dtype)
+    clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    kl = k3_kl(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
+    if kl_beta:
+        per_token = per_token + kl_beta * kl
+    loss = (per_token * mask).sum() / n
+    with torch.no_grad():
+        clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
+        stats = {"kl": ((kl * mask).sum() / n).item(), "clip_fraction": ((clipped * mask).sum() / n).item(),
+                 "ratio_mean": ((ratio * mask).sum() / n).item()}
+    return loss, stats
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) at `targets`, in fp32 at least: (N, T, V), (N, T) -> (N, T)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+# ----------------------------------------------------------------------------------- rollouts
+
+@dataclass
+class Rollout:
+    """Sampled completions, packed for the training forward, and what the loss needs besides."""
+
+    input_ids: torch.Tensor  # (N, L) prompt + completion, right-padded
+    targets: torch.Tensor  # (N, K) the token each of the last K positions predicts
+    mask: torch.Tensor  # (N, K) True where that token is a completion token
+    advantages: torch.Tensor  # (N,)
+    ref_logprobs: torch.Tensor | None  # (N, K)
+    old_logprobs: torch.Tensor | None  # (N, K), set by the first update
+    metrics: dict[str, float]
+    tokens: int  # prompt + completion tokens (for tokens/s)
+
+
+def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded inputs (N, L) and, for the last K = L - min_prompt + 1 positions only (the only
+    ones that can predict a completion token), targets and the completion mask (N, K)."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.bool)  # mask[:, t]: token t is a completion token
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, len(p):len(s)] = True
+    start = min(len(p) for p in prompts)  # first completion token's position
+    # Position t predicts token t+1: inputs are ids[:, :-1], and the kept positions are start-1 .. L-2.
+    return ids[:, :-1], ids[:, start:], mask[:, start:]
+
+
+def rollout_seed(seed: int, rank: int, rollout_id: int) -> int:
+    """A sampling seed per (run seed, rank, rollout): reproducible, and unrelated across rollouts."""
+    digest = hashlib.sha256(f"{seed}:{rank}:{rollout_id}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")
+
+
+# -------------------------------------------------------------------------------------- the stage
+
+class GRPOStage(FineTuneStage):
+    """GRPO: sample groups of completions per prompt, reward them, and push up the better ones."""
+
+    name = "grpo"
+    data_kind = "prompts"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("grpo")
+        g.add_argument("--group-size", type=int, default=4, help="completions sampled per prompt (G)")
+        g.add_argument("--max-new-tokens", type=int, default=128)
+        g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+        g.add_argument("--top-p", type=float, default=1.0)
+        g.add_argument("--top-k", type=int, default=0)
+        g.add_argument("--reward", action="append", metavar="SPEC",
+                       help=f"repeatable: {'|'.join(REWARDS)}|module:function|file.py:function, each "
+                            f"optionally :WEIGHT (default: answer and format)")
+        g.add_argument("--clip-eps", type=float, default=0.2)
+        g.add_argument("--kl-beta", type=float, default=0.04, help="weight of the KL penalty (0: no reference)")
+        g.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (mu)")
+        g.add_argument("--tokenizer", help="tokenizer directory (default: the one stored with --init)")
+        parser.set_defaults(seq_len=512, micro_batch_size=4, lr=1e-6, eval_every=0, log_every=1)
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self.buffer: dict[int, Rollout] = {}
+        self.reference: MiniMindForCausalLM | None = None
+        self.rollout_copy: MiniMindForCausalLM | None = None
+        self._tokens = 0
+
+    # --- data ----------------------------------------------------------------------------
+    def _check_flags(self) -> None:
+        a = self.args
+        problems = []
+        if a.group_size < 2:
+            problems.append(f"--group-size must be >= 2 (advantages compare completions), got {a.group_size}")
+        if a.temperature <= 0:
+            problems.append(f"--temperature must be > 0 (greedy groups are identical), got {a.temperature}")
+        if not 0 <= a.clip_eps < 1:
+            problems.append(f"--clip-eps must be in [0, 1), got {a.clip_eps}")
+        if a.kl_beta < 0:
+            problems.append(f"--kl-beta must be >= 0, got {a.kl_beta}")
+        if a.updates_per_rollout < 1:
+            problems.append(f"--updates-per-rollout must be >= 1, got {a.updates_per_rollout}")
+        if a.max_new_tokens < 1 or a.max_new_tokens >= a.seq_len:
+            problems.append(f"--max-new-tokens ({a.max_new_tokens}) must be >= 1 and below --seq-len "
+                            f"({a.seq_len}), which bounds prompt + completion")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def open_data(self, data: Path) -> dict:
+        """Read and encode the prompt JSONL (every problem named by file:line), and the rewards."""
+        from minimind_fast.chat import find_tokenizer
+
+        a = self.args
+        self._check_flags()
+        if not a.init:
+            raise ValueError(f"{self.name} needs --init RUN_DIR_OR_CHECKPOINT (an SFT model to start from)")
+        self.rewards = RewardSet(a.reward or ["answer", "format"])
+        self.tokenizer = find_tokenizer(a.init, a.tokenizer)
+        required = {f: f"the '{r.name}' reward" for r in self.rewards.rewards for f in r.fields}
+        records = read_prompt_file(data, required)
+        self.prompts, kept = encode_prompts(records, self.tokenizer, a.seq_len - a.max_new_tokens, str(data))
+        if not kept:
+            raise ValueError(f"{data}: every prompt is longer than --seq-len {a.seq_len} - --max-new-tokens "
+                             f"{a.max_new_tokens} tokens")
+        self.samples = [r.sample for r in kept]
+        skipped = len(records) - len(kept)
+        if skipped and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"{data}: left out {skipped} prompt(s) longer than {a.seq_len - a.max_new_tokens} tokens",
+                  flush=True)
+        tok = self.tokenizer
+        return {"kind": "prompts", "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok.fingerprint,
+                "tokenizer_dir": str(tok.dir), "seq_len": a.seq_len, "sources": [str(data)],
+                "skipped": {"too_long": skipped},
+                "splits": {"train": {"tokens": sum(map(len, self.prompts)), "docs": len(kept), "shards": []}}}
+
+    def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
+                     pin_memory: bool = False) -> PromptLoader:
+        if split != "train":
+            raise ValueError("GRPO has no held-out loss to evaluate (rewards are logged every step)")
+        a = self.args
+        return PromptLoader(self.prompts, self.samples, micro_batch_size=a.micro_batch_size, seed=a.seed,
+                            rank=rank, world_size=world_size, grad_accum=a.grad_accum,
+                            repeats=a.updates_per_rollout, source=str(data))
+
+    def items_tokens(self, loader) -> float:
+        """Makes --epochs count prompts: the engine divides by micro-batch x seq_len tokens per item
+        slot, and every prompt is seen `updates_per_rollout` times."""
+        return self.args.seq_len * self.args.updates_per_rollout
+
+    # --- model -----------------------------------------------------------------------------
+    def setup(self, model: MiniMindForCausalLM) -> None:
+        """Freeze a copy of the starting policy as the KL reference (and, under ZeRO-3, keep a full
+        copy to sample with), before DeepSpeed wraps and possibly partitions the policy."""
+        a = self.args
+        if a.seq_len > model.config.max_position_embeddings:
+            raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context length "
+                             f"{model.config.max_position_embeddings}")
+        if a.kl_beta > 0:
+            self.reference = _frozen_copy(model)
+        if a.zero_stage == 3 or _ds_zero_stage(a) == 3:
+            self.rollout_copy = _frozen_copy(model)
+
+    # --- rollouts --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _sampling_model(self, engine) -> Iterator[MiniMindForCausalLM]:
+        """The policy's weights as a plain module to decode with (see the module docstring on ZeRO-3)."""
+        module = engine.module
+        if engine.zero_optimization_stage() != 3:
+            yield module
+            return
+        import deepspeed
+
+        params = list(module.parameters())
+        copy_params = list(self.rollout_copy.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            ref = params[0]
+            self.rollout_copy.to(device=ref.device, dtype=ref.dtype)
+            with torch.no_grad():
+                for mine, theirs in zip(copy_params, params):
+                    mine.copy_(theirs.data)
+        yield self.rollout_copy
+
+    def _sample(self, engine, batch: dict) -> Rollout:
+        a, tok = self.args, self.tokenizer
+        g = a.group_size
+        prompts = [p for p in batch["prompt_ids"] for _ in range(g)]
+        samples = [s for s in batch["samples"] for _ in range(g)]
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        config = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                  top_p=a.top_p, stop_token_ids=[tok.eos_token_id],
+                                  seed=rollout_seed(a.seed, rank, batch["rollout_id"]))
+        module = engine.module
+        was_training = module.training
+        with self._sampling_model(engine) as model:
+            completions = generate(model, prompts, config, pad_id=tok.pad_token_id, keep_stop_token=True)
+        module.train(was_training)
+        texts = [tok.decode(c) for c in completions]
+        totals, parts = self.rewards.score(texts, samples)
+        rewards = torch.tensor(totals, dtype=torch.float32)
+        device = next(module.parameters()).device
+        input_ids, targets, mask = (t.to(device) for t in pack_sequences(prompts, completions, tok.pad_token_id))
+        metrics = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+                   **{f"reward_{k}": sum(v) / len(v) for k, v in parts.items()},
+                   "completion_len": sum(map(len, completions)) / len(completions),
+                   "no_signal_groups": (rewards.view(-1, g).std(-1) == 0).float().mean().item()}
+        return Rollout(input_ids, targets, mask, group_advantages(rewards, g).to(device),
+                       self._reference_logprobs(input_ids, targets, next(module.parameters()).dtype), None, metrics,
+                       sum(len(p) + len(c) for p, c in zip(prompts, completions)))
+
+    @torch.no_grad()
+    def _reference_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor,
+                            dtype: torch.dtype) -> torch.Tensor | None:
+        """The frozen reference's log-probabilities, in the policy's device and precision."""
+        if self.reference is None:
+            return None
+        self.reference.to(device=input_ids.device, dtype=dtype)
+        logits = self.reference(input_ids, logits_to_keep=targets.shape[1]).logits
+        return token_logprobs(logits, targets, self.args.temperature)
+
+    def _rollout(self, engine, batch: dict) -> Rollout:
+        """This micro-batch's rollout: sampled on its first pass, replayed from the buffer after."""
+        rid, last_pass = batch["rollout_id"], batch["rollout_pass"] == self.args.updates_per_rollout - 1
+        rollout = self.buffer.get(rid) if batch["rollout_pass"] > 0 else None
+        if rollout is None:  # a first pass, or a resume part-way through this rollout's passes
+            rollout = self._sample(engine, batch)
+        if last_pass:
+            self.buffer.pop(rid, None)
+        else:
+            self.buffer[rid] = rollout
+        return rollout
+
+    # --- loss ------------------------------------------------------------------------------
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        a = self.args
+        r = self._rollout(model, batch)
+        out = model(r.input_ids, logits_to_keep=r.targets.shape[1])
+        logprobs = token_logprobs(out.logits, r.targets, a.temperature)
+        if r.old_logprobs is None:
+            r.old_logprobs = logprobs.detach()
+        loss, stats = grpo_loss(logprobs, r.old_logprobs, r.ref_logprobs, r.advantages, r.mask,
+                                a.clip_eps, a.kl_beta)
+        if self.uses_moe(model) and out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        self._tokens = r.tokens
+        return loss, _mean_over_ranks({**r.metrics, **stats}, loss.device)
+
+    def eval_loss(self, model, batch: dict) -> torch.Tensor:
+        raise NotImplementedError("GRPO has no held-out loss")
+
+    def tokens_in_batch(self, batch: dict) -> int:
+        """Prompt + completion tokens of the micro-batch just trained on (known only after sampling)."""
+        return self._tokens
+
+
+def _frozen_copy(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
+def _ds_zero_stage(args: argparse.Namespace) -> int | None:
+    """The ZeRO stage a --deepspeed-config file asks for (it wins over --zero-stage), if any."""
+    if not args.deepspeed_config:
+        return None
+    import json
+
+    try:
+        config = json.loads(Path(args.deepspeed_config).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # the engine reports an unreadable file itself
+    return config.get("zero_optimization", {}).get("stage")
+
+
+def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average the metrics over ranks (every rank logs the same keys in the same order), so the
+    logged reward is the whole batch's, not rank 0's share."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(metrics, (values / dist.get_world_size()).tolist()))

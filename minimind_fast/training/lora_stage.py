@@ -1,0 +1,91 @@
+"""LoRA fine-tuning: SFT loss through low-rank adapters on a frozen base model.
+
+Only the adapters train, so only they reach the optimizer (and its state, and DeepSpeed's fp32 master
+copies): fine-tuning memory is the frozen weights plus a few MB. The checkpointer writes the base
+weights unchanged to each model directory and the adapter into its `adapter/` subdirectory, so a run
+ends with `RUN/final/` (base) and `RUN/final/adapter/` (adapter.safetensors + adapter_config.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch.distributed as dist
+from torch import nn
+
+from minimind_fast.lora import DEFAULT_TARGETS, LoraConfig, apply_lora
+from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.training.stages import SFTStage
+
+# The output head is read directly by the fused linear+cross-entropy (`lm_head.weight`), which would
+# skip an adapter there; with tied embeddings it is also the input embedding.
+UNADAPTABLE = ("lm_head",)
+
+
+class LoraStage(SFTStage):
+    """LoRA fine-tuning on SFT shards: rank-r adapters on chosen projections, base weights frozen."""
+
+    name = "lora"
+    data_kind = "sft"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("LoRA")
+        g.add_argument("--lora-rank", type=int, default=8, help="adapter rank r")
+        g.add_argument("--lora-alpha", type=float, default=16.0, help="scale: the update is (alpha / r) * B @ A")
+        g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+        g.add_argument("--lora-targets", nargs="+", metavar="NAME",
+                       help=f"projection names to adapt (default: those of {' '.join(DEFAULT_TARGETS)} the model "
+                            "has; MoE routed experts are not nn.Linear and are not adapted)")
+
+    def lora_config(self, model: nn.Module) -> LoraConfig:
+        a = self.args
+        if a.lora_rank <= 0:
+            raise ValueError(f"--lora-rank {a.lora_rank}: must be positive")
+        if not 0 <= a.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout {a.lora_dropout}: must be in [0, 1)")
+        if a.lora_alpha <= 0:
+            raise ValueError(f"--lora-alpha {a.lora_alpha}: must be positive")
+        if a.lora_targets:
+            check_targets(model, a.lora_targets)
+            targets = list(a.lora_targets)
+        else:
+            targets = [t for t in DEFAULT_TARGETS if t in linear_names(model)]
+        return LoraConfig(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=targets)
+
+    def setup(self, model: MiniMindForCausalLM) -> None:
+        """Check the targets against the model's projections, then wrap them (before DeepSpeed does)."""
+        config = self.lora_config(model)
+        adapted = apply_lora(model, config)
+        n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"LoRA r={config.rank} alpha={config.alpha:g} on {len(adapted)} projections "
+                  f"({', '.join(config.target_modules)}): {n_adapter:,} trainable parameters, "
+                  f"{model.num_parameters() - n_adapter:,} frozen", flush=True)
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The adapters only: the frozen base must never enter the optimizer (nor its state)."""
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        stray = [n for n in names if ".lora_" not in n]
+        if stray:
+            raise RuntimeError(f"LoRA: non-adapter parameters would train: {stray[:5]}")
+        return [p for p in model.parameters() if p.requires_grad]
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The distinct attribute names of the model's nn.Linear modules (q_proj, gate_proj, lm_head...)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Every target must name at least one nn.Linear of the model (a typo would silently adapt less)."""
+    linear = linear_names(model)
+    bad = [t for t in targets if t in UNADAPTABLE]
+    if bad:
+        raise ValueError(f"--lora-targets {' '.join(bad)}: the output head cannot take an adapter "
+                         f"(the fused loss reads its weight directly)")
+    unknown = [t for t in targets if t not in linear]
+    if unknown:
+        choices = [n for n in linear if n not in UNADAPTABLE]
+        raise ValueError(f"--lora-targets {' '.join(unknown)}: no such projection in the model; "
+                         f"choose from {' '.join(choices)}")

@@ -1,0 +1,155 @@
+"""Reward functions for GRPO: the shipped rule-based ones, a registry, and loading user functions.
+
+A reward function takes the decoded completion (special tokens stripped) and the prompt's JSONL record
+(`prompt`, `answer` and any other fields the user put there) and returns a float:
+
+    def my_reward(completion: str, sample: dict) -> float: ...
+
+`--reward` names one per flag: a shipped name (`answer`, `format`), `package.module:function`, or
+`path/to/file.py:function`, each optionally followed by `:WEIGHT` (default 1). The total reward of a
+completion is the weighted sum. A function may list the record fields it needs in a `fields`
+attribute (tuple of names) so that missing fields fail at start-up with the file and line, not mid-run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+RewardFn = Callable[[str, dict], float]
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+STRUCTURE = re.compile(r"\s*<think>.+?</think>\s*<answer>.+?</answer>\s*", re.DOTALL)
+WEIGHT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.strip().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _same(given: str, expected: str) -> bool:
+    """Numbers compare by value (`25`, `25.0`, `1,000` and `1000` agree); anything else as stripped text."""
+    a, b = _as_number(given), _as_number(expected)
+    if a is not None and b is not None:
+        return math.isclose(a, b, rel_tol=0, abs_tol=1e-9)
+    return given.strip() == expected.strip()
+
+
+def extract_answer(completion: str) -> str | None:
+    """The text inside the last `<answer>...</answer>`, else the last number in the text, else None.
+
+    The fallback lets a model that answers correctly without the tags still earn the answer reward;
+    the format reward is what asks for the tags.
+    """
+    tagged = ANSWER.findall(completion)
+    if tagged:
+        return tagged[-1].strip()
+    numbers = NUMBER.findall(completion)
+    return numbers[-1] if numbers else None
+
+
+def answer_reward(completion: str, sample: dict) -> float:
+    """1 when the completion's answer equals the record's `answer` (by value for numbers), else 0."""
+    given = extract_answer(completion)
+    return float(given is not None and _same(given, str(sample["answer"])))
+
+
+answer_reward.fields = ("answer",)
+
+
+def format_reward(completion: str, sample: dict) -> float:
+    """1 for exactly `<think>...</think>` then `<answer>...</answer>` (each tag once, nothing outside);
+    otherwise 0.2 for each of the four tags that appears exactly once, so that a model with part of
+    the structure still gets a signal to climb (at most 0.8: only the full structure earns 1)."""
+    counts = [completion.count(t) for t in TAGS]
+    if all(c == 1 for c in counts) and STRUCTURE.fullmatch(completion):
+        return 1.0
+    return 0.2 * sum(c == 1 for c in counts)
+
+
+REWARDS: dict[str, RewardFn] = {"answer": answer_reward, "format": format_reward}
+
+
+@dataclass
+class Reward:
+    name: str
+    fn: RewardFn
+    weight: float = 1.0
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(getattr(self.fn, "fields", ()))
+
+
+def _import_function(target: str, func: str, spec: str) -> RewardFn:
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ValueError(f"--reward {spec}: no such file {path}")
+        module_spec = importlib.util.spec_from_file_location(f"_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ValueError(f"--reward {spec}: cannot import module {target!r} ({e})") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise ValueError(f"--reward {spec}: {target} has no function {func!r}")
+    return fn
+
+
+def parse_reward(spec: str) -> Reward:
+    """`name[:weight]`, `module:function[:weight]` or `file.py:function[:weight]` -> a `Reward`."""
+    head, _, tail = spec.rpartition(":")
+    weight, spec_name = 1.0, spec
+    if head and WEIGHT.fullmatch(tail):  # a plain number only: a function may be called `nan` or `inf`
+        weight, spec_name = float(tail), head
+    if spec_name in REWARDS:
+        return Reward(spec_name, REWARDS[spec_name], weight)
+    if ":" not in spec_name:
+        raise ValueError(f"--reward {spec}: unknown reward {spec_name!r}; shipped: {', '.join(REWARDS)}; "
+                         f"or give module:function or file.py:function")
+    target, func = spec_name.rsplit(":", 1)
+    return Reward(func, _import_function(target, func, spec), weight)
+
+
+class RewardSet:
+    """The rewards of a run: scores completions and keeps each function's raw values for the metrics."""
+
+    def __init__(self, specs: list[str]):
+        if not specs:
+            raise ValueError("give at least one --reward")
+        self.rewards = [parse_reward(s) for s in specs]
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--reward: the same reward name twice ({', '.join(names)})")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f for r in self.rewards for f in r.fields))
+
+    def score(self, completions: list[str], samples: list[dict]) -> tuple[list[float], dict[str, list[float]]]:
+        """(weighted total per completion, {name: raw values}); a non-finite or non-number value is an error."""
+        parts: dict[str, list[float]] = {}
+        for r in self.rewards:
+            values = []
+            for text, sample in zip(completions, samples):
+                value = r.fn(text, sample)
+                if not isinstance(value, (int, float)) or not math.isfinite(value):  # bools count as 0/1
+                    raise ValueError(f"reward {r.name} returned {value!r} (needs a finite float) for {text!r}")
+                values.append(float(value))
+            parts[r.name] = values
+        totals = [sum(r.weight * parts[r.name][i] for r in self.rewards) for i in range(len(completions))]
+        return totals, parts

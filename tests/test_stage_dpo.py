@@ -1,0 +1,260 @@
+"""DPO stage: the loss is the formula (checked in float64 by hand), training raises the reward margin,
+precomputed reference log-probs equal the live reference's, resume is exact, bad input is refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimind_fast.config import get_preset
+from minimind_fast.data.loaders import build_loader
+from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.training.args import training_parser
+from minimind_fast.training.dpo import DPOStage
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+STEPS = 16
+
+
+def run(script: str, args: list[str], launcher: list[str] | None = None, check: bool = True,
+        timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "launch" / script)] + args
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def common(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--seq-len", "64", "--micro-batch-size", "4",
+            "--steps", str(steps), "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1",
+            "--eval-every", "1000", "--save-every", "4", "--seed", "7", *extra]
+
+
+def metric(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+# --- the loss, in process -----------------------------------------------------------------
+def stage_for(*flags: str) -> DPOStage:
+    parser = training_parser("dpo", "dpo")
+    DPOStage.add_arguments(parser)
+    return DPOStage(parser.parse_args(["--data", "unused", "--out", "unused", *flags]))
+
+
+def tiny_model(seed: int) -> MiniMindForCausalLM:
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(get_preset("tiny", num_hidden_layers=2, vocab_size=128, hidden_size=64,
+                                          kernels="reference"))
+
+
+def hand_built_batch() -> dict:
+    """Two pairs; chosen and rejected of different widths, prompts and padding masked."""
+    g = torch.Generator().manual_seed(3)
+    batch = {"pair_index": torch.tensor([5, 2])}
+    for side, width, prompt, lengths in (("chosen", 9, 3, (9, 6)), ("rejected", 7, 3, (5, 7))):
+        ids = torch.randint(3, 128, (2, width), generator=g)
+        targets = torch.full((2, width), -100)
+        for r, n in enumerate(lengths):
+            ids[r, n:] = 0
+            targets[r, prompt:n - 1] = ids[r, prompt + 1:n]
+        batch.update({f"{side}_input_ids": ids, f"{side}_targets": targets,
+                      f"{side}_position_ids": torch.arange(width).expand(2, width).clone()})
+    return batch
+
+
+def logps_by_hand(model: MiniMindForCausalLM, batch: dict, side: str) -> torch.Tensor:
+    """Sum of log p(target) over the side's target tokens, in float64, one side at a time."""
+    m = copy.deepcopy(model).double().eval()
+    ids, targets = batch[f"{side}_input_ids"], batch[f"{side}_targets"]
+    with torch.no_grad():
+        logp = torch.log_softmax(m(ids, position_ids=batch[f"{side}_position_ids"]).logits, dim=-1)
+    out = torch.zeros(ids.shape[0], dtype=torch.float64)
+    for r in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            if targets[r, t] != -100:
+                out[r] += logp[r, t, targets[r, t]]
+    return out
+
+
+def expected_loss(policy, reference, batch, beta: float, eps: float) -> tuple[float, list[float]]:
+    pc, pr = logps_by_hand(policy, batch, "chosen"), logps_by_hand(policy, batch, "rejected")
+    rc, rr = logps_by_hand(reference, batch, "chosen"), logps_by_hand(reference, batch, "rejected")
+    margins = [beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item() for i in range(2)]
+    log_sig = lambda z: -math.log1p(math.exp(-z))  # noqa: E731
+    loss = sum(-(1 - eps) * log_sig(d) - eps * log_sig(-d) for d in margins) / 2
+    return loss, margins
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_loss_equals_the_formula_with_live_and_precomputed_reference(eps):
+    reference = tiny_model(0)
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = hand_built_batch()
+    beta = 0.3
+    want, margins = expected_loss(policy, reference, batch, beta, eps)
+    assert abs(margins[0]) > 1e-3 and abs(margins[1]) > 1e-3
+
+    live = stage_for("--beta", str(beta), "--label-smoothing", str(eps))
+    live.setup(reference)  # the --init model becomes the (copied, frozen) reference
+    loss, metrics = live.compute_loss(policy, batch)
+    assert abs(loss.item() - want) < 1e-5, (loss.item(), want)
+    assert abs(metrics["reward_margin"] - sum(margins) / 2) < 1e-5
+    assert metrics["reward_accuracy"] == sum(m > 0 for m in margins) / 2
+    loss.backward()
+    assert all(p.grad is None for p in live.reference.parameters())
+    assert all(p.grad is not None for p in policy.parameters())
+
+    pre = stage_for("--beta", str(beta), "--label-smoothing", str(eps))
+    table = torch.randn(8, 2)  # rows of other pairs must not be read
+    rows = batch["pair_index"]
+    table[rows, 0] = logps_by_hand(reference, batch, "chosen").float()
+    table[rows, 1] = logps_by_hand(reference, batch, "rejected").float()
+    pre.tables, pre.reference = {"train": table, "val": table}, None
+    assert abs(pre.compute_loss(policy, batch)[0].item() - want) < 1e-5
+    assert abs(pre.eval_loss(policy, batch).item() - want) < 1e-5
+
+
+def test_equal_policy_and_reference_give_log_2():
+    model = tiny_model(1)
+    stage = stage_for()
+    stage.setup(model)
+    loss, metrics = stage.compute_loss(model, hand_built_batch())
+    assert abs(loss.item() - math.log(2)) < 1e-6 and metrics["reward_margin"] == 0
+
+
+def test_loader_pair_index_names_each_rows_pair(builtin_data):
+    loader = build_loader("dpo", builtin_data["shards"]["dpo"], seq_len=128, micro_batch_size=3, seed=5)
+    batch = next(iter(loader))
+    for r, pair in enumerate(batch["pair_index"].tolist()):
+        alone = loader.pairs_batch(np.array([pair]))
+        for side in ("chosen", "rejected"):
+            width = alone[f"{side}_input_ids"].shape[1]
+            assert torch.equal(batch[f"{side}_input_ids"][r, :width], alone[f"{side}_input_ids"][0])
+            assert torch.equal(batch[f"{side}_targets"][r, :width], alone[f"{side}_targets"][0])
+
+
+# --- launch/dpo.py ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pretrain_run(builtin_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dpo_base")
+    get_preset("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=1024, max_position_embeddings=256).save(root / "model.json")
+    run("pretrain.py", common(builtin_data["shards"]["pretrain"], root / "pretrain", 12,
+                              "--config", str(root / "model.json")))
+    return root / "pretrain"
+
+
+def dpo_args(data: Path, out: Path, init: Path, *extra: str) -> list[str]:
+    return common(data, out, STEPS, "--init", str(init), "--eval-every", "8", *extra)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(pretrain_run, builtin_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dpo_runs") / "live"
+    run("dpo.py", dpo_args(builtin_data["shards"]["dpo"], out, pretrain_run))
+    return out
+
+
+def test_dpo_raises_the_reward_margin(dpo_run):
+    margin, accuracy = metric(dpo_run, "reward_margin"), metric(dpo_run, "reward_accuracy")
+    assert sorted(margin) == list(range(1, STEPS + 1))
+    assert margin[1] == 0  # the policy starts as the reference
+    late = [margin[s] for s in range(STEPS - 3, STEPS + 1)]
+    assert sum(late) / 4 > 0.3, margin
+    assert sum(accuracy[s] for s in range(STEPS - 3, STEPS + 1)) / 4 > 0.6, accuracy
+    for key in ("dpo_loss", "reward_chosen", "reward_rejected"):
+        assert len(metric(dpo_run, key)) == STEPS
+    val = metric(dpo_run, "val_loss")
+    assert sorted(val) == [8, STEPS] and val[STEPS] < math.log(2) - 0.05, val
+    assert (dpo_run / "final" / "model.safetensors").exists()
+
+
+def test_dpo_resume_is_exact(dpo_run, pretrain_run, builtin_data, tmp_path):
+    out = tmp_path / "resumed"
+    args = dpo_args(builtin_data["shards"]["dpo"], out, pretrain_run)
+    run("dpo.py", args + ["--stop-at-step", "6"])
+    assert max(metric(out)) == 6
+    assert "resumed from" in run("dpo.py", args).stdout
+    full, resumed = metric(dpo_run), metric(out)
+    assert [resumed[s] for s in range(7, STEPS + 1)] == [full[s] for s in range(7, STEPS + 1)]
+
+
+def test_precomputed_reference_matches_live_and_is_reused_on_resume(dpo_run, pretrain_run, builtin_data,
+                                                                   tmp_path):
+    out = tmp_path / "precomputed"
+    args = dpo_args(builtin_data["shards"]["dpo"], out, pretrain_run, "--precompute-reference")
+    first = run("dpo.py", args + ["--stop-at-step", "6"])
+    stored = out / "reference_logps.safetensors"
+    assert "scoring" in first.stdout and stored.exists()
+    mtime = stored.stat().st_mtime_ns
+    second = run("dpo.py", args)
+    assert "reused" in second.stdout and "scoring" not in second.stdout and stored.stat().st_mtime_ns == mtime
+    live, pre = metric(dpo_run), metric(out)
+    assert abs(pre[1] - live[1]) < 1e-6
+    assert all(abs(pre[s] - live[s]) < 1e-4 for s in live), (pre, live)
+    val_pre, val_live = metric(out, "val_loss"), metric(dpo_run, "val_loss")
+    assert val_pre.keys() == val_live.keys() and all(abs(val_pre[s] - val_live[s]) < 1e-4 for s in val_live)
+
+
+@pytest.mark.slow
+def test_dpo_two_ranks_zero2_precomputed_matches_single_process(dpo_run, pretrain_run, builtin_data, tmp_path):
+    out = tmp_path / "two_ranks"
+    args = dpo_args(builtin_data["shards"]["dpo"], out, pretrain_run, "--precompute-reference", "--zero-stage", "2")
+    args[args.index("--micro-batch-size") + 1] = "2"  # 2 ranks x 2 pairs = the single process's 4
+    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29651"]
+    run("dpo.py", args, launcher=launcher, timeout=300)
+    live, multi = metric(dpo_run), metric(out)
+    assert all(abs(multi[s] - live[s]) < 2e-4 for s in live), (multi, live)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("kind", "the dpo stage needs dpo shards"),
+    ("beta", "--beta 0.0: must be positive"),
+    ("smoothing", "--label-smoothing 0.5: must be in [0, 0.5)"),
+    ("reference", "nowhere: no such file or directory"),
+])
+def test_dpo_bad_inputs_give_clear_errors(bad, message, pretrain_run, builtin_data, tmp_path):
+    data, extra = builtin_data["shards"]["dpo"], []
+    if bad == "kind":
+        data = builtin_data["shards"]["sft"]
+    elif bad == "beta":
+        extra = ["--beta", "0"]
+    elif bad == "smoothing":
+        extra = ["--label-smoothing", "0.5"]
+    elif bad == "reference":
+        extra = ["--reference", str(tmp_path / "nowhere")]
+    proc = run("dpo.py", dpo_args(data, tmp_path / "run", pretrain_run, *extra), check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_sequence_logps_match_a_plain_log_softmax():
+    from minimind_fast.training.dpo import concat_pairs, sequence_logps
+
+    model = tiny_model(2).eval()
+    batch = hand_built_batch()
+    ids, targets, positions = concat_pairs(batch)
+    assert ids.shape == (4, 9) and (targets[2:, 7:] == -100).all()
+    with torch.no_grad():
+        got, _ = sequence_logps(model, ids, targets, positions)
+        logp = F.log_softmax(model(ids, position_ids=positions).logits.float(), -1)
+    safe = targets.clamp(min=0)
+    want = (logp.gather(-1, safe[..., None])[..., 0] * (targets != -100)).sum(-1)
+    torch.testing.assert_close(got, want)

@@ -1,0 +1,231 @@
+"""LoRA stage: launch/lora.py trains adapters only, keeps the base, saves a small adapter that chat and
+the convert CLI use, resumes exactly, and works under ZeRO 0/2/3 (and with the Triton kernels)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minimind_fast.checkpoint import load_model
+from minimind_fast.config import get_preset
+from minimind_fast.lora import LoraConfig, LoraLinear, apply_lora, load_lora
+from minimind_fast.model import MiniMindForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+STEPS = 16
+
+
+def run(script: str, args: list[str], launcher: list[str] | None = None, check: bool = True,
+        timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "launch" / script)] + args
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def common(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--seq-len", "64", "--micro-batch-size", "4",
+            "--steps", str(steps), "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1",
+            "--eval-every", "1000", "--save-every", "4", "--seed", "7", *extra]
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(builtin_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lora_base")
+    get_preset("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=1024, max_position_embeddings=256).save(root / "model.json")
+    run("pretrain.py", common(builtin_data["shards"]["pretrain"], root / "pretrain", 12,
+                              "--config", str(root / "model.json")))
+    return root / "pretrain"
+
+
+@pytest.fixture(scope="module")
+def lora_data(builtin_data, tmp_path_factory) -> Path:
+    """The built-in identity conversations (`lora.jsonl`), tokenized as SFT shards."""
+    from minimind_fast.data.pipeline import TokenizeOptions, tokenize_to_shards
+
+    out = tmp_path_factory.mktemp("lora_data") / "shards"
+    opts = TokenizeOptions(kind="sft", seq_len=128, workers=1, val_fraction=0.1)
+    tokenize_to_shards([builtin_data["files"]["lora"]], builtin_data["tokenizer"], out, opts)
+    return out
+
+
+def lora_args(data: Path, out: Path, base: Path, *extra: str) -> list[str]:
+    return common(data, out, STEPS, "--init", str(base), "--lr", "1e-2", *extra)
+
+
+@pytest.fixture(scope="module")
+def lora_run(pretrain_run, lora_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora_runs") / "lora"
+    run("lora.py", lora_args(lora_data, out, pretrain_run, "--eval-every", "8"))
+    return out
+
+
+def adapter_numel(run_dir: Path) -> int:
+    return sum(t.numel() for t in load_file(str(run_dir / "final" / "adapter" / "adapter.safetensors")).values())
+
+
+def test_lora_trains_only_adapters_and_keeps_the_base(lora_run, pretrain_run):
+    curve = losses(lora_run)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert curve[STEPS] < curve[1] - 0.4, curve
+    assert "val_loss" in json.loads((lora_run / "metrics.jsonl").read_text().splitlines()[-1])
+    # The model directory holds the base exactly as loaded; the adapter lives apart, small.
+    base = load_file(str(pretrain_run / "final" / "model.safetensors"))
+    saved = load_file(str(lora_run / "final" / "model.safetensors"))
+    assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base)
+    adapter_dir = lora_run / "final" / "adapter"
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["rank"] == 8 and config["alpha"] == 16 and "down_proj" in config["target_modules"]
+    adapter = load_file(str(adapter_dir / "adapter.safetensors"))
+    assert len(adapter) == 2 * 7 * 2 and all(".lora_" in k for k in adapter)
+    assert any(k.endswith("lora_B") and t.abs().sum() > 0 for k, t in adapter.items())
+    size = (adapter_dir / "adapter.safetensors").stat().st_size
+    assert size < 100_000 and size * 5 < (lora_run / "final" / "model.safetensors").stat().st_size
+    ckpt = sorted((lora_run / "checkpoints").iterdir())[-1]
+    assert (ckpt / "model" / "adapter" / "adapter.safetensors").exists()
+    # The optimizer holds the adapters and nothing else.
+    state = torch.load(ckpt / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False)
+    optim = state["optimizer"]
+    assert sum(len(g["params"]) for g in optim["param_groups"]) == len(adapter)
+    assert sum(s["exp_avg"].numel() for s in optim["state"].values()) == adapter_numel(lora_run)
+
+
+def test_chat_and_merge_apply_the_adapter(lora_run, pretrain_run, tmp_path):
+    x = torch.randint(0, 700, (2, 20))
+    with torch.no_grad():
+        plain = load_model(pretrain_run).eval()(x).logits
+        adapted = load_lora(load_model(pretrain_run), lora_run).eval()(x).logits  # a run dir resolves
+        assert (adapted - plain).abs().max() > 1e-3
+        run("convert.py", ["merge-lora", str(lora_run), "--lora", str(lora_run), "--out", str(tmp_path / "merged")])
+        merged = load_model(tmp_path / "merged").eval()
+        assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+        torch.testing.assert_close(merged(x).logits, adapted, rtol=1e-5, atol=1e-5)
+    chat = ["--prompt", "Who are you?", "--temperature", "0", "--max-new-tokens", "8"]
+    with_adapter = run("chat.py", ["--model", str(lora_run), "--lora", str(lora_run), *chat])
+    from_merged = run("chat.py", ["--model", str(tmp_path / "merged"), *chat])
+    assert with_adapter.stdout == from_merged.stdout and with_adapter.stdout.strip()
+    ckpt = sorted((lora_run / "checkpoints").iterdir())[-1]
+    assert run("chat.py", ["--model", str(pretrain_run), "--lora", str(ckpt), *chat]).stdout == from_merged.stdout
+
+
+def test_lora_resume_is_exact(lora_run, pretrain_run, lora_data, tmp_path):
+    out = tmp_path / "resumed"
+    args = lora_args(lora_data, out, pretrain_run, "--eval-every", "8")
+    run("lora.py", args + ["--stop-at-step", "6"])
+    assert max(losses(out)) == 6 and (out / "checkpoints" / "step_00000006" / "model" / "adapter").is_dir()
+    assert "resumed from" in run("lora.py", args).stdout
+    full, resumed = losses(lora_run), losses(out)
+    assert [resumed[s] for s in range(7, STEPS + 1)] == [full[s] for s in range(7, STEPS + 1)]
+    a = load_file(str(lora_run / "final" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(out / "final" / "adapter" / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_under_zero_stages_matches_zero0(stage, lora_run, pretrain_run, lora_data, tmp_path):
+    out = tmp_path / f"zero{stage}"
+    run("lora.py", lora_args(lora_data, out, pretrain_run, "--zero-stage", str(stage), "--save-every", "100"))
+    full, this = losses(lora_run), losses(out)
+    assert all(abs(this[s] - full[s]) < 1e-4 for s in full), (this, full)
+    base = load_file(str(pretrain_run / "final" / "model.safetensors"))
+    saved = load_file(str(out / "final" / "model.safetensors"))
+    assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base)
+    a = load_file(str(lora_run / "final" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(out / "final" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+@pytest.mark.slow
+def test_lora_two_ranks_zero3(lora_run, pretrain_run, lora_data, tmp_path):
+    out = tmp_path / "two_ranks"
+    args = lora_args(lora_data, out, pretrain_run, "--zero-stage", "3", "--save-every", "100")
+    args[args.index("--micro-batch-size") + 1] = "2"  # 2 ranks x 2 = the single process's 4
+    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29641"]
+    run("lora.py", args, launcher=launcher, timeout=300)
+    full, this = losses(lora_run), losses(out)
+    assert all(abs(this[s] - full[s]) < 2e-4 * max(1.0, abs(full[s])) for s in full), (this, full)
+    a = load_file(str(lora_run / "final" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(out / "final" / "adapter" / "adapter.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("kind", "needs sft shards"),
+    ("target", "--lora-targets qq_proj: no such projection"),
+    ("head", "output head cannot take an adapter"),
+    ("rank", "--lora-rank 0: must be positive"),
+    ("init", "needs --init"),
+])
+def test_lora_bad_inputs_give_clear_errors(bad, message, pretrain_run, lora_data, builtin_data, tmp_path):
+    data, extra = lora_data, []
+    if bad == "kind":
+        data = builtin_data["shards"]["pretrain"]
+    elif bad == "target":
+        extra = ["--lora-targets", "q_proj", "qq_proj"]
+    elif bad == "head":
+        extra = ["--lora-targets", "lm_head"]
+    elif bad == "rank":
+        extra = ["--lora-rank", "0"]
+    args = lora_args(data, tmp_path / "run", pretrain_run, *extra)
+    if bad == "init":
+        i = args.index("--init")
+        del args[i:i + 2]
+    proc = run("lora.py", args, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_chat_reports_a_run_without_adapter(pretrain_run):
+    proc = run("chat.py", ["--model", str(pretrain_run), "--lora", str(pretrain_run), "--prompt", "Hi"], check=False)
+    assert proc.returncode != 0 and "no LoRA adapter" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 on CPU (`make test` sets it)")
+def test_adapters_train_the_same_through_the_triton_kernels(monkeypatch):
+    from minimind_fast import ops
+
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    small = dict(num_hidden_layers=2, vocab_size=256, hidden_size=64)
+    reference = MiniMindForCausalLM(get_preset("tiny", kernels="reference", **small))
+    triton = MiniMindForCausalLM(get_preset("tiny", kernels="triton", **small))
+    triton.load_state_dict(reference.state_dict())
+    assert triton.ops.name == "triton"
+    models = {"reference": reference, "triton": triton}
+    for model in models.values():
+        apply_lora(model, LoraConfig(rank=4, alpha=8))
+        with torch.no_grad():  # the same A, and a non-zero B so that A gets gradients too
+            for name, p in model.named_parameters():
+                if ".lora_" in name:
+                    p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+        model.to(device)
+    x = torch.randint(0, 256, (2, 24), device=device)
+    targets = torch.roll(x, -1, 1)
+    targets[:, :4] = -100
+    out = {k: m(x, targets=targets).loss for k, m in models.items()}
+    for loss in out.values():
+        loss.backward()
+    torch.testing.assert_close(out["triton"], out["reference"], rtol=1e-4, atol=1e-4)
+    grads = {k: {n: p.grad for n, p in m.named_parameters() if p.requires_grad} for k, m in models.items()}
+    assert grads["triton"].keys() == grads["reference"].keys() and all(".lora_" in n for n in grads["triton"])
+    for name, g in grads["reference"].items():
+        torch.testing.assert_close(grads["triton"][name], g, rtol=1e-3, atol=1e-5, msg=name)
+    assert all(p.grad is None for n, p in models["triton"].named_parameters() if ".lora_" not in n)
