@@ -17,7 +17,8 @@ A *group* is one comparison: the same op at the same shape, measured once per im
 - ``compile``   `torch.compile` of that same reference function;
 - ``ours``      the Triton kernel from `minimind_fast.kernels.triton_ops()`;
 - ``liger``     Liger-Kernel's kernel for the op, when `liger_kernel` is importable;
-- ``minimind``  a MiniMind-style baseline: unfused ops and a loop over experts for MoE;
+- ``minimind``  a MiniMind-style baseline: unfused ops and a loop over experts for MoE (in
+                `bench_minimind_baseline.py`: MiniMind2's own model code, from `MINIMIND_REPO`);
 - ``dense``     (MoE only) a dense SwiGLU with the same active FLOPs as the routed experts;
 - ``hf``        (decode only) Hugging Face `generate` on a `LlamaForCausalLM` with the same weights.
 

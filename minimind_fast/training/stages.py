@@ -152,11 +152,12 @@ class FineTuneStage(Stage):
         self._check_tokenizer(manifest)
         return model
 
-    def _check_tokenizer(self, manifest: dict) -> None:
+    def _check_tokenizer(self, manifest: dict, source: str | None = None) -> None:
+        """The tokenizer a model directory carries (`source`, default --init) must be the shards' one."""
         from minimind_fast.checkpoint import resolve_model_dir
         from minimind_fast.data.tokenizer import load_tokenizer
 
-        init = Path(self.args.init)
+        init = Path(source or self.args.init)
         if init.suffix == ".pth":
             return
         model_dir = resolve_model_dir(init) if not (init / "config.json").exists() else init
@@ -181,16 +182,88 @@ class ReasoningStage(FineTuneStage):
 
     name = "distill"
     data_kind = "reasoning"
+    DEFAULT_KD_TEMPERATURE = 2.0
+    DEFAULT_KD_ALPHA = 0.5
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self.teacher: MiniMindForCausalLM | None = None
+        self._teacher_placed = False
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("distillation")
+        g.add_argument("--special-token-weight", type=float, default=10.0,
+                       help="loss weight of the <think>, </think>, <answer>, </answer> tag tokens in the "
+                            "assistant replies (MiniMind: 10); other assistant tokens weigh 1")
+        g.add_argument("--teacher", help="run dir, checkpoint, model dir, MiniMind .pth or HF dir of a teacher "
+                                         "with the student's vocabulary: adds a KL term towards its logits")
+        g.add_argument("--kd-temperature", type=float,
+                       help=f"softmax temperature T of the KL term, scaled by T^2 "
+                            f"(default {cls.DEFAULT_KD_TEMPERATURE}; needs --teacher)")
+        g.add_argument("--kd-alpha", type=float,
+                       help=f"weight of the KL term: loss = (1 - alpha) * weighted CE + alpha * KD "
+                            f"(default {cls.DEFAULT_KD_ALPHA}; needs --teacher)")
+
+    def check_arguments(self) -> None:
+        """Refuse flag values that make no sense, before any model is loaded (ValueError)."""
+        a = self.args
+        if a.special_token_weight < 0:
+            raise ValueError(f"--special-token-weight {a.special_token_weight}: must be >= 0")
+        if not a.teacher:
+            given = [flag for flag, v in (("--kd-temperature", a.kd_temperature), ("--kd-alpha", a.kd_alpha))
+                     if v is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} set the distillation term, which needs --teacher")
+            return
+        if a.kd_temperature is None:
+            a.kd_temperature = self.DEFAULT_KD_TEMPERATURE
+        if a.kd_alpha is None:
+            a.kd_alpha = self.DEFAULT_KD_ALPHA
+        if not a.kd_temperature > 0:
+            raise ValueError(f"--kd-temperature {a.kd_temperature}: must be > 0")
+        if not 0 <= a.kd_alpha <= 1:
+            raise ValueError(f"--kd-alpha {a.kd_alpha}: must be between 0 and 1")
+
+    def build_model(self, manifest: dict) -> MiniMindForCausalLM:
+        self.check_arguments()
+        self.manifest = manifest  # `setup` checks the teacher's tokenizer against it
+        return super().build_model(manifest)
+
+    def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
+                     pin_memory: bool = False):
+        """The SFT loader over reasoning shards, with --special-token-weight on the tag tokens' targets."""
+        a = self.args
+        return build_loader(self.data_kind, data, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
+                            seed=a.seed, rank=rank, world_size=world_size, split=split, vocab_size=vocab_size,
+                            pin_memory=pin_memory, special_token_weight=a.special_token_weight)
 
     def setup(self, model: MiniMindForCausalLM) -> None:
-        self.teacher = None
-        if getattr(self.args, "teacher", None):
-            self.teacher = load_model(self.args.teacher, kernels=self.args.kernels).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+        """Load the frozen teacher. It lives on the stage, not in the model, so it is never given to the
+        optimizer, wrapped or partitioned by DeepSpeed, or written into checkpoints."""
+        if not self.args.teacher:
+            return
+        teacher = load_model(self.args.teacher, kernels=self.args.kernels)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--teacher {self.args.teacher} has a vocabulary of {teacher.config.vocab_size} "
+                             f"tokens but the student (--init {self.args.init}) has {model.config.vocab_size}: "
+                             "distillation compares logits token by token, so both need the same tokenizer")
+        self._check_tokenizer(self.manifest, source=self.args.teacher)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher = teacher
+
+    def _place_teacher(self, model, device: torch.device) -> None:
+        """Move the teacher once to the student's device and floating dtype (bf16/fp16 under DeepSpeed's
+        mixed precision, fp32 otherwise): the engine settles both only when DeepSpeed wraps the
+        student, after `setup`."""
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.teacher.to(device=device, dtype=dtype)
+        self._teacher_placed = True
 
     def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        out = model(**self.lm_inputs(batch), targets=None)
+        out = model(**self.lm_inputs(batch), targets=None)  # logits: the weighted loss needs them per token
         logits = out.logits.float()
         targets = batch["targets"]
         valid = targets != -100
@@ -200,18 +273,26 @@ class ReasoningStage(FineTuneStage):
         loss = (ce * weight).sum() / weight.sum().clamp(min=1)
         metrics = {"lm_loss": loss.detach().item()}
         if self.teacher is not None:
-            t = self.args.kd_temperature
-            self.teacher.to(logits.device)
-            with torch.no_grad():
-                teacher_logits = self.teacher(**self.lm_inputs(batch)).logits.float()
-            kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
-                          log_target=True, reduction="none").sum(-1)
-            kd = (kl * valid).sum() / valid.sum().clamp(min=1) * t * t
+            kd = self.kd_loss(logits, self.teacher_logits(model, batch), valid)
             metrics["kd_loss"] = kd.detach().item()
             loss = (1 - self.args.kd_alpha) * loss + self.args.kd_alpha * kd
         if out.aux_loss is not None and self.uses_moe(model):
             loss = loss + out.aux_loss
         return loss, metrics
+
+    @torch.no_grad()
+    def teacher_logits(self, model, batch: dict) -> torch.Tensor:
+        if not self._teacher_placed:
+            self._place_teacher(model, batch["input_ids"].device)
+        return self.teacher(**self.lm_inputs(batch)).logits.float()
+
+    def kd_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """T^2 * KL(teacher_T || student_T) per predicted token, averaged over the tokens with a target
+        (T^2 keeps the gradient's scale independent of the temperature, as in Hinton et al.)."""
+        t = self.args.kd_temperature
+        kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                      log_target=True, reduction="none").sum(-1)
+        return (kl * valid).sum() / valid.sum().clamp(min=1) * t * t
 
 
 STAGES = {"pretrain": PretrainStage, "sft": SFTStage, "distill": ReasoningStage}

@@ -1,0 +1,270 @@
+"""Reasoning distillation (`launch/distill.py`, `ReasoningStage`): the loss it computes, checked against a
+float64 hand computation; an end-to-end run with a teacher, with resume; and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimind_fast.checkpoint import load_model, save_model_dir
+from minimind_fast.config import get_preset
+from minimind_fast.data.loaders import build_loader
+from minimind_fast.data.records import REASONING_TAGS
+from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
+from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.training.args import training_parser
+from minimind_fast.training.stages import ReasoningStage
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+SEQ = 128  # the reasoning samples are ~75 tokens: whole <think>...</answer> replies fit
+
+
+# --- helpers (as in test_engine.py) ----------------------------------------------------------------
+
+def tiny_config(vocab_size: int = 1024):
+    return get_preset("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=vocab_size, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "model.json"
+    tiny_config().save(path)
+    return path
+
+
+def common(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out", str(out), "--seq-len", "64", "--micro-batch-size", "4",
+            "--steps", str(steps), "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1",
+            "--eval-every", "1000", "--save-every", "4", "--seed", "7", *extra]
+
+
+def run(script: str, args: list[str], timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "launch" / script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r[key]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(builtin_data, model_config, tmp_path_factory) -> Path:
+    """12 pretraining steps: `final/` is the student's start, `checkpoints/step_00000008` the teacher."""
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(model_config)))
+    return out
+
+
+def stage_with(*flags: str) -> ReasoningStage:
+    parser = training_parser("distill", "distill")
+    ReasoningStage.add_arguments(parser)
+    return ReasoningStage(parser.parse_args(["--data", "unused", "--out", "unused", *flags]))
+
+
+def tiny_model(seed: int, vocab_size: int = 1024) -> MiniMindForCausalLM:
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(tiny_config(vocab_size).replace(kernels="reference"))
+
+
+def weighted_runs(targets: torch.Tensor, weight: torch.Tensor, value: float) -> list[list[int]]:
+    """Target tokens carrying `value`, grouped into runs of consecutive positions."""
+    runs, current = [], []
+    for t, w in zip(targets.tolist(), weight.tolist()):
+        if t != -100 and w == value:
+            current.append(t)
+        elif current:
+            runs, current = runs + [current], []
+    return runs + ([current] if current else [])
+
+
+# --- (a) the loss ------------------------------------------------------------------------------------
+
+def test_loader_weights_exactly_the_reasoning_tags(builtin_data):
+    tok = load_tokenizer(builtin_data["tokenizer"])
+    loader = build_loader("reasoning", builtin_data["shards"]["reasoning"], seq_len=SEQ, micro_batch_size=4,
+                          special_token_weight=7.0)
+    batch = next(iter(loader))
+    targets, weight = batch["targets"], batch["loss_weight"]
+    assert set(weight[targets != -100].unique().tolist()) == {1.0, 7.0}
+    for row in range(targets.shape[0]):
+        runs = [tok.decode(r, skip_special_tokens=False) for r in weighted_runs(targets[row], weight[row], 7.0)]
+        assert runs == list(REASONING_TAGS), runs
+        plain = [t for t, w in zip(targets[row].tolist(), weight[row].tolist()) if t != -100 and w == 1.0]
+        text = tok.decode(plain, skip_special_tokens=False)
+        assert "First," in text and not any(tag in text for tag in REASONING_TAGS), text
+
+
+def hand_loss(student_logits, teacher_logits, targets, weight, t: float, alpha: float):
+    """The stage's objective written out in float64: tag-weighted CE mixed with T^2 * KL(teacher || student)."""
+    s, te = student_logits.double(), teacher_logits.double()
+    valid = targets != -100
+    log_p = s - s.logsumexp(-1, keepdim=True)
+    nll = -log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    w = weight.double() * valid
+    ce = (nll * w).sum() / w.sum()
+    log_ps = s / t - (s / t).logsumexp(-1, keepdim=True)
+    log_pt = te / t - (te / t).logsumexp(-1, keepdim=True)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    kd = (kl * valid).sum() / valid.sum() * t * t
+    return (1 - alpha) * ce + alpha * kd, ce, kd
+
+
+def test_loss_matches_a_float64_hand_computation(builtin_data, tmp_path):
+    shards = builtin_data["shards"]["reasoning"]
+    teacher_dir = save_model_dir(tiny_model(seed=1), tmp_path / "teacher", tokenizer_dir=builtin_data["tokenizer"])
+    stage = stage_with("--teacher", str(teacher_dir), "--kd-temperature", "1.7", "--kd-alpha", "0.3",
+                       "--special-token-weight", "5", "--seq-len", str(SEQ), "--micro-batch-size", "2")
+    stage.check_arguments()
+    stage.manifest = stage.open_data(shards)
+    student = tiny_model(seed=2)
+    stage.setup(student)
+    loader = stage.build_loader(shards, split="train", rank=0, world_size=1, vocab_size=1024)
+    batch = next(iter(loader))
+    assert batch["loss_weight"].max() == 5.0
+
+    loss, metrics = stage.compute_loss(student, batch)
+    with torch.no_grad():
+        expected, ce, kd = hand_loss(student(batch["input_ids"]).logits, stage.teacher(batch["input_ids"]).logits,
+                                     batch["targets"], batch["loss_weight"], t=1.7, alpha=0.3)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["lm_loss"] == pytest.approx(ce.item(), rel=1e-5)
+    assert metrics["kd_loss"] == pytest.approx(kd.item(), rel=1e-5) and kd.item() > 0
+
+    loss.backward()  # the frozen teacher gets no gradient and is not a trainable parameter of the student
+    assert all(p.grad is None and not p.requires_grad for p in stage.teacher.parameters())
+    assert not {id(p) for p in stage.teacher.parameters()} & {id(p) for p in stage.trainable_parameters(student)}
+    assert not stage.teacher.training
+
+
+def test_without_teacher_the_loss_is_the_weighted_ce(builtin_data):
+    shards = builtin_data["shards"]["reasoning"]
+    stage = stage_with("--seq-len", str(SEQ), "--micro-batch-size", "2")
+    stage.check_arguments()
+    stage.manifest = stage.open_data(shards)
+    student = tiny_model(seed=3)
+    stage.setup(student)
+    batch = next(iter(stage.build_loader(shards, split="train", rank=0, world_size=1, vocab_size=1024)))
+    assert batch["loss_weight"].max() == 10.0  # MiniMind's weight by default
+    loss, metrics = stage.compute_loss(student, batch)
+    with torch.no_grad():
+        logits = student(batch["input_ids"]).logits
+        _, ce, _ = hand_loss(logits, logits, batch["targets"], batch["loss_weight"], t=1.0, alpha=0.0)
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-5) and "kd_loss" not in metrics
+
+
+def test_teacher_follows_the_students_dtype(builtin_data, tmp_path):
+    shards = builtin_data["shards"]["reasoning"]
+    teacher_dir = save_model_dir(tiny_model(seed=1), tmp_path / "teacher")
+    stage = stage_with("--teacher", str(teacher_dir), "--seq-len", str(SEQ), "--micro-batch-size", "2")
+    stage.check_arguments()
+    stage.manifest = stage.open_data(shards)
+    student = tiny_model(seed=2).to(torch.bfloat16)
+    stage.setup(student)
+    batch = next(iter(stage.build_loader(shards, split="train", rank=0, world_size=1, vocab_size=1024)))
+    loss, metrics = stage.compute_loss(student, batch)
+    assert torch.isfinite(loss) and metrics["kd_loss"] > 0
+    assert {p.dtype for p in stage.teacher.parameters()} == {torch.bfloat16}
+    assert (stage.args.kd_temperature, stage.args.kd_alpha) == (2.0, 0.5)  # the defaults with a teacher
+
+
+# --- (b) end to end ----------------------------------------------------------------------------------
+
+def distill_args(builtin_data, pretrain_run: Path, out: Path) -> list[str]:
+    args = common(builtin_data["shards"]["reasoning"], out, 8, "--init", str(pretrain_run),
+                  "--teacher", str(pretrain_run / "checkpoints" / "step_00000008"))
+    args[args.index("--seq-len") + 1] = str(SEQ)
+    return args
+
+
+def test_distill_learns_logs_kd_and_resumes_exactly(builtin_data, pretrain_run, tmp_path):
+    full = tmp_path / "full"
+    run("distill.py", distill_args(builtin_data, pretrain_run, full))
+    curve, kd = losses(full), losses(full, "kd_loss")
+    assert sorted(curve) == list(range(1, 9)) and all(v == v and abs(v) < 1e4 for v in curve.values())
+    assert curve[8] < curve[1] - 0.3, curve
+    assert all(v > 0 for v in kd.values()), kd
+    assert json.loads((full / "config.json").read_text())["stage"] == "distill"
+    # The checkpoint holds the student alone (load_state refuses unexpected keys, e.g. a teacher's).
+    student = load_model(full)
+    assert student.num_parameters() == load_model(pretrain_run).num_parameters()
+
+    resumed = tmp_path / "resumed"
+    args = distill_args(builtin_data, pretrain_run, resumed)
+    run("distill.py", args + ["--stop-at-step", "4"])
+    assert max(losses(resumed)) == 4
+    result = run("distill.py", args)
+    assert "resumed from" in result.stdout
+    again = losses(resumed)
+    # Bitwise on CPU in fp32: the same batches, optimizer state, schedule, RNG and teacher.
+    assert [again[s] for s in range(5, 9)] == [curve[s] for s in range(5, 9)]
+    assert [losses(resumed, "kd_loss")[s] for s in range(5, 9)] == [kd[s] for s in range(5, 9)]
+
+
+# --- (c) bad input -----------------------------------------------------------------------------------
+
+def test_teacher_with_another_vocabulary_is_refused(builtin_data, pretrain_run, tmp_path):
+    teacher = save_model_dir(tiny_model(seed=1, vocab_size=2048), tmp_path / "teacher")
+    args = distill_args(builtin_data, pretrain_run, tmp_path / "run")
+    args[args.index("--teacher") + 1] = str(teacher)
+    proc = run("distill.py", args, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "vocabulary of 2048 tokens but the student" in proc.stderr and "same tokenizer" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_teacher_with_another_tokenizer_is_refused(builtin_data, tmp_path):
+    other = train_tokenizer([builtin_data["files"]["sft"]], 1024, tmp_path / "other_tokenizer")
+    teacher = save_model_dir(tiny_model(seed=1), tmp_path / "teacher", tokenizer_dir=other)
+    stage = stage_with("--teacher", str(teacher))
+    stage.manifest = stage.open_data(builtin_data["shards"]["reasoning"])
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        stage.setup(tiny_model(seed=2))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kd-alpha", "0.5"], "--kd-alpha set the distillation term, which needs --teacher"),
+    (["--teacher", "t", "--kd-alpha", "1.5"], "must be between 0 and 1"),
+    (["--teacher", "t", "--kd-temperature", "0"], "must be > 0"),
+    (["--special-token-weight", "-1"], "must be >= 0"),
+])
+def test_bad_flags_are_refused_before_loading_anything(flags, message):
+    with pytest.raises(ValueError, match=message):
+        stage_with(*flags).check_arguments()
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_agree_with_one_process(builtin_data, pretrain_run, tmp_path):
+    """Under ZeRO-3 the student's weights are partitioned; the teacher, outside DeepSpeed, is whole on
+    every rank. Two ranks of micro-batch 2 see the same sequences as one rank of 4."""
+    single = distill_args(builtin_data, pretrain_run, tmp_path / "single")
+    run("distill.py", single[:single.index("--steps") + 1] + ["3"] + single[single.index("--steps") + 2:])
+    args = distill_args(builtin_data, pretrain_run, tmp_path / "zero3") + ["--zero-stage", "3"]
+    args[args.index("--steps") + 1] = "3"
+    args[args.index("--micro-batch-size") + 1] = "2"
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29633",
+           str(ROOT / "launch" / "distill.py"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The loss is averaged over ranks (kd_loss and lm_loss are rank 0's own). Each rank normalises by
+    # its own token weights: close, not bitwise.
+    one, two = losses(tmp_path / "single"), losses(tmp_path / "zero3")
+    assert sorted(two) == [1, 2, 3] and all(v > 0 for v in losses(tmp_path / "zero3", "kd_loss").values())
+    for step in two:
+        assert two[step] == pytest.approx(one[step], rel=2e-3), (one, two)
