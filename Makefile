@@ -11,7 +11,7 @@ DEMO := runs/demo
 DATA := data
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast test-gpu bench bench-gpu lint clean
+.PHONY: install demo demo-all test test-fast test-gpu bench bench-gpu lint clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ DEMO_FLAGS := --preset tiny --vocab-size 1024 --seq-len 256 --micro-batch-size 8
 demo: $(STAMP)
 	$(PY) launch/make_corpus.py --out $(DATA)/builtin
 	$(PY) launch/train_tokenizer.py --data $(DATA)/builtin/pretrain.jsonl $(DATA)/builtin/sft.jsonl \
-		--vocab-size 1024 --out $(DATA)/tokenizer
+		$(DATA)/builtin/reasoning.jsonl --vocab-size 1024 --out $(DATA)/tokenizer
 	$(PY) launch/tokenize.py --kind pretrain --data $(DATA)/builtin/pretrain.jsonl \
 		--tokenizer $(DATA)/tokenizer --out $(DATA)/shards/pretrain
 	$(PY) launch/tokenize.py --kind sft --data $(DATA)/builtin/sft.jsonl --seq-len 256 \
@@ -53,6 +53,30 @@ demo: $(STAMP)
 		--seq-len 256 --micro-batch-size 8 --steps 150 --lr 1e-3 --warmup-steps 10 --save-every 50 \
 		--log-every 10 --eval-every 50
 	$(PY) launch/chat.py --model $(DEMO)/sft --prompt "What colour is the cat?" --temperature 0
+
+# Every post-training stage after `make demo`, each the shared engine on the built-in data (CPU: minutes):
+# LoRA (identity) -> chat with the adapter; DPO from the SFT model; reasoning distillation
+# (<think>/<answer>, tag tokens weighted; --teacher adds a KL term, see README); GRPO on arithmetic.
+STAGE_FLAGS := --seq-len 256 --micro-batch-size 8 --log-every 10 --eval-every 0
+demo-all: demo
+	$(PY) launch/tokenize.py --kind sft --data $(DATA)/builtin/lora.jsonl --seq-len 256 \
+		--tokenizer $(DATA)/tokenizer --out $(DATA)/shards/lora
+	$(PY) launch/tokenize.py --kind dpo --data $(DATA)/builtin/dpo.jsonl --seq-len 256 \
+		--tokenizer $(DATA)/tokenizer --out $(DATA)/shards/dpo
+	$(PY) launch/tokenize.py --kind reasoning --data $(DATA)/builtin/reasoning.jsonl --seq-len 256 \
+		--tokenizer $(DATA)/tokenizer --out $(DATA)/shards/reasoning
+	$(DS) launch/lora.py --init $(DEMO)/sft --data $(DATA)/shards/lora --out $(DEMO)/lora $(STAGE_FLAGS) \
+		--lora-rank 8 --lora-alpha 16 --steps 80 --lr 5e-3 --warmup-steps 5 --save-every 40
+	$(PY) launch/chat.py --model $(DEMO)/sft --lora $(DEMO)/lora --prompt "Who made you?" --temperature 0
+	$(DS) launch/dpo.py --init $(DEMO)/sft --data $(DATA)/shards/dpo --out $(DEMO)/dpo $(STAGE_FLAGS) \
+		--precompute-reference --beta 0.1 --steps 60 --lr 5e-5 --warmup-steps 5 --save-every 30
+	$(DS) launch/distill.py --init $(DEMO)/sft --data $(DATA)/shards/reasoning --out $(DEMO)/distill \
+		$(STAGE_FLAGS) --steps 200 --lr 1e-3 --warmup-steps 10 --save-every 100
+	$(PY) launch/chat.py --model $(DEMO)/distill --prompt "What is 3 + 4 - 2?" --temperature 0
+	$(DS) launch/grpo.py --init $(DEMO)/distill --data $(DATA)/builtin/grpo_prompts.jsonl --out $(DEMO)/grpo \
+		--reward answer --reward format --group-size 8 --micro-batch-size 4 --max-new-tokens 48 \
+		--steps 20 --lr 1e-5 --log-every 5 --save-every 10
+	$(PY) launch/chat.py --model $(DEMO)/grpo --prompt "What is 12 + 7?" --temperature 0
 
 clean:
 	rm -rf $(DEMO) $(DATA)
