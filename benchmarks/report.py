@@ -117,7 +117,7 @@ def render_suite(cases: list[dict[str, Any]]) -> list[str]:
     impls = [i for i in sort_impls(c["impl"] for c in cases)
              if any(b is None or i != b["impl"] for b in baselines.values())]
     header = ["Case", "Baseline: median ms"] + [f"{i} ×" for i in impls] + ["Peak MB (base → ours)",
-                                                                          "Hardware use (ours, else baseline)"]
+                                                                          "Hardware use (ours, else the compared path)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, members in groups.items():
         by_impl = {c["impl"]: c for c in members}
@@ -130,7 +130,8 @@ def render_suite(cases: list[dict[str, Any]]) -> list[str]:
         else:
             row = [group, f"{base['impl']}: {_num(base['median_ms'])}"]
             row += ["(base)" if i == base["impl"] else speedup_cell(by_impl.get(i), base) for i in impls]
-            row += [memory_cell(ours, base), hardware_cell(ours or base)]
+            shown = ours or next((c for c in members if c is not base), base)  # e.g. eager vs MiniMind2
+            row += [memory_cell(shown, base), hardware_cell(shown)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
