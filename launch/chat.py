@@ -22,15 +22,13 @@ from minimind_fast.chat import (
     find_tokenizer,
     load_chat_model,
 )
-from minimind_fast.generation import GenerationConfig, stream_generate
+from minimind_fast.generation import stream_generate
+from minimind_fast.inference_args import add_model_arguments, add_sampling_arguments, generation_config
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model dir, run dir, Hugging Face export or MiniMind .pth")
-    p.add_argument("--tokenizer", help="tokenizer dir (default: the one beside the weights)")
-    p.add_argument("--lora", help="LoRA adapter to apply: adapter dir, or a LoRA run/checkpoint dir "
-                                  "(its newest adapter)")
+    add_model_arguments(p)
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--batch", help="JSONL file of prompts to answer")
     p.add_argument("--output", help="JSONL answers for --batch")
@@ -38,16 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mode", choices=("chat", "pretrain"), default="chat",
                    help="pretrain: continue raw text, without the chat template")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.85)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_sampling_arguments(p)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
     return p.parse_args()
 
 
@@ -60,9 +50,7 @@ def main() -> None:
     try:
         tokenizer = find_tokenizer(a.model, a.tokenizer)
         model = load_chat_model(a.model, a.device, a.dtype, a.lora)
-        config = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                                  top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                                  stop_token_ids=[tokenizer.eos_token_id], stop_strings=a.stop, seed=a.seed)
+        config = generation_config(a, [tokenizer.eos_token_id], a.stop)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     graph = not a.no_cuda_graph

@@ -15,7 +15,8 @@ import torch
 
 from minimind_fast import MiniMindForCausalLM, get_preset
 from minimind_fast.chat import find_tokenizer, load_chat_model, pick_device
-from minimind_fast.generation import GenerationConfig, generate
+from minimind_fast.generation import generate
+from minimind_fast.inference_args import add_model_arguments, add_sampling_arguments, generation_config
 
 
 def main() -> None:
@@ -23,31 +24,25 @@ def main() -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="randomly initialised model of this preset")
     src.add_argument("--model", help="model dir, run dir, Hugging Face export or MiniMind .pth")
-    p.add_argument("--tokenizer", help="tokenizer dir (default: the one beside the weights)")
+    add_model_arguments(p, model_required=False)
     p.add_argument("--prompt", default="Hello")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    add_sampling_arguments(p, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=0)
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    config = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                              top_p=a.top_p, stop_token_ids=[], seed=a.seed)
+    config = generation_config(a, stop_token_ids=[])
     try:
         if a.preset:
             model = MiniMindForCausalLM(get_preset(a.preset)).to(pick_device(a.device)).eval()
             tokenizer, ids = None, [b % model.config.vocab_size for b in a.prompt.encode()]
         else:
             tokenizer = find_tokenizer(a.model, a.tokenizer)
-            model = load_chat_model(a.model, a.device)
+            model = load_chat_model(a.model, a.device, a.dtype, a.lora)
             config.stop_token_ids = [tokenizer.eos_token_id]
             ids = [tokenizer.bos_token_id, *tokenizer.encode(a.prompt)]
     except (FileNotFoundError, KeyError, ValueError) as e:
         sys.exit(f"error: {e}")
     start = time.perf_counter()
-    new = generate(model, [ids], config)[0]
+    new = generate(model, [ids], config, cuda_graph=not a.no_cuda_graph)[0]
     seconds = time.perf_counter() - start
     print(a.prompt + tokenizer.decode(new) if tokenizer else f"prompt ids {ids}\nnew ids {new}")
     print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)

@@ -12,16 +12,14 @@ import sys
 from pathlib import Path
 
 from minimind_fast.chat import find_tokenizer, load_chat_model
+from minimind_fast.inference_args import add_model_arguments
 from minimind_fast.serving.app import serve
 from minimind_fast.serving.engine import Engine
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model dir, run dir, Hugging Face export or MiniMind .pth")
-    p.add_argument("--tokenizer", help="tokenizer dir (default: the one beside the weights)")
-    p.add_argument("--lora", help="LoRA adapter to apply: adapter dir, or a LoRA run/checkpoint dir "
-                                  "(its newest adapter)")
+    add_model_arguments(p)
     p.add_argument("--name", help="model id clients must send (default: the model path's name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -29,9 +27,6 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=4096, help="context per sequence (capped by the model's)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--default-max-tokens", type=int, default=512, help="when a request gives no max_tokens")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
     a = p.parse_args()
     try:
         tokenizer = find_tokenizer(a.model, a.tokenizer)
