@@ -50,3 +50,25 @@ def builtin_data(tmp_path_factory):
         tokenize_to_shards([files[name]], tok_dir, root / "shards" / kind, opts)
         shards[kind] = root / "shards" / kind
     return {"root": root, "files": files, "tokenizer": tok_dir, "shards": shards}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tmp_path_factory):
+    """A 2-layer, hidden-64 `tiny` config with the built-in tokenizer's vocabulary size, as a JSON file."""
+    from launch_helpers import tiny_config
+
+    path = tmp_path_factory.mktemp("cfg") / "model.json"
+    tiny_config().save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(builtin_data, tiny_model_config, tmp_path_factory):
+    """12 pretraining steps of the tiny model (checkpoints at 4, 8, 12; eval at 6 and 12): the start
+    of every fine-tuning stage's tests. Read it, never write into it."""
+    from launch_helpers import common, run
+
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(tiny_model_config),
+                              "--eval-every", "6"))
+    return out

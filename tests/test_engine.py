@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,55 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import ENV, ROOT, common, losses, run
 
 from minimind_fast.checkpoint import load_model
-from minimind_fast.config import get_preset
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.data.tokenizer import load_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def model_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "model.json"
-    get_preset("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               vocab_size=1024, max_position_embeddings=256).save(path)
-    return path
-
-
-def common(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return ["--data", str(data), "--out", str(out), "--seq-len", "64", "--micro-batch-size", "4",
-            "--steps", str(steps), "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1",
-            "--eval-every", "1000", "--save-every", "4", "--seed", "7", *extra]
-
-
-def run(script: str, args: list[str], timeout: int = 240, launcher: list[str] | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "launch" / script)] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
-
-
-def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r[key]
-    return out
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(builtin_data, model_config, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "pretrain"
-    run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(model_config),
-                              "--eval-every", "6"))
-    return out
 
 
 def test_pretrain_learns_and_writes_the_run_directory(pretrain_run, builtin_data):
@@ -82,9 +37,9 @@ def test_pretrain_learns_and_writes_the_run_directory(pretrain_run, builtin_data
     assert stats["splits"]["train"]["tokens"] > 0
 
 
-def test_exact_resume_matches_an_uninterrupted_run(pretrain_run, builtin_data, model_config, tmp_path):
+def test_exact_resume_matches_an_uninterrupted_run(pretrain_run, builtin_data, tiny_model_config, tmp_path):
     out = tmp_path / "resumed"
-    args = common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(model_config), "--eval-every", "6")
+    args = common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(tiny_model_config), "--eval-every", "6")
     run("pretrain.py", args + ["--stop-at-step", "5"])
     first = losses(out)
     assert max(first) == 5 and (out / "checkpoints" / "step_00000005" / "COMPLETE").exists()
@@ -94,9 +49,9 @@ def test_exact_resume_matches_an_uninterrupted_run(pretrain_run, builtin_data, m
     assert [resumed[s] for s in range(6, 13)] == [full[s] for s in range(6, 13)]
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, model_config, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, tiny_model_config, tmp_path):
     out = tmp_path / "killed"
-    args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(model_config),
+    args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(tiny_model_config),
                   "--save-every", "1000")
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -142,8 +97,8 @@ def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_r
     ("nan", "non-finite losses"),
     ("kind", "needs pretrain shards"),
 ])
-def test_faults_give_clear_errors_before_training(bad, message, builtin_data, model_config, tmp_path):
-    data, out, extra = builtin_data["shards"]["pretrain"], tmp_path / "run", ["--config", str(model_config)]
+def test_faults_give_clear_errors_before_training(bad, message, builtin_data, tiny_model_config, tmp_path):
+    data, out, extra = builtin_data["shards"]["pretrain"], tmp_path / "run", ["--config", str(tiny_model_config)]
     if bad == "vocab":
         extra += ["--vocab-size", "300"]
     elif bad == "missing":
@@ -161,15 +116,15 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, mo
 
 
 @pytest.mark.slow
-def test_deepspeed_two_ranks_zero_stages_agree_with_single_process(builtin_data, model_config, tmp_path):
-    base = common(builtin_data["shards"]["pretrain"], tmp_path / "single", 4, "--config", str(model_config),
+def test_deepspeed_two_ranks_zero_stages_agree_with_single_process(builtin_data, tiny_model_config, tmp_path):
+    base = common(builtin_data["shards"]["pretrain"], tmp_path / "single", 4, "--config", str(tiny_model_config),
                   "--save-every", "100")
     run("pretrain.py", base)
     single = losses(tmp_path / "single")
     assert single[4] < single[1]
     for stage in (0, 2, 3):
         out = tmp_path / f"zero{stage}"
-        args = common(builtin_data["shards"]["pretrain"], out, 4, "--config", str(model_config),
+        args = common(builtin_data["shards"]["pretrain"], out, 4, "--config", str(tiny_model_config),
                       "--save-every", "100", "--zero-stage", str(stage))
         # Two ranks of micro-batch 2 see the same 4 sequences per step as one rank of 4.
         args[args.index("--micro-batch-size") + 1] = "2"

@@ -4,16 +4,15 @@ float64 hand computation; an end-to-end run with a teacher, with resume; and its
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import ENV, ROOT, common, losses, run, tiny_config
 
 from minimind_fast.checkpoint import load_model, save_model_dir
-from minimind_fast.config import get_preset
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.data.records import REASONING_TAGS
 from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
@@ -21,56 +20,10 @@ from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.args import training_parser
 from minimind_fast.training.stages import ReasoningStage
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 SEQ = 128  # the reasoning samples are ~75 tokens: whole <think>...</answer> replies fit
 
 
 # --- helpers (as in test_engine.py) ----------------------------------------------------------------
-
-def tiny_config(vocab_size: int = 1024):
-    return get_preset("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=vocab_size, max_position_embeddings=256)
-
-
-@pytest.fixture(scope="module")
-def model_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "model.json"
-    tiny_config().save(path)
-    return path
-
-
-def common(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return ["--data", str(data), "--out", str(out), "--seq-len", "64", "--micro-batch-size", "4",
-            "--steps", str(steps), "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1",
-            "--eval-every", "1000", "--save-every", "4", "--seed", "7", *extra]
-
-
-def run(script: str, args: list[str], timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "launch" / script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
-
-
-def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r[key]
-    return out
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(builtin_data, model_config, tmp_path_factory) -> Path:
-    """12 pretraining steps: `final/` is the student's start, `checkpoints/step_00000008` the teacher."""
-    out = tmp_path_factory.mktemp("runs") / "pretrain"
-    run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(model_config)))
-    return out
-
 
 def stage_with(*flags: str) -> ReasoningStage:
     parser = training_parser("distill", "distill")

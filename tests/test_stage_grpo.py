@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import run
 
 from minimind_fast.checkpoint import save_model_dir
 from minimind_fast.config import get_preset
@@ -20,10 +19,6 @@ from minimind_fast.data.tokenizer import load_tokenizer
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.grpo import group_advantages, grpo_loss, k3_kl, pack_sequences, rollout_seed, token_logprobs
 from minimind_fast.training.rewards import RewardSet, answer_reward, extract_answer, format_reward, parse_reward
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
 
 # ------------------------------------------------------------------------------- the loss by hand
 
@@ -257,16 +252,6 @@ def test_prompts_render_like_the_sft_data(builtin_data, tmp_path):
 
 
 # ------------------------------------------------------------------------------ runs end to end
-
-def run(script: str, args: list[str], launcher: list[str] | None = None, check: bool = True,
-        timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "launch" / script)] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
-
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

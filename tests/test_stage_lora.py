@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import common, losses, run
 from safetensors.torch import load_file
 
 from minimind_fast.checkpoint import load_model
@@ -18,40 +18,7 @@ from minimind_fast.config import get_preset
 from minimind_fast.lora import LoraConfig, LoraLinear, apply_lora, load_lora
 from minimind_fast.model import MiniMindForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 STEPS = 16
-
-
-def run(script: str, args: list[str], launcher: list[str] | None = None, check: bool = True,
-        timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "launch" / script)] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
-    return proc
-
-
-def common(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return ["--data", str(data), "--out", str(out), "--seq-len", "64", "--micro-batch-size", "4",
-            "--steps", str(steps), "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1",
-            "--eval-every", "1000", "--save-every", "4", "--seed", "7", *extra]
-
-
-def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(builtin_data, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lora_base")
-    get_preset("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               vocab_size=1024, max_position_embeddings=256).save(root / "model.json")
-    run("pretrain.py", common(builtin_data["shards"]["pretrain"], root / "pretrain", 12,
-                              "--config", str(root / "model.json")))
-    return root / "pretrain"
 
 
 @pytest.fixture(scope="module")
