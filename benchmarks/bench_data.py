@@ -4,8 +4,8 @@ Groups (tokens/s and bytes/s of JSONL input in each case's extra_info):
 
 - ``tokenize-pretrain`` / ``tokenize-sft``:
     ``tokenizers``  `Tokenizer.encode_batch` over the already-parsed texts, on all cores: the ceiling;
-    ``minimind``    MiniMind's way: the transformers tokenizer called once per sample (what its
-                    datasets do, every epoch, inside the training loop);
+    ``minimind``    MiniMind's way: per sample, the chat template rendered (SFT) and the transformers
+                    tokenizer called (what its datasets do, every epoch, inside the training loop);
     ``ours``        the whole pipeline (read, parse, render, encode, masks, write shards) on all cores;
                     target: within ~1.1x of ``tokenizers`` for pretrain.
 - ``shard-write``: `ShardWriter` alone on already-encoded tokens (the writing's share of the cost;
@@ -76,10 +76,13 @@ def test_tokenize_throughput(benchmark, data, tmp_path, kind, impl):
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(str(data["tokenizer"]))
+        records = [json.loads(line) for line in src.read_text().splitlines()]
 
         def run():
-            for t in texts:
-                hf(t, add_special_tokens=False)
+            # As MiniMind's datasets do per sample: parse, render the chat template (SFT), encode.
+            for r in records:
+                text = r["text"] if kind == "pretrain" else hf.apply_chat_template(r["conversations"], tokenize=False)
+                hf(text, add_special_tokens=False)
     else:
         opts = TokenizeOptions(kind=kind, seq_len=512)
         out = tmp_path / "shards"
