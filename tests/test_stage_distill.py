@@ -215,9 +215,10 @@ def test_zero3_two_ranks_agree_with_one_process(builtin_data, pretrain_run, tmp_
            str(ROOT / "launch" / "distill.py"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # The loss is averaged over ranks (kd_loss and lm_loss are rank 0's own). Each rank normalises by
-    # its own token weights: close, not bitwise.
-    one, two = losses(tmp_path / "single"), losses(tmp_path / "zero3")
-    assert sorted(two) == [1, 2, 3] and all(v > 0 for v in losses(tmp_path / "zero3", "kd_loss").values())
-    for step in two:
-        assert two[step] == pytest.approx(one[step], rel=2e-3), (one, two)
+    # The loss and the stage's metrics are averaged over ranks. Each rank normalises by its own token
+    # weights: close, not bitwise.
+    for key in ("loss", "lm_loss", "kd_loss"):
+        one, two = losses(tmp_path / "single", key), losses(tmp_path / "zero3", key)
+        assert sorted(two) == [1, 2, 3] and all(v > 0 for v in two.values())
+        for step in two:
+            assert two[step] == pytest.approx(one[step], rel=2e-3), (key, one, two)

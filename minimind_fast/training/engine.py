@@ -262,7 +262,7 @@ class Trainer:
                     record = {"step": step, "loss": loss_val.item() / self.world,
                               "lr": self.engine.get_lr()[0], "grad_norm": grad_norm,
                               "tokens_per_s": tok_s, "tokens": tokens_seen, "memory_mb": memory_mb(self.device),
-                              "bad_steps": bad_steps, **metrics_acc}
+                              "bad_steps": bad_steps, **self._mean_over_ranks(metrics_acc)}
                     if self.dtype == "fp16":  # steps DeepSpeed skipped on a loss-scale overflow
                         record["overflow_steps"] = int(getattr(self.engine, "skipped_steps", 0))
                     if peak:
@@ -284,6 +284,16 @@ class Trainer:
             logger.close()
         dist.barrier()
         return {"step": step, "bad_steps": bad_steps}
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """A stage's metrics averaged over ranks (every rank reports the same keys), so a logged value
+        describes the whole global batch, not rank 0's share of it."""
+        if self.world == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return {k: v / self.world for k, v in zip(keys, values.tolist())}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
