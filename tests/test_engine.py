@@ -139,3 +139,16 @@ def test_deepspeed_two_ranks_zero_stages_agree_with_single_process(builtin_data,
         for step in range(1, 5):
             assert abs(norms[step] - single_norms[step]) < 1e-3 * single_norms[step], (stage, norms, single_norms)
         assert load_model(out).num_parameters() == load_model(tmp_path / "single").num_parameters()
+
+
+@pytest.mark.slow  # ~50 s: inductor compiles the model on the CPU
+def test_compile_flag_trains_like_eager(builtin_data, tiny_model_config, tmp_path):
+    """`--compile` (DeepSpeed's engine.compile over torch.compile) runs the same steps as eager."""
+    args = lambda out: common(builtin_data["shards"]["pretrain"], out, 4, "--config", str(tiny_model_config),
+                              "--save-every", "1000")
+    run("pretrain.py", args(tmp_path / "eager"))
+    run("pretrain.py", args(tmp_path / "compiled") + ["--compile"])
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3, 4]
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4), (eager, compiled)

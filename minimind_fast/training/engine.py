@@ -216,8 +216,8 @@ class Trainer:
         flops_per_token = model_flops_per_token(self.config, a.seq_len)
         self._note(f"{self.stage.name}: {self.world} rank(s) on {self.device.type}, {self.dtype}, ZeRO "
                    f"{self.ds_config['zero_optimization']['stage']}; global batch "
-                   f"{self.micro_batch * self.grad_accum * self.world} sequences = {self.tokens_per_step:,} "
-                   f"tokens/step; {self.total_steps} steps; {self.config.num_parameters() / 1e6:.1f}M parameters")
+                   f"{self.stage.describe_batch(self.micro_batch * self.grad_accum * self.world, self.tokens_per_step)}"
+                   f"; {self.total_steps} steps; {self.config.num_parameters() / 1e6:.1f}M parameters")
         logger = MetricsLogger(self.run_dir, self.total_steps, step, self.is_main, a.tensorboard, a.wandb,
                                {"args": vars(a)})
         stop = StopRequest()

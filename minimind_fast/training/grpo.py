@@ -144,6 +144,10 @@ class GRPOStage(FineTuneStage):
     name = "grpo"
     data_kind = "prompts"
 
+    def describe_batch(self, items: int, tokens: int) -> str:
+        return (f"{items} prompts x {self.args.group_size} completions = {items * self.args.group_size} "
+                f"sequences of at most {self.args.seq_len} tokens")
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("grpo")

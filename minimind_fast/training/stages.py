@@ -106,6 +106,10 @@ class Stage:
         """Mean next-token loss on a held-out batch (no auxiliary terms)."""
         return model(**self.lm_inputs(batch), targets=batch["targets"]).loss
 
+    def describe_batch(self, items: int, tokens: int) -> str:
+        """The global batch in the start-up banner: `items` loader items, at most `tokens` tokens."""
+        return f"{items} sequences = {tokens:,} tokens/step"
+
     def tokens_in_batch(self, batch: dict) -> int:
         return int(batch["input_ids"].numel())
 
