@@ -11,6 +11,9 @@ The reference is the `--init` model unless `--reference` names another. It eithe
 policy at every step, or (`--precompute-reference`) scores every train and val pair once before
 training, in the training precision, into `RUN/reference_logps.safetensors` (keyed by pair number,
 reused on resume), and is freed: no second model in memory and one forward per step instead of two.
+
+With `--lora-rank R` only LoRA adapters train (the base stays frozen and out of the optimizer), saved as
+in the LoRA stage: `RUN/final/` holds the base, `RUN/final/adapter/` the adapter.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.training.lora_stage import adapter_parameters, add_adapters, add_lora_arguments
 from minimind_fast.training.stages import FineTuneStage
 
 IGNORE = -100
@@ -103,6 +107,7 @@ class DPOStage(FineTuneStage):
                        help="score every pair with the reference once, store it in the run dir, free the model")
         g.add_argument("--label-smoothing", type=float, default=0.0,
                        help="conservative DPO: the share of pairs assumed mislabelled (0 <= eps < 0.5)")
+        add_lora_arguments(parser, rank=None)
 
     def items_tokens(self, loader) -> float:
         """A pair takes one batch row: counting it as seq_len tokens makes --epochs count pairs."""
@@ -125,6 +130,13 @@ class DPOStage(FineTuneStage):
         # until then the policy, untouched before DeepSpeed wraps it, stands for the --init weights.
         self._init_model = model if a.precompute_reference else None
         self.reference = None if a.precompute_reference else self._load_reference(model)
+        if a.lora_rank is not None:
+            # After the reference is copied: adapters start at zero (B = 0), so a copy made later (when
+            # precomputing) scores exactly as the --init weights do.
+            add_adapters(a, model)
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return adapter_parameters(model) if self.args.lora_rank is not None else super().trainable_parameters(model)
 
     def _load_reference(self, model: MiniMindForCausalLM) -> MiniMindForCausalLM:
         a = self.args

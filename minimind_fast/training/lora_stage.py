@@ -22,6 +22,54 @@ from minimind_fast.training.stages import SFTStage
 UNADAPTABLE = ("lm_head",)
 
 
+def add_lora_arguments(parser: argparse.ArgumentParser, rank: int | None = 8) -> None:
+    """The adapter flags; with `rank=None`, LoRA is off unless --lora-rank is given (DPO)."""
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=rank,
+                   help="adapter rank r" + ("" if rank else " (given: train adapters, not the whole model)"))
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="scale: the update is (alpha / r) * B @ A")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
+                   help=f"projection names to adapt (default: those of {' '.join(DEFAULT_TARGETS)} the model "
+                        "has; MoE routed experts are not nn.Linear and are not adapted)")
+
+
+def lora_config(a: argparse.Namespace, model: nn.Module) -> LoraConfig:
+    """The adapter settings from the flags, checked against the model's projections."""
+    if a.lora_rank <= 0:
+        raise ValueError(f"--lora-rank {a.lora_rank}: must be positive")
+    if not 0 <= a.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout {a.lora_dropout}: must be in [0, 1)")
+    if a.lora_alpha <= 0:
+        raise ValueError(f"--lora-alpha {a.lora_alpha}: must be positive")
+    if a.lora_targets:
+        check_targets(model, a.lora_targets)
+        targets = list(a.lora_targets)
+    else:
+        targets = [t for t in DEFAULT_TARGETS if t in linear_names(model)]
+    return LoraConfig(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=targets)
+
+
+def add_adapters(a: argparse.Namespace, model: MiniMindForCausalLM) -> None:
+    """Wrap the targeted projections (before DeepSpeed wraps the model) and say what trains."""
+    config = lora_config(a, model)
+    adapted = apply_lora(model, config)
+    n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"LoRA r={config.rank} alpha={config.alpha:g} on {len(adapted)} projections "
+              f"({', '.join(config.target_modules)}): {n_adapter:,} trainable parameters, "
+              f"{model.num_parameters() - n_adapter:,} frozen", flush=True)
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapters only: the frozen base must never enter the optimizer (nor its state)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    stray = [n for n in names if ".lora_" not in n]
+    if stray:
+        raise RuntimeError(f"LoRA: non-adapter parameters would train: {stray[:5]}")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class LoraStage(SFTStage):
     """LoRA fine-tuning on SFT shards: rank-r adapters on chosen projections, base weights frozen."""
 
@@ -30,46 +78,13 @@ class LoraStage(SFTStage):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("LoRA")
-        g.add_argument("--lora-rank", type=int, default=8, help="adapter rank r")
-        g.add_argument("--lora-alpha", type=float, default=16.0, help="scale: the update is (alpha / r) * B @ A")
-        g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
-        g.add_argument("--lora-targets", nargs="+", metavar="NAME",
-                       help=f"projection names to adapt (default: those of {' '.join(DEFAULT_TARGETS)} the model "
-                            "has; MoE routed experts are not nn.Linear and are not adapted)")
-
-    def lora_config(self, model: nn.Module) -> LoraConfig:
-        a = self.args
-        if a.lora_rank <= 0:
-            raise ValueError(f"--lora-rank {a.lora_rank}: must be positive")
-        if not 0 <= a.lora_dropout < 1:
-            raise ValueError(f"--lora-dropout {a.lora_dropout}: must be in [0, 1)")
-        if a.lora_alpha <= 0:
-            raise ValueError(f"--lora-alpha {a.lora_alpha}: must be positive")
-        if a.lora_targets:
-            check_targets(model, a.lora_targets)
-            targets = list(a.lora_targets)
-        else:
-            targets = [t for t in DEFAULT_TARGETS if t in linear_names(model)]
-        return LoraConfig(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=targets)
+        add_lora_arguments(parser)
 
     def setup(self, model: MiniMindForCausalLM) -> None:
-        """Check the targets against the model's projections, then wrap them (before DeepSpeed does)."""
-        config = self.lora_config(model)
-        adapted = apply_lora(model, config)
-        n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"LoRA r={config.rank} alpha={config.alpha:g} on {len(adapted)} projections "
-                  f"({', '.join(config.target_modules)}): {n_adapter:,} trainable parameters, "
-                  f"{model.num_parameters() - n_adapter:,} frozen", flush=True)
+        add_adapters(self.args, model)
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """The adapters only: the frozen base must never enter the optimizer (nor its state)."""
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        stray = [n for n in names if ".lora_" not in n]
-        if stray:
-            raise RuntimeError(f"LoRA: non-adapter parameters would train: {stray[:5]}")
-        return [p for p in model.parameters() if p.requires_grad]
+        return adapter_parameters(model)
 
 
 def linear_names(model: nn.Module) -> list[str]:
