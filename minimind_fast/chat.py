@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,13 +57,28 @@ def load_chat_model(path: str | os.PathLike, device: str = "auto", dtype: str = 
     else:
         raise ValueError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
     model = load_model(path)
-    if lora:
-        try:
-            from minimind_fast.lora import load_lora, merge_lora
-        except ImportError:
-            raise ValueError("--lora: LoRA adapters are not supported yet (minimind_fast.lora is missing)") from None
+    if lora is None:
+        lora = _adapter_beside(path)
+    if lora and str(lora) != "none":
+        from minimind_fast.lora import load_lora, merge_lora
+
         merge_lora(load_lora(model, lora))  # merged: inference runs at the base model's speed
     return model.to(device=dev, dtype=torch_dtype).eval()
+
+
+def _adapter_beside(path: str | os.PathLike) -> Path | None:
+    """A LoRA run's model directory keeps the base weights with the adapter in `adapter/`: loading the
+    run means the fine-tuned model, so the adapter is applied (say so; `lora="none"` keeps the base)."""
+    from minimind_fast.lora import ADAPTER_DIR
+
+    p = Path(path)
+    if p.suffix == ".pth" or not p.is_dir() or is_hf_dir(p):
+        return None
+    adapter = resolve_model_dir(p) / ADAPTER_DIR
+    if not adapter.is_dir():
+        return None
+    print(f"applying the LoRA adapter in {adapter} (--lora none for the base model)", file=sys.stderr)
+    return adapter
 
 
 class TextStream:

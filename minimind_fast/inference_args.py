@@ -12,7 +12,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, model_required: bool = Tr
     if model_required:
         p.add_argument("--model", required=True, help="model dir, run dir, Hugging Face export or MiniMind .pth")
     p.add_argument("--tokenizer", help="tokenizer dir (default: the one beside the weights)")
-    p.add_argument("--lora", help="LoRA adapter: an adapter dir, or a LoRA run/checkpoint dir (newest adapter)")
+    p.add_argument("--lora", help="LoRA adapter: an adapter dir, or a LoRA run/checkpoint dir (newest adapter); "
+                                  "a LoRA run given as --model gets its own adapter unless --lora none")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")

@@ -87,6 +87,11 @@ def test_chat_and_merge_apply_the_adapter(lora_run, pretrain_run, tmp_path):
     with_adapter = run("chat.py", ["--model", str(lora_run), "--lora", str(lora_run), *chat])
     from_merged = run("chat.py", ["--model", str(tmp_path / "merged"), *chat])
     assert with_adapter.stdout == from_merged.stdout and with_adapter.stdout.strip()
+    # The LoRA run as --model means the fine-tuned model: its adapter is applied, and said so.
+    own = run("chat.py", ["--model", str(lora_run), *chat])
+    assert own.stdout == from_merged.stdout and "applying the LoRA adapter" in own.stderr
+    base = run("chat.py", ["--model", str(lora_run), "--lora", "none", *chat])
+    assert base.stdout == run("chat.py", ["--model", str(pretrain_run), *chat]).stdout
     ckpt = sorted((lora_run / "checkpoints").iterdir())[-1]
     assert run("chat.py", ["--model", str(pretrain_run), "--lora", str(ckpt), *chat]).stdout == from_merged.stdout
 
