@@ -113,6 +113,9 @@ class DPOStage(FineTuneStage):
         """A pair takes one batch row: counting it as seq_len tokens makes --epochs count pairs."""
         return self.args.seq_len
 
+    def describe_batch(self, items: int, tokens: int) -> str:
+        return f"{items} pairs = {2 * items} sequences of at most {self.args.seq_len} tokens"
+
     def tokens_in_batch(self, batch: dict) -> int:
         return int(batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel())
 
