@@ -56,6 +56,12 @@ def test_lora_trains_only_adapters_and_keeps_the_base(lora_run, pretrain_run):
     base = load_file(str(pretrain_run / "final" / "model.safetensors"))
     saved = load_file(str(lora_run / "final" / "model.safetensors"))
     assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base)
+    # DeepSpeed's own state leaves the frozen base out (resume rebuilds it from --init): a fraction of
+    # a full run's, which holds every weight with its two Adam moments.
+    ds_state = "checkpoints/step_{:08d}/deepspeed/state/mp_rank_00_model_states.pt"
+    lora_bytes = (lora_run / ds_state.format(STEPS)).stat().st_size
+    full_bytes = (pretrain_run / ds_state.format(12)).stat().st_size
+    assert lora_bytes < 0.4 * full_bytes, (lora_bytes, full_bytes)
     adapter_dir = lora_run / "final" / "adapter"
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["rank"] == 8 and config["alpha"] == 16 and "down_proj" in config["target_modules"]

@@ -85,6 +85,10 @@ def save_model_and_adapter(module, out: Path, state: dict[str, torch.Tensor],
         save_lora(module, out / ADAPTER_DIR, state=adapters)
 
 
+def has_frozen(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def save_checkpoint(engine, stage, run_dir: Path, step: int, loader_state: dict, trainer_state: dict,
                     tokenizer_dir: Path | None, keep_last: int) -> Path:
     """Write checkpoint `step` atomically (collective: every rank must call it)."""
@@ -95,7 +99,9 @@ def save_checkpoint(engine, stage, run_dir: Path, step: int, loader_state: dict,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+    # Frozen weights (a LoRA base) are the --init model's, rebuilt on resume: DeepSpeed's state keeps
+    # only what trains, so a LoRA checkpoint costs the adapters and their optimizer state.
+    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=has_frozen(engine))
     torch.save({"loader": json.dumps(loader_state), "rng": rng_state()}, tmp / f"rank_{rank}.pt")
     state = consolidated_state_dict(engine)
     if rank == 0:
@@ -117,7 +123,8 @@ def save_checkpoint(engine, stage, run_dir: Path, step: int, loader_state: dict,
 def load_checkpoint(engine, ckpt: Path) -> tuple[dict, dict]:
     """Restore DeepSpeed state, RNG states; returns (loader_state, trainer_state)."""
     rank = dist.get_rank()
-    load_path, _ = engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
+    load_path, _ = engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
+                                          load_module_strict=not has_frozen(engine))
     if load_path is None:
         raise RuntimeError(f"{ckpt}: DeepSpeed could not load its state")
     rank_file = ckpt / f"rank_{rank}.pt"
