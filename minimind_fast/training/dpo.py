@@ -34,7 +34,7 @@ from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.lora_stage import adapter_parameters, add_adapters, add_lora_arguments
-from minimind_fast.training.stages import FineTuneStage
+from minimind_fast.training.stages import FineTuneStage, freeze
 
 IGNORE = -100
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -150,10 +150,7 @@ class DPOStage(FineTuneStage):
                                  f"from the policy's {model.config.vocab_size} ({a.init})")
         else:
             reference = copy.deepcopy(model)
-        reference.gradient_checkpointing = False
-        for p in reference.parameters():
-            p.requires_grad_(False)
-        return reference.eval()
+        return freeze(reference)
 
     def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
                      pin_memory: bool = False):

@@ -42,7 +42,7 @@ from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt
 from minimind_fast.generation import GenerationConfig, generate
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.rewards import REWARDS, RewardSet
-from minimind_fast.training.stages import FineTuneStage
+from minimind_fast.training.stages import FineTuneStage, freeze
 
 ADV_EPS = 1e-4
 
@@ -242,9 +242,9 @@ class GRPOStage(FineTuneStage):
             raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context length "
                              f"{model.config.max_position_embeddings}")
         if a.kl_beta > 0:
-            self.reference = _frozen_copy(model)
+            self.reference = freeze(copy.deepcopy(model))
         if a.zero_stage == 3 or _ds_zero_stage(a) == 3:
-            self.rollout_copy = _frozen_copy(model)
+            self.rollout_copy = freeze(copy.deepcopy(model))
 
     # --- rollouts --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -328,7 +328,7 @@ class GRPOStage(FineTuneStage):
         if self.uses_moe(model) and out.aux_loss is not None:
             loss = loss + out.aux_loss
         self._tokens = r.tokens
-        return loss, _mean_over_ranks({**r.metrics, **stats}, loss.device)
+        return loss, {**r.metrics, **stats}  # the engine averages them over ranks
 
     def eval_loss(self, model, batch: dict) -> torch.Tensor:
         raise NotImplementedError("GRPO has no held-out loss")
@@ -336,13 +336,6 @@ class GRPOStage(FineTuneStage):
     def tokens_in_batch(self, batch: dict) -> int:
         """Prompt + completion tokens of the micro-batch just trained on (known only after sampling)."""
         return self._tokens
-
-
-def _frozen_copy(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
-    frozen = copy.deepcopy(model).eval()
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    return frozen
 
 
 def _ds_zero_stage(args: argparse.Namespace) -> int | None:
@@ -356,13 +349,3 @@ def _ds_zero_stage(args: argparse.Namespace) -> int | None:
     except (OSError, json.JSONDecodeError):
         return None  # the engine reports an unreadable file itself
     return config.get("zero_optimization", {}).get("stage")
-
-
-def _mean_over_ranks(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average the metrics over ranks (every rank logs the same keys in the same order), so the
-    logged reward is the whole batch's, not rank 0's share."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return metrics
-    values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    return dict(zip(metrics, (values / dist.get_world_size()).tolist()))

@@ -20,6 +20,14 @@ from minimind_fast.data.loaders import build_loader
 from minimind_fast.model import MiniMindForCausalLM
 
 
+def freeze(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
+    """A model that only scores (reference, teacher): eval mode, no gradients, no checkpointing."""
+    model.gradient_checkpointing = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -53,14 +61,18 @@ class Stage:
         a = self.args
         return build_loader(self.data_kind, data, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
                             seed=a.seed, rank=rank, world_size=world_size, split=split, vocab_size=vocab_size,
-                            pin_memory=pin_memory)
+                            pin_memory=pin_memory, **self.loader_options())
+
+    def loader_options(self) -> dict:
+        """Hook: extra keyword arguments for `data.loaders.build_loader` (e.g. special_token_weight)."""
+        return {}
 
     def items_tokens(self, loader) -> float:
         """Tokens per loader item, for turning --epochs into steps (packed SFT: mean document length)."""
         if loader.kind == "pretrain":
             return self.args.seq_len
         split = loader.manifest["splits"]["train"]
-        return split["tokens"] / max(split["docs"], 1) * (2 if loader.kind == "dpo" else 1)
+        return split["tokens"] / max(split["docs"], 1)
 
     # --- model -------------------------------------------------------------------------
     def model_config_overrides(self) -> dict:
@@ -234,13 +246,9 @@ class ReasoningStage(FineTuneStage):
         self.manifest = manifest  # `setup` checks the teacher's tokenizer against it
         return super().build_model(manifest)
 
-    def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
-                     pin_memory: bool = False):
-        """The SFT loader over reasoning shards, with --special-token-weight on the tag tokens' targets."""
-        a = self.args
-        return build_loader(self.data_kind, data, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
-                            seed=a.seed, rank=rank, world_size=world_size, split=split, vocab_size=vocab_size,
-                            pin_memory=pin_memory, special_token_weight=a.special_token_weight)
+    def loader_options(self) -> dict:
+        """--special-token-weight on the tag tokens' targets."""
+        return {"special_token_weight": self.args.special_token_weight}
 
     def setup(self, model: MiniMindForCausalLM) -> None:
         """Load the frozen teacher. It lives on the stage, not in the model, so it is never given to the
@@ -253,10 +261,7 @@ class ReasoningStage(FineTuneStage):
                              f"tokens but the student (--init {self.args.init}) has {model.config.vocab_size}: "
                              "distillation compares logits token by token, so both need the same tokenizer")
         self._check_tokenizer(self.manifest, source=self.args.teacher)
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher = teacher
+        self.teacher = freeze(teacher)
 
     def _place_teacher(self, model, device: torch.device) -> None:
         """Move the teacher once to the student's device and floating dtype (bf16/fp16 under DeepSpeed's
