@@ -60,6 +60,14 @@ def open_split(shard_dir: str | Path, split: str, vocab_size: int | None) -> tup
     return manifest, shards
 
 
+def check_resume_state(saved: dict, mine: dict, keys: tuple[str, ...], items: str) -> None:
+    """A saved loader position only means the same data under the same settings: refuse any change."""
+    for key in keys:
+        if key in saved and saved[key] != mine[key]:
+            raise ValueError(f"loader state has {key}={saved[key]!r}, this run has {mine[key]!r}: "
+                             f"resuming would not see the same {items}")
+
+
 class ShardLoader:
     """Base: per-epoch permutation of `n_items`, this rank's slice, position bookkeeping, prefetch.
 
@@ -127,11 +135,8 @@ class ShardLoader:
                 "seq_len": self.seq_len, "micro_batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("kind", "seed", "rank", "world_size", "seq_len", "micro_batch_size"):
-            if key in state and state[key] != mine[key]:
-                raise ValueError(f"loader state has {key}={state[key]!r}, this run has {mine[key]!r}: "
-                                 f"resuming would not see the same samples")
+        check_resume_state(state, self.state_dict(), ("kind", "seed", "rank", "world_size", "seq_len",
+                                                      "micro_batch_size"), "samples")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
     @property

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minimind_fast.data.loaders import check_resume_state
 from minimind_fast.data.records import ROLES
 from minimind_fast.data.tokenizer import ChatTokenizer
 
@@ -158,9 +159,6 @@ class PromptLoader:
                 "repeats": self.repeats, "n_items": self.n_items}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("kind", "seed", "rank", "world_size", "micro_batch_size", "grad_accum", "repeats", "n_items"):
-            if key in state and state[key] != mine[key]:
-                raise ValueError(f"loader state has {key}={state[key]!r}, this run has {mine[key]!r}: "
-                                 f"resuming would not see the same prompts")
+        check_resume_state(state, self.state_dict(), ("kind", "seed", "rank", "world_size", "micro_batch_size",
+                                                      "grad_accum", "repeats", "n_items"), "prompts")
         self.position = int(state["position"])
