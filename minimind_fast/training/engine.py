@@ -366,7 +366,11 @@ def train(stage_cls: type[Stage], argv: list[str] | None = None, parser=None) ->
         stage_cls.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return Trainer(stage_cls(args), args).run()
+        result = Trainer(stage_cls(args), args).run()
     except (TrainingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    # Only after a clean run (every rank is here): gloo's worker threads outliving the interpreter
+    # otherwise abort the process at exit ("terminate called without an active exception").
+    dist.destroy_process_group()
+    return result
