@@ -7,10 +7,13 @@
 #   1. nvidia-smi and versions                                  -> $OUT/env.txt
 #   2. make minimind_fast importable (a kernels link if needed)  (wheels in .whl/ installed first;
 #      with the device tool, carry ".whl" so that Liger-Kernel gets installed)
-#   3. GPU tests: `pytest -m gpu tests/` + kernel tests at full size -> $OUT/gpu-tests.log
-#   4. benchmarks at full sizes                                  -> benchmarks/results/*.json, copied to $OUT
-# Knobs (environment): TEST_TIMEOUT (s, default 170), BENCH_TIMEOUT (s, default 330),
-# BENCH_ARGS (extra pytest args for the benchmarks, e.g. "-k kernels"), SKIP_TESTS=1, SKIP_BENCH=1.
+#   3. the engine itself: launch/pretrain.py (DeepSpeed, bf16) on the built-in corpus, small-26m at
+#      MiniMind's batch (32 x 512), eager kernels and --compile  -> $OUT/engine-*.jsonl (metrics)
+#   4. GPU tests: `pytest -m gpu tests/` + kernel tests at full size -> $OUT/gpu-tests.log
+#   5. benchmarks at full sizes                                  -> benchmarks/results/*.json, copied to $OUT
+# Knobs (environment): TEST_TIMEOUT (s, default 170), BENCH_TIMEOUT (s, default 330), ENGINE_STEPS
+# (default 60), ENGINE_RUNS (default "triton compile"), BENCH_ARGS (extra pytest args for the
+# benchmarks, e.g. "-k kernels"), SKIP_TESTS=1, SKIP_BENCH=1, SKIP_ENGINE=1.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out/gpu-session}"
@@ -60,6 +63,25 @@ fi
 print('minimind_fast ok; triton ops:', sorted(k.triton_ops()), '; liger_kernel:', bool(u.find_spec('liger_kernel')))" \
   2>&1 | tee -a "$OUT/env.txt"
 
+if [ "${SKIP_ENGINE:-0}" != 1 ]; then
+  step "engine: launch/pretrain.py under DeepSpeed, small-26m, 32 x 512 tokens per step"
+  # The built-in corpus has a small vocabulary; --vocab-size keeps the preset's 6400 so the FLOPs are
+  # small-26m's. Metrics (tokens/s, MFU) come from the engine's own metrics.jsonl.
+  E=/tmp/engine && mkdir -p $E
+  "$PY" launch/make_corpus.py --out $E/corpus >/dev/null &&
+    "$PY" launch/train_tokenizer.py --data $E/corpus/pretrain.jsonl --vocab-size 6400 --out $E/tok >/dev/null &&
+    "$PY" launch/tokenize.py --kind pretrain --data $E/corpus/pretrain.jsonl --tokenizer $E/tok --out $E/shards
+  for run in ${ENGINE_RUNS:-triton compile}; do
+    flags="--kernels triton"; [ "$run" = compile ] && flags="--kernels triton --compile"
+    [ "$run" = reference ] && flags="--kernels reference"
+    timeout -k 10 "${ENGINE_TIMEOUT:-100}" "$PY" launch/pretrain.py --preset small-26m --vocab-size 6400 \
+      --data $E/shards --out $E/run-$run --steps "${ENGINE_STEPS:-60}" --micro-batch-size 32 --seq-len 512 \
+      --log-every 10 --eval-every 0 --save-every 100000 $flags >"$OUT/engine-$run.log" 2>&1
+    echo "engine $run: exit $?"
+    cp $E/run-$run/metrics.jsonl "$OUT/engine-$run.jsonl" 2>/dev/null && tail -n 3 "$OUT/engine-$run.jsonl"
+  done
+fi
+
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step "GPU tests (timeout ${TEST_TIMEOUT}s) -> $OUT/gpu-tests.log"
   # The GPU-marked tests and the kernel tests (which run at full size on CUDA).
@@ -76,7 +98,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   eval "EXTRA=(${BENCH_ARGS:-})"  # keeps quoted words, e.g. BENCH_ARGS='-k "moe or decode"'
   # Results are rewritten after every case, so a timeout still leaves a valid (partial) file.
   # Most telling first: kernels, MoE, training step, decode, then any other bench_*.py (data).
-  FILES=$(for f in kernels moe model decode; do echo benchmarks/bench_$f.py; done; ls benchmarks/bench_*.py)
+  FILES=$(for f in kernels moe model minimind_baseline decode; do echo benchmarks/bench_$f.py; done; ls benchmarks/bench_*.py)
   FILES=$(echo "$FILES" | awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] && echo "$f"; done | tr '\n' ' ')
   timeout -k 10 "$BENCH_TIMEOUT" "$PY" -m pytest $FILES -q --no-header -p no:cacheprovider --gpu-sizes \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name "${EXTRA[@]}" >"$OUT/bench.log" 2>&1

@@ -23,7 +23,8 @@ from common import BASELINES, RESULTS_DIR, ResultsError, load_results, sort_impl
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SUITE_TITLES = {"kernels": "Kernels, forward + backward", "moe": "MoE layer, forward + backward",
                 "model": "Training step", "decode": "Decode", "data": "Data pipeline",
-                "minimind2": "Training step against MiniMind2's own model (CPU, reference ops)"}
+                "minimind2": "Training step against MiniMind2's own model and step "
+                             "(CPU: reference ops; CUDA: its bf16 autocast loop)"}
 
 
 def newest_per_device(results_dir: Path) -> dict[str, dict[str, Any]]:
