@@ -12,7 +12,7 @@
 #   4. GPU tests: `pytest -m gpu tests/` + kernel tests at full size -> $OUT/gpu-tests.log
 #   5. benchmarks at full sizes                                  -> benchmarks/results/*.json, copied to $OUT
 # Knobs (environment): TEST_TIMEOUT (s, default 170), BENCH_TIMEOUT (s, default 330), ENGINE_STEPS
-# (default 60), ENGINE_RUNS (default "triton compile"), BENCH_ARGS (extra pytest args for the
+# (default 60), ENGINE_RUNS (default "triton compile"), BENCH_FILES (default: all), BENCH_ARGS (extra pytest args for the
 # benchmarks, e.g. "-k kernels"), SKIP_TESTS=1, SKIP_BENCH=1, SKIP_ENGINE=1.
 set -u
 cd "$(dirname "$0")/.."
@@ -98,7 +98,9 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   eval "EXTRA=(${BENCH_ARGS:-})"  # keeps quoted words, e.g. BENCH_ARGS='-k "moe or decode"'
   # Results are rewritten after every case, so a timeout still leaves a valid (partial) file.
   # Most telling first: kernels, MoE, training step, decode, then any other bench_*.py (data).
-  FILES=$(for f in kernels moe model minimind_baseline decode; do echo benchmarks/bench_$f.py; done; ls benchmarks/bench_*.py)
+  # BENCH_FILES (e.g. "model decode") runs just those.
+  FILES=$(for f in ${BENCH_FILES:-kernels moe model minimind_baseline decode}; do echo benchmarks/bench_$f.py; done
+          [ -z "${BENCH_FILES:-}" ] && ls benchmarks/bench_*.py)
   FILES=$(echo "$FILES" | awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] && echo "$f"; done | tr '\n' ' ')
   timeout -k 10 "$BENCH_TIMEOUT" "$PY" -m pytest $FILES -q --no-header -p no:cacheprovider --gpu-sizes \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name "${EXTRA[@]}" >"$OUT/bench.log" 2>&1

@@ -1,0 +1,142 @@
+"""Where a training step's time goes on CUDA: host launch overhead against GPU time, per op and per step.
+
+    python benchmarks/profile_step.py [--preset small-26m] [--batch 32] [--seq 512] [--kernels triton]
+
+Prints, for one configuration:
+- the host cost of one launch: an empty Triton kernel, a torch elementwise op, and each of our ops'
+  forward+backward at a tiny shape (where the GPU work is negligible, so the time is the host's);
+- for the training step (forward with the fused loss, backward, fused AdamW, as `bench_model.py`):
+  the wall time per step with a sync, the host time to enqueue one step without a sync (if it is close
+  to the wall time, the step is launch-bound and the GPU waits on Python), and torch.profiler's top
+  ops by GPU and by host time.
+A diagnostic, not a benchmark: nothing is written to `benchmarks/results/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import triton
+from minimind_fast.kernels import reference, triton_ops
+
+from minimind_fast.config import get_preset
+from minimind_fast.model import MiniMindForCausalLM
+
+
+@triton.jit
+def _empty(X):
+    pass
+
+
+def host_us(fn, n: int = 300) -> float:
+    """Microseconds of host time per call with the GPU kept ahead: no sync inside the loop."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - start) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def launch_costs() -> None:
+    x = torch.zeros(1024, device="cuda")
+    print(f"empty Triton kernel launch   {host_us(lambda: _empty[(1,)](x)):8.1f} us")
+    print(f"torch.add                    {host_us(lambda: torch.add(x, x)):8.1f} us")
+    ops = triton_ops()
+    t, h, i = 64, 512, 1408
+
+    def fwd_bwd(fn, *shapes):
+        inputs = [torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=True) for s in shapes]
+
+        def call():
+            out = fn(*inputs)
+            out = out[0] if isinstance(out, tuple) else out
+            out.backward(torch.ones_like(out))
+        return call
+
+    w = torch.ones(h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cases = {
+        "swiglu": lambda impl: fwd_bwd(impl, (t, i), (t, i)),
+        "rms_norm": lambda impl: fwd_bwd(lambda x: impl(x, w, 1e-5), (t, h)),
+        "add_rms_norm": lambda impl: fwd_bwd(lambda x, r: impl(x, r, w, 1e-5), (t, h), (t, h)),
+    }
+    for name, make in cases.items():
+        row = [f"{name:28s}"]
+        for label, impl in (("eager", getattr(reference, name)), ("ours", ops.get(name))):
+            if impl is not None:
+                row.append(f"{label} {host_us(make(impl), 100):8.1f} us")
+        print("  ".join(row), "(fwd+bwd, tiny shape)")
+
+
+def step_fn(model, batch: int, seq: int):
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), device="cuda")
+    targets = torch.randint(0, vocab, (batch, seq), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        out = model(ids, targets=targets)
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def profile_step(preset: str, batch: int, seq: int, kernels: str, compile_: bool) -> None:
+    config = get_preset(preset, kernels=kernels, max_position_embeddings=max(seq, 512))
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(config).cuda().to(torch.bfloat16).train()
+    step = step_fn(torch.compile(model) if compile_ else model, batch, seq)
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    n = 10
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / n * 1e3
+    host = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    host_ms = sorted(host)[n // 2]
+    tokens = batch * seq
+    label = f"{preset} {batch}x{seq} kernels={kernels}{' compile' if compile_ else ''}"
+    print(f"\n=== {label}: {wall:.2f} ms/step synced ({tokens / wall * 1e3:,.0f} tok/s), "
+          f"host enqueue {host_ms:.2f} ms/step")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(table.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small-26m")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--kernels", nargs="+", default=["triton", "reference"])
+    p.add_argument("--compile", action="store_true", help="also profile torch.compile of the model")
+    a = p.parse_args()
+    launch_costs()
+    for kernels in a.kernels:
+        profile_step(a.preset, a.batch, a.seq, kernels, False)
+    if a.compile:
+        profile_step(a.preset, a.batch, a.seq, "triton", True)
+
+
+if __name__ == "__main__":
+    main()
