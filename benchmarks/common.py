@@ -75,14 +75,17 @@ def device_slug(name: str) -> str:
 
 
 def git_commit(repo: Path = BENCH_DIR.parent) -> str:
-    """HEAD's sha, with '+dirty' when tracked files differ from it; 'unknown' outside a checkout."""
+    """HEAD's sha, with '+dirty' when tracked files differ from it; 'unknown' outside a checkout.
+    BENCH_COMMIT, when set, wins: a copied working tree (a remote GPU machine) may carry a stale .git."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("BENCH_COMMIT", "unknown")
+        return "unknown"
     return sha + ("+dirty" if dirty else "")
 
 

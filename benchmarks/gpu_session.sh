@@ -12,8 +12,10 @@
 #   4. GPU tests: `pytest -m gpu tests/` + kernel tests at full size -> $OUT/gpu-tests.log
 #   5. benchmarks at full sizes                                  -> benchmarks/results/*.json, copied to $OUT
 # Knobs (environment): TEST_TIMEOUT (s, default 170), BENCH_TIMEOUT (s, default 330), ENGINE_STEPS
-# (default 60), ENGINE_RUNS (default "triton compile"), BENCH_FILES (default: all), BENCH_ARGS (extra pytest args for the
-# benchmarks, e.g. "-k kernels"), SKIP_TESTS=1, SKIP_BENCH=1, SKIP_ENGINE=1.
+# (default 60), ENGINE_PROFILE (steps to profile, default 0), ENGINE_RUNS (default "triton compile"; each KIND[@MICRO_BATCH], KIND one of triton,
+# reference, compile, cudagraphs), BENCH_FILES (default: all), BENCH_ARGS (extra pytest args for the
+# benchmarks, e.g. "-k kernels"), TEST_FILES (default: the kernel tests and the GPU-marked ones),
+# SKIP_TESTS=1, SKIP_BENCH=1, SKIP_ENGINE=1.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out/gpu-session}"
@@ -72,21 +74,30 @@ if [ "${SKIP_ENGINE:-0}" != 1 ]; then
     "$PY" launch/train_tokenizer.py --data $E/corpus/pretrain.jsonl --vocab-size 6400 --out $E/tok >/dev/null &&
     "$PY" launch/tokenize.py --kind pretrain --data $E/corpus/pretrain.jsonl --tokenizer $E/tok --out $E/shards
   for run in ${ENGINE_RUNS:-triton compile}; do
-    flags="--kernels triton"; [ "$run" = compile ] && flags="--kernels triton --compile"
-    [ "$run" = reference ] && flags="--kernels reference"
+    # RUN is KIND[@MICRO_BATCH]: triton, reference, compile, or cudagraphs (compile, reduce-overhead).
+    mb=32; [ "${run#*@}" != "$run" ] && mb=${run#*@}
+    name=${run/@/-mb}
+    case "${run%@*}" in
+      reference) flags="--kernels reference" ;;
+      compile) flags="--kernels triton --compile" ;;
+      cudagraphs) flags="--kernels triton --compile --compile-mode reduce-overhead" ;;
+      *) flags="--kernels triton" ;;
+    esac
     timeout -k 10 "${ENGINE_TIMEOUT:-100}" "$PY" launch/pretrain.py --preset small-26m --vocab-size 6400 \
-      --data $E/shards --out $E/run-$run --steps "${ENGINE_STEPS:-60}" --micro-batch-size 32 --seq-len 512 \
-      --log-every 10 --eval-every 0 --save-every 100000 $flags >"$OUT/engine-$run.log" 2>&1
+      --data $E/shards --out $E/run-$name --steps "${ENGINE_STEPS:-60}" --micro-batch-size $mb --seq-len 512 \
+      --log-every 10 --eval-every 0 --save-every 100000 --profile-steps "${ENGINE_PROFILE:-0}" $flags \
+      >"$OUT/engine-$name.log" 2>&1
     echo "engine $run: exit $?"
-    cp $E/run-$run/metrics.jsonl "$OUT/engine-$run.jsonl" 2>/dev/null && tail -n 3 "$OUT/engine-$run.jsonl"
+    cp $E/run-$name/metrics.jsonl "$OUT/engine-$name.jsonl" 2>/dev/null && tail -n 3 "$OUT/engine-$name.jsonl"
+    cp $E/run-$name/profile.txt "$OUT/engine-$name-profile.txt" 2>/dev/null
   done
 fi
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step "GPU tests (timeout ${TEST_TIMEOUT}s) -> $OUT/gpu-tests.log"
   # The GPU-marked tests and the kernel tests (which run at full size on CUDA).
-  TEST_FILES=$( (ls tests/test_kernels*.py 2>/dev/null; grep -l "mark.gpu" tests/test_*.py 2>/dev/null) | sort -u | tr '\n' ' ')
-  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q --no-header -p no:cacheprovider --maxfail=20 \
+  TEST_FILES=${TEST_FILES:-$( (ls tests/test_kernels*.py 2>/dev/null; grep -l "mark.gpu" tests/test_*.py 2>/dev/null) | sort -u | tr '\n' ' ')}
+  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q --no-header -p no:cacheprovider --maxfail=20 -rfE --tb=short \
     -m "gpu or not slow" ${TEST_FILES:-tests/} >"$OUT/gpu-tests.log" 2>&1
   echo "tests exit status: $?"
   tail -n 25 "$OUT/gpu-tests.log"

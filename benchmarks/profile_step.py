@@ -80,6 +80,7 @@ def step_fn(model, batch: int, seq: int):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # no-op unless compiled with CUDA graphs
         out = model(ids, targets=targets)
         (out.loss + out.aux_loss).backward()
         opt.step()
@@ -87,11 +88,11 @@ def step_fn(model, batch: int, seq: int):
     return step
 
 
-def profile_step(preset: str, batch: int, seq: int, kernels: str, compile_: bool) -> None:
+def profile_step(preset: str, batch: int, seq: int, kernels: str, compile_: str | None) -> None:
     config = get_preset(preset, kernels=kernels, max_position_embeddings=max(seq, 512))
     torch.manual_seed(0)
     model = MiniMindForCausalLM(config).cuda().to(torch.bfloat16).train()
-    step = step_fn(torch.compile(model) if compile_ else model, batch, seq)
+    step = step_fn(torch.compile(model, mode=compile_) if compile_ else model, batch, seq)
     for _ in range(5):
         step()
     torch.cuda.synchronize()
@@ -110,7 +111,7 @@ def profile_step(preset: str, batch: int, seq: int, kernels: str, compile_: bool
     torch.cuda.synchronize()
     host_ms = sorted(host)[n // 2]
     tokens = batch * seq
-    label = f"{preset} {batch}x{seq} kernels={kernels}{' compile' if compile_ else ''}"
+    label = f"{preset} {batch}x{seq} kernels={kernels}{f' compile mode={compile_}' if compile_ else ''}"
     print(f"\n=== {label}: {wall:.2f} ms/step synced ({tokens / wall * 1e3:,.0f} tok/s), "
           f"host enqueue {host_ms:.2f} ms/step")
     from torch.profiler import ProfilerActivity, profile
@@ -129,13 +130,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--kernels", nargs="+", default=["triton", "reference"])
-    p.add_argument("--compile", action="store_true", help="also profile torch.compile of the model")
+    p.add_argument("--compile", nargs="*", metavar="MODE",
+                   help="also profile torch.compile of the model in these modes (default, reduce-overhead)")
     a = p.parse_args()
     launch_costs()
     for kernels in a.kernels:
-        profile_step(a.preset, a.batch, a.seq, kernels, False)
-    if a.compile:
-        profile_step(a.preset, a.batch, a.seq, "triton", True)
+        profile_step(a.preset, a.batch, a.seq, kernels, None)
+    for mode in a.compile or []:
+        profile_step(a.preset, a.batch, a.seq, "triton", mode)
 
 
 if __name__ == "__main__":

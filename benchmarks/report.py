@@ -2,7 +2,8 @@
 
     python benchmarks/report.py [--results-dir benchmarks/results] [--readme README.md] [--png PATH]
 
-Takes the newest results file per device (by its `date`), prints the markdown, replaces the block
+Takes the newest results file per device (by its `date`; comparisons it lacks come from that device's
+older files, each named in the table's header), prints the markdown, replaces the block
 between `<!-- bench:start -->` and `<!-- bench:end -->` in the README when both markers are there
 (the README is left untouched otherwise), and writes a PNG bar chart of every implementation's
 speedup over its group's baseline (default `<results-dir>/ratios.png`).
@@ -28,8 +29,11 @@ SUITE_TITLES = {"kernels": "Kernels, forward + backward", "moe": "MoE layer, for
 
 
 def newest_per_device(results_dir: Path) -> dict[str, dict[str, Any]]:
-    """device name -> its newest run; unreadable files are reported on stderr and left out."""
-    newest: dict[str, dict[str, Any]] = {}
+    """device name -> its newest run, completed by older runs of the same device for the comparisons
+    (groups) the newest did not measure (a GPU session may run only some suites); each group comes
+    whole from the newest run that has it, and `_sources` names the files used. Unreadable files are
+    reported on stderr and left out."""
+    runs: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(results_dir.glob("*.json")):
         try:
             run = load_results(path)
@@ -37,10 +41,22 @@ def newest_per_device(results_dir: Path) -> dict[str, dict[str, Any]]:
             print(f"report: skipping {exc}", file=sys.stderr)
             continue
         run["_file"] = path.name
-        held = newest.get(run["device"])
-        if held is None or (run["date"], path.name) > (held["date"], held["_file"]):
-            newest[run["device"]] = run
-    return newest
+        runs.setdefault(run["device"], []).append(run)
+    return {device: merge_runs(found) for device, found in runs.items()}
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(runs, key=lambda r: (r["date"], r["_file"]), reverse=True)
+    merged = dict(ordered[0], cases=[], _sources=[])
+    taken: set[tuple[str, str]] = set()
+    for run in ordered:
+        keys = {(c.get("suite", "other"), c["group"]) for c in run["cases"]}
+        fresh = [c for c in run["cases"] if (c.get("suite", "other"), c["group"]) not in taken]
+        if fresh:
+            merged["cases"] += fresh
+            merged["_sources"].append(run)
+        taken |= keys
+    return merged
 
 
 # The baseline a suite's targets are stated against (MoE: >= 3x MiniMind's loop; minimind2: not slower
@@ -151,6 +167,10 @@ def render_run(run: dict[str, Any]) -> list[str]:
     if hw.get("peak_bf16_tflops"):
         limits.append(f"datasheet bf16 {hw['peak_bf16_tflops']:.0f} TFLOP/s")
     lines = [f"### {run['device']}", "", " · ".join(facts) + "  ", "Measured: " + (", ".join(limits) or "—")]
+    if len(run.get("_sources", [])) > 1:
+        lines[-1] += "  "
+        lines.append("Each comparison from the newest run that measured it: " + "; ".join(
+            f"`{src['_file']}` (commit `{str(src.get('commit', 'unknown'))[:12]}`)" for src in run["_sources"]))
     suites: dict[str, list[dict[str, Any]]] = {}
     for case in run["cases"]:
         suites.setdefault(case.get("suite", "other"), []).append(case)

@@ -59,16 +59,21 @@ def _chunk_rows(n_rows: int, hidden: int, vocab: int) -> int:
     return max(1, min(n_rows, triton.next_power_of_2(max(1, n_rows * hidden // vocab)), 8192))
 
 
-def _count_valid(targets: torch.Tensor, vocab: int, ignore_index: int) -> int:
-    """Non-ignored targets, checking all of them are token ids (one host sync for both)."""
+def _inv_n_valid(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """1 / (non-ignored targets), as an fp32 scalar tensor (1 when all are ignored), with every target
+    checked to be a token id. On CUDA neither touches the host: a sync here would stall the training
+    step's launches every step (the GPU then idles while the backward is queued), so a bad id trips a
+    device-side assert instead; the data pipeline has already checked ids against the vocabulary.
+    Elsewhere the check names the row."""
     valid = targets != ignore_index
     bad = valid & ((targets < 0) | (targets >= vocab))
-    n_valid, n_bad = torch.stack((valid.sum(), bad.sum())).tolist()
-    if n_bad:
+    if targets.is_cuda:
+        torch._assert_async(~bad.any(), "linear_cross_entropy: a target is outside the vocabulary")
+    elif bad.any():
         row = int(bad.nonzero()[0, 0])
         raise ValueError(f"linear_cross_entropy: target {int(targets[row])} at row {row} is outside the "
                          f"vocabulary [0, {vocab}) and is not ignore_index={ignore_index}")
-    return n_valid
+    return 1.0 / valid.sum().clamp(min=1).to(torch.float32)
 
 
 def _add_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
@@ -85,7 +90,7 @@ def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, gr
     if weight.dim() != 2 or weight.shape[1] != dim or targets.shape != (n_rows,):
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
                          f"targets {tuple(targets.shape)} must be (N, H), (V, H) and (N,)")
-    n_valid = max(_count_valid(targets, vocab, ignore_index), 1)
+    inv_n_valid = _inv_n_valid(targets, vocab, ignore_index)
     losses = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight_needed else None
@@ -105,20 +110,19 @@ def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, gr
             torch.mm(g, weight, out=grad_hidden[start:start + chunk])
         if grad_weight is not None:
             _add_weight_grad(grad_weight, g, h)
-    return losses.sum() / n_valid, grad_hidden, grad_weight, n_valid
+    return losses.sum() * inv_n_valid, grad_hidden, grad_weight, inv_n_valid
 
 
-# A custom op rather than an autograd.Function: the forward syncs with the host (the count of valid
-# targets, the vocabulary check), which torch.compile cannot trace; as an opaque op with a fake
+# A custom op rather than an autograd.Function: the forward loops over chunks and (off CUDA) checks
+# targets on the host, which torch.compile should not trace; as an opaque op with a fake
 # implementation it stays one node of the compiled graph. Unneeded gradients come back as empty tensors.
 @torch.library.custom_op("minimind_fast::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                              need_grad_hidden: bool, need_grad_weight: bool
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_device(hidden, weight)
-    loss, grad_hidden, grad_weight, n_valid = _fused_forward(hidden.contiguous(), weight, targets, ignore_index,
-                                                             need_grad_hidden, need_grad_weight)
-    inv_n_valid = torch.full((), 1.0 / n_valid, dtype=torch.float32, device=hidden.device)
+    loss, grad_hidden, grad_weight, inv_n_valid = _fused_forward(hidden.contiguous(), weight, targets,
+                                                                 ignore_index, need_grad_hidden, need_grad_weight)
     return (loss, grad_hidden if grad_hidden is not None else hidden.new_empty(0),
             grad_weight if grad_weight is not None else hidden.new_empty(0), inv_n_valid)
 

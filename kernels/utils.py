@@ -25,7 +25,8 @@ def row_block(n_cols: int) -> tuple[int, int]:
     block = triton.next_power_of_2(n_cols)
     if block > 65536:
         raise ValueError(f"row of {n_cols} elements is larger than the 65536 this kernel handles")
-    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    # Wide rows (hidden 32k) keep a whole row in registers: 32 warps keep that under the spill limit.
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16 if block <= 16384 else 32
     return block, warps
 
 

@@ -64,11 +64,11 @@ def tiny_model_config(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrain_run(builtin_data, tiny_model_config, tmp_path_factory):
-    """12 pretraining steps of the tiny model (checkpoints at 4, 8, 12; eval at 6 and 12): the start
-    of every fine-tuning stage's tests. Read it, never write into it."""
+    """12 pretraining steps of the tiny model (checkpoints at 4, 8, 12; eval at 6 and 12; profiled over
+    steps 6-7): the start of every fine-tuning stage's tests. Read it, never write into it."""
     from launch_helpers import common, run
 
     out = tmp_path_factory.mktemp("runs") / "pretrain"
     run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(tiny_model_config),
-                              "--eval-every", "6"))
+                              "--eval-every", "6", "--profile-steps", "2"))
     return out

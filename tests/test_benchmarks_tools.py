@@ -170,6 +170,24 @@ def test_report_takes_newest_run_per_device(tmp_path, capsys):
     assert "broken.json" in capsys.readouterr().err
 
 
+def test_report_completes_a_partial_newest_run_from_older_ones(tmp_path):
+    d = _results_dir(tmp_path)
+    partial = common.compute_ratios([case("swiglu T=8", "eager", 4.0), case("swiglu T=8", "ours", 2.0)])
+    write(d / "gpu-20250301-000000.json", run("GPU X", "2025-03-01T00:00:00+00:00", partial))
+    merged = report.newest_per_device(d)["GPU X"]
+    by_group = {}
+    for c in merged["cases"]:
+        by_group.setdefault(c["group"], []).append(c)
+    assert merged["date"].startswith("2025-03")
+    assert [c["median_ms"] for c in by_group["swiglu T=8"]] == [4.0, 2.0]
+    # rms_norm comes whole from February's run (not January's, not a mix of both)
+    assert sorted(c["median_ms"] for c in by_group["rms_norm T=8"]) == [1.0, 2.0, 3.0]
+    assert [s["_file"] for s in merged["_sources"]] == ["gpu-20250301-000000.json", "gpu-20250201-000000.json"]
+    text = report.render_markdown({"GPU X": merged})
+    assert "`gpu-20250301-000000.json`" in text and "`gpu-20250201-000000.json`" in text
+    assert "gpu-20250101" not in text
+
+
 def test_report_table_shows_ratios_memory_and_hardware(tmp_path):
     text = report.render_markdown(report.newest_per_device(_results_dir(tmp_path)))
     lines = text.splitlines()

@@ -37,6 +37,13 @@ def test_pretrain_learns_and_writes_the_run_directory(pretrain_run, builtin_data
     assert stats["splits"]["train"]["tokens"] > 0
 
 
+def test_profile_steps_writes_op_tables(pretrain_run):
+    text = (pretrain_run / "profile.txt").read_text()
+    assert text.startswith("torch.profiler over 2 optimizer steps (from step 6)")
+    host = text[text.index("By host time:"):]
+    assert "aten::mm" in host or "aten::addmm" in host, host[:2000]
+
+
 def test_exact_resume_matches_an_uninterrupted_run(pretrain_run, builtin_data, tiny_model_config, tmp_path):
     out = tmp_path / "resumed"
     args = common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(tiny_model_config), "--eval-every", "6")

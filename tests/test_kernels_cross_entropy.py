@@ -142,6 +142,9 @@ def test_extreme_logits_stay_finite(device):
 
 @pytest.mark.parametrize("bad", [300, -5])
 def test_bad_target_is_named(device, bad):
+    if device.type == "cuda":
+        pytest.skip("on CUDA a bad target trips a device-side assert (no host sync per step), which "
+                    "poisons the process's CUDA context; the named error is the CPU path's")
     hidden, weight, targets = make_inputs(37, 48, 300, torch.float32, device)
     targets[11] = bad
     with pytest.raises(ValueError, match=f"target {bad} at row 11"):

@@ -19,6 +19,9 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     g.add_argument("--kernels", choices=("auto", "triton", "reference"), default="auto")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"), default="default",
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, for small models "
+                        "whose step is bound by kernel launches)")
     g.add_argument("--dropout", type=float)
     g.add_argument("--doc-attention", action="store_true",
                    help="keep attention inside packed documents (flash-attn varlen or a block mask)")
@@ -55,6 +58,8 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many NaN/Inf losses")
     g.add_argument("--stop-at-step", type=int, help="checkpoint and stop at this step (time-boxed jobs)")
+    g.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="torch.profiler over N steps after a warm-up; tables in RUN_DIR/profile.txt")
     g.add_argument("--tensorboard", action="store_true")
     g.add_argument("--wandb", metavar="PROJECT", help="log to wandb (set WANDB_MODE=offline to stay local)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)

@@ -24,8 +24,11 @@ from minimind_fast.training import checkpointing
 from minimind_fast.training.ds_config import build_ds_config, precision
 from minimind_fast.training.flops import model_flops_per_token, peak_flops
 from minimind_fast.training.metrics import MetricsLogger, memory_mb
+from minimind_fast.training.profiling import StepProfiler
 from minimind_fast.training.schedule import lr_factor
 from minimind_fast.training.stages import Stage, to_device
+
+STOP_CHECK_EVERY = 5  # steps between the ranks' agreement on a SIGTERM/SIGINT (multi-rank runs)
 
 
 class TrainingError(RuntimeError):
@@ -85,6 +88,8 @@ def resolve_dtype(args, device: torch.device) -> str:
 
 
 def all_true(flag: bool, device: torch.device) -> bool:
+    if dist.get_world_size() == 1:
+        return flag
     t = torch.tensor([0.0 if flag else 1.0], device=device)
     dist.all_reduce(t)
     return t.item() == 0
@@ -168,7 +173,9 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self.ds_config)
         if a.compile:
-            engine.compile()
+            # reduce-overhead replays forward and backward as CUDA graphs: a small model's step is
+            # otherwise bound by the host's kernel launches, not by the GPU.
+            engine.compile(compile_kwargs={} if a.compile_mode == "default" else {"mode": a.compile_mode})
         return engine
 
     def _note(self, text: str) -> None:
@@ -221,6 +228,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, self.total_steps, step, self.is_main, a.tensorboard, a.wandb,
                                {"args": vars(a)})
         stop = StopRequest()
+        profiler = StepProfiler(a.profile_steps, step, self.run_dir / "profile.txt", self.is_main)
         batches = iter(self.loader)
         bad_steps = state["bad_steps"]
         tokens_seen = state["tokens"]
@@ -228,10 +236,13 @@ class Trainer:
         self.engine.train()
         try:
             while step < self.total_steps:
+                profiler.before_step(step)
                 losses, metrics_acc = [], {}
                 micro = 0
                 while micro < self.grad_accum:
                     batch = to_device(next(batches), self.device)
+                    if a.compile and a.compile_mode != "default":
+                        torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are read
                     loss, metrics = self.stage.compute_loss(self.engine, batch)
                     if not all_true(bool(torch.isfinite(loss.detach()).item()), self.device):
                         bad_steps += 1
@@ -242,7 +253,8 @@ class Trainer:
                         continue
                     self.engine.backward(loss)
                     boundary = self.engine.is_gradient_accumulation_boundary()
-                    own_norm = _local_grad_norm(self.engine) if boundary else None
+                    # Only a logged step needs the norm: computing it syncs with the host.
+                    own_norm = _local_grad_norm(self.engine) if boundary and self._logs(step + 1) else None
                     self.engine.step()
                     if boundary:
                         grad_norm = _reported_grad_norm(self.engine, own_norm)
@@ -252,8 +264,9 @@ class Trainer:
                         metrics_acc[k] = metrics_acc.get(k, 0.0) + v / self.grad_accum
                     tokens_last += self.stage.tokens_in_batch(batch) * self.world
                 step += 1
+                profiler.after_step(step)
                 logger.advance()
-                if step % a.log_every == 0 or step == self.total_steps:
+                if self._logs(step):
                     loss_val = torch.stack(losses).mean()
                     dist.all_reduce(loss_val)
                     elapsed = time.time() - t_last
@@ -271,7 +284,7 @@ class Trainer:
                     t_last, tokens_last = time.time(), 0
                 if self.val_loader is not None and (step % a.eval_every == 0 or step == self.total_steps):
                     logger.log({"step": step, **self.evaluate()})
-                stopping = not all_true(not stop.requested, self.device) or step == a.stop_at_step
+                stopping = self._stop_agreed(stop, step) or step == a.stop_at_step
                 if step % a.save_every == 0 or step == self.total_steps or stopping:
                     self.save(step, {"tokens": tokens_seen, "bad_steps": bad_steps})
                 if stopping:
@@ -281,18 +294,34 @@ class Trainer:
                 final = checkpointing.latest_checkpoint(self.run_dir) / "model"
                 _replace_dir_copy(final, self.run_dir / "final")
         finally:
+            profiler.close()
             logger.close()
         dist.barrier()
         return {"step": step, "bad_steps": bad_steps}
 
-    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        """A stage's metrics averaged over ranks (every rank reports the same keys), so a logged value
-        describes the whole global batch, not rank 0's share of it."""
-        if self.world == 1 or not metrics:
-            return metrics
+    def _logs(self, step: int) -> bool:
+        return step % self.args.log_every == 0 or step == self.total_steps
+
+    def _stop_agreed(self, stop: StopRequest, step: int) -> bool:
+        """Whether every rank stops now after a SIGTERM/SIGINT. One rank decides alone; several agree
+        every few steps (an all-reduce is a host sync, which stalls a step's queued launches)."""
+        if self.world == 1:
+            return stop.requested
+        if step % STOP_CHECK_EVERY and step != self.total_steps:
+            return False
+        return not all_true(not stop.requested, self.device)
+
+    def _mean_over_ranks(self, metrics: dict[str, float | torch.Tensor]) -> dict[str, float]:
+        """A stage's metrics (floats or device scalars, read only here so that the steps between logs
+        never wait on the host) averaged over ranks, so a logged value describes the whole global
+        batch, not rank 0's share of it."""
+        if not metrics:
+            return {}
         keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values)
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=self.device).reshape(())
+                              for k in keys])
+        if self.world > 1:
+            dist.all_reduce(values)
         return {k: v / self.world for k, v in zip(keys, values.tolist())}
 
     @torch.no_grad()

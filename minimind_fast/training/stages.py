@@ -105,13 +105,14 @@ class Stage:
                           max_seqlen=batch["max_seqlen"])
         return inputs
 
-    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one micro-batch (already on the device) and scalar metrics to log."""
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """Loss of one micro-batch (already on the device) and scalar metrics to log (floats or 0-dim
+        tensors: tensors are read only when a step is logged)."""
         out = model(**self.lm_inputs(batch), targets=batch["targets"])
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.loss.device)
-        metrics = {"lm_loss": out.loss.detach().float().item()}
+        metrics = {"lm_loss": out.loss.detach().float()}
         if self.uses_moe(model):
-            metrics["aux_loss"] = aux.detach().float().item()
+            metrics["aux_loss"] = aux.detach().float()
         return out.loss + aux, metrics
 
     def eval_loss(self, model, batch: dict) -> torch.Tensor:
@@ -280,10 +281,10 @@ class ReasoningStage(FineTuneStage):
         ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100,
                              reduction="none").view_as(targets)
         loss = (ce * weight).sum() / weight.sum().clamp(min=1)
-        metrics = {"lm_loss": loss.detach().item()}
+        metrics = {"lm_loss": loss.detach()}
         if self.teacher is not None:
             kd = self.kd_loss(logits, self.teacher_logits(model, batch), valid)
-            metrics["kd_loss"] = kd.detach().item()
+            metrics["kd_loss"] = kd.detach()
             loss = (1 - self.args.kd_alpha) * loss + self.args.kd_alpha * kd
         if out.aux_loss is not None and self.uses_moe(model):
             loss = loss + out.aux_loss
