@@ -46,16 +46,26 @@ def newest_per_device(results_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One device's runs as one: each comparison (group) whole from the newest run that measured our
+    implementation in it, else from the newest run that has it (a run cut short by its time limit can
+    hold a group without `ours`, which must not hide an older complete one). Implementations are never
+    mixed across runs: ratios only hold within the run that measured them side by side."""
     ordered = sorted(runs, key=lambda r: (r["date"], r["_file"]), reverse=True)
-    merged = dict(ordered[0], cases=[], _sources=[])
-    taken: set[tuple[str, str]] = set()
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
     for run in ordered:
-        keys = {(c.get("suite", "other"), c["group"]) for c in run["cases"]}
-        fresh = [c for c in run["cases"] if (c.get("suite", "other"), c["group"]) not in taken]
-        if fresh:
-            merged["cases"] += fresh
+        groups: dict[tuple[str, str], list[str]] = {}
+        for c in run["cases"]:
+            groups.setdefault((c.get("suite", "other"), c["group"]), []).append(c["impl"])
+        for key, impls in groups.items():
+            held = chosen.get(key)
+            if held is None or ("ours" in impls and not held["has_ours"]):
+                chosen[key] = {"run": run, "has_ours": "ours" in impls}
+    merged = dict(ordered[0], cases=[], _sources=[])
+    for run in ordered:
+        mine = [c for c in run["cases"] if chosen[(c.get("suite", "other"), c["group"])]["run"] is run]
+        if mine:
+            merged["cases"] += mine
             merged["_sources"].append(run)
-        taken |= keys
     return merged
 
 

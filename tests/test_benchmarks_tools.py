@@ -183,6 +183,11 @@ def test_report_completes_a_partial_newest_run_from_older_ones(tmp_path):
     # rms_norm comes whole from February's run (not January's, not a mix of both)
     assert sorted(c["median_ms"] for c in by_group["rms_norm T=8"]) == [1.0, 2.0, 3.0]
     assert [s["_file"] for s in merged["_sources"]] == ["gpu-20250301-000000.json", "gpu-20250201-000000.json"]
+    # a newer run cut short inside a group (no `ours` yet) does not hide the older complete group
+    cut = [case("rms_norm T=8", "eager", 5.0)]
+    write(d / "gpu-20250401-000000.json", run("GPU X", "2025-04-01T00:00:00+00:00", common.compute_ratios(cut)))
+    again = report.newest_per_device(d)["GPU X"]
+    assert sorted(c["median_ms"] for c in again["cases"] if c["group"] == "rms_norm T=8") == [1.0, 2.0, 3.0]
     text = report.render_markdown({"GPU X": merged})
     assert "`gpu-20250301-000000.json`" in text and "`gpu-20250201-000000.json`" in text
     assert "gpu-20250101" not in text

@@ -130,14 +130,16 @@ def test_no_grad_loss(device):
 
 
 def test_extreme_logits_stay_finite(device):
-    """Logits in the thousands: the online softmax must not overflow."""
+    """Logits in the thousands: the online softmax must not overflow. Against float64, with an absolute
+    tolerance scaled to each result (hidden x300 makes weight gradients of order 100, whose fp32 sums
+    over chunks round in the 1e-4s)."""
     hidden, weight, targets = make_inputs(37, 48, 300, torch.float32, device)
     hidden = hidden * 300.0
     got = loss_and_grads(ce.linear_cross_entropy, hidden, weight, targets)
-    want = loss_and_grads(ref.linear_cross_entropy, hidden, weight, targets)
+    want = loss_and_grads(ref.linear_cross_entropy, hidden.double(), weight.double(), targets)
     for k, r in zip(got, want):
         assert torch.isfinite(k).all()
-        torch.testing.assert_close(k, r, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(k, r.to(k.dtype), rtol=1e-4, atol=1e-5 * max(1.0, r.abs().max().item()))
 
 
 @pytest.mark.parametrize("bad", [300, -5])
