@@ -138,14 +138,77 @@ class AddRMSNormFunction(torch.autograd.Function):
         return dx, dx, dw, None
 
 
+# The same ops for torch.compile (see swiglu.py for why both forms): custom ops stay one graph node each.
+@torch.library.custom_op("minimind_fast::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    y, _, rstd, _ = _forward(x, None, weight, eps)
+    return y, rstd
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+
+
+@torch.library.custom_op("minimind_fast::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, h, rstd, _ = _forward(x, residual, weight, eps)
+    return y, h, rstd
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+
+
+@torch.library.custom_op("minimind_fast::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(dy: torch.Tensor, normed_input: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                          dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dy, _as_rows(normed_input), weight, rstd, dh)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, normed_input, weight, rstd, dh):
+    return torch.empty_like(dy), torch.empty_like(weight)
+
+
+def _save_rms_norm(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _save_add_rms_norm(ctx, inputs, output):
+    ctx.save_for_backward(output[1], inputs[2], output[2])  # h (the normalised input), weight, rstd
+
+
+def _rms_norm_grads(ctx, dy, _drstd):
+    dx, dw = _rms_norm_backward_op(dy, *ctx.saved_tensors, None)
+    return dx, dw, None
+
+
+def _add_rms_norm_grads(ctx, dy, dh, _drstd):
+    dx, dw = _rms_norm_backward_op(dy, *ctx.saved_tensors, dh)
+    return dx, dx, dw, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_grads, setup_context=_save_rms_norm)
+_add_rms_norm_op.register_autograd(_add_rms_norm_grads, setup_context=_save_add_rms_norm)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Triton RMSNorm over the last dim (same contract as `reference.rms_norm`)."""
+    if torch.compiler.is_compiling():
+        return _rms_norm_op(x, weight, eps)[0]
     return RMSNormFunction.apply(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton residual add + RMSNorm: (normed, x + residual), as `reference.add_rms_norm`."""
+    if torch.compiler.is_compiling():
+        y, h, _ = _add_rms_norm_op(x, residual, weight, eps)
+        return y, h
     return AddRMSNormFunction.apply(x, residual, weight, eps)
 
 

@@ -140,16 +140,22 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _tables(q, cos, sin) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """cos and sin as (B or 1, T, D) views with one layout, and their batch stride."""
+    bsz, seq_len, _, dim = q.shape
+    cos3, stride_cb = _table(cos, bsz, seq_len, dim, "cos")
+    sin3, _ = _table(sin, bsz, seq_len, dim, "sin")
+    if sin3.stride() != cos3.stride():
+        cos3, sin3 = cos3.contiguous(), sin3.contiguous()
+        stride_cb = cos3.stride(0) if cos3.shape[0] > 1 else 0
+    return cos3, sin3, stride_cb
+
+
 class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, tracked):
         _check(q, k)
-        bsz, seq_len, _, dim = q.shape
-        cos3, stride_cb = _table(cos, bsz, seq_len, dim, "cos")
-        sin3, _ = _table(sin, bsz, seq_len, dim, "sin")
-        if sin3.stride() != cos3.stride():
-            cos3, sin3 = cos3.contiguous(), sin3.contiguous()
-            stride_cb = cos3.stride(0) if cos3.shape[0] > 1 else 0
+        cos3, sin3, stride_cb = _tables(q, cos, sin)
         # Writing q where it lies while k still has to be read from the same memory would corrupt k.
         apart = not _ranges_overlap(q, k)
         in_place_q = apart and _may_overwrite(q, tracked)
@@ -175,12 +181,47 @@ class RotaryFunction(torch.autograd.Function):
         return dq_out, dk_out, None, None, None
 
 
+# The same op for torch.compile (see swiglu.py for why both forms), always out of place: the compiler
+# plans the buffers itself. The backward is the same rotation by the negative angle.
+@torch.library.custom_op("minimind_fast::rotary", mutates_args=())
+def _rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(q, k)
+    cos3, sin3, stride_cb = _tables(q, cos, sin)
+    q, k = _unit_stride(q), _unit_stride(k)
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    _launch(q, k, qo, ko, cos3, sin3, stride_cb, sign)
+    return qo, ko
+
+
+@_rotary_op.register_fake
+def _(q, k, cos, sin, sign):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _save_rotary(ctx, inputs, output):
+    _, _, cos, sin, sign = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.sign = sign
+
+
+def _rotary_grads(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq, dk = _rotary_op(dq, dk, cos, sin, -ctx.sign)
+    return dq, dk, None, None, None
+
+
+_rotary_op.register_autograd(_rotary_grads, setup_context=_save_rotary)
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton rotary embedding of q (B,T,Hq,D) and k (B,T,Hk,D); same contract as `reference.apply_rotary`.
 
     Rotates in place when autograd allows (see the module docstring): use the returned tensors.
     """
+    if torch.compiler.is_compiling():
+        return _rotary_op(q, k, cos, sin, 1.0)
     tracked = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     return RotaryFunction.apply(q, k, cos, sin, tracked)
 

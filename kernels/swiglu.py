@@ -44,33 +44,75 @@ def _swiglu_bwd(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DG + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
 
 
+def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    check_device(gate, up)
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=4)
+    return y
+
+
+def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gate, up, dy = gate.contiguous(), up.contiguous(), dy.contiguous()
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    if n:
+        _swiglu_bwd[(triton.cdiv(n, BLOCK),)](dy, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=4)
+    return dg, du
+
+
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        check_device(gate, up)
-        if gate.shape != up.shape:
-            raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
-        gate, up = gate.contiguous(), up.contiguous()
-        y = torch.empty_like(gate)
-        n = gate.numel()
-        if n:
-            _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=4)
+        y = _forward(gate, up)
         ctx.save_for_backward(gate, up)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
-        dy = dy.contiguous()
-        dg, du = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        if n:
-            _swiglu_bwd[(triton.cdiv(n, BLOCK),)](dy, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=4)
-        return dg, du
+        return _backward(dy, *ctx.saved_tensors)
+
+
+# The same op for torch.compile: as custom ops, dynamo keeps each launch one opaque graph node instead of
+# breaking the graph around the autograd.Function, so `--compile-mode reduce-overhead` can capture whole
+# layers in one CUDA graph. Eager calls keep the autograd.Function: a custom op's dispatch costs more host
+# time per call, and a small model's eager step is bound by exactly that.
+@torch.library.custom_op("minimind_fast::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _forward(gate, up)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
+
+
+@torch.library.custom_op("minimind_fast::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dy, gate, up)
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, gate, up):
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+_swiglu_op.register_autograd(lambda ctx, dy: _swiglu_backward_op(dy, *ctx.saved_tensors),
+                             setup_context=_setup_context)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Triton `silu(gate) * up` (same contract as `reference.swiglu`)."""
+    if torch.compiler.is_compiling():
+        return _swiglu_op(gate, up)
     return SwiGLUFunction.apply(gate, up)
 
 

@@ -334,3 +334,64 @@ def test_swiglu_halves_of_one_projection(device):
 def test_triton_swiglu_module(device):
     gate, up = torch.randn(4, 130, device=device), torch.randn(4, 130, device=device)
     torch.testing.assert_close(swiglu.TritonSwiGLU()(gate, up), ref.swiglu(gate, up), rtol=1e-5, atol=1e-5)
+
+
+# --- the custom-op forms used under torch.compile ----------------------------------------------------
+
+def _leaves(*shapes, device, dtype=torch.float32):
+    return [torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def _op_cases(device):
+    x, r = _leaves((3, 5, 48), (3, 5, 48), device=device)
+    w = torch.randn(48, device=device, requires_grad=True)
+    q, k = _leaves((2, 6, 4, 16), (2, 6, 2, 16), device=device)
+    cos, sin = _tables(6, 16, device)
+    g, u = _leaves((7, 40), (7, 40), device=device)
+    return {
+        "rms_norm": (torch.ops.minimind_fast.rms_norm.default, (x, w, 1e-5)),
+        "add_rms_norm": (torch.ops.minimind_fast.add_rms_norm.default, (x, r, w, 1e-5)),
+        "rotary": (torch.ops.minimind_fast.rotary.default, (q, k, cos, sin, 1.0)),
+        "swiglu": (torch.ops.minimind_fast.swiglu.default, (g, u)),
+    }
+
+
+def _tables(seq_len, dim, device):
+    """Plain (T, D) cos/sin tables: the layout the model passes."""
+    inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "rotary", "swiglu"])
+def test_custom_op_registration_passes_opcheck(device, name):
+    """Schema, fake (meta) implementation and autograd registration agree with the real op."""
+    op, args = _op_cases(device)[name]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def _compiled_matches_eager(fn, inputs):
+    """fullgraph=True: a graph break (an autograd.Function dynamo cannot keep whole) fails the test."""
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        out = f(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        sum((o.double() * torch.linspace(0.5, 1.5, o.numel(), device=o.device, dtype=torch.float64).view_as(o)).sum()
+            for o in outs).backward()
+        results.append([o.detach() for o in outs] + [t.grad for t in leaves])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_ops_trace_without_graph_breaks(device):
+    x, r, g, u = (torch.randn(s, device=device) for s in ((3, 5, 48), (3, 5, 48), (7, 40), (7, 40)))
+    w = torch.randn(48, device=device) + 1.0
+    q, k = torch.randn(2, 6, 4, 16, device=device), torch.randn(2, 6, 2, 16, device=device)
+    cos, sin = _tables(6, 16, device)
+    _compiled_matches_eager(lambda a, b: rmsnorm.rms_norm(a * 2.0, b, 1e-5), [x, w])
+    _compiled_matches_eager(lambda a, b, c: rmsnorm.add_rms_norm(a, b * 0.5, c, 1e-5), [x, r, w])
+    _compiled_matches_eager(lambda a, b: rope.apply_rotary(a * 1.0, b * 1.0, cos, sin), [q, k])
+    _compiled_matches_eager(lambda a, b: swiglu.swiglu(a, b) * 3.0, [g, u])
