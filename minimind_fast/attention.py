@@ -7,7 +7,6 @@ documents in the flattened B*T token stream, as flash-attn's varlen API takes th
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -16,14 +15,22 @@ import torch.nn.functional as F
 ENV_VAR = "MINIMIND_ATTENTION"  # auto | flash | sdpa
 
 
-@functools.cache
-def _flash_attn():
+def _load_flash_attn():
     """flash-attn's (func, varlen_func) pair, or None when it is not installed."""
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError:
         return None
     return flash_attn_func, flash_attn_varlen_func
+
+
+# Looked up once, at import: torch.compile traces `use_flash` in every layer's forward, and an import
+# (a failing one above all) inside traced code breaks the graph there.
+_FLASH_ATTN = _load_flash_attn()
+
+
+def _flash_attn():
+    return _FLASH_ATTN
 
 
 def use_flash(q: torch.Tensor) -> bool:
