@@ -423,3 +423,14 @@ def test_transformers_imports_from_repo_root():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "rms_norm"]
+
+
+def test_flash_attn_lookup_is_traceable_without_a_graph_break():
+    """`use_flash` runs inside every compiled layer on CUDA; the lookup of flash-attn must not import
+    there (a failed import broke torch.compile's graph once per layer)."""
+    from minimind_fast import attention
+
+    factor = 2.0 if attention._flash_attn() is None else 3.0
+    compiled = torch.compile(lambda x: x * (2.0 if attention._flash_attn() is None else 3.0), backend="eager",
+                             fullgraph=True)
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), factor))
