@@ -79,6 +79,48 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, tiny_mode
     assert max(losses(out)) == stopped_at + 2
 
 
+def test_sigterm_to_every_rank_saves_one_agreed_checkpoint(builtin_data, tiny_model_config, tmp_path):
+    """Two ranks, SIGTERM to both (as a scheduler sends it): they agree on a step to stop at (they
+    compare notes every STOP_CHECK_EVERY steps, never mid-step), save one complete checkpoint there and
+    exit cleanly; the run resumes from it."""
+    import psutil
+
+    from minimind_fast.training.engine import STOP_CHECK_EVERY
+
+    out = tmp_path / "killed2"
+    args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(tiny_model_config),
+                  "--save-every", "1000")
+    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29611"]
+    proc = subprocess.Popen([*launcher, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                              and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if any(a.startswith("--local_rank=") for a in c.cmdline())
+                 and "deepspeed.launcher.launch" not in c.cmdline()]
+        assert len(ranks) == 2, [c.cmdline() for c in ranks]
+        for rank in ranks:
+            rank.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=180)
+    finally:  # a failed assertion must not leave ranks running (they would hold the port for the next run)
+        for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            child.kill()
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    ckpts = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(ckpts) == 1 and (out / "checkpoints" / ckpts[0] / "COMPLETE").exists(), ckpts
+    stopped_at = int(ckpts[0].split("_")[1])
+    assert 3 <= stopped_at < 400 and stopped_at % STOP_CHECK_EVERY == 0, stopped_at
+    steps_arg = args.index("--steps") + 1
+    result = run("pretrain.py", [*args[:steps_arg], str(stopped_at + 2), *args[steps_arg + 1:]],
+                 launcher=launcher, timeout=300)
+    assert f"resumed from {out / 'checkpoints' / ckpts[0]}" in result.stdout
+    assert max(losses(out)) == stopped_at + 2
+
+
 def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_run, builtin_data, tmp_path):
     loader = build_loader("sft", builtin_data["shards"]["sft"], seq_len=64, micro_batch_size=2)
     tok = load_tokenizer(builtin_data["tokenizer"])
