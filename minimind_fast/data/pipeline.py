@@ -29,7 +29,7 @@ from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
 
 KINDS = ("pretrain", "sft", "reasoning", "dpo")
 MANIFEST = "manifest.json"
-CHUNK_LINES = 2000
+CHUNK_LINES = 500  # small enough that even a few-MB file spreads over every worker
 MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are complete)
 
 
