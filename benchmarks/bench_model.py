@@ -22,7 +22,7 @@ import os
 
 import pytest
 import torch
-from common import loop_moe_experts, measure, peak_memory_mb
+from common import loop_moe_experts, measure, peak_memory_mb, training_step
 from minimind_fast.kernels import triton_ops
 
 from minimind_fast.config import get_preset
@@ -69,21 +69,6 @@ def build_model(bench, preset: str, impl: str) -> MiniMindForCausalLM:
     return model.train()
 
 
-def training_step(bench, model, forward, batch: int, seq: int):
-    vocab = model.config.vocab_size
-    input_ids = torch.randint(0, vocab, (batch, seq), device=bench.device)
-    targets = torch.randint(0, vocab, (batch, seq), device=bench.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=bench.cuda)
-
-    def step() -> None:
-        out = forward(input_ids, targets=targets)
-        (out.loss + out.aux_loss).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def test_train_step(bench, benchmark, case, impl):
     if impl == "compile":
         if not bench.cuda and not bench.full:
@@ -91,7 +76,7 @@ def test_train_step(bench, benchmark, case, impl):
         bench.require_compile_budget()
     model = build_model(bench, case["preset"], impl)
     forward = torch.compile(model) if impl == "compile" else model
-    step = training_step(bench, model, forward, case["batch"], case["seq"])
+    step = training_step(model, forward, case["batch"], case["seq"], bench.device)
     try:
         first_s = bench.warm_up(step, impl)
     except torch.OutOfMemoryError:

@@ -276,6 +276,26 @@ def forward_backward(fn: Callable[..., Any], inputs: list, grads: list) -> Calla
     return step
 
 
+def training_step(model, forward: Callable[..., Any], batch: int, seq: int, device) -> Callable[[], None]:
+    """A closure running one training step of `model` (through `forward`, e.g. its compiled form) on a
+    fixed random batch: forward with the fused loss (+ MoE aux), backward, AdamW (fused on CUDA)."""
+    import torch
+
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (batch, seq), device=device)
+    targets = torch.randint(0, vocab, (batch, seq), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(device).type == "cuda")
+
+    def step() -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # a no-op unless compiled with CUDA graphs
+        out = forward(input_ids, targets=targets)
+        (out.loss + out.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def fmt_bytes_per_s(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 

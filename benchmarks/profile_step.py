@@ -5,7 +5,7 @@
 Prints, for one configuration:
 - the host cost of one launch: an empty Triton kernel, a torch elementwise op, and each of our ops'
   forward+backward at a tiny shape (where the GPU work is negligible, so the time is the host's);
-- for the training step (forward with the fused loss, backward, fused AdamW, as `bench_model.py`):
+- for the training step (`common.training_step`, as `bench_model.py` times it):
   the wall time per step with a sync, the host time to enqueue one step without a sync (if it is close
   to the wall time, the step is launch-bound and the GPU waits on Python), and torch.profiler's top
   ops by GPU and by host time.
@@ -19,6 +19,7 @@ import time
 
 import torch
 import triton
+from common import forward_backward, training_step
 from minimind_fast.kernels import reference, triton_ops
 
 from minimind_fast.config import get_preset
@@ -52,12 +53,7 @@ def launch_costs() -> None:
 
     def fwd_bwd(fn, *shapes):
         inputs = [torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=True) for s in shapes]
-
-        def call():
-            out = fn(*inputs)
-            out = out[0] if isinstance(out, tuple) else out
-            out.backward(torch.ones_like(out))
-        return call
+        return forward_backward(fn, inputs, [torch.ones(shapes[0], device="cuda", dtype=torch.bfloat16)])
 
     w = torch.ones(h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cases = {
@@ -73,26 +69,11 @@ def launch_costs() -> None:
         print("  ".join(row), "(fwd+bwd, tiny shape)")
 
 
-def step_fn(model, batch: int, seq: int):
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, seq), device="cuda")
-    targets = torch.randint(0, vocab, (batch, seq), device="cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step():
-        torch.compiler.cudagraph_mark_step_begin()  # no-op unless compiled with CUDA graphs
-        out = model(ids, targets=targets)
-        (out.loss + out.aux_loss).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
 def profile_step(preset: str, batch: int, seq: int, kernels: str, compile_: str | None) -> None:
     config = get_preset(preset, kernels=kernels, max_position_embeddings=max(seq, 512))
     torch.manual_seed(0)
     model = MiniMindForCausalLM(config).cuda().to(torch.bfloat16).train()
-    step = step_fn(torch.compile(model, mode=compile_) if compile_ else model, batch, seq)
+    step = training_step(model, torch.compile(model, mode=compile_) if compile_ else model, batch, seq, "cuda")
     for _ in range(5):
         step()
     torch.cuda.synchronize()
