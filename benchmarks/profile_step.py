@@ -117,7 +117,8 @@ def main() -> None:
     launch_costs()
     for kernels in a.kernels:
         profile_step(a.preset, a.batch, a.seq, kernels, None)
-    for mode in a.compile or []:
+    modes = [] if a.compile is None else (a.compile or ["default"])  # a bare --compile: the default mode
+    for mode in modes:
         profile_step(a.preset, a.batch, a.seq, "triton", mode)
 
 
