@@ -303,11 +303,10 @@ class Trainer:
         return step % self.args.log_every == 0 or step == self.total_steps
 
     def _stop_agreed(self, stop: StopRequest, step: int) -> bool:
-        """Whether every rank stops now after a SIGTERM/SIGINT. One rank decides alone; several agree
-        every few steps (an all-reduce is a host sync, which stalls a step's queued launches)."""
-        if self.world == 1:
-            return stop.requested
-        if step % STOP_CHECK_EVERY and step != self.total_steps:
+        """Whether every rank stops now after a SIGTERM/SIGINT. One rank decides alone at every step;
+        several agree every few steps (an all-reduce is a host sync, which stalls a step's queued
+        launches)."""
+        if self.world > 1 and step % STOP_CHECK_EVERY and step != self.total_steps:
             return False
         return not all_true(not stop.requested, self.device)
 

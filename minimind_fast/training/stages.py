@@ -272,7 +272,7 @@ class ReasoningStage(FineTuneStage):
         self.teacher.to(device=device, dtype=dtype)
         self._teacher_placed = True
 
-    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**self.lm_inputs(batch), targets=None)  # logits: the weighted loss needs them per token
         logits = out.logits.float()
         targets = batch["targets"]
