@@ -106,9 +106,10 @@ def test_sigterm_to_every_rank_saves_one_agreed_checkpoint(builtin_data, tiny_mo
             rank.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=180)
     finally:  # a failed assertion must not leave ranks running (they would hold the port for the next run)
-        for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
-            child.kill()
-        proc.kill()
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
     assert proc.returncode == 0, output[-3000:]
     ckpts = [p.name for p in (out / "checkpoints").iterdir()]
     assert len(ckpts) == 1 and (out / "checkpoints" / ckpts[0] / "COMPLETE").exists(), ckpts

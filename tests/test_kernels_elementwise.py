@@ -338,15 +338,15 @@ def test_triton_swiglu_module(device):
 
 # --- the custom-op forms used under torch.compile ----------------------------------------------------
 
-def _leaves(*shapes, device, dtype=torch.float32):
-    return [torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in shapes]
+def _leaves(*shapes, device):
+    return [torch.randn(s, device=device, requires_grad=True) for s in shapes]
 
 
 def _op_cases(device):
     x, r = _leaves((3, 5, 48), (3, 5, 48), device=device)
     w = torch.randn(48, device=device, requires_grad=True)
     q, k = _leaves((2, 6, 4, 16), (2, 6, 2, 16), device=device)
-    cos, sin = _tables(6, 16, device)
+    cos, sin = rope_tables(torch.arange(6, device=device), 16)
     g, u = _leaves((7, 40), (7, 40), device=device)
     return {
         "rms_norm": (torch.ops.minimind_fast.rms_norm.default, (x, w, 1e-5)),
@@ -354,14 +354,6 @@ def _op_cases(device):
         "rotary": (torch.ops.minimind_fast.rotary.default, (q, k, cos, sin, 1.0)),
         "swiglu": (torch.ops.minimind_fast.swiglu.default, (g, u)),
     }
-
-
-def _tables(seq_len, dim, device):
-    """Plain (T, D) cos/sin tables: the layout the model passes."""
-    inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(device), emb.sin().to(device)
 
 
 @pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "rotary", "swiglu"])
@@ -390,7 +382,7 @@ def test_compiled_ops_trace_without_graph_breaks(device):
     x, r, g, u = (torch.randn(s, device=device) for s in ((3, 5, 48), (3, 5, 48), (7, 40), (7, 40)))
     w = torch.randn(48, device=device) + 1.0
     q, k = torch.randn(2, 6, 4, 16, device=device), torch.randn(2, 6, 2, 16, device=device)
-    cos, sin = _tables(6, 16, device)
+    cos, sin = rope_tables(torch.arange(6, device=device), 16)
     _compiled_matches_eager(lambda a, b: rmsnorm.rms_norm(a * 2.0, b, 1e-5), [x, w])
     _compiled_matches_eager(lambda a, b, c: rmsnorm.add_rms_norm(a, b * 0.5, c, 1e-5), [x, r, w])
     _compiled_matches_eager(lambda a, b: rope.apply_rotary(a * 1.0, b * 1.0, cos, sin), [q, k])
