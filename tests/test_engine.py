@@ -56,6 +56,24 @@ def test_exact_resume_matches_an_uninterrupted_run(pretrain_run, builtin_data, t
     assert [resumed[s] for s in range(6, 13)] == [full[s] for s in range(6, 13)]
 
 
+def test_bf16_default_tracks_fp32_and_resumes_exactly(pretrain_run, builtin_data, tiny_model_config, tmp_path):
+    """`--dtype bf16` without a ZeRO stage runs DeepSpeed's BF16_Optimizer (ZeRO 1, fp32 master weights
+    and gradient accumulation): its losses stay within bf16 noise of the fp32 run, and a stop and
+    resume reproduces the uninterrupted bf16 run bitwise (the fp32 master weights are checkpointed)."""
+    args = lambda out: common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(tiny_model_config),
+                              "--eval-every", "6", "--dtype", "bf16")
+    run("pretrain.py", args(tmp_path / "full"))
+    config = json.loads((tmp_path / "full" / "config.json").read_text())["deepspeed_config"]
+    assert config["zero_optimization"]["stage"] == 1 and config["data_types"]["grad_accum_dtype"] == "fp32"
+    fp32, bf16 = losses(pretrain_run), losses(tmp_path / "full")
+    for step in range(1, 13):
+        assert bf16[step] == pytest.approx(fp32[step], rel=5e-3), (step, fp32, bf16)
+    run("pretrain.py", args(tmp_path / "resumed") + ["--stop-at-step", "5"])
+    run("pretrain.py", args(tmp_path / "resumed"))
+    resumed = losses(tmp_path / "resumed")
+    assert [resumed[s] for s in range(6, 13)] == [bf16[s] for s in range(6, 13)]
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, tiny_model_config, tmp_path):
     out = tmp_path / "killed"
     args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(tiny_model_config),
@@ -189,6 +207,25 @@ def test_deepspeed_two_ranks_zero_stages_agree_with_single_process(builtin_data,
         for step in range(1, 5):
             assert abs(norms[step] - single_norms[step]) < 1e-3 * single_norms[step], (stage, norms, single_norms)
         assert load_model(out).num_parameters() == load_model(tmp_path / "single").num_parameters()
+
+
+@pytest.mark.slow
+def test_two_ranks_bf16_default_agrees_with_one(builtin_data, tiny_model_config, tmp_path):
+    """The bf16 default (ZeRO 1, DeepSpeed's BF16_Optimizer) partitions its fp32 master weights over two
+    ranks: the same steps as one rank, within bf16 noise."""
+    def args(out, micro_batch):
+        a = common(builtin_data["shards"]["pretrain"], out, 6, "--config", str(tiny_model_config),
+                   "--save-every", "100", "--dtype", "bf16")
+        a[a.index("--micro-batch-size") + 1] = str(micro_batch)
+        return a
+    run("pretrain.py", args(tmp_path / "one", 4))
+    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29605"]
+    run("pretrain.py", args(tmp_path / "two", 2), launcher=launcher, timeout=300)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 7))
+    for step in two:
+        assert two[step] == pytest.approx(one[step], rel=1e-3), (one, two)
+    assert load_model(tmp_path / "two").num_parameters() == load_model(tmp_path / "one").num_parameters()
 
 
 @pytest.mark.slow  # ~50 s: inductor compiles the model on the CPU

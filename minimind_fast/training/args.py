@@ -42,7 +42,8 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3),
+                   help="default: 1 with bf16 (DeepSpeed's flat-buffer BF16_Optimizer), else 0")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--deepspeed-config", help="a DeepSpeed JSON config (its settings win over flags)")

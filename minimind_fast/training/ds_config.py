@@ -2,6 +2,14 @@
 
 A user's file is the one source of truth for what it sets (batch sizes, ZeRO, precision, clipping);
 flags fill in only what it leaves out, and the resolved values are written back to the run's config.
+
+The default for bf16 is ZeRO stage 1 with fp32 gradient accumulation, which DeepSpeed runs with its
+`BF16_Optimizer`: fp32 master weights and gradients in flat buffers, so the optimizer step is a few
+launches over whole buffers. At stage 0, DeepSpeed wraps a bf16 model's optimizer in
+`FP16_UnfusedOptimizer`, which works parameter by parameter and reads an overflow flag back to the host
+for each one (small-26m: about 2,000 ops and 227 host syncs per step against about 350 and 6; counted
+by `tests/test_ds_config.py`). For a small model, whose step is bound by the host's launches, that
+is most of the step.
 """
 
 from __future__ import annotations
@@ -11,9 +19,14 @@ from pathlib import Path
 from typing import Any
 
 
-def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float, zero_stage: int,
+def default_zero_stage(dtype: str) -> int:
+    """ZeRO stage when neither the flag nor the user's file names one (see the module's docstring)."""
+    return 1 if dtype == "bf16" else 0
+
+
+def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float, zero_stage: int | None,
                     dtype: str, user_file: str | None = None) -> dict[str, Any]:
-    if zero_stage not in (0, 1, 2, 3):
+    if zero_stage is not None and zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}")
     cfg: dict[str, Any] = {}
     if user_file:
@@ -27,13 +40,15 @@ def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float,
     cfg.setdefault("train_micro_batch_size_per_gpu", micro_batch_size)
     cfg.setdefault("gradient_accumulation_steps", grad_accum)
     cfg.setdefault("gradient_clipping", grad_clip)
-    zero = cfg.setdefault("zero_optimization", {})
-    zero.setdefault("stage", zero_stage)
-    if zero["stage"] == 3:
-        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     if "bf16" not in cfg and "fp16" not in cfg:
         cfg["bf16"] = {"enabled": dtype == "bf16"}
         cfg["fp16"] = {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16}
+    zero = cfg.setdefault("zero_optimization", {})
+    zero.setdefault("stage", default_zero_stage(precision(cfg)) if zero_stage is None else zero_stage)
+    if zero["stage"] == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    if precision(cfg) == "bf16" and zero["stage"] == 1:
+        cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     cfg.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x ranks
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("steps_per_print", 10**9)

@@ -8,6 +8,7 @@ optimizer steps with metrics, evaluation, periodic checkpoints and a clean stop 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -252,11 +253,11 @@ class Trainer:
                                                 f"{a.max_bad_steps}); lower --lr or check the data")
                         continue
                     self.engine.backward(loss)
-                    boundary = self.engine.is_gradient_accumulation_boundary()
-                    # Only a logged step needs the norm: computing it syncs with the host.
-                    own_norm = _local_grad_norm(self.engine) if boundary and self._logs(step + 1) else None
+                    # Only a logged step needs the norm: reading it syncs with the host.
+                    norm_wanted = self.engine.is_gradient_accumulation_boundary() and self._logs(step + 1)
+                    own_norm = _local_grad_norm(self.engine) if norm_wanted else None
                     self.engine.step()
-                    if boundary:
+                    if norm_wanted:
                         grad_norm = _reported_grad_norm(self.engine, own_norm)
                     micro += 1
                     losses.append(loss.detach().float())
@@ -294,10 +295,16 @@ class Trainer:
                 final = checkpointing.latest_checkpoint(self.run_dir) / "model"
                 _replace_dir_copy(final, self.run_dir / "final")
         finally:
+            batches.close()  # ends the loader's prefetch thread (CUDA) before the interpreter does
             profiler.close()
             logger.close()
         dist.barrier()
         return {"step": step, "bad_steps": bad_steps}
+
+    def close(self) -> None:
+        """Let DeepSpeed take its hooks off the model and drop the engine (see `train`)."""
+        self.engine.destroy()
+        self.engine = self.loader = self.val_loader = None
 
     def _logs(self, step: int) -> bool:
         return step % self.args.log_every == 0 or step == self.total_steps
@@ -394,11 +401,18 @@ def train(stage_cls: type[Stage], argv: list[str] | None = None, parser=None) ->
         stage_cls.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        result = Trainer(stage_cls(args), args).run()
+        trainer = Trainer(stage_cls(args), args)
+        result = trainer.run()
     except (TrainingError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    # Only after a clean run (every rank is here): gloo's worker threads outliving the interpreter
-    # otherwise abort the process at exit ("terminate called without an active exception").
+    # Only after a clean run (every rank is here), in reverse order of construction, while the process
+    # group and the interpreter are whole. Left to the interpreter's shutdown, DeepSpeed's engine (kept
+    # alive by reference cycles through its hooks) was freed after the process group, and ZeRO-3 gloo
+    # ranks aborted at exit now and then ("terminate called without an active exception").
+    trainer.close()
+    del trainer
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     return result

@@ -57,7 +57,8 @@ class Stage:
 
     def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
                      pin_memory: bool = False):
-        """The loader of one split; anything with `__iter__`, `state_dict`, `load_state_dict`, `n_items`."""
+        """The loader of one split: `__iter__` a generator (the engine closes it), `state_dict`,
+        `load_state_dict`, `n_items`."""
         a = self.args
         return build_loader(self.data_kind, data, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
                             seed=a.seed, rank=rank, world_size=world_size, split=split, vocab_size=vocab_size,
