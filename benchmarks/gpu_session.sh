@@ -12,8 +12,9 @@
 #   4. GPU tests: `pytest -m gpu tests/` + kernel tests at full size -> $OUT/gpu-tests.log
 #   5. benchmarks at full sizes                                  -> benchmarks/results/*.json, copied to $OUT
 # Knobs (environment): TEST_TIMEOUT (s, default 170), BENCH_TIMEOUT (s, default 330), ENGINE_STEPS
-# (default 60), ENGINE_PROFILE (steps to profile, default 0), ENGINE_FLAGS (more pretrain flags), ENGINE_RUNS (default "triton compile"; each KIND[@MICRO_BATCH], KIND one of triton,
-# reference, compile, cudagraphs), BENCH_FILES (default: all), BENCH_ARGS (extra pytest args for the
+# (default 60), ENGINE_PROFILE (steps to profile, default 0), ENGINE_FLAGS (more pretrain flags), ENGINE_RUNS
+# (default "triton compile"; each KIND[@MICRO_BATCH][:ZERO_STAGE], KIND one of triton, reference,
+# compile, cudagraphs; e.g. "triton:0 triton cudagraphs@64"), BENCH_FILES (default: all), BENCH_ARGS (extra pytest args for the
 # benchmarks, e.g. "-k kernels"), TEST_FILES (default: the kernel tests and the GPU-marked ones),
 # SKIP_TESTS=1, SKIP_BENCH=1, SKIP_ENGINE=1.
 set -u
@@ -74,10 +75,13 @@ if [ "${SKIP_ENGINE:-0}" != 1 ]; then
     "$PY" launch/train_tokenizer.py --data $E/corpus/pretrain.jsonl --vocab-size 6400 --out $E/tok >/dev/null &&
     "$PY" launch/tokenize.py --kind pretrain --data $E/corpus/pretrain.jsonl --tokenizer $E/tok --out $E/shards
   for run in ${ENGINE_RUNS:-triton compile}; do
-    # RUN is KIND[@MICRO_BATCH]: triton, reference, compile, or cudagraphs (compile, reduce-overhead).
-    mb=32; [ "${run#*@}" != "$run" ] && mb=${run#*@}
-    name=${run/@/-mb}
-    case "${run%@*}" in
+    # RUN is KIND[@MICRO_BATCH][:ZERO_STAGE]: KIND triton, reference, compile, or cudagraphs (compile,
+    # reduce-overhead); without a stage, the engine's default (1 with bf16).
+    zero=; [ "${run#*:}" != "$run" ] && zero="--zero-stage ${run#*:}"
+    kind_mb=${run%%:*}
+    mb=32; [ "${kind_mb#*@}" != "$kind_mb" ] && mb=${kind_mb#*@}
+    name=$(echo "$run" | sed 's/@/-mb/; s/:/-zero/')
+    case "${kind_mb%@*}" in
       reference) flags="--kernels reference" ;;
       compile) flags="--kernels triton --compile" ;;
       cudagraphs) flags="--kernels triton --compile --compile-mode reduce-overhead" ;;
@@ -85,7 +89,7 @@ if [ "${SKIP_ENGINE:-0}" != 1 ]; then
     esac
     timeout -k 10 "${ENGINE_TIMEOUT:-100}" "$PY" launch/pretrain.py --preset small-26m --vocab-size 6400 \
       --data $E/shards --out $E/run-$name --steps "${ENGINE_STEPS:-60}" --micro-batch-size $mb --seq-len 512 \
-      --log-every 10 --eval-every 0 --save-every 100000 --profile-steps "${ENGINE_PROFILE:-0}" $flags ${ENGINE_FLAGS:-} \
+      --log-every 10 --eval-every 0 --save-every 100000 --profile-steps "${ENGINE_PROFILE:-0}" $flags $zero ${ENGINE_FLAGS:-} \
       >"$OUT/engine-$name.log" 2>&1
     echo "engine $run: exit $?"
     cp $E/run-$name/metrics.jsonl "$OUT/engine-$name.jsonl" 2>/dev/null && tail -n 3 "$OUT/engine-$name.jsonl"
