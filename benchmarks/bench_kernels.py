@@ -106,7 +106,8 @@ def make_inputs(op: str, shape: dict, device, dtype) -> tuple[list, list, float,
         targets = torch.randint(0, V, (N,), device=device)
         targets[torch.rand(N, device=device) < 0.05] = -100  # some ignored positions, as in SFT
         weight = (0.02 * torch.randn(V, H, device=device)).to(dtype).requires_grad_()
-        return [t(N, H), weight, targets], [None], 0.0, 6.0 * N * H * V
+        # The loss is an fp32 scalar: backward from 1.0, as a training step does.
+        return [t(N, H), weight, targets], [torch.ones((), device=device)], 0.0, 6.0 * N * H * V
     raise KeyError(op)
 
 

@@ -260,7 +260,10 @@ def peak_memory_mb(fn: Callable[[], Any], absolute: bool = False) -> float | Non
 
 
 def forward_backward(fn: Callable[..., Any], inputs: list, grads: list) -> Callable[[], None]:
-    """A closure running fn(*inputs) and backward with fixed output gradients, clearing input grads first."""
+    """A closure running fn(*inputs) and backward with fixed output gradients, clearing input grads first.
+
+    A None gradient skips that output; a step that would backpropagate nothing is an error, so that a
+    fused loss (whose gradients are computed in its forward) is never timed against a forward alone."""
     import torch
 
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -271,6 +274,8 @@ def forward_backward(fn: Callable[..., Any], inputs: list, grads: list) -> Calla
         out = fn(*inputs)
         outs = out if isinstance(out, tuple | list) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        if not pairs:
+            raise ValueError("forward_backward: no output gets a gradient, so nothing would be backpropagated")
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
     return step

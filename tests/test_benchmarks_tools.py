@@ -113,6 +113,31 @@ def test_loop_moe_baseline_matches_reference():
     torch.testing.assert_close(common.loop_moe_experts(x, idx, weight, *w), expected)
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["cpu-sizes", "gpu-sizes"])
+def test_every_kernel_case_times_a_backward_into_every_input(full):
+    """A fused loss computes its gradients in forward: a case whose backward did nothing would time the
+    reference's forward alone against it (as the first H100 run did for linear_cross_entropy)."""
+    import bench_kernels
+    import torch
+
+    for op, shape in bench_kernels.kernel_shapes(full):
+        small = {k: min(v, 64) if k in ("T", "N", "H", "I", "V") else v for k, v in shape.items()}
+        small = {**small, "B": 1} if "B" in small else small
+        inputs, grads, _, _ = bench_kernels.make_inputs(op, small, "cpu", torch.float32)
+        common.forward_backward(bench_kernels.reference_fn(op), inputs, grads)()
+        for i, t in enumerate(inputs):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                assert t.grad is not None and t.grad.abs().sum() > 0, (op, shape, i)
+
+
+def test_forward_backward_refuses_a_step_without_backward():
+    import torch
+
+    x = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="nothing would be backpropagated"):
+        common.forward_backward(lambda x: x.sum(), [x], [None])()
+
+
 # --- results files ---------------------------------------------------------------------------------
 
 def test_load_results_names_the_file_and_field(tmp_path):
