@@ -8,6 +8,7 @@ optimizer steps with metrics, evaluation, periodic checkpoints and a clean stop 
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
 import math
@@ -400,6 +401,9 @@ def train(stage_cls: type[Stage], argv: list[str] | None = None, parser=None) ->
         parser = training_parser(stage_cls.__doc__ or stage_cls.name, stage_cls.name)
         stage_cls.add_arguments(parser)
     args = parser.parse_args(argv)
+    # A rank killed by a native abort or fault then prints every thread's Python stack, not just a
+    # launcher line with its exit code.
+    faulthandler.enable()
     try:
         trainer = Trainer(stage_cls(args), args)
         result = trainer.run()
