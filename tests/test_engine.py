@@ -222,6 +222,8 @@ def test_two_ranks_bf16_default_agrees_with_one(builtin_data, tiny_model_config,
     launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29605"]
     run("pretrain.py", args(tmp_path / "two", 2), launcher=launcher, timeout=300)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    # DeepSpeed's CPU shared-memory buffers (69 MB per rank) do not outlive the run.
+    assert not list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*_29605_*"))
     assert sorted(two) == list(range(1, 7))
     for step in two:
         assert two[step] == pytest.approx(one[step], rel=1e-3), (one, two)
