@@ -8,15 +8,16 @@
 #   2. make minimind_fast importable (a kernels link if needed)  (wheels in .whl/ installed first;
 #      with the device tool, carry ".whl" so that Liger-Kernel gets installed)
 #   3. the engine itself: launch/pretrain.py (DeepSpeed, bf16) on the built-in corpus, small-26m at
-#      MiniMind's batch (32 x 512), eager kernels and --compile  -> $OUT/engine-*.jsonl (metrics)
+#      MiniMind's batch (32 x 512), runs as ENGINE_RUNS says     -> $OUT/engine-*.jsonl (metrics)
 #   4. GPU tests: `pytest -m gpu tests/` + kernel tests at full size -> $OUT/gpu-tests.log
 #   5. benchmarks at full sizes                                  -> benchmarks/results/*.json, copied to $OUT
 # Knobs (environment): TEST_TIMEOUT (s, default 170), BENCH_TIMEOUT (s, default 330), ENGINE_STEPS
-# (default 60), ENGINE_PROFILE (steps to profile, default 0), ENGINE_FLAGS (more pretrain flags), ENGINE_RUNS
-# (default "triton compile"; each KIND[@MICRO_BATCH][:ZERO_STAGE], KIND one of triton, reference,
-# compile, cudagraphs; e.g. "triton:0 triton cudagraphs@64"), BENCH_FILES (default: all), BENCH_ARGS (extra pytest args for the
-# benchmarks, e.g. "-k kernels"), TEST_FILES (default: the kernel tests and the GPU-marked ones),
-# SKIP_TESTS=1, SKIP_BENCH=1, SKIP_ENGINE=1.
+# (default 60), ENGINE_PROFILE (steps to profile, default 0), ENGINE_FLAGS (more pretrain flags),
+# ENGINE_TIMEOUT (s per run, default 100), ENGINE_RUNS (default "triton:0 triton cudagraphs": ZeRO 0
+# against the bf16 default, then CUDA graphs; each KIND[@MICRO_BATCH][:ZERO_STAGE], KIND one of
+# triton, reference, compile, cudagraphs), BENCH_FILES (default: all), BENCH_ARGS (extra pytest args
+# for the benchmarks, e.g. "-k kernels"), TEST_FILES (default: the kernel tests and the GPU-marked
+# ones), SKIP_TESTS=1, SKIP_BENCH=1, SKIP_ENGINE=1.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out/gpu-session}"
@@ -74,7 +75,7 @@ if [ "${SKIP_ENGINE:-0}" != 1 ]; then
   "$PY" launch/make_corpus.py --out $E/corpus >/dev/null &&
     "$PY" launch/train_tokenizer.py --data $E/corpus/pretrain.jsonl --vocab-size 6400 --out $E/tok >/dev/null &&
     "$PY" launch/tokenize.py --kind pretrain --data $E/corpus/pretrain.jsonl --tokenizer $E/tok --out $E/shards
-  for run in ${ENGINE_RUNS:-triton compile}; do
+  for run in ${ENGINE_RUNS:-triton:0 triton cudagraphs}; do
     # RUN is KIND[@MICRO_BATCH][:ZERO_STAGE]: KIND triton, reference, compile, or cudagraphs (compile,
     # reduce-overhead); without a stage, the engine's default (1 with bf16).
     zero=; [ "${run#*:}" != "$run" ] && zero="--zero-stage ${run#*:}"
