@@ -74,6 +74,23 @@ def test_bf16_default_tracks_fp32_and_resumes_exactly(pretrain_run, builtin_data
     assert [resumed[s] for s in range(6, 13)] == [bf16[s] for s in range(6, 13)]
 
 
+def test_resume_keeps_the_checkpoints_zero_stage_and_refuses_another(builtin_data, tiny_model_config, tmp_path):
+    """DeepSpeed's optimizer state is laid out by ZeRO stage: a resumed run without --zero-stage takes the
+    checkpoint's (so a run started under an older default still resumes), and a conflicting one is
+    refused before any step, naming both."""
+    out = tmp_path / "run"
+    args = common(builtin_data["shards"]["pretrain"], out, 6, "--config", str(tiny_model_config))
+    run("pretrain.py", args + ["--zero-stage", "2", "--stop-at-step", "4"])
+    state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["optimizer_layout"] == {"zero_stage": 2, "grad_accum_dtype": None}
+    refused = run("pretrain.py", args + ["--zero-stage", "0"], check=False)
+    assert refused.returncode == 2 and "written under ZeRO 2 and this run asks for ZeRO 0" in refused.stderr, \
+        refused.stderr[-2000:]
+    resumed = run("pretrain.py", args)
+    assert "resumed from" in resumed.stdout and "ZeRO 2" in resumed.stdout, resumed.stdout[-2000:]
+    assert max(losses(out)) == 6
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, tiny_model_config, tmp_path):
     out = tmp_path / "killed"
     args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(tiny_model_config),

@@ -62,3 +62,15 @@ def precision(cfg: dict[str, Any]) -> str:
     if cfg.get("fp16", {}).get("enabled"):
         return "fp16"
     return "fp32"
+
+
+def optimizer_layout(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a DeepSpeed checkpoint's optimizer state depends on: resuming under another layout fails
+    inside DeepSpeed with a missing-file error, so checkpoints record it and resume compares."""
+    return {"zero_stage": cfg["zero_optimization"]["stage"],
+            "grad_accum_dtype": cfg.get("data_types", {}).get("grad_accum_dtype")}
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    accum = layout.get("grad_accum_dtype")
+    return f"ZeRO {layout['zero_stage']}" + (f" with {accum} gradient accumulation" if accum else "")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from minimind_fast.training import checkpointing
-from minimind_fast.training.ds_config import build_ds_config, precision
+from minimind_fast.training.ds_config import build_ds_config, describe_layout, optimizer_layout, precision
 from minimind_fast.training.flops import model_flops_per_token, peak_flops
 from minimind_fast.training.metrics import MetricsLogger, memory_mb
 from minimind_fast.training.profiling import StepProfiler
@@ -140,9 +140,18 @@ class Trainer:
                     raise
                 self._note(f"no evaluation: {e}")
         self.dtype = resolve_dtype(a, self.device)
+        self.resume_from = self._checkpoint_to_resume()
+        saved = self._saved_layout(self.resume_from)
+        zero_stage = a.zero_stage
+        if zero_stage is None and not a.deepspeed_config and saved:
+            zero_stage = saved["zero_stage"]  # a resumed run keeps the stage it was started with
         self.ds_config = build_ds_config(micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
-                                         grad_clip=a.grad_clip, zero_stage=a.zero_stage, dtype=self.dtype,
+                                         grad_clip=a.grad_clip, zero_stage=zero_stage, dtype=self.dtype,
                                          user_file=a.deepspeed_config)
+        if saved and saved != optimizer_layout(self.ds_config):
+            raise TrainingError(f"{self.resume_from} was written under {describe_layout(saved)} and this run asks "
+                                f"for {describe_layout(optimizer_layout(self.ds_config))}: resume with the same "
+                                f"--zero-stage / --deepspeed-config, or start anew with --resume none")
         self.dtype = precision(self.ds_config)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.micro_batch = self.ds_config["train_micro_batch_size_per_gpu"]
@@ -201,15 +210,33 @@ class Trainer:
         _write_json(self.run_dir / "dataset_stats.json", stats)
 
     # --- resume ---------------------------------------------------------------------------
-    def _resume(self) -> dict:
+    def _checkpoint_to_resume(self) -> Path | None:
         a = self.args
         if a.resume == "none":
-            return {"step": 0, "tokens": 0, "bad_steps": 0}
+            return None
         ckpt = checkpointing.latest_checkpoint(self.run_dir) if a.resume == "auto" else Path(a.resume)
+        if ckpt is not None and not (ckpt / checkpointing.MARKER).exists():
+            raise TrainingError(f"--resume {ckpt}: not a complete checkpoint (no {checkpointing.MARKER} marker)")
+        return ckpt
+
+    @staticmethod
+    def _saved_layout(ckpt: Path | None) -> dict | None:
+        """The optimizer layout `ckpt` was written with: recorded in it, or (older checkpoints) in the
+        config.json of the run that wrote it."""
+        if ckpt is None:
+            return None
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if "optimizer_layout" in state:
+            return state["optimizer_layout"]
+        run_config = ckpt.parent.parent / "config.json"
+        if not run_config.exists():
+            return None
+        return optimizer_layout(json.loads(run_config.read_text())["deepspeed_config"])
+
+    def _resume(self) -> dict:
+        ckpt = self.resume_from
         if ckpt is None:
             return {"step": 0, "tokens": 0, "bad_steps": 0}
-        if not (ckpt / checkpointing.MARKER).exists():
-            raise TrainingError(f"--resume {ckpt}: not a complete checkpoint (no {checkpointing.MARKER} marker)")
         loader_state, trainer_state = checkpointing.load_checkpoint(self.engine, ckpt)
         self.loader.load_state_dict(loader_state)
         self._note(f"resumed from {ckpt} at step {trainer_state['step']}")
@@ -355,6 +382,7 @@ class Trainer:
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
 
     def save(self, step: int, trainer_state: dict) -> None:
+        trainer_state = {**trainer_state, "optimizer_layout": optimizer_layout(self.ds_config)}
         checkpointing.save_checkpoint(self.engine, self.stage, self.run_dir, step, self.loader.state_dict(),
                                       trainer_state, self.stage.tokenizer_dir(self.manifest), self.args.keep_last)
 
