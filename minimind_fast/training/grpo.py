@@ -243,7 +243,7 @@ class GRPOStage(FineTuneStage):
                              f"{model.config.max_position_embeddings}")
         if a.kl_beta > 0:
             self.reference = freeze(copy.deepcopy(model))
-        if a.zero_stage == 3 or _ds_zero_stage(a) == 3:
+        if self.zero_stage == 3:
             self.rollout_copy = freeze(copy.deepcopy(model))
 
     # --- rollouts --------------------------------------------------------------------------
@@ -337,15 +337,3 @@ class GRPOStage(FineTuneStage):
         """Prompt + completion tokens of the micro-batch just trained on (known only after sampling)."""
         return self._tokens
 
-
-def _ds_zero_stage(args: argparse.Namespace) -> int | None:
-    """The ZeRO stage a --deepspeed-config file asks for (it wins over --zero-stage), if any."""
-    if not args.deepspeed_config:
-        return None
-    import json
-
-    try:
-        config = json.loads(Path(args.deepspeed_config).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # the engine reports an unreadable file itself
-    return config.get("zero_optimization", {}).get("stage")

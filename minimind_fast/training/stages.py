@@ -35,6 +35,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class Stage:
     name = "stage"
     data_kind = "pretrain"
+    zero_stage = 0  # the run's resolved ZeRO stage, set by the engine before build_model and setup
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
