@@ -19,6 +19,12 @@ def tiny_config(vocab_size: int = 1024) -> ModelConfig:
                       vocab_size=vocab_size, max_position_embeddings=256)
 
 
+def two_ranks(port: int) -> list[str]:
+    """DeepSpeed's launcher for two CPU ranks; each test its own master port (a port still held by an
+    earlier run's ranks would make the next one fail to start)."""
+    return [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port)]
+
+
 def run(script: str, args: list[str], launcher: list[str] | None = None, check: bool = True,
         timeout: int = 300) -> subprocess.CompletedProcess:
     """Run launch/`script`; with `check`, a failure raises with the tail of its output."""

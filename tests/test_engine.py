@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import ENV, ROOT, common, losses, run
+from launch_helpers import ENV, ROOT, common, losses, run, two_ranks
 
 from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import build_loader
@@ -125,7 +125,7 @@ def test_sigterm_to_every_rank_saves_one_agreed_checkpoint(builtin_data, tiny_mo
     out = tmp_path / "killed2"
     args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(tiny_model_config),
                   "--save-every", "1000")
-    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29611"]
+    launcher = two_ranks(29611)
     proc = subprocess.Popen([*launcher, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -213,9 +213,7 @@ def test_deepspeed_two_ranks_zero_stages_agree_with_single_process(builtin_data,
                       "--save-every", "100", "--zero-stage", str(stage))
         # Two ranks of micro-batch 2 see the same 4 sequences per step as one rank of 4.
         args[args.index("--micro-batch-size") + 1] = "2"
-        launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2",
-                    "--master_port", str(29600 + stage)]
-        run("pretrain.py", args, launcher=launcher, timeout=300)
+        run("pretrain.py", args, launcher=two_ranks(29600 + stage), timeout=300)
         multi = losses(out)
         for step in range(1, 5):
             assert abs(multi[step] - single[step]) < 2e-4 * max(1, abs(single[step])), (stage, multi, single)
@@ -236,7 +234,7 @@ def test_two_ranks_bf16_default_agrees_with_one(builtin_data, tiny_model_config,
         a[a.index("--micro-batch-size") + 1] = str(micro_batch)
         return a
     run("pretrain.py", args(tmp_path / "one", 4))
-    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29605"]
+    launcher = two_ranks(29605)
     run("pretrain.py", args(tmp_path / "two", 2), launcher=launcher, timeout=300)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     # DeepSpeed's CPU shared-memory buffers (69 MB per rank) do not outlive the run.

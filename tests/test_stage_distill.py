@@ -4,13 +4,11 @@ float64 hand computation; an end-to-end run with a teacher, with resume; and its
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import ENV, ROOT, common, losses, run, tiny_config
+from launch_helpers import common, losses, run, tiny_config, two_ranks
 
 from minimind_fast.checkpoint import load_model, save_model_dir
 from minimind_fast.data.loaders import build_loader
@@ -211,10 +209,7 @@ def test_zero3_two_ranks_agree_with_one_process(builtin_data, pretrain_run, tmp_
     args = distill_args(builtin_data, pretrain_run, tmp_path / "zero3") + ["--zero-stage", "3"]
     args[args.index("--steps") + 1] = "3"
     args[args.index("--micro-batch-size") + 1] = "2"
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29633",
-           str(ROOT / "launch" / "distill.py"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run("distill.py", args, launcher=two_ranks(29633))
     # The loss and the stage's metrics are averaged over ranks. Each rank normalises by its own token
     # weights: close, not bitwise.
     for key in ("loss", "lm_loss", "kd_loss"):

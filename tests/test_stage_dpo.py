@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from launch_helpers import common, run
+from launch_helpers import common, run, two_ranks
 from launch_helpers import losses as metric
 from safetensors.torch import load_file
 
@@ -205,7 +204,7 @@ def test_dpo_two_ranks_zero2_precomputed_matches_single_process(dpo_run, pretrai
     out = tmp_path / "two_ranks"
     args = dpo_args(builtin_data["shards"]["dpo"], out, pretrain_run, "--precompute-reference", "--zero-stage", "2")
     args[args.index("--micro-batch-size") + 1] = "2"  # 2 ranks x 2 pairs = the single process's 4
-    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29651"]
+    launcher = two_ranks(29651)
     run("dpo.py", args, launcher=launcher, timeout=300)
     live, multi = metric(dpo_run), metric(out)
     assert all(abs(multi[s] - live[s]) < 2e-4 for s in live), (multi, live)

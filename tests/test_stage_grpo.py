@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import run
+from launch_helpers import run, two_ranks
 
 from minimind_fast.checkpoint import save_model_dir
 from minimind_fast.config import get_preset
@@ -377,9 +376,7 @@ def test_two_ranks_zero3_sample_and_train_like_zero0(random_init, letter_reward,
         out = tmp_path / f"zero{stage}"
         args = grpo_args(random_init, builtin_data["files"]["grpo_prompts"], out, 3, "--zero-stage", str(stage),
                          "--micro-batch-size", "2", "--updates-per-rollout", "2", "--reward", letter_reward)
-        launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2",
-                    "--master_port", str(29650 + stage)]
-        run("grpo.py", args, launcher=launcher)
+        run("grpo.py", args, launcher=two_ranks(29650 + stage))
         runs[stage] = metrics(out)
     for a, b in zip(runs[0], runs[3]):
         assert a["reward_mean"] == b["reward_mean"] and a["completion_len"] == b["completion_len"]

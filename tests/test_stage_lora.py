@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import common, losses, run
+from launch_helpers import common, losses, run, two_ranks
 from safetensors.torch import load_file
 
 from minimind_fast.checkpoint import load_model
@@ -134,7 +133,7 @@ def test_lora_two_ranks_zero3(lora_run, pretrain_run, lora_data, tmp_path):
     out = tmp_path / "two_ranks"
     args = lora_args(lora_data, out, pretrain_run, "--zero-stage", "3", "--save-every", "100")
     args[args.index("--micro-batch-size") + 1] = "2"  # 2 ranks x 2 = the single process's 4
-    launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29641"]
+    launcher = two_ranks(29641)
     run("lora.py", args, launcher=launcher, timeout=300)
     full, this = losses(lora_run), losses(out)
     assert all(abs(this[s] - full[s]) < 2e-4 * max(1.0, abs(full[s])) for s in full), (this, full)

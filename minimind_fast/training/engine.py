@@ -161,9 +161,10 @@ class Trainer:
         cfg = build_ds_config(micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum, grad_clip=a.grad_clip,
                               zero_stage=zero_stage, dtype=resolve_dtype(a, self.device),
                               user_file=a.deepspeed_config)
-        if saved and saved != optimizer_layout(cfg):
+        layout = optimizer_layout(cfg)
+        if saved and saved != layout:
             raise TrainingError(f"{self.resume_from} was written under {describe_layout(saved)} and this run asks "
-                                f"for {describe_layout(optimizer_layout(cfg))}: resume with the same "
+                                f"for {describe_layout(layout)}: resume with the same "
                                 f"--zero-stage / --deepspeed-config, or start anew with --resume none")
         return cfg
 
