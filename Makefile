@@ -26,11 +26,14 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Most tests are one process waiting on a subprocess's start-up (imports, DeepSpeed), so two pytest
+# workers keep a 2-core machine busy: the suite took 9 min against 15.6 min in one worker.
+TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not gpu"
+	TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not gpu" -n $(TEST_WORKERS)
 
 test-fast: $(STAMP) lint
-	TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not gpu and not slow"
+	TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not gpu and not slow" -n $(TEST_WORKERS)
 
 test-gpu: $(STAMP)
 	$(BIN)/pytest -q -m "gpu or not slow" tests/

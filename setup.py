@@ -38,6 +38,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "pytest-xdist>=3",
             "transformers>=4.45",
             "ruff>=0.5",
             "openai>=1.30",

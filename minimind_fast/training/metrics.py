@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 from pathlib import Path
 
@@ -91,12 +92,13 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train:
         return None
-    import matplotlib
+    # The object API, not pyplot: nothing left in pyplot's global figure registry of a long-lived process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot(*zip(*train), label="train loss", linewidth=1)
     if val:
         ax.plot(*zip(*val), "o-", label="val loss")
@@ -105,6 +107,7 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    tmp = out_png.with_name(out_png.name + ".tmp")  # a kill mid-write leaves the old plot, not half a PNG
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, out_png)
     return out_png
