@@ -25,6 +25,8 @@ def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike |
     if tokenizer:
         return load_tokenizer(tokenizer)
     p = Path(model_path)
+    if not p.exists():
+        raise FileNotFoundError(f"{model_path}: no such model directory or file")
     candidates = [p] if p.is_dir() else [p.parent]
     if p.is_dir() and not is_hf_dir(p):
         try:

@@ -123,6 +123,6 @@ def test_cli_one_prompt_and_interactive_session(model_dir, loaded):
 
 def test_cli_reports_bad_arguments_clearly(model_dir, tmp_path):
     run = _cli("--model", str(tmp_path / "missing"), "--prompt", "Hello")
-    assert run.returncode != 0 and "missing" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode != 0 and "missing: no such model" in run.stderr and "Traceback" not in run.stderr
     run = _cli("--model", str(model_dir), "--lora", str(tmp_path), "--prompt", "Hello")
     assert run.returncode != 0 and "adapter" in run.stderr and "Traceback" not in run.stderr
