@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_device, is_interpreter, rows_per_tile
+from .utils import cdiv, check_device, is_interpreter, next_power_of_2, rows_per_tile
 
 IGNORE_INDEX = -100
 
@@ -56,7 +56,7 @@ def _chunk_rows(n_rows: int, hidden: int, vocab: int) -> int:
     """Rows per chunk: about as many logits as hidden states, so memory stays O(tokens x hidden)."""
     if is_interpreter():
         return max(1, min(n_rows, 64))
-    return max(1, min(n_rows, triton.next_power_of_2(max(1, n_rows * hidden // vocab)), 8192))
+    return max(1, min(n_rows, next_power_of_2(max(1, n_rows * hidden // vocab)), 8192))
 
 
 def _inv_n_valid(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
@@ -95,14 +95,14 @@ def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, gr
     grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight_needed else None
     chunk = _chunk_rows(n_rows, dim, vocab)
-    block = min(triton.next_power_of_2(vocab), 4096 if not is_interpreter() else 1024)
+    block = min(next_power_of_2(vocab), 4096 if not is_interpreter() else 1024)
     for start in range(0, n_rows, chunk):
         h = hidden[start:start + chunk]
         t = targets[start:start + chunk].contiguous()
         # The interpreter's bf16 arithmetic is unreliable: give it fp32 logits (CPU testing only).
         logits = (h @ weight.t()).float() if is_interpreter() else h @ weight.t()
         rows = rows_per_tile(h.shape[0], block)
-        _ce_rows[(triton.cdiv(h.shape[0], rows),)](logits, t, losses[start:start + chunk], logits.stride(0),
+        _ce_rows[(cdiv(h.shape[0], rows),)](logits, t, losses[start:start + chunk], logits.stride(0),
                                                    h.shape[0], vocab, ignore_index, ROWS=rows, BLOCK=block,
                                                    num_warps=8 if block >= 2048 else 4)
         g = logits.to(hidden.dtype)  # now softmax - onehot, written over the logits

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_device, is_interpreter
+from .utils import cdiv, check_device, is_interpreter, next_power_of_2
 
 INTERPRET = is_interpreter()
 AUTOTUNE = not INTERPRET and os.environ.get("MINIMIND_AUTOTUNE", "1") != "0"
@@ -177,13 +177,13 @@ class MoERouteFunction(torch.autograd.Function):
         weight = torch.empty(n_rows, top_k, dtype=torch.float32, device=logits.device)
         idx = torch.empty(n_rows, top_k, dtype=torch.int64, device=logits.device)
         count = group_size is not None
-        n_groups = triton.cdiv(n_rows, group_size) if count else 1
+        n_groups = cdiv(n_rows, group_size) if count else 1
         counts = torch.zeros(n_groups, n_exp, dtype=torch.int32, device=logits.device)
         if n_rows:
-            _route_fwd[(triton.cdiv(n_rows, ROUTE_ROWS),)](
+            _route_fwd[(cdiv(n_rows, ROUTE_ROWS),)](
                 logits, scores, weight, idx, counts, n_rows, n_exp, logits.stride(0), group_size or 1,
                 K=top_k, NORM=norm, COUNT=count, BLOCK_R=ROUTE_ROWS,
-                BLOCK_E=triton.next_power_of_2(n_exp), BLOCK_K=triton.next_power_of_2(top_k))
+                BLOCK_E=next_power_of_2(n_exp), BLOCK_K=next_power_of_2(top_k))
         ctx.save_for_backward(scores, idx)
         ctx.norm, ctx.logits_dtype = norm, logits.dtype
         ctx.mark_non_differentiable(idx, counts)
@@ -196,11 +196,11 @@ class MoERouteFunction(torch.autograd.Function):
         dl = torch.empty(n_rows, n_exp, dtype=ctx.logits_dtype, device=scores.device)
         has_ds, has_dw = d_scores is not None, d_weight is not None
         if n_rows:
-            _route_bwd[(triton.cdiv(n_rows, ROUTE_ROWS),)](
+            _route_bwd[(cdiv(n_rows, ROUTE_ROWS),)](
                 scores, idx, d_weight.contiguous() if has_dw else scores,
                 d_scores.contiguous() if has_ds else scores, dl, n_rows, n_exp, dl.stride(0),
                 K=idx.shape[1], NORM=ctx.norm, HAS_DS=has_ds, HAS_DW=has_dw,
-                BLOCK_R=ROUTE_ROWS, BLOCK_E=triton.next_power_of_2(n_exp))
+                BLOCK_R=ROUTE_ROWS, BLOCK_E=next_power_of_2(n_exp))
         return dl, None, None, None
 
 
@@ -264,8 +264,8 @@ def sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     """
     flat = topk_idx.reshape(-1).contiguous()
     n_pairs = flat.numel()
-    block_e = triton.next_power_of_2(n_experts)
-    n_blocks = max(1, triton.cdiv(n_pairs, SORT_BLOCK))
+    block_e = next_power_of_2(n_experts)
+    n_blocks = max(1, cdiv(n_pairs, SORT_BLOCK))
     block_counts = torch.empty(n_blocks, block_e, dtype=torch.int32, device=flat.device)
     _expert_histogram[(n_blocks,)](flat, block_counts, n_pairs, BLOCK=SORT_BLOCK, BLOCK_E=block_e)
     counts = block_counts.sum(0, dtype=torch.int32)
@@ -530,11 +530,11 @@ def _down_bwd_dw(DO, TW, G, U, SORTED_PAIR, COUNTS, DWD, top_k, n_out, k_out,
 
 def _gemm_grid(n_pairs: int, n_exp: int, n_cols: int):
     # an upper bound on the M tiles (each expert wastes at most one partial tile); extras exit at once
-    return lambda meta: (triton.cdiv(n_pairs, meta["BLOCK_M"]) + n_exp, triton.cdiv(n_cols, meta["BLOCK_N"]))
+    return lambda meta: (cdiv(n_pairs, meta["BLOCK_M"]) + n_exp, cdiv(n_cols, meta["BLOCK_N"]))
 
 
 def _dw_grid(n_exp: int, n_out: int, k_out: int):
-    return lambda meta: (n_exp, triton.cdiv(n_out, meta["BLOCK_N"]), triton.cdiv(k_out, meta["BLOCK_K"]))
+    return lambda meta: (n_exp, cdiv(n_out, meta["BLOCK_N"]), cdiv(k_out, meta["BLOCK_K"]))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -577,7 +577,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         d_out = d_out.to(x.dtype).contiguous()
         common = dict(PRECISION=_precision(x.dtype), FP32_DOT=INTERPRET, BLOCK_E=counts.numel())
         dg, du = torch.empty_like(g), torch.empty_like(u)
-        dw_partial = torch.zeros(triton.cdiv(inter, MIN_BLOCK_N), n_pairs, dtype=torch.float32, device=x.device)
+        dw_partial = torch.zeros(cdiv(inter, MIN_BLOCK_N), n_pairs, dtype=torch.float32, device=x.device)
         dxp = torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device)
         dwg, dwu, dwd = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
         if n_pairs:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_device, num_programs, row_block, rows_per_tile
+from .utils import cdiv, check_device, num_programs, row_block, rows_per_tile
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _forward(x, residual, weight, eps):
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows:
         tile = rows_per_tile(n_rows, block)
-        _rmsnorm_fwd[(triton.cdiv(n_rows, tile),)](
+        _rmsnorm_fwd[(cdiv(n_rows, tile),)](
             x2, r2, weight, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n_rows, n_cols, eps,
             HAS_RESIDUAL=residual is not None, ROWS=tile, BLOCK=block, num_warps=warps)
     return y.view(shape), (h.view(shape) if residual is not None else None), rstd, (h if residual is not None
@@ -99,7 +99,7 @@ def _backward(dy, normed_input, weight, rstd, dh):
     n_rows, n_cols = dy2.shape
     block, warps = row_block(n_cols)
     programs = num_programs(n_rows)
-    rows_per_prog = triton.cdiv(n_rows, programs) if n_rows else 0
+    rows_per_prog = cdiv(n_rows, programs) if n_rows else 0
     dx = torch.empty((n_rows, n_cols), dtype=dy.dtype, device=dy.device)
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=dy.device)  # every program writes its row
     if n_rows:

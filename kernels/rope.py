@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_device, rows_per_tile
+from .utils import cdiv, check_device, next_power_of_2, rows_per_tile
 
 
 @triton.jit
@@ -116,11 +116,11 @@ def _launch(q, k, qo, ko, cos3, sin3, stride_cb, sign: float) -> None:
     n_k = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:
         return
-    block_d = triton.next_power_of_2(max(dim // 2, 1))
+    block_d = next_power_of_2(max(dim // 2, 1))
     n_q_rows, n_k_rows = bsz * seq_len * n_q, bsz * seq_len * n_k
     rows = rows_per_tile(n_q_rows, 2 * block_d)
-    q_programs = triton.cdiv(n_q_rows, rows)
-    _rope_kernel[(q_programs + triton.cdiv(n_k_rows, rows),)](
+    q_programs = cdiv(n_q_rows, rows)
+    _rope_kernel[(q_programs + cdiv(n_k_rows, rows),)](
         q, k, qo, ko, cos3, sin3,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),

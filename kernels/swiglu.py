@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_device
+from .utils import cdiv, check_device
 
 BLOCK = 1024
 
@@ -52,7 +52,7 @@ def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _swiglu_fwd[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=4)
+        _swiglu_fwd[(cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=4)
     return y
 
 
@@ -61,7 +61,7 @@ def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[t
     dg, du = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n:
-        _swiglu_bwd[(triton.cdiv(n, BLOCK),)](dy, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=4)
+        _swiglu_bwd[(cdiv(n, BLOCK),)](dy, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=4)
     return dg, du
 
 
