@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import ENV, ROOT, common, losses, run, two_ranks
+from launch_helpers import ENV, ROOT, common, losses, records, run, two_ranks
 
 from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import build_loader
@@ -112,6 +112,42 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, tiny_mode
                                  *args[args.index("--steps") + 2:]], check=True)
     assert f"resumed from {out / 'checkpoints' / ckpts[0]}" in result.stdout
     assert max(losses(out)) == stopped_at + 2
+
+
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint(builtin_data, tiny_model_config, tmp_path):
+    """SIGKILL (no chance to save): the resume starts at the newest checkpoint holding COMPLETE, past a
+    half-written one (a `.tmp` directory, or a renamed one whose marker was never written), and the
+    metrics file drops the killed run's records after that checkpoint and the line torn by the kill."""
+    out = tmp_path / "sigkilled"
+    args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(tiny_model_config),
+                  "--save-every", "3")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                              and len((out / "metrics.jsonl").read_text().splitlines()) >= 8):
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+    complete = sorted(p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    newest = int(complete[-1].split("_")[1])
+    before = losses(out)
+    assert newest >= 6 and max(before) >= newest, (complete, max(before))
+    for half_written in ("step_00000997.tmp", "step_00000998"):
+        (out / "checkpoints" / half_written / "deepspeed").mkdir(parents=True)
+        (out / "checkpoints" / half_written / "trainer_state.json").write_text('{"step": 99')
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 999, "loss": 1.')
+    steps = args.index("--steps") + 1
+    result = run("pretrain.py", [*args[:steps], str(newest + 2), *args[steps + 1:]])
+    assert f"resumed from {out / 'checkpoints' / complete[-1]}" in result.stdout, result.stdout[-2000:]
+    after = [r["step"] for r in records(out) if "loss" in r]
+    assert after == list(range(1, newest + 3)), after
+    assert all(losses(out)[s] == before[s] for s in range(1, newest + 1))
+    assert (out / "loss.png").exists()
 
 
 def test_sigterm_to_every_rank_saves_one_agreed_checkpoint(builtin_data, tiny_model_config, tmp_path):

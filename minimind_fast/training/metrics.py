@@ -30,6 +30,7 @@ class MetricsLogger:
         self.tb = self.wandb = None
         if not enabled:
             return
+        trim_metrics(self.path, start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
         if tensorboard:
             try:
@@ -78,6 +79,35 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def trim_metrics(path: Path, start_step: int) -> None:
+    """Keep the records of steps up to `start_step`, where this run (re)starts.
+
+    The rest were written by a run that stopped or was killed after its last checkpoint; they are about
+    to be recomputed, and kept they would repeat steps in the file and the plot. A kill in mid-write
+    leaves a torn last line: it is dropped. A broken line elsewhere is an error naming it.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
+        if record.get("step", 0) <= start_step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict]:
