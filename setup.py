@@ -44,6 +44,7 @@ setup(
             "openai>=1.30",
             "matplotlib>=3.7",
             "httpx>=0.27",
+            "liger-kernel>=0.5",  # a baseline of the kernel benchmarks; its kernels' adapters are tested
         ],
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
         "hopper": ["flash-attn-4"],

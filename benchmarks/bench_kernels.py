@@ -124,8 +124,9 @@ def compiled_fn(op: str):
     return torch.compile(reference_fn(op))
 
 
-def liger_impl(op: str, inputs: list) -> tuple:
-    """(fn, inputs) running Liger-Kernel's kernel for `op`; skips when Liger or that kernel is absent."""
+def liger_impl(op: str, inputs: list, grads: list) -> tuple:
+    """(fn, inputs, output gradients) running Liger-Kernel's kernel for `op`, in Liger's layouts; skips when
+    Liger or that kernel is absent."""
     try:
         import liger_kernel.ops as liger_ops
         import liger_kernel.transformers as liger
@@ -135,50 +136,52 @@ def liger_impl(op: str, inputs: list) -> tuple:
         x, w = inputs
         # in_place=False: Liger's in-place backward would overwrite the shared output gradient.
         norm = liger.LigerRMSNorm(w.shape[0], eps=EPS, in_place=False).to(w.device, w.dtype)
-        return (lambda x, w: norm(x)), [x, norm.weight]
+        return (lambda x, w: norm(x)), [x, norm.weight], grads
     if op == "add_rms_norm":
         if not hasattr(liger, "LigerFusedAddRMSNorm"):
             pytest.skip("this liger_kernel has no fused add+RMSNorm")
         x, r, w = inputs
         norm = liger.LigerFusedAddRMSNorm(w.shape[0], eps=EPS).to(w.device, w.dtype)
-        return (lambda x, r, w: norm(x, r)), [x, r, norm.weight]
+        return (lambda x, r, w: norm(x, r)), [x, r, norm.weight], grads
     if op == "apply_rotary":
         q, k, cos, sin = inputs
-        # Liger wants heads before time: (B, H, T, D), cos/sin (1, T, D) in the activations' dtype.
+        # Liger wants heads before time: (B, H, T, D), cos/sin (1, T, D) in the activations' dtype; its
+        # outputs, and so their gradients, are (B, H, T, D) too.
         ql = q.detach().transpose(1, 2).contiguous().requires_grad_()
         kl = k.detach().transpose(1, 2).contiguous().requires_grad_()
         cl, sl = cos[None].to(q.dtype), sin[None].to(q.dtype)
-        return (lambda q, k, c, s: liger.liger_rotary_pos_emb(q, k, c, s)), [ql, kl, cl, sl]
+        return ((lambda q, k, c, s: liger.liger_rotary_pos_emb(q, k, c, s)), [ql, kl, cl, sl],
+                [g.transpose(1, 2).contiguous() for g in grads])
     if op == "swiglu":
-        return (lambda g, u: liger_ops.LigerSiLUMulFunction.apply(g, u)), inputs
+        return (lambda g, u: liger_ops.LigerSiLUMulFunction.apply(g, u)), inputs, grads
     if op == "linear_cross_entropy":
         loss = liger.LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
-        return (lambda h, w, tgt: loss(w, h, tgt)), inputs
+        return (lambda h, w, tgt: loss(w, h, tgt)), inputs, grads
     pytest.skip(f"Liger-Kernel has no {op}")
 
 
-def implementation(bench, op: str, impl: str, inputs: list) -> tuple:
-    """(fn, inputs) for one implementation, or a skip with the reason."""
+def implementation(bench, op: str, impl: str, inputs: list, grads: list) -> tuple:
+    """(fn, inputs, output gradients) for one implementation, or a skip with the reason."""
     if impl == "eager":
-        return reference_fn(op), inputs
+        return reference_fn(op), inputs, grads
     if impl == "compile":
         bench.require_compile_budget()
-        return compiled_fn(op), inputs
+        return compiled_fn(op), inputs, grads
     if not bench.cuda:
         pytest.skip(f"{impl} kernels need CUDA (Triton interpreter timings are meaningless)")
     if impl == "liger":
-        return liger_impl(op, inputs)
+        return liger_impl(op, inputs, grads)
     ours = triton_ops().get(op)
     if ours is None:
         pytest.skip(f"no Triton kernel for {op} yet (minimind_fast.kernels.triton_ops())")
     if op in ("rms_norm", "add_rms_norm"):
         ours = functools.partial(ours, eps=EPS)
-    return ours, inputs
+    return ours, inputs, grads
 
 
 def test_kernel(bench, benchmark, op, shape, impl):
     inputs, grads, bytes_moved, flops = make_inputs(op, shape, bench.device, bench.dtype)
-    fn, inputs = implementation(bench, op, impl, inputs)
+    fn, inputs, grads = implementation(bench, op, impl, inputs, grads)
     step = forward_backward(fn, inputs, grads)
     try:
         bench.warm_up(step, impl)
