@@ -7,6 +7,8 @@ Implementations, all on the same tokens and weights:
 - ``eager``     the reference ops: softmax top-k routing, tokens sorted by expert, one matmul each;
 - ``compile``   torch.compile of the eager layer;
 - ``liger``     Liger-Kernel's fused MoE (`LigerFusedMoEFunction`) where installed;
+- ``grouped_mm`` ours with the expert GEMMs on torch's grouped GEMM (`moe_experts_grouped_mm`, bf16 on
+                CUDA): the same routing, sort and SwiGLU kernels, CUTLASS's GEMMs instead of ours;
 - ``ours``      the Triton `moe_route` + `moe_experts`;
 - ``dense``     a dense SwiGLU of width k * I: the same active FLOPs, the ceiling an MoE layer can
                 reach (target: ours within 1.5x of it).
@@ -26,7 +28,7 @@ import torch
 from common import forward_backward, loop_moe_experts, measure, peak_memory_mb
 from minimind_fast.kernels import reference, triton_ops
 
-IMPLS = ("minimind", "eager", "compile", "liger", "ours", "dense")
+IMPLS = ("minimind", "eager", "compile", "liger", "grouped_mm", "ours", "dense")
 
 
 def moe_shapes(full: bool) -> list[dict]:
@@ -122,6 +124,12 @@ def implementation(bench, impl: str, inputs: list, shape: dict) -> tuple:
     ops = triton_ops()
     if "moe_experts" not in ops:
         pytest.skip("no Triton moe_experts yet (kernels/moe.py)")
+    if impl == "grouped_mm":
+        if bench.dtype != torch.bfloat16:
+            pytest.skip("torch's grouped GEMM takes bf16 on CUDA")
+        from minimind_fast.kernels.moe import moe_experts_grouped_mm
+
+        return routed_layer(ops["moe_route"], moe_experts_grouped_mm, k), inputs
     return routed_layer(ops.get("moe_route", reference.moe_route), ops["moe_experts"], k), inputs
 
 

@@ -64,7 +64,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 SCHEMA = 1
 BASELINES = ("eager", "minimind", "dense", "hf")
-IMPL_ORDER = ("eager", "hf", "minimind", "dense", "compile", "liger", "ours")
+IMPL_ORDER = ("eager", "hf", "minimind", "dense", "compile", "liger", "grouped_mm", "ours")
 
 
 # --- the results file ------------------------------------------------------------------------------

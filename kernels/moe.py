@@ -23,6 +23,9 @@ the weight gradients over each expert's tokens in fp32. Empty experts get zero w
 with its backward through the renormalisation and the softmax; `moe_route_with_counts` also returns the
 per-expert (optionally per-sequence) token counts the load-balancing loss needs, from the same pass.
 
+`moe_experts_grouped_mm` (or MINIMIND_MOE_GEMM=torch) runs the expert GEMMs on torch's grouped GEMM
+instead, autograd differentiating it, with the same sort and SwiGLU kernels.
+
 Autotuning is on for CUDA and off under Triton's interpreter (or with MINIMIND_AUTOTUNE=0); under the
 interpreter the matmul operands are upcast to fp32, the only precision it handles.
 """
@@ -32,13 +35,21 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .swiglu import swiglu
 from .utils import cdiv, check_device, is_interpreter, next_power_of_2
 
 INTERPRET = is_interpreter()
 AUTOTUNE = not INTERPRET and os.environ.get("MINIMIND_AUTOTUNE", "1") != "0"
+# The expert GEMMs can instead run on torch's grouped GEMM (`F.grouped_mm`: CUTLASS on Hopper, the path
+# torchtitan trains MoE with), keeping our routing, sort and SwiGLU kernels: MINIMIND_MOE_GEMM=torch.
+# On CUDA it takes bf16 only; other dtypes keep the Triton GEMMs. The benchmark measures both.
+GEMM = os.environ.get("MINIMIND_MOE_GEMM", "triton")
+if GEMM not in ("triton", "torch"):
+    raise ValueError(f"MINIMIND_MOE_GEMM={GEMM!r} must be triton or torch")
 SORT_BLOCK = 256
 ROUTE_ROWS = 16
 
@@ -618,7 +629,39 @@ def moe_experts(
                          f"{tuple(w_down.shape)} do not fit hidden {x.shape[1]} as (E, I, H), (E, I, H), (E, H, I)")
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
+    if GEMM == "torch" and (dtype == torch.bfloat16 or not x.is_cuda):
+        return _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down)
     return MoEExpertsFunction.apply(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+
+
+def _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
+    """`moe_experts` with torch's grouped GEMMs; autograd differentiates it (no host sync either way)."""
+    n_tokens, hidden = x.shape
+    top_k, n_exp = topk_idx.shape[1], w_gate.shape[0]
+    sorted_pair, counts = sort_by_expert(topk_idx, n_exp)
+    pair = sorted_pair.long()
+    offs = torch.cumsum(counts[:n_exp], 0, dtype=torch.int32)  # where each expert's rows end
+    xs = x.index_select(0, pair // top_k)
+    h = swiglu(F.grouped_mm(xs, w_gate.transpose(1, 2), offs=offs), F.grouped_mm(xs, w_up.transpose(1, 2), offs=offs))
+    ys = F.grouped_mm(h, w_down.transpose(1, 2), offs=offs).float()
+    ys = ys * topk_weight.reshape(-1).float().index_select(0, pair).unsqueeze(1)
+    # Each (token, slot) row written once, then the k slots summed in a fixed order: deterministic.
+    out = ys.new_zeros(n_tokens * top_k, hidden).index_copy(0, pair, ys)
+    return out.view(n_tokens, top_k, hidden).sum(1).to(x.dtype)
+
+
+def moe_experts_grouped_mm(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> torch.Tensor:
+    """`moe_experts` on torch's grouped GEMMs whatever MINIMIND_MOE_GEMM says (bf16 on CUDA)."""
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        raise ValueError(f"moe_experts_grouped_mm: torch's grouped GEMM takes bf16 on CUDA, not {x.dtype}")
+    return _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down)
 
 
 class TritonMoEExperts(torch.nn.Module):

@@ -87,7 +87,7 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item()
 
 
-def check_experts(n, hidden, inter, n_exp, k, kind, device, dtype):
+def check_experts(n, hidden, inter, n_exp, k, kind, device, dtype, experts=None):
     idx, w = make_routing(n, n_exp, k, kind, device)
     wg, wu, wd = make_weights(n_exp, hidden, inter, device)
     x = torch.randn(n, hidden, device=device)
@@ -97,7 +97,7 @@ def check_experts(n, hidden, inter, n_exp, k, kind, device, dtype):
     exact = run(naive_experts if n * k <= 160 else reference.moe_experts,
                 [t.double() for t in base], idx, grad_out.double())
     low = [t.to(dtype) if i != 1 else t for i, t in enumerate(base)]  # routing weights stay fp32
-    ours = run(moe.moe_experts, low, idx, grad_out)
+    ours = run(experts or moe.moe_experts, low, idx, grad_out)
     ref = run(reference.moe_experts, low, idx, grad_out)
     for name, o, r, e in zip(NAMES, ours, ref, exact):
         assert o.shape == e.shape and o.dtype == r.dtype, name
@@ -173,6 +173,37 @@ def test_bad_shapes(device):
     with pytest.raises(ValueError, match="w_down"):
         moe.moe_experts(torch.randn(3, 48, device=device), torch.zeros(3, 2, dtype=torch.long, device=device),
                         torch.rand(3, 2, device=device), wg, wu, wd.transpose(1, 2))
+
+
+# The expert GEMMs on torch's grouped GEMM (bf16 only on CUDA; on the CPU its fallback takes fp32 too).
+
+@pytest.mark.parametrize("n,hidden,inter,n_exp,k,kind", CASES)
+def test_experts_grouped_mm_fp32(n, hidden, inter, n_exp, k, kind, device):
+    if device.type == "cuda":
+        pytest.skip("torch's grouped GEMM takes bf16 on CUDA")
+    check_experts(n, hidden, inter, n_exp, k, kind, device, torch.float32, moe.moe_experts_grouped_mm)
+
+
+@pytest.mark.parametrize("n,hidden,inter,n_exp,k,kind", [(96, 64, 96, 4, 2, "random"), (64, 64, 96, 8, 2, "empty")])
+def test_experts_grouped_mm_bf16(n, hidden, inter, n_exp, k, kind, device):
+    check_experts(n, hidden, inter, n_exp, k, kind, device, torch.bfloat16, moe.moe_experts_grouped_mm)
+
+
+def test_experts_grouped_mm_is_deterministic_and_handles_no_tokens(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    idx, w = make_routing(80, 4, 2, "empty", device)
+    wg, wu, wd = (t.to(dtype) for t in make_weights(4, 64, 96, device))
+    x, grad_out = torch.randn(80, 64, device=device, dtype=dtype), torch.randn(80, 64, device=device)
+    first = run(moe.moe_experts_grouped_mm, [x, w, wg, wu, wd], idx, grad_out)
+    second = run(moe.moe_experts_grouped_mm, [x, w, wg, wu, wd], idx, grad_out)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+    for g in first[3:]:  # experts 0 and 3 get no token: zero weight gradients
+        assert g[0].abs().max() == 0 and g[-1].abs().max() == 0 and g[1].abs().max() > 0
+    none = torch.zeros(0, 64, device=device, dtype=dtype, requires_grad=True)
+    out = moe.moe_experts_grouped_mm(none, idx[:0], w[:0].requires_grad_(), wg.requires_grad_(), wu, wd)
+    out.sum().backward()
+    assert out.shape == (0, 64) and wg.grad.abs().max() == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,9 +292,11 @@ def test_route_counts(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["triton", "torch"])
 @pytest.mark.parametrize("n,hidden,inter,n_exp,k", [(8192, 640, 1728, 4, 2), (4096, 2048, 4096, 8, 2)])
-def test_experts_large_bf16(n, hidden, inter, n_exp, k, device):
-    check_experts(n, hidden, inter, n_exp, k, "random", device, torch.bfloat16)
+def test_experts_large_bf16(n, hidden, inter, n_exp, k, gemm, device):
+    experts = moe.moe_experts if gemm == "triton" else moe.moe_experts_grouped_mm
+    check_experts(n, hidden, inter, n_exp, k, "random", device, torch.bfloat16, experts)
 
 
 @pytest.mark.gpu
