@@ -18,6 +18,7 @@ TRITON_OPS = {
     "add_rms_norm": ("rmsnorm", "add_rms_norm"),
     "apply_rotary": ("rope", "apply_rotary"),
     "swiglu": ("swiglu", "swiglu"),
+    "swiglu_packed": ("swiglu", "swiglu_packed"),
     "moe_route": ("moe", "moe_route"),
     "moe_experts": ("moe", "moe_experts"),
     "linear_cross_entropy": ("cross_entropy", "linear_cross_entropy"),

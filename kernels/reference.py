@@ -49,6 +49,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """`swiglu` of the two halves of the last dim, (..., 2I) -> (..., I): the output of one GEMM over the
+    gate and up weights stacked."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu(gate, up)
+
+
 def moe_route(
     logits: torch.Tensor, top_k: int, norm_topk_prob: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

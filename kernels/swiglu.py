@@ -2,6 +2,10 @@
 
 Backward recomputes `sigmoid(gate)` from the saved inputs instead of storing the activation, so the
 op keeps only its two inputs alive (the same as the matmuls around it need anyway).
+
+`swiglu_packed` takes gate and up as the two halves of one (..., 2I) tensor, the output of a single GEMM
+over the stacked weights, and its backward writes the (..., 2I) gradient that GEMM needs: no split,
+and no concatenation of the two gradients afterwards.
 """
 
 from __future__ import annotations
@@ -42,6 +46,30 @@ def _swiglu_bwd(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
     silu = g * sig
     tl.store(DU + offs, (dy * silu).to(DU.dtype.element_ty), mask=mask)
     tl.store(DG + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_packed_fwd(X, Y, n, inter, BLOCK: tl.constexpr):
+    # Y (rows, I) flat; gate and up of row r at X[r, :I] and X[r, I:].
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    src = (offs // inter) * (2 * inter) + offs % inter
+    g = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + src + inter, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (g * _sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_packed_bwd(DY, X, DX, n, inter, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    src = (offs // inter) * (2 * inter) + offs % inter
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + src + inter, mask=mask, other=0.0).to(tl.float32)
+    sig = _sigmoid(g)
+    tl.store(DX + src, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + src + inter, (dy * g * sig).to(DX.dtype.element_ty), mask=mask)
 
 
 def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -114,6 +142,71 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _swiglu_op(gate, up)
     return SwiGLUFunction.apply(gate, up)
+
+
+def _packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
+    check_device(gate_up)
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu_packed: last dim {gate_up.shape[-1]} is not gate and up halves")
+    gate_up = gate_up.contiguous()
+    inter = gate_up.shape[-1] // 2
+    y = gate_up.new_empty(*gate_up.shape[:-1], inter)
+    n = y.numel()
+    if n:
+        _swiglu_packed_fwd[(cdiv(n, BLOCK),)](gate_up, y, n, inter, BLOCK=BLOCK, num_warps=4)
+    return y
+
+
+def _packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    dy = dy.contiguous()
+    dx = torch.empty_like(gate_up)
+    n = dy.numel()
+    if n:
+        _swiglu_packed_bwd[(cdiv(n, BLOCK),)](dy, gate_up, dx, n, gate_up.shape[-1] // 2, BLOCK=BLOCK, num_warps=4)
+    return dx
+
+
+class SwiGLUPackedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate_up = gate_up.contiguous()
+        ctx.save_for_backward(gate_up)
+        return _packed_forward(gate_up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _packed_backward(dy, *ctx.saved_tensors)
+
+
+@torch.library.custom_op("minimind_fast::swiglu_packed", mutates_args=())
+def _swiglu_packed_op(gate_up: torch.Tensor) -> torch.Tensor:
+    return _packed_forward(gate_up)
+
+
+@_swiglu_packed_op.register_fake
+def _(gate_up):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+@torch.library.custom_op("minimind_fast::swiglu_packed_backward", mutates_args=())
+def _swiglu_packed_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    return _packed_backward(dy, gate_up.contiguous())
+
+
+@_swiglu_packed_backward_op.register_fake
+def _(dy, gate_up):
+    return torch.empty_like(gate_up)
+
+
+_swiglu_packed_op.register_autograd(lambda ctx, dy: _swiglu_packed_backward_op(dy, *ctx.saved_tensors),
+                                    setup_context=_setup_context)
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """Triton `silu(gate) * up` of the halves of gate_up's last dim (same contract as `reference.swiglu_packed`)."""
+    if torch.compiler.is_compiling():
+        return _swiglu_packed_op(gate_up)
+    return SwiGLUPackedFunction.apply(gate_up)
 
 
 class TritonSwiGLU(torch.nn.Module):

@@ -25,6 +25,7 @@ OP_NAMES = (
     "add_rms_norm",
     "apply_rotary",
     "swiglu",
+    "swiglu_packed",
     "moe_route",
     "moe_experts",
     "linear_cross_entropy",
@@ -39,6 +40,7 @@ class OpTable:
     add_rms_norm: Callable
     apply_rotary: Callable
     swiglu: Callable
+    swiglu_packed: Callable
     moe_route: Callable
     moe_experts: Callable
     linear_cross_entropy: Callable

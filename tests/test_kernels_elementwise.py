@@ -331,6 +331,25 @@ def test_swiglu_halves_of_one_projection(device):
     compare(lambda a, b: mlp(swiglu.swiglu, a, b), lambda a, b: mlp(ref.swiglu, a, b), [x, w], ["x", "w"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SWIGLU_SHAPES)
+def test_swiglu_packed(device, shape, dtype):
+    """gate and up as the halves of one (..., 2I) tensor (one GEMM over the stacked weights)."""
+    *rows, inter = shape
+    gate_up = torch.cat([2 * torch.randn(*rows, inter, device=device), torch.randn(*rows, inter, device=device)], -1)
+    compare(swiglu.swiglu_packed, ref.swiglu_packed, [gate_up.to(dtype)], ["gate_up"])
+
+
+def test_swiglu_packed_of_a_projection_and_of_a_strided_view(device):
+    x = torch.randn(9, 24, device=device)
+    w = 0.3 * torch.randn(2 * 130, 24, device=device)
+    compare(lambda a, b: swiglu.swiglu_packed(a @ b.t()), lambda a, b: ref.swiglu_packed(a @ b.t()), [x, w], ["x", "w"])
+    wide = torch.randn(5, 3 * 2 * 40, device=device)
+    compare(lambda a: swiglu.swiglu_packed(a[:, ::3]), lambda a: ref.swiglu_packed(a[:, ::3]), [wide], ["wide"])
+    with pytest.raises(ValueError, match="halves"):
+        swiglu.swiglu_packed(torch.randn(2, 7, device=device))
+
+
 def test_triton_swiglu_module(device):
     gate, up = torch.randn(4, 130, device=device), torch.randn(4, 130, device=device)
     torch.testing.assert_close(swiglu.TritonSwiGLU()(gate, up), ref.swiglu(gate, up), rtol=1e-5, atol=1e-5)
@@ -348,15 +367,17 @@ def _op_cases(device):
     q, k = _leaves((2, 6, 4, 16), (2, 6, 2, 16), device=device)
     cos, sin = rope_tables(torch.arange(6, device=device), 16)
     g, u = _leaves((7, 40), (7, 40), device=device)
+    gu = torch.cat([g, u], -1).detach().requires_grad_()
     return {
         "rms_norm": (torch.ops.minimind_fast.rms_norm.default, (x, w, 1e-5)),
         "add_rms_norm": (torch.ops.minimind_fast.add_rms_norm.default, (x, r, w, 1e-5)),
         "rotary": (torch.ops.minimind_fast.rotary.default, (q, k, cos, sin, 1.0)),
         "swiglu": (torch.ops.minimind_fast.swiglu.default, (g, u)),
+        "swiglu_packed": (torch.ops.minimind_fast.swiglu_packed.default, (gu,)),
     }
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "rotary", "swiglu"])
+@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "rotary", "swiglu", "swiglu_packed"])
 def test_custom_op_registration_passes_opcheck(device, name):
     """Schema, fake (meta) implementation and autograd registration agree with the real op."""
     op, args = _op_cases(device)[name]
@@ -387,3 +408,4 @@ def test_compiled_ops_trace_without_graph_breaks(device):
     _compiled_matches_eager(lambda a, b, c: rmsnorm.add_rms_norm(a, b * 0.5, c, 1e-5), [x, r, w])
     _compiled_matches_eager(lambda a, b: rope.apply_rotary(a * 1.0, b * 1.0, cos, sin), [q, k])
     _compiled_matches_eager(lambda a, b: swiglu.swiglu(a, b) * 3.0, [g, u])
+    _compiled_matches_eager(lambda a, b: swiglu.swiglu_packed(torch.cat([a, b], -1)) * 3.0, [g, u])

@@ -334,6 +334,62 @@ def test_router_learns_from_main_loss_without_aux(top_k):
 # ---------------------------------------------------------------------------------------------------
 # Whole model
 # ---------------------------------------------------------------------------------------------------
+def _loss_and_grads(model, ids):
+    out = model(ids, targets=torch.roll(ids, -1, 1))
+    (out.loss + out.aux_loss).backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _matmuls(model, ids) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        model(ids)
+    return Count.n
+
+
+@pytest.mark.parametrize("make", [tiny, tiny_moe])
+def test_stacked_projections_train_like_separate_ones(make, monkeypatch):
+    """In training q/k/v and gate/up run as one GEMM each over their stacked weights; the loss and every
+    gradient (those of each projection's own weight included) match running them one by one."""
+    import minimind_fast.model as model_module
+
+    ids = torch.randint(0, 128, (2, 12))
+    stacked = make().train()
+    separate = make().train()
+    separate.load_state_dict(stacked.state_dict())
+    loss1, grads1 = _loss_and_grads(stacked, ids)
+    monkeypatch.setattr(model_module, "stacked_weight", lambda *projections: None)
+    loss2, grads2 = _loss_and_grads(separate, ids)
+    torch.testing.assert_close(loss1, loss2, rtol=1e-6, atol=1e-6)
+    assert grads1.keys() == grads2.keys() and any("q_proj" in n for n in grads1)
+    for name in grads1:
+        torch.testing.assert_close(grads1[name], grads2[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_projections_are_stacked_in_training_only_and_not_around_adapters_or_zero3():
+    from minimind_fast.lora import LoraConfig, apply_lora
+
+    model, ids = tiny(), torch.randint(0, 128, (1, 8))
+    layers = model.config.num_hidden_layers
+    head = 1  # the output projection (forward without targets)
+    assert _matmuls(model, ids) == 4 * layers + head  # qkv, o, gate_up, down
+    with torch.no_grad():  # decoding: stacking would copy the weights every token
+        assert _matmuls(model, ids) == 7 * layers + head
+    model.model.layers[0].self_attn.k_proj.weight.ds_id = 0  # as DeepSpeed ZeRO-3 marks its parameters
+    assert _matmuls(model, ids) == 4 * layers + head + 2
+    del model.model.layers[0].self_attn.k_proj.weight.ds_id
+    apply_lora(model, LoraConfig(rank=2, target_modules=["q_proj"]))
+    assert _matmuls(model, ids) == 4 * layers + head + 2 * layers + 2 * layers  # 3 projections + 2 adapter GEMMs
+
+
 @pytest.mark.parametrize("make", [tiny, tiny_moe])
 def test_gradient_checkpointing_gives_identical_loss_and_grads(make):
     plain = make().train()
