@@ -614,11 +614,14 @@ def moe_experts(
     w_gate: torch.Tensor,
     w_up: torch.Tensor,
     w_down: torch.Tensor,
+    gemm: str | None = None,
 ) -> torch.Tensor:
     """Dropless SwiGLU experts over routed tokens (same contract as `reference.moe_experts`).
 
     x (N, H); topk_idx, topk_weight (N, k); w_gate, w_up (E, I, H); w_down (E, H, I). Gradients flow to
     x, topk_weight and the three weights. Under autocast the matmuls run in the autocast dtype.
+    `gemm`: "triton" (ours) or "torch" (torch's grouped GEMM, bf16 only on CUDA); by default
+    MINIMIND_MOE_GEMM's, which falls back to ours where torch's does not apply.
     """
     if x.dim() != 2 or topk_idx.shape != topk_weight.shape or topk_idx.shape[0] != x.shape[0]:
         raise ValueError(f"moe_experts: x {tuple(x.shape)}, topk_idx {tuple(topk_idx.shape)} and "
@@ -629,7 +632,14 @@ def moe_experts(
                          f"{tuple(w_down.shape)} do not fit hidden {x.shape[1]} as (E, I, H), (E, I, H), (E, H, I)")
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
-    if GEMM == "torch" and (dtype == torch.bfloat16 or not x.is_cuda):
+    chosen = gemm or GEMM
+    if chosen not in ("triton", "torch"):
+        raise ValueError(f"moe_experts: gemm={chosen!r} must be triton or torch")
+    if chosen == "torch" and x.is_cuda and dtype != torch.bfloat16:
+        if gemm:
+            raise ValueError(f"moe_experts: torch's grouped GEMM takes bf16 on CUDA, not {dtype}")
+        chosen = "triton"
+    if chosen == "torch":
         return _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down)
     return MoEExpertsFunction.apply(x, topk_idx, topk_weight, w_gate, w_up, w_down)
 
@@ -650,18 +660,9 @@ def _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch
     return out.view(n_tokens, top_k, hidden).sum(1).to(x.dtype)
 
 
-def moe_experts_grouped_mm(
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weight: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-) -> torch.Tensor:
-    """`moe_experts` on torch's grouped GEMMs whatever MINIMIND_MOE_GEMM says (bf16 on CUDA)."""
-    if x.is_cuda and x.dtype != torch.bfloat16:
-        raise ValueError(f"moe_experts_grouped_mm: torch's grouped GEMM takes bf16 on CUDA, not {x.dtype}")
-    return _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+def moe_experts_grouped_mm(*args: torch.Tensor) -> torch.Tensor:
+    """`moe_experts(..., gemm="torch")`: the expert GEMMs on torch's grouped GEMM (bf16 on CUDA)."""
+    return moe_experts(*args, gemm="torch")
 
 
 class TritonMoEExperts(torch.nn.Module):

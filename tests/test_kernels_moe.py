@@ -173,6 +173,13 @@ def test_bad_shapes(device):
     with pytest.raises(ValueError, match="w_down"):
         moe.moe_experts(torch.randn(3, 48, device=device), torch.zeros(3, 2, dtype=torch.long, device=device),
                         torch.rand(3, 2, device=device), wg, wu, wd.transpose(1, 2))
+    with pytest.raises(ValueError, match="gemm='cublas' must be triton or torch"):
+        moe.moe_experts(torch.randn(3, 48, device=device), torch.zeros(3, 2, dtype=torch.long, device=device),
+                        torch.rand(3, 2, device=device), wg, wu, wd, gemm="cublas")
+    if device.type == "cuda":
+        with pytest.raises(ValueError, match="takes bf16 on CUDA"):
+            moe.moe_experts_grouped_mm(torch.randn(3, 48, device=device), torch.zeros(3, 2, dtype=torch.long,
+                                       device=device), torch.rand(3, 2, device=device), wg, wu, wd)
 
 
 # The expert GEMMs on torch's grouped GEMM (bf16 only on CUDA; on the CPU its fallback takes fp32 too).
