@@ -11,6 +11,7 @@ written once; the norm weight and the fp32 cos/sin tables count too):
                 (the gradient of x and of the residual is one tensor, written once)
 - apply_rotary  fwd: read q, k, write q', k';     bwd: read dq', dk', write dq, dk    -> 4*(q+k)*e
 - swiglu        fwd: read g, u, write y;          bwd: read g, u, dy, write dg, du    -> 8*T*I*e
+- swiglu_packed the same with g and u the halves of one (T, 2I) tensor (the model's training path)
 - linear_cross_entropy is matmul-bound: reported as TFLOP/s over 6*N*H*V (logits forward, and the
   gradients of hidden and weight), and by its peak memory (the point of fusing it).
 """
@@ -37,6 +38,7 @@ def kernel_shapes(full: bool) -> list[tuple[str, dict]]:
             ("add_rms_norm", dict(T=2048, H=512)),
             ("apply_rotary", dict(B=1, T=2048, Hq=8, Hk=2, D=64)),
             ("swiglu", dict(T=2048, I=1408)),
+            ("swiglu_packed", dict(T=2048, I=1408)),
             ("linear_cross_entropy", dict(N=2048, H=512, V=6400)),
         ]
     cases: list[tuple[str, dict]] = []
@@ -51,6 +53,7 @@ def kernel_shapes(full: bool) -> list[tuple[str, dict]]:
     # The FFN widths of hidden 512 (MiniMind2) and 4096.
     cases += [("swiglu", dict(T=8192, I=1408)), ("swiglu", dict(T=65536, I=1408)),
               ("swiglu", dict(T=65536, I=11008))]
+    cases += [("swiglu_packed", dict(T=65536, I=1408)), ("swiglu_packed", dict(T=65536, I=11008))]
     cases += [
         ("linear_cross_entropy", dict(N=65536, H=512, V=6400)),
         ("linear_cross_entropy", dict(N=8192, H=2048, V=32000)),
@@ -101,6 +104,9 @@ def make_inputs(op: str, shape: dict, device, dtype) -> tuple[list, list, float,
     if op == "swiglu":
         T, inter = shape["T"], shape["I"]
         return [t(T, inter), t(T, inter)], [t(T, inter, grad=False)], 8 * T * inter * e, 0.0
+    if op == "swiglu_packed":
+        T, inter = shape["T"], shape["I"]
+        return [t(T, 2 * inter)], [t(T, inter, grad=False)], 8 * T * inter * e, 0.0
     if op == "linear_cross_entropy":
         N, H, V = shape["N"], shape["H"], shape["V"]
         targets = torch.randint(0, V, (N,), device=device)

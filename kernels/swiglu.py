@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import cdiv, check_device
+from .utils import cdiv, check_device, next_power_of_2
 
 BLOCK = 1024
 
@@ -49,22 +49,24 @@ def _swiglu_bwd(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_packed_fwd(X, Y, n, inter, BLOCK: tl.constexpr):
-    # Y (rows, I) flat; gate and up of row r at X[r, :I] and X[r, I:].
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    src = (offs // inter) * (2 * inter) + offs % inter
-    g = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(X + src + inter, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (g * _sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
+def _swiglu_packed_fwd(X, Y, inter, BLOCK: tl.constexpr):
+    # Program (row, column block): gate at X[row, :I], up at X[row, I:], output Y[row, :I].
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    src = X + row * 2 * inter + cols
+    g = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(src + inter, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * inter + cols, (g * _sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_packed_bwd(DY, X, DX, n, inter, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    src = (offs // inter) * (2 * inter) + offs % inter
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_packed_bwd(DY, X, DX, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    src = row * 2 * inter + cols
+    dy = tl.load(DY + row * inter + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(X + src, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + src + inter, mask=mask, other=0.0).to(tl.float32)
     sig = _sigmoid(g)
@@ -144,6 +146,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(gate, up)
 
 
+def _packed_grid(rows: int, inter: int) -> tuple[tuple[int, int], int]:
+    block = min(BLOCK, next_power_of_2(inter))
+    return (rows, cdiv(inter, block)), block
+
+
 def _packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
     check_device(gate_up)
     if gate_up.shape[-1] % 2:
@@ -151,18 +158,19 @@ def _packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     inter = gate_up.shape[-1] // 2
     y = gate_up.new_empty(*gate_up.shape[:-1], inter)
-    n = y.numel()
-    if n:
-        _swiglu_packed_fwd[(cdiv(n, BLOCK),)](gate_up, y, n, inter, BLOCK=BLOCK, num_warps=4)
+    if y.numel():
+        grid, block = _packed_grid(y.numel() // inter, inter)
+        _swiglu_packed_fwd[grid](gate_up, y, inter, BLOCK=block, num_warps=4)
     return y
 
 
 def _packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     dy = dy.contiguous()
     dx = torch.empty_like(gate_up)
-    n = dy.numel()
-    if n:
-        _swiglu_packed_bwd[(cdiv(n, BLOCK),)](dy, gate_up, dx, n, gate_up.shape[-1] // 2, BLOCK=BLOCK, num_warps=4)
+    inter = gate_up.shape[-1] // 2
+    if dy.numel():
+        grid, block = _packed_grid(dy.numel() // inter, inter)
+        _swiglu_packed_bwd[grid](dy, gate_up, dx, inter, BLOCK=block, num_warps=4)
     return dx
 
 
