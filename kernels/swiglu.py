@@ -165,7 +165,7 @@ def _packed_forward(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def _packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    dy = dy.contiguous()
+    dy, gate_up = dy.contiguous(), gate_up.contiguous()
     dx = torch.empty_like(gate_up)
     inter = gate_up.shape[-1] // 2
     if dy.numel():
@@ -177,7 +177,6 @@ def _packed_backward(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 class SwiGLUPackedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up):
-        gate_up = gate_up.contiguous()
         ctx.save_for_backward(gate_up)
         return _packed_forward(gate_up)
 
@@ -198,7 +197,7 @@ def _(gate_up):
 
 @torch.library.custom_op("minimind_fast::swiglu_packed_backward", mutates_args=())
 def _swiglu_packed_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    return _packed_backward(dy, gate_up.contiguous())
+    return _packed_backward(dy, gate_up)
 
 
 @_swiglu_packed_backward_op.register_fake

@@ -114,6 +114,12 @@ def test_loop_moe_baseline_matches_reference():
     torch.testing.assert_close(common.loop_moe_experts(x, idx, weight, *w), expected)
 
 
+def shrunk(shape: dict, cap: int) -> dict:
+    """A kernel benchmark case at CPU-test size: token, hidden and vocabulary sizes capped, batch 1."""
+    small = {k: min(v, cap) if k in ("T", "N", "H", "I", "V") else v for k, v in shape.items()}
+    return {**small, "B": 1} if "B" in small else small
+
+
 @pytest.mark.parametrize("full", [False, True], ids=["cpu-sizes", "gpu-sizes"])
 def test_every_kernel_case_times_a_backward_into_every_input(full):
     """A fused loss computes its gradients in forward: a case whose backward did nothing would time the
@@ -122,9 +128,7 @@ def test_every_kernel_case_times_a_backward_into_every_input(full):
     import torch
 
     for op, shape in bench_kernels.kernel_shapes(full):
-        small = {k: min(v, 64) if k in ("T", "N", "H", "I", "V") else v for k, v in shape.items()}
-        small = {**small, "B": 1} if "B" in small else small
-        inputs, grads, _, _ = bench_kernels.make_inputs(op, small, "cpu", torch.float32)
+        inputs, grads, _, _ = bench_kernels.make_inputs(op, shrunk(shape, 64), "cpu", torch.float32)
         common.forward_backward(bench_kernels.reference_fn(op), inputs, grads)()
         for i, t in enumerate(inputs):
             if isinstance(t, torch.Tensor) and t.requires_grad:
@@ -145,9 +149,7 @@ def test_liger_cases_backpropagate_their_outputs_gradients_into_every_input():
     for op, shape in bench_kernels.kernel_shapes(False):
         if op not in ("apply_rotary", "linear_cross_entropy"):
             continue
-        small = {k: min(v, 32) if k in ("T", "N", "H", "I", "V") else v for k, v in shape.items()}
-        small = {**small, "B": 1} if "B" in small else small
-        inputs, grads, _, _ = bench_kernels.make_inputs(op, small, "cpu", torch.float32)
+        inputs, grads, _, _ = bench_kernels.make_inputs(op, shrunk(shape, 32), "cpu", torch.float32)
         fn, inputs, grads = bench_kernels.liger_impl(op, inputs, grads)
         common.forward_backward(fn, inputs, grads)()
         for i, t in enumerate(inputs):
