@@ -3,7 +3,9 @@
 #
 #   bash benchmarks/gpu_session.sh            # from the repository root; results also go to $OUT
 #
-# Steps, each under its own `timeout` so the whole stays under ~9 minutes:
+# Steps, each under its own `timeout`, every one also cut to what is left of DEADLINE (seconds from the
+# start, default 540: the device tool runs one command for at most 600 s), so the whole call ends in time
+# and a late step is shortened or skipped rather than the call killed with nothing written:
 #   1. nvidia-smi and versions                                  -> $OUT/env.txt
 #   2. make minimind_fast importable (a kernels link if needed)  (wheels in .whl/ installed first;
 #      with the device tool, carry ".whl" so that Liger-Kernel gets installed)
@@ -16,7 +18,7 @@
 # ENGINE_TIMEOUT (s per run, default 100), ENGINE_RUNS (default "triton:0 triton cudagraphs": ZeRO 0
 # against the bf16 default, then CUDA graphs; each KIND[@MICRO_BATCH][:ZERO_STAGE], KIND one of
 # triton, reference, compile, cudagraphs), BENCH_FILES (default: all), BENCH_ARGS (extra pytest args
-# for the benchmarks, e.g. "-k kernels"), TEST_FILES (default: the kernel tests and the GPU-marked
+# for the benchmarks, e.g. "-k kernels"), DEADLINE (s, default 540), TEST_FILES (default: the kernel tests and the GPU-marked
 # ones), SKIP_TESTS=1, SKIP_BENCH=1, SKIP_ENGINE=1.
 set -u
 cd "$(dirname "$0")/.."
@@ -25,8 +27,11 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-170}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-330}"
+DEADLINE="${DEADLINE:-540}"
 START=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+# capped WANTED: WANTED seconds, or what is left before DEADLINE (less a margin to copy results) if less
+capped() { local left=$(( DEADLINE - ($(date +%s) - START) - 15 )); echo $(( $1 < left ? $1 : left )); }
 
 step "environment"
 {
@@ -88,7 +93,9 @@ if [ "${SKIP_ENGINE:-0}" != 1 ]; then
       cudagraphs) flags="--kernels triton --compile --compile-mode reduce-overhead" ;;
       *) flags="--kernels triton" ;;
     esac
-    timeout -k 10 "${ENGINE_TIMEOUT:-100}" "$PY" launch/pretrain.py --preset small-26m --vocab-size 6400 \
+    limit=$(capped "${ENGINE_TIMEOUT:-100}")
+    if [ "$limit" -lt 30 ]; then echo "engine $run: skipped, ${limit}s left before DEADLINE"; continue; fi
+    timeout -k 5 "$limit" "$PY" launch/pretrain.py --preset small-26m --vocab-size 6400 \
       --data $E/shards --out $E/run-$name --steps "${ENGINE_STEPS:-60}" --micro-batch-size $mb --seq-len 512 \
       --log-every 10 --eval-every 0 --save-every 100000 --profile-steps "${ENGINE_PROFILE:-0}" $flags $zero ${ENGINE_FLAGS:-} \
       >"$OUT/engine-$name.log" 2>&1
@@ -98,16 +105,20 @@ if [ "${SKIP_ENGINE:-0}" != 1 ]; then
   done
 fi
 
+TEST_TIMEOUT=$(capped "$TEST_TIMEOUT")
+if [ "$TEST_TIMEOUT" -lt 20 ]; then echo "GPU tests: skipped, ${TEST_TIMEOUT}s left before DEADLINE"; SKIP_TESTS=1; fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   step "GPU tests (timeout ${TEST_TIMEOUT}s) -> $OUT/gpu-tests.log"
   # The GPU-marked tests and the kernel tests (which run at full size on CUDA).
   TEST_FILES=${TEST_FILES:-$( (ls tests/test_kernels*.py 2>/dev/null; grep -l "mark.gpu" tests/test_*.py 2>/dev/null) | sort -u | tr '\n' ' ')}
-  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q --no-header -p no:cacheprovider --maxfail=20 -rfE --tb=short \
+  timeout -k 5 "$TEST_TIMEOUT" "$PY" -m pytest -q --no-header -p no:cacheprovider --maxfail=20 -rfE --tb=short \
     -m "gpu or not slow" ${TEST_FILES:-tests/} >"$OUT/gpu-tests.log" 2>&1
   echo "tests exit status: $?"
   tail -n 25 "$OUT/gpu-tests.log"
 fi
 
+BENCH_TIMEOUT=$(capped "$BENCH_TIMEOUT")
+if [ "$BENCH_TIMEOUT" -lt 20 ]; then echo "benchmarks: skipped, ${BENCH_TIMEOUT}s left before DEADLINE"; SKIP_BENCH=1; fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   step "benchmarks at full size (timeout ${BENCH_TIMEOUT}s)"
   mkdir -p benchmarks/results
@@ -118,7 +129,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   FILES=$(for f in ${BENCH_FILES:-kernels moe model minimind_baseline decode}; do echo benchmarks/bench_$f.py; done
           [ -z "${BENCH_FILES:-}" ] && ls benchmarks/bench_*.py)
   FILES=$(echo "$FILES" | awk '!seen[$0]++' | while read -r f; do [ -f "$f" ] && echo "$f"; done | tr '\n' ' ')
-  timeout -k 10 "$BENCH_TIMEOUT" "$PY" -m pytest $FILES -q --no-header -p no:cacheprovider --gpu-sizes \
+  timeout -k 5 "$BENCH_TIMEOUT" "$PY" -m pytest $FILES -q --no-header -p no:cacheprovider --gpu-sizes \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name "${EXTRA[@]}" >"$OUT/bench.log" 2>&1
   echo "benchmarks exit status: $?"
   grep -E "passed|failed|error|results \(" "$OUT/bench.log" | tail -n 5
