@@ -142,6 +142,9 @@ def _setup_context(ctx, inputs, output):
     ctx.needs = (need_grad_hidden, need_grad_weight)
     ctx.weight_dtype = weight.dtype
     ctx.mark_non_differentiable(grad_hidden, grad_weight, inv_n_valid)
+    # autograd would otherwise hand _backward a zero tensor for each of those three outputs, one the size
+    # of the output weight (fp32): launches and memory for nothing
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused_output_grads):

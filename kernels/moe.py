@@ -2,9 +2,9 @@
 
 Forward of `moe_experts`, for P = N * top_k (token, slot) pairs:
 
-1. Counting sort of the pairs by expert, with no host sync: a per-block histogram kernel, a prefix
-   sum over (block, expert) counts (tiny torch ops on the device) and a scatter kernel that writes each
-   pair's id at its stable position. Only the P pair ids move; activations are never copied into a
+1. Counting sort of the pairs by expert, with no host sync, in three launches: a per-block histogram
+   kernel, a one-program kernel for the prefix sums over (block, expert) counts, and a scatter kernel
+   that writes each pair's id at its stable position. Only the P pair ids move; activations are never copied into a
    padded per-expert buffer.
 2. Grouped GEMM over all experts in one launch: program (m, n) finds its expert and row range from the
    per-expert counts (the tile schedule is computed inside the kernel, so the grid is an upper bound
@@ -51,6 +51,7 @@ GEMM = os.environ.get("MINIMIND_MOE_GEMM", "triton")
 if GEMM not in ("triton", "torch"):
     raise ValueError(f"MINIMIND_MOE_GEMM={GEMM!r} must be triton or torch")
 SORT_BLOCK = 256
+OFFSETS_TILE = 4096  # (blocks x experts) counts the prefix-sum kernel holds at once
 ROUTE_ROWS = 16
 
 
@@ -188,7 +189,7 @@ class MoERouteFunction(torch.autograd.Function):
         weight = torch.empty(n_rows, top_k, dtype=torch.float32, device=logits.device)
         idx = torch.empty(n_rows, top_k, dtype=torch.int64, device=logits.device)
         count = group_size is not None
-        n_groups = cdiv(n_rows, group_size) if count else 1
+        n_groups = max(1, cdiv(n_rows, group_size)) if count else 1
         counts = torch.zeros(n_groups, n_exp, dtype=torch.int32, device=logits.device)
         if n_rows:
             _route_fwd[(cdiv(n_rows, ROUTE_ROWS),)](
@@ -198,6 +199,7 @@ class MoERouteFunction(torch.autograd.Function):
         ctx.save_for_backward(scores, idx)
         ctx.norm, ctx.logits_dtype = norm, logits.dtype
         ctx.mark_non_differentiable(idx, counts)
+        ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors to launch
         return scores, weight, idx, counts
 
     @staticmethod
@@ -267,6 +269,27 @@ def _scatter_pairs(IDX, BLOCK_BASE, SORTED_PAIR, n_pairs, BLOCK: tl.constexpr, B
     tl.store(SORTED_PAIR + pos, offs.to(tl.int32), mask=mask)
 
 
+@triton.jit
+def _expert_offsets(BLOCK_COUNTS, COUNTS, BLOCK_BASE, n_blocks, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program: pairs per expert, then each block's first sorted slot per expert, i.e. the expert's
+    start plus the pairs of that expert in earlier blocks (the prefix sums, in one launch)."""
+    cols = tl.arange(0, BLOCK_E)
+    chunk = tl.arange(0, CHUNK)
+    total = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for start in range(0, n_blocks, CHUNK):
+        mask = (start + chunk < n_blocks)[:, None]
+        c = tl.load(BLOCK_COUNTS + (start + chunk)[:, None] * BLOCK_E + cols[None, :], mask=mask, other=0)
+        total += tl.sum(c, axis=0)
+    tl.store(COUNTS + cols, total)
+    running = tl.cumsum(total, axis=0) - total  # where each expert's pairs start
+    for start in range(0, n_blocks, CHUNK):
+        mask = (start + chunk < n_blocks)[:, None]
+        offs = (start + chunk)[:, None] * BLOCK_E + cols[None, :]
+        c = tl.load(BLOCK_COUNTS + offs, mask=mask, other=0)
+        tl.store(BLOCK_BASE + offs, running[None, :] + tl.cumsum(c, axis=0) - c, mask=mask)
+        running += tl.sum(c, axis=0)
+
+
 def sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stable counting sort of the flattened (token, slot) pairs by expert, without a host sync.
 
@@ -279,9 +302,10 @@ def sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     n_blocks = max(1, cdiv(n_pairs, SORT_BLOCK))
     block_counts = torch.empty(n_blocks, block_e, dtype=torch.int32, device=flat.device)
     _expert_histogram[(n_blocks,)](flat, block_counts, n_pairs, BLOCK=SORT_BLOCK, BLOCK_E=block_e)
-    counts = block_counts.sum(0, dtype=torch.int32)
-    expert_start = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    block_base = (expert_start + torch.cumsum(block_counts, 0, dtype=torch.int32) - block_counts).contiguous()
+    counts = torch.empty(block_e, dtype=torch.int32, device=flat.device)
+    block_base = torch.empty_like(block_counts)
+    _expert_offsets[(1,)](block_counts, counts, block_base, n_blocks,
+                          CHUNK=max(1, min(next_power_of_2(n_blocks), OFFSETS_TILE // block_e)), BLOCK_E=block_e)
     sorted_pair = torch.empty(n_pairs, dtype=torch.int32, device=flat.device)
     _scatter_pairs[(n_blocks,)](flat, block_base, sorted_pair, n_pairs, BLOCK=SORT_BLOCK, BLOCK_E=block_e)
     return sorted_pair, counts

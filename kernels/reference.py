@@ -71,6 +71,25 @@ def moe_route(
     return scores, topk_weight, topk_idx
 
 
+def moe_route_with_counts(
+    logits: torch.Tensor, top_k: int, norm_topk_prob: bool, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_route` plus the picks each expert receives, what the load-balancing loss needs.
+
+    counts is int32 (G, E): with `group_size` (the sequence length, for MiniMind's per-sequence aux
+    loss) row r is counted in group r // group_size; without it G = 1 and the counts cover all rows.
+    """
+    scores, topk_weight, topk_idx = moe_route(logits, top_k, norm_topk_prob)
+    n_rows, n_exp = scores.shape
+    group_size = group_size or n_rows or 1
+    n_groups = -(-n_rows // group_size) or 1
+    group = torch.arange(n_rows, device=logits.device).div(group_size, rounding_mode="floor")
+    flat = (group[:, None] * n_exp + topk_idx).reshape(-1)
+    counts = torch.zeros(n_groups * n_exp, dtype=torch.int32, device=logits.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return scores, topk_weight, topk_idx, counts.view(n_groups, n_exp)
+
+
 def moe_experts(
     x: torch.Tensor,
     topk_idx: torch.Tensor,

@@ -129,11 +129,14 @@ class AddRMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, residual, weight, eps):
         y, h, rstd, rows = _forward(x, residual, weight, eps)
         ctx.save_for_backward(rows, weight, rstd)
+        ctx.set_materialize_grads(False)  # the last norm's h is unused: its gradient stays None, not zeros
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
         rows, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only the sum was used: its gradient passes through, the weight gets none
+            return dh, dh, None, None
         dx, dw = _backward(dy, rows, weight, rstd, dh)
         return dx, dx, dw, None
 

@@ -207,33 +207,37 @@ class MoEFeedForward(nn.Module):
         self.shared_experts = nn.ModuleList(
             FeedForward(config, ops) for _ in range(config.n_shared_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output, aux loss); the aux loss is None outside training or with aux_loss_alpha 0."""
         bsz, seqlen, hidden = x.shape
+        cfg = self.config
         flat = x.reshape(-1, hidden)
-        scores, topk_weight, topk_idx = self.ops.moe_route(
-            self.gate(flat), self.config.num_experts_per_tok, self.config.norm_topk_prob)
+        logits = self.gate(flat)
+        aux = None
+        if self.training and cfg.aux_loss_alpha > 0:
+            # the router's own pass counts each expert's picks (per sequence for seq_aux)
+            scores, topk_weight, topk_idx, counts = self.ops.moe_route_with_counts(
+                logits, cfg.num_experts_per_tok, cfg.norm_topk_prob, seqlen if cfg.seq_aux else None)
+            aux = self.aux_loss(scores, counts)
+        else:
+            _, topk_weight, topk_idx = self.ops.moe_route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         e = self.experts
         y = self.ops.moe_experts(flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj)
         y = y.view(bsz, seqlen, hidden)
         for expert in self.shared_experts:
             y = y + expert(x)
-        return y, self.aux_loss(scores, topk_idx, bsz)
+        return y, aux
 
-    def aux_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor, bsz: int) -> torch.Tensor:
-        """Load-balancing loss alpha * sum_i(P_i * f_i), per sequence when seq_aux (MiniMind2)."""
+    def aux_loss(self, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Load-balancing loss alpha * sum_i(P_i * f_i): P_i the mean router probability of expert i,
+        f_i its share of the k picks per token times E; per sequence, then averaged, when seq_aux
+        (MiniMind2). `counts` (G, E) are the picks per sequence (G = bsz) or in all (G = 1)."""
         cfg = self.config
-        if not self.training or cfg.aux_loss_alpha <= 0:
-            return scores.new_zeros(())
         n_exp = cfg.n_routed_experts
-        if cfg.seq_aux:
-            idx = topk_idx.view(bsz, -1)
-            counts = torch.zeros(bsz, n_exp, device=scores.device)
-            counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=counts.dtype))
-            f = counts / (idx.shape[1] / n_exp)
-            p = scores.view(bsz, -1, n_exp).mean(dim=1)
-            return (f * p).sum(dim=1).mean() * cfg.aux_loss_alpha
-        f = F.one_hot(topk_idx.reshape(-1), n_exp).float().mean(0) * n_exp
-        return (scores.mean(0) * f).sum() * cfg.aux_loss_alpha
+        rows = scores.shape[0] // counts.shape[0]
+        f = counts.float() * (n_exp / (max(rows, 1) * cfg.num_experts_per_tok))
+        p = scores.view(counts.shape[0], rows, n_exp).mean(dim=1)
+        return (f * p).sum(dim=1).mean() * cfg.aux_loss_alpha
 
 
 class DecoderLayer(nn.Module):
@@ -249,8 +253,8 @@ class DecoderLayer(nn.Module):
         """Pre-norm block on the residual stream, with each residual add fused into the next norm.
 
         `delta` is the previous block's MLP output, not yet added (None for the first block). Returns
-        (residual, mlp_output, aux_loss): the add of mlp_output happens in the next block's (or the
-        final) norm, so every activation is read once per add+norm instead of twice.
+        (residual, mlp_output, aux_loss or None): the add of mlp_output happens in the next block's (or
+        the final) norm, so every activation is read once per add+norm instead of twice.
         """
         normed, residual = self.input_layernorm.add_and_norm(delta, residual)
         attn = self.self_attn(normed, cos, sin, cu_seqlens, max_seqlen, kv_cache)
@@ -258,7 +262,7 @@ class DecoderLayer(nn.Module):
         if isinstance(self.mlp, MoEFeedForward):
             out, aux = self.mlp(normed)
         else:
-            out, aux = self.mlp(normed), residual.new_zeros((), dtype=torch.float32)
+            out, aux = self.mlp(normed), None  # no zero tensor per layer: two launches saved per layer
         return residual, out, aux
 
 
@@ -331,19 +335,26 @@ class MiniMindForCausalLM(nn.Module):
         together with `cu_seqlens`. logits_to_keep > 0 returns logits for the last positions only.
         """
         bsz, seqlen = input_ids.shape
-        if position_ids is None:
+        if position_ids is None:  # consecutive positions: a view of the tables, not a gather
             start = kv_cache.length if kv_cache is not None else 0
-            position_ids = torch.arange(start, start + seqlen, device=input_ids.device)
-        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+            if start + seqlen > self.rope_cos.shape[0]:
+                raise ValueError(f"positions {start}..{start + seqlen - 1} exceed the context length "
+                                 f"{self.rope_cos.shape[0]} (max_position_embeddings)")
+            cos, sin = self.rope_cos[start:start + seqlen], self.rope_sin[start:start + seqlen]
+        else:
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         h = self.model.dropout(self.model.embed_tokens(input_ids))
-        aux_total = h.new_zeros((), dtype=torch.float32)
+        aux_total = None
         delta = None
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 h, delta, aux = checkpoint(layer, h, delta, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 h, delta, aux = layer(h, delta, cos, sin, cu_seqlens, max_seqlen, kv_cache)
-            aux_total = aux_total + aux
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        if aux_total is None:
+            aux_total = h.new_zeros((), dtype=torch.float32)
         if kv_cache is not None:
             kv_cache.length += seqlen
         h, _ = self.model.norm.add_and_norm(delta, h)

@@ -219,8 +219,11 @@ def test_experts_grouped_mm_is_deterministic_and_handles_no_tokens(device):
 
 
 @pytest.mark.parametrize("n,n_exp,k,kind", [(1, 4, 1, "random"), (300, 8, 2, "empty"), (150, 4, 4, "random"),
-                                            (200, 8, 2, "one")])
-def test_sort_by_expert(n, n_exp, k, kind, device):
+                                            (200, 8, 2, "one"), (700, 64, 2, "random")])
+@pytest.mark.parametrize("tile", [None, 16], ids=["one-chunk", "chunked"])
+def test_sort_by_expert(n, n_exp, k, kind, tile, device, monkeypatch):
+    if tile:  # the prefix-sum kernel then walks the blocks in several chunks, the last one partial
+        monkeypatch.setattr(moe, "OFFSETS_TILE", tile)
     idx, _ = make_routing(n, n_exp, k, kind, device)
     sorted_pair, counts = moe.sort_by_expert(idx, n_exp)
     flat = idx.reshape(-1)
@@ -284,13 +287,20 @@ def test_router_learns_without_aux_loss(k, device):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_route_counts(device):
-    logits = torch.randn(60, 8, device=device)
-    scores, w, idx, counts = moe.moe_route_with_counts(logits, 2, True, group_size=20)
-    expect = torch.stack([torch.bincount(idx[g * 20:(g + 1) * 20].reshape(-1), minlength=8) for g in range(3)])
-    assert torch.equal(counts.long(), expect)
-    _, _, _, total = moe.moe_route_with_counts(logits, 2, True)
-    assert torch.equal(total.long(), expect.sum(0, keepdim=True))
+@pytest.mark.parametrize("impl", [moe, reference], ids=["triton", "reference"])
+@pytest.mark.parametrize("n,group", [(60, 20), (61, 20), (7, 7), (0, 5)])
+def test_route_counts(impl, n, group, device):
+    """Picks per expert per group of `group` rows (the last group may be short), and in all."""
+    logits = torch.randn(n, 8, device=device)
+    scores, w, idx, counts = impl.moe_route_with_counts(logits, 2, True, group_size=group)
+    s2, w2, i2 = reference.moe_route(logits, 2, True)
+    assert torch.equal(idx, i2) and torch.allclose(w, w2, atol=1e-6) and torch.allclose(scores, s2, atol=1e-6)
+    groups = max(1, -(-n // group))
+    expect = torch.stack([torch.bincount(idx[g * group:(g + 1) * group].reshape(-1).cpu(), minlength=8)
+                          for g in range(groups)])
+    assert counts.dtype == torch.int32 and torch.equal(counts.long().cpu(), expect)
+    _, _, _, total = impl.moe_route_with_counts(logits, 2, True)
+    assert torch.equal(total.long().cpu(), expect.sum(0, keepdim=True))
 
 
 # ----------------------------------------------------------------------------------------------

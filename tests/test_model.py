@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -315,8 +316,15 @@ def test_moe_layer_against_naive(top_k, seq_aux):
     exp_y, exp_aux = naive_moe(layer, x, top_k, 0.1, seq_aux)
     torch.testing.assert_close(y.to(F64), exp_y, atol=1e-5, rtol=1e-5)
     assert aux.detach().item() == pytest.approx(float(exp_aux.detach()), rel=1e-5)
+    # the aux loss's gradient reaches the router through the probabilities (the counts carry none)
+    got = torch.autograd.grad(aux, layer.gate.weight)[0]
+    wg64 = layer.gate.weight.detach().to(F64).requires_grad_(True)
+    layer64 = SimpleNamespace(config=layer.config, experts=layer.experts, shared_experts=[],
+                              gate=SimpleNamespace(weight=wg64))
+    expect = torch.autograd.grad(naive_moe(layer64, x, top_k, 0.1, seq_aux)[1], wg64)[0]
+    torch.testing.assert_close(got.to(F64), expect, atol=1e-7, rtol=1e-5)
     layer.eval()
-    assert layer(x)[1].item() == 0.0  # no aux loss outside training
+    assert layer(x)[1] is None  # no aux loss outside training
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -340,19 +348,47 @@ def _loss_and_grads(model, ids):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _matmuls(model, ids) -> int:
+def _aten_ops(run) -> dict[str, int]:
+    """How many times `run()` dispatches each aten op (views included)."""
+    from collections import Counter
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        n = 0
+        ops: Counter = Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+            Count.ops[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
     with Count():
-        model(ids)
-    return Count.n
+        run()
+    return Count.ops
+
+
+def _matmuls(model, ids) -> int:
+    ops = _aten_ops(lambda: model(ids))
+    return ops["mm"] + ops["addmm"] + ops["bmm"]
+
+
+def test_a_dense_step_launches_nothing_per_layer_for_the_aux_loss_or_the_rope_tables():
+    """A dense model's aux loss is one zero for the whole model, not a zero and an add per layer, and
+    consecutive positions slice the RoPE tables instead of gathering them (launches a GPU step pays for
+    on the host); positions past the tables are an error, as the gather's were."""
+    model, ids = tiny().train(), torch.randint(0, 128, (2, 8))
+    ops = _aten_ops(lambda: model(ids, targets=ids))
+    assert ops["new_zeros"] + ops["zeros"] == 1 and ops["index"] == 0, ops
+    out = model(ids, targets=ids)
+    assert out.aux_loss.item() == 0.0 and out.aux_loss.dtype == torch.float32
+    moe = tiny_moe().train()
+    per_layer = []
+    for layer in moe.model.layers:
+        layer.mlp.register_forward_hook(lambda module, args, out: per_layer.append(out[1].detach()))
+    aux = moe(ids, targets=ids).aux_loss
+    assert len(per_layer) == moe.config.num_hidden_layers and aux.item() > 0
+    torch.testing.assert_close(aux.detach(), sum(per_layer))
+    with pytest.raises(ValueError, match="context length"):
+        model(torch.randint(0, 128, (1, model.config.max_position_embeddings + 1)))
 
 
 @pytest.mark.parametrize("make", [tiny, tiny_moe])
