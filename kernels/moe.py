@@ -26,6 +26,10 @@ per-expert (optionally per-sequence) token counts the load-balancing loss needs,
 `moe_experts_grouped_mm` (or MINIMIND_MOE_GEMM=torch) runs the expert GEMMs on torch's grouped GEMM
 instead, autograd differentiating it, with the same sort and SwiGLU kernels.
 
+Each op exists twice, as in the other kernel files: an `autograd.Function` for eager mode (cheaper to
+call) and a `torch.library` custom op that torch.compile keeps as one graph node, so that a MoE model
+compiles without graph breaks.
+
 Autotuning is on for CUDA and off under Triton's interpreter (or with MINIMIND_AUTOTUNE=0); under the
 interpreter the matmul operands are upcast to fp32, the only precision it handles.
 """
@@ -176,28 +180,49 @@ def _route_bwd(S, IDX, DW, DS, DL, n_rows, n_exp, stride_dl,
     tl.store(DL + rows[:, None] * stride_dl + cols[None, :], dl.to(DL.dtype.element_ty), mask=mask)
 
 
+def _route_forward(logits, top_k, norm_topk_prob, group_size):
+    check_device(logits)
+    n_rows, n_exp = logits.shape
+    if not 1 <= top_k <= n_exp:
+        raise ValueError(f"moe_route: top_k={top_k} must be between 1 and the {n_exp} experts")
+    logits = logits.contiguous()
+    norm = bool(norm_topk_prob and top_k > 1)
+    scores = torch.empty(n_rows, n_exp, dtype=torch.float32, device=logits.device)
+    weight = torch.empty(n_rows, top_k, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(n_rows, top_k, dtype=torch.int64, device=logits.device)
+    count = group_size is not None
+    counts = torch.zeros(_route_groups(n_rows, group_size), n_exp, dtype=torch.int32, device=logits.device)
+    if n_rows:
+        _route_fwd[(cdiv(n_rows, ROUTE_ROWS),)](
+            logits, scores, weight, idx, counts, n_rows, n_exp, logits.stride(0), group_size or 1,
+            K=top_k, NORM=norm, COUNT=count, BLOCK_R=ROUTE_ROWS,
+            BLOCK_E=next_power_of_2(n_exp), BLOCK_K=next_power_of_2(top_k))
+    return scores, weight, idx, counts
+
+
+def _route_groups(n_rows: int, group_size: int | None) -> int:
+    return max(1, cdiv(n_rows, group_size)) if group_size is not None else 1
+
+
+def _route_backward(scores, idx, d_scores, d_weight, norm, logits_dtype):
+    n_rows, n_exp = scores.shape
+    dl = torch.empty(n_rows, n_exp, dtype=logits_dtype, device=scores.device)
+    has_ds, has_dw = d_scores is not None, d_weight is not None
+    if n_rows:
+        _route_bwd[(cdiv(n_rows, ROUTE_ROWS),)](
+            scores, idx, d_weight.contiguous() if has_dw else scores,
+            d_scores.contiguous() if has_ds else scores, dl, n_rows, n_exp, dl.stride(0),
+            K=idx.shape[1], NORM=norm, HAS_DS=has_ds, HAS_DW=has_dw,
+            BLOCK_R=ROUTE_ROWS, BLOCK_E=next_power_of_2(n_exp))
+    return dl
+
+
 class MoERouteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, top_k, norm_topk_prob, group_size):
-        check_device(logits)
-        n_rows, n_exp = logits.shape
-        if not 1 <= top_k <= n_exp:
-            raise ValueError(f"moe_route: top_k={top_k} must be between 1 and the {n_exp} experts")
-        logits = logits.contiguous()
-        norm = bool(norm_topk_prob and top_k > 1)
-        scores = torch.empty(n_rows, n_exp, dtype=torch.float32, device=logits.device)
-        weight = torch.empty(n_rows, top_k, dtype=torch.float32, device=logits.device)
-        idx = torch.empty(n_rows, top_k, dtype=torch.int64, device=logits.device)
-        count = group_size is not None
-        n_groups = max(1, cdiv(n_rows, group_size)) if count else 1
-        counts = torch.zeros(n_groups, n_exp, dtype=torch.int32, device=logits.device)
-        if n_rows:
-            _route_fwd[(cdiv(n_rows, ROUTE_ROWS),)](
-                logits, scores, weight, idx, counts, n_rows, n_exp, logits.stride(0), group_size or 1,
-                K=top_k, NORM=norm, COUNT=count, BLOCK_R=ROUTE_ROWS,
-                BLOCK_E=next_power_of_2(n_exp), BLOCK_K=next_power_of_2(top_k))
+        scores, weight, idx, counts = _route_forward(logits, top_k, norm_topk_prob, group_size)
         ctx.save_for_backward(scores, idx)
-        ctx.norm, ctx.logits_dtype = norm, logits.dtype
+        ctx.norm, ctx.logits_dtype = bool(norm_topk_prob and top_k > 1), logits.dtype
         ctx.mark_non_differentiable(idx, counts)
         ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors to launch
         return scores, weight, idx, counts
@@ -205,16 +230,57 @@ class MoERouteFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_scores, d_weight, _d_idx, _d_counts):
         scores, idx = ctx.saved_tensors
-        n_rows, n_exp = scores.shape
-        dl = torch.empty(n_rows, n_exp, dtype=ctx.logits_dtype, device=scores.device)
-        has_ds, has_dw = d_scores is not None, d_weight is not None
-        if n_rows:
-            _route_bwd[(cdiv(n_rows, ROUTE_ROWS),)](
-                scores, idx, d_weight.contiguous() if has_dw else scores,
-                d_scores.contiguous() if has_ds else scores, dl, n_rows, n_exp, dl.stride(0),
-                K=idx.shape[1], NORM=ctx.norm, HAS_DS=has_ds, HAS_DW=has_dw,
-                BLOCK_R=ROUTE_ROWS, BLOCK_E=next_power_of_2(n_exp))
-        return dl, None, None, None
+        return _route_backward(scores, idx, d_scores, d_weight, ctx.norm, ctx.logits_dtype), None, None, None
+
+
+# The same ops for torch.compile (see swiglu.py for why both forms): each stays one node of the graph,
+# so a MoE model compiles without graph breaks and `reduce-overhead` can replay it as CUDA graphs.
+@torch.library.custom_op("minimind_fast::moe_route", mutates_args=())
+def _route_op(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, group_size: int | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _route_forward(logits, top_k, norm_topk_prob, group_size)
+
+
+@_route_op.register_fake
+def _(logits, top_k, norm_topk_prob, group_size):
+    n_rows, n_exp = logits.shape
+    return (logits.new_empty(n_rows, n_exp, dtype=torch.float32), logits.new_empty(n_rows, top_k, dtype=torch.float32),
+            logits.new_empty(n_rows, top_k, dtype=torch.int64),
+            logits.new_empty(_route_groups(n_rows, group_size), n_exp, dtype=torch.int32))
+
+
+@torch.library.custom_op("minimind_fast::moe_route_backward", mutates_args=())
+def _route_backward_op(scores: torch.Tensor, idx: torch.Tensor, d_scores: torch.Tensor | None,
+                       d_weight: torch.Tensor | None, norm: bool, logits_dtype: torch.dtype) -> torch.Tensor:
+    return _route_backward(scores, idx, d_scores, d_weight, norm, logits_dtype)
+
+
+@_route_backward_op.register_fake
+def _(scores, idx, d_scores, d_weight, norm, logits_dtype):
+    return torch.empty_like(scores, dtype=logits_dtype)
+
+
+def _route_setup_context(ctx, inputs, output):
+    logits, top_k, norm_topk_prob, _ = inputs
+    scores, _, idx, counts = output
+    ctx.save_for_backward(scores, idx)
+    ctx.norm, ctx.logits_dtype = bool(norm_topk_prob and top_k > 1), logits.dtype
+    ctx.mark_non_differentiable(idx, counts)
+    ctx.set_materialize_grads(False)
+
+
+def _route_grads(ctx, d_scores, d_weight, _d_idx, _d_counts):
+    scores, idx = ctx.saved_tensors
+    return _route_backward_op(scores, idx, d_scores, d_weight, ctx.norm, ctx.logits_dtype), None, None, None
+
+
+_route_op.register_autograd(_route_grads, setup_context=_route_setup_context)
+
+
+def _route(logits, top_k, norm_topk_prob, group_size):
+    if torch.compiler.is_compiling():
+        return _route_op(logits, top_k, norm_topk_prob, group_size)
+    return MoERouteFunction.apply(logits, top_k, norm_topk_prob, group_size)
 
 
 def moe_route(
@@ -225,7 +291,7 @@ def moe_route(
     Returns (scores (N, E) fp32, topk_weight (N, k) fp32, topk_idx (N, k) int64); the weights are
     renormalised only when k > 1 and `norm_topk_prob`, so a top-1 router still gets main-loss gradient.
     """
-    scores, weight, idx, _ = MoERouteFunction.apply(logits, top_k, norm_topk_prob, None)
+    scores, weight, idx, _ = _route(logits, top_k, norm_topk_prob, None)
     return scores, weight, idx
 
 
@@ -237,7 +303,7 @@ def moe_route_with_counts(
     counts is int32 (G, E): with `group_size` (e.g. the sequence length, for MiniMind's per-sequence
     aux loss) row r is counted in group r // group_size; without it G = 1 and counts cover all rows.
     """
-    return MoERouteFunction.apply(logits, top_k, norm_topk_prob, group_size or logits.shape[0] or 1)
+    return _route(logits, top_k, norm_topk_prob, group_size or logits.shape[0] or 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,6 +362,12 @@ def sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     Returns (sorted_pair int32 (P,): pair ids grouped by expert, in pair order within each expert;
     counts int32 (next_pow2(E),): pairs per expert, zero-padded). Expert ids must lie in [0, E).
     """
+    if torch.compiler.is_compiling():  # one opaque node (torch's grouped-GEMM path calls this traced)
+        return _sort_op(topk_idx, n_experts)
+    return _sort_by_expert(topk_idx, n_experts)
+
+
+def _sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     flat = topk_idx.reshape(-1).contiguous()
     n_pairs = flat.numel()
     block_e = next_power_of_2(n_experts)
@@ -309,6 +381,17 @@ def sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     sorted_pair = torch.empty(n_pairs, dtype=torch.int32, device=flat.device)
     _scatter_pairs[(n_blocks,)](flat, block_base, sorted_pair, n_pairs, BLOCK=SORT_BLOCK, BLOCK_E=block_e)
     return sorted_pair, counts
+
+
+@torch.library.custom_op("minimind_fast::moe_sort", mutates_args=())
+def _sort_op(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _sort_by_expert(topk_idx, n_experts)
+
+
+@_sort_op.register_fake
+def _(topk_idx, n_experts):
+    return (topk_idx.new_empty(topk_idx.numel(), dtype=torch.int32),
+            topk_idx.new_empty(next_power_of_2(n_experts), dtype=torch.int32))
 
 
 def moe_dispatch_stats(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -579,56 +662,114 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _experts_forward(x, topk_idx, topk_weight, w_gate, w_up, w_down):
+    """(out, and what backward needs beside the inputs: sorted_pair, counts, g, u)."""
+    check_device(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+    n_tokens, hidden = x.shape
+    n_exp, inter, _ = w_gate.shape
+    top_k = topk_idx.shape[1]
+    n_pairs = n_tokens * top_k
+    x, w_gate, w_up, w_down = x.contiguous(), w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+    sorted_pair, counts = sort_by_expert(topk_idx, n_exp)
+    tw = topk_weight.reshape(-1).float().contiguous()
+    g = torch.empty(n_pairs, inter, dtype=x.dtype, device=x.device)
+    u, h = torch.empty_like(g), torch.empty_like(g)
+    y = torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device)
+    common = dict(PRECISION=_precision(x.dtype), FP32_DOT=INTERPRET, BLOCK_E=counts.numel())
+    if n_pairs:
+        _gate_up_fwd[_gemm_grid(n_pairs, n_exp, inter)](
+            x, w_gate, w_up, sorted_pair, counts, g, u, h, n_exp, top_k, inter, hidden, **common)
+        _down_fwd[_gemm_grid(n_pairs, n_exp, hidden)](
+            h, w_down, sorted_pair, counts, tw, y, n_exp, hidden, inter, **common)
+    return y.view(n_tokens, top_k, hidden).sum(1).to(x.dtype), sorted_pair, counts, g, u
+
+
+def _experts_backward(d_out, x, topk_weight, w_gate, w_up, w_down, sorted_pair, counts, g, u):
+    """(dx, d_weight as (N * k,) fp32, dW_gate, dW_up, dW_down)."""
+    n_tokens, hidden = x.shape
+    n_exp, inter, _ = w_gate.shape
+    top_k = topk_weight.shape[1]
+    n_pairs = n_tokens * top_k
+    tw = topk_weight.reshape(-1).float().contiguous()
+    x, w_gate, w_up, w_down = x.contiguous(), w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+    d_out = d_out.to(x.dtype).contiguous()
+    common = dict(PRECISION=_precision(x.dtype), FP32_DOT=INTERPRET, BLOCK_E=counts.numel())
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    dw_partial = torch.zeros(cdiv(inter, MIN_BLOCK_N), n_pairs, dtype=torch.float32, device=x.device)
+    dxp = torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device)
+    dwg, dwu, dwd = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
+    if n_pairs:
+        _down_bwd[_gemm_grid(n_pairs, n_exp, inter)](
+            d_out, w_down, sorted_pair, counts, tw, g, u, dg, du, dw_partial,
+            n_exp, top_k, n_pairs, inter, hidden, **common)
+        _gate_up_bwd_dx[_gemm_grid(n_pairs, n_exp, hidden)](
+            dg, du, w_gate, w_up, sorted_pair, counts, dxp, n_exp, hidden, inter, **common)
+    if n_exp:
+        _gate_up_bwd_dw[_dw_grid(n_exp, inter, hidden)](
+            x, dg, du, sorted_pair, counts, dwg, dwu, top_k, inter, hidden, **common)
+        _down_bwd_dw[_dw_grid(n_exp, hidden, inter)](
+            d_out, tw, g, u, sorted_pair, counts, dwd, top_k, hidden, inter, **common)
+    dx = dxp.view(n_tokens, top_k, hidden).sum(1).to(x.dtype)
+    return dx, dw_partial.sum(0), dwg, dwu, dwd
+
+
 class MoEExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_idx, topk_weight, w_gate, w_up, w_down):
-        check_device(x, topk_idx, topk_weight, w_gate, w_up, w_down)
-        n_tokens, hidden = x.shape
-        n_exp, inter, _ = w_gate.shape
-        top_k = topk_idx.shape[1]
-        n_pairs = n_tokens * top_k
-        x, w_gate, w_up, w_down = x.contiguous(), w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
-        sorted_pair, counts = sort_by_expert(topk_idx, n_exp)
-        tw = topk_weight.reshape(-1).float().contiguous()
-        g = torch.empty(n_pairs, inter, dtype=x.dtype, device=x.device)
-        u, h = torch.empty_like(g), torch.empty_like(g)
-        y = torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device)
-        common = dict(PRECISION=_precision(x.dtype), FP32_DOT=INTERPRET, BLOCK_E=counts.numel())
-        if n_pairs:
-            _gate_up_fwd[_gemm_grid(n_pairs, n_exp, inter)](
-                x, w_gate, w_up, sorted_pair, counts, g, u, h, n_exp, top_k, inter, hidden, **common)
-            _down_fwd[_gemm_grid(n_pairs, n_exp, hidden)](
-                h, w_down, sorted_pair, counts, tw, y, n_exp, hidden, inter, **common)
-        ctx.save_for_backward(x, tw, w_gate, w_up, w_down, sorted_pair, counts, g, u)
-        ctx.top_k, ctx.weight_shape, ctx.weight_dtype = top_k, topk_weight.shape, topk_weight.dtype
-        return y.view(n_tokens, top_k, hidden).sum(1).to(x.dtype)
+        out, *saved = _experts_forward(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+        ctx.save_for_backward(x, topk_weight, w_gate, w_up, w_down, *saved)
+        return out
 
     @staticmethod
     def backward(ctx, d_out):
-        x, tw, w_gate, w_up, w_down, sorted_pair, counts, g, u = ctx.saved_tensors
-        n_tokens, hidden = x.shape
-        n_exp, inter, _ = w_gate.shape
-        n_pairs, top_k = tw.numel(), ctx.top_k
-        d_out = d_out.to(x.dtype).contiguous()
-        common = dict(PRECISION=_precision(x.dtype), FP32_DOT=INTERPRET, BLOCK_E=counts.numel())
-        dg, du = torch.empty_like(g), torch.empty_like(u)
-        dw_partial = torch.zeros(cdiv(inter, MIN_BLOCK_N), n_pairs, dtype=torch.float32, device=x.device)
-        dxp = torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device)
-        dwg, dwu, dwd = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
-        if n_pairs:
-            _down_bwd[_gemm_grid(n_pairs, n_exp, inter)](
-                d_out, w_down, sorted_pair, counts, tw, g, u, dg, du, dw_partial,
-                n_exp, top_k, n_pairs, inter, hidden, **common)
-            _gate_up_bwd_dx[_gemm_grid(n_pairs, n_exp, hidden)](
-                dg, du, w_gate, w_up, sorted_pair, counts, dxp, n_exp, hidden, inter, **common)
-        if n_exp:
-            _gate_up_bwd_dw[_dw_grid(n_exp, inter, hidden)](
-                x, dg, du, sorted_pair, counts, dwg, dwu, top_k, inter, hidden, **common)
-            _down_bwd_dw[_dw_grid(n_exp, hidden, inter)](
-                d_out, tw, g, u, sorted_pair, counts, dwd, top_k, hidden, inter, **common)
-        dx = dxp.view(n_tokens, top_k, hidden).sum(1).to(x.dtype)
-        d_weight = dw_partial.sum(0).view(ctx.weight_shape).to(ctx.weight_dtype)
-        return dx, None, d_weight, dwg, dwu, dwd
+        x, topk_weight, *rest = ctx.saved_tensors
+        dx, d_weight, dwg, dwu, dwd = _experts_backward(d_out, x, topk_weight, *rest)
+        return dx, None, d_weight.view_as(topk_weight).to(topk_weight.dtype), dwg, dwu, dwd
+
+
+@torch.library.custom_op("minimind_fast::moe_experts", mutates_args=())
+def _experts_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
+                w_up: torch.Tensor, w_down: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _experts_forward(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+
+
+@_experts_op.register_fake
+def _(x, topk_idx, topk_weight, w_gate, w_up, w_down):
+    n_pairs, inter = topk_idx.numel(), w_gate.shape[1]
+    return (torch.empty_like(x), x.new_empty(n_pairs, dtype=torch.int32),
+            x.new_empty(next_power_of_2(w_gate.shape[0]), dtype=torch.int32), x.new_empty(n_pairs, inter),
+            x.new_empty(n_pairs, inter))
+
+
+@torch.library.custom_op("minimind_fast::moe_experts_backward", mutates_args=())
+def _experts_backward_op(d_out: torch.Tensor, x: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
+                         w_up: torch.Tensor, w_down: torch.Tensor, sorted_pair: torch.Tensor, counts: torch.Tensor,
+                         g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor, torch.Tensor]:
+    return _experts_backward(d_out, x, topk_weight, w_gate, w_up, w_down, sorted_pair, counts, g, u)
+
+
+@_experts_backward_op.register_fake
+def _(d_out, x, topk_weight, w_gate, w_up, w_down, sorted_pair, counts, g, u):
+    return (torch.empty_like(x), topk_weight.new_empty(topk_weight.numel(), dtype=torch.float32),
+            torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down))
+
+
+def _experts_setup_context(ctx, inputs, output):
+    x, _, topk_weight, w_gate, w_up, w_down = inputs
+    ctx.save_for_backward(x, topk_weight, w_gate, w_up, w_down, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _experts_grads(ctx, d_out, *_unused_output_grads):
+    x, topk_weight, *rest = ctx.saved_tensors
+    dx, d_weight, dwg, dwu, dwd = _experts_backward_op(d_out, x, topk_weight, *rest)
+    return dx, None, d_weight.view_as(topk_weight).to(topk_weight.dtype), dwg, dwu, dwd
+
+
+_experts_op.register_autograd(_experts_grads, setup_context=_experts_setup_context)
 
 
 def moe_experts(
@@ -665,6 +806,8 @@ def moe_experts(
         chosen = "triton"
     if chosen == "torch":
         return _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+    if torch.compiler.is_compiling():
+        return _experts_op(x, topk_idx, topk_weight, w_gate, w_up, w_down)[0]
     return MoEExpertsFunction.apply(x, topk_idx, topk_weight, w_gate, w_up, w_down)
 
 

@@ -158,18 +158,20 @@ def test_compiled_model_with_kernels_matches_eager(device, preset):
         assert_close_rel(grads[1][name], grads[0][name], 1e-4, name)
 
 
-def test_dense_model_with_kernels_compiles_as_one_graph(device):
-    """With the Triton op table, dynamo traces the whole dense decoder and its fused loss without a
-    graph break (fullgraph=True fails on one), so `--compile-mode reduce-overhead` can replay a step
-    as few CUDA graphs; aot_eager runs here on the CPU, and values and gradients equal eager ones."""
-    _, triton = twin_models("tiny", device)
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_model_with_kernels_compiles_as_one_graph(device, preset):
+    """With the Triton op table, dynamo traces the whole decoder (dense, or MoE with its router, aux loss
+    and expert kernels) and its fused loss without a graph break (fullgraph=True fails on one), so
+    `--compile-mode reduce-overhead` can replay a step as few CUDA graphs; aot_eager runs here on the
+    CPU, and values and gradients equal eager ones."""
+    _, triton = twin_models(preset, device)
     compiled = torch.compile(triton, backend="aot_eager", fullgraph=True)
     ids, targets = batch(device)
     results = []
     for model in (triton, compiled):
         triton.zero_grad(set_to_none=True)
         out = model(ids, targets=targets)
-        out.loss.backward()
+        (out.loss + out.aux_loss).backward()
         results.append((out.loss.detach(), {n: p.grad.clone() for n, p in triton.named_parameters()}))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     for name, grad in results[0][1].items():

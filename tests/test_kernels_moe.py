@@ -232,6 +232,27 @@ def test_sort_by_expert(n, n_exp, k, kind, tile, device, monkeypatch):
     assert torch.equal(moe.moe_dispatch_stats(idx, n_exp).long(), torch.bincount(flat, minlength=n_exp))
 
 
+def test_sort_by_expert_is_three_kernels_and_no_torch_ops(device):
+    """Histogram, prefix sums and scatter are all Triton: no torch op is launched beside allocations
+    (the interpreter's own copies aside), which on a GPU each cost a launch from the host."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    idx, _ = make_routing(300, 8, 2, "random", device)
+    with Ops():
+        moe.sort_by_expert(idx, 8)
+    launched = set(Ops.seen) - {"empty", "empty_like", "new_empty", "view", "set_", "copy_"}
+    assert not launched, Ops.seen
+
+
 # ----------------------------------------------------------------------------------------------
 # router
 # ----------------------------------------------------------------------------------------------
@@ -319,3 +340,53 @@ def test_experts_large_bf16(n, hidden, inter, n_exp, k, gemm, device):
 @pytest.mark.gpu
 def test_experts_large_fp32(device):
     check_experts(4096, 640, 1728, 4, 2, "one", device, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# the custom-op forms used under torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [None, 5])
+def test_route_custom_op_passes_opcheck(group_size, device):
+    """Schema, fake (meta) implementation and autograd registration agree with the real op."""
+    logits = torch.randn(12, 6, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.minimind_fast.moe_route.default, (logits, 2, True, group_size),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("kind", ["random", "empty"])
+def test_experts_custom_op_passes_opcheck(kind, device):
+    idx, w = make_routing(10, 4, 2, kind, device)
+    x = torch.randn(10, 32, device=device, requires_grad=True)
+    wg, wu, wd = (t.requires_grad_() for t in make_weights(4, 32, 24, device))
+    torch.library.opcheck(torch.ops.minimind_fast.moe_experts.default, (x, idx, w.requires_grad_(), wg, wu, wd),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_sort_custom_op_passes_opcheck(device):
+    idx, _ = make_routing(40, 8, 2, "empty", device)
+    torch.library.opcheck(torch.ops.minimind_fast.moe_sort.default, (idx, 8),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("gemm", ["triton", "torch"])
+def test_experts_compile_as_one_graph(gemm, device):
+    """fullgraph=True: both expert paths trace without a graph break (ours as custom ops; torch's grouped
+    GEMM with the sort as one), values and gradients as in eager. bf16, the dtype torch's path takes."""
+    idx, w = make_routing(24, 4, 2, "empty", device)
+    x = torch.randn(24, 32, device=device, dtype=torch.bfloat16)
+    weights = [t.to(torch.bfloat16) for t in make_weights(4, 32, 48, device)]
+
+    def layer(x, w, wg, wu, wd):
+        return moe.moe_experts(x, idx, w, wg, wu, wd, gemm=gemm)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (layer, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, *weights)]
+        out = fn(*leaves)
+        out.float().pow(2).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
