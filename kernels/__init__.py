@@ -20,7 +20,7 @@ TRITON_OPS = {
     "swiglu": ("swiglu", "swiglu"),
     "swiglu_packed": ("swiglu", "swiglu_packed"),
     "moe_route": ("moe", "moe_route"),
-    "moe_route_with_counts": ("moe", "moe_route_with_counts"),
+    "moe_route_aux": ("moe", "moe_route_aux"),
     "moe_experts": ("moe", "moe_experts"),
     "linear_cross_entropy": ("cross_entropy", "linear_cross_entropy"),
 }

@@ -22,6 +22,8 @@ the weight gradients over each expert's tokens in fp32. Empty experts get zero w
 `moe_route` is a one-pass softmax + top-k (+ renormalisation when k > 1 and `norm_topk_prob`) kernel
 with its backward through the renormalisation and the softmax; `moe_route_with_counts` also returns the
 per-expert (optionally per-sequence) token counts the load-balancing loss needs, from the same pass.
+`moe_route_aux` goes on to the loss itself: it is linear in the router probabilities given the counts,
+so one more kernel sums per-block partials, and its gradient is added in the router's backward kernel.
 
 `moe_experts_grouped_mm` (or MINIMIND_MOE_GEMM=torch) runs the expert GEMMs on torch's grouped GEMM
 instead, autograd differentiating it, with the same sort and SwiGLU kernels.
@@ -57,6 +59,7 @@ if GEMM not in ("triton", "torch"):
 SORT_BLOCK = 256
 OFFSETS_TILE = 4096  # (blocks x experts) counts the prefix-sum kernel holds at once
 ROUTE_ROWS = 16
+AUX_ROWS = 64
 
 
 class _Fixed:
@@ -143,9 +146,9 @@ def _route_fwd(L, S, W, IDX, COUNTS, n_rows, n_exp, stride_l, group_size,
 
 
 @triton.jit
-def _route_bwd(S, IDX, DW, DS, DL, n_rows, n_exp, stride_dl,
+def _route_bwd(S, IDX, DW, DS, COUNTS, D_AUX, DL, n_rows, n_exp, stride_dl, group_size, aux_coef,
                K: tl.constexpr, NORM: tl.constexpr, HAS_DS: tl.constexpr, HAS_DW: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+               HAS_AUX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_E)
     rmask = rows < n_rows
@@ -155,6 +158,10 @@ def _route_bwd(S, IDX, DW, DS, DL, n_rows, n_exp, stride_dl,
         dp = tl.load(DS + rows[:, None] * n_exp + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
         dp = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
+    if HAS_AUX:  # d aux / d p[r, e] = coef * counts[group of r, e], scaled by the aux loss's gradient
+        group = rows // group_size
+        c = tl.load(COUNTS + group[:, None] * n_exp + cols[None, :], mask=mask, other=0).to(tl.float32)
+        dp += c * (tl.load(D_AUX) * aux_coef)
     if HAS_DW:
         if NORM:
             # w_j = p_j / s with s = sum of the selected p (+1e-20): dL/dp_j = (dw_j - sum_i dw_i w_i) / s
@@ -178,6 +185,18 @@ def _route_bwd(S, IDX, DW, DS, DL, n_rows, n_exp, stride_dl,
                 dp += tl.where(cols[None, :] == idx[:, None], dw[:, None], 0.0)
     dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     tl.store(DL + rows[:, None] * stride_dl + cols[None, :], dl.to(DL.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _aux_rows(S, COUNTS, PARTIAL, n_rows, n_exp, group_size, coef, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """coef * sum over this block's rows r and experts e of counts[group of r, e] * p[r, e]: the load-
+    balancing loss is the sum of these partials, as sum_g sum_e f_ge * mean_r p_re is linear in p."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_E)
+    mask = (rows < n_rows)[:, None] & (cols < n_exp)[None, :]
+    p = tl.load(S + rows[:, None] * n_exp + cols[None, :], mask=mask, other=0.0)
+    c = tl.load(COUNTS + (rows // group_size)[:, None] * n_exp + cols[None, :], mask=mask, other=0).to(tl.float32)
+    tl.store(PARTIAL + tl.program_id(0), tl.sum(tl.sum(p * c, axis=1), axis=0) * coef)
 
 
 def _route_forward(logits, top_k, norm_topk_prob, group_size):
@@ -204,17 +223,44 @@ def _route_groups(n_rows: int, group_size: int | None) -> int:
     return max(1, cdiv(n_rows, group_size)) if group_size is not None else 1
 
 
-def _route_backward(scores, idx, d_scores, d_weight, norm, logits_dtype):
+def _route_backward(scores, idx, d_scores, d_weight, norm, logits_dtype, counts=None, d_aux=None, aux_coef=0.0,
+                    group_size=1):
+    """Gradient of the logits from those of the scores, the top-k weights and (with counts and d_aux)
+    the load-balancing loss of `_route_aux_forward`."""
     n_rows, n_exp = scores.shape
     dl = torch.empty(n_rows, n_exp, dtype=logits_dtype, device=scores.device)
-    has_ds, has_dw = d_scores is not None, d_weight is not None
+    has_ds, has_dw, has_aux = d_scores is not None, d_weight is not None, d_aux is not None
     if n_rows:
         _route_bwd[(cdiv(n_rows, ROUTE_ROWS),)](
-            scores, idx, d_weight.contiguous() if has_dw else scores,
-            d_scores.contiguous() if has_ds else scores, dl, n_rows, n_exp, dl.stride(0),
-            K=idx.shape[1], NORM=norm, HAS_DS=has_ds, HAS_DW=has_dw,
+            scores, idx, d_weight.contiguous() if has_dw else scores, d_scores.contiguous() if has_ds else scores,
+            counts if has_aux else scores, d_aux if has_aux else scores, dl, n_rows, n_exp, dl.stride(0),
+            group_size, aux_coef, K=idx.shape[1], NORM=norm, HAS_DS=has_ds, HAS_DW=has_dw, HAS_AUX=has_aux,
             BLOCK_R=ROUTE_ROWS, BLOCK_E=next_power_of_2(n_exp))
     return dl
+
+
+def _aux_setup(n_rows: int, n_exp: int, top_k: int, group_size: int | None, alpha: float) -> tuple[int, float]:
+    """(rows per group, coef): the loss alpha * mean_g sum_e f_ge * P_ge, with f_ge = counts_ge * E / (rows * k)
+    and P_ge the mean score over the group's rows, is coef * sum_r sum_e counts[g(r), e] * p[r, e]."""
+    rows = group_size or n_rows or 1
+    if n_rows % rows:
+        raise ValueError(f"moe_route_aux: {n_rows} rows do not split into groups of {rows}")
+    n_groups = max(1, n_rows // rows)
+    return rows, alpha * n_exp / (rows * rows * top_k * n_groups)
+
+
+def _route_aux_forward(logits, top_k, norm_topk_prob, group_size, alpha):
+    """(topk_weight, topk_idx, aux loss, and for backward: scores, counts) in three launches."""
+    n_rows, n_exp = logits.shape
+    rows, coef = _aux_setup(n_rows, n_exp, top_k, group_size, alpha)
+    scores, weight, idx, counts = _route_forward(logits, top_k, norm_topk_prob, rows)
+    n_blocks = max(1, cdiv(n_rows, AUX_ROWS))
+    partial = torch.empty(n_blocks, dtype=torch.float32, device=logits.device) if n_rows else \
+        torch.zeros(1, dtype=torch.float32, device=logits.device)
+    if n_rows:
+        _aux_rows[(n_blocks,)](scores, counts, partial, n_rows, n_exp, rows, coef,
+                               BLOCK_R=AUX_ROWS, BLOCK_E=next_power_of_2(n_exp))
+    return weight, idx, partial.sum(), scores, counts
 
 
 class MoERouteFunction(torch.autograd.Function):
@@ -251,12 +297,14 @@ def _(logits, top_k, norm_topk_prob, group_size):
 
 @torch.library.custom_op("minimind_fast::moe_route_backward", mutates_args=())
 def _route_backward_op(scores: torch.Tensor, idx: torch.Tensor, d_scores: torch.Tensor | None,
-                       d_weight: torch.Tensor | None, norm: bool, logits_dtype: torch.dtype) -> torch.Tensor:
-    return _route_backward(scores, idx, d_scores, d_weight, norm, logits_dtype)
+                       d_weight: torch.Tensor | None, norm: bool, logits_dtype: torch.dtype,
+                       counts: torch.Tensor | None, d_aux: torch.Tensor | None, aux_coef: float,
+                       group_size: int) -> torch.Tensor:
+    return _route_backward(scores, idx, d_scores, d_weight, norm, logits_dtype, counts, d_aux, aux_coef, group_size)
 
 
 @_route_backward_op.register_fake
-def _(scores, idx, d_scores, d_weight, norm, logits_dtype):
+def _(scores, idx, d_scores, d_weight, norm, logits_dtype, counts, d_aux, aux_coef, group_size):
     return torch.empty_like(scores, dtype=logits_dtype)
 
 
@@ -271,10 +319,64 @@ def _route_setup_context(ctx, inputs, output):
 
 def _route_grads(ctx, d_scores, d_weight, _d_idx, _d_counts):
     scores, idx = ctx.saved_tensors
-    return _route_backward_op(scores, idx, d_scores, d_weight, ctx.norm, ctx.logits_dtype), None, None, None
+    dl = _route_backward_op(scores, idx, d_scores, d_weight, ctx.norm, ctx.logits_dtype, None, None, 0.0, 1)
+    return dl, None, None, None
 
 
 _route_op.register_autograd(_route_grads, setup_context=_route_setup_context)
+
+
+class MoERouteAuxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, top_k, norm_topk_prob, group_size, alpha):
+        weight, idx, aux, scores, counts = _route_aux_forward(logits, top_k, norm_topk_prob, group_size, alpha)
+        ctx.save_for_backward(scores, idx, counts)
+        ctx.norm, ctx.logits_dtype = bool(norm_topk_prob and top_k > 1), logits.dtype
+        ctx.rows, ctx.coef = _aux_setup(*logits.shape, top_k, group_size, alpha)
+        ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)
+        return weight, idx, aux
+
+    @staticmethod
+    def backward(ctx, d_weight, _d_idx, d_aux):
+        scores, idx, counts = ctx.saved_tensors
+        dl = _route_backward(scores, idx, None, d_weight, ctx.norm, ctx.logits_dtype, counts, d_aux, ctx.coef, ctx.rows)
+        return dl, None, None, None, None
+
+
+@torch.library.custom_op("minimind_fast::moe_route_aux", mutates_args=())
+def _route_aux_op(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, group_size: int | None, alpha: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _route_aux_forward(logits, top_k, norm_topk_prob, group_size, alpha)
+
+
+@_route_aux_op.register_fake
+def _(logits, top_k, norm_topk_prob, group_size, alpha):
+    n_rows, n_exp = logits.shape
+    rows, _ = _aux_setup(n_rows, n_exp, top_k, group_size, alpha)
+    return (logits.new_empty(n_rows, top_k, dtype=torch.float32), logits.new_empty(n_rows, top_k, dtype=torch.int64),
+            logits.new_empty((), dtype=torch.float32), logits.new_empty(n_rows, n_exp, dtype=torch.float32),
+            logits.new_empty(_route_groups(n_rows, rows), n_exp, dtype=torch.int32))
+
+
+def _route_aux_setup_context(ctx, inputs, output):
+    logits, top_k, norm_topk_prob, group_size, alpha = inputs
+    _, idx, _, scores, counts = output
+    ctx.save_for_backward(scores, idx, counts)
+    ctx.norm, ctx.logits_dtype = bool(norm_topk_prob and top_k > 1), logits.dtype
+    ctx.rows, ctx.coef = _aux_setup(*logits.shape, top_k, group_size, alpha)
+    ctx.mark_non_differentiable(idx, scores, counts)
+    ctx.set_materialize_grads(False)
+
+
+def _route_aux_grads(ctx, d_weight, _d_idx, d_aux, _d_scores, _d_counts):
+    scores, idx, counts = ctx.saved_tensors
+    dl = _route_backward_op(scores, idx, None, d_weight, ctx.norm, ctx.logits_dtype, counts, d_aux, ctx.coef,
+                            ctx.rows)
+    return dl, None, None, None, None
+
+
+_route_aux_op.register_autograd(_route_aux_grads, setup_context=_route_aux_setup_context)
 
 
 def _route(logits, top_k, norm_topk_prob, group_size):
@@ -293,6 +395,19 @@ def moe_route(
     """
     scores, weight, idx, _ = _route(logits, top_k, norm_topk_prob, None)
     return scores, weight, idx
+
+
+def moe_route_aux(
+    logits: torch.Tensor, top_k: int, norm_topk_prob: bool, group_size: int | None, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing plus MiniMind's load-balancing loss (same contract as `reference.moe_route_aux`).
+
+    Returns (topk_weight, topk_idx, aux): the router kernel counts each expert's picks as it routes, a
+    second kernel and a sum form the loss, and its gradient joins the router's own backward kernel.
+    """
+    if torch.compiler.is_compiling():
+        return _route_aux_op(logits, top_k, norm_topk_prob, group_size, alpha)[:3]
+    return MoERouteAuxFunction.apply(logits, top_k, norm_topk_prob, group_size, alpha)
 
 
 def moe_route_with_counts(

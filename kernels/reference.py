@@ -90,6 +90,26 @@ def moe_route_with_counts(
     return scores, topk_weight, topk_idx, counts.view(n_groups, n_exp)
 
 
+def moe_route_aux(
+    logits: torch.Tensor, top_k: int, norm_topk_prob: bool, group_size: int | None, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing plus the load-balancing loss of MiniMind2: (topk_weight, topk_idx, aux).
+
+    aux = alpha * mean over groups of sum_i(f_i * P_i), where in each group of `group_size` rows (a
+    sequence, for MiniMind's seq_aux; all rows when None) P_i is expert i's mean router probability and
+    f_i its share of the group's k picks per row, times E (1 for a perfectly even spread).
+    """
+    n_rows = logits.shape[0]
+    rows = group_size or n_rows or 1
+    if n_rows % rows:
+        raise ValueError(f"moe_route_aux: {n_rows} rows do not split into groups of {rows}")
+    scores, topk_weight, topk_idx, counts = moe_route_with_counts(logits, top_k, norm_topk_prob, rows)
+    n_groups, n_exp = counts.shape
+    f = counts.float() * (n_exp / (rows * top_k))
+    p = scores.view(n_groups, -1, n_exp).mean(dim=1)
+    return topk_weight, topk_idx, (f * p).sum(dim=1).mean() * alpha
+
+
 def moe_experts(
     x: torch.Tensor,
     topk_idx: torch.Tensor,

@@ -213,31 +213,20 @@ class MoEFeedForward(nn.Module):
         cfg = self.config
         flat = x.reshape(-1, hidden)
         logits = self.gate(flat)
-        aux = None
         if self.training and cfg.aux_loss_alpha > 0:
-            # the router's own pass counts each expert's picks (per sequence for seq_aux)
-            scores, topk_weight, topk_idx, counts = self.ops.moe_route_with_counts(
-                logits, cfg.num_experts_per_tok, cfg.norm_topk_prob, seqlen if cfg.seq_aux else None)
-            aux = self.aux_loss(scores, counts)
+            # the router's kernels form the load-balancing loss too (per sequence for seq_aux)
+            topk_weight, topk_idx, aux = self.ops.moe_route_aux(
+                logits, cfg.num_experts_per_tok, cfg.norm_topk_prob, seqlen if cfg.seq_aux else None,
+                cfg.aux_loss_alpha)
         else:
             _, topk_weight, topk_idx = self.ops.moe_route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+            aux = None
         e = self.experts
         y = self.ops.moe_experts(flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj)
         y = y.view(bsz, seqlen, hidden)
         for expert in self.shared_experts:
             y = y + expert(x)
         return y, aux
-
-    def aux_loss(self, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Load-balancing loss alpha * sum_i(P_i * f_i): P_i the mean router probability of expert i,
-        f_i its share of the k picks per token times E; per sequence, then averaged, when seq_aux
-        (MiniMind2). `counts` (G, E) are the picks per sequence (G = bsz) or in all (G = 1)."""
-        cfg = self.config
-        n_exp = cfg.n_routed_experts
-        rows = scores.shape[0] // counts.shape[0]
-        f = counts.float() * (n_exp / (max(rows, 1) * cfg.num_experts_per_tok))
-        p = scores.view(counts.shape[0], rows, n_exp).mean(dim=1)
-        return (f * p).sum(dim=1).mean() * cfg.aux_loss_alpha
 
 
 class DecoderLayer(nn.Module):

@@ -27,7 +27,7 @@ OP_NAMES = (
     "swiglu",
     "swiglu_packed",
     "moe_route",
-    "moe_route_with_counts",
+    "moe_route_aux",
     "moe_experts",
     "linear_cross_entropy",
 )
@@ -43,7 +43,7 @@ class OpTable:
     swiglu: Callable
     swiglu_packed: Callable
     moe_route: Callable
-    moe_route_with_counts: Callable
+    moe_route_aux: Callable
     moe_experts: Callable
     linear_cross_entropy: Callable
 

@@ -342,6 +342,48 @@ def test_experts_large_fp32(device):
     check_experts(4096, 640, 1728, 4, 2, "one", device, torch.float32)
 
 
+def naive_aux(logits, k, norm, group, alpha):
+    """MiniMind2's load-balancing loss by its definition, in float64 (the weights as the reference's)."""
+    probs = logits.double().softmax(-1)
+    n, n_exp = probs.shape
+    rows = group or n
+    chosen = probs.topk(k, dim=-1).indices
+    total = 0.0
+    for g in range(n // rows):
+        picks = torch.bincount(chosen[g * rows:(g + 1) * rows].reshape(-1), minlength=n_exp).double()
+        total = total + (picks / (rows * k) * n_exp * probs[g * rows:(g + 1) * rows].mean(0)).sum()
+    return alpha * total / (n // rows)
+
+
+@pytest.mark.parametrize("impl", [moe, reference], ids=["triton", "reference"])
+@pytest.mark.parametrize("n,n_exp,k,group", [(60, 8, 2, 20), (60, 8, 2, None), (48, 4, 1, 16), (7, 6, 3, 7)])
+@pytest.mark.parametrize("use_weight", [True, False], ids=["weights-and-aux", "aux-only"])
+def test_route_aux_loss_and_gradients(impl, n, n_exp, k, group, use_weight, device):
+    """The aux loss against its definition in float64, and the logits' gradient (through the top-k
+    weights and the aux loss together, or the aux loss alone) against the reference's autograd."""
+    logits = torch.randn(n, n_exp, device=device, dtype=torch.float64).float()
+    w_grad = torch.randn(n, k, device=device)
+    weight, idx, aux = impl.moe_route_aux(logits.requires_grad_(), k, True, group, 0.1)
+    _, w2, i2 = reference.moe_route(logits, k, True)
+    assert torch.equal(idx, i2) and torch.allclose(weight, w2, atol=1e-6)
+    assert aux.shape == () and aux.dtype == torch.float32
+    torch.testing.assert_close(aux.double().cpu(), naive_aux(logits.detach().cpu(), k, True, group, 0.1),
+                               rtol=1e-5, atol=1e-8)
+    loss = 3.0 * aux + ((weight * w_grad).sum() if use_weight else 0.0)
+    (got,) = torch.autograd.grad(loss, logits)
+    ref_w, _, ref_aux = reference.moe_route_aux(logits, k, True, group, 0.1)
+    ref_loss = 3.0 * ref_aux + ((ref_w * w_grad).sum() if use_weight else 0.0)
+    (want,) = torch.autograd.grad(ref_loss, logits)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", [moe, reference], ids=["triton", "reference"])
+def test_route_aux_rejects_uneven_groups(impl, device):
+    with pytest.raises(ValueError, match="groups of 7"):
+        impl.moe_route_aux(torch.randn(20, 4, device=device), 2, True, 7, 0.1)
+
+
 # ----------------------------------------------------------------------------------------------
 # the custom-op forms used under torch.compile
 # ----------------------------------------------------------------------------------------------
@@ -352,6 +394,13 @@ def test_route_custom_op_passes_opcheck(group_size, device):
     """Schema, fake (meta) implementation and autograd registration agree with the real op."""
     logits = torch.randn(12, 6, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.minimind_fast.moe_route.default, (logits, 2, True, group_size),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_route_aux_custom_op_passes_opcheck(group_size, device):
+    logits = torch.randn(12, 6, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.minimind_fast.moe_route_aux.default, (logits, 2, True, group_size, 0.1),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
