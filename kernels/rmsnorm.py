@@ -5,7 +5,7 @@ saved (fp32, one per row) for backward. The fused variant first forms `h = x + r
 (the new residual stream) and normalises it, so the decoder reads each activation once.
 Backward: `dx = rstd * (w*dy - x_hat * mean(x_hat * w*dy))`; the weight gradient `sum_rows(dy * x_hat)`
 is reduced without atomics: each program accumulates its rows in fp32 registers and writes one
-partial row, and one small sum over programs finishes it.
+partial row, and a second kernel sums the partial rows in a fixed order and casts once.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 
 from .utils import cdiv, check_device, num_programs, row_block, rows_per_tile
+
+PARTIAL_COLS, PARTIAL_ROWS = 64, 64  # tile of the kernel summing the weight gradient's partial rows
 
 
 @triton.jit
@@ -66,6 +68,20 @@ def _rmsnorm_bwd(DY, X, W, RSTD, DX, DH, DW_PARTIAL, stride_dy, stride_x, stride
     tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
 
 
+@triton.jit
+def _sum_partials(PARTIAL, DW, n_parts, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # The programs' partial rows summed in fp32 in a fixed order and cast to the weight's dtype in the
+    # same launch (a torch sum then a cast would be two launches per norm on the host's critical path).
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    col_mask = cols < n_cols
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n_parts, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        mask = (rows < n_parts)[:, None] & col_mask[None, :]
+        acc += tl.sum(tl.load(PARTIAL + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(DW + cols, acc.to(DW.dtype.element_ty), mask=col_mask)
+
+
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -101,13 +117,17 @@ def _backward(dy, normed_input, weight, rstd, dh):
     programs = num_programs(n_rows)
     rows_per_prog = cdiv(n_rows, programs) if n_rows else 0
     dx = torch.empty((n_rows, n_cols), dtype=dy.dtype, device=dy.device)
+    dw = torch.empty(n_cols, dtype=weight.dtype, device=dy.device)
+    if not n_rows:
+        return dx.view(shape), dw.zero_()
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=dy.device)  # every program writes its row
-    if n_rows:
-        _rmsnorm_bwd[(programs,)](dy2, normed_input, weight, rstd, dx, dh2, partial, dy2.stride(0),
-                                  normed_input.stride(0), dx.stride(0), dh2.stride(0), n_rows, n_cols,
-                                  rows_per_prog, HAS_DH=dh is not None, ROWS=rows_per_tile(rows_per_prog, block),
-                                  BLOCK=block, num_warps=warps)
-    return dx.view(shape), partial.sum(0).to(weight.dtype)
+    _rmsnorm_bwd[(programs,)](dy2, normed_input, weight, rstd, dx, dh2, partial, dy2.stride(0),
+                              normed_input.stride(0), dx.stride(0), dh2.stride(0), n_rows, n_cols,
+                              rows_per_prog, HAS_DH=dh is not None, ROWS=rows_per_tile(rows_per_prog, block),
+                              BLOCK=block, num_warps=warps)
+    _sum_partials[(cdiv(n_cols, PARTIAL_COLS),)](partial, dw, programs, n_cols, ROWS=PARTIAL_ROWS,
+                                                  BLOCK=PARTIAL_COLS)
+    return dx.view(shape), dw
 
 
 class RMSNormFunction(torch.autograd.Function):

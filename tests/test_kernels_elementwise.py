@@ -129,6 +129,29 @@ def test_rms_norm_weight_grad_reduced_in_fp32(device):
             [torch.randn(rows, 96, device=device).bfloat16(), torch.ones(96, device=device).bfloat16()], ["x", "w"])
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
+def test_rms_norm_weight_grad_sums_partials_in_chunks(device, monkeypatch, fused):
+    """The partial rows of the weight gradient summed a few at a time (the last chunk partial), cast
+    to the weight's dtype in the same kernel."""
+    monkeypatch.setattr(rmsnorm, "PARTIAL_ROWS", 2)
+    monkeypatch.setattr(rmsnorm, "num_programs", lambda n_rows: min(n_rows, 5))
+    x, r = torch.randn(2, 9, 200, device=device), torch.randn(2, 9, 200, device=device)
+    w = torch.randn(200, device=device).bfloat16()
+    if fused:
+        compare(lambda a, b, c: rmsnorm.add_rms_norm(a, b, c, 1e-6), lambda a, b, c: ref.add_rms_norm(a, b, c, 1e-6),
+                [x.bfloat16(), r.bfloat16(), w], ["x", "residual", "w"])
+    else:
+        compare(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), lambda a, b: ref.rms_norm(a, b, 1e-6), [x, w.float()],
+                ["x", "w"])
+
+
+def test_rms_norm_of_no_rows_has_zero_weight_grad(device):
+    w = torch.randn(48, device=device, requires_grad=True)
+    x = torch.randn(0, 48, device=device, requires_grad=True)
+    rmsnorm.rms_norm(x, w, 1e-6).sum().backward()
+    assert x.grad.shape == (0, 48) and torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_triton_rmsnorm_module(device):
     mod = rmsnorm.TritonRMSNorm(130, eps=1e-6).to(device)
     with torch.no_grad():
