@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .swiglu import swiglu
-from .utils import cdiv, check_device, is_interpreter, next_power_of_2
+from .utils import cdiv, check_device, is_interpreter, next_power_of_2, rows_per_tile
 
 INTERPRET = is_interpreter()
 AUTOTUNE = not INTERPRET and os.environ.get("MINIMIND_AUTOTUNE", "1") != "0"
@@ -70,6 +70,10 @@ class _Fixed:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.fn[grid](*args, **kwargs, **self.meta)
+
+    @property
+    def best_config(self) -> triton.Config:  # as triton.autotune's, after a launch
+        return triton.Config({k: v for k, v in self.meta.items() if k.startswith("BLOCK")})
 
 
 def _tuned(configs: list[triton.Config], fixed: dict, key: list[str], reset: list[str] | None = None):
@@ -761,6 +765,30 @@ def _down_bwd_dw(DO, TW, G, U, SORTED_PAIR, COUNTS, DWD, top_k, n_out, k_out,
     tl.store(DWD + out, acc.to(DWD.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
+@triton.jit
+def _combine_slots(Y, OUT, n_tokens, hidden, K: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum over slots j of y[t * K + j], in fp32 and in slot order (deterministic), cast once."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < n_tokens)[:, None] & (cols < hidden)[None, :]
+    acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(Y + (rows * K + j)[:, None] * hidden + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + rows[:, None] * hidden + cols[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _combine(y: torch.Tensor, n_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N * k, H) fp32 rows of (token, slot) pairs -> (N, H) in `dtype`: one launch for sum and cast."""
+    hidden = y.shape[1]
+    out = torch.empty(n_tokens, hidden, dtype=dtype, device=y.device)
+    if out.numel():
+        block = min(256, next_power_of_2(hidden))
+        rows = rows_per_tile(n_tokens, block * top_k)
+        _combine_slots[(cdiv(n_tokens, rows), cdiv(hidden, block))](y, out, n_tokens, hidden, K=top_k, ROWS=rows,
+                                                                    BLOCK=block)
+    return out
+
+
 def _gemm_grid(n_pairs: int, n_exp: int, n_cols: int):
     # an upper bound on the M tiles (each expert wastes at most one partial tile); extras exit at once
     return lambda meta: (cdiv(n_pairs, meta["BLOCK_M"]) + n_exp, cdiv(n_cols, meta["BLOCK_N"]))
@@ -796,7 +824,7 @@ def _experts_forward(x, topk_idx, topk_weight, w_gate, w_up, w_down):
             x, w_gate, w_up, sorted_pair, counts, g, u, h, n_exp, top_k, inter, hidden, **common)
         _down_fwd[_gemm_grid(n_pairs, n_exp, hidden)](
             h, w_down, sorted_pair, counts, tw, y, n_exp, hidden, inter, **common)
-    return y.view(n_tokens, top_k, hidden).sum(1).to(x.dtype), sorted_pair, counts, g, u
+    return _combine(y, n_tokens, top_k, x.dtype), sorted_pair, counts, g, u
 
 
 def _experts_backward(d_out, x, topk_weight, w_gate, w_up, w_down, sorted_pair, counts, g, u):
@@ -810,7 +838,9 @@ def _experts_backward(d_out, x, topk_weight, w_gate, w_up, w_down, sorted_pair, 
     d_out = d_out.to(x.dtype).contiguous()
     common = dict(PRECISION=_precision(x.dtype), FP32_DOT=INTERPRET, BLOCK_E=counts.numel())
     dg, du = torch.empty_like(g), torch.empty_like(u)
-    dw_partial = torch.zeros(cdiv(inter, MIN_BLOCK_N), n_pairs, dtype=torch.float32, device=x.device)
+    # one row of routing-weight partial sums per column block of the tuned BLOCK_N; rows past those the
+    # launch used stay unwritten and unread
+    dw_partial = torch.empty(cdiv(inter, MIN_BLOCK_N), n_pairs, dtype=torch.float32, device=x.device)
     dxp = torch.empty(n_pairs, hidden, dtype=torch.float32, device=x.device)
     dwg, dwu, dwd = torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down)
     if n_pairs:
@@ -824,8 +854,8 @@ def _experts_backward(d_out, x, topk_weight, w_gate, w_up, w_down, sorted_pair, 
             x, dg, du, sorted_pair, counts, dwg, dwu, top_k, inter, hidden, **common)
         _down_bwd_dw[_dw_grid(n_exp, hidden, inter)](
             d_out, tw, g, u, sorted_pair, counts, dwd, top_k, hidden, inter, **common)
-    dx = dxp.view(n_tokens, top_k, hidden).sum(1).to(x.dtype)
-    return dx, dw_partial.sum(0), dwg, dwu, dwd
+    used = cdiv(inter, _down_bwd.best_config.kwargs["BLOCK_N"]) if n_pairs else 0
+    return _combine(dxp, n_tokens, top_k, x.dtype), dw_partial[:used].sum(0), dwg, dwu, dwd
 
 
 class MoEExpertsFunction(torch.autograd.Function):
