@@ -195,7 +195,10 @@ class ExpertBank(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Softmax top-k routing over `n_routed_experts`, plus always-active shared experts."""
+    """Softmax top-k routing over `n_routed_experts`, plus always-active shared experts.
+
+    In training the router also gives MiniMind2's load-balancing loss (its formula: `moe_route_aux` in
+    `kernels/reference.py`), per sequence when `seq_aux`."""
 
     def __init__(self, config: ModelConfig, ops: OpTable):
         super().__init__()
