@@ -336,7 +336,7 @@ class MiniMindForCausalLM(nn.Module):
         else:
             cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         h = self.model.dropout(self.model.embed_tokens(input_ids))
-        aux_total = None
+        aux_losses = []
         delta = None
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and kv_cache is None:
@@ -344,9 +344,9 @@ class MiniMindForCausalLM(nn.Module):
             else:
                 h, delta, aux = layer(h, delta, cos, sin, cu_seqlens, max_seqlen, kv_cache)
             if aux is not None:
-                aux_total = aux if aux_total is None else aux_total + aux
-        if aux_total is None:
-            aux_total = h.new_zeros((), dtype=torch.float32)
+                aux_losses.append(aux)
+        # one stack and one sum for all MoE layers' aux losses (not an add per layer); a dense model has none
+        aux_total = torch.stack(aux_losses).sum() if aux_losses else h.new_zeros((), dtype=torch.float32)
         if kv_cache is not None:
             kv_cache.length += seqlen
         h, _ = self.model.norm.add_and_norm(delta, h)
