@@ -59,7 +59,7 @@ if GEMM not in ("triton", "torch"):
 SORT_BLOCK = 256
 OFFSETS_TILE = 4096  # (blocks x experts) counts the prefix-sum kernel holds at once
 ROUTE_ROWS = 16
-AUX_ROWS = 64
+AUX_ROWS, AUX_TILE = 64, 4096  # rows per program of the aux-loss kernel, and its most elements
 
 
 class _Fixed:
@@ -258,12 +258,13 @@ def _route_aux_forward(logits, top_k, norm_topk_prob, group_size, alpha):
     n_rows, n_exp = logits.shape
     rows, coef = _aux_setup(n_rows, n_exp, top_k, group_size, alpha)
     scores, weight, idx, counts = _route_forward(logits, top_k, norm_topk_prob, rows)
-    n_blocks = max(1, cdiv(n_rows, AUX_ROWS))
+    block_e = next_power_of_2(n_exp)
+    block_r = max(1, min(AUX_ROWS, AUX_TILE // block_e))  # many experts: fewer rows per program
+    n_blocks = max(1, cdiv(n_rows, block_r))
     partial = torch.empty(n_blocks, dtype=torch.float32, device=logits.device) if n_rows else \
         torch.zeros(1, dtype=torch.float32, device=logits.device)
     if n_rows:
-        _aux_rows[(n_blocks,)](scores, counts, partial, n_rows, n_exp, rows, coef,
-                               BLOCK_R=AUX_ROWS, BLOCK_E=next_power_of_2(n_exp))
+        _aux_rows[(n_blocks,)](scores, counts, partial, n_rows, n_exp, rows, coef, BLOCK_R=block_r, BLOCK_E=block_e)
     return weight, idx, partial.sum(), scores, counts
 
 

@@ -356,7 +356,8 @@ def naive_aux(logits, k, norm, group, alpha):
 
 
 @pytest.mark.parametrize("impl", [moe, reference], ids=["triton", "reference"])
-@pytest.mark.parametrize("n,n_exp,k,group", [(60, 8, 2, 20), (60, 8, 2, None), (48, 4, 1, 16), (7, 6, 3, 7)])
+@pytest.mark.parametrize("n,n_exp,k,group", [(60, 8, 2, 20), (60, 8, 2, None), (48, 4, 1, 16), (7, 6, 3, 7),
+                                             (70, 128, 2, 35)])
 @pytest.mark.parametrize("use_weight", [True, False], ids=["weights-and-aux", "aux-only"])
 def test_route_aux_loss_and_gradients(impl, n, n_exp, k, group, use_weight, device):
     """The aux loss against its definition in float64, and the logits' gradient (through the top-k
