@@ -182,8 +182,8 @@ def test_model_with_kernels_compiles_as_one_graph(device, preset):
 def test_backward_fills_no_zero_gradients(device, preset):
     """Outputs a step leaves unused (the fused loss's saved gradients, the last norm's residual sum, the
     router's expert ids and counts) get no zero-filled gradient tensors in backward: at large-1b's
-    vocabulary one of them was a 262 MB fp32 fill of the output weight's size. The MoE backward's one
-    fill per layer is its routing-weight partial sums."""
+    vocabulary one of them was a 262 MB fp32 fill of the output weight's size. Nor does the MoE backward
+    zero-fill its routing-weight partial sums (it sums only the rows its launch wrote)."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -201,6 +201,5 @@ def test_backward_fills_no_zero_gradients(device, preset):
     out = triton(ids, targets=targets)
     with Fills():
         (out.loss + out.aux_loss).backward()
-    expected = triton.config.num_hidden_layers if triton.config.use_moe else 0
-    assert sum(Fills.seen.values()) == expected, Fills.seen
+    assert not Fills.seen, Fills.seen
     assert all(p.grad is not None for p in triton.parameters())
