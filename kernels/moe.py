@@ -268,24 +268,23 @@ def _route_aux_forward(logits, top_k, norm_topk_prob, group_size, alpha):
     return weight, idx, partial.sum(), scores, counts
 
 
+# Each op below is an autograd.Function for eager mode and a custom op for torch.compile (see swiglu.py for
+# why both forms), sharing one setup_context (what backward keeps) and one gradient function; the eager
+# form calls the plain backward, the custom op's form the backward op.
 class MoERouteFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, top_k, norm_topk_prob, group_size):
-        scores, weight, idx, counts = _route_forward(logits, top_k, norm_topk_prob, group_size)
-        ctx.save_for_backward(scores, idx)
-        ctx.norm, ctx.logits_dtype = bool(norm_topk_prob and top_k > 1), logits.dtype
-        ctx.mark_non_differentiable(idx, counts)
-        ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors to launch
-        return scores, weight, idx, counts
+    def forward(ctx, *inputs):
+        outputs = _route_forward(*inputs)
+        _route_setup_context(ctx, inputs, outputs)
+        return outputs
 
     @staticmethod
-    def backward(ctx, d_scores, d_weight, _d_idx, _d_counts):
-        scores, idx = ctx.saved_tensors
-        return _route_backward(scores, idx, d_scores, d_weight, ctx.norm, ctx.logits_dtype), None, None, None
+    def backward(ctx, *grads):
+        return _route_grads(ctx, *grads, eager=True)
 
 
-# The same ops for torch.compile (see swiglu.py for why both forms): each stays one node of the graph,
-# so a MoE model compiles without graph breaks and `reduce-overhead` can replay it as CUDA graphs.
+# As custom ops each stays one node of the graph, so a MoE model compiles without graph breaks and
+# `reduce-overhead` can replay it as CUDA graphs.
 @torch.library.custom_op("minimind_fast::moe_route", mutates_args=())
 def _route_op(logits: torch.Tensor, top_k: int, norm_topk_prob: bool, group_size: int | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -319,13 +318,13 @@ def _route_setup_context(ctx, inputs, output):
     ctx.save_for_backward(scores, idx)
     ctx.norm, ctx.logits_dtype = bool(norm_topk_prob and top_k > 1), logits.dtype
     ctx.mark_non_differentiable(idx, counts)
-    ctx.set_materialize_grads(False)
+    ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zero tensors to launch
 
 
-def _route_grads(ctx, d_scores, d_weight, _d_idx, _d_counts):
+def _route_grads(ctx, d_scores, d_weight, _d_idx, _d_counts, eager=False):
     scores, idx = ctx.saved_tensors
-    dl = _route_backward_op(scores, idx, d_scores, d_weight, ctx.norm, ctx.logits_dtype, None, None, 0.0, 1)
-    return dl, None, None, None
+    backward = _route_backward if eager else _route_backward_op
+    return backward(scores, idx, d_scores, d_weight, ctx.norm, ctx.logits_dtype, None, None, 0.0, 1), None, None, None
 
 
 _route_op.register_autograd(_route_grads, setup_context=_route_setup_context)
@@ -333,20 +332,14 @@ _route_op.register_autograd(_route_grads, setup_context=_route_setup_context)
 
 class MoERouteAuxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, top_k, norm_topk_prob, group_size, alpha):
-        weight, idx, aux, scores, counts = _route_aux_forward(logits, top_k, norm_topk_prob, group_size, alpha)
-        ctx.save_for_backward(scores, idx, counts)
-        ctx.norm, ctx.logits_dtype = bool(norm_topk_prob and top_k > 1), logits.dtype
-        ctx.rows, ctx.coef = _aux_setup(*logits.shape, top_k, group_size, alpha)
-        ctx.mark_non_differentiable(idx)
-        ctx.set_materialize_grads(False)
-        return weight, idx, aux
+    def forward(ctx, *inputs):
+        outputs = _route_aux_forward(*inputs)
+        _route_aux_setup_context(ctx, inputs, outputs)
+        return outputs
 
     @staticmethod
-    def backward(ctx, d_weight, _d_idx, d_aux):
-        scores, idx, counts = ctx.saved_tensors
-        dl = _route_backward(scores, idx, None, d_weight, ctx.norm, ctx.logits_dtype, counts, d_aux, ctx.coef, ctx.rows)
-        return dl, None, None, None, None
+    def backward(ctx, *grads):
+        return _route_aux_grads(ctx, *grads, eager=True)
 
 
 @torch.library.custom_op("minimind_fast::moe_route_aux", mutates_args=())
@@ -374,20 +367,23 @@ def _route_aux_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _route_aux_grads(ctx, d_weight, _d_idx, d_aux, _d_scores, _d_counts):
+def _route_aux_grads(ctx, d_weight, _d_idx, d_aux, _d_scores, _d_counts, eager=False):
     scores, idx, counts = ctx.saved_tensors
-    dl = _route_backward_op(scores, idx, None, d_weight, ctx.norm, ctx.logits_dtype, counts, d_aux, ctx.coef,
-                            ctx.rows)
+    backward = _route_backward if eager else _route_backward_op
+    dl = backward(scores, idx, None, d_weight, ctx.norm, ctx.logits_dtype, counts, d_aux, ctx.coef, ctx.rows)
     return dl, None, None, None, None
 
 
 _route_aux_op.register_autograd(_route_aux_grads, setup_context=_route_aux_setup_context)
 
 
+def _apply(function: type[torch.autograd.Function], op, *args) -> tuple[torch.Tensor, ...]:
+    """The custom op while torch.compile traces, else the autograd.Function (cheaper to call eagerly)."""
+    return op(*args) if torch.compiler.is_compiling() else function.apply(*args)
+
+
 def _route(logits, top_k, norm_topk_prob, group_size):
-    if torch.compiler.is_compiling():
-        return _route_op(logits, top_k, norm_topk_prob, group_size)
-    return MoERouteFunction.apply(logits, top_k, norm_topk_prob, group_size)
+    return _apply(MoERouteFunction, _route_op, logits, top_k, norm_topk_prob, group_size)
 
 
 def moe_route(
@@ -410,9 +406,7 @@ def moe_route_aux(
     Returns (topk_weight, topk_idx, aux): the router kernel counts each expert's picks as it routes, a
     second kernel and a sum form the loss, and its gradient joins the router's own backward kernel.
     """
-    if torch.compiler.is_compiling():
-        return _route_aux_op(logits, top_k, norm_topk_prob, group_size, alpha)[:3]
-    return MoERouteAuxFunction.apply(logits, top_k, norm_topk_prob, group_size, alpha)
+    return _apply(MoERouteAuxFunction, _route_aux_op, logits, top_k, norm_topk_prob, group_size, alpha)[:3]
 
 
 def moe_route_with_counts(
@@ -861,16 +855,14 @@ def _experts_backward(d_out, x, topk_weight, w_gate, w_up, w_down, sorted_pair, 
 
 class MoEExpertsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_idx, topk_weight, w_gate, w_up, w_down):
-        out, *saved = _experts_forward(x, topk_idx, topk_weight, w_gate, w_up, w_down)
-        ctx.save_for_backward(x, topk_weight, w_gate, w_up, w_down, *saved)
-        return out
+    def forward(ctx, *inputs):
+        outputs = _experts_forward(*inputs)
+        _experts_setup_context(ctx, inputs, outputs)
+        return outputs
 
     @staticmethod
-    def backward(ctx, d_out):
-        x, topk_weight, *rest = ctx.saved_tensors
-        dx, d_weight, dwg, dwu, dwd = _experts_backward(d_out, x, topk_weight, *rest)
-        return dx, None, d_weight.view_as(topk_weight).to(topk_weight.dtype), dwg, dwu, dwd
+    def backward(ctx, *grads):
+        return _experts_grads(ctx, *grads, eager=True)
 
 
 @torch.library.custom_op("minimind_fast::moe_experts", mutates_args=())
@@ -909,9 +901,9 @@ def _experts_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _experts_grads(ctx, d_out, *_unused_output_grads):
+def _experts_grads(ctx, d_out, *_unused_output_grads, eager=False):
     x, topk_weight, *rest = ctx.saved_tensors
-    dx, d_weight, dwg, dwu, dwd = _experts_backward_op(d_out, x, topk_weight, *rest)
+    dx, d_weight, dwg, dwu, dwd = (_experts_backward if eager else _experts_backward_op)(d_out, x, topk_weight, *rest)
     return dx, None, d_weight.view_as(topk_weight).to(topk_weight.dtype), dwg, dwu, dwd
 
 
@@ -952,9 +944,7 @@ def moe_experts(
         chosen = "triton"
     if chosen == "torch":
         return _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down)
-    if torch.compiler.is_compiling():
-        return _experts_op(x, topk_idx, topk_weight, w_gate, w_up, w_down)[0]
-    return MoEExpertsFunction.apply(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+    return _apply(MoEExpertsFunction, _experts_op, x, topk_idx, topk_weight, w_gate, w_up, w_down)[0]
 
 
 def _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
