@@ -268,19 +268,21 @@ def _route_aux_forward(logits, top_k, norm_topk_prob, group_size, alpha):
     return weight, idx, partial.sum(), scores, counts
 
 
-# Each op below is an autograd.Function for eager mode and a custom op for torch.compile (see swiglu.py for
-# why both forms), sharing one setup_context (what backward keeps) and one gradient function; the eager
-# form calls the plain backward, the custom op's form the backward op.
-class MoERouteFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        outputs = _route_forward(*inputs)
-        _route_setup_context(ctx, inputs, outputs)
+def _eager_form(name: str, forward, setup_context, grads) -> type[torch.autograd.Function]:
+    """The autograd.Function twin of a custom op below (see swiglu.py for why both forms): the same
+    forward, setup_context (what backward keeps) and gradient function, which calls the plain backward
+    instead of the backward op."""
+
+    def function_forward(ctx, *inputs):
+        outputs = forward(*inputs)
+        setup_context(ctx, inputs, outputs)
         return outputs
 
-    @staticmethod
-    def backward(ctx, *grads):
-        return _route_grads(ctx, *grads, eager=True)
+    def function_backward(ctx, *output_grads):
+        return grads(ctx, *output_grads, eager=True)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(function_forward),
+                                                   "backward": staticmethod(function_backward)})
 
 
 # As custom ops each stays one node of the graph, so a MoE model compiles without graph breaks and
@@ -328,18 +330,7 @@ def _route_grads(ctx, d_scores, d_weight, _d_idx, _d_counts, eager=False):
 
 
 _route_op.register_autograd(_route_grads, setup_context=_route_setup_context)
-
-
-class MoERouteAuxFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        outputs = _route_aux_forward(*inputs)
-        _route_aux_setup_context(ctx, inputs, outputs)
-        return outputs
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _route_aux_grads(ctx, *grads, eager=True)
+MoERouteFunction = _eager_form("MoERouteFunction", _route_forward, _route_setup_context, _route_grads)
 
 
 @torch.library.custom_op("minimind_fast::moe_route_aux", mutates_args=())
@@ -375,6 +366,8 @@ def _route_aux_grads(ctx, d_weight, _d_idx, d_aux, _d_scores, _d_counts, eager=F
 
 
 _route_aux_op.register_autograd(_route_aux_grads, setup_context=_route_aux_setup_context)
+MoERouteAuxFunction = _eager_form("MoERouteAuxFunction", _route_aux_forward, _route_aux_setup_context,
+                                  _route_aux_grads)
 
 
 def _apply(function: type[torch.autograd.Function], op, *args) -> tuple[torch.Tensor, ...]:
@@ -853,18 +846,6 @@ def _experts_backward(d_out, x, topk_weight, w_gate, w_up, w_down, sorted_pair, 
     return _combine(dxp, n_tokens, top_k, x.dtype), dw_partial[:used].sum(0), dwg, dwu, dwd
 
 
-class MoEExpertsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        outputs = _experts_forward(*inputs)
-        _experts_setup_context(ctx, inputs, outputs)
-        return outputs
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _experts_grads(ctx, *grads, eager=True)
-
-
 @torch.library.custom_op("minimind_fast::moe_experts", mutates_args=())
 def _experts_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
                 w_up: torch.Tensor, w_down: torch.Tensor
@@ -908,6 +889,7 @@ def _experts_grads(ctx, d_out, *_unused_output_grads, eager=False):
 
 
 _experts_op.register_autograd(_experts_grads, setup_context=_experts_setup_context)
+MoEExpertsFunction = _eager_form("MoEExpertsFunction", _experts_forward, _experts_setup_context, _experts_grads)
 
 
 def moe_experts(
