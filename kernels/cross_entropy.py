@@ -8,6 +8,11 @@ it into the chunk's grad_hidden and its share of grad_weight. The gradients are 
 forward; backward only scales them by the incoming gradient over n_valid. That division happens in
 fp32 in backward, never in the 16-bit logits: (softmax - onehot) / n_valid for thousands of tokens
 is below fp16's normal range and would underflow before DeepSpeed's loss scale could lift it.
+
+Around the chunks, few launches: the mean over valid targets and the check that every target is a
+token id come from one small kernel after the chunks (`_ce_finish`), and backward's scale-and-cast is
+one kernel per gradient (`_scale_cast`); torch ops would take about a dozen more launches per step,
+which a small model's step, bound by the host's launches, pays for directly.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import triton.language as tl
 from .utils import cdiv, check_device, is_interpreter, next_power_of_2, rows_per_tile
 
 IGNORE_INDEX = -100
+SCALE_BLOCK = 1024  # elements per program of the backward's scale-and-cast
 
 
 @triton.jit
@@ -29,7 +35,9 @@ def _ce_rows(LOGITS, TARGETS, LOSS, stride, n_rows, n_cols, ignore_index,
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     target = tl.load(TARGETS + rows, mask=row_mask, other=ignore_index)
-    valid = row_mask & (target != ignore_index)
+    # A target outside the vocabulary is treated as ignored here (no out-of-bounds read) and reported
+    # by _ce_finish.
+    valid = row_mask & (target != ignore_index) & (target >= 0) & (target < n_cols)
     base = LOGITS + rows[:, None] * stride
     cols = tl.arange(0, BLOCK)
     # A finite start for the running max: padding rows (all -inf) then give exp(-inf) = 0, never NaN.
@@ -52,6 +60,40 @@ def _ce_rows(LOGITS, TARGETS, LOSS, stride, n_rows, n_cols, ignore_index,
         tl.store(base + start + cols[None, :], grad.to(LOGITS.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _ce_finish(LOSSES, TARGETS, LOSS, INV_N_VALID, ALL_VALID, n_rows, n_cols, ignore_index, BLOCK: tl.constexpr):
+    # One program: the mean loss over valid targets, 1/n_valid for backward (1 when all are ignored),
+    # and whether every target is ignored or a token id. Summed in a fixed order
+    # (no atomics), so the loss is bitwise reproducible.
+    offs = tl.arange(0, BLOCK)
+    total = tl.zeros((BLOCK,), tl.float32)
+    n_valid = tl.zeros((BLOCK,), tl.int32)
+    n_bad = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, n_rows, BLOCK):
+        rows = start + offs
+        mask = rows < n_rows
+        target = tl.load(TARGETS + rows, mask=mask, other=ignore_index)
+        counted = target != ignore_index
+        inside = (target >= 0) & (target < n_cols)
+        n_valid += (counted & inside).to(tl.int32)
+        n_bad += (counted & ~inside).to(tl.int32)
+        total += tl.load(LOSSES + rows, mask=mask, other=0.0)
+    inv = 1.0 / tl.maximum(tl.sum(n_valid, axis=0), 1).to(tl.float32)
+    tl.store(LOSS, tl.sum(total, axis=0) * inv)
+    tl.store(INV_N_VALID, inv)
+    tl.store(ALL_VALID, (tl.sum(n_bad, axis=0) == 0).to(tl.int32))
+
+
+@triton.jit
+def _scale_cast(SRC, DST, GRAD_LOSS, INV_N_VALID, n, BLOCK: tl.constexpr):
+    # dst = src * (grad_loss / n_valid), in fp32, rounded once to dst's dtype.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    scale = tl.load(GRAD_LOSS).to(tl.float32) * tl.load(INV_N_VALID)
+    x = tl.load(SRC + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DST + offs, (x * scale).to(DST.dtype.element_ty), mask=mask)
+
+
 def _chunk_rows(n_rows: int, hidden: int, vocab: int) -> int:
     """Rows per chunk: about as many logits as hidden states, so memory stays O(tokens x hidden)."""
     if is_interpreter():
@@ -59,29 +101,35 @@ def _chunk_rows(n_rows: int, hidden: int, vocab: int) -> int:
     return max(1, min(n_rows, next_power_of_2(max(1, n_rows * hidden // vocab)), 8192))
 
 
-def _inv_n_valid(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
-    """1 / (non-ignored targets), as an fp32 scalar tensor (1 when all are ignored), with every target
-    checked to be a token id. On CUDA neither touches the host: a sync here would stall the training
-    step's launches every step (the GPU then idles while the backward is queued), so a bad id trips a
-    device-side assert instead; the data pipeline has already checked ids against the vocabulary.
-    Elsewhere the check names the row."""
-    valid = targets != ignore_index
-    bad = valid & ((targets < 0) | (targets >= vocab))
+def _finish(losses: torch.Tensor, targets: torch.Tensor, vocab: int,
+            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean loss and 1/n_valid (fp32 scalars), with every target checked to be a token id. On CUDA
+    neither touches the host: a sync here would stall the training step's launches every step (the GPU
+    then idles while the backward is queued), so a bad id trips a device-side assert instead; the data
+    pipeline has already checked ids against the vocabulary. Elsewhere the check names the row."""
+    loss = losses.new_empty(())
+    inv_n_valid = losses.new_empty(())
+    all_valid = torch.empty((), dtype=torch.int32, device=losses.device)
+    _ce_finish[(1,)](losses, targets, loss, inv_n_valid, all_valid, losses.shape[0], vocab, ignore_index,
+                     BLOCK=1024)
     if targets.is_cuda:
-        torch._assert_async(~bad.any(), "linear_cross_entropy: a target is outside the vocabulary")
-    elif bad.any():
+        torch._assert_async(all_valid, "linear_cross_entropy: a target is outside the vocabulary")
+    elif not all_valid.item():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         row = int(bad.nonzero()[0, 0])
         raise ValueError(f"linear_cross_entropy: target {int(targets[row])} at row {row} is outside the "
                          f"vocabulary [0, {vocab}) and is not ignore_index={ignore_index}")
-    return 1.0 / valid.sum().clamp(min=1).to(torch.float32)
+    return loss, inv_n_valid
 
 
-def _add_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_weight (fp32) += g.T @ h, without rounding the bf16/fp16 product before it is summed."""
+def _add_weight_grad(grad_weight: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """grad_weight (fp32; None before the first chunk, which then writes it instead of adding to
+    zeros) + g.T @ h, without rounding the bf16/fp16 product before it is summed."""
     if g.is_cuda and g.dtype != torch.float32:
-        grad_weight += torch.mm(g.t(), h, out_dtype=torch.float32)
-    else:
-        grad_weight.addmm_(g.t().float(), h.float())
+        part = torch.mm(g.t(), h, out_dtype=torch.float32)
+        return part if grad_weight is None else grad_weight.add_(part)
+    g, h = g.t().float(), h.float()
+    return torch.mm(g, h) if grad_weight is None else grad_weight.addmm_(g, h)
 
 
 def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, grad_weight_needed):
@@ -90,15 +138,15 @@ def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, gr
     if weight.dim() != 2 or weight.shape[1] != dim or targets.shape != (n_rows,):
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
                          f"targets {tuple(targets.shape)} must be (N, H), (V, H) and (N,)")
-    inv_n_valid = _inv_n_valid(targets, vocab, ignore_index)
-    losses = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    targets = targets.contiguous()
+    losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # _ce_rows writes every row
     grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight_needed else None
+    grad_weight = None
     chunk = _chunk_rows(n_rows, dim, vocab)
     block = min(next_power_of_2(vocab), 4096 if not is_interpreter() else 1024)
     for start in range(0, n_rows, chunk):
         h = hidden[start:start + chunk]
-        t = targets[start:start + chunk].contiguous()
+        t = targets[start:start + chunk]
         # The interpreter's bf16 arithmetic is unreliable: give it fp32 logits (CPU testing only).
         logits = (h @ weight.t()).float() if is_interpreter() else h @ weight.t()
         rows = rows_per_tile(h.shape[0], block)
@@ -108,9 +156,12 @@ def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, gr
         g = logits.to(hidden.dtype)  # now softmax - onehot, written over the logits
         if grad_hidden is not None:
             torch.mm(g, weight, out=grad_hidden[start:start + chunk])
-        if grad_weight is not None:
-            _add_weight_grad(grad_weight, g, h)
-    return losses.sum() * inv_n_valid, grad_hidden, grad_weight, inv_n_valid
+        if grad_weight_needed:
+            grad_weight = _add_weight_grad(grad_weight, g, h)
+    if grad_weight_needed and grad_weight is None:  # no rows
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    loss, inv_n_valid = _finish(losses, targets, vocab, ignore_index)
+    return loss, grad_hidden, grad_weight, inv_n_valid
 
 
 # A custom op rather than an autograd.Function: the forward loops over chunks and (off CUDA) checks
@@ -147,12 +198,31 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _scaled(src: torch.Tensor, dtype: torch.dtype, grad_loss: torch.Tensor, inv_n_valid: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(src.shape, dtype=dtype, device=src.device)
+    if src.numel():
+        _scale_cast[(cdiv(src.numel(), SCALE_BLOCK),)](src, out, grad_loss, inv_n_valid, src.numel(), BLOCK=SCALE_BLOCK)
+    return out
+
+
+# Backward as a custom op too, so that torch.compile keeps its Triton launches as one graph node.
+@torch.library.custom_op("minimind_fast::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward_op(grad_loss: torch.Tensor, grad_hidden: torch.Tensor, grad_weight: torch.Tensor,
+                                      inv_n_valid: torch.Tensor, weight_dtype: torch.dtype
+                                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    return (_scaled(grad_hidden, grad_hidden.dtype, grad_loss, inv_n_valid),
+            _scaled(grad_weight, weight_dtype, grad_loss, inv_n_valid))
+
+
+@_linear_cross_entropy_backward_op.register_fake
+def _(grad_loss, grad_hidden, grad_weight, inv_n_valid, weight_dtype):
+    return torch.empty_like(grad_hidden), grad_weight.new_empty(grad_weight.shape, dtype=weight_dtype)
+
+
 def _backward(ctx, grad_loss, *_unused_output_grads):
     grad_hidden, grad_weight, inv_n_valid = ctx.saved_tensors
-    g = grad_loss.float() * inv_n_valid
-    dh = (grad_hidden.float() * g).to(grad_hidden.dtype) if ctx.needs[0] else None
-    dw = (grad_weight * g).to(ctx.weight_dtype) if ctx.needs[1] else None
-    return dh, dw, None, None, None, None
+    dh, dw = _linear_cross_entropy_backward_op(grad_loss, grad_hidden, grad_weight, inv_n_valid, ctx.weight_dtype)
+    return (dh if ctx.needs[0] else None), (dw if ctx.needs[1] else None), None, None, None, None
 
 
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)

@@ -167,6 +167,11 @@ def test_custom_op_registration_passes_opcheck(device):
     torch.library.opcheck(torch.ops.minimind_fast.linear_cross_entropy.default,
                           (hidden, weight, targets, -100, True, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    _, grad_hidden, grad_weight, inv_n_valid = torch.ops.minimind_fast.linear_cross_entropy(
+        hidden, weight, targets, -100, True, True)
+    torch.library.opcheck(torch.ops.minimind_fast.linear_cross_entropy_backward.default,
+                          (torch.tensor(2.0, device=device), grad_hidden, grad_weight, inv_n_valid, torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_traces_the_fused_loss(device):
@@ -197,3 +202,33 @@ def test_fp16_gradients_survive_many_tokens(device):
     for name, k, r, x in zip(("hidden", "weight"), got[1:], low[1:], exact[1:]):
         err, ref_err = (((t.double() - x).norm() / x.norm()).item() for t in (k, r))
         assert err <= 2 * ref_err + 2e-4, f"grad_{name}: relative error {err:.2e}, reference's own {ref_err:.2e}"
+
+
+def test_only_the_gemms_are_torch_ops(device):
+    """Beside its GEMMs the fused loss launches only Triton kernels, forward and backward: the mean over
+    valid targets, the target check and backward's scale-and-cast are not a dozen small torch ops, each
+    a launch from the host on a GPU (fp32 here, so that no cast is expected either). A dispatch mode
+    does not see inside a custom op, so the op's implementation is called directly."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight, targets = make_inputs(130, 64, 1000, torch.float32, device)
+    grad_loss = torch.tensor(2.0, device=device)
+    with Ops():
+        _, grad_hidden, grad_weight, inv_n_valid = ce._fused_forward(hidden, weight, targets, -100, True, True)
+        for grad in (grad_hidden, grad_weight):
+            ce._scaled(grad, grad.dtype, grad_loss, inv_n_valid)
+    views_and_allocations = {"empty", "empty_like", "new_empty", "empty_strided", "view", "t", "slice", "detach"}
+    host_check = {"_local_scalar_dense"} if device.type == "cpu" else {"_assert_async"}
+    interpreter_memory = {"set_", "copy_"} if device.type == "cpu" else set()
+    launched = set(Ops.seen) - views_and_allocations - host_check - interpreter_memory
+    assert launched <= {"mm", "addmm_", "add_"}, Ops.seen
+    assert Ops.seen["mm"] + Ops.seen["addmm_"] == 3 * 3  # 130 rows: three chunks of the interpreter's 64
