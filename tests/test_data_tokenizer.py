@@ -97,6 +97,23 @@ def test_training_bad_arguments(builtin_data, tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+def test_training_never_replaces_a_folder_holding_other_files(builtin_data, tmp_path, monkeypatch):
+    files = [builtin_data["files"]["sft"]]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="notes.txt"):
+        train_tokenizer(files, 300, data)
+    assert [p.name for p in data.iterdir()] == ["notes.txt"]
+    # A tokenizer directory is replaced (retraining), and `.` when empty is a valid output.
+    first = load_tokenizer(train_tokenizer(files, 300, tmp_path / "tok")).fingerprint
+    assert load_tokenizer(train_tokenizer(files, 320, tmp_path / "tok")).fingerprint != first
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    train_tokenizer(files, 300, ".")
+    assert load_tokenizer(tmp_path / "here").vocab_size <= 300
+
+
 def test_foreign_tokenizer_dir_is_used_as_is(builtin_data, tmp_path, hf_tok):
     """A MiniMind-style directory (its own template and config) loads unchanged; its template is used."""
     d = tmp_path / "minimind_tok"

@@ -27,6 +27,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# What a tokenizer directory may hold (ours or Hugging Face's); `--out` is replaced only if it holds no more.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
 
 
 def iter_texts(files: Iterable[str | os.PathLike]) -> Iterator[str]:
@@ -58,6 +61,7 @@ def train_tokenizer(files: list[str | os.PathLike], vocab_size: int, out_dir: st
             raise FileNotFoundError(f"{f}: no such file")
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size} is below the 256 byte tokens + special tokens")
+    check_replaceable(Path(out_dir))  # before the training, not after it
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -70,10 +74,25 @@ def train_tokenizer(files: list[str | os.PathLike], vocab_size: int, out_dir: st
     return save_tokenizer(tok, out_dir)
 
 
+def check_replaceable(out: Path) -> None:
+    """Raise ValueError unless `out` is absent, empty or a tokenizer directory: saving replaces it
+    whole, and a data or run directory named by mistake must not be deleted."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    others = sorted(p.name for p in out.iterdir() if p.name not in TOKENIZER_FILES)
+    if others:
+        raise ValueError(f"{out}: exists and holds files other than a tokenizer's ({', '.join(others[:5])}); "
+                         f"not replacing it (choose a new directory)")
+
+
 def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_replaceable(out)
+    real = out.resolve()  # `.` has no name to put a temporary sibling beside
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
     tok.save(str(tmp / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -85,9 +104,9 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
     (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (tmp / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if real.exists():
+        shutil.rmtree(real)
+    os.replace(tmp, real)
     return out
 
 
