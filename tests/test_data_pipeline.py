@@ -185,6 +185,21 @@ def test_pretrain_and_dpo_field_errors(builtin_data, tmp_path):
     assert [p.split(":")[1] for p in m["problems"]] == ["2", "3"]
 
 
+def test_line_bytes_are_utf8_with_an_optional_bom(builtin_data, tmp_path, tok):
+    """A byte-order mark is not an error; a line in another encoding is reported, not mangled."""
+    good = json.dumps({"conversations": [{"role": "user", "content": "你好"},
+                                         {"role": "assistant", "content": "你好！"}]}, ensure_ascii=False)
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\r\n" + good.encode("gbk") + b"\n" + good.encode())
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "o",
+                           TokenizeOptions(kind="sft", workers=1, val_fraction=0))
+    assert m["records"] == 2 and m["skipped"] == {"bad_unicode": 1}
+    assert m["problems"] == [f"{src}:2: bad_unicode: not UTF-8 text (invalid continuation byte at byte 48)"]
+    expected = tok.apply_chat_template(json.loads(good)["conversations"])
+    assert [tok.decode(ids.tolist(), skip_special_tokens=False) for ids, _ in _all_docs(tmp_path / "o")] == \
+        [expected, expected]
+
+
 def test_missing_input_file(builtin_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         tokenize_to_shards([tmp_path / "missing.jsonl"], builtin_data["tokenizer"], tmp_path / "o",

@@ -89,6 +89,16 @@ def test_training_is_deterministic_and_streams_all_formats(builtin_data, tmp_pat
     assert len(a.encode(" capital")) == 1
 
 
+def test_training_reads_utf8_lines_and_skips_others(tmp_path):
+    from minimind_fast.data.tokenizer import iter_texts
+
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\r\n"
+                    + json.dumps({"text": "第二"}, ensure_ascii=False).encode("gbk") + b"\n"
+                    + json.dumps({"text": "第三"}, ensure_ascii=False).encode())
+    assert list(iter_texts([src])) == ["first", "第三"]
+
+
 def test_training_bad_arguments(builtin_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         train_tokenizer([tmp_path / "nope.jsonl"], 512, tmp_path / "t")

@@ -90,7 +90,7 @@ def _fit(ids: list[int], mask: np.ndarray, opts: TokenizeOptions) -> tuple[list[
     return ids, mask
 
 
-def encode_lines(lines: list[tuple[int, str]], opts: TokenizeOptions, tok: ChatTokenizer) -> Chunk:
+def encode_lines(lines: list[tuple[int, bytes]], opts: TokenizeOptions, tok: ChatTokenizer) -> Chunk:
     """Parse and render every line, encode all texts in one batch, then build masks and fit to seq_len."""
     errors: list[tuple[int, str, str]] = []
     parsed: list[tuple[int, list[records.Doc]]] = []
@@ -156,11 +156,11 @@ def val_every(opts: TokenizeOptions, n_lines: int) -> int:
 
 
 def _chunks(path: Path):
-    """(lines with their numbers, bytes) in chunks of CHUNK_LINES, read in binary so sizes are exact."""
+    """(raw lines with their numbers, bytes) in chunks of CHUNK_LINES; `records.parse_line` decodes them."""
     with open(path, "rb") as f:
         chunk, size = [], 0
         for lineno, raw in enumerate(f, start=1):
-            chunk.append((lineno, raw.decode("utf-8", errors="replace")))
+            chunk.append((lineno, raw))
             size += len(raw)
             if len(chunk) >= CHUNK_LINES:
                 yield chunk, size

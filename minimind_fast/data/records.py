@@ -42,9 +42,12 @@ class Doc:
     tag_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
-def parse_line(line: str) -> dict:
+def parse_line(line: bytes | str) -> dict:
+    """One JSONL line, as read from the file: UTF-8 (a leading byte-order mark is allowed), one object."""
     try:
-        record = json.loads(line)
+        record = json.loads(line)  # bytes: decoded strictly, so other encodings are reported, not mangled
+    except UnicodeDecodeError as e:
+        raise RecordError("bad_unicode", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise RecordError("malformed_json", str(e)) from None
     if not isinstance(record, dict):

@@ -38,11 +38,11 @@ def iter_texts(files: Iterable[str | os.PathLike]) -> Iterator[str]:
     Streams line by line; lines that do not parse are skipped here (the shard writer reports them).
     """
     for path in files:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for line in f:
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
+                    record = json.loads(line)  # bytes: UTF-8 with or without a byte-order mark
+                except ValueError:  # not JSON, or not UTF-8
                     continue
                 if not isinstance(record, dict):
                     continue
