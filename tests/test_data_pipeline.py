@@ -200,6 +200,23 @@ def test_line_bytes_are_utf8_with_an_optional_bom(builtin_data, tmp_path, tok):
         [expected, expected]
 
 
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_unpaired_surrogate_escape_is_skipped(builtin_data, tmp_path, kind):
+    """A lone `\\ud800` escape is valid JSON but not text (the tokenizers library failed the whole run on
+    it); an escaped pair (an emoji) is kept."""
+    def record(text):
+        if kind == "pretrain":
+            return {"text": text}
+        return {"conversations": [{"role": "user", "content": text}, {"role": "assistant", "content": "Hello."}]}
+
+    src = _write(tmp_path / "s.jsonl", [record("fine"), record("half \ud800 of it"), record("\U0001F600 pair")])
+    assert "\\ud83d\\ude00" in src.read_text()
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "o",
+                           TokenizeOptions(kind=kind, workers=1, val_fraction=0))
+    assert m["records"] == 2 and m["skipped"] == {"bad_unicode": 1}
+    assert m["problems"] == [f"{src}:2: bad_unicode: unpaired surrogate \\ud800 (half of a \\u escape pair)"]
+
+
 def test_missing_input_file(builtin_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         tokenize_to_shards([tmp_path / "missing.jsonl"], builtin_data["tokenizer"], tmp_path / "o",

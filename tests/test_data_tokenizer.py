@@ -97,6 +97,8 @@ def test_training_reads_utf8_lines_and_skips_others(tmp_path):
                     + json.dumps({"text": "第二"}, ensure_ascii=False).encode("gbk") + b"\n"
                     + json.dumps({"text": "第三"}, ensure_ascii=False).encode())
     assert list(iter_texts([src])) == ["first", "第三"]
+    src.write_text(json.dumps({"text": "half \ud800"}) + "\n" + json.dumps({"text": "\U0001F600"}) + "\n")
+    assert list(iter_texts([src])) == ["\U0001F600"]
 
 
 def test_training_bad_arguments(builtin_data, tmp_path):

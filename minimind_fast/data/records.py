@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minimind_fast.data.tokenizer import ChatTokenizer
+from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer
 
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 ROLES = ("system", "user", "assistant", "tool")
@@ -127,6 +127,14 @@ def dpo_conversations(record: dict) -> tuple[list[dict], list[dict]]:
 
 def record_docs(record: dict, kind: str, tok: ChatTokenizer) -> list[Doc]:
     """The documents of one record: one, or for DPO the chosen then the rejected conversation."""
+    docs = _docs(record, kind, tok)
+    for d in docs:
+        if m := LONE_SURROGATE.search(d.text):
+            raise RecordError("bad_unicode", f"unpaired surrogate \\u{ord(m.group()):04x} (half of a \\u escape pair)")
+    return docs
+
+
+def _docs(record: dict, kind: str, tok: ChatTokenizer) -> list[Doc]:
     if kind == "pretrain":
         return [pretrain_doc(record, tok)]
     if kind in ("sft", "reasoning"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# Half of a UTF-16 pair, as a broken JSON escape ("\\ud83d") leaves: it has no UTF-8 form, and the
+# tokenizers library rejects any text holding one.
+LONE_SURROGATE = re.compile("[\\ud800-\\udfff]")
 # What a tokenizer directory may hold (ours or Hugging Face's); `--out` is replaced only if it holds no more.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt")
@@ -46,12 +50,10 @@ def iter_texts(files: Iterable[str | os.PathLike]) -> Iterator[str]:
                     continue
                 if not isinstance(record, dict):
                     continue
-                if isinstance(record.get("text"), str):
-                    yield record["text"]
+                texts = [record.get("text")]
                 for key in ("conversations", "chosen", "rejected"):
-                    for msg in record.get(key) or []:
-                        if isinstance(msg, dict) and isinstance(msg.get("content"), str):
-                            yield msg["content"]
+                    texts += [msg.get("content") for msg in record.get(key) or [] if isinstance(msg, dict)]
+                yield from (t for t in texts if isinstance(t, str) and not LONE_SURROGATE.search(t))
 
 
 def train_tokenizer(files: list[str | os.PathLike], vocab_size: int, out_dir: str | os.PathLike) -> Path:
