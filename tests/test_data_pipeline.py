@@ -217,6 +217,18 @@ def test_unpaired_surrogate_escape_is_skipped(builtin_data, tmp_path, kind):
     assert m["problems"] == [f"{src}:2: bad_unicode: unpaired surrogate \\ud800 (half of a \\u escape pair)"]
 
 
+def test_inputs_without_a_usable_record_fail(builtin_data, tmp_path):
+    """A JSON array instead of JSONL, or an empty file, stops the run instead of writing empty shards."""
+    src = tmp_path / "array.jsonl"
+    src.write_text(json.dumps([GOOD, GOOD], indent=1))
+    opts = TokenizeOptions(kind="sft", workers=1)
+    with pytest.raises(InputError, match=rf"no usable record in {src} .*{src}:1: malformed_json.*JSON array"):
+        tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "a", opts)
+    assert list((tmp_path / "a").iterdir()) == []
+    with pytest.raises(InputError, match="no usable record"):
+        tokenize_to_shards([_write(tmp_path / "empty.jsonl", [])], builtin_data["tokenizer"], tmp_path / "e", opts)
+
+
 def test_missing_input_file(builtin_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         tokenize_to_shards([tmp_path / "missing.jsonl"], builtin_data["tokenizer"], tmp_path / "o",

@@ -279,6 +279,18 @@ class _Writer:
             w.abort()
 
 
+def _nothing_usable(paths: list[Path], skipped: Counter, problems: list[str]) -> str:
+    """The error for inputs without one usable record (shards of nothing would only fail later)."""
+    msg = f"no usable record in {', '.join(map(str, paths))} (skipped: {dict(skipped) or 'none, no lines'})"
+    if problems:
+        msg += f"; first: {problems[0]}"
+    for p in paths:
+        with open(p, "rb") as f:
+            if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+                msg += f"; {p} looks like a JSON array: the input must be JSONL, one object per line"
+    return msg
+
+
 def _make_pool(opts: TokenizeOptions, tok: ChatTokenizer):
     """Worker processes for --workers > 1 (fork where available: no re-import, the tokenizer is loaded in each)."""
     if opts.workers <= 1:
@@ -331,6 +343,8 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
                 records_ok = counts.pop("records", 0)
                 totals.update(counts)
                 sources.append({**src, "records": records_ok, "skipped": dict(counts)})
+        if not writer.n_records:
+            raise InputError(_nothing_usable(paths, totals, writer.problems))
         splits = writer.finish()
     except BaseException:
         writer.abort()
