@@ -229,6 +229,25 @@ def test_val_split_and_errors(builtin_data, tmp_path):
         build_loader("sft", d, seq_len=128, micro_batch_size=2, seed=1).load_state_dict(loader.state_dict())
 
 
+@pytest.mark.parametrize("damage", ["cut", "no_kind", "not_object"])
+def test_a_damaged_manifest_is_named_by_loaders_and_stages(builtin_data, tmp_path, damage):
+    import argparse
+
+    from minimind_fast.training.stages import SFTStage
+
+    d = tmp_path / "s"
+    shutil.copytree(builtin_data["shards"]["sft"], d)
+    text = (d / "manifest.json").read_text()
+    m = json.loads(text)
+    del m["kind"]
+    (d / "manifest.json").write_text({"cut": text[:100], "no_kind": json.dumps(m), "not_object": "[]"}[damage])
+    message = rf"{d / 'manifest.json'}: (unreadable|not a shard) manifest"
+    with pytest.raises(ShardError, match=message):
+        build_loader("sft", d, seq_len=128, micro_batch_size=2)
+    with pytest.raises(ShardError, match=message):
+        SFTStage(argparse.Namespace()).open_data(d)
+
+
 def test_vocab_and_corruption_checks_name_the_shard(builtin_data, tmp_path):
     d = tmp_path / "s"
     shutil.copytree(builtin_data["shards"]["pretrain"], d)

@@ -30,25 +30,39 @@ IGNORE = -100
 ACCEPTS = {"pretrain": ("pretrain",), "sft": ("sft", "reasoning"), "reasoning": ("reasoning",), "dpo": ("dpo",)}
 
 
+def read_manifest(shard_dir: str | Path) -> dict:
+    """`shard_dir/manifest.json`, with the fields the loaders and stages rely on checked (errors name it)."""
+    path = Path(shard_dir) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{shard_dir}: no manifest.json (write shards with launch/tokenize.py)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ShardError(f"{path}: unreadable manifest ({e})") from None
+    if not (isinstance(manifest, dict) and manifest.get("kind") in ACCEPTS
+            and isinstance(manifest.get("vocab_size"), int) and isinstance(manifest.get("splits"), dict)):
+        raise ShardError(f"{path}: not a shard manifest (it needs a known 'kind', 'vocab_size' and 'splits'; "
+                         f"rewrite the shards with launch/tokenize.py --force)")
+    return manifest
+
+
 def open_split(shard_dir: str | Path, split: str, vocab_size: int | None) -> tuple[dict, list[Shard]]:
     """The manifest and the mapped shards of one split, checked against the model's `vocab_size`."""
     shard_dir = Path(shard_dir)
-    manifest_path = shard_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{shard_dir}: no manifest.json (write shards with launch/tokenize.py)")
+    manifest = read_manifest(shard_dir)
     try:
-        manifest = json.loads(manifest_path.read_text())
         entries = manifest["splits"].get(split, {}).get("shards", [])
-    except (json.JSONDecodeError, KeyError, AttributeError) as e:
-        raise ShardError(f"{manifest_path}: unreadable manifest ({e})") from None
+        files = [entry["file"] for entry in entries]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ShardError(f"{shard_dir / 'manifest.json'}: unreadable '{split}' split ({e!r})") from None
     if not entries:
         raise ShardError(f"{shard_dir}: no '{split}' split in manifest.json")
     if vocab_size is not None and manifest["vocab_size"] > vocab_size:
         raise ShardError(f"{shard_dir}: shards were tokenized with a vocabulary of {manifest['vocab_size']} "
                          f"tokens, more than the model's vocab_size {vocab_size}")
     shards = []
-    for entry in entries:
-        path = shard_dir / entry["file"]
+    for file in files:
+        path = shard_dir / file
         if not path.exists():
             raise FileNotFoundError(f"{path}: shard listed in manifest.json is missing")
         shard = Shard(path)

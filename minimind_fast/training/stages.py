@@ -8,7 +8,6 @@ metrics, faults) is the one engine in `engine.py`, so a new method is a new `Sta
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from minimind_fast.checkpoint import load_model
 from minimind_fast.config import ModelConfig, get_preset
-from minimind_fast.data.loaders import build_loader
+from minimind_fast.data.loaders import build_loader, read_manifest
 from minimind_fast.model import MiniMindForCausalLM
 
 
@@ -49,7 +48,7 @@ class Stage:
         """The manifest of `--data`, checked against the stage's data kind (raises ValueError)."""
         if not (data / "manifest.json").exists():
             raise ValueError(f"--data {data}: no manifest.json there (write shards with launch/tokenize.py)")
-        manifest = json.loads((data / "manifest.json").read_text())
+        manifest = read_manifest(data)
         accepted = {"sft": ("sft", "reasoning")}.get(self.data_kind, (self.data_kind,))
         if manifest["kind"] not in accepted:
             raise ValueError(f"--data {data} holds {manifest['kind']} shards; "
