@@ -229,6 +229,22 @@ def test_inputs_without_a_usable_record_fail(builtin_data, tmp_path):
         tokenize_to_shards([_write(tmp_path / "empty.jsonl", [])], builtin_data["tokenizer"], tmp_path / "e", opts)
 
 
+def test_dpo_prompt_as_messages_goes_before_both_replies(builtin_data, tmp_path, tok):
+    """TRL's conversational form: `prompt` holds the shared turns, chosen/rejected only the replies."""
+    user = {"role": "user", "content": "What colour is the cat?"}
+    src = _write(tmp_path / "d.jsonl", [
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": "Grey."}],
+         "rejected": [{"role": "assistant", "content": "Blue."}]},
+        {"prompt": {"role": "user", "content": "x"}, "chosen": [], "rejected": []},
+    ])
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "d",
+                           TokenizeOptions(kind="dpo", workers=1, val_fraction=0))
+    assert m["skipped"] == {"missing_field": 1}
+    texts = [tok.decode(ids.tolist(), skip_special_tokens=False) for ids, _ in _all_docs(tmp_path / "d")]
+    assert texts == [tok.apply_chat_template([user, {"role": "assistant", "content": reply}])
+                     for reply in ("Grey.", "Blue.")]
+
+
 def test_missing_input_file(builtin_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         tokenize_to_shards([tmp_path / "missing.jsonl"], builtin_data["tokenizer"], tmp_path / "o",

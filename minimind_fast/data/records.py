@@ -4,7 +4,8 @@ Pretrain: `{"text": ...}` -> `<|im_start|>` text `<|im_end|>` (MiniMind's bos/eo
 SFT / reasoning: `{"conversations": [{"role", "content"}, ...]}` rendered with the tokenizer's chat
 template; the loss mask covers each assistant reply from its first content token through its
 `<|im_end|>`. Reasoning also marks the `<think>`/`</think>`/`<answer>`/`</answer>` tags (mask value 2)
-for the extra loss weight. DPO: `{"chosen": [msgs], "rejected": [msgs]}` or prompt/chosen/rejected strings.
+for the extra loss weight. DPO: `{"chosen": [msgs], "rejected": [msgs]}` (with TRL's list `prompt`,
+the messages before both) or prompt/chosen/rejected strings.
 
 Parsing and rendering (`record_texts`) is split from encoding (`mask_from_offsets`) so that the
 pipeline can encode a whole chunk of texts in one `encode_batch` call. Problems raise `RecordError`
@@ -119,10 +120,18 @@ def dpo_conversations(record: dict) -> tuple[list[dict], list[dict]]:
         user = {"role": "user", "content": record["prompt"]}
         return ([user, {"role": "assistant", "content": record["chosen"]}],
                 [user, {"role": "assistant", "content": record["rejected"]}])
+    # A list `prompt` is the conversation before the replies (TRL's form): it belongs to both sides.
+    prompt = record.get("prompt") or []
+    if not isinstance(prompt, list):
+        raise RecordError("missing_field", "'prompt' must be a string or a list of messages")
+    sides = []
     for key in ("chosen", "rejected"):
         if key not in record:
             raise RecordError("missing_field", f"no field '{key}'")
-    return check_conversation(record["chosen"], "chosen"), check_conversation(record["rejected"], "rejected")
+        if not isinstance(record[key], list):
+            raise RecordError("missing_field", f"'{key}' must be a list of messages (or a string with a 'prompt')")
+        sides.append(check_conversation(prompt + record[key], key))
+    return sides[0], sides[1]
 
 
 def record_docs(record: dict, kind: str, tok: ChatTokenizer) -> list[Doc]:
