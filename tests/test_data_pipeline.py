@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,29 @@ def test_masks_cover_exactly_the_assistant_replies(builtin_data, tok, kind):
             assert "".join(tok.decode([t]) for t in ids[weighted]) == "<think></think><answer></answer>"
         else:
             assert not weighted.any()
+
+
+# ChatML whose assistant messages also render their `tool_calls` after the content (as MiniMind's does).
+TOOL_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+    "{% for call in m.get('tool_calls') or [] %}{{ '\\n<tool_call>' + call['name'] + '</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_mask_covers_a_replys_tool_calls(builtin_data, tmp_path, tok):
+    d = tmp_path / "tok"
+    d.mkdir()
+    shutil.copy(builtin_data["tokenizer"] / "tokenizer.json", d / "tokenizer.json")
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TOOL_TEMPLATE}))
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "Let me check.", "tool_calls": [{"name": "weather"}]},
+            {"role": "tool", "content": "20 C"}, {"role": "assistant", "content": "It is 20 C."}]
+    src = _write(tmp_path / "t.jsonl", [{"conversations": msgs}])
+    tokenize_to_shards([src], d, tmp_path / "o", TokenizeOptions(kind="sft", workers=1, val_fraction=0))
+    [(ids, mask)] = _all_docs(tmp_path / "o")
+    assert [tok.decode(ids[a:b].tolist(), skip_special_tokens=False) for a, b in _runs(mask)] == \
+        ["Let me check.\n<tool_call>weather</tool_call><|im_end|>", "It is 20 C.<|im_end|>"]
 
 
 def test_dpo_pairs(builtin_data, tok):

@@ -89,7 +89,9 @@ def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool) -> Doc:
     """The rendered conversation and the spans of its assistant replies (each through its `<|im_end|>`).
 
     A reply's span starts where the template, asked for a generation prompt after the messages before
-    it, stops; this works for any template that renders a reply as a continuation of that prompt.
+    it, stops; this works for any template that renders a reply as a continuation of that prompt. It
+    ends at the first `<|im_end|>` the reply renders: what the template adds after the content (a
+    message's `tool_calls`) is part of the reply.
     """
     text = _render(tok, msgs, False)
     doc = Doc(text)
@@ -100,8 +102,10 @@ def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool) -> Doc:
         end = start + len(m["content"])
         if text[start:end] != m["content"]:
             raise RecordError("template", "the chat template does not render a reply after its prompt")
-        if text.startswith(END, end):
-            end += len(END)
+        stop = len(_render(tok, msgs[:i + 1], False)) if i + 1 < len(msgs) else len(text)
+        close = text.find(END, end, stop)
+        if close != -1:
+            end = close + len(END)
         doc.spans.append((start, end))
         if tags:
             for tag in REASONING_TAGS:
