@@ -21,7 +21,7 @@ if __name__ != "__main__":
 else:
     import argparse
 
-    from minimind_fast.data.pipeline import KINDS, InputError, TokenizeOptions, tokenize_to_shards
+    from minimind_fast.data.pipeline import KINDS, TokenizeOptions, tokenize_to_shards
 
     def main() -> None:
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,11 +36,11 @@ else:
         p.add_argument("--strict", action="store_true", help="fail on the first bad line")
         p.add_argument("--force", action="store_true", help="rewrite even if the shards are up to date")
         args = p.parse_args()
-        opts = TokenizeOptions(kind=args.kind, seq_len=args.seq_len, overlong=args.overlong,
-                               val_fraction=args.val_fraction, strict=args.strict, workers=args.workers)
         try:
+            opts = TokenizeOptions(kind=args.kind, seq_len=args.seq_len, overlong=args.overlong,
+                                   val_fraction=args.val_fraction, strict=args.strict, workers=args.workers)
             m = tokenize_to_shards(args.data, args.tokenizer, args.out, opts, force=args.force)
-        except (InputError, FileNotFoundError) as e:
+        except (FileNotFoundError, ValueError) as e:  # bad options, inputs or tokenizer; InputError too
             sys.exit(f"error: {e}")
         train, val = m["splits"]["train"], m["splits"]["val"]
         print(f"{args.out}: train {train['tokens']:,} tokens / {train['docs']:,} docs, "

@@ -328,6 +328,15 @@ def test_cli_scripts(builtin_data, tmp_path, monkeypatch, capsys):
                 "--out", tmp_path / "b", "--workers", 1, "--strict")
 
 
+@pytest.mark.parametrize("flag, value, message", [("--seq-len", -5, "seq_len=-5"),
+                                                   ("--val-fraction", 0.7, "val_fraction=0.7")])
+def test_tokenize_script_refuses_bad_options(builtin_data, tmp_path, monkeypatch, flag, value, message):
+    with pytest.raises(SystemExit, match=f"error: {message}"):
+        _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", builtin_data["files"]["sft"],
+                "--tokenizer", builtin_data["tokenizer"], "--out", tmp_path / "o", flag, value)
+    assert not (tmp_path / "o").exists()
+
+
 def test_tokenize_script_as_a_process(builtin_data, tmp_path):
     """The real command line (launch/tokenize.py must not break the standard library's `tokenize`)."""
     r = subprocess.run([sys.executable, "launch/tokenize.py", "--kind", "dpo", "--data", builtin_data["files"]["dpo"],

@@ -49,7 +49,9 @@ class TokenizeOptions:
         if self.overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong={self.overlong!r} must be truncate or drop")
         if not 0 <= self.val_fraction < 0.5:
-            raise ValueError("val_fraction must be in [0, 0.5)")
+            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 0.5)")
+        if self.seq_len < 2:  # a negative one would cut every sample's tail off instead
+            raise ValueError(f"seq_len={self.seq_len} must be at least 2")
 
 
 class InputError(ValueError):
