@@ -148,3 +148,14 @@ def test_foreign_tokenizer_dir_is_used_as_is(builtin_data, tmp_path, hf_tok):
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_damaged_tokenizer_files_are_named(builtin_data, tmp_path):
+    d = tmp_path / "tok"
+    shutil.copytree(builtin_data["tokenizer"], d)
+    (d / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{d / 'tokenizer_config.json'}: unreadable"):
+        load_tokenizer(d)
+    (d / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(ValueError, match=rf"{d / 'tokenizer.json'}: not a readable tokenizer"):
+        load_tokenizer(d)

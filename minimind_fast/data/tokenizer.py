@@ -120,10 +120,18 @@ class ChatTokenizer:
         tok_file = self.path / "tokenizer.json" if self.path.is_dir() else self.path
         if not tok_file.is_file():
             raise FileNotFoundError(f"{self.path}: no tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(str(tok_file))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception that names no file
+            raise ValueError(f"{tok_file}: not a readable tokenizer ({e})") from None
         self.dir = tok_file.parent
         config_file = self.dir / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        except ValueError as e:
+            raise ValueError(f"{config_file}: unreadable ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file}: not a JSON object")
         self.chat_template = config.get("chat_template") or CHATML_TEMPLATE
         self.pad_token_id = self._id(config.get("pad_token"), PAD)
         self.bos_token_id = self._id(config.get("bos_token"), BOS)
