@@ -99,6 +99,10 @@ def test_training_reads_utf8_lines_and_skips_others(tmp_path):
     assert list(iter_texts([src])) == ["first", "第三"]
     src.write_text(json.dumps({"text": "half \ud800"}) + "\n" + json.dumps({"text": "\U0001F600"}) + "\n")
     assert list(iter_texts([src])) == ["\U0001F600"]
+    # Fields of the wrong type are skipped; DPO's string form is read.
+    src.write_text(json.dumps({"conversations": 5, "text": 3}) + "\n"
+                   + json.dumps({"prompt": "Q", "chosen": "good", "rejected": "bad"}) + "\n")
+    assert list(iter_texts([src])) == ["Q", "good", "bad"]
 
 
 def test_training_bad_arguments(builtin_data, tmp_path):

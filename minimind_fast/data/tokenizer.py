@@ -37,7 +37,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def iter_texts(files: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """Texts of pretrain (`text`) and conversation (`conversations`/`chosen`/`rejected`) JSONL lines.
+    """Texts of pretrain (`text`) and conversation (`conversations`/`prompt`/`chosen`/`rejected`) JSONL lines.
 
     Streams line by line; lines that do not parse are skipped here (the shard writer reports them).
     """
@@ -51,8 +51,11 @@ def iter_texts(files: Iterable[str | os.PathLike]) -> Iterator[str]:
                 if not isinstance(record, dict):
                     continue
                 texts = [record.get("text")]
-                for key in ("conversations", "chosen", "rejected"):
-                    texts += [msg.get("content") for msg in record.get(key) or [] if isinstance(msg, dict)]
+                for key in ("conversations", "prompt", "chosen", "rejected"):
+                    msgs = record.get(key)  # messages, or a string (DPO's prompt/chosen/rejected form)
+                    if not isinstance(msgs, list):
+                        msgs = [{"content": msgs}]
+                    texts += [m.get("content") for m in msgs if isinstance(m, dict)]
                 yield from (t for t in texts if isinstance(t, str) and not LONE_SURROGATE.search(t))
 
 
