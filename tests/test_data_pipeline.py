@@ -269,6 +269,14 @@ def test_dpo_prompt_as_messages_goes_before_both_replies(builtin_data, tmp_path,
                      for reply in ("Grey.", "Blue.")]
 
 
+def test_line_counts_include_a_last_line_without_newline(tmp_path):
+    from minimind_fast.data.pipeline import file_digest
+
+    for content, lines in ((b"", 0), (b"{}\n", 1), (b"{}\r\n{}", 2), (b"{}\n\n{}\n", 3)):
+        (tmp_path / "f").write_bytes(content)
+        assert file_digest(tmp_path / "f")[1] == lines, content
+
+
 def test_missing_input_file(builtin_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         tokenize_to_shards([tmp_path / "missing.jsonl"], builtin_data["tokenizer"], tmp_path / "o",

@@ -139,12 +139,13 @@ MIN_VAL_RECORDS = 8  # a held-out split smaller than this is too noisy to evalua
 
 def file_digest(path: Path) -> tuple[str, int]:
     """sha256 and line count of a file, in one streamed pass."""
-    h, lines = hashlib.sha256(), 0
+    h, lines, last = hashlib.sha256(), 0, b"\n"
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
             lines += block.count(b"\n")
-    return h.hexdigest(), lines
+            last = block[-1:]
+    return h.hexdigest(), lines + (last != b"\n")  # a last line without its newline counts too
 
 
 def val_every(opts: TokenizeOptions, n_lines: int) -> int:
