@@ -37,6 +37,9 @@ class GenerationConfig:
     seed: int | None = None
     do_sample: bool = True
 
+    # torch.Generator.manual_seed takes any 64-bit value, signed or not, and overflows beyond.
+    SEED_RANGE = (-2**63, 2**64 - 1)
+
     def __post_init__(self) -> None:
         problems = []
         if self.max_new_tokens < 1:
@@ -49,6 +52,8 @@ class GenerationConfig:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not self.SEED_RANGE[0] <= self.seed <= self.SEED_RANGE[1]:
+            problems.append(f"seed must fit in 64 bits, got {self.seed}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -176,6 +181,12 @@ class SlotKVCache:
 
 # ------------------------------------------------------------------------------------------ decoder
 
+def _generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,)).item()))
+    return generator
+
+
 class TokenEvent(NamedTuple):
     """One new token of the sequence `key`; `finish` is None, "stop" (stop token/string) or "length"."""
 
@@ -239,6 +250,8 @@ class Decoder:
             if len(p) + configs[i].max_new_tokens > self.max_len:
                 raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {configs[i].max_new_tokens}"
                                  f" exceeds the context length {self.max_len}")
+        # Seeded before any row changes, so that a refused seed leaves the decoder as it was.
+        generators = [_generator(config.seed) for config in configs]
         start, width = len(self.live), max(len(p) for p in prompts)
         stop = start + len(prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -257,7 +270,7 @@ class Decoder:
         self.logits[start:stop] = logits.float()
         cache.slot[start:stop] = width
         self.positions[start:stop] = positions[:, -1:] + 1
-        for i, (key, config) in enumerate(zip(keys, configs)):
+        for i, (key, config, generator) in enumerate(zip(keys, configs, generators)):
             row = start + i
             self.slots_used[row] = width
             self.params[:, row] = torch.tensor([config.temperature if not config.greedy else 0.0,
@@ -268,9 +281,6 @@ class Decoder:
             if self.seen is not None:
                 self.seen[row] = False
                 self.seen[row, ids[i][real[i]]] = True
-            generator = torch.Generator()
-            generator.manual_seed(config.seed if config.seed is not None
-                                  else int(torch.randint(2**62, (1,)).item()))
             self.live.append(_Row(key, config, generator))
 
     # ------------------------------------------------------------------ stepping

@@ -219,6 +219,9 @@ def test_bad_requests_are_refused_with_a_reason():
         GenerationConfig(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         GenerationConfig(temperature=-1)
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        GenerationConfig(seed=2**64)
+    assert GenerationConfig(seed=2**64 - 1).seed == 2**64 - 1 and GenerationConfig(seed=-2**63).seed == -2**63
 
 
 @pytest.mark.gpu

@@ -132,10 +132,10 @@ class Engine:
                 del self._live[key]
 
     def _fail_all(self, error: Exception) -> None:
-        for key, handle in list(self._live.items()):
-            self.decoder.cancel(key)
+        for handle in self._live.values():
             handle.deliver(error)
         self._live.clear()
+        self.decoder.clear()  # also rows a failed admission left behind, which would fail every later step
         with self._cond:
             while self._waiting:
                 self._waiting.popleft().deliver(error)

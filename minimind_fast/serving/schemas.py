@@ -42,7 +42,7 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0)  # extension
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**64 - 1)  # what torch's generators take
     stream: bool = False
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(default=0.0, ge=0, le=0)  # not implemented: only 0 accepted
