@@ -244,15 +244,17 @@ class Decoder:
         """Prefill several prompts in one left-padded forward pass into free rows."""
         if len(prompts) > self.free_rows:
             raise RuntimeError(f"{len(prompts)} prompts but only {self.free_rows} free rows")
+        width = max((len(p) for p in prompts), default=0)
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty (needs at least one token)")
-            if len(p) + configs[i].max_new_tokens > self.max_len:
-                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {configs[i].max_new_tokens}"
-                                 f" exceeds the context length {self.max_len}")
+            # Every row's slots start after the left padding: the longest prompt counts for all.
+            if width + configs[i].max_new_tokens > self.max_len:
+                raise ValueError(f"prompt {i}: {len(p)} tokens (left-padded to {width}) + max_new_tokens "
+                                 f"{configs[i].max_new_tokens} exceeds the context length {self.max_len}")
         # Seeded before any row changes, so that a refused seed leaves the decoder as it was.
         generators = [_generator(config.seed) for config in configs]
-        start, width = len(self.live), max(len(p) for p in prompts)
+        start = len(self.live)
         stop = start + len(prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         real = torch.zeros((len(prompts), width), dtype=torch.bool)

@@ -237,3 +237,13 @@ def test_cuda_graph_decoding_matches_eager(preset):
     later = [[7, 8], [60, 61, 62, 63, 64]]
     config = GenerationConfig(max_new_tokens=20, **GREEDY)
     assert generate(model, later, config) == [greedy_without_cache(model, p, 20)[0] for p in later]
+
+
+def test_a_batch_whose_padding_leaves_no_room_is_refused():
+    """A short prompt prefilled beside a long one starts after the padding; it must not be cut short."""
+    model = _model("tiny")
+    decoder = Decoder(model, max_batch=2, max_len=32, cuda_graph=False)
+    configs = [GenerationConfig(max_new_tokens=4, **GREEDY), GenerationConfig(max_new_tokens=20, **GREEDY)]
+    with pytest.raises(ValueError, match=r"prompt 1: 2 tokens \(left-padded to 20\)"):
+        decoder.add_batch([0, 1], [list(range(3, 23)), [5, 6]], configs)
+    assert decoder.live == [] and decoder.free_rows == 2

@@ -189,3 +189,31 @@ def test_a_failed_admission_does_not_break_later_requests(model_dir):
         asyncio.run(scenario())
     finally:
         engine.stop()
+
+
+def test_a_short_prompt_joining_with_a_long_one_gets_all_its_tokens(model_dir):
+    """Left padding to the longest prompt of a prefill must not eat into another request's max_tokens."""
+    model, tok = load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir)
+    engine = Engine(model, tok, max_batch=4, max_len=64)
+    long, short = list(range(3, 53)), [1, 5, 6]
+    greedy = dict(temperature=0, stop_token_ids=[])
+
+    async def tokens_of(handle) -> list[int]:
+        out = []
+        while (item := await asyncio.wait_for(handle.events.get(), 30)) is not None:
+            assert not isinstance(item, Exception), item
+            out.append(item.token)
+        return out
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        first = engine.submit(long, GenerationConfig(max_new_tokens=4, **greedy))
+        second = engine.submit(short, GenerationConfig(max_new_tokens=40, **greedy))
+        engine.start()
+        return await tokens_of(first), await tokens_of(second)
+
+    try:
+        got_long, got_short = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert got_long == generate(model, [long], GenerationConfig(max_new_tokens=4, **greedy))[0]
+    assert got_short == generate(model, [short], GenerationConfig(max_new_tokens=40, **greedy))[0]

@@ -93,11 +93,14 @@ class Engine:
                     self._cond.wait()
                 if self._stop:
                     break
-                joining = []
+                joining: list[Handle] = []
                 while self._waiting and len(joining) < self.decoder.free_rows:
-                    handle = self._waiting.popleft()
-                    if not handle.cancelled:
-                        joining.append(handle)
+                    if self._waiting[0].cancelled:
+                        self._waiting.popleft()
+                    elif joining and not self._fit_together([*joining, self._waiting[0]]):
+                        break  # padding it in would cut another's max_tokens short: it joins next step
+                    else:
+                        joining.append(self._waiting.popleft())
             try:
                 self._drop_cancelled()
                 if joining:
@@ -112,6 +115,11 @@ class Engine:
                 log.exception("generation step failed")
                 self._fail_all(e)
         self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _fit_together(self, handles: list[Handle]) -> bool:
+        """Whether one prefill, left-padded to the longest prompt, leaves each request its max_new_tokens."""
+        width = max(len(h.prompt) for h in handles)
+        return all(width + h.config.max_new_tokens <= self.max_len for h in handles)
 
     def _admit(self, joining: list[Handle]) -> None:
         try:
