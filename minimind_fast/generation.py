@@ -56,6 +56,8 @@ class GenerationConfig:
             problems.append(f"seed must fit in 64 bits, got {self.seed}")
         if problems:
             raise ValueError("; ".join(problems))
+        # "" occurs in every text: as a stop string it would end each reply at its first token.
+        self.stop_strings = [s for s in self.stop_strings if s]
 
     @property
     def greedy(self) -> bool:

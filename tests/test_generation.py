@@ -136,6 +136,9 @@ def test_stop_string_ends_the_row_on_the_token_that_completes_it():
     assert generate(model, [[5, 17, 33]], config, tokenizer=LetterTokenizer())[0] == free[:end]
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, [[5, 17, 33]], config)
+    # An empty stop string matches nothing (as the streamed text treats it), not every reply at once.
+    config = GenerationConfig(max_new_tokens=12, temperature=0, stop_token_ids=[], stop_strings=[""])
+    assert generate(model, [[5, 17, 33]], config, tokenizer=LetterTokenizer())[0] == free
 
 
 def test_streaming_yields_the_tokens_of_generate():
