@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from minimind_fast.checkpoint import is_hf_dir, load_model, resolve_model_dir
+from minimind_fast.data.records import ROLES
 from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
 
@@ -188,21 +189,43 @@ def encode_prompt(tokenizer: ChatTokenizer, record: dict, mode: str) -> list[int
     return chat_prompt(tokenizer, messages)
 
 
-def read_prompts(path: str | os.PathLike) -> list[dict]:
+def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[dict]:
+    """The records of a JSONL of prompts; a bad line raises ValueError naming the file, line and field."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str)
-                                                 or isinstance(rec.get("conversations"), list)):
-                raise ValueError(f"{path}:{lineno}: needs a 'prompt' string or a 'conversations' list")
+            problem = _record_problem(rec, mode)
+            if problem:
+                raise ValueError(f"{path}:{lineno}: {problem}")
             records.append(rec)
     return records
+
+
+def _record_problem(rec, mode: str) -> str | None:
+    """Why `encode_prompt` cannot render this record in `mode`, or None."""
+    if not isinstance(rec, dict):
+        return "a line must hold a JSON object"
+    if isinstance(rec.get("prompt"), str):
+        return None
+    if mode == "pretrain":
+        return "needs a 'prompt' string (--mode pretrain continues raw text)"
+    msgs = rec.get("conversations")
+    if not isinstance(msgs, list) or not msgs:
+        return "needs a 'prompt' string or a non-empty 'conversations' list"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return f"'conversations'[{i}] needs a role in {ROLES} and a string content"
+    return None
 
 
 def answer_file(model, tokenizer: ChatTokenizer, config: GenerationConfig, in_path: str | os.PathLike,
@@ -212,7 +235,7 @@ def answer_file(model, tokenizer: ChatTokenizer, config: GenerationConfig, in_pa
 
     The output appears only when complete (written to a temporary file, then renamed).
     """
-    records = read_prompts(in_path)
+    records = read_prompts(in_path, mode)
     config.stop_token_ids = sorted({*config.stop_token_ids, tokenizer.eos_token_id})
     budget = model.config.max_position_embeddings - config.max_new_tokens
     tmp = f"{out_path}.tmp"

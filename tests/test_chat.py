@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,23 @@ def test_answer_file_writes_every_answer_or_nothing(loaded, tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
         answer_file(model, tok, config, bad, tmp_path / "never.jsonl")
     assert not (tmp_path / "never.jsonl").exists() and not (tmp_path / "never.jsonl.tmp").exists()
+
+
+@pytest.mark.parametrize("content, mode, needle", [
+    (b'{"conversations": []}\n', "chat", "non-empty 'conversations'"),
+    (b'{"conversations": [{"role": "user"}]}\n', "chat", "'conversations'[0] needs a role"),
+    (b'{"conversations": [{"role": "user", "content": "Hi"}, 3]}\n', "chat", "'conversations'[1]"),
+    (b'[1, 2]\n', "chat", "JSON object"),
+    (b'{"prompt": "Hi"}\n{"prompt": "caf\xe9"}\n', "chat", "bad.jsonl:2: not UTF-8"),
+    (b'{"conversations": [{"role": "user", "content": "Hi"}]}\n', "pretrain", "needs a 'prompt' string"),
+])
+def test_answer_file_names_the_line_and_field_of_a_bad_record(loaded, tmp_path, content, mode, needle):
+    model, tok = loaded
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(needle)) as err:
+        answer_file(model, tok, GenerationConfig(max_new_tokens=2), bad, tmp_path / "out.jsonl", mode=mode)
+    assert str(err.value).startswith(f"{bad}:") and not (tmp_path / "out.jsonl").exists()
 
 
 def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
