@@ -47,18 +47,21 @@ def main() -> None:
         sys.exit("error: --batch needs --output")
     if a.seed is not None:
         torch.manual_seed(a.seed)
+    if a.batch_size < 1:
+        sys.exit(f"error: --batch-size must be >= 1, got {a.batch_size}")
     try:
         tokenizer = find_tokenizer(a.model, a.tokenizer)
         model = load_chat_model(a.model, a.device, a.dtype, a.lora)
         config = generation_config(a, [tokenizer.eos_token_id], a.stop)
-    except (FileNotFoundError, ValueError) as e:
+        run(a, model, tokenizer, config)
+    except (OSError, ValueError) as e:  # bad paths, files or flags (e.g. more new tokens than the context)
         sys.exit(f"error: {e}")
+
+
+def run(a: argparse.Namespace, model, tokenizer, config) -> None:
     graph = not a.no_cuda_graph
     if a.batch:
-        try:
-            n = answer_file(model, tokenizer, config, a.batch, a.output, a.batch_size, a.mode, cuda_graph=graph)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
+        n = answer_file(model, tokenizer, config, a.batch, a.output, a.batch_size, a.mode, cuda_graph=graph)
         print(f"answered {n} prompts -> {a.output}")
     elif a.mode == "pretrain":
         ids = encode_prompt(tokenizer, {"prompt": a.prompt or ""}, "pretrain")

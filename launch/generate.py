@@ -29,8 +29,8 @@ def main() -> None:
     add_sampling_arguments(p, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=0)
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    config = generation_config(a, stop_token_ids=[])
     try:
+        config = generation_config(a, stop_token_ids=[])
         if a.preset:
             model = MiniMindForCausalLM(get_preset(a.preset)).to(pick_device(a.device)).eval()
             tokenizer, ids = None, [b % model.config.vocab_size for b in a.prompt.encode()]
@@ -39,11 +39,11 @@ def main() -> None:
             model = load_chat_model(a.model, a.device, a.dtype, a.lora)
             config.stop_token_ids = [tokenizer.eos_token_id]
             ids = [tokenizer.bos_token_id, *tokenizer.encode(a.prompt)]
+        start = time.perf_counter()
+        new = generate(model, [ids], config, cuda_graph=not a.no_cuda_graph)[0]
+        seconds = time.perf_counter() - start
     except (FileNotFoundError, KeyError, ValueError) as e:
         sys.exit(f"error: {e}")
-    start = time.perf_counter()
-    new = generate(model, [ids], config, cuda_graph=not a.no_cuda_graph)[0]
-    seconds = time.perf_counter() - start
     print(a.prompt + tokenizer.decode(new) if tokenizer else f"prompt ids {ids}\nnew ids {new}")
     print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
 

@@ -144,3 +144,21 @@ def test_cli_reports_bad_arguments_clearly(model_dir, tmp_path):
     assert run.returncode != 0 and "missing: no such model" in run.stderr and "Traceback" not in run.stderr
     run = _cli("--model", str(model_dir), "--lora", str(tmp_path), "--prompt", "Hello")
     assert run.returncode != 0 and "adapter" in run.stderr and "Traceback" not in run.stderr
+    for mode in ("chat", "pretrain"):  # the context holds 160 tokens
+        run = _cli("--model", str(model_dir), "--mode", mode, "--prompt", "Hello", "--max-new-tokens", "500")
+        assert run.returncode != 0 and "max_new_tokens" in run.stderr and "Traceback" not in run.stderr
+    run = _cli("--model", str(model_dir), "--batch", str(tmp_path / "in.jsonl"), "--output", "o.jsonl",
+               "--batch-size", "0")
+    assert run.returncode != 0 and "--batch-size must be >= 1" in run.stderr
+
+
+@pytest.mark.parametrize("source, args, needle", [
+    ("model", ["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    ("model", ["--max-new-tokens", "100000"], "exceeds the context length"),
+    ("preset", ["--prompt", ""], "empty"),
+])
+def test_generate_cli_reports_bad_arguments_clearly(model_dir, source, args, needle):
+    src = ["--model", str(model_dir)] if source == "model" else ["--preset", "tiny"]
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), *src, *args],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr, run.stderr
