@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--default-max-tokens", type=int, default=512, help="when a request gives no max_tokens")
     a = p.parse_args()
+    if a.default_max_tokens < 1:
+        sys.exit(f"error: --default-max-tokens must be >= 1, got {a.default_max_tokens}")
     try:
         tokenizer = find_tokenizer(a.model, a.tokenizer)
         model = load_chat_model(a.model, a.device, a.dtype, a.lora)

@@ -217,3 +217,12 @@ def test_a_short_prompt_joining_with_a_long_one_gets_all_its_tokens(model_dir):
         engine.stop()
     assert got_long == generate(model, [long], GenerationConfig(max_new_tokens=4, **greedy))[0]
     assert got_short == generate(model, [short], GenerationConfig(max_new_tokens=40, **greedy))[0]
+
+
+def test_engine_and_app_refuse_settings_that_can_serve_nothing(model_dir):
+    model, tok = load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir)
+    for kw in (dict(max_batch=0), dict(max_queue=0), dict(max_len=-1)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            Engine(model, tok, **kw)
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        create_app(Engine(model, tok, max_batch=1, max_len=64), NAME, default_max_tokens=0)

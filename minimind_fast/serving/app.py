@@ -26,6 +26,8 @@ from minimind_fast.serving.engine import Engine, Handle, QueueFull
 
 def create_app(engine: Engine, model_name: str, default_max_tokens: int = 512) -> FastAPI:
     """The API over a started `engine`; `model_name` is the only model id it accepts."""
+    if default_max_tokens < 1:
+        raise ValueError(f"default_max_tokens must be >= 1, got {default_max_tokens}")
     app = FastAPI(title="minimind_fast", docs_url=None, redoc_url=None)
     tokenizer = engine.tokenizer
     created = int(time.time())

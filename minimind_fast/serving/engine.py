@@ -42,6 +42,10 @@ class Handle:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None,
                  max_queue: int = 64, cuda_graph: bool = True):
+        # With no row the worker would spin on a queue it can never serve.
+        if max_batch < 1 or max_queue < 1 or (max_len is not None and max_len < 1):
+            raise ValueError(f"max_batch ({max_batch}), max_queue ({max_queue}) and max_len ({max_len}) "
+                             "must be >= 1")
         self.tokenizer = tokenizer
         self.max_len = min(max_len or model.config.max_position_embeddings,
                            model.config.max_position_embeddings)
