@@ -93,6 +93,12 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor | int, top_p: torch.
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def _top_at_zero(logits: torch.Tensor) -> torch.Tensor:
+    """Logits shifted so that each row's largest is 0: divided by a tiny temperature they then go to
+    -inf, never to +inf (whose softmax is NaN); the distribution is unchanged."""
+    return logits - logits.amax(-1, keepdim=True)
+
+
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   penalty: torch.Tensor, seen: torch.Tensor | None, uniform: torch.Tensor,
                   all_greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +112,10 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     logits = logits.float()
     greedy = temperature <= 0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    logprobs = (logits / scale).log_softmax(-1)
+    logprobs = (_top_at_zero(logits) / scale).log_softmax(-1)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, penalty[:, None])
-    scaled = logits / scale
+    scaled = _top_at_zero(logits) / scale
     if all_greedy:  # skip the sort and the CDF: a few kernels less per decoding step
         tokens = scaled.argmax(-1)
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)

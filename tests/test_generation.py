@@ -195,6 +195,11 @@ def test_sampling_inverts_the_filtered_cdf_with_temperature():
     tokens, _ = sample_tokens(logits[:2], temperature[:2], torch.tensor([2, 2]), ones[:2], ones[:2], None,
                               torch.tensor([p0 - 1e-3, 0.999]))
     assert tokens.tolist() == [0, 1]
+    # A temperature so small that logits / T overflows still picks the top token with log-prob 0.
+    tiny = torch.full((4,), 1e-38)
+    tokens, logprobs = sample_tokens(logits.flip(-1) * torch.tensor([[10.0], [-10.0], [10.0], [-10.0]]), tiny,
+                                     torch.zeros(4, dtype=torch.long), ones, ones, None, u)
+    assert tokens.tolist() == [3, 0, 3, 0] and logprobs.tolist() == [0.0] * 4
 
 
 def test_repetition_penalty_matches_the_ctrl_rule():
