@@ -14,17 +14,21 @@ shapes) defaults to MiniMind2's 8. Any ModelConfig field can be set with --set N
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from minimind_fast import checkpoint, interop
+from minimind_fast.config import ModelConfig
 
 # Overrides with their own flags (the ones a MiniMind2 user may need); --set covers every other field.
 OVERRIDE_FLAGS = {
     "num_attention_heads": int, "num_key_value_heads": int, "hidden_size": int, "num_hidden_layers": int,
     "rope_theta": float, "rms_norm_eps": float, "max_position_embeddings": int, "num_experts_per_tok": int,
 }
+
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
 
 
 def parse_set(items: list[str]) -> dict:
@@ -34,6 +38,9 @@ def parse_set(items: list[str]) -> dict:
         name, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set {item!r}: expected NAME=VALUE")
+        if name not in CONFIG_FIELDS:
+            raise SystemExit(f"--set {item!r}: {name!r} is not a ModelConfig field "
+                             f"(one of {', '.join(sorted(CONFIG_FIELDS))})")
         try:
             out[name] = json.loads(value)
         except json.JSONDecodeError:

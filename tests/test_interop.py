@@ -420,6 +420,10 @@ def test_convert_cli_round_trip(tmp_path, tokenizer_dir, capsys):
     assert main(["from-minimind", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 1
     assert "nope.pth" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit, match="'hidden-size' is not a ModelConfig field"):
+        main(["from-minimind", str(tmp_path / "full_sft_64.pth"), "--out", str(tmp_path / "x"),
+              "--num-attention-heads", "4", "--set", "hidden-size=64"])
+    assert not (tmp_path / "x").exists()
 
 
 def test_convert_cli_merge_lora_and_refuses_foreign_out(tmp_path):
