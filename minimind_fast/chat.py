@@ -41,9 +41,18 @@ def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike |
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """`device` as a torch.device ("auto": CUDA when present); ValueError for one that cannot be used."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a device name ({e})") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: {torch.cuda.device_count()} CUDA device(s) available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available")
+    return dev
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

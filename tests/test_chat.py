@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from minimind_fast import MiniMindForCausalLM, get_preset
-from minimind_fast.chat import ChatSession, TextStream, answer_file, chat_prompt, find_tokenizer, load_chat_model
+from minimind_fast.chat import (
+    ChatSession,
+    TextStream,
+    answer_file,
+    chat_prompt,
+    find_tokenizer,
+    load_chat_model,
+    pick_device,
+)
 from minimind_fast.checkpoint import save_model_dir
 from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
 from minimind_fast.generation import GenerationConfig, generate
@@ -162,3 +170,11 @@ def test_generate_cli_reports_bad_arguments_clearly(model_dir, source, args, nee
     run = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), *src, *args],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_an_unusable_device_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="'foo' is not a device name"):
+        pick_device("foo")
+    with pytest.raises(ValueError, match=r"'cuda:99': \d+ CUDA device\(s\) available"):
+        pick_device("cuda:99")
+    assert pick_device("cpu") == torch.device("cpu")
