@@ -18,6 +18,7 @@ from minimind_fast.chat import (
     ChatSession,
     TextStream,
     answer_file,
+    check_vocab,
     encode_prompt,
     find_tokenizer,
     load_chat_model,
@@ -52,6 +53,7 @@ def main() -> None:
     try:
         tokenizer = find_tokenizer(a.model, a.tokenizer)
         model = load_chat_model(a.model, a.device, a.dtype, a.lora)
+        check_vocab(tokenizer, model)
         config = generation_config(a, [tokenizer.eos_token_id], a.stop)
         run(a, model, tokenizer, config)
     except (OSError, ValueError) as e:  # bad paths, files or flags (e.g. more new tokens than the context)

@@ -14,7 +14,7 @@ import time
 import torch
 
 from minimind_fast import MiniMindForCausalLM, get_preset
-from minimind_fast.chat import find_tokenizer, load_chat_model, pick_device
+from minimind_fast.chat import check_vocab, find_tokenizer, load_chat_model, pick_device
 from minimind_fast.generation import generate
 from minimind_fast.inference_args import add_model_arguments, add_sampling_arguments, generation_config
 
@@ -37,6 +37,7 @@ def main() -> None:
         else:
             tokenizer = find_tokenizer(a.model, a.tokenizer)
             model = load_chat_model(a.model, a.device, a.dtype, a.lora)
+            check_vocab(tokenizer, model)
             config.stop_token_ids = [tokenizer.eos_token_id]
             ids = [tokenizer.bos_token_id, *tokenizer.encode(a.prompt)]
         start = time.perf_counter()

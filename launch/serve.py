@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minimind_fast.chat import find_tokenizer, load_chat_model
+from minimind_fast.chat import check_vocab, find_tokenizer, load_chat_model
 from minimind_fast.inference_args import add_model_arguments
 from minimind_fast.serving.app import serve
 from minimind_fast.serving.engine import Engine
@@ -33,6 +33,7 @@ def main() -> None:
     try:
         tokenizer = find_tokenizer(a.model, a.tokenizer)
         model = load_chat_model(a.model, a.device, a.dtype, a.lora)
+        check_vocab(tokenizer, model)
         engine = Engine(model, tokenizer, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
                         cuda_graph=not a.no_cuda_graph).start()
     except (FileNotFoundError, ValueError) as e:

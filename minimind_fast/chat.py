@@ -78,6 +78,13 @@ def load_chat_model(path: str | os.PathLike, device: str = "auto", dtype: str = 
     return model.to(device=dev, dtype=torch_dtype).eval()
 
 
+def check_vocab(tokenizer: ChatTokenizer, model) -> None:
+    """Refuse a tokenizer with ids the model has no embedding for: they would fail mid-generation."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer DIR)")
+
+
 def _adapter_beside(path: str | os.PathLike) -> Path | None:
     """A LoRA run's model directory keeps the base weights with the adapter in `adapter/`: loading the
     run means the fine-tuned model, so the adapter is applied (say so; `lora="none"` keeps the base)."""

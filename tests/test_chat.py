@@ -158,6 +158,11 @@ def test_cli_reports_bad_arguments_clearly(model_dir, tmp_path):
     run = _cli("--model", str(model_dir), "--batch", str(tmp_path / "in.jsonl"), "--output", "o.jsonl",
                "--batch-size", "0")
     assert run.returncode != 0 and "--batch-size must be >= 1" in run.stderr
+    small = MiniMindForCausalLM(get_preset("tiny", vocab_size=280, max_position_embeddings=160))
+    save_model_dir(small, tmp_path / "small", tokenizer_dir=model_dir)  # a tokenizer with more tokens
+    run = _cli("--model", str(tmp_path / "small"), "--prompt", "What colour is the cat?", "--max-new-tokens", "8")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "the tokenizer has 320 tokens but the model's vocab_size is 280" in run.stderr
 
 
 @pytest.mark.parametrize("source, args, needle", [
