@@ -13,6 +13,7 @@ CDF, so a seeded row samples the same tokens whatever else shares its batch.
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Hashable, Iterator
@@ -44,14 +45,15 @@ class GenerationConfig:
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        # Written so that NaN fails too: it would turn every probability into NaN and pick token 0.
+        if not 0 <= self.temperature < math.inf:
+            problems.append(f"temperature must be >= 0 and finite, got {self.temperature}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            problems.append(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
         if self.seed is not None and not self.SEED_RANGE[0] <= self.seed <= self.SEED_RANGE[1]:
             problems.append(f"seed must fit in 64 bits, got {self.seed}")
         if problems:

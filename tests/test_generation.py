@@ -227,6 +227,11 @@ def test_bad_requests_are_refused_with_a_reason():
         GenerationConfig(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         GenerationConfig(temperature=-1)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be >= 0 and finite"):
+            GenerationConfig(temperature=bad)
+        with pytest.raises(ValueError, match="repetition_penalty must be > 0 and finite"):
+            GenerationConfig(repetition_penalty=bad)
     with pytest.raises(ValueError, match="seed must fit in 64 bits"):
         GenerationConfig(seed=2**64)
     assert GenerationConfig(seed=2**64 - 1).seed == 2**64 - 1 and GenerationConfig(seed=-2**63).seed == -2**63

@@ -135,6 +135,7 @@ def test_bad_requests_get_400_with_a_message(server):
         ({**good, "temperature": -1}, "temperature"),
         ({**good, "n": 2}, "n"),
         ({**good, "seed": 2**70}, "seed"),
+        ({**good, "repetition_penalty": float("inf")}, "repetition_penalty"),  # json.dumps writes Infinity
         ({"messages": good["messages"]}, "model"),
         ({**good, "messages": [{"role": "user", "content": "cat " * 200}]}, "context"),
     ]

@@ -39,7 +39,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)  # extension (vLLM-style)
-    repetition_penalty: float = Field(default=1.0, gt=0)  # extension
+    repetition_penalty: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # extension
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-2**63, le=2**64 - 1)  # what torch's generators take
