@@ -270,6 +270,35 @@ def test_vocab_and_corruption_checks_name_the_shard(builtin_data, tmp_path):
         build_loader("pretrain", d, seq_len=32, micro_batch_size=2)
 
 
+def test_shards_that_disagree_with_the_manifest_are_named(builtin_data, tmp_path):
+    d = tmp_path / "s"
+    shutil.copytree(builtin_data["shards"]["sft"], d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    train, val = d / "train-00000.bin", d / "val-00000.bin"
+    good = train.read_bytes()
+    # a shard of another tokenization: valid on its own, same size, another vocabulary in its header
+    data = bytearray(good)
+    data[40:48] = (manifest["vocab_size"] - 24).to_bytes(8, "little")
+    train.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"train-00000\.bin: vocab_size is {manifest['vocab_size'] - 24}, "
+                                         rf"manifest.json lists {manifest['vocab_size']}"):
+        build_loader("sft", d, seq_len=128, micro_batch_size=2, vocab_size=manifest["vocab_size"])
+    # another run's shard copied over this one (a self-consistent file of another size)
+    train.write_bytes(val.read_bytes())
+    with pytest.raises(ShardError, match=rf"train-00000\.bin: bytes is {val.stat().st_size}, manifest.json lists "
+                                         rf"{len(good)}"):
+        build_loader("sft", d, seq_len=128, micro_batch_size=2)
+    train.write_bytes(good)
+    entry = manifest["splits"]["train"]["shards"][0]
+    for field in ("tokens", "docs"):
+        m = json.loads(json.dumps(manifest))
+        m["splits"]["train"]["shards"][0][field] += 1
+        (d / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ShardError, match=rf"train-00000\.bin: {field} is {entry[field]}, "
+                                             rf"manifest.json lists {entry[field] + 1}"):
+            build_loader("sft", d, seq_len=128, micro_batch_size=2)
+
+
 def test_prefetch_thread_gives_the_same_batches(builtin_data):
     plain = build_loader("sft", builtin_data["shards"]["sft"], seq_len=128, micro_batch_size=2, seed=2)
     ahead = build_loader("sft", builtin_data["shards"]["sft"], seq_len=128, micro_batch_size=2, seed=2, prefetch=3)

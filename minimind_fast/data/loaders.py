@@ -61,17 +61,29 @@ def open_split(shard_dir: str | Path, split: str, vocab_size: int | None) -> tup
         raise ShardError(f"{shard_dir}: shards were tokenized with a vocabulary of {manifest['vocab_size']} "
                          f"tokens, more than the model's vocab_size {vocab_size}")
     shards = []
-    for file in files:
+    for file, entry in zip(files, entries):
         path = shard_dir / file
         if not path.exists():
             raise FileNotFoundError(f"{path}: shard listed in manifest.json is missing")
+        # A shard truncated or swapped in from another run can still be self-consistent; only its
+        # manifest entry tells. Header and stat only: a full read would cost minutes on a big corpus.
+        _expect_listed(path, "bytes", path.stat().st_size, entry.get("bytes"))
         shard = Shard(path)
+        _expect_listed(path, "vocab_size", shard.vocab_size, manifest["vocab_size"])
+        _expect_listed(path, "tokens", shard.n_tokens, entry.get("tokens"))
+        _expect_listed(path, "docs", shard.n_docs, entry.get("docs"))
         if shard.kind != manifest["kind"]:
             raise ShardError(f"{path}: a {shard.kind} shard in a {manifest['kind']} manifest")
         if vocab_size is not None:
             shard.check_vocab(vocab_size)
         shards.append(shard)
     return manifest, shards
+
+
+def _expect_listed(path: Path, field: str, actual: int, listed) -> None:
+    if actual != listed:
+        raise ShardError(f"{path}: {field} is {actual}, manifest.json lists {listed} (the shard was truncated or "
+                         f"replaced after tokenizing; rewrite the shards with launch/tokenize.py --force)")
 
 
 def check_resume_state(saved: dict, mine: dict, keys: tuple[str, ...], items: str) -> None:
