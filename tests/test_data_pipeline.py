@@ -302,6 +302,34 @@ def test_rerun_skips_and_workers_do_not_change_bytes(builtin_data, tmp_path):
     assert not list((tmp_path / "a").glob("*.tmp"))
 
 
+def test_a_new_pipeline_version_rewrites_the_shards(builtin_data, tmp_path, monkeypatch, capsys):
+    from minimind_fast.data import pipeline
+
+    src, out = builtin_data["files"]["sft"], tmp_path / "a"
+    opts = TokenizeOptions(kind="sft", seq_len=128, workers=1, val_fraction=0.05)
+    tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
+    capsys.readouterr()
+    monkeypatch.setattr(pipeline, "PIPELINE_VERSION", pipeline.PIPELINE_VERSION + 1)
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
+    assert "up to date" not in capsys.readouterr().out
+    assert m["signature"]["pipeline_version"] == pipeline.PIPELINE_VERSION
+    tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_a_rerun_removes_the_shards_it_no_longer_lists(builtin_data, tmp_path):
+    src, out = builtin_data["files"]["pretrain"], tmp_path / "r"
+    many = TokenizeOptions(kind="pretrain", workers=1, val_fraction=0.05, max_shard_tokens=1000)
+    assert len(tokenize_to_shards([src], builtin_data["tokenizer"], out, many)["splits"]["train"]["shards"]) > 2
+    for name in ("train-extra.bin", "notes.txt"):  # not shard names: never ours to delete
+        (out / name).write_text("keep")
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], out, TokenizeOptions(kind="pretrain", workers=1,
+                                                                                   val_fraction=0.05))
+    listed = {s["file"] for split in m["splits"].values() for s in split["shards"]}
+    assert listed == {"train-00000.bin", "val-00000.bin"}
+    assert {p.name for p in out.iterdir()} == listed | {"manifest.json", "train-extra.bin", "notes.txt"}
+
+
 @pytest.mark.parametrize("kind", ["pretrain", "dpo"])
 def test_shards_roll_over(builtin_data, tmp_path, kind):
     opts = TokenizeOptions(kind=kind, seq_len=128, workers=1, val_fraction=0.05, max_shard_tokens=1000)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,10 @@ KINDS = ("pretrain", "sft", "reasoning", "dpo")
 MANIFEST = "manifest.json"
 CHUNK_LINES = 500  # small enough that even a few-MB file spreads over every worker
 MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are complete)
+# Bump whenever this code would write other shards from the same inputs (rendering, masks, splits):
+# it is part of the up-to-date signature, so a rerun after such a fix rewrites the shards.
+PIPELINE_VERSION = 1
+SHARD_NAME = re.compile(r"(train|val)-\d{5,}\.bin")  # as _SplitWriter names them
 
 
 @dataclass
@@ -226,8 +231,8 @@ def _signature(files: list[Path], tok: ChatTokenizer, opts: TokenizeOptions) -> 
     for f in files:
         digest, lines = file_digest(f)
         sources.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "lines": lines, "sha256": digest})
-    return {"format_version": VERSION, "tokenizer_fingerprint": tok.fingerprint, "options": opts_d,
-            "sources": sources}
+    return {"format_version": VERSION, "pipeline_version": PIPELINE_VERSION,
+            "tokenizer_fingerprint": tok.fingerprint, "options": opts_d, "sources": sources}
 
 
 def up_to_date(out: Path, signature: dict) -> bool:
@@ -369,4 +374,13 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / MANIFEST)
+    _remove_stale_shards(out, splits)
     return manifest
+
+
+def _remove_stale_shards(out: Path, splits: dict) -> None:
+    """Delete shard files an earlier, larger run left behind: the new manifest does not list them."""
+    listed = {s["file"] for split in splits.values() for s in split["shards"]}
+    for path in out.iterdir():
+        if SHARD_NAME.fullmatch(path.name) and path.name not in listed and path.is_file():
+            path.unlink()
