@@ -131,6 +131,39 @@ def test_mask_covers_a_replys_tool_calls(builtin_data, tmp_path, tok):
         ["Let me check.\n<tool_call>weather</tool_call><|im_end|>", "It is 20 C.<|im_end|>"]
 
 
+# minimind-3's shape: every assistant turn opens with a think block (empty unless the reply has one,
+# which it reformats), and so does the generation prompt.
+THINK_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% set c = m['content'] %}{% set r = '' %}"
+    "{% if '</think>' in c %}{% set r = c.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{% set c = c.split('</think>')[-1].lstrip('\\n') %}{% endif %}"
+    "{{ '<|im_start|>assistant\\n<think>\\n' + r + '\\n</think>\\n\\n' + c + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{% endif %}")
+
+
+def _tokenizer_with(builtin_data, d, template):
+    d.mkdir()
+    shutil.copy(builtin_data["tokenizer"] / "tokenizer.json", d / "tokenizer.json")
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return d
+
+
+@pytest.mark.parametrize("kind", ["sft", "reasoning"])
+def test_mask_covers_the_think_block_a_template_inserts(builtin_data, tmp_path, tok, kind):
+    d = _tokenizer_with(builtin_data, tmp_path / "tok", THINK_TEMPLATE)
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"}]
+    src = _write(tmp_path / "t.jsonl", [{"conversations": msgs}])
+    m = tokenize_to_shards([src], d, tmp_path / "o", TokenizeOptions(kind=kind, workers=1, val_fraction=0))
+    assert m["skipped"] == {}
+    [(ids, mask)] = _all_docs(tmp_path / "o")
+    assert [tok.decode(ids[a:b].tolist(), skip_special_tokens=False) for a, b in _runs(mask)] == \
+        ["<think>\n\n</think>\n\nHello.<|im_end|>", "<think>\nadd\n</think>\n\n4<|im_end|>"]
+    weighted = "".join(tok.decode([t]) for t in ids[mask == 2])
+    assert weighted == ("<think></think><think></think>" if kind == "reasoning" else "")
+
+
 def test_dpo_pairs(builtin_data, tok):
     records = _records(builtin_data["files"]["dpo"])
     manifest = json.loads((builtin_data["shards"]["dpo"] / "manifest.json").read_text())

@@ -2,10 +2,11 @@
 
 Pretrain: `{"text": ...}` -> `<|im_start|>` text `<|im_end|>` (MiniMind's bos/eos around each document).
 SFT / reasoning: `{"conversations": [{"role", "content"}, ...]}` rendered with the tokenizer's chat
-template; the loss mask covers each assistant reply from its first content token through its
-`<|im_end|>`. Reasoning also marks the `<think>`/`</think>`/`<answer>`/`</answer>` tags (mask value 2)
-for the extra loss weight. DPO: `{"chosen": [msgs], "rejected": [msgs]}` (with TRL's list `prompt`,
-the messages before both) or prompt/chosen/rejected strings.
+template; the loss mask covers each assistant turn from after its `<|im_start|>assistant\n` through
+its `<|im_end|>` (what the template renders there included, such as minimind-3's `<think>` block).
+Reasoning also marks the `<think>`/`</think>`/`<answer>`/`</answer>` tags (mask value 2) for the
+extra loss weight. DPO: `{"chosen": [msgs], "rejected": [msgs]}` (with TRL's list `prompt`, the
+messages before both) or prompt/chosen/rejected strings.
 
 Parsing and rendering (`record_texts`) is split from encoding (`mask_from_offsets`) so that the
 pipeline can encode a whole chunk of texts in one `encode_batch` call. Problems raise `RecordError`
@@ -24,6 +25,7 @@ from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 ROLES = ("system", "user", "assistant", "tool")
 END = "<|im_end|>"
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
 
 
 class RecordError(ValueError):
@@ -88,24 +90,28 @@ def _render(tok: ChatTokenizer, msgs: list[dict], add_generation_prompt: bool) -
 def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool) -> Doc:
     """The rendered conversation and the spans of its assistant replies (each through its `<|im_end|>`).
 
-    A reply's span starts where the template, asked for a generation prompt after the messages before
-    it, stops; this works for any template that renders a reply as a continuation of that prompt. It
-    ends at the first `<|im_end|>` the reply renders: what the template adds after the content (a
-    message's `tool_calls`) is part of the reply.
+    A reply's turn starts where the rendering of the messages before it stops. Its span starts after
+    the turn's ChatML header `<|im_start|>assistant\n`, so that whatever the template renders into
+    the reply (an empty `<think>` block, reasoning it reformats, `tool_calls`) is learned, as MiniMind
+    masks it; a template without that header gets the span from where its generation prompt stops.
+    The span ends at the first `<|im_end|>` of the turn.
     """
     text = _render(tok, msgs, False)
     doc = Doc(text)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(_render(tok, msgs[:i], True))
-        end = start + len(m["content"])
-        if text[start:end] != m["content"]:
-            raise RecordError("template", "the chat template does not render a reply after its prompt")
+        before = _render(tok, msgs[:i], False)
         stop = len(_render(tok, msgs[:i + 1], False)) if i + 1 < len(msgs) else len(text)
-        close = text.find(END, end, stop)
-        if close != -1:
-            end = close + len(END)
+        if text.startswith(ASSISTANT_HEADER, len(before)):
+            start = len(before) + len(ASSISTANT_HEADER)
+        else:
+            start = len(_render(tok, msgs[:i], True))
+        close = text.find(END, start, stop)
+        end = close + len(END) if close != -1 else start + len(m["content"])
+        if (not text.startswith(before) or not len(before) <= start <= end <= stop
+                or (close == -1 and text[start:end] != m["content"])):
+            raise RecordError("template", "the chat template does not render a reply after its prompt")
         doc.spans.append((start, end))
         if tags:
             for tag in REASONING_TAGS:
