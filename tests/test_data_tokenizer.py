@@ -149,6 +149,21 @@ def test_foreign_tokenizer_dir_is_used_as_is(builtin_data, tmp_path, hf_tok):
     assert rendered == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
+def test_tools_render_as_transformers_renders_them(builtin_data, tmp_path):
+    d = tmp_path / "tok"
+    d.mkdir()
+    shutil.copy(builtin_data["tokenizer"] / "tokenizer.json", d / "tokenizer.json")
+    template = "{% for t in tools %}{{ t | tojson }}\n{% endfor %}" + CHATML_TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    from transformers import AutoTokenizer
+
+    tools = [{"type": "function", "function": {"name": "天气", "description": "a <city>'s weather & more"}}]
+    rendered = load_tokenizer(d).apply_chat_template(CONVERSATIONS[0], tools=tools)
+    assert rendered.startswith(json.dumps(tools[0], ensure_ascii=False) + "\n<|im_start|>user")
+    assert rendered == AutoTokenizer.from_pretrained(str(d)).apply_chat_template(CONVERSATIONS[0], tools=tools,
+                                                                                  tokenize=False)
+
+
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path)

@@ -171,6 +171,9 @@ class ChatTokenizer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # transformers' tojson, which templates render tools with: jinja's own sorts the keys and
+        # escapes non-ASCII and <>&', so training text would differ from what inference renders.
+        env.filters["tojson"] = _tojson
         return env.from_string(self.chat_template)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
@@ -190,6 +193,11 @@ class ChatTokenizer:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (self.dir / name).exists():
                 shutil.copy2(self.dir / name, Path(out_dir) / name)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def load_tokenizer(path: str | os.PathLike) -> ChatTokenizer:
