@@ -164,6 +164,57 @@ def test_mask_covers_the_think_block_a_template_inserts(builtin_data, tmp_path, 
     assert weighted == ("<think></think><think></think>" if kind == "reasoning" else "")
 
 
+# MiniMind's way with tools: the definitions open the system turn, a reply's calls follow its content.
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\n' + messages[0]['content'] + '\\n<tools>' }}"
+    "{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
+    "{% for m in messages %}{% if not (tools and loop.first) %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}{% set f = c.function or c %}"
+    "{{ '<tool_call>' + f.name + ' ' + f.arguments + '</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"city": "string"}}}
+
+
+def _tool_records():
+    call = {"type": "function", "function": {"name": "weather", "arguments": "Paris"}}
+    turns = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": None, "tool_calls": [call]},  # OpenAI's form
+             {"role": "tool", "content": "20 C"}, {"role": "assistant", "content": "It is 20 C."}]
+    minimind2 = [{"role": "system", "content": "Be brief.", "functions": [WEATHER]}, *turns]
+    # minimind-3 stores the definitions under `tools` and both lists as JSON strings
+    minimind3 = [{"role": "system", "content": "Be brief.", "tools": json.dumps([WEATHER])}, turns[0],
+                 {**turns[1], "tool_calls": json.dumps([call])}, *turns[2:]]
+    return [{"conversations": minimind2}, {"conversations": minimind3}]
+
+
+def test_tool_definitions_reach_the_template(builtin_data, tmp_path, tok):
+    d = _tokenizer_with(builtin_data, tmp_path / "tok", TOOLS_TEMPLATE)
+    src = _write(tmp_path / "t.jsonl", _tool_records())
+    m = tokenize_to_shards([src], d, tmp_path / "o", TokenizeOptions(kind="sft", workers=1, val_fraction=0))
+    assert m["skipped"] == {} and m["records"] == 2
+    for ids, mask in _all_docs(tmp_path / "o"):
+        text = tok.decode(ids.tolist(), skip_special_tokens=False)
+        assert text.startswith("<|im_start|>system\nBe brief.\n<tools>\n" + json.dumps(WEATHER) + "\n</tools>")
+        assert [tok.decode(ids[a:b].tolist(), skip_special_tokens=False) for a, b in _runs(mask)] == \
+            ["<tool_call>weather Paris</tool_call><|im_end|>", "It is 20 C.<|im_end|>"]
+
+
+def test_tools_a_template_drops_are_reported(builtin_data, tmp_path, tok):
+    from minimind_fast.data.records import RecordError, record_docs
+
+    minimind2, _ = _tool_records()
+    with pytest.raises(RecordError, match="template: .*tool definitions"):  # our ChatML renders no tools
+        record_docs(minimind2, "sft", tok)
+    without_tools = {"conversations": [m for m in minimind2["conversations"] if m["role"] != "system"]}
+    with pytest.raises(RecordError, match="template: .*message 1's tool_calls"):
+        record_docs(without_tools, "sft", tok)
+    bad = {"conversations": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None, "tool_calls": "[oops"}]}
+    with pytest.raises(RecordError, match=r"bad_message: 'conversations'\[1\]\.tool_calls is a string but not JSON"):
+        record_docs(bad, "sft", tok)
+
+
 def test_dpo_pairs(builtin_data, tok):
     records = _records(builtin_data["files"]["dpo"])
     manifest = json.loads((builtin_data["shards"]["dpo"] / "manifest.json").read_text())

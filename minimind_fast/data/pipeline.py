@@ -34,7 +34,7 @@ CHUNK_LINES = 500  # small enough that even a few-MB file spreads over every wor
 MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are complete)
 # Bump whenever this code would write other shards from the same inputs (rendering, masks, splits):
 # it is part of the up-to-date signature, so a rerun after such a fix rewrites the shards.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 SHARD_NAME = re.compile(r"(train|val)-\d{5,}\.bin")  # as _SplitWriter names them
 
 

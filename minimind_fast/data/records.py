@@ -26,6 +26,7 @@ REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 ROLES = ("system", "user", "assistant", "tool")
 END = "<|im_end|>"
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
+TOOL_FIELDS = ("tools", "functions")  # a system message's tool definitions: minimind-3's name, MiniMind2's
 
 
 class RecordError(ValueError):
@@ -58,17 +59,67 @@ def parse_line(line: bytes | str) -> dict:
     return record
 
 
+def _object_list(m: dict, key: str, where: str) -> list[dict] | None:
+    """A message's list of objects (`tool_calls`, `tools`), also as the JSON string minimind-3 stores."""
+    value = m.get(key)
+    if isinstance(value, str) and value.strip():
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RecordError("bad_message", f"{where}.{key} is a string but not JSON") from None
+    if not value:
+        return None
+    if not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+        raise RecordError("bad_message", f"{where}.{key} must be a list of objects")
+    return value
+
+
 def check_conversation(msgs, field: str) -> list[dict]:
+    """The messages, checked; copies with `tool_calls` and tool definitions decoded, and an OpenAI-style
+    reply that only calls tools (`"content": null`) given an empty content."""
     if not isinstance(msgs, list):
         raise RecordError("missing_field", f"'{field}' must be a list of messages")
     if not msgs:
         raise RecordError("empty_conversation", f"'{field}' is empty")
+    out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise RecordError("bad_message", f"'{field}'[{i}] needs a role in {ROLES} and a string content")
-    if not any(m["role"] == "assistant" and m["content"] for m in msgs):
+        where = f"'{field}'[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RecordError("bad_message", f"{where} needs a role in {ROLES} and a string content")
+        m = dict(m)
+        if calls := _object_list(m, "tool_calls", where):
+            m["tool_calls"] = calls
+            if m["role"] == "assistant" and m.get("content") is None:
+                m["content"] = ""
+        if not isinstance(m.get("content"), str):
+            raise RecordError("bad_message", f"{where} needs a role in {ROLES} and a string content")
+        for key in TOOL_FIELDS:
+            if m["role"] == "system" and key in m:
+                m[key] = _object_list(m, key, where)
+        out.append(m)
+    if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in out):
         raise RecordError("empty_conversation", f"'{field}' has no non-empty assistant message")
-    return msgs
+    return out
+
+
+def conversation_tools(msgs: list[dict]) -> list[dict] | None:
+    """The tool definitions of a system message, which MiniMind hands its chat template as `tools=`."""
+    for m in msgs:
+        if m["role"] == "system":
+            for key in TOOL_FIELDS:
+                if m.get(key):
+                    return m[key]
+    return None
+
+
+def _names(items: list[dict]) -> list[str]:
+    """The function names of tool definitions or calls (OpenAI nests them under "function")."""
+    names = []
+    for item in items:
+        fn = item.get("function") if isinstance(item.get("function"), dict) else item
+        if isinstance(fn.get("name"), str) and fn["name"]:
+            names.append(fn["name"])
+    return names
 
 
 def pretrain_doc(record: dict, tok: ChatTokenizer) -> Doc:
@@ -80,9 +131,10 @@ def pretrain_doc(record: dict, tok: ChatTokenizer) -> Doc:
     return Doc(text)
 
 
-def _render(tok: ChatTokenizer, msgs: list[dict], add_generation_prompt: bool) -> str:
+def _render(tok: ChatTokenizer, msgs: list[dict], add_generation_prompt: bool, tools: list[dict] | None) -> str:
+    kwargs = {"tools": tools} if tools else {}  # none: our ChatML keeps its jinja-free fast path
     try:
-        return tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+        return tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as e:  # a template error is a property of this record (e.g. no system message)
         raise RecordError("template", f"the chat template failed: {e}") from None
 
@@ -96,22 +148,28 @@ def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool) -> Doc:
     masks it; a template without that header gets the span from where its generation prompt stops.
     The span ends at the first `<|im_end|>` of the turn.
     """
-    text = _render(tok, msgs, False)
+    tools = conversation_tools(msgs)
+    text = _render(tok, msgs, False, tools)
+    # A template that drops the tools or a reply's calls would teach replies to an unseen request.
+    if tools and not all(name in text for name in _names(tools)):
+        raise RecordError("template", "the chat template does not render the tool definitions (tools=)")
     doc = Doc(text)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        before = _render(tok, msgs[:i], False)
-        stop = len(_render(tok, msgs[:i + 1], False)) if i + 1 < len(msgs) else len(text)
+        before = _render(tok, msgs[:i], False, tools)
+        stop = len(_render(tok, msgs[:i + 1], False, tools)) if i + 1 < len(msgs) else len(text)
         if text.startswith(ASSISTANT_HEADER, len(before)):
             start = len(before) + len(ASSISTANT_HEADER)
         else:
-            start = len(_render(tok, msgs[:i], True))
+            start = len(_render(tok, msgs[:i], True, tools))
         close = text.find(END, start, stop)
         end = close + len(END) if close != -1 else start + len(m["content"])
         if (not text.startswith(before) or not len(before) <= start <= end <= stop
                 or (close == -1 and text[start:end] != m["content"])):
             raise RecordError("template", "the chat template does not render a reply after its prompt")
+        if not all(name in text[start:end] for name in _names(m.get("tool_calls") or [])):
+            raise RecordError("template", f"the chat template does not render message {i}'s tool_calls")
         doc.spans.append((start, end))
         if tags:
             for tag in REASONING_TAGS:
