@@ -121,17 +121,16 @@ def test_reasoning_loss_weight(builtin_data):
 def test_dpo_pairs(builtin_data):
     shard_dir = builtin_data["shards"]["dpo"]
     [shard] = _stream(shard_dir)
-    pairs = {}
-    for i in range(0, shard.n_docs, 2):
-        rej_ids, rej_mask = shard.doc(i + 1)
-        pairs[tuple(np.asarray(shard.doc(i)[0]).tolist())] = (np.asarray(rej_ids, np.int64), np.asarray(rej_mask))
     loader = build_loader("dpo", shard_dir, seq_len=128, micro_batch_size=3)
     batch = next(iter(loader))
     assert loader.tokens_per_batch == 2 * 3 * 128
-    for r in range(3):
+    for r, pair in enumerate(batch["pair_index"].tolist()):
         chosen = batch["chosen_input_ids"][r]
         chosen = chosen[: int(torch.nonzero(chosen).max()) + 1].tolist()
-        rej_ids, rej_mask = pairs[tuple(chosen)]  # the row's rejected side is the same record's
+        assert chosen == np.asarray(shard.doc(2 * pair)[0]).tolist()
+        # the row's rejected side is the same record's (the corpus repeats some chosen replies)
+        rej_ids, rej_mask = (np.asarray(a) for a in shard.doc(2 * pair + 1))
+        rej_ids = rej_ids.astype(np.int64)
         n = len(rej_ids)
         assert batch["rejected_input_ids"][r, :n].tolist() == rej_ids.tolist()
         assert (batch["rejected_input_ids"][r, n:] == 0).all()

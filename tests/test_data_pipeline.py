@@ -42,7 +42,7 @@ def _split_records(records, val_count):
     every = val_every(TokenizeOptions(kind="sft", val_fraction=0.05), len(records))
     val = [r for i, r in enumerate(records) if i % every == every - 1]
     train = [r for i, r in enumerate(records) if i % every != every - 1]
-    assert len(val) == val_count >= 8
+    assert len(val) == val_count == len(records) // 20
     return train, val
 
 
@@ -79,7 +79,7 @@ def test_manifest_records_provenance(builtin_data, tok):
     [s] = m["sources"]
     assert s["bytes"] == src.stat().st_size and s["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert s["records"] == len(_records(src)) == m["records"]
-    assert m["skipped"] == {} and m["splits"]["val"]["docs"] >= 8
+    assert m["skipped"] == {} and m["splits"]["val"]["docs"] == 150 // 20  # every 20th of 150 records
 
 
 @pytest.mark.parametrize("kind", ["sft", "reasoning"])
@@ -351,6 +351,13 @@ def test_dpo_prompt_as_messages_goes_before_both_replies(builtin_data, tmp_path,
     texts = [tok.decode(ids.tolist(), skip_special_tokens=False) for ids, _ in _all_docs(tmp_path / "d")]
     assert texts == [tok.apply_chat_template([user, {"role": "assistant", "content": reply}])
                      for reply in ("Grey.", "Blue.")]
+
+
+@pytest.mark.parametrize(("fraction", "lines", "held_out"),
+                         [(0.01, 20, 1), (0.01, 1000, 10), (0.1, 20, 2), (0.25, 10, 2), (0.01, 1, 0), (0.0, 20, 0)])
+def test_val_split_keeps_to_its_fraction(fraction, lines, held_out):
+    every = val_every(TokenizeOptions(kind="sft", val_fraction=fraction), lines)
+    assert sum(1 for i in range(lines) if every and i % every == every - 1) == held_out
 
 
 def test_line_counts_include_a_last_line_without_newline(tmp_path):

@@ -34,7 +34,7 @@ CHUNK_LINES = 500  # small enough that even a few-MB file spreads over every wor
 MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are complete)
 # Bump whenever this code would write other shards from the same inputs (rendering, masks, splits):
 # it is part of the up-to-date signature, so a rerun after such a fix rewrites the shards.
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 SHARD_NAME = re.compile(r"(train|val)-\d{5,}\.bin")  # as _SplitWriter names them
 
 
@@ -139,9 +139,6 @@ def _encode_chunk(args) -> Chunk:
 
 
 # --- driver ----------------------------------------------------------------------------------
-MIN_VAL_RECORDS = 8  # a held-out split smaller than this is too noisy to evaluate on
-
-
 def file_digest(path: Path) -> tuple[str, int]:
     """sha256 and line count of a file, in one streamed pass."""
     h, lines, last = hashlib.sha256(), 0, b"\n"
@@ -154,13 +151,11 @@ def file_digest(path: Path) -> tuple[str, int]:
 
 
 def val_every(opts: TokenizeOptions, n_lines: int) -> int:
-    """Hold out every n-th record: 1 / val_fraction, lowered on small inputs to keep MIN_VAL_RECORDS."""
+    """Hold out every n-th record, n = round(1 / val_fraction): never a larger share than asked for,
+    except that an input of fewer than n lines still holds out one (its last), unless it has one line."""
     if opts.val_fraction <= 0:
         return 0
-    every = round(1 / opts.val_fraction)
-    if n_lines // every < MIN_VAL_RECORDS:
-        every = max(2, n_lines // MIN_VAL_RECORDS)
-    return every
+    return max(2, min(round(1 / opts.val_fraction), n_lines))
 
 
 def _chunks(path: Path):
