@@ -408,6 +408,19 @@ def test_a_new_pipeline_version_rewrites_the_shards(builtin_data, tmp_path, monk
     assert "up to date" in capsys.readouterr().out
 
 
+def test_a_new_chat_template_rewrites_the_shards(builtin_data, tmp_path, capsys, tok):
+    d = _tokenizer_with(builtin_data, tmp_path / "tok", TOOL_TEMPLATE)
+    src, out = builtin_data["files"]["sft"], tmp_path / "a"
+    opts = TokenizeOptions(kind="sft", seq_len=128, workers=1, val_fraction=0.05)
+    tokenize_to_shards([src], d, out, opts)
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": THINK_TEMPLATE}))
+    capsys.readouterr()
+    tokenize_to_shards([src], d, out, opts)
+    assert "up to date" not in capsys.readouterr().out
+    ids, _ = _all_docs(out)[0]
+    assert "<|im_start|>assistant\n<think>" in tok.decode(ids.tolist(), skip_special_tokens=False)
+
+
 def test_a_rerun_removes_the_shards_it_no_longer_lists(builtin_data, tmp_path):
     src, out = builtin_data["files"]["pretrain"], tmp_path / "r"
     many = TokenizeOptions(kind="pretrain", workers=1, val_fraction=0.05, max_shard_tokens=1000)

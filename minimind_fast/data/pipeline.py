@@ -226,8 +226,13 @@ def _signature(files: list[Path], tok: ChatTokenizer, opts: TokenizeOptions) -> 
     for f in files:
         digest, lines = file_digest(f)
         sources.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "lines": lines, "sha256": digest})
+    # The fingerprint covers tokenizer.json only; the chat template and bos/eos of tokenizer_config.json
+    # shape the shards too.
+    config = {"chat_template": hashlib.sha256(tok.chat_template.encode()).hexdigest()[:16],
+              "bos_eos": [tok.bos_token_id, tok.eos_token_id]}
     return {"format_version": VERSION, "pipeline_version": PIPELINE_VERSION,
-            "tokenizer_fingerprint": tok.fingerprint, "options": opts_d, "sources": sources}
+            "tokenizer_fingerprint": tok.fingerprint, "tokenizer_config": config, "options": opts_d,
+            "sources": sources}
 
 
 def up_to_date(out: Path, signature: dict) -> bool:
