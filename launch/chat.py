@@ -51,6 +51,8 @@ def main() -> None:
     if a.batch_size < 1:
         sys.exit(f"error: --batch-size must be >= 1, got {a.batch_size}")
     try:
+        check_utf8(a.prompt, "--prompt")
+        check_utf8(a.system, "--system")
         tokenizer = find_tokenizer(a.model, a.tokenizer)
         model = load_chat_model(a.model, a.device, a.dtype, a.lora)
         check_vocab(tokenizer, model)
@@ -58,6 +60,15 @@ def main() -> None:
         run(a, model, tokenizer, config)
     except (OSError, ValueError) as e:  # bad paths, files or flags (e.g. more new tokens than the context)
         sys.exit(f"error: {e}")
+
+
+def check_utf8(text: str | None, what: str) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape), which the tokenizer
+    rejects with a TypeError: refuse them here, naming where they came from."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8") from None
 
 
 def run(a: argparse.Namespace, model, tokenizer, config) -> None:
@@ -87,12 +98,23 @@ def run(a: argparse.Namespace, model, tokenizer, config) -> None:
 
 def interactive(session: ChatSession) -> None:
     print("Chat (/reset clears the history, /exit quits)")
+    typed = sys.stdin.isatty()  # a person can retype a line; a piped script's later lines may depend on it
+    lineno = 0
     while True:
+        lineno += 1
         try:
             text = input("you> ").strip()
+            check_utf8(text, f"stdin line {lineno}")
         except (EOFError, KeyboardInterrupt):
             print()
             return
+        except ValueError as e:  # check_utf8's, or a strict stdin's UnicodeDecodeError
+            # A strict stdin decodes ahead of the line handed out, so its error cannot name the line.
+            problem = "stdin is not valid UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
+            if not typed:
+                raise ValueError(problem) from None
+            print(f"\n({problem}: type it again)", file=sys.stderr)
+            continue
         if text == "/exit":
             return
         if text == "/reset":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -183,3 +184,24 @@ def test_an_unusable_device_is_a_value_error_naming_it():
     with pytest.raises(ValueError, match=r"'cuda:99': \d+ CUDA device\(s\) available"):
         pick_device("cuda:99")
     assert pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("stdin_encoding", ["utf-8:surrogateescape", "utf-8:strict"])
+def test_cli_refuses_input_that_is_not_utf8(model_dir, stdin_encoding):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": stdin_encoding}
+    chat = [sys.executable, str(ROOT / "launch" / "chat.py"), "--model", str(model_dir), "--temperature", "0",
+            "--max-new-tokens", "3"]
+    run = subprocess.run(chat, input=b"Hello\ncaf\xe9\nHello\n", capture_output=True, timeout=120, env=env, cwd=ROOT)
+    assert run.returncode != 0 and b"Traceback" not in run.stderr, run.stderr
+    assert b"not valid UTF-8" in run.stderr
+    run = subprocess.run([*chat, "--prompt", os.fsdecode(b"caf\xe9")], capture_output=True, timeout=120, env=env,
+                         cwd=ROOT)
+    assert run.returncode != 0 and b"error: --prompt is not valid UTF-8" in run.stderr, run.stderr
+    # At a terminal the line is refused and the chat goes on.
+    master, slave = pty.openpty()
+    os.write(master, b"caf\xe9\nHello\n/exit\n")  # the terminal hands these out a line per read
+    run = subprocess.run(chat, stdin=slave, capture_output=True, timeout=120, env=env, cwd=ROOT)
+    os.close(slave)
+    os.close(master)
+    assert run.returncode == 0 and b"not valid UTF-8: type it again" in run.stderr, run.stderr
+    assert run.stdout.count(b"model> ") == 1
