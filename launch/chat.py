@@ -18,6 +18,7 @@ from minimind_fast.chat import (
     ChatSession,
     TextStream,
     answer_file,
+    check_utf8,
     check_vocab,
     encode_prompt,
     find_tokenizer,
@@ -60,15 +61,6 @@ def main() -> None:
         run(a, model, tokenizer, config)
     except (OSError, ValueError) as e:  # bad paths, files or flags (e.g. more new tokens than the context)
         sys.exit(f"error: {e}")
-
-
-def check_utf8(text: str | None, what: str) -> None:
-    """Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape), which the tokenizer
-    rejects with a TypeError: refuse them here, naming where they came from."""
-    try:
-        (text or "").encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} is not valid UTF-8") from None
 
 
 def run(a: argparse.Namespace, model, tokenizer, config) -> None:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from minimind_fast import MiniMindForCausalLM, get_preset
-from minimind_fast.chat import check_vocab, find_tokenizer, load_chat_model, pick_device
+from minimind_fast.chat import check_utf8, check_vocab, find_tokenizer, load_chat_model, pick_device
 from minimind_fast.generation import generate
 from minimind_fast.inference_args import add_model_arguments, add_sampling_arguments, generation_config
 
@@ -30,6 +30,7 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(a.seed)
     try:
+        check_utf8(a.prompt, "--prompt")
         config = generation_config(a, stop_token_ids=[])
         if a.preset:
             model = MiniMindForCausalLM(get_preset(a.preset)).to(pick_device(a.device)).eval()

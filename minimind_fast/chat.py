@@ -78,6 +78,15 @@ def load_chat_model(path: str | os.PathLike, device: str = "auto", dtype: str = 
     return model.to(device=dev, dtype=torch_dtype).eval()
 
 
+def check_utf8(text: str | None, what: str) -> None:
+    """ValueError naming `what` if `text` holds lone surrogates: undecodable bytes from argv or stdin
+    (surrogateescape) or a JSON \\udcXX escape, which the tokenizer rejects with a TypeError."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8") from None
+
+
 def check_vocab(tokenizer: ChatTokenizer, model) -> None:
     """Refuse a tokenizer with ids the model has no embedding for: they would fail mid-generation."""
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -232,7 +241,7 @@ def _record_problem(rec, mode: str) -> str | None:
     if not isinstance(rec, dict):
         return "a line must hold a JSON object"
     if isinstance(rec.get("prompt"), str):
-        return None
+        return _utf8_problem(rec["prompt"], "'prompt'")
     if mode == "pretrain":
         return "needs a 'prompt' string (--mode pretrain continues raw text)"
     msgs = rec.get("conversations")
@@ -241,6 +250,16 @@ def _record_problem(rec, mode: str) -> str | None:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             return f"'conversations'[{i}] needs a role in {ROLES} and a string content"
+        if problem := _utf8_problem(m["content"], f"'conversations'[{i}] content"):
+            return problem
+    return None
+
+
+def _utf8_problem(text: str, what: str) -> str | None:
+    try:
+        check_utf8(text, what)
+    except ValueError as e:
+        return str(e)
     return None
 
 

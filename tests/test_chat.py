@@ -118,6 +118,8 @@ def test_answer_file_writes_every_answer_or_nothing(loaded, tmp_path):
     (b'{"conversations": [{"role": "user", "content": "Hi"}, 3]}\n', "chat", "'conversations'[1]"),
     (b'[1, 2]\n', "chat", "JSON object"),
     (b'{"prompt": "Hi"}\n{"prompt": "caf\xe9"}\n', "chat", "bad.jsonl:2: not UTF-8"),
+    (b'{"prompt": "caf\\udce9"}\n', "chat", "bad.jsonl:1: 'prompt' is not valid UTF-8"),
+    (b'{"conversations": [{"role": "user", "content": "\\udce9"}]}\n', "chat", "'conversations'[0] content is not"),
     (b'{"conversations": [{"role": "user", "content": "Hi"}]}\n', "pretrain", "needs a 'prompt' string"),
 ])
 def test_answer_file_names_the_line_and_field_of_a_bad_record(loaded, tmp_path, content, mode, needle):
@@ -170,6 +172,7 @@ def test_cli_reports_bad_arguments_clearly(model_dir, tmp_path):
     ("model", ["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
     ("model", ["--max-new-tokens", "100000"], "exceeds the context length"),
     ("preset", ["--prompt", ""], "empty"),
+    ("model", ["--prompt", os.fsdecode(b"caf\xe9")], "--prompt is not valid UTF-8"),
 ])
 def test_generate_cli_reports_bad_arguments_clearly(model_dir, source, args, needle):
     src = ["--model", str(model_dir)] if source == "model" else ["--preset", "tiny"]

@@ -138,6 +138,7 @@ def test_bad_requests_get_400_with_a_message(server):
         ({**good, "repetition_penalty": float("inf")}, "repetition_penalty"),  # json.dumps writes Infinity
         ({"messages": good["messages"]}, "model"),
         ({**good, "messages": [{"role": "user", "content": "cat " * 200}]}, "context"),
+        ({**good, "messages": [{"role": "user", "content": "caf\udce9"}]}, "not valid UTF-8"),  # sent as \udce9
     ]
     with httpx.Client(timeout=30) as http:
         for body, needle in cases:

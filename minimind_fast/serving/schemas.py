@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from minimind_fast.chat import check_utf8
+
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
@@ -21,6 +23,12 @@ class ChatMessage(BaseModel):
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in value):
                 raise ValueError("only text content parts are supported")
             return "".join(str(p.get("text", "")) for p in value)
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def utf8_only(cls, value: str) -> str:
+        check_utf8(value, "content")  # a \udcXX escape: the tokenizer would fail with a 500
         return value
 
 
