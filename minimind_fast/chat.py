@@ -214,8 +214,9 @@ def encode_prompt(tokenizer: ChatTokenizer, record: dict, mode: str) -> list[int
     return chat_prompt(tokenizer, messages)
 
 
-def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[dict]:
-    """The records of a JSONL of prompts; a bad line raises ValueError naming the file, line and field."""
+def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[tuple[int, dict]]:
+    """(line number, record) of each prompt of a JSONL file; a bad line raises ValueError naming the file,
+    line and field."""
     records = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -232,7 +233,7 @@ def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[dict]:
             problem = _record_problem(rec, mode)
             if problem:
                 raise ValueError(f"{path}:{lineno}: {problem}")
-            records.append(rec)
+            records.append((lineno, rec))
     return records
 
 
@@ -263,6 +264,23 @@ def _utf8_problem(text: str, what: str) -> str | None:
     return None
 
 
+def encode_prompts_to_fit(tokenizer: ChatTokenizer, records: list[tuple[int, dict]], mode: str, context: int,
+                          max_new_tokens: int, source: str | os.PathLike) -> list[list[int]]:
+    """Prompt ids of each (line, record); ValueError naming the line of one that leaves no room for
+    `max_new_tokens` (cutting it would drop the template's start or the question: the server refuses it too)."""
+    budget = context - max_new_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in the context ({context})")
+    prompts = []
+    for lineno, rec in records:
+        ids = encode_prompt(tokenizer, rec, mode)
+        if len(ids) > budget:
+            raise ValueError(f"{source}:{lineno}: the prompt takes {len(ids)} tokens; with {max_new_tokens} new "
+                             f"tokens the context ({context}) holds {budget} (shorten it or lower --max-new-tokens)")
+        prompts.append(ids)
+    return prompts
+
+
 def answer_file(model, tokenizer: ChatTokenizer, config: GenerationConfig, in_path: str | os.PathLike,
                 out_path: str | os.PathLike, batch_size: int = 16, mode: str = "chat",
                 cuda_graph: bool = False) -> int:
@@ -272,13 +290,14 @@ def answer_file(model, tokenizer: ChatTokenizer, config: GenerationConfig, in_pa
     """
     records = read_prompts(in_path, mode)
     config.stop_token_ids = sorted({*config.stop_token_ids, tokenizer.eos_token_id})
-    budget = model.config.max_position_embeddings - config.max_new_tokens
+    all_prompts = encode_prompts_to_fit(tokenizer, records, mode, model.config.max_position_embeddings,
+                                        config.max_new_tokens, in_path)
     tmp = f"{out_path}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as out:
             for start in range(0, len(records), batch_size):
-                chunk = records[start:start + batch_size]
-                prompts = [encode_prompt(tokenizer, rec, mode)[-budget:] for rec in chunk]
+                chunk = [rec for _, rec in records[start:start + batch_size]]
+                prompts = all_prompts[start:start + batch_size]
                 answers = generate(model, prompts, config, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
                                    cuda_graph=cuda_graph)
                 for rec, ids in zip(chunk, answers):

@@ -112,6 +112,20 @@ def test_answer_file_writes_every_answer_or_nothing(loaded, tmp_path):
     assert not (tmp_path / "never.jsonl").exists() and not (tmp_path / "never.jsonl.tmp").exists()
 
 
+@pytest.mark.parametrize("mode", ["chat", "pretrain"])
+def test_answer_file_refuses_a_prompt_longer_than_the_context_naming_its_line(loaded, tmp_path, mode):
+    model, tok = loaded  # the context holds 160 tokens
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "Hello"}) + "\n" + json.dumps({"prompt": "the cat " * 100}) + "\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match=r"in.jsonl:2: the prompt takes \d+ tokens; with 8 new tokens the "
+                                         r"context \(160\) holds 152"):
+        answer_file(model, tok, GenerationConfig(max_new_tokens=8), src, out, mode=mode)
+    assert not out.exists() and not Path(f"{out}.tmp").exists()
+    with pytest.raises(ValueError, match=r"max_new_tokens 160 leaves no room in the context \(160\)"):
+        answer_file(model, tok, GenerationConfig(max_new_tokens=160), src, out, mode=mode)
+
+
 @pytest.mark.parametrize("content, mode, needle", [
     (b'{"conversations": []}\n', "chat", "non-empty 'conversations'"),
     (b'{"conversations": [{"role": "user"}]}\n', "chat", "'conversations'[0] needs a role"),
