@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -228,3 +229,28 @@ def test_engine_and_app_refuse_settings_that_can_serve_nothing(model_dir):
             Engine(model, tok, **kw)
     with pytest.raises(ValueError, match="default_max_tokens"):
         create_app(Engine(model, tok, max_batch=1, max_len=64), NAME, default_max_tokens=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_frees_its_request(model_dir, stream):
+    """A request whose client disconnects is cancelled (streaming or not) instead of decoding for nobody."""
+    cancelled = []
+
+    class Recording(Engine):
+        def cancel(self, handle):
+            cancelled.append(handle.key)
+            super().cancel(handle)
+
+    model, tok = load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir)
+    engine = Recording(model, tok, max_batch=1, max_len=64)  # not started: the request waits forever
+    http = ServerThread(create_app(engine, NAME)).start()
+    try:
+        body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": stream}
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=0.5) as client:
+            client.post(f"http://127.0.0.1:{http.port}/v1/chat/completions", json=body)
+        deadline = time.monotonic() + 10
+        while not cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cancelled == [0]
+    finally:
+        http.stop(timeout=2)

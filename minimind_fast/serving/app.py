@@ -6,6 +6,7 @@ more tokens than the context holds; 503 when the engine's queue is full.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -76,10 +77,10 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 512) -
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(engine, handle, cid, model_name, len(prompt), include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            text, finish, n_tokens = await collect(engine, handle)
-        finally:
-            engine.cancel(handle)  # a no-op when it finished; stops the work if this request was abandoned
+        reply = await collect_unless_disconnected(engine, handle, request)
+        if reply is None:
+            return Response(status_code=499)  # nobody reads it; nginx's code for a closed client request
+        text, finish, n_tokens = reply
         return schemas.completion(cid, model_name, text, finish, len(prompt), n_tokens)
 
     return app
@@ -119,6 +120,31 @@ async def collect(engine: Engine, handle: Handle) -> tuple[str, str, int]:
             stream.push(tok)
         finish = fin or finish
     return stream.text(), finish, count
+
+
+async def collect_unless_disconnected(engine: Engine, handle: Handle,
+                                      request: Request) -> tuple[str, str, int] | None:
+    """`collect`, or None as soon as the client goes away; either way the request's row is freed.
+
+    Unlike a StreamingResponse, a plain endpoint is not cancelled when its client disconnects, so the
+    row would otherwise decode to max_tokens for nobody.
+    """
+    reply = asyncio.ensure_future(collect(engine, handle))
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({reply, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not reply.done():
+            reply.cancel()
+        engine.cancel(handle)  # a no-op when it finished
+    return reply.result() if reply.done() and not reply.cancelled() else None
+
+
+async def disconnected(request: Request) -> None:
+    """Return once the client has closed the connection (the body has been read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def sse(engine: Engine, handle: Handle, cid: str, model: str, prompt_tokens: int,
