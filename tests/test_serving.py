@@ -140,6 +140,10 @@ def test_bad_requests_get_400_with_a_message(server):
         ({"messages": good["messages"]}, "model"),
         ({**good, "messages": [{"role": "user", "content": "cat " * 200}]}, "context"),
         ({**good, "messages": [{"role": "user", "content": "caf\udce9"}]}, "not valid UTF-8"),  # sent as \udce9
+        ({**good, "logprobs": True}, "logprobs is not supported"),
+        ({**good, "logit_bias": {"5": 100}}, "logit_bias is not supported"),
+        ({**good, "response_format": {"type": "json_object"}}, "response_format is not supported"),
+        ({**good, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported"),
     ]
     with httpx.Client(timeout=30) as http:
         for body, needle in cases:
@@ -148,6 +152,28 @@ def test_bad_requests_get_400_with_a_message(server):
             assert r.status_code == 400, (body, r.text)
             assert needle in r.json()["error"]["message"], (body, r.text)
         assert http.post(url, content=json.dumps(good)).status_code == 200
+
+
+def test_null_options_mean_their_defaults(server):
+    """OpenAI clients send unset options as null; options that would change the reply are accepted when off."""
+    url = server["url"] + "/v1/chat/completions"
+    nulls = dict.fromkeys(["top_p", "top_k", "n", "stop", "seed", "stream", "stream_options", "frequency_penalty",
+                           "presence_penalty", "repetition_penalty", "max_completion_tokens", "logprobs",
+                           "top_logprobs", "logit_bias", "tools", "tool_choice", "user"])
+    off = {"logprobs": False, "logit_bias": {}, "tools": [], "response_format": {"type": "text"}, "tool_choice": "none"}
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 6}
+    with httpx.Client(timeout=30) as http:
+        for extra in (nulls, off):
+            r = http.post(url, json={**body, **extra, "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == expected_reply(server, "Hello world", 6)
+        sampled = http.post(url, json={**body, "temperature": 1.0, "seed": 7}).json()
+        assert sampled["choices"][0]["message"]["content"] != expected_reply(server, "Hello world", 6)
+        r = http.post(url, json={**body, "temperature": None, "seed": 7})  # the default temperature is 1
+        assert r.status_code == 200 and r.json()["choices"] == sampled["choices"], r.text
+        r = http.post(url, json={**body, "max_tokens": None, "temperature": 0})  # the server's default (16)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected_reply(
+            server, "Hello world", 16)
 
 
 def test_a_full_queue_answers_503(model_dir):

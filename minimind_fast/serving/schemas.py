@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from minimind_fast.chat import check_utf8
 
@@ -32,12 +32,29 @@ class ChatMessage(BaseModel):
         return value
 
 
-class StreamOptions(BaseModel):
+class Options(BaseModel):
+    """A body whose optional fields may come as null (OpenAI clients send unset options so): the default."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_means_default(cls, data):
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items()
+                if v is not None or k not in cls.model_fields or cls.model_fields[k].is_required()}
+
+
+class StreamOptions(Options):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    # Unknown fields (user, logit_bias=None, ...) are ignored, as OpenAI-style servers commonly do.
+# Options that would change the reply, which this server cannot honour: refused unless null, false or empty.
+UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "response_format", "tools", "tool_choice", "functions",
+               "function_call")
+
+
+class ChatCompletionRequest(Options):
+    # Other unknown fields (user, metadata, ...) do not change the reply: ignored, as OpenAI-style servers do.
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -55,6 +72,24 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(default=0.0, ge=0, le=0)  # not implemented: only 0 accepted
     presence_penalty: float = Field(default=0.0, ge=0, le=0)  # not implemented: only 0 accepted
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def refuse_what_would_be_ignored(cls, value, info: ValidationInfo):
+        # "auto" picks among the tools given, and none can be: the reply is unchanged.
+        harmless = (value in (False, 0, {}, [], "none", "auto")
+                    or (info.field_name == "response_format" and value.get("type") == "text"))
+        if not harmless:
+            raise ValueError(f"{info.field_name} is not supported by this server (leave it unset, null or empty)")
+        return value
 
     @property
     def stop_strings(self) -> list[str]:
