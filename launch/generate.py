@@ -14,7 +14,7 @@ import time
 import torch
 
 from minimind_fast import MiniMindForCausalLM, get_preset
-from minimind_fast.chat import check_utf8, check_vocab, find_tokenizer, load_chat_model, pick_device
+from minimind_fast.chat import check_utf8, check_vocab, find_tokenizer, load_chat_model, pick_device, pick_dtype
 from minimind_fast.generation import generate
 from minimind_fast.inference_args import add_model_arguments, add_sampling_arguments, generation_config
 
@@ -33,7 +33,11 @@ def main() -> None:
         check_utf8(a.prompt, "--prompt")
         config = generation_config(a, stop_token_ids=[])
         if a.preset:
-            model = MiniMindForCausalLM(get_preset(a.preset)).to(pick_device(a.device)).eval()
+            for flag, value in (("--lora", a.lora), ("--tokenizer", a.tokenizer)):
+                if value:  # random weights have no adapter or tokenizer of their own to pair with
+                    raise ValueError(f"{flag} needs --model (--preset has random weights and byte ids)")
+            dev = pick_device(a.device)
+            model = MiniMindForCausalLM(get_preset(a.preset)).to(device=dev, dtype=pick_dtype(a.dtype, dev)).eval()
             tokenizer, ids = None, [b % model.config.vocab_size for b in a.prompt.encode()]
         else:
             tokenizer = find_tokenizer(a.model, a.tokenizer)
@@ -47,7 +51,9 @@ def main() -> None:
     except (FileNotFoundError, KeyError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(a.prompt + tokenizer.decode(new) if tokenizer else f"prompt ids {ids}\nnew ids {new}")
-    print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    weights = next(model.parameters())
+    print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / max(seconds, 1e-9):.1f} tokens/s; "
+          f"{str(weights.dtype).removeprefix('torch.')} on {weights.device}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -58,16 +58,20 @@ def pick_device(device: str = "auto") -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`dtype` (auto, fp32, bf16, fp16) as a torch.dtype; auto is bf16 on CUDA, else fp32."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load_chat_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
                     lora: str | os.PathLike | None = None):
     """Our model/run dir, a Hugging Face export or a MiniMind2 .pth, optionally with a LoRA adapter, for inference."""
     dev = pick_device(device)
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    elif dtype in DTYPES:
-        torch_dtype = DTYPES[dtype]
-    else:
-        raise ValueError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    torch_dtype = pick_dtype(dtype, dev)
     model = load_model(path)
     if lora is None:
         lora = _adapter_beside(path)

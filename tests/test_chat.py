@@ -195,6 +195,19 @@ def test_generate_cli_reports_bad_arguments_clearly(model_dir, source, args, nee
     assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--dtype", "bf16"], "; bfloat16 on cpu]"),
+    (["--dtype", "fp16"], "; float16 on cpu]"),
+    (["--lora", "runs/lora"], "error: --lora needs --model"),
+    (["--tokenizer", "data/tokenizer"], "error: --tokenizer needs --model"),
+])
+def test_generate_cli_with_a_preset_honours_dtype_and_refuses_model_only_flags(flags, needle):
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), "--preset", "tiny", "--device", "cpu",
+                          "--max-new-tokens", "2", *flags], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert needle in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert (run.returncode == 0) == (not needle.startswith("error"))
+
+
 def test_an_unusable_device_is_a_value_error_naming_it():
     with pytest.raises(ValueError, match="'foo' is not a device name"):
         pick_device("foo")
