@@ -176,6 +176,22 @@ def test_null_options_mean_their_defaults(server):
             server, "Hello world", 16)
 
 
+def test_a_developer_message_is_a_system_message(server):
+    """Newer OpenAI clients send the system prompt as role `developer`: it must render as `system` does."""
+    tok = server["tok"]
+    with httpx.Client(base_url=server["url"], timeout=60) as http:
+        def reply(role: str) -> dict:
+            body = {"model": NAME, "max_tokens": 6, "temperature": 0,
+                    "messages": [{"role": role, "content": "Answer briefly."}, {"role": "user", "content": "Hi"}]}
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+        developer, system = reply("developer"), reply("system")
+    prompt = chat_prompt(tok, [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"}])
+    assert developer["usage"]["prompt_tokens"] == len(prompt)
+    assert developer["choices"][0]["message"] == system["choices"][0]["message"]
+
+
 def test_a_full_queue_answers_503(model_dir):
     model, tok = load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir)
     engine = Engine(model, tok, max_batch=1, max_len=64, max_queue=1)  # not started: nothing leaves the queue

@@ -15,6 +15,12 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @field_validator("role", mode="before")
+    @classmethod
+    def developer_is_system(cls, value):
+        """OpenAI's newer clients send the system prompt under the role `developer`."""
+        return "system" if value == "developer" else value
+
     @field_validator("content", mode="before")
     @classmethod
     def join_text_parts(cls, value):
