@@ -98,6 +98,8 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """The model directory in a model dir, a run dir (`final/` or newest checkpoint) or a checkpoint dir."""
+    from minimind_fast.training.checkpointing import complete_checkpoints
+
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
@@ -107,7 +109,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         return p / "model"
     if (p / "final" / WEIGHTS).exists():
         return p / "final"
-    ckpts = sorted(d for d in (p / "checkpoints").glob("step_*") if (d / "model" / WEIGHTS).exists())
+    # Only checkpoints marked complete: a `.tmp` one or one killed before its marker may be half-written.
+    ckpts = [d for d in complete_checkpoints(p) if (d / "model" / WEIGHTS).exists()]
     if ckpts:
         return ckpts[-1] / "model"
     raise FileNotFoundError(

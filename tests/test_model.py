@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from minimind_fast.kernels import reference as ref
 
 from minimind_fast.attention import causal_attention
-from minimind_fast.checkpoint import load_model, save_model_dir
+from minimind_fast.checkpoint import load_model, resolve_model_dir, save_model_dir
 from minimind_fast.config import get_preset
 from minimind_fast.model import MiniMindForCausalLM, MoEFeedForward, rope_tables
 from minimind_fast.ops import get_ops
@@ -493,6 +493,17 @@ def test_save_load_round_trip(tmp_path, make):
     ids = torch.randint(0, 128, (1, 8))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, back(ids).logits)
+
+
+def test_a_run_dir_resolves_to_its_newest_complete_checkpoint_never_a_half_written_one(tmp_path):
+    """A run stopped before final/ (an --init or chat source): a `.tmp` checkpoint or one renamed but
+    killed before its COMPLETE marker may hold torn weights, so only marked ones count."""
+    model = tiny()
+    ckpts = tmp_path / "run" / "checkpoints"
+    for name in ("step_00000002", "step_00000004.tmp", "step_00000006"):
+        save_model_dir(model, ckpts / name / "model")
+    (ckpts / "step_00000002" / "COMPLETE").write_text("step 2\n")
+    assert resolve_model_dir(tmp_path / "run") == ckpts / "step_00000002" / "model"
 
 
 def test_reference_and_auto_tables_agree_on_cpu():
