@@ -56,6 +56,16 @@ def test_exact_resume_matches_an_uninterrupted_run(pretrain_run, builtin_data, t
     assert [resumed[s] for s in range(6, 13)] == [full[s] for s in range(6, 13)]
 
 
+def test_tokens_seen_counts_every_step_across_a_resume(builtin_data, tiny_model_config, tmp_path):
+    """A checkpoint between two logged steps carries the tokens of every step before it."""
+    out = tmp_path / "run"
+    args = common(builtin_data["shards"]["pretrain"], out, 8, "--config", str(tiny_model_config), "--log-every", "4")
+    run("pretrain.py", args + ["--stop-at-step", "3"])
+    run("pretrain.py", args)
+    per_step = 4 * 64  # micro-batch x seq-len, one rank
+    assert losses(out, "tokens") == {4: 4 * per_step, 8: 8 * per_step}
+
+
 def test_bf16_default_tracks_fp32_and_resumes_exactly(pretrain_run, builtin_data, tiny_model_config, tmp_path):
     """`--dtype bf16` without a ZeRO stage runs DeepSpeed's BF16_Optimizer (ZeRO 1, fp32 master weights
     and gradient accumulation): its losses stay within bf16 noise of the fp32 run, and a stop and

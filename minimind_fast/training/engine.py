@@ -298,7 +298,9 @@ class Trainer:
                     losses.append(loss.detach().float())
                     for k, v in metrics.items():
                         metrics_acc[k] = metrics_acc.get(k, 0.0) + v / self.grad_accum
-                    tokens_last += self.stage.tokens_in_batch(batch) * self.world
+                    batch_tokens = self.stage.tokens_in_batch(batch) * self.world
+                    tokens_last += batch_tokens
+                    tokens_seen += batch_tokens  # every step, not only logged ones: checkpoints save it
                 step += 1
                 profiler.after_step(step)
                 logger.advance()
@@ -307,7 +309,6 @@ class Trainer:
                     dist.all_reduce(loss_val)
                     elapsed = time.time() - t_last
                     tok_s = tokens_last / max(elapsed, 1e-9)
-                    tokens_seen += tokens_last
                     record = {"step": step, "loss": loss_val.item() / self.world,
                               "lr": self.engine.get_lr()[0], "grad_norm": grad_norm,
                               "tokens_per_s": tok_s, "tokens": tokens_seen, "memory_mb": memory_mb(self.device),
