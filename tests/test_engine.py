@@ -16,6 +16,7 @@ from launch_helpers import ENV, ROOT, common, losses, records, run, two_ranks
 from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.data.tokenizer import load_tokenizer
+from minimind_fast.training.schedule import lr_factor
 
 
 def test_pretrain_learns_and_writes_the_run_directory(pretrain_run, builtin_data):
@@ -35,6 +36,12 @@ def test_pretrain_learns_and_writes_the_run_directory(pretrain_run, builtin_data
     assert model.config.hidden_size == 64
     stats = json.loads((pretrain_run / "dataset_stats.json").read_text())
     assert stats["splits"]["train"]["tokens"] > 0
+
+
+def test_logged_lr_is_the_one_each_step_used(pretrain_run):
+    """The schedule's factor of 0-based step s - 1 at logged step s (12 steps, 2 of warmup, lr 3e-3)."""
+    logged = losses(pretrain_run, "lr")
+    assert logged == pytest.approx({s: 3e-3 * lr_factor(s - 1, 12, 2, 0.1) for s in range(1, 13)}, rel=1e-9)
 
 
 def test_profile_steps_writes_op_tables(pretrain_run):

@@ -275,6 +275,7 @@ class Trainer:
                 profiler.before_step(step)
                 losses, metrics_acc = [], {}
                 micro = 0
+                lr = self.engine.get_lr()[0]  # this step's: engine.step() moves the schedule on to the next
                 while micro < self.grad_accum:
                     batch = to_device(next(batches), self.device)
                     if a.compile and a.compile_mode != "default":
@@ -310,7 +311,7 @@ class Trainer:
                     elapsed = time.time() - t_last
                     tok_s = tokens_last / max(elapsed, 1e-9)
                     record = {"step": step, "loss": loss_val.item() / self.world,
-                              "lr": self.engine.get_lr()[0], "grad_norm": grad_norm,
+                              "lr": lr, "grad_norm": grad_norm,
                               "tokens_per_s": tok_s, "tokens": tokens_seen, "memory_mb": memory_mb(self.device),
                               "bad_steps": bad_steps, **self._mean_over_ranks(metrics_acc)}
                     if self.dtype == "fp16":  # steps DeepSpeed skipped on a loss-scale overflow
