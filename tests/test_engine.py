@@ -38,6 +38,18 @@ def test_pretrain_learns_and_writes_the_run_directory(pretrain_run, builtin_data
     assert stats["splits"]["train"]["tokens"] > 0
 
 
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_lr_schedule_peaks_once_and_ends_at_the_floor(warmup):
+    total = 10
+    factors = [lr_factor(s, total, warmup, 0.1) for s in range(total)]
+    assert factors[warmup] == 1.0 and factors.count(1.0) == 1
+    assert factors[:warmup] == pytest.approx([(s + 1) / (warmup + 1) for s in range(warmup)])
+    assert factors[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(factors[warmup:], factors[warmup + 1:]))
+    mid = warmup + (total - 1 - warmup) / 2  # the cosine's half-way point is half-way to the floor
+    assert lr_factor(mid, total, warmup, 0.1) == pytest.approx(0.55)
+
+
 def test_logged_lr_is_the_one_each_step_used(pretrain_run):
     """The schedule's factor of 0-based step s - 1 at logged step s (12 steps, 2 of warmup, lr 3e-3)."""
     logged = losses(pretrain_run, "lr")
