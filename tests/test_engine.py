@@ -120,6 +120,19 @@ def test_resume_keeps_the_checkpoints_zero_stage_and_refuses_another(builtin_dat
     assert max(losses(out)) == 6
 
 
+def test_a_restart_in_a_run_dir_with_later_checkpoints_is_refused(builtin_data, tiny_model_config, tmp_path):
+    """--resume none (or an earlier checkpoint) in a directory holding a longer run's checkpoints: kept,
+    the old step 8 would become this run's final/ and --keep-last would delete this run's own."""
+    out = tmp_path / "run"
+    args = common(builtin_data["shards"]["pretrain"], out, 8, "--config", str(tiny_model_config))
+    run("pretrain.py", args)
+    for resume in ("none", str(out / "checkpoints" / "step_00000004")):
+        again = run("pretrain.py", args + ["--steps", "4", "--keep-last", "1", "--resume", resume], check=False)
+        assert again.returncode == 2 and "step_00000008, past this run's start" in again.stderr, \
+            again.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, tiny_model_config, tmp_path):
     out = tmp_path / "killed"
     args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(tiny_model_config),

@@ -32,6 +32,10 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}"
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    return int(ckpt.name.removeprefix("step_"))
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():

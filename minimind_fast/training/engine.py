@@ -125,6 +125,7 @@ class Trainer:
         data = Path(a.data)
         self.manifest = self.stage.open_data(data)
         self.resume_from = self._checkpoint_to_resume()
+        self._refuse_later_checkpoints()
         self.ds_config = self._deepspeed_config()
         self.dtype = precision(self.ds_config)
         self.stage.zero_stage = self.ds_config["zero_optimization"]["stage"]
@@ -225,6 +226,19 @@ class Trainer:
         if ckpt is not None and not (ckpt / checkpointing.MARKER).exists():
             raise TrainingError(f"--resume {ckpt}: not a complete checkpoint (no {checkpointing.MARKER} marker)")
         return ckpt
+
+    def _refuse_later_checkpoints(self) -> None:
+        """Complete checkpoints in --out past this run's start belong to another run: kept, they would
+        become this run's final/, outlive its own under --keep-last, and be what --resume auto picks."""
+        start = 0
+        if self.resume_from is not None:
+            start = json.loads((self.resume_from / "trainer_state.json").read_text())["step"]
+        later = [c.name for c in checkpointing.complete_checkpoints(self.run_dir)
+                 if checkpointing.checkpoint_step(c) > start]
+        if later:
+            raise TrainingError(f"{self.run_dir / 'checkpoints'} holds {', '.join(later)}, past this run's start "
+                                f"(step {start}): use another --out, resume from the newest with --resume auto, "
+                                "or remove them")
 
     @staticmethod
     def _saved_layout(ckpt: Path | None) -> dict | None:
@@ -329,7 +343,7 @@ class Trainer:
                     logger.message(f"stopped at step {step} (checkpoint saved); resume with --resume auto")
                     break
             if step == self.total_steps and self.is_main:
-                final = checkpointing.latest_checkpoint(self.run_dir) / "model"
+                final = checkpointing.step_dir(self.run_dir, step) / "model"
                 _replace_dir_copy(final, self.run_dir / "final")
         finally:
             batches.close()  # ends the loader's prefetch thread (CUDA) before the interpreter does
