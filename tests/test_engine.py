@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from launch_helpers import ENV, ROOT, common, losses, records, run, two_ranks
 from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.data.tokenizer import load_tokenizer
+from minimind_fast.training.args import check_training_args, training_parser
 from minimind_fast.training.schedule import lr_factor
 
 
@@ -259,6 +261,8 @@ def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_r
     ("unwritable", "not writable"),
     ("nan", "non-finite losses"),
     ("kind", "needs pretrain shards"),
+    ("context", "--seq-len 300 exceeds the model's context length 256"),
+    ("steps", "--steps 0: must be at least 1; --save-every 0: must be at least 1"),
 ])
 def test_faults_give_clear_errors_before_training(bad, message, builtin_data, tiny_model_config, tmp_path):
     data, out, extra = builtin_data["shards"]["pretrain"], tmp_path / "run", ["--config", str(tiny_model_config)]
@@ -273,9 +277,32 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
         extra += ["--lr", "1e30", "--max-bad-steps", "2", "--grad-clip", "0"]
     elif bad == "kind":
         data = builtin_data["shards"]["sft"]
+    elif bad == "context":  # document-local positions would not trip the model's own check
+        extra += ["--seq-len", "300", "--doc-attention"]
+    elif bad == "steps":
+        extra += ["--steps", "0", "--save-every", "0"]
     proc = run("pretrain.py", common(data, out, 8) + extra, check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--epochs", "0"], "--epochs 0.0: must be > 0"),
+    (["--lr", "0"], "--lr 0.0: must be > 0"),
+    (["--grad-accum", "0"], "--grad-accum 0: must be at least 1"),
+    (["--log-every", "0"], "--log-every 0: must be at least 1"),
+    (["--eval-batches", "0"], "--eval-batches 0: must be at least 1"),
+    (["--keep-last", "-1"], "--keep-last -1: must be >= 0 (0: keep all)"),
+    (["--warmup-steps", "-5"], "--warmup-steps -5: must be >= 0"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio 2.0: must be in [0, 1]"),
+])
+def test_flags_no_run_can_use_are_refused(flags, message):
+    parser = training_parser("test", "pretrain")
+    args = parser.parse_args(["--data", "d", "--out", "o", *flags])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_training_args(args)
+    check_training_args(parser.parse_args(["--data", "d", "--out", "o"]))  # the defaults pass
 
 
 @pytest.mark.slow

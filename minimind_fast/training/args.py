@@ -53,7 +53,7 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="run directory")
     g.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a path")
     g.add_argument("--save-every", type=int, default=1000)
-    g.add_argument("--keep-last", type=int, default=3)
+    g.add_argument("--keep-last", type=int, default=3, help="complete checkpoints to keep (0: all)")
     g.add_argument("--eval-every", type=int, default=500)
     g.add_argument("--eval-batches", type=int, default=20)
     g.add_argument("--log-every", type=int, default=10)
@@ -65,3 +65,29 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
     g.add_argument("--wandb", metavar="PROJECT", help="log to wandb (set WANDB_MODE=offline to stay local)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
+
+
+# flag -> (smallest allowed value, what it must be): checked before any model or data is touched.
+LOWER_BOUNDS = {"steps": (1, "at least 1"), "seq_len": (1, "at least 1"), "micro_batch_size": (1, "at least 1"),
+                "grad_accum": (1, "at least 1"), "warmup_steps": (0, ">= 0"), "weight_decay": (0, ">= 0"),
+                "grad_clip": (0, ">= 0 (0: no clipping)"), "save_every": (1, "at least 1"),
+                "keep_last": (0, ">= 0 (0: keep all)"), "eval_batches": (1, "at least 1"),
+                "log_every": (1, "at least 1"), "max_bad_steps": (0, ">= 0"), "stop_at_step": (1, "at least 1"),
+                "profile_steps": (0, ">= 0")}
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Refuse flag values no run can use (ValueError naming the flag), instead of a silent fallback
+    (--steps 0 ran --epochs), a traceback mid-run (--save-every 0) or a wrong result (--eval-batches 0
+    logged val_loss 0)."""
+    problems = [f"--{name.replace('_', '-')} {value}: must be {rule}"
+                for name, (low, rule) in LOWER_BOUNDS.items()
+                if (value := getattr(args, name, None)) is not None and value < low]
+    if args.steps is None and not args.epochs > 0:
+        problems.append(f"--epochs {args.epochs}: must be > 0")
+    if not args.lr > 0:
+        problems.append(f"--lr {args.lr}: must be > 0")
+    if not 0 <= args.min_lr_ratio <= 1:
+        problems.append(f"--min-lr-ratio {args.min_lr_ratio}: must be in [0, 1]")
+    if problems:
+        raise ValueError("; ".join(problems))

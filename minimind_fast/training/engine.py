@@ -132,6 +132,9 @@ class Trainer:
         model = self.stage.build_model(self.manifest)
         self.stage.setup(model)
         self.config = model.config
+        if a.seq_len > self.config.max_position_embeddings:
+            raise TrainingError(f"--seq-len {a.seq_len} exceeds the model's context length "
+                                f"{self.config.max_position_embeddings} (max_position_embeddings)")
         self.loader = self.stage.build_loader(data, split="train", rank=self.rank, world_size=self.world,
                                               vocab_size=self.config.vocab_size,
                                               pin_memory=self.device.type == "cuda")
@@ -446,7 +449,7 @@ def _replace_dir_copy(src: Path, dst: Path) -> None:
 
 def train(stage_cls: type[Stage], argv: list[str] | None = None, parser=None) -> dict:
     """Parse flags, train, and turn `TrainingError`s into a clean one-line exit."""
-    from minimind_fast.training.args import training_parser
+    from minimind_fast.training.args import check_training_args, training_parser
 
     if parser is None:
         parser = training_parser(stage_cls.__doc__ or stage_cls.name, stage_cls.name)
@@ -456,6 +459,7 @@ def train(stage_cls: type[Stage], argv: list[str] | None = None, parser=None) ->
     # launcher line with its exit code.
     faulthandler.enable()
     try:
+        check_training_args(args)
         trainer = Trainer(stage_cls(args), args)
         result = trainer.run()
     except (TrainingError, FileNotFoundError, ValueError) as e:
