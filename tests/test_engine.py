@@ -87,6 +87,18 @@ def test_tokens_seen_counts_every_step_across_a_resume(builtin_data, tiny_model_
     assert losses(out, "tokens") == {4: 4 * per_step, 8: 8 * per_step}
 
 
+def test_a_deepspeed_config_files_batch_shape_is_the_one_trained(builtin_data, tiny_model_config, tmp_path):
+    """The file's micro-batch and accumulation win over the flags for DeepSpeed and the loader alike."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}))
+    out = tmp_path / "run"
+    run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 2, "--config", str(tiny_model_config),
+                              "--deepspeed-config", str(ds)))
+    assert losses(out, "tokens") == {1: 2 * 3 * 64, 2: 2 * 2 * 3 * 64}
+    args = json.loads((out / "config.json").read_text())["args"]
+    assert (args["micro_batch_size"], args["grad_accum"]) == (2, 3)
+
+
 def test_bf16_default_tracks_fp32_and_resumes_exactly(pretrain_run, builtin_data, tiny_model_config, tmp_path):
     """`--dtype bf16` without a ZeRO stage runs DeepSpeed's BF16_Optimizer (ZeRO 1, fp32 master weights
     and gradient accumulation): its losses stay within bf16 noise of the fp32 run, and a stop and

@@ -127,6 +127,9 @@ class Trainer:
         self.resume_from = self._checkpoint_to_resume()
         self._refuse_later_checkpoints()
         self.ds_config = self._deepspeed_config()
+        # The loaders read the flags, and a --deepspeed-config file's batch shape wins over them.
+        a.micro_batch_size = self.ds_config["train_micro_batch_size_per_gpu"]
+        a.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.dtype = precision(self.ds_config)
         self.stage.zero_stage = self.ds_config["zero_optimization"]["stage"]
         model = self.stage.build_model(self.manifest)
