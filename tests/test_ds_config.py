@@ -4,6 +4,7 @@ path costs the host per optimizer step."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,22 @@ def test_the_users_file_wins(tmp_path):
     path.write_text(json.dumps({"bf16": {"enabled": True}}))
     cfg = build(dtype="fp32", user_file=str(path))  # bf16 from the file: the bf16 defaults follow it
     assert cfg["zero_optimization"]["stage"] == 1 and cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", "a DeepSpeed config is a JSON object, got list"),
+    (b'{"zero_optimization": null}', "'zero_optimization' must be a JSON object, got None"),
+    (b'{"bf16": true}', "'bf16' must be a JSON object, got True"),
+    (b'{"train_micro_batch_size_per_gpu": "auto"}', "'train_micro_batch_size_per_gpu' must be a positive integer"),
+    (b'{"gradient_accumulation_steps": 0}', "'gradient_accumulation_steps' must be a positive integer, got 0"),
+    (b'{"zero_optimization": {"stage": 5}}', "zero_optimization.stage must be 0, 1, 2 or 3, got 5"),
+    (b"\xff\xfe{}", "not valid JSON"),
+])
+def test_a_malformed_file_is_refused_naming_it(tmp_path, content, message):
+    path = tmp_path / "ds.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: ") + ".*" + re.escape(message)):
+        build(user_file=str(path))
 
 
 # One process, the CPU: count the aten ops and host reads (`_local_scalar_dense`, what .item() and

@@ -28,15 +28,7 @@ def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float,
                     dtype: str, user_file: str | None = None) -> dict[str, Any]:
     if zero_stage is not None and zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}")
-    cfg: dict[str, Any] = {}
-    if user_file:
-        path = Path(user_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: DeepSpeed config file not found")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_user_file(Path(user_file)) if user_file else {}
     cfg.setdefault("train_micro_batch_size_per_gpu", micro_batch_size)
     cfg.setdefault("gradient_accumulation_steps", grad_accum)
     cfg.setdefault("gradient_clipping", grad_clip)
@@ -45,6 +37,8 @@ def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float,
         cfg["fp16"] = {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16}
     zero = cfg.setdefault("zero_optimization", {})
     zero.setdefault("stage", default_zero_stage(precision(cfg)) if zero_stage is None else zero_stage)
+    if zero["stage"] not in (0, 1, 2, 3):
+        raise ValueError(f"{user_file}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero['stage']!r}")
     if zero["stage"] == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     if precision(cfg) == "bf16" and zero["stage"] == 1:
@@ -53,6 +47,27 @@ def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float,
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def read_user_file(path: Path) -> dict[str, Any]:
+    """The user's DeepSpeed JSON, with the shape of what the engine reads from it checked (ValueError
+    naming the file), so a malformed file fails here and not as a traceback inside DeepSpeed."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: DeepSpeed config file not found")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a DeepSpeed config is a JSON object, got {type(cfg).__name__}")
+    for key in ("zero_optimization", "bf16", "fp16", "data_types"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ValueError(f"{path}: '{key}' must be a JSON object, got {cfg[key]!r}")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = cfg.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: '{key}' must be a positive integer, got {value!r}")
     return cfg
 
 
