@@ -64,6 +64,20 @@ def test_a_malformed_file_is_refused_naming_it(tmp_path, content, message):
         build(user_file=str(path))
 
 
+def test_settings_the_engine_would_ignore_are_refused(tmp_path):
+    """The file's settings win, so none may be dropped in silence: DeepSpeed takes the engine's own
+    optimizer and schedule over the file's, and derives the global batch itself."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}))
+    with pytest.raises(ValueError, match="'optimizer' would not be used"):
+        build(user_file=str(path))
+    path.write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(ValueError, match=r"train_batch_size 64 is not .* x 2 rank\(s\) = 16"):
+        build(user_file=str(path), world_size=2)
+    cfg = build(user_file=str(path), world_size=8)  # consistent: kept out for DeepSpeed to derive
+    assert "train_batch_size" not in cfg and cfg["train_micro_batch_size_per_gpu"] == 8
+
+
 # One process, the CPU: count the aten ops and host reads (`_local_scalar_dense`, what .item() and
 # float() dispatch to) inside DeepSpeed's engine.step() for the small-26m model (74 parameters).
 COUNT_STEP_OPS = r"""

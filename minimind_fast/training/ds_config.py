@@ -25,7 +25,7 @@ def default_zero_stage(dtype: str) -> int:
 
 
 def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float, zero_stage: int | None,
-                    dtype: str, user_file: str | None = None) -> dict[str, Any]:
+                    dtype: str, user_file: str | None = None, world_size: int = 1) -> dict[str, Any]:
     if zero_stage is not None and zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}")
     cfg = read_user_file(Path(user_file)) if user_file else {}
@@ -43,7 +43,12 @@ def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float,
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     if precision(cfg) == "bf16" and zero["stage"] == 1:
         cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
-    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x ranks
+    # Derived by DeepSpeed from micro batch x accumulation x ranks: a file's own value must agree.
+    total = cfg.pop("train_batch_size", "auto")
+    derived = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world_size
+    if total not in ("auto", derived):
+        raise ValueError(f"{user_file}: train_batch_size {total!r} is not train_micro_batch_size_per_gpu x "
+                         f"gradient_accumulation_steps x {world_size} rank(s) = {derived}: set those two instead")
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
@@ -61,6 +66,10 @@ def read_user_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: a DeepSpeed config is a JSON object, got {type(cfg).__name__}")
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ValueError(f"{path}: '{key}' would not be used: the engine builds AdamW and its warmup-cosine "
+                             "schedule from --lr, --betas, --weight-decay, --warmup-steps and --min-lr-ratio")
     for key in ("zero_optimization", "bf16", "fp16", "data_types"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise ValueError(f"{path}: '{key}' must be a JSON object, got {cfg[key]!r}")

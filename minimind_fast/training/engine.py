@@ -167,7 +167,7 @@ class Trainer:
             zero_stage = saved["zero_stage"]
         cfg = build_ds_config(micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum, grad_clip=a.grad_clip,
                               zero_stage=zero_stage, dtype=resolve_dtype(a, self.device),
-                              user_file=a.deepspeed_config)
+                              user_file=a.deepspeed_config, world_size=self.world)
         layout = optimizer_layout(cfg)
         if saved and saved != layout:
             raise TrainingError(f"{self.resume_from} was written under {describe_layout(saved)} and this run asks "
