@@ -10,6 +10,11 @@ STAMP := $(VENV)/.installed
 DEMO := runs/demo
 DATA := data
 export PYTHONUNBUFFERED := 1
+# DeepSpeed builds a small C++ op on its first CPU run, into torch's shared extension cache by default;
+# two checkouts testing at once then rebuild it over each other (its hash follows the venv's path) and
+# a build cut short leaves a lock that hangs every later start. Each checkout keeps its own.
+TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+export TORCH_EXTENSIONS_DIR
 
 .PHONY: install demo demo-all test test-fast test-gpu bench bench-gpu lint clean
 
