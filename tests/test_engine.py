@@ -147,6 +147,40 @@ def test_a_restart_in_a_run_dir_with_later_checkpoints_is_refused(builtin_data, 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
 
 
+def test_resume_takes_a_run_dir_and_refuses_what_would_train_nothing(builtin_data, tiny_model_config, tmp_path):
+    """--resume RUN_DIR continues from that run's newest checkpoint (into another --out too); a resume
+    past --steps, or a --stop-at-step not after the resumed step, is refused instead of exiting 0 with
+    nothing trained and no final/."""
+    out, other = tmp_path / "run", tmp_path / "longer"
+    args = common(builtin_data["shards"]["pretrain"], out, 8, "--config", str(tiny_model_config))
+    run("pretrain.py", args)
+    longer = run("pretrain.py", common(builtin_data["shards"]["pretrain"], other, 10, "--config",
+                                       str(tiny_model_config), "--resume", str(out)))
+    assert "at step 8" in longer.stdout and sorted(losses(other)) == [9, 10]
+    assert (other / "final" / "model.safetensors").exists()
+    for extra, message in ((["--steps", "4"], "is at step 8, past this run's 4 steps"),
+                           (["--steps", "10", "--stop-at-step", "6"], "--stop-at-step 6 is not after")):
+        refused = run("pretrain.py", args + extra, check=False)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    refused = run("pretrain.py", args + ["--resume", str(empty)], check=False)
+    assert refused.returncode == 2 and "holds no complete checkpoint" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_tokens_per_s_leaves_out_checkpoint_time(builtin_data, tiny_model_config, tmp_path):
+    """A checkpoint every other step (far slower than a step of the tiny model) must not show in the
+    next interval's tokens/s: the two kinds of interval run at about the same rate."""
+    out = tmp_path / "run"
+    run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(tiny_model_config),
+                              "--save-every", "2", "--keep-last", "1", "--seq-len", "16", "--micro-batch-size", "1"))
+    rate = losses(out, "tokens_per_s")
+    after_save = sorted(rate[s] for s in range(3, 13, 2))
+    others = sorted(rate[s] for s in range(4, 13, 2))
+    # medians: about 1 here, about 0.4 when the checkpoints' time counted
+    assert after_save[2] > 0.65 * others[2], (after_save, others)
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, tiny_model_config, tmp_path):
     out = tmp_path / "killed"
     args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(tiny_model_config),

@@ -51,7 +51,8 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="run directory")
-    g.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a path")
+    g.add_argument("--resume", default="auto", help="auto (the newest complete checkpoint in --out), none, "
+                   "a checkpoint, or a run directory (its newest)")
     g.add_argument("--save-every", type=int, default=1000)
     g.add_argument("--keep-last", type=int, default=3, help="complete checkpoints to keep (0: all)")
     g.add_argument("--eval-every", type=int, default=500)

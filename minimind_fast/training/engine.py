@@ -156,6 +156,7 @@ class Trainer:
         self.total_steps = a.steps or max(1, math.ceil(
             a.epochs * self.loader.n_items * self.stage.items_tokens(self.loader)
             / self.tokens_per_step))
+        self._check_steps()
         self.engine = self._wrap(model)
 
     def _deepspeed_config(self) -> dict:
@@ -229,16 +230,35 @@ class Trainer:
         if a.resume == "none":
             return None
         ckpt = checkpointing.latest_checkpoint(self.run_dir) if a.resume == "auto" else Path(a.resume)
+        if ckpt is not None and (ckpt / "checkpoints").is_dir():  # a run directory: its newest checkpoint
+            newest = checkpointing.latest_checkpoint(ckpt)
+            if newest is None:
+                raise TrainingError(f"--resume {ckpt}: the run directory holds no complete checkpoint")
+            ckpt = newest
         if ckpt is not None and not (ckpt / checkpointing.MARKER).exists():
             raise TrainingError(f"--resume {ckpt}: not a complete checkpoint (no {checkpointing.MARKER} marker)")
         return ckpt
 
+    def _start_step(self) -> int:
+        if self.resume_from is None:
+            return 0
+        return json.loads((self.resume_from / "trainer_state.json").read_text())["step"]
+
+    def _check_steps(self) -> None:
+        """A resumed run must have steps left to train (a smaller --steps would otherwise do nothing,
+        silently, and write no final/), and --stop-at-step must come after its start."""
+        a, start = self.args, self._start_step()
+        if start > self.total_steps:
+            raise TrainingError(f"{self.resume_from} is at step {start}, past this run's {self.total_steps} steps: "
+                                "raise --steps, or start anew in another --out")
+        if a.stop_at_step is not None and a.stop_at_step <= start:
+            raise TrainingError(f"--stop-at-step {a.stop_at_step} is not after the step this run resumes from "
+                                f"({start})")
+
     def _refuse_later_checkpoints(self) -> None:
         """Complete checkpoints in --out past this run's start belong to another run: kept, they would
         become this run's final/, outlive its own under --keep-last, and be what --resume auto picks."""
-        start = 0
-        if self.resume_from is not None:
-            start = json.loads((self.resume_from / "trainer_state.json").read_text())["step"]
+        start = self._start_step()
         later = [c.name for c in checkpointing.complete_checkpoints(self.run_dir)
                  if checkpointing.checkpoint_step(c) > start]
         if later:
@@ -288,7 +308,7 @@ class Trainer:
         batches = iter(self.loader)
         bad_steps = state["bad_steps"]
         tokens_seen = state["tokens"]
-        t_last, tokens_last = time.time(), 0
+        t_last, tokens_last, paused = time.time(), 0, 0.0
         self.engine.train()
         try:
             while step < self.total_steps:
@@ -328,7 +348,7 @@ class Trainer:
                 if self._logs(step):
                     loss_val = torch.stack(losses).mean()
                     dist.all_reduce(loss_val)
-                    elapsed = time.time() - t_last
+                    elapsed = time.time() - t_last - paused  # evaluation and checkpoints are not training
                     tok_s = tokens_last / max(elapsed, 1e-9)
                     record = {"step": step, "loss": loss_val.item() / self.world,
                               "lr": lr, "grad_norm": grad_norm,
@@ -339,17 +359,22 @@ class Trainer:
                     if peak:
                         record["mfu"] = flops_per_token * tok_s / (peak * self.world)
                     logger.log(record)
-                    t_last, tokens_last = time.time(), 0
+                    t_last, tokens_last, paused = time.time(), 0, 0.0
+                t_pause = time.time()
                 if self.val_loader is not None and (step % a.eval_every == 0 or step == self.total_steps):
                     logger.log({"step": step, **self.evaluate()})
                 stopping = self._stop_agreed(stop, step) or step == a.stop_at_step
                 if step % a.save_every == 0 or step == self.total_steps or stopping:
                     self.save(step, {"tokens": tokens_seen, "bad_steps": bad_steps})
+                paused += time.time() - t_pause
                 if stopping:
                     logger.message(f"stopped at step {step} (checkpoint saved); resume with --resume auto")
                     break
             if step == self.total_steps and self.is_main:
-                final = checkpointing.step_dir(self.run_dir, step) / "model"
+                final = checkpointing.step_dir(self.run_dir, step)
+                if not final.exists():  # resumed at its last step from another run's checkpoint
+                    final = self.resume_from
+                final = final / "model"
                 _replace_dir_copy(final, self.run_dir / "final")
         finally:
             batches.close()  # ends the loader's prefetch thread (CUDA) before the interpreter does
