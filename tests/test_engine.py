@@ -309,6 +309,7 @@ def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_r
     ("kind", "needs pretrain shards"),
     ("context", "--seq-len 300 exceeds the model's context length 256"),
     ("steps", "--steps 0: must be at least 1; --save-every 0: must be at least 1"),
+    ("fp16-file", "ds.json: fp16 needs a CUDA device"),
 ])
 def test_faults_give_clear_errors_before_training(bad, message, builtin_data, tiny_model_config, tmp_path):
     data, out, extra = builtin_data["shards"]["pretrain"], tmp_path / "run", ["--config", str(tiny_model_config)]
@@ -327,6 +328,9 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
         extra += ["--seq-len", "300", "--doc-attention"]
     elif bad == "steps":
         extra += ["--steps", "0", "--save-every", "0"]
+    elif bad == "fp16-file":  # --dtype fp16 is refused on the CPU; the same asked for by a config file
+        (tmp_path / "ds.json").write_text(json.dumps({"fp16": {"enabled": True}}))
+        extra += ["--deepspeed-config", str(tmp_path / "ds.json")]
     proc = run("pretrain.py", common(data, out, 8) + extra, check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]

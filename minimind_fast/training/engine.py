@@ -131,6 +131,8 @@ class Trainer:
         a.micro_batch_size = self.ds_config["train_micro_batch_size_per_gpu"]
         a.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.dtype = precision(self.ds_config)
+        if self.dtype == "fp16" and self.device.type == "cpu":  # else DeepSpeed fails, naming no file
+            raise TrainingError(f"{a.deepspeed_config}: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         self.stage.zero_stage = self.ds_config["zero_optimization"]["stage"]
         model = self.stage.build_model(self.manifest)
         self.stage.setup(model)
