@@ -211,9 +211,10 @@ def test_zero3_two_ranks_agree_with_one_process(builtin_data, pretrain_run, tmp_
     args[args.index("--micro-batch-size") + 1] = "2"
     run("distill.py", args, launcher=two_ranks(29633))
     # The loss and the stage's metrics are averaged over ranks. Each rank normalises by its own token
-    # weights: close, not bitwise.
+    # weights: close, not bitwise. The KL term is small (about 0.01 at the first step), so its difference
+    # is bounded in absolute terms too (the two ranks' token counts differ by batch).
     for key in ("loss", "lm_loss", "kd_loss"):
         one, two = losses(tmp_path / "single", key), losses(tmp_path / "zero3", key)
         assert sorted(two) == [1, 2, 3] and all(v > 0 for v in two.values())
         for step in two:
-            assert two[step] == pytest.approx(one[step], rel=2e-3), (key, one, two)
+            assert two[step] == pytest.approx(one[step], rel=2e-3, abs=2e-4), (key, one, two)

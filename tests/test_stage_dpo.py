@@ -181,13 +181,16 @@ def test_precomputed_reference_matches_live_and_is_reused_on_resume(dpo_run, pre
 
 def test_dpo_with_lora_trains_adapters_only(dpo_run, pretrain_run, builtin_data, tmp_path):
     """--lora-rank: the live reference is the untouched --init model; only adapters move, the saved base
-    is the --init weights bit for bit, and the preference margin still rises. With precomputed
-    reference scores (taken after the adapters exist, at B = 0) the first loss is the live one's."""
+    is the --init weights bit for bit, and the held-out pairs' loss falls below log 2 (the policy comes to
+    prefer their chosen replies; the training batches' margins, 4 pairs each, are too noisy to show it).
+    With precomputed reference scores (taken after the adapters exist, at B = 0) the first loss is the
+    live one's."""
     out = tmp_path / "lora"
     run("dpo.py", dpo_args(builtin_data["shards"]["dpo"], out, pretrain_run, "--lora-rank", "8",
                            "--lora-alpha", "32", "--lr", "1e-2"))
-    margin = metric(out, "reward_margin")
-    assert margin[1] == 0 and sum(margin[s] for s in range(STEPS - 3, STEPS + 1)) / 4 > 0.1, margin
+    assert metric(out, "reward_margin")[1] == 0
+    val = metric(out, "val_loss")
+    assert val[STEPS] < val[8] < math.log(2) and val[STEPS] < math.log(2) - 0.02, val
     base = load_file(str(pretrain_run / "final" / "model.safetensors"))
     saved = load_file(str(out / "final" / "model.safetensors"))
     assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base)
