@@ -125,6 +125,7 @@ class Trainer:
         data = Path(a.data)
         self.manifest = self.stage.open_data(data)
         self.resume_from = self._checkpoint_to_resume()
+        self.start_step = self._start_step()
         self._refuse_later_checkpoints()
         self.ds_config = self._deepspeed_config()
         # The loaders read the flags, and a --deepspeed-config file's batch shape wins over them.
@@ -249,7 +250,7 @@ class Trainer:
     def _check_steps(self) -> None:
         """A resumed run must have steps left to train (a smaller --steps would otherwise do nothing,
         silently, and write no final/), and --stop-at-step must come after its start."""
-        a, start = self.args, self._start_step()
+        a, start = self.args, self.start_step
         if start > self.total_steps:
             raise TrainingError(f"{self.resume_from} is at step {start}, past this run's {self.total_steps} steps: "
                                 "raise --steps, or start anew in another --out")
@@ -260,7 +261,7 @@ class Trainer:
     def _refuse_later_checkpoints(self) -> None:
         """Complete checkpoints in --out past this run's start belong to another run: kept, they would
         become this run's final/, outlive its own under --keep-last, and be what --resume auto picks."""
-        start = self._start_step()
+        start = self.start_step
         later = [c.name for c in checkpointing.complete_checkpoints(self.run_dir)
                  if checkpointing.checkpoint_step(c) > start]
         if later:
