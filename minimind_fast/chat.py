@@ -17,7 +17,7 @@ import torch
 
 from minimind_fast.checkpoint import is_hf_dir, load_model, resolve_model_dir
 from minimind_fast.data.records import ROLES
-from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
+from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, load_tokenizer
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
 
 
@@ -85,10 +85,8 @@ def load_chat_model(path: str | os.PathLike, device: str = "auto", dtype: str = 
 def check_utf8(text: str | None, what: str) -> None:
     """ValueError naming `what` if `text` holds lone surrogates: undecodable bytes from argv or stdin
     (surrogateescape) or a JSON \\udcXX escape, which the tokenizer rejects with a TypeError."""
-    try:
-        (text or "").encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} is not valid UTF-8") from None
+    if text and LONE_SURROGATE.search(text):
+        raise ValueError(f"{what} is not valid UTF-8")
 
 
 def check_vocab(tokenizer: ChatTokenizer, model) -> None:
