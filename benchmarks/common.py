@@ -8,7 +8,11 @@ Results file (one per run, `benchmarks/results/<device-slug>-<YYYYmmdd-HHMMSS>.j
      "cases": [{"suite", "group", "name", "impl", "shape", "dtype", "median_ms", "p20_ms", "p80_ms",
                 "peak_mem_MB", "gbps", "frac_of_copy", "tflops", "frac_of_matmul", "tokens_per_s",
                 "mfu", "mfu_measured", "ratio_vs_eager", "ratio_vs_eager_lo", "ratio_vs_eager_hi",
-                "mem_ratio_vs_eager", ...}]}
+                "mem_ratio_vs_eager", ...}],
+     "timing": {"suite_s": ..., "deadline_s": ..., "test_seconds": {nodeid: s, ...}, "not_run": [nodeid, ...]}}
+
+`timing` is the run's own cost (see `SuiteClock`): each test's wall seconds, compilation and autotuning
+included, slowest first, and the tests a deadline left out.
 
 A *group* is one comparison: the same op at the same shape, measured once per implementation
 (`impl`) side by side in the same run. The implementations:
@@ -123,6 +127,48 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+# The order files run in: the figures the open issues ask for first, so that a run cut by its deadline
+# (or a timeout) has measured those (kernels, MoE, training step, then MiniMind's step, decode, data).
+FILE_PRIORITY = ("bench_kernels", "bench_moe", "bench_model", "bench_minimind_baseline", "bench_decode",
+                 "bench_data")
+
+
+def file_priority(path: str | os.PathLike) -> int:
+    """Position of a benchmark file in `FILE_PRIORITY` (files not listed go last, by name)."""
+    stem = Path(path).stem
+    return FILE_PRIORITY.index(stem) if stem in FILE_PRIORITY else len(FILE_PRIORITY)
+
+
+class SuiteClock:
+    """The whole run's time: each test's wall seconds (warm-up, compilation and autotuning included)
+    and an optional deadline, after which the tests not yet started are left out and listed, so that
+    `make bench-gpu` ends in time with every measured case written and every omission named."""
+
+    def __init__(self, deadline_s: float | None, now: Callable[[], float] = time.perf_counter):
+        self.deadline_s, self.now = deadline_s, now
+        self.start = now()
+        self.test_seconds: dict[str, float] = {}
+        self.not_run: list[str] = []
+
+    def elapsed(self) -> float:
+        return self.now() - self.start
+
+    def past_deadline(self, nodeid: str) -> bool:
+        """True (and `nodeid` listed as not run) once the deadline has passed."""
+        if self.deadline_s is None or self.elapsed() < self.deadline_s:
+            return False
+        self.not_run.append(nodeid)
+        return True
+
+    def add(self, nodeid: str, seconds: float) -> None:
+        self.test_seconds[nodeid] = self.test_seconds.get(nodeid, 0.0) + seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        slowest = sorted(self.test_seconds.items(), key=lambda kv: -kv[1])
+        return {"suite_s": round(self.elapsed(), 1), "deadline_s": self.deadline_s,
+                "test_seconds": {k: round(v, 2) for k, v in slowest}, "not_run": list(self.not_run)}
 
 
 class ResultsError(ValueError):

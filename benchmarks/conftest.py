@@ -25,9 +25,11 @@ import torch
 from common import (
     RESULTS_DIR,
     SCHEMA,
+    SuiteClock,
     Timing,
     compute_ratios,
     device_slug,
+    file_priority,
     git_commit,
     is_cuda_run,
     timing_from_samples,
@@ -42,6 +44,11 @@ def pytest_addoption(parser):
                     help="full benchmark sizes (also BENCH_FULL=1); default: small CPU sizes")
     group.addoption("--bench-results-dir", default=os.environ.get("BENCH_RESULTS_DIR", str(RESULTS_DIR)),
                     help="where the run's results JSON goes (default benchmarks/results)")
+    group.addoption("--bench-deadline", type=float, default=None,
+                    help="seconds after which tests not yet started are left out and listed in the results "
+                         "(default 480 with --gpu-sizes on CUDA, so that `make bench-gpu`, the test running at "
+                         "the deadline and the report end within 10 "
+                         "minutes; none otherwise; env BENCH_DEADLINE_S, 0 = none)")
     group.addoption("--bench-compile-budget", type=float, default=None,
                     help="seconds of torch.compile warm-up allowed per run before compile cases are "
                          "skipped (default 240 on CUDA, 90 on CPU; env BENCH_COMPILE_BUDGET_S)")
@@ -77,6 +84,10 @@ class BenchSession:
         budget = config.getoption("--bench-compile-budget") or os.environ.get("BENCH_COMPILE_BUDGET_S")
         self.compile_budget_s = float(budget) if budget else (240.0 if self.cuda else 90.0)
         self.compile_spent_s = 0.0
+        deadline = config.getoption("--bench-deadline")
+        if deadline is None:
+            deadline = os.environ.get("BENCH_DEADLINE_S", 480.0 if (self.cuda and self.full) else 0.0)
+        self.clock = SuiteClock(float(deadline) or None)
         self.name = torch.cuda.get_device_name(self.device) if self.cuda else cpu_name()
         stamp = datetime.now(timezone.utc)
         self.path = Path(config.getoption("--bench-results-dir")) / (
@@ -174,7 +185,10 @@ class BenchSession:
             self.recorded_nodeids.add(nodeid)
         self.cases.append(case)
         compute_ratios(self.cases)
-        write_json_atomic(self.path, {**self.meta, "cases": self.cases})
+        self.write()
+
+    def write(self) -> None:
+        write_json_atomic(self.path, {**self.meta, "cases": self.cases, "timing": self.clock.as_dict()})
 
 
 def _version(module: str) -> str | None:
@@ -198,10 +212,27 @@ def bench_session(pytestconfig) -> BenchSession:
 
 
 @pytest.fixture(autouse=True)
-def _hardware_first(bench_session):
-    """Every benchmark (ours or another helper's) pulls in the session, so the limits come first."""
+def _hardware_first(bench_session, request):
+    """Every benchmark (ours or another helper's) pulls in the session, so the limits come first; past
+    the run's deadline a test is left out (and listed as not run)."""
+    if bench_session.clock.past_deadline(request.node.nodeid):
+        pytest.skip(f"suite deadline of {bench_session.clock.deadline_s:.0f}s passed "
+                    "(--bench-deadline / BENCH_DEADLINE_S)")
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(items):
+    """The issues' figures first (`common.FILE_PRIORITY`), so a run cut short has measured those."""
+    items.sort(key=lambda item: file_priority(item.path))  # stable: a file's tests keep their order
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    start = time.perf_counter()
+    yield
+    if _SESSION is not None:
+        _SESSION.clock.add(item.nodeid, time.perf_counter() - start)
 
 
 @pytest.fixture
@@ -228,7 +259,15 @@ def pytest_runtest_logreport(report):
         print(f"\nFAILED {report.nodeid} ({report.when}):\n{text[-3000:]}", file=sys.stderr, flush=True)
 
 
+def pytest_sessionfinish(session):
+    if _SESSION is not None and (_SESSION.cases or _SESSION.clock.not_run):
+        _SESSION.write()  # the last test's seconds and the tests left out
+
+
 def pytest_terminal_summary(terminalreporter):
+    if _SESSION is not None and _SESSION.clock.not_run:
+        terminalreporter.write_line(f"left out after the {_SESSION.clock.deadline_s:.0f}s deadline: "
+                                    f"{len(_SESSION.clock.not_run)} tests (listed in the results file)")
     if _SESSION is not None and _SESSION.cases:
         terminalreporter.write_line(f"benchmark results ({len(_SESSION.cases)} cases): {_SESSION.path}")
         if _SESSION.compile_spent_s:

@@ -163,6 +163,18 @@ def render_suite(cases: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def run_time_lines(timing: dict[str, Any] | None) -> list[str]:
+    """The newest run's own cost: its wall time, and what its deadline left out."""
+    if not timing or timing.get("suite_s") is None:
+        return []
+    text = f"Run time: {timing['suite_s'] / 60:.1f} min"
+    if timing.get("deadline_s"):
+        text += f" (deadline {timing['deadline_s']:.0f} s"
+        left = len(timing.get("not_run") or [])
+        text += f"; {left} tests left out)" if left else "; nothing left out)"
+    return [text]
+
+
 def render_run(run: dict[str, Any]) -> list[str]:
     hw = run.get("hardware") or {}
     facts = [f"torch {run.get('torch')}", f"triton {run.get('triton')}"]
@@ -181,6 +193,9 @@ def render_run(run: dict[str, Any]) -> list[str]:
         lines[-1] += "  "
         lines.append("Each comparison from the newest run that measured it: " + "; ".join(
             f"`{src['_file']}` (commit `{str(src.get('commit', 'unknown'))[:12]}`)" for src in run["_sources"]))
+    if run_time_lines(run.get("timing")):
+        lines[-1] += "  "
+        lines += run_time_lines(run.get("timing"))
     suites: dict[str, list[dict[str, Any]]] = {}
     for case in run["cases"]:
         suites.setdefault(case.get("suite", "other"), []).append(case)

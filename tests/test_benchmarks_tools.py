@@ -321,3 +321,46 @@ def test_compare_cli_exit_codes(tmp_path, capsys):
     assert compare.main([str(old), str(other), "--allow-device-mismatch"]) == 1
     assert compare.main([str(old), str(tmp_path / "absent.json")]) == 2
     assert "absent.json" in capsys.readouterr().err
+
+
+# --- the run's clock: deadline, per-test seconds, file order ----------------------------------------
+
+def test_suite_clock_leaves_out_tests_after_its_deadline_and_names_them():
+    now = [100.0]
+    clock = common.SuiteClock(deadline_s=60.0, now=lambda: now[0])
+    assert not clock.past_deadline("a")
+    clock.add("a", 50.0)
+    now[0] = 159.0
+    assert not clock.past_deadline("b")
+    clock.add("b", 9.0)
+    clock.add("b", 1.0)  # a test timed in two parts adds up
+    now[0] = 160.0
+    assert clock.past_deadline("c") and clock.past_deadline("d")
+    timing = clock.as_dict()
+    assert timing["suite_s"] == 60.0 and timing["deadline_s"] == 60.0
+    assert list(timing["test_seconds"].items()) == [("a", 50.0), ("b", 10.0)]  # slowest first
+    assert timing["not_run"] == ["c", "d"]
+    unlimited = common.SuiteClock(deadline_s=None, now=lambda: now[0])
+    now[0] = 1e9
+    assert not unlimited.past_deadline("e") and unlimited.as_dict()["not_run"] == []
+
+
+def test_benchmark_files_run_in_priority_order():
+    files = ["benchmarks/bench_data.py", "benchmarks/bench_decode.py", "benchmarks/bench_extra.py",
+             "benchmarks/bench_kernels.py", "benchmarks/bench_minimind_baseline.py",
+             "benchmarks/bench_model.py", "benchmarks/bench_moe.py"]
+    ordered = [Path(f).stem for f in sorted(files, key=common.file_priority)]
+    assert ordered == ["bench_kernels", "bench_moe", "bench_model", "bench_minimind_baseline",
+                       "bench_decode", "bench_data", "bench_extra"]
+    present = sorted(p.stem for p in Path(common.BENCH_DIR).glob("bench_*.py"))
+    assert sorted(common.FILE_PRIORITY) == present  # a new benchmark file is given a place
+
+
+def test_report_shows_the_run_time_and_what_the_deadline_left_out(tmp_path):
+    cases = [case("rms T=8", "eager", 2.0), case("rms T=8", "ours", 1.0)]
+    timing = {"suite_s": 570.0, "deadline_s": 480.0, "test_seconds": {"x": 1.0}, "not_run": ["y", "z"]}
+    write(tmp_path / "gpu-20250101-000000.json", run("GPU", "2025-01-01T00:00:00", cases, timing=timing))
+    text = report.render_markdown(report.newest_per_device(tmp_path))
+    assert "Run time: 9.5 min (deadline 480 s; 2 tests left out)" in text
+    write(tmp_path / "cpu-20250101-000000.json", run("CPU", "2025-01-01T00:00:00", cases))
+    assert text.count("Run time") == report.render_markdown(report.newest_per_device(tmp_path)).count("Run time")
