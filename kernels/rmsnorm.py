@@ -6,6 +6,12 @@ saved (fp32, one per row) for backward. The fused variant first forms `h = x + r
 Backward: `dx = rstd * (w*dy - x_hat * mean(x_hat * w*dy))`; the weight gradient `sum_rows(dy * x_hat)`
 is reduced without atomics: each program accumulates its rows in fp32 registers and writes one
 partial row, and a second kernel sums the partial rows in a fixed order and casts once.
+
+Rows wider than `WIDE_COLS` (hidden 16k-32k) would need a whole row per thread block in registers, more
+than a block's threads can hold without spilling, so they take a looped path instead: each row is read
+in `CHUNK`-wide pieces twice (the sum of squares, then the output; the second read mostly from L2), and
+the weight gradient is a separate column-reduction kernel (partial sums per row span, then the same
+fixed-order sum).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import triton.language as tl
 from .utils import cdiv, check_device, num_programs, row_block, rows_per_tile
 
 PARTIAL_COLS, PARTIAL_ROWS = 64, 64  # tile of the kernel summing the weight gradient's partial rows
+WIDE_COLS = 8192  # rows wider than this take the looped kernels
+CHUNK, CHUNK_WARPS = 4096, 8  # the looped kernels' piece of a row
+DW_COLS, DW_ROWS = 256, 16  # tile of the wide path's weight-gradient kernel
 
 
 @triton.jit
@@ -82,6 +91,85 @@ def _sum_partials(PARTIAL, DW, n_parts, n_cols, ROWS: tl.constexpr, BLOCK: tl.co
     tl.store(DW + cols, acc.to(DW.dtype.element_ty), mask=col_mask)
 
 
+@triton.jit
+def _rmsnorm_fwd_wide(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
+                      HAS_RESIDUAL: tl.constexpr, CHUNK: tl.constexpr):
+    # One row per program, in CHUNK-wide pieces: the sum of squares (writing the residual sum), then
+    # the output from a second read of the row (of h for the fused variant, as the reference normalises
+    # the rounded sum).
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((CHUNK,), dtype=tl.float32)
+    for start in range(0, n_cols, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            h = (x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + row * stride_h + cols, h, mask=mask)
+            x = h.to(tl.float32)
+        acc += x * x
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
+    tl.store(RSTD + row, rstd)
+    for start in range(0, n_cols, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
+        mask = cols < n_cols
+        if HAS_RESIDUAL:
+            x = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_bwd_wide(DY, X, W, RSTD, DX, DH, stride_dy, stride_x, stride_dx, stride_dh, n_cols,
+                      HAS_DH: tl.constexpr, CHUNK: tl.constexpr):
+    # dx of one row, in CHUNK-wide pieces: mean(x_hat * w*dy) first, then dx; no weight gradient here.
+    row = tl.program_id(0).to(tl.int64)
+    rstd = tl.load(RSTD + row)
+    acc = tl.zeros((CHUNK,), dtype=tl.float32)
+    for start in range(0, n_cols, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += x * rstd * w * dy
+    mean = tl.sum(acc, axis=0) / n_cols
+    for start in range(0, n_cols, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dx = rstd * (w * dy - x * rstd * mean)
+        if HAS_DH:
+            dx += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_dw_wide(DY, X, RSTD, DW_PARTIAL, stride_dy, stride_x, n_rows, n_cols, rows_per_split,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # Weight gradient of wide rows: program (c, s) sums dy * x_hat over split s's rows for BLOCK columns
+    # and writes them as partial row s.
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    split = tl.program_id(1)
+    col_mask = cols < n_cols
+    first = split.to(tl.int64) * rows_per_split
+    last = tl.minimum(first + rows_per_split, n_rows)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(first, last, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        row_mask = rows < last
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        acc += tl.sum(dy * x * rstd[:, None], axis=0)
+    tl.store(DW_PARTIAL + split.to(tl.int64) * n_cols + cols, acc, mask=col_mask)
+
+
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -94,11 +182,15 @@ def _forward(x, residual, weight, eps):
     x2 = _as_rows(x)
     r2 = _as_rows(residual) if residual is not None else x2
     n_rows, n_cols = x2.shape
-    block, warps = row_block(n_cols)
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     h = torch.empty_like(y) if residual is not None else y
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    if n_rows:
+    if n_rows and n_cols > WIDE_COLS:
+        _rmsnorm_fwd_wide[(n_rows,)](
+            x2, r2, weight, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n_cols, eps,
+            HAS_RESIDUAL=residual is not None, CHUNK=CHUNK, num_warps=CHUNK_WARPS)
+    elif n_rows:
+        block, warps = row_block(n_cols)
         tile = rows_per_tile(n_rows, block)
         _rmsnorm_fwd[(cdiv(n_rows, tile),)](
             x2, r2, weight, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n_rows, n_cols, eps,
@@ -113,13 +205,15 @@ def _backward(dy, normed_input, weight, rstd, dh):
     dy2 = _as_rows(dy)
     dh2 = _as_rows(dh) if dh is not None else dy2
     n_rows, n_cols = dy2.shape
-    block, warps = row_block(n_cols)
-    programs = num_programs(n_rows)
-    rows_per_prog = cdiv(n_rows, programs) if n_rows else 0
     dx = torch.empty((n_rows, n_cols), dtype=dy.dtype, device=dy.device)
     dw = torch.empty(n_cols, dtype=weight.dtype, device=dy.device)
     if not n_rows:
         return dx.view(shape), dw.zero_()
+    if n_cols > WIDE_COLS:
+        return _backward_wide(dy2, dh2, normed_input, weight, rstd, dh is not None, dx, dw, shape)
+    block, warps = row_block(n_cols)
+    programs = num_programs(n_rows)
+    rows_per_prog = cdiv(n_rows, programs)
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=dy.device)  # every program writes its row
     _rmsnorm_bwd[(programs,)](dy2, normed_input, weight, rstd, dx, dh2, partial, dy2.stride(0),
                               normed_input.stride(0), dx.stride(0), dh2.stride(0), n_rows, n_cols,
@@ -127,6 +221,23 @@ def _backward(dy, normed_input, weight, rstd, dh):
                               BLOCK=block, num_warps=warps)
     _sum_partials[(cdiv(n_cols, PARTIAL_COLS),)](partial, dw, programs, n_cols, ROWS=PARTIAL_ROWS,
                                                   BLOCK=PARTIAL_COLS)
+    return dx.view(shape), dw
+
+
+def _backward_wide(dy2, dh2, normed_input, weight, rstd, has_dh, dx, dw, shape):
+    n_rows, n_cols = dy2.shape
+    _rmsnorm_bwd_wide[(n_rows,)](dy2, normed_input, weight, rstd, dx, dh2, dy2.stride(0), normed_input.stride(0),
+                                 dx.stride(0), dh2.stride(0), n_cols, HAS_DH=has_dh, CHUNK=CHUNK,
+                                 num_warps=CHUNK_WARPS)
+    # Enough row spans that the column blocks times spans fill the device (a few programs per SM).
+    col_blocks = cdiv(n_cols, DW_COLS)
+    splits = max(1, min(cdiv(n_rows, DW_ROWS), cdiv(num_programs(n_rows), col_blocks)))
+    rows_per_split = cdiv(n_rows, splits)
+    splits = cdiv(n_rows, rows_per_split)
+    partial = torch.empty((splits, n_cols), dtype=torch.float32, device=dy2.device)
+    _rmsnorm_dw_wide[(col_blocks, splits)](dy2, normed_input, rstd, partial, dy2.stride(0), normed_input.stride(0),
+                                           n_rows, n_cols, rows_per_split, ROWS=DW_ROWS, BLOCK=DW_COLS)
+    _sum_partials[(cdiv(n_cols, PARTIAL_COLS),)](partial, dw, splits, n_cols, ROWS=PARTIAL_ROWS, BLOCK=PARTIAL_COLS)
     return dx.view(shape), dw
 
 

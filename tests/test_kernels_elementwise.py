@@ -145,6 +145,36 @@ def test_rms_norm_weight_grad_sums_partials_in_chunks(device, monkeypatch, fused
                 ["x", "w"])
 
 
+WIDE_SHAPES = shapes_for(cpu=[(3, 130), (2, 3, 200)], gpu=[(4, 32768), (3, 100_003)])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", WIDE_SHAPES)
+def test_rms_norm_wide_rows_take_the_looped_kernels(device, monkeypatch, shape, dtype, fused):
+    """Rows wider than WIDE_COLS are read in CHUNK-wide pieces (a partial last one here) and their weight
+    gradient summed by the column kernel over several row spans; on the CPU the threshold is lowered
+    so that small rows take that path. On a GPU, rows past the one-block limit of 65536 work too."""
+    if not HAS_CUDA:
+        monkeypatch.setattr(rmsnorm, "WIDE_COLS", 64)
+        monkeypatch.setattr(rmsnorm, "CHUNK", 32)
+        monkeypatch.setattr(rmsnorm, "DW_COLS", 32)
+        monkeypatch.setattr(rmsnorm, "DW_ROWS", 2)
+        monkeypatch.setattr(rmsnorm, "num_programs", lambda n_rows: 64)  # several row spans, the last short
+    launched = []
+    original = rmsnorm._backward_wide
+    monkeypatch.setattr(rmsnorm, "_backward_wide", lambda *a: launched.append(1) or original(*a))
+    x = torch.randn(shape, device=device).to(dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], device=device)).to(dtype)
+    if fused:
+        res = (3 * torch.randn(shape, device=device)).to(dtype)
+        compare(lambda a, r, b: rmsnorm.add_rms_norm(a, r, b, 1e-5), lambda a, r, b: ref.add_rms_norm(a, r, b, 1e-5),
+                [x, res, w], ["x", "residual", "w"])
+    else:
+        compare(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), lambda a, b: ref.rms_norm(a, b, 1e-6), [x, w], ["x", "w"])
+    assert launched, "the wide path was not taken"
+
+
 def test_rms_norm_of_no_rows_has_zero_weight_grad(device):
     w = torch.randn(48, device=device, requires_grad=True)
     x = torch.randn(0, 48, device=device, requires_grad=True)
