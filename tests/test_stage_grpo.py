@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -248,6 +249,51 @@ def test_prompts_render_like_the_sft_data(builtin_data, tmp_path):
     assert tok.decode(ids[0], skip_special_tokens=False).endswith("<|im_start|>assistant\n")
     short, kept = encode_prompts(records, tok, max_tokens=len(ids[0]))
     assert len(kept) == 1 and kept[0].line == 1  # too long for the room left: left out
+
+
+# MiniMind's way with tools: the definitions open the system turn, a reply's calls follow its content.
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\n' + messages[0]['content'] + '\\n<tools>' }}"
+    "{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
+    "{% for m in messages %}{% if not (tools and loop.first) %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}{% set f = c.function or c %}"
+    "{{ '<tool_call>' + f.name + ' ' + f.arguments + '</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _tool_conversation() -> list[dict]:
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {"city": "string"}}}
+    call = {"type": "function", "function": {"name": "weather", "arguments": "Paris"}}
+    # minimind-3 stores the definitions as a JSON string; the call is OpenAI's form (content null)
+    return [{"role": "system", "content": "Be brief.", "tools": json.dumps([weather])},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "20 C"}, {"role": "user", "content": "In Fahrenheit?"},
+            {"role": "assistant", "content": "68 F."}]
+
+
+def test_prompts_take_tools_and_tool_calls_like_the_sft_data(builtin_data, tmp_path):
+    from minimind_fast.data.records import record_docs
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    shutil.copy(builtin_data["tokenizer"] / "tokenizer.json", d / "tokenizer.json")
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TOOLS_TEMPLATE}))
+    tok = load_tokenizer(d)
+    convo = _tool_conversation()
+    path = _write(tmp_path / "p.jsonl", [json.dumps({"conversations": convo, "answer": "68"})])
+    records = read_prompt_file(path, {"answer": "the 'answer' reward"})
+    ids, kept = encode_prompts(records, tok, max_tokens=1000, source=str(path))
+    # The prompt is exactly the text SFT training put before the last reply: tools and the earlier call included.
+    [doc] = record_docs({"conversations": convo}, "sft", tok)
+    text = tok.decode(ids[0], skip_special_tokens=False)
+    assert text == doc.text[:doc.spans[-1][0]]
+    assert '<tools>\n{"type": "function", "function": {"name": "weather"' in text
+    assert "<tool_call>weather Paris</tool_call>" in text
+    # A template that drops the definitions (our ChatML) is named by file and line, as SFT skips it.
+    with pytest.raises(ValueError, match=rf"{path}:1: .*tool definitions"):
+        encode_prompts(records, load_tokenizer(builtin_data["tokenizer"]), max_tokens=1000, source=str(path))
 
 
 # ------------------------------------------------------------------------------ runs end to end

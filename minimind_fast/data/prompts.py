@@ -2,10 +2,13 @@
 
 Each line is `{"prompt": "...", "answer": ...}` (any further fields are kept and handed to the reward
 functions), or `{"conversations": [...]}`, whose messages up to and including the last user turn are
-the prompt (later turns, such as a reference reply, are dropped). Prompts are rendered with the
-tokenizer's chat template and a generation prompt, which is exactly the prefix the SFT data puts
-before an assistant reply (see `records.conversation_doc`), so the policy continues the way it was
-trained to. Problems raise ValueError naming the file, the line and the field.
+the prompt (later turns, such as a reference reply, are dropped). The messages take every shape SFT
+records take (`records.check_messages`): tool definitions in a system message's `tools`/`functions`,
+`tool_calls`, a reply that only calls tools with `"content": null`, lists or JSON strings. Prompts are
+rendered with the tokenizer's chat template, the tool definitions as `tools=`, and a generation
+prompt, which is exactly the prefix the SFT data puts before an assistant reply (see
+`records.prompt_text`), so the policy continues the way it was trained to. Problems raise ValueError
+naming the file, the line and the field.
 
 Unlike the shard loaders, prompts are few and small, so they are read and encoded into memory once.
 """
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from minimind_fast.data.loaders import check_resume_state
-from minimind_fast.data.records import ROLES
+from minimind_fast.data.records import RecordError, check_messages, prompt_text
 from minimind_fast.data.tokenizer import ChatTokenizer
 
 
@@ -39,12 +42,7 @@ def _messages(record: dict) -> list[dict]:
         return [{"role": "user", "content": record["prompt"]}]
     if "conversations" not in record:
         raise ValueError("needs a field 'prompt' (string) or 'conversations' (list of messages)")
-    msgs = record["conversations"]
-    if not isinstance(msgs, list):
-        raise ValueError("field 'conversations' must be a list of messages")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"field 'conversations'[{i}] needs a role in {ROLES} and a string content")
+    msgs = check_messages(record["conversations"], "conversations")  # RecordError is a ValueError
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
     if not users:
         raise ValueError("field 'conversations' has no user message to answer")
@@ -89,9 +87,9 @@ def encode_prompts(records: list[PromptRecord], tokenizer: ChatTokenizer, max_to
     texts = []
     for r in records:
         try:
-            texts.append(tokenizer.apply_chat_template(r.messages, add_generation_prompt=True))
-        except Exception as e:  # a user template may reject a record (e.g. it wants a system message)
-            raise ValueError(f"{source}:{r.line}: the chat template failed on this prompt ({e})") from None
+            texts.append(prompt_text(r.messages, tokenizer))
+        except RecordError as e:  # a user template may reject a record (e.g. it wants a system message)
+            raise ValueError(f"{source}:{r.line}: {e}") from None
     ids, kept = [], []
     for r, enc in zip(records, tokenizer.encode_batch(texts)):
         if len(enc) <= max_tokens:

@@ -74,9 +74,9 @@ def _object_list(m: dict, key: str, where: str) -> list[dict] | None:
     return value
 
 
-def check_conversation(msgs, field: str) -> list[dict]:
+def check_messages(msgs, field: str) -> list[dict]:
     """The messages, checked; copies with `tool_calls` and tool definitions decoded, and an OpenAI-style
-    reply that only calls tools (`"content": null`) given an empty content."""
+    reply that only calls tools (`"content": null`) given an empty content. GRPO prompts use this too."""
     if not isinstance(msgs, list):
         raise RecordError("missing_field", f"'{field}' must be a list of messages")
     if not msgs:
@@ -97,6 +97,12 @@ def check_conversation(msgs, field: str) -> list[dict]:
             if m["role"] == "system" and key in m:
                 m[key] = _object_list(m, key, where)
         out.append(m)
+    return out
+
+
+def check_conversation(msgs, field: str) -> list[dict]:
+    """`check_messages`, for training text: at least one assistant reply to learn."""
+    out = check_messages(msgs, field)
     if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in out):
         raise RecordError("empty_conversation", f"'{field}' has no non-empty assistant message")
     return out
@@ -139,6 +145,24 @@ def _render(tok: ChatTokenizer, msgs: list[dict], add_generation_prompt: bool, t
         raise RecordError("template", f"the chat template failed: {e}") from None
 
 
+def _check_tools_rendered(text: str, tools: list[dict] | None) -> None:
+    # A template that drops the tools would teach (or prompt) replies to an unseen request.
+    if tools and not all(name in text for name in _names(tools)):
+        raise RecordError("template", "the chat template does not render the tool definitions (tools=)")
+
+
+def prompt_text(msgs: list[dict], tok: ChatTokenizer) -> str:
+    """Checked messages (`check_messages`) rendered with the generation prompt: the exact text
+    `conversation_doc` puts before an assistant reply that would follow them, tools included."""
+    tools = conversation_tools(msgs)
+    text = _render(tok, msgs, True, tools)
+    _check_tools_rendered(text, tools)
+    for i, m in enumerate(msgs):
+        if not all(name in text for name in _names(m.get("tool_calls") or [])):
+            raise RecordError("template", f"the chat template does not render message {i}'s tool_calls")
+    return text
+
+
 def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool) -> Doc:
     """The rendered conversation and the spans of its assistant replies (each through its `<|im_end|>`).
 
@@ -150,9 +174,7 @@ def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool) -> Doc:
     """
     tools = conversation_tools(msgs)
     text = _render(tok, msgs, False, tools)
-    # A template that drops the tools or a reply's calls would teach replies to an unseen request.
-    if tools and not all(name in text for name in _names(tools)):
-        raise RecordError("template", "the chat template does not render the tool definitions (tools=)")
+    _check_tools_rendered(text, tools)
     doc = Doc(text)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
