@@ -296,6 +296,12 @@ def test_prompts_take_tools_and_tool_calls_like_the_sft_data(builtin_data, tmp_p
         encode_prompts(records, load_tokenizer(builtin_data["tokenizer"]), max_tokens=1000, source=str(path))
 
 
+def test_a_prompt_with_an_unpaired_surrogate_is_named(builtin_data, tmp_path):
+    path = _write(tmp_path / "p.jsonl", ['{"prompt": "What is 1 + 1?"}', '{"prompt": "Smile \\ud83d please"}'])
+    with pytest.raises(ValueError, match=rf"{path}:2: bad_unicode: unpaired surrogate \\ud83d"):
+        encode_prompts(read_prompt_file(path), load_tokenizer(builtin_data["tokenizer"]), 100, str(path))
+
+
 # ------------------------------------------------------------------------------ runs end to end
 
 def metrics(run_dir: Path) -> list[dict]:

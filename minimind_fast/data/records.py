@@ -156,6 +156,7 @@ def prompt_text(msgs: list[dict], tok: ChatTokenizer) -> str:
     `conversation_doc` puts before an assistant reply that would follow them, tools included."""
     tools = conversation_tools(msgs)
     text = _render(tok, msgs, True, tools)
+    _check_unicode(text)
     _check_tools_rendered(text, tools)
     for i, m in enumerate(msgs):
         if not all(name in text for name in _names(m.get("tool_calls") or [])):
@@ -228,9 +229,14 @@ def record_docs(record: dict, kind: str, tok: ChatTokenizer) -> list[Doc]:
     """The documents of one record: one, or for DPO the chosen then the rejected conversation."""
     docs = _docs(record, kind, tok)
     for d in docs:
-        if m := LONE_SURROGATE.search(d.text):
-            raise RecordError("bad_unicode", f"unpaired surrogate \\u{ord(m.group()):04x} (half of a \\u escape pair)")
+        _check_unicode(d.text)
     return docs
+
+
+def _check_unicode(text: str) -> None:
+    # The tokenizers library rejects such text with a TypeError that names nothing.
+    if m := LONE_SURROGATE.search(text):
+        raise RecordError("bad_unicode", f"unpaired surrogate \\u{ord(m.group()):04x} (half of a \\u escape pair)")
 
 
 def _docs(record: dict, kind: str, tok: ChatTokenizer) -> list[Doc]:
