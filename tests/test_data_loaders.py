@@ -247,6 +247,67 @@ def test_a_damaged_manifest_is_named_by_loaders_and_stages(builtin_data, tmp_pat
         SFTStage(argparse.Namespace()).open_data(d)
 
 
+def _corrupt_token(shard, token: int) -> bytearray:
+    """Write `token` over the shard's 11th token (in its first document, within any seq_len here)."""
+    data = bytearray(shard.read_bytes())
+    data[64 + 20:64 + 22] = token.to_bytes(2, "little")
+    shard.write_bytes(bytes(data))
+    return data
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_a_token_out_of_the_vocabulary_is_named_by_the_batch_that_reads_it(builtin_data, tmp_path, kind):
+    d = tmp_path / "s"
+    shutil.copytree(builtin_data["shards"][kind], d)
+    vocab = json.loads((d / "manifest.json").read_text())["vocab_size"]
+    _corrupt_token(d / "train-00000.bin", vocab + 7)
+    loader = build_loader(kind, d, seq_len=128, micro_batch_size=2, vocab_size=vocab)
+    with pytest.raises(ShardError, match=rf"train-00000\.bin: token id {vocab + 7} is out of range"):
+        list(itertools.islice(loader, loader.num_batches_per_epoch))
+
+
+def test_vocab_check_reads_the_manifest_not_the_tokens(builtin_data, tmp_path, monkeypatch, capsys):
+    d = tmp_path / "s"
+    shutil.copytree(builtin_data["shards"]["sft"], d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    vocab = manifest["vocab_size"]
+    train = manifest["splits"]["train"]["shards"]
+    for e in (e for split in manifest["splits"].values() for e in split["shards"]):
+        assert e["max_token_id"] == int(np.asarray(Shard(d / e["file"]).tokens).max())  # what the writer noted
+    full_reads, check_vocab = [], Shard.check_vocab
+
+    def counted(self, vocab_size, ids=None):
+        if ids is None:  # the whole shard
+            full_reads.append(self.path.name)
+        return check_vocab(self, vocab_size, ids)
+
+    monkeypatch.setattr(Shard, "check_vocab", counted)
+    build_loader("sft", d, seq_len=128, micro_batch_size=2, vocab_size=vocab)
+    assert full_reads == []
+    # the manifest's id is what start-up compares
+    train[0]["max_token_id"] = vocab + 3
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=rf"train-00000\.bin: token id {vocab + 3} is out of range for vocab_size "
+                                         rf"{vocab}"):
+        build_loader("sft", d, seq_len=128, micro_batch_size=2, vocab_size=vocab)
+    train[0]["max_token_id"] = "12"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"manifest\.json: max_token_id of train-00000\.bin is '12', not an integer"):
+        build_loader("sft", d, seq_len=128, micro_batch_size=2, vocab_size=vocab)
+    # a manifest from before the field: every shard is read, and stderr says how to avoid it
+    for e in train:
+        del e["max_token_id"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    build_loader("sft", d, seq_len=128, micro_batch_size=2, vocab_size=vocab)
+    assert full_reads == [e["file"] for e in train]
+    assert f"reading its {len(train)} 'train' shard(s)" in (err := capsys.readouterr().err)
+    assert "run launch/tokenize.py again on the same inputs" in err
+    _corrupt_token(d / "train-00000.bin", vocab + 5)
+    with pytest.raises(ShardError, match=rf"train-00000\.bin: token id {vocab + 5} is out of range"):
+        build_loader("sft", d, seq_len=128, micro_batch_size=2, vocab_size=vocab)
+
+
 def test_vocab_and_corruption_checks_name_the_shard(builtin_data, tmp_path):
     d = tmp_path / "s"
     shutil.copytree(builtin_data["shards"]["pretrain"], d)
@@ -254,13 +315,14 @@ def test_vocab_and_corruption_checks_name_the_shard(builtin_data, tmp_path):
     build_loader("pretrain", d, seq_len=32, micro_batch_size=2, vocab_size=vocab)
     with pytest.raises(ShardError, match=f"vocabulary of {vocab}"):
         build_loader("pretrain", d, seq_len=32, micro_batch_size=2, vocab_size=vocab - 1)
-    # a token out of range inside the shard itself
+    # a token out of range inside the shard itself: start-up trusts the manifest's max_token_id, and
+    # the batch that reads the token names it
     shard = d / "train-00000.bin"
-    data = bytearray(shard.read_bytes())
-    data[64 + 10:64 + 12] = (vocab + 5).to_bytes(2, "little")
-    shard.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=rf"train-00000\.bin.*token id {vocab + 5}"):
-        build_loader("pretrain", d, seq_len=32, micro_batch_size=2, vocab_size=vocab)
+    data = _corrupt_token(shard, vocab + 5)
+    loader = build_loader("pretrain", d, seq_len=32, micro_batch_size=2, vocab_size=vocab)
+    with pytest.raises(ShardError, match=rf"train-00000\.bin: token id {vocab + 5} is out of range for "
+                                         rf"vocab_size {vocab}"):
+        list(itertools.islice(loader, loader.num_batches_per_epoch))
     shard.write_bytes(bytes(data[:-5]))
     with pytest.raises(ShardError, match=r"train-00000\.bin.*truncated"):
         build_loader("pretrain", d, seq_len=32, micro_batch_size=2)

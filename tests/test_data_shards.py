@@ -31,6 +31,7 @@ def test_round_trip(tmp_path, vocab, kind):
     assert s.tokens.dtype == (np.uint16 if vocab <= 65536 else np.uint32)
     assert (s.kind, s.vocab_size, s.n_docs, s.n_tokens) == (kind, vocab, 50, sum(map(len, docs)))
     assert isinstance(s.tokens, np.memmap)
+    assert w.max_token_id == max(int(d.max()) for d in docs)  # what the manifest records
     for i, d in enumerate(docs):
         ids, mask = s.doc(i)
         np.testing.assert_array_equal(ids, d)
@@ -41,9 +42,10 @@ def test_round_trip(tmp_path, vocab, kind):
 
 
 def test_empty_shard(tmp_path):
-    ShardWriter(tmp_path / "e.bin", "sft", 100).close()
+    w = ShardWriter(tmp_path / "e.bin", "sft", 100)
+    w.close()
     s = Shard(tmp_path / "e.bin")
-    assert (s.n_docs, s.n_tokens) == (0, 0)
+    assert (s.n_docs, s.n_tokens, w.max_token_id) == (0, 0, -1)
 
 
 def test_writer_rejects_out_of_vocab_and_abort_leaves_nothing(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,10 +75,36 @@ def open_split(shard_dir: str | Path, split: str, vocab_size: int | None) -> tup
         _expect_listed(path, "docs", shard.n_docs, entry.get("docs"))
         if shard.kind != manifest["kind"]:
             raise ShardError(f"{path}: a {shard.kind} shard in a {manifest['kind']} manifest")
-        if vocab_size is not None:
-            shard.check_vocab(vocab_size)
         shards.append(shard)
+    if vocab_size is not None:
+        _check_token_ids(shard_dir, split, shards, entries, vocab_size)
     return manifest, shards
+
+
+def _check_token_ids(shard_dir: Path, split: str, shards: list[Shard], entries: list[dict], vocab_size: int) -> None:
+    """Each shard's largest token id, as its manifest entry records it, against the model's vocab_size.
+
+    Reading every token instead would stall start-up for minutes on a large corpus; a shard changed
+    after tokenizing is caught batch by batch (`ShardLoader._in_vocab`). Manifests written before
+    the field existed get that full read, once, with a note on how to avoid it.
+    """
+    unrecorded = []
+    for shard, entry in zip(shards, entries):
+        top = entry.get("max_token_id")
+        if top is None:
+            unrecorded.append(shard)
+        elif not isinstance(top, int) or isinstance(top, bool):
+            raise ShardError(f"{shard_dir / 'manifest.json'}: max_token_id of {shard.path.name} is {top!r}, not an "
+                             f"integer (rewrite the shards with launch/tokenize.py --force)")
+        else:
+            shard.check_max_token_id(top, vocab_size)
+    if unrecorded:
+        print(f"{shard_dir}: manifest.json was written before tokenize.py recorded each shard's largest token "
+              f"id; reading its {len(unrecorded)} '{split}' shard(s) to check them against the vocabulary (slow on a "
+              f"large corpus: run launch/tokenize.py again on the same inputs to record it)",
+              file=sys.stderr, flush=True)
+        for shard in unrecorded:
+            shard.check_vocab(vocab_size)
 
 
 def _expect_listed(path: Path, field: str, actual: int, listed) -> None:
@@ -112,6 +139,7 @@ class ShardLoader:
         self.seed, self.rank, self.world_size, self.split = seed, rank, world_size, split
         self.drop_last = split == "train"  # evaluation keeps the last, short batch
         self.pin_memory, self.prefetch = pin_memory, prefetch
+        self.vocab_size = vocab_size
         self.manifest, self.shards = open_split(shard_dir, split, vocab_size)
         if self.manifest["kind"] not in ACCEPTS[kind]:
             raise ShardError(f"{shard_dir}: shards are of kind {self.manifest['kind']!r}, "
@@ -127,6 +155,14 @@ class ShardLoader:
 
     def _build_index(self) -> None:
         raise NotImplementedError
+
+    def _in_vocab(self, shard: Shard, ids: np.ndarray) -> np.ndarray:
+        """`ids`, read from `shard`, checked against the model's vocabulary: the manifest's max_token_id
+        vouches for the shard as written, this for what is read (an id past the embedding would
+        otherwise stop the run with an indexing error, or a device-side assert on CUDA)."""
+        if self.vocab_size is not None:
+            shard.check_vocab(self.vocab_size, ids)
+        return ids
 
     def _take(self, order: np.ndarray, cursor: int):
         raise NotImplementedError
@@ -269,7 +305,7 @@ class PretrainLoader(ShardLoader):
 
     def _window(self, shard: Shard, w: int) -> list[tuple[np.ndarray, np.ndarray]]:
         start = w * self.seq_len
-        tokens = np.asarray(shard.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        tokens = self._in_vocab(shard, np.asarray(shard.tokens[start:start + self.seq_len + 1], dtype=np.int64))
         # Document starts inside the window split it into segments. The first token of the next
         # document is not predictable from this one, so as a target it gets no loss.
         lo, hi = np.searchsorted(shard.offsets, [start + 1, start + self.seq_len], side="left")
@@ -309,7 +345,7 @@ class SFTLoader(ShardLoader):
     def _sample(self, item: int):
         s, d = _locate(self.cum, np.int64(item))
         ids, mask = self.shards[int(s)].doc(int(d))
-        ids = np.asarray(ids[: self.seq_len], dtype=np.int64)
+        ids = self._in_vocab(self.shards[int(s)], np.asarray(ids[: self.seq_len], dtype=np.int64))
         mask = np.asarray(mask[: self.seq_len])
         tgt = np.full(len(ids), IGNORE, dtype=np.int64)
         tgt[:-1] = np.where(mask[1:] > 0, ids[1:], IGNORE)  # predict token t+1 where it is the assistant's
@@ -399,7 +435,8 @@ class DPOLoader(ShardLoader):
             seqs = []
             for s, p in zip(shard_idx, pair):
                 ids, mask = self.shards[s].doc(2 * int(p) + delta)
-                seqs.append((np.asarray(ids[: self.seq_len], np.int64), np.asarray(mask[: self.seq_len])))
+                ids = self._in_vocab(self.shards[s], np.asarray(ids[: self.seq_len], np.int64))
+                seqs.append((ids, np.asarray(mask[: self.seq_len])))
             width = max(len(ids) for ids, _ in seqs)
             ids_t = np.zeros((n, width), dtype=np.int64)
             tgt_t = np.full((n, width), IGNORE, dtype=np.int64)

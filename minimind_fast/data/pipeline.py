@@ -32,9 +32,10 @@ KINDS = ("pretrain", "sft", "reasoning", "dpo")
 MANIFEST = "manifest.json"
 CHUNK_LINES = 500  # small enough that even a few-MB file spreads over every worker
 MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are complete)
-# Bump whenever this code would write other shards from the same inputs (rendering, masks, splits):
-# it is part of the up-to-date signature, so a rerun after such a fix rewrites the shards.
-PIPELINE_VERSION = 4
+# Bump whenever this code would write other shards from the same inputs (rendering, masks, splits),
+# or a manifest without a field the loaders rely on: it is part of the up-to-date signature, so a
+# rerun after such a change rewrites the shards. 5: per-shard max_token_id.
+PIPELINE_VERSION = 5
 SHARD_NAME = re.compile(r"(train|val)-\d{5,}\.bin")  # as _SplitWriter names them
 
 
@@ -207,7 +208,8 @@ class _SplitWriter:
         if self.writer is not None:
             w = self.writer
             w.close()
-            self.shards[-1].update(tokens=w.n_tokens, docs=w.n_docs, bytes=w.path.stat().st_size)
+            self.shards[-1].update(tokens=w.n_tokens, docs=w.n_docs, bytes=w.path.stat().st_size,
+                                   max_token_id=w.max_token_id)
             self.writer = None
 
     def finish(self) -> dict:

@@ -11,7 +11,8 @@ Layout, little-endian, every section starting on an 8-byte boundary:
 
 Kinds: 0 pretrain (no mask), 1 sft, 2 reasoning, 3 dpo (documents come in pairs: 2i chosen,
 2i+1 rejected). Tokens use uint16 when the vocabulary fits, else uint32. `ShardWriter` writes to a
-temporary name and renames on `close()`; `Shard` maps a file read-only with numpy and validates it.
+temporary name and renames on `close()`, and notes the largest token id it wrote, which the manifest
+records; `Shard` maps a file read-only with numpy and validates it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class ShardWriter:
     """Appends documents to a shard written under a temporary name and renamed on `close()`.
 
     Tokens go straight to the file and the loss mask to a spool file appended at the end, so memory
-    holds only the document offsets (8 bytes per document) whatever the shard's size.
+    holds only the document offsets (8 bytes per document) whatever the shard's size. `max_token_id`
+    is -1 for no tokens.
     """
 
     def __init__(self, path: str | os.PathLike, kind: str, vocab_size: int):
@@ -64,6 +66,7 @@ class ShardWriter:
         self.lengths: list[np.ndarray] = []
         self.n_tokens = 0
         self.n_docs = 0
+        self.max_token_id = -1
 
     def add(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Append one document."""
@@ -76,8 +79,9 @@ class ShardWriter:
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != len(tokens):
             raise ValueError(f"{self.path}: document lengths sum to {int(lengths.sum())}, not {len(tokens)}")
-        if tokens.size and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
-            raise ShardError(f"{self.path}: token id {int(tokens.max())} >= vocab_size {self.vocab_size}")
+        top = int(tokens.max()) if tokens.size else -1
+        if top >= self.vocab_size or (tokens.size and int(tokens.min()) < 0):
+            raise ShardError(f"{self.path}: token id {top} >= vocab_size {self.vocab_size}")
         if self.has_mask:
             if mask is None or len(mask) != len(tokens):
                 raise ValueError(f"{self.kind} documents need a mask as long as their tokens")
@@ -86,6 +90,7 @@ class ShardWriter:
         self.lengths.append(lengths)
         self.n_tokens += len(tokens)
         self.n_docs += len(lengths)
+        self.max_token_id = max(self.max_token_id, top)
 
     def close(self) -> Path:
         body = self.n_tokens * self.dtype.itemsize
@@ -158,9 +163,14 @@ class Shard:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.tokens[a:b], (self.mask[a:b] if self.mask is not None else None)
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """Fail, naming the shard, if any token id is outside [0, vocab_size)."""
-        top = int(self.tokens.max()) if self.n_tokens else -1
+    def check_vocab(self, vocab_size: int, ids: np.ndarray | None = None) -> None:
+        """Fail, naming the shard, if a token id of `ids` (a slice of it; by default all of it, which
+        reads the whole file) is outside [0, vocab_size)."""
+        ids = self.tokens if ids is None else ids
+        self.check_max_token_id(int(ids.max()) if len(ids) else -1, vocab_size)
+
+    def check_max_token_id(self, top: int, vocab_size: int) -> None:
+        """Fail, naming the shard, if its largest token id `top` is outside [0, vocab_size)."""
         if top >= vocab_size:
             raise ShardError(f"{self.path}: token id {top} is out of range for vocab_size {vocab_size} "
                              f"(shard written for vocab_size {self.vocab_size})")
