@@ -80,6 +80,9 @@ def test_manifest_records_provenance(builtin_data, tok):
     assert s["bytes"] == src.stat().st_size and s["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert s["records"] == len(_records(src)) == m["records"]
     assert m["skipped"] == {} and m["splits"]["val"]["docs"] == 150 // 20  # every 20th of 150 records
+    for e in (e for split in m["splits"].values() for e in split["shards"]):  # body, then header
+        data = (builtin_data["shards"]["sft"] / e["file"]).read_bytes()
+        assert e["checksum"] == hashlib.sha256(data[64:] + data[:64]).hexdigest()
 
 
 @pytest.mark.parametrize("kind", ["sft", "reasoning"])
@@ -404,6 +407,26 @@ def test_a_new_pipeline_version_rewrites_the_shards(builtin_data, tmp_path, monk
     m = tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
     assert "up to date" not in capsys.readouterr().out
     assert m["signature"]["pipeline_version"] == pipeline.PIPELINE_VERSION
+    tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_a_swapped_shard_is_tokenized_again(builtin_data, tmp_path, capsys):
+    src, out = builtin_data["files"]["sft"], tmp_path / "a"
+    opts = TokenizeOptions(kind="sft", seq_len=128, workers=1, val_fraction=0.05)
+    tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
+    shard = out / "train-00000.bin"
+    good = shard.read_bytes()
+    # another tokenization's shard: the same size and header, other tokens
+    swapped = bytearray(good)
+    swapped[64:68] = good[66:68] + good[64:66]
+    assert swapped != good
+    shard.write_bytes(bytes(swapped))
+    capsys.readouterr()
+    tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
+    said = capsys.readouterr().out
+    assert "up to date" not in said and f"{shard}: its content differs from what manifest.json lists" in said
+    assert shard.read_bytes() == good
     tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
     assert "up to date" in capsys.readouterr().out
 

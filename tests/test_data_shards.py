@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import numpy as np
 import pytest
 
-from minimind_fast.data.shards import HEADER, MAGIC, Shard, ShardError, ShardWriter
+from minimind_fast.data.shards import HEADER, MAGIC, Shard, ShardError, ShardWriter, file_checksum
 
 
 def _docs(rng, n, vocab):
@@ -39,6 +40,23 @@ def test_round_trip(tmp_path, vocab, kind):
             np.testing.assert_array_equal(mask, masks[i])
         else:
             assert mask is None
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_checksum_while_writing_equals_the_files(tmp_path, kind):
+    rng = np.random.default_rng(1)
+    docs = _docs(rng, 30, 6400)
+    w = ShardWriter(tmp_path / "a.bin", kind, 6400)
+    for d in docs:
+        w.add(d, rng.integers(0, 3, size=len(d)).astype(np.uint8) if kind == "sft" else None)
+    path = w.close()
+    data = path.read_bytes()
+    assert w.checksum == file_checksum(path) == hashlib.sha256(data[64:] + data[:64]).hexdigest()
+    for at in (40, 64, len(data) - 1):  # a header field, the first token, the last byte
+        changed = bytearray(data)
+        changed[at] ^= 1
+        path.write_bytes(bytes(changed))
+        assert file_checksum(path) != w.checksum
 
 
 def test_empty_shard(tmp_path):

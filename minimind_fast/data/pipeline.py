@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minimind_fast.data import records
-from minimind_fast.data.shards import VERSION, ShardWriter, token_dtype
+from minimind_fast.data.shards import VERSION, ShardWriter, file_checksum, token_dtype
 from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
 
 KINDS = ("pretrain", "sft", "reasoning", "dpo")
@@ -34,8 +34,8 @@ CHUNK_LINES = 500  # small enough that even a few-MB file spreads over every wor
 MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are complete)
 # Bump whenever this code would write other shards from the same inputs (rendering, masks, splits),
 # or a manifest without a field the loaders rely on: it is part of the up-to-date signature, so a
-# rerun after such a change rewrites the shards. 5: per-shard max_token_id.
-PIPELINE_VERSION = 5
+# rerun after such a change rewrites the shards. 5: per-shard max_token_id; 6: per-shard checksum.
+PIPELINE_VERSION = 6
 SHARD_NAME = re.compile(r"(train|val)-\d{5,}\.bin")  # as _SplitWriter names them
 
 
@@ -209,7 +209,7 @@ class _SplitWriter:
             w = self.writer
             w.close()
             self.shards[-1].update(tokens=w.n_tokens, docs=w.n_docs, bytes=w.path.stat().st_size,
-                                   max_token_id=w.max_token_id)
+                                   max_token_id=w.max_token_id, checksum=w.checksum)
             self.writer = None
 
     def finish(self) -> dict:
@@ -244,9 +244,26 @@ def up_to_date(out: Path, signature: dict) -> bool:
         if manifest.get("signature") != signature:
             return False
         shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+        return all(_shard_unchanged(out / s["file"], s) for s in shards)
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return False
-    return all((out / s["file"]).is_file() and (out / s["file"]).stat().st_size == s["bytes"] for s in shards)
+
+
+def _shard_unchanged(path: Path, entry: dict) -> bool:
+    """The shard file is the one its manifest entry describes: same size, then same checksum.
+
+    A shard copied in from another tokenization can have the same size and header; only its content
+    tells. Hashing reads every shard on every rerun, which is cheap next to what it saves: sha256 runs
+    at about 0.7-2 GB/s, the shards are no larger than the JSONL inputs that `_signature` already
+    hashes in full on every rerun, and re-tokenizing runs at tens of MB/s of text. (A cache keyed on
+    mtime would skip the read but trusts a timestamp that `cp -p` or rsync preserve.)
+    """
+    if not path.is_file() or path.stat().st_size != entry["bytes"]:
+        return False
+    if file_checksum(path) != entry["checksum"]:
+        print(f"{path}: its content differs from what manifest.json lists (checksum); tokenizing again", flush=True)
+        return False
+    return True
 
 
 class _Writer:

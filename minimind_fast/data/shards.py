@@ -11,14 +11,15 @@ Layout, little-endian, every section starting on an 8-byte boundary:
 
 Kinds: 0 pretrain (no mask), 1 sft, 2 reasoning, 3 dpo (documents come in pairs: 2i chosen,
 2i+1 rejected). Tokens use uint16 when the vocabulary fits, else uint32. `ShardWriter` writes to a
-temporary name and renames on `close()`, and notes the largest token id it wrote, which the manifest
-records; `Shard` maps a file read-only with numpy and validates it.
+temporary name and renames on `close()`, and notes the largest token id and the checksum of what it
+wrote (`file_checksum`), which the manifest records; `Shard` maps a file read-only with numpy and
+validates it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -30,6 +31,7 @@ HEADER = struct.Struct("<8sIIIIQQQ16x")
 KINDS = {"pretrain": 0, "sft": 1, "reasoning": 2, "dpo": 3}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 assert HEADER.size == 64
+BLOCK = 1 << 24  # bytes per read when copying or hashing a file
 
 
 class ShardError(ValueError):
@@ -48,8 +50,8 @@ class ShardWriter:
     """Appends documents to a shard written under a temporary name and renamed on `close()`.
 
     Tokens go straight to the file and the loss mask to a spool file appended at the end, so memory
-    holds only the document offsets (8 bytes per document) whatever the shard's size. `max_token_id`
-    is -1 for no tokens.
+    holds only the document offsets (8 bytes per document) whatever the shard's size. Each byte is
+    hashed as it goes to the file, so `checksum` costs no read back; `max_token_id` is -1 for no tokens.
     """
 
     def __init__(self, path: str | os.PathLike, kind: str, vocab_size: int):
@@ -67,6 +69,12 @@ class ShardWriter:
         self.n_tokens = 0
         self.n_docs = 0
         self.max_token_id = -1
+        self._hash = hashlib.sha256()  # the bytes after the header in file order, then the header
+        self.checksum: str | None = None  # set by close()
+
+    def _write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.f.write(data)
 
     def add(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Append one document."""
@@ -86,7 +94,7 @@ class ShardWriter:
             if mask is None or len(mask) != len(tokens):
                 raise ValueError(f"{self.kind} documents need a mask as long as their tokens")
             self.mask_f.write(np.asarray(mask, dtype=np.uint8).tobytes())
-        self.f.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._write(tokens.astype(self.dtype, copy=False).tobytes())
         self.lengths.append(lengths)
         self.n_tokens += len(tokens)
         self.n_docs += len(lengths)
@@ -94,19 +102,23 @@ class ShardWriter:
 
     def close(self) -> Path:
         body = self.n_tokens * self.dtype.itemsize
-        self.f.write(b"\0" * (_align8(HEADER.size + body) - HEADER.size - body))
+        self._write(b"\0" * (_align8(HEADER.size + body) - HEADER.size - body))
         offsets = np.zeros(self.n_docs + 1, dtype=np.uint64)
         if self.n_docs:
             np.cumsum(np.concatenate(self.lengths), out=offsets[1:])
-        self.f.write(offsets.tobytes())
+        self._write(offsets.tobytes())
         if self.mask_f is not None:
             self.mask_f.close()
             with open(self.mask_tmp, "rb") as m:
-                shutil.copyfileobj(m, self.f, 1 << 24)
+                for block in iter(lambda: m.read(BLOCK), b""):
+                    self._write(block)
             self.mask_tmp.unlink()
+        header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, KINDS[self.kind], int(self.has_mask),
+                             self.n_tokens, self.n_docs, self.vocab_size)
+        self._hash.update(header)
+        self.checksum = self._hash.hexdigest()
         self.f.seek(0)
-        self.f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, KINDS[self.kind], int(self.has_mask),
-                                 self.n_tokens, self.n_docs, self.vocab_size))
+        self.f.write(header)
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
@@ -120,6 +132,18 @@ class ShardWriter:
             self.mask_f.close()
         self.tmp.unlink(missing_ok=True)
         self.mask_tmp.unlink(missing_ok=True)
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """sha256 of a shard's bytes after its 64-byte header, then of the header: what `ShardWriter`
+    computes while writing (the header is known last). One streamed read of the file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        header = f.read(HEADER.size)
+        for block in iter(lambda: f.read(BLOCK), b""):
+            h.update(block)
+    h.update(header)
+    return h.hexdigest()
 
 
 class Shard:
