@@ -16,7 +16,9 @@ backward, gradient clipping at 1.0, AdamW step, zero_grad; fp32, all cores of on
 On CUDA the issue's bar is 2x MiniMind's own loop in tokens/s at equal batch. MiniMind's step there is
 its trainer's: fp32 weights under `torch.autocast(bfloat16)`, AdamW with torch's defaults, clipping at
 1.0 (its GradScaler is disabled in bf16). Ours (``ours``) is bf16 weights with the Triton op table and
-a fused AdamW, as `bench_model.py` measures it; the engine adds DeepSpeed's fp32 master copy on top,
+a fused AdamW, as `bench_model.py` measures it, and (``cudagraphs``, within the run's compile budget)
+the same under `torch.compile(mode="reduce-overhead")`, as `--compile --compile-mode reduce-overhead`
+trains; the engine adds DeepSpeed's fp32 master copy on top,
 which `benchmarks/gpu_session.sh` measures through `launch/pretrain.py` itself. The
 steps of the two models alternate (A, B, A, B, ...) so that load from other processes on the machine
 and thermal drift hit both alike. Recorded per implementation: median ms, tokens/s, and for
@@ -33,6 +35,7 @@ checkout the per-head Q/K norms of minimind-3 are switched on in our model too):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -155,11 +158,32 @@ def training_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], a
     return step
 
 
+def cuda_graph_step(ours: MiniMindForCausalLM, input_ids: torch.Tensor, targets: torch.Tensor) -> Callable[[], float]:
+    """Ours as `--compile --compile-mode reduce-overhead` runs it: a copy of the same weights whose
+    forward and backward replay as CUDA graphs, so the step is not bound by the host's launches."""
+    model = copy.deepcopy(ours)
+    compiled = torch.compile(model, mode="reduce-overhead")
+
+    def loss() -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(input_ids, targets=targets).loss
+
+    return training_step(model, loss, fused=True)
+
+
 def alternate(steps: dict[str, Callable[[], float]], target_s: float, min_rounds: int = 8,
-              max_rounds: int = 30) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Per-call ms and losses of the steps run in turns (one warm-up call each first), rounds sized to
-    about `target_s` in all."""
-    losses = {name: [step()] for name, step in steps.items()}
+              max_rounds: int = 30, warm_up_s: dict[str, float] | None = None
+              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-call ms and losses of the steps run in turns (warm-up calls each first), rounds sized to
+    about `target_s` in all. `warm_up_s`, if given, gets each step's warm-up seconds."""
+    warm_up_s = {} if warm_up_s is None else warm_up_s
+    # three warm-up calls each (CUDA graphs are recorded on the third call of a compiled step), timed:
+    # a compiled step's count to the run's compile budget
+    losses: dict[str, list[float]] = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        losses[name] = [step() for _ in range(3)]
+        warm_up_s[name] = time.perf_counter() - start
     samples: dict[str, list[float]] = {name: [] for name in steps}
     deadline = time.perf_counter() + target_s
     rounds = 0
@@ -199,12 +223,17 @@ def test_train_step_vs_minimind2(bench, benchmark, case, all_cores):
     steps = {"minimind": training_step(theirs, lambda: theirs(input_ids, labels=input_ids).loss,
                                        autocast=bench.cuda),
              mine: training_step(ours, lambda: ours(input_ids, targets=targets).loss, fused=bench.cuda)}
-    samples, losses = alternate(steps, target_s=10.0 if bench.cuda else 40.0)
+    if bench.cuda and bench.compile_budget_left():
+        steps["cudagraphs"] = cuda_graph_step(ours, input_ids, targets)
+    warm_up_s: dict[str, float] = {}
+    samples, losses = alternate(steps, target_s=10.0 if bench.cuda else 40.0, warm_up_s=warm_up_s)
+    bench.compile_spent_s += warm_up_s.get("cudagraphs", 0.0)
     # Same weights, same batch, same optimizer: the loss curves must agree, or the timing is unfair
     # (bf16 weights against MiniMind's fp32 ones under autocast: a bf16-sized tolerance on CUDA).
     tol = 3e-2 if bench.cuda else 1e-3
-    for a, b in zip(losses["minimind"][:3], losses[mine][:3]):
-        assert abs(a - b) < tol * max(1.0, abs(a)), (losses["minimind"], losses[mine])
+    for impl in steps.keys() - {"minimind"}:
+        for a, b in zip(losses["minimind"][:3], losses[impl][:3]):
+            assert abs(a - b) < tol * max(1.0, abs(a)), (impl, losses["minimind"], losses[impl])
     # pytest-benchmark's table gets one more call of ours; the recorded timings are the alternated ones.
     benchmark.pedantic(steps[mine], rounds=1, iterations=1)
     tokens = case["batch"] * case["seq"]
@@ -219,6 +248,9 @@ def test_train_step_vs_minimind2(bench, benchmark, case, all_cores):
     bench.record(benchmark, impl="minimind", timing=timing_from_samples(samples["minimind"]), **common)
     bench.record(benchmark, impl=mine, timing=timing_from_samples(samples[mine]),
                  paired_ratio_vs_minimind=paired, **common)
+    if "cudagraphs" in samples:
+        bench.record(benchmark, impl="cudagraphs", timing=timing_from_samples(samples["cudagraphs"]),
+                     paired_ratio_vs_minimind=paired_ratio(samples["minimind"], samples["cudagraphs"]), **common)
     rates = {impl: tokens / statistics.median(ms) * 1e3 for impl, ms in samples.items()}
     print(f"\n{case_id(case)} vs {variant}, {all_cores} threads: MiniMind {rates['minimind']:,.0f} tok/s, "
           f"ours ({mine}) {rates[mine]:,.0f} tok/s; ratio of medians "

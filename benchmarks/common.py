@@ -24,7 +24,9 @@ A *group* is one comparison: the same op at the same shape, measured once per im
 - ``minimind``  a MiniMind-style baseline: unfused ops and a loop over experts for MoE (in
                 `bench_minimind_baseline.py`: MiniMind2's own model code, from `MINIMIND_REPO`);
 - ``dense``     (MoE only) a dense SwiGLU with the same active FLOPs as the routed experts;
-- ``hf``        (decode only) Hugging Face `generate` on a `LlamaForCausalLM` with the same weights.
+- ``hf``        (decode only) Hugging Face `generate` on a `LlamaForCausalLM` with the same weights;
+- ``cudagraphs`` (training step against MiniMind2, CUDA only) ours under
+                `torch.compile(mode="reduce-overhead")`: forward and backward replayed as CUDA graphs.
 
 Ratios are speedups: ``ratio_vs_X = median_ms(X) / median_ms(this)`` (> 1 means faster than X),
 computed within a run and a group for every baseline X in `BASELINES` present in the group. The
@@ -68,7 +70,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 SCHEMA = 1
 BASELINES = ("eager", "minimind", "dense", "hf")
-IMPL_ORDER = ("eager", "hf", "minimind", "dense", "compile", "liger", "grouped_mm", "ours")
+IMPL_ORDER = ("eager", "hf", "minimind", "dense", "compile", "liger", "grouped_mm", "ours", "cudagraphs")
 
 
 # --- the results file ------------------------------------------------------------------------------

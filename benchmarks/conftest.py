@@ -120,6 +120,9 @@ class BenchSession:
             pytest.skip(f"torch.compile budget spent ({self.compile_spent_s:.0f}s > "
                         f"{self.compile_budget_s:.0f}s); raise --bench-compile-budget to include it")
 
+    def compile_budget_left(self) -> bool:
+        return self.compile_spent_s <= self.compile_budget_s
+
     def warm_up(self, fn, impl: str) -> float:
         """One untimed call, returning its seconds; for compiled functions that time (mostly
         compilation) counts to the compile budget."""
