@@ -20,6 +20,21 @@ YARN_DEFAULTS: dict[str, Any] = {
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
 
+INT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+              "intermediate_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+              "num_experts_per_tok", "n_routed_experts", "n_shared_experts")
+FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "dropout", "aux_loss_alpha")
+BOOL_FIELDS = ("inference_rope_scaling", "tie_word_embeddings", "qk_norm", "use_moe", "seq_aux",
+               "norm_topk_prob", "gradient_checkpointing")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(f"invalid ModelConfig: {msg}")
+
 
 def default_intermediate_size(hidden_size: int) -> int:
     """MiniMind2's rule: 8/3 of the hidden size, rounded up to a multiple of 64."""
@@ -62,6 +77,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()  # before the sizes are computed with
         if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
         if self.inference_rope_scaling and self.rope_scaling is None:
@@ -73,35 +89,87 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
-        def fail(msg: str) -> None:
-            raise ValueError(f"invalid ModelConfig: {msg}")
+        """Raise ValueError naming the first field whose type or value no model can be built from."""
+        self._check_types()
+        self._check_sizes()
+        self._check_rope()
+        self._check_moe()
 
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size", "intermediate_size"):
-            if int(getattr(self, name)) <= 0:
-                fail(f"{name}={getattr(self, name)} must be positive")
+    def _check_types(self) -> None:
+        # JSON and --set NAME=VALUE hand over strings or floats where a number or bool belongs; a string
+        # "false" is truthy, so it must be refused here rather than silently build another model.
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if not (value is None and name == "intermediate_size") and not _is_int(value):
+                _fail(f"{name}={value!r} must be an integer")
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value) and not isinstance(value, float):
+                _fail(f"{name}={value!r} must be a number")
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                _fail(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            _fail(f"rope_scaling={self.rope_scaling!r} must be an object (YaRN settings) or null")
+
+    def _check_sizes(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "vocab_size", "intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                _fail(f"{name}={getattr(self, name)} must be positive")
         if self.hidden_size % self.num_attention_heads:
-            fail(f"num_attention_heads={self.num_attention_heads} does not divide "
-                 f"hidden_size={self.hidden_size}")
+            _fail(f"num_attention_heads={self.num_attention_heads} does not divide "
+                  f"hidden_size={self.hidden_size}")
         if self.head_dim % 2:
-            fail(f"head_dim={self.head_dim} must be even for rotary embeddings")
+            _fail(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.num_attention_heads % self.num_key_value_heads:
-            fail(f"num_key_value_heads={self.num_key_value_heads} does not divide "
-                 f"num_attention_heads={self.num_attention_heads}")
+            _fail(f"num_key_value_heads={self.num_key_value_heads} does not divide "
+                  f"num_attention_heads={self.num_attention_heads}")
+        if self.rms_norm_eps <= 0:
+            _fail(f"rms_norm_eps={self.rms_norm_eps} must be positive")
+        if not 0 <= self.dropout < 1:
+            _fail(f"dropout={self.dropout} must be in [0, 1)")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                _fail(f"{name}={getattr(self, name)} is not a token id below vocab_size={self.vocab_size}")
         if self.kernels not in KERNEL_CHOICES:
-            fail(f"kernels={self.kernels!r} must be one of {KERNEL_CHOICES}")
+            _fail(f"kernels={self.kernels!r} must be one of {KERNEL_CHOICES}")
         if self.hidden_act != "silu":
-            fail(f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
-        if self.use_moe:
-            if self.n_routed_experts <= 0:
-                fail("n_routed_experts must be positive when use_moe")
-            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
-                fail(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
-                     f"1..n_routed_experts={self.n_routed_experts}")
-            if self.scoring_func != "softmax":
-                fail(f"scoring_func={self.scoring_func!r}: only 'softmax' is supported")
-            if self.n_shared_experts < 0:
-                fail("n_shared_experts must be >= 0")
+            _fail(f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
+
+    def _check_rope(self) -> None:
+        if self.rope_theta <= 1:  # YaRN divides by log(theta); below 1 the frequencies would rise
+            _fail(f"rope_theta={self.rope_theta} must be greater than 1")
+        if self.rope_scaling is None:
+            return
+        s = self.rope_scaling
+        unknown = sorted(set(s) - set(YARN_DEFAULTS) - {"rope_type"})
+        if unknown:
+            _fail(f"rope_scaling has unknown keys {unknown} (YaRN takes {sorted(YARN_DEFAULTS)})")
+        kind = s.get("type", s.get("rope_type", "yarn"))
+        if kind != "yarn":
+            _fail(f"rope_scaling type={kind!r}: only 'yarn' is supported")
+        for key in ("factor", "beta_fast", "beta_slow", "attention_factor", "original_max_position_embeddings"):
+            value = s.get(key, YARN_DEFAULTS[key])
+            if not (_is_int(value) or isinstance(value, float)) or value <= 0:
+                _fail(f"rope_scaling.{key}={value!r} must be a positive number")
+        if s.get("beta_fast", YARN_DEFAULTS["beta_fast"]) <= s.get("beta_slow", YARN_DEFAULTS["beta_slow"]):
+            _fail(f"rope_scaling.beta_fast={s.get('beta_fast')} must exceed beta_slow={s.get('beta_slow')}")
+
+    def _check_moe(self) -> None:
+        if not self.use_moe:
+            return
+        if self.n_routed_experts <= 0:
+            _fail("n_routed_experts must be positive when use_moe")
+        if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+            _fail(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                  f"1..n_routed_experts={self.n_routed_experts}")
+        if self.scoring_func != "softmax":
+            _fail(f"scoring_func={self.scoring_func!r}: only 'softmax' is supported")
+        if self.n_shared_experts < 0:
+            _fail("n_shared_experts must be >= 0")
+        if self.aux_loss_alpha < 0:
+            _fail(f"aux_loss_alpha={self.aux_loss_alpha} must be >= 0")
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -114,3 +114,29 @@ def test_impossible_shapes_are_refused_with_the_field(overrides, field):
     with pytest.raises(ValueError, match="invalid ModelConfig") as err:
         get_preset("tiny", **overrides)
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    # from JSON or `--set NAME=VALUE`: the string "false" is truthy and would build another model
+    (dict(use_moe="false"), "use_moe='false' must be true or false"),
+    (dict(tie_word_embeddings="False"), "tie_word_embeddings='False' must be true or false"),
+    (dict(hidden_size="128"), "hidden_size='128' must be an integer"),
+    (dict(num_hidden_layers=2.0), "num_hidden_layers=2.0 must be an integer"),
+    (dict(vocab_size=None), "vocab_size=None must be an integer"),
+    (dict(rms_norm_eps="1e-5"), "rms_norm_eps='1e-5' must be a number"),
+    (dict(rms_norm_eps=-1e-5), "rms_norm_eps=-1e-05 must be positive"),
+    (dict(rope_theta=0.0), "rope_theta=0.0 must be greater than 1"),
+    (dict(max_position_embeddings=0), "max_position_embeddings=0 must be positive"),
+    (dict(dropout=1.5), "dropout=1.5 must be in [0, 1)"),
+    (dict(eos_token_id=6400), "eos_token_id=6400 is not a token id below vocab_size=6400"),
+    (dict(pad_token_id=-1), "pad_token_id=-1"),
+    (dict(rope_scaling={"type": "linear", "factor": 4.0}), "rope_scaling type='linear'"),
+    (dict(inference_rope_scaling=True, rope_scaling={"factor": 0}), "rope_scaling.factor=0"),
+    (dict(rope_scaling={"factor": 4.0, "mscale": 1.0}), "rope_scaling has unknown keys ['mscale']"),
+    (dict(rope_scaling={"beta_fast": 1.0, "beta_slow": 32.0}), "beta_fast=1.0 must exceed beta_slow=32.0"),
+    (dict(use_moe=True, aux_loss_alpha=-0.1), "aux_loss_alpha=-0.1"),
+])
+def test_wrong_types_and_values_are_refused_with_the_field(overrides, field):
+    with pytest.raises(ValueError, match="invalid ModelConfig") as err:
+        get_preset("tiny", **overrides)
+    assert field in str(err.value)
