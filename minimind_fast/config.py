@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -26,6 +27,28 @@ INT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_ke
 FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "dropout", "aux_loss_alpha")
 BOOL_FIELDS = ("inference_rope_scaling", "tie_word_embeddings", "qk_norm", "use_moe", "seq_aux",
                "norm_topk_prob", "gradient_checkpointing")
+
+
+# Keys MiniMind's `MiniMindConfig` and Hugging Face's `PretrainedConfig` write beside the model fields;
+# they describe the file, not the architecture, and are kept in `extra`.
+FOREIGN_KEYS = frozenset({
+    "flash_attn", "model_type", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version",
+    "_name_or_path", "use_cache", "initializer_range", "attention_dropout", "attention_bias", "mlp_bias",
+    "pretraining_tp", "return_dict", "output_hidden_states", "output_attentions", "is_encoder_decoder",
+    "tokenizer_class", "id2label", "label2id", "problem_type", "rope_parameters",
+})
+
+
+def _rope_from_transformers(data: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """transformers >= 5 saves MiniMind's `rope_scaling` as `rope_parameters` (with rope_theta inside);
+    take its YaRN settings back, so that they are not dropped with the bookkeeping keys."""
+    rope = data.get("rope_parameters")
+    if not isinstance(rope, dict) or data.get("rope_scaling") is not None:
+        return
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        kwargs["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if "rope_theta" in rope and "rope_theta" not in data:
+        kwargs["rope_theta"] = rope["rope_theta"]
 
 
 def _is_int(value: Any) -> bool:
@@ -180,11 +203,22 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """A config from its JSON fields. Bookkeeping keys of MiniMind's and Hugging Face's config.json
+        (`FOREIGN_KEYS`) are kept in `extra`; any other unknown key is refused, since a misspelt field
+        would otherwise leave its default in place and build another model."""
+        if not isinstance(data, dict):
+            _fail(f"expected a JSON object of fields, found {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        kwargs = {k: v for k, v in data.items() if k in known}
+        unknown = sorted(set(data) - known - FOREIGN_KEYS)
         if unknown:
-            kwargs.setdefault("extra", {}).update({k: data[k] for k in unknown})
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+                     for k in unknown]
+            _fail(f"unknown field {', '.join(hints)}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        _rope_from_transformers(data, kwargs)
+        foreign = {k: data[k] for k in set(data) - known}
+        if foreign:
+            kwargs["extra"] = {**kwargs.get("extra", {}), **foreign}
         return cls(**kwargs)
 
     @classmethod

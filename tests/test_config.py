@@ -140,3 +140,29 @@ def test_wrong_types_and_values_are_refused_with_the_field(overrides, field):
     with pytest.raises(ValueError, match="invalid ModelConfig") as err:
         get_preset("tiny", **overrides)
     assert field in str(err.value)
+
+
+def test_a_misspelt_field_is_refused_not_left_at_its_default():
+    data = get_preset("tiny").to_dict()
+    data["num_hiden_layers"] = data.pop("num_hidden_layers")
+    with pytest.raises(ValueError, match=r"unknown field 'num_hiden_layers' \(did you mean 'num_hidden_layers'\?\)"):
+        ModelConfig.from_dict(data)
+    with pytest.raises(ValueError, match="unknown field 'colour'"):
+        ModelConfig.from_dict({"colour": "blue"})
+    with pytest.raises(ValueError, match="expected a JSON object of fields, found list"):
+        ModelConfig.from_json("[1, 2]")
+
+
+def test_minimind_config_json_saved_by_transformers_5_keeps_its_yarn():
+    """transformers >= 5 writes MiniMind's rope_scaling as rope_parameters: a bookkeeping-looking key that
+    holds the YaRN settings."""
+    data = {"model_type": "minimind", "transformers_version": "5.0.0", "flash_attn": True, "hidden_size": 128,
+            "num_attention_heads": 4, "inference_rope_scaling": True, "rope_theta": 1e6,
+            "rope_parameters": {"attention_factor": 1.0, "beta_fast": 32, "beta_slow": 1, "factor": 8,
+                                "original_max_position_embeddings": 1024, "rope_theta": 1e6,
+                                "rope_type": "yarn", "type": "yarn"}}
+    config = ModelConfig.from_dict(data)
+    assert (config.rope_scaling["factor"], config.rope_scaling["original_max_position_embeddings"]) == (8, 1024)
+    assert config.extra["model_type"] == "minimind"
+    plain = ModelConfig.from_dict(data | {"inference_rope_scaling": False, "rope_parameters": None})
+    assert plain.rope_scaling is None
