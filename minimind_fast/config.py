@@ -233,8 +233,13 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelConfig:
+        """The config in a JSON file; a malformed or invalid one raises ValueError naming the file."""
         with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
+            text = f.read()
+        try:
+            return cls.from_json(text)
+        except ValueError as e:  # json.JSONDecodeError is one
+            raise ValueError(f"{path}: {e}") from e
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

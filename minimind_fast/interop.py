@@ -384,6 +384,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     refuse_if(bool(hf.get("mlp_bias")), "mlp_bias=true")
     refuse_if(bool(hf.get("use_sliding_window")), "use_sliding_window=true")
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    for name, value in (("hidden_size", hidden), ("num_attention_heads", heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{source}: {name}={value!r} must be a positive integer")
     head_dim = hf.get("head_dim") or hidden // heads
     refuse_if(head_dim * heads != hidden, f"head_dim={head_dim} with {heads} heads and hidden_size={hidden}")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -398,7 +401,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     def first(value: Any) -> Any:
         return value[0] if isinstance(value, list) else value
 
-    return ModelConfig(
+    fields = dict(
         hidden_size=hidden, num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
         num_key_value_heads=hf.get("num_key_value_heads") or heads, vocab_size=hf["vocab_size"],
         intermediate_size=hf["intermediate_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -409,6 +412,10 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         eos_token_id=first(hf.get("eos_token_id")) if hf.get("eos_token_id") is not None else 2,
         pad_token_id=first(hf.get("pad_token_id")) if hf.get("pad_token_id") is not None else 0,
     )
+    try:
+        return ModelConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
 
 
 def _yarn_from_hf(rope: dict[str, Any], head_dim: int, theta: float, max_pos: int, source: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -387,6 +388,29 @@ def test_hf_config_errors():
         interop.config_from_hf(base | {"attention_bias": True})
     with pytest.raises(ValueError, match="rope_type='llama3'"):
         interop.config_from_hf(base | {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+
+
+def test_invalid_configs_name_their_file(tmp_path):
+    from minimind_fast.checkpoint import save_model_dir
+
+    model = _tiny_model()
+    ours = save_model_dir(model, tmp_path / "ours")
+    hf = interop.export_hf(model, tmp_path / "hf")
+    config = json.loads((ours / "model_config.json").read_text())
+    (ours / "model_config.json").write_text(json.dumps(config | {"num_key_value_heads": 3}))
+    with pytest.raises(ValueError, match=r"ours/model_config.json: invalid ModelConfig: num_key_value_heads=3"):
+        load_model(ours)
+    (ours / "model_config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"ours/model_config.json: Expecting property name"):
+        load_model(ours)
+    hf_config = json.loads((hf / "config.json").read_text())
+    for change, message in [({"num_key_value_heads": 3}, "num_key_value_heads=3 does not divide"),
+                            ({"num_hidden_layers": "2"}, "num_hidden_layers='2' must be an integer"),
+                            ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads=0 must be a positive"),
+                            ({"hidden_size": 128.0}, "hidden_size=128.0 must be a positive integer")]:
+        (hf / "config.json").write_text(json.dumps(hf_config | change))
+        with pytest.raises(ValueError, match=r"hf/config.json: .*" + re.escape(message)):
+            load_model(hf)
 
 
 # ---------------------------------------------------------------------------------------------------
