@@ -158,19 +158,31 @@ def is_hf_dir(path: Path) -> bool:
 def load_state(model: MiniMindForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict with an error that lists every missing, unexpected or mis-shaped key."""
     expected = model.state_dict()
+    untied = []
     if model.config.tie_word_embeddings:
+        untied = _untied_head(state)
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(f"{k}: file {tuple(state[k].shape)} != model {tuple(expected[k].shape)}"
                     for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
+    if missing or unexpected or shapes or untied:
         lines = [f"{source}: weights do not match the model config"]
         lines += [f"  missing: {k}" for k in missing[:20]] + [f"  unexpected: {k}" for k in unexpected[:20]]
-        lines += [f"  shape: {s}" for s in shapes[:20]]
+        lines += [f"  shape: {s}" for s in shapes[:20]] + untied
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=False)
+
+
+def _untied_head(state: dict[str, torch.Tensor]) -> list[str]:
+    """The error line for a file whose output head is its own matrix while the config ties it to the
+    embedding: loading would drop that head and silently give another model."""
+    head, emb = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if head is None or emb is None or (head.shape == emb.shape and torch.equal(head, emb)):
+        return []
+    return ["  tied: lm_head.weight differs from model.embed_tokens.weight, but tie_word_embeddings=true "
+            "(the weights are of an untied model: set tie_word_embeddings false)"]
 
 
 def rebuild_with_kernels(model: MiniMindForCausalLM, kernels: str) -> MiniMindForCausalLM:

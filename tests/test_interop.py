@@ -262,6 +262,16 @@ def test_pth_errors_name_the_problem(tmp_path):
         load_model(tmp_path / "moe.pth")
 
 
+def test_untied_head_under_a_tied_config_is_refused(tmp_path):
+    """Forcing tie_word_embeddings on weights with their own lm_head would drop that head silently."""
+    sd = minimind2_state(**SIZES)
+    sd["lm_head.weight"] = torch.randn_like(sd["lm_head.weight"])
+    torch.save(sd, tmp_path / "untied.pth")
+    assert not interop.load_minimind_pth(tmp_path / "untied.pth").config.tie_word_embeddings
+    with pytest.raises(ValueError, match="untied.pth: .*\n.*tied: lm_head.weight differs from model.embed_tokens"):
+        interop.load_minimind_pth(tmp_path / "untied.pth", tie_word_embeddings=True)
+
+
 def test_interleaved_permutation_preserves_scores():
     """Rotating interleaved pairs of W x equals rotating halves of (P W) x, for every position."""
     head_dim, rows = 8, 16
