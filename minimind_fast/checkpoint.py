@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minimind_fast.config import ModelConfig
@@ -138,10 +139,18 @@ def load_model(
         model_dir = resolve_model_dir(p)
         config = ModelConfig.load(model_dir / CONFIG)
         model = MiniMindForCausalLM(config)
-        load_state(model, load_file(str(model_dir / WEIGHTS)), source=str(model_dir / WEIGHTS))
+        load_state(model, read_safetensors(model_dir / WEIGHTS), source=str(model_dir / WEIGHTS))
     if kernels is not None:
         model = rebuild_with_kernels(model, kernels)
     return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or foreign one raises ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from e
 
 
 def is_hf_dir(path: Path) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from minimind_fast import checkpoint
 from minimind_fast.config import ModelConfig
@@ -438,20 +438,30 @@ def _yarn_from_hf(rope: dict[str, Any], head_dim: int, theta: float, max_pos: in
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face directory (single or sharded safetensors, or pytorch_model.bin), in fp32."""
     if (path / "model.safetensors").exists():
-        state = load_file(str(path / "model.safetensors"))
+        state = checkpoint.read_safetensors(path / "model.safetensors")
     elif (path / "model.safetensors.index.json").exists():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
         state = {}
-        for shard in sorted(set(index["weight_map"].values())):
+        for shard in _index_shards(path / "model.safetensors.index.json"):
             if not (path / shard).exists():
                 raise FileNotFoundError(f"{path / shard}: shard named in model.safetensors.index.json is missing")
-            state.update(load_file(str(path / shard)))
+            state.update(checkpoint.read_safetensors(path / shard))
     elif (path / "pytorch_model.bin").exists():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for truncated or foreign files
+            raise ValueError(f"{path / 'pytorch_model.bin'}: not a readable PyTorch checkpoint "
+                             f"({type(e).__name__}: {e})") from e
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()
             if not k.endswith(BUFFER_SUFFIXES)}
+
+
+def _index_shards(index_file: Path) -> list[str]:
+    try:
+        return sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{index_file}: not a safetensors index (a weight_map of key -> shard file)") from e
 
 
 def load_hf_dir(path: str | os.PathLike) -> MiniMindForCausalLM:

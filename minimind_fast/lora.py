@@ -21,8 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from minimind_fast.checkpoint import read_safetensors
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -179,7 +181,7 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             raise FileNotFoundError(f"{adapter_dir}: missing {name} (not a LoRA adapter directory)")
     config = LoraConfig(**json.loads((adapter_dir / ADAPTER_CONFIG).read_text()))
     apply_lora(model, config)
-    state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    state = read_safetensors(adapter_dir / ADAPTER_WEIGHTS)
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     bad_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]

@@ -423,6 +423,32 @@ def test_invalid_configs_name_their_file(tmp_path):
             load_model(hf)
 
 
+def test_truncated_weight_files_name_the_file(tmp_path):
+    from minimind_fast.checkpoint import save_model_dir
+    from minimind_fast.lora import LoraConfig, apply_lora, load_lora, save_lora
+
+    model = _tiny_model()
+    dirs = [save_model_dir(model, tmp_path / "ours"), interop.export_hf(model, tmp_path / "hf")]
+    for d in dirs:
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=re.escape(str(d / "model.safetensors")) + ": not a readable safetensors"):
+            load_model(d)
+    hf = tmp_path / "hf"
+    (hf / "model.safetensors").rename(hf / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin: not a readable PyTorch checkpoint"):
+        load_model(hf)
+    (hf / "pytorch_model.bin").unlink()
+    (hf / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="model.safetensors.index.json: not a safetensors index"):
+        load_model(hf)
+    apply_lora(model, LoraConfig(rank=2, target_modules=["q_proj"]))
+    adapter = save_lora(model, tmp_path / "adapter")
+    (adapter / "adapter.safetensors").write_bytes(b"\x00" * 12)
+    with pytest.raises(ValueError, match="adapter.safetensors: not a readable safetensors"):
+        load_lora(_tiny_model(), adapter)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The CLI
 # ---------------------------------------------------------------------------------------------------
