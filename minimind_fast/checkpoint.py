@@ -73,19 +73,36 @@ def check_replaceable(out: Path, replaceable) -> None:
 
 
 def write_dir_atomically(out: Path, write, replaceable) -> Path:
-    """Fill a temporary sibling of `out` with `write(tmp)`, then swap it into place."""
+    """Fill a temporary sibling of `out` with `write(tmp)`, then swap it into place.
+
+    An existing `out` is renamed aside, not deleted, until the new one is in place, so a failure or a
+    kill during the swap never leaves the output path without one whole directory behind it.
+    """
     check_replaceable(out, replaceable)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:

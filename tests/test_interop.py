@@ -515,3 +515,31 @@ def test_convert_cli_merge_lora_and_refuses_foreign_out(tmp_path):
         assert main(argv) == 1, argv
     assert (tmp_path / "docs" / "keep.txt").read_text() == "mine"
     assert (tmp_path / "base" / "model_config.json").exists()
+
+
+def test_a_failed_swap_keeps_the_previous_output(tmp_path, monkeypatch):
+    """Replacing an existing model or export directory: if moving the new one in fails, the old one is
+    still whole at --out and no temporary directory is left beside it."""
+    import os
+
+    from minimind_fast import checkpoint
+
+    first, second = _tiny_model(), _tiny_model()
+    out = checkpoint.save_model_dir(first, tmp_path / "model")
+    ids = torch.randint(0, 320, (1, 7))
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.startswith(".model.tmp-"):
+            raise OSError("disk unplugged")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk unplugged"):
+        checkpoint.save_model_dir(second, out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert torch.equal(our_logits(load_model(out), ids), our_logits(first, ids))
+    checkpoint.save_model_dir(second, out)  # and a swap that works replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert torch.equal(our_logits(load_model(out), ids), our_logits(second, ids))
