@@ -73,8 +73,10 @@ class LoraLinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
+        # at least fp32 (a bf16 sum would round the small update away), never below the weight's precision
+        dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
+        delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
+        return (self.base.weight.to(dtype) + delta).to(self.base.weight.dtype)
 
 
 def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[nn.Module, str, nn.Linear]]:

@@ -90,3 +90,18 @@ def test_load_lora_reports_a_mismatched_adapter(tmp_path):
         assert "adapter does not fit" in str(e)
     else:
         raise AssertionError("mismatched adapter loaded silently")
+
+
+def test_merge_in_float64_equals_base_plus_adapter_forward():
+    """Merging must not round through fp32: in float64 the merged model is the adapted one to 1e-12."""
+    model = _model().double()
+    apply_lora(model, LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    _randomise_adapters(model)
+    model.eval()
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        want = model(x).logits
+        merge_lora(model)
+        got = model(x).logits
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
