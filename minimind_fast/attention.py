@@ -35,6 +35,8 @@ def _flash_attn():
 
 def use_flash(q: torch.Tensor) -> bool:
     choice = os.environ.get(ENV_VAR, "auto")
+    if choice not in ("auto", "flash", "sdpa"):  # a misspelt choice must not quietly mean auto
+        raise ValueError(f"{ENV_VAR}={choice!r}: choose auto, flash or sdpa")
     if choice == "sdpa":
         return False
     ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn() is not None

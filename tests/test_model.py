@@ -537,3 +537,19 @@ def test_flash_attn_lookup_is_traceable_without_a_graph_break():
     compiled = torch.compile(lambda x: x * (2.0 if attention._flash_attn() is None else 3.0), backend="eager",
                              fullgraph=True)
     assert torch.equal(compiled(torch.ones(3)), torch.full((3,), factor))
+
+
+def test_attention_backend_choice_is_checked(monkeypatch):
+    """MINIMIND_ATTENTION=sdpa runs SDPA, =flash without flash-attn says so, and a misspelt value is an
+    error rather than a silent auto."""
+    from minimind_fast import attention
+
+    q = torch.randn(1, 4, 2, 8)
+    monkeypatch.setenv(attention.ENV_VAR, "sdpa")
+    assert not attention.use_flash(q)
+    monkeypatch.setenv(attention.ENV_VAR, "flash")
+    with pytest.raises(RuntimeError, match="flash-attn is unavailable"):
+        attention.use_flash(q)  # a CPU fp32 tensor: never flash
+    monkeypatch.setenv(attention.ENV_VAR, "flash-attn")
+    with pytest.raises(ValueError, match="MINIMIND_ATTENTION='flash-attn': choose auto, flash or sdpa"):
+        tiny().eval()(torch.randint(0, 128, (1, 5)))
