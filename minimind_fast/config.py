@@ -178,6 +178,9 @@ class ModelConfig:
                 _fail(f"rope_scaling.{key}={value!r} must be a positive number")
         if s.get("beta_fast", YARN_DEFAULTS["beta_fast"]) <= s.get("beta_slow", YARN_DEFAULTS["beta_slow"]):
             _fail(f"rope_scaling.beta_fast={s.get('beta_fast')} must exceed beta_slow={s.get('beta_slow')}")
+        if not self.inference_rope_scaling:  # as in MiniMind, the flag is what turns YaRN on or off
+            _fail("rope_scaling is set but inference_rope_scaling=false: set it true to apply YaRN, "
+                  "or rope_scaling null to turn YaRN off")
 
     def _check_moe(self) -> None:
         if not self.use_moe:

@@ -130,11 +130,16 @@ def test_impossible_shapes_are_refused_with_the_field(overrides, field):
     (dict(dropout=1.5), "dropout=1.5 must be in [0, 1)"),
     (dict(eos_token_id=6400), "eos_token_id=6400 is not a token id below vocab_size=6400"),
     (dict(pad_token_id=-1), "pad_token_id=-1"),
-    (dict(rope_scaling={"type": "linear", "factor": 4.0}), "rope_scaling type='linear'"),
+    (dict(inference_rope_scaling=True, rope_scaling={"type": "linear", "factor": 4.0}), "rope_scaling type='linear'"),
     (dict(inference_rope_scaling=True, rope_scaling={"factor": 0}), "rope_scaling.factor=0"),
-    (dict(rope_scaling={"factor": 4.0, "mscale": 1.0}), "rope_scaling has unknown keys ['mscale']"),
-    (dict(rope_scaling={"beta_fast": 1.0, "beta_slow": 32.0}), "beta_fast=1.0 must exceed beta_slow=32.0"),
+    (dict(inference_rope_scaling=True, rope_scaling={"factor": 4.0, "mscale": 1.0}),
+     "rope_scaling has unknown keys ['mscale']"),
+    (dict(inference_rope_scaling=True, rope_scaling={"beta_fast": 1.0, "beta_slow": 32.0}),
+     "beta_fast=1.0 must exceed beta_slow=32.0"),
     (dict(use_moe=True, aux_loss_alpha=-0.1), "aux_loss_alpha=-0.1"),
+    # a model_config.json edited to turn YaRN off, its settings left in place, kept YaRN on
+    (dict(inference_rope_scaling=False, rope_scaling={"factor": 4.0}),
+     "rope_scaling is set but inference_rope_scaling=false"),
 ])
 def test_wrong_types_and_values_are_refused_with_the_field(overrides, field):
     with pytest.raises(ValueError, match="invalid ModelConfig") as err:
