@@ -21,6 +21,7 @@ from safetensors import safe_open
 from minimind_fast import interop
 from minimind_fast.checkpoint import load_model
 from minimind_fast.config import get_preset
+from minimind_fast.model import MiniMindForCausalLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -569,3 +570,67 @@ def test_to_hf_of_a_lora_run_asks_for_the_merge_instead_of_dropping_the_adapter(
     with torch.no_grad():
         got = hf(ids).logits.double()
     assert (got - our_logits(model, ids)).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Against MiniMind2's own model file (a checkout named by MINIMIND_REPO; nothing of it is copied here)
+# ---------------------------------------------------------------------------------------------------
+def _minimind_module():
+    import importlib.util
+    import os
+    import sys
+
+    repo = os.environ.get("MINIMIND_REPO")
+    path = Path(repo or ".") / "model" / "model_minimind.py"
+    if not repo or not path.exists():
+        pytest.skip("set MINIMIND_REPO to a MiniMind2 checkout (model/model_minimind.py) to compare against it")
+    name = "minimind_upstream_for_interop_tests"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.mark.parametrize("variant", ["dense", "dense-yarn", "moe-top2", "moe-top1-yarn"])
+def test_minimind2_checkpoint_through_every_conversion_matches_minimind2(tmp_path, variant):
+    """MiniMind2's model saves a .pth; from-minimind, and for dense models to-hf (loaded by transformers)
+    and from-hf back, all give MiniMind2's own logits, in float64."""
+    mm = _minimind_module()
+    yarn, moe = variant.endswith("yarn"), variant.startswith("moe")
+    top_k = 1 if "top1" in variant else 2
+    cfg = mm.MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                            vocab_size=96, max_position_embeddings=4096, inference_rope_scaling=yarn,
+                            use_moe=moe, num_experts_per_tok=top_k)
+    theirs = mm.MiniMindForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "norm" in name:  # non-trivial norms, so a dropped or misplaced one shows
+                p.add_(0.1 * torch.randn_like(p))
+    torch.save({k: v.half() for k, v in theirs.state_dict().items()}, tmp_path / "model.pth")
+    theirs.load_state_dict({k: v.half().double() for k, v in theirs.state_dict().items()})  # what the .pth holds
+    ids = torch.randint(0, 96, (2, 33))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+
+    main = _convert_main()
+    args = ["--set", "max_position_embeddings=4096", "--set", f"num_experts_per_tok={top_k}"] + (["--yarn"] * yarn)
+    assert main(["from-minimind", str(tmp_path / "model.pth"), "--out", str(tmp_path / "ours")] + args) == 0
+    ours = load_model(tmp_path / "ours").double()
+    assert (ours.config.use_moe, ours.config.rope_scaling is not None) == (moe, yarn)
+    assert (our_logits(ours, ids) - expected).abs().max().item() < 1e-5
+    if yarn:  # the scaling is live at these positions: the unscaled model is far off
+        plain = MiniMindForCausalLM(ours.config.replace(inference_rope_scaling=False, rope_scaling=None)).double()
+        plain.load_state_dict(ours.state_dict())
+        assert (our_logits(plain, ids) - expected).abs().max().item() > 1e-3
+    if moe:
+        return
+    assert main(["to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    with torch.no_grad():
+        assert (hf.double().eval()(ids).logits - expected).abs().max().item() < 1e-5
+    assert main(["from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back = load_model(tmp_path / "back")
+    assert back.config.to_dict() == load_model(tmp_path / "ours").config.to_dict()
+    assert (our_logits(back.double(), ids) - expected).abs().max().item() < 1e-5
