@@ -142,7 +142,11 @@ def load_model(
     dtype: torch.dtype | None = None,
     kernels: str | None = None,
 ) -> MiniMindForCausalLM:
-    """Load weights from our model/run directory, a MiniMind2 `.pth`, or a Hugging Face export."""
+    """Load weights from our model/run directory, a MiniMind2 `.pth`, or a Hugging Face export.
+
+    `kernels` (auto|triton|reference) picks the op table; by default "auto", whatever the saved config
+    says, since that was the choice of the machine that trained the model.
+    """
     p = Path(path)
     if p.suffix == ".pth":
         from minimind_fast import interop
@@ -154,7 +158,9 @@ def load_model(
         model = interop.load_hf_dir(p)
     else:
         model_dir = resolve_model_dir(p)
-        config = ModelConfig.load(model_dir / CONFIG)
+        # `kernels` was the saving machine's runtime choice (a GPU run's "triton" fails on a CPU); unless
+        # asked for here, this machine picks its own.
+        config = ModelConfig.load(model_dir / CONFIG).replace(kernels=kernels or "auto")
         model = MiniMindForCausalLM(config)
         load_state(model, read_safetensors(model_dir / WEIGHTS), source=str(model_dir / WEIGHTS))
     if kernels is not None:

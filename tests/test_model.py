@@ -495,6 +495,19 @@ def test_save_load_round_trip(tmp_path, make):
         assert torch.equal(model(ids).logits, back(ids).logits)
 
 
+def test_a_saved_kernel_choice_does_not_follow_the_model_to_another_machine(tmp_path):
+    """A model trained with --kernels triton (on a GPU) is loaded by chat/serve/convert with this machine's
+    auto choice, not Triton kernels that a CPU cannot run; an explicit `kernels` still wins."""
+    model = MiniMindForCausalLM(get_preset("tiny", vocab_size=128, kernels="triton")).eval()
+    save_model_dir(model, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert (back.config.kernels, back.ops.name) == ("auto", "auto")
+    assert load_model(tmp_path / "m", kernels="reference").ops.name == "reference"
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits)
+
+
 def test_a_run_dir_resolves_to_its_newest_complete_checkpoint_never_a_half_written_one(tmp_path):
     """A run stopped before final/ (an --init or chat source): a `.tmp` checkpoint or one renamed but
     killed before its COMPLETE marker may hold torn weights, so only marked ones count."""
