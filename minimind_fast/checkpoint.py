@@ -79,6 +79,7 @@ def write_dir_atomically(out: Path, write, replaceable) -> Path:
     kill during the swap never leaves the output path without one whole directory behind it.
     """
     check_replaceable(out, replaceable)
+    out = Path(os.path.abspath(out))  # `.` or `..` has no name or parent to put a sibling beside
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -94,7 +95,11 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old)
+        try:
+            os.replace(out, old)
+        except BaseException:
+            old.rmdir()
+            raise
     try:
         os.replace(tmp, out)
     except BaseException:

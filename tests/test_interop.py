@@ -634,3 +634,14 @@ def test_minimind2_checkpoint_through_every_conversion_matches_minimind2(tmp_pat
     back = load_model(tmp_path / "back")
     assert back.config.to_dict() == load_model(tmp_path / "ours").config.to_dict()
     assert (our_logits(back.double(), ids) - expected).abs().max().item() < 1e-5
+
+
+def test_out_may_be_the_current_directory(tmp_path, monkeypatch):
+    """`--out .` from inside an empty directory: `.` has no name to put the temporary sibling beside."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    model = _tiny_model()
+    interop.export_hf(model, ".")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+    ids = torch.randint(0, 320, (1, 6))
+    assert torch.equal(our_logits(load_model(tmp_path / "here"), ids), our_logits(model, ids))
