@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         out = a.func(a)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: also a --out under a file, no permission, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

@@ -480,6 +480,10 @@ def test_convert_cli_round_trip(tmp_path, tokenizer_dir, capsys):
 
     assert main(["from-minimind", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")]) == 1
     assert "nope.pth" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("a file, not a directory")
+    assert main(["to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "notes.txt" / "a" / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "notes.txt" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit, match="'hidden-size' is not a ModelConfig field"):
         main(["from-minimind", str(tmp_path / "full_sft_64.pth"), "--out", str(tmp_path / "x"),
