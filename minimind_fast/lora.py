@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -40,10 +40,30 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
     def __post_init__(self) -> None:
-        if self.rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
+            raise ValueError(f"LoRA alpha must be a number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.target_modules, list) or not all(isinstance(t, str) for t in self.target_modules):
+            raise ValueError(f"LoRA target_modules must be a list of module names, got {self.target_modules!r}")
         if not self.target_modules:
             raise ValueError("LoRA target_modules is empty")
+
+    @classmethod
+    def load(cls, path: Path) -> LoraConfig:
+        """The settings in an adapter_config.json; a malformed one raises ValueError naming the file."""
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+            unknown = sorted(set(data) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown field(s) {unknown} (not an adapter written by this project)")
+            return cls(**data)
+        except ValueError as e:  # json.JSONDecodeError is one
+            raise ValueError(f"{path}: {e}") from e
 
     @property
     def scaling(self) -> float:
@@ -181,7 +201,7 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
         if not (adapter_dir / name).exists():
             raise FileNotFoundError(f"{adapter_dir}: missing {name} (not a LoRA adapter directory)")
-    config = LoraConfig(**json.loads((adapter_dir / ADAPTER_CONFIG).read_text()))
+    config = LoraConfig.load(adapter_dir / ADAPTER_CONFIG)
     apply_lora(model, config)
     state = read_safetensors(adapter_dir / ADAPTER_WEIGHTS)
     expected = lora_state_dict(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from minimind_fast import MiniMindForCausalLM, get_preset
@@ -105,3 +106,18 @@ def test_merge_in_float64_equals_base_plus_adapter_forward():
         got = model(x).logits
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_a_malformed_adapter_config_names_the_file(tmp_path):
+    model = _model()
+    apply_lora(model, LoraConfig(rank=2, target_modules=["q_proj"]))
+    save_lora(model, tmp_path / "a")
+    config = tmp_path / "a" / "adapter_config.json"
+    for text, message in [('{"rank": 2, "target_modules": ["q_proj"], "use_dora": true}', "unknown field"),
+                          ('{"rank": "2", "target_modules": ["q_proj"]}', "rank must be a positive integer"),
+                          ('{"rank": 2, "target_modules": "q_proj"}', "target_modules must be a list"),
+                          ('{"rank": 2, "dropout": 1.0, "target_modules": ["q_proj"]}', "dropout must be in"),
+                          ("[2]", "expected a JSON object"), ("{oops", "Expecting property name")]:
+        config.write_text(text)
+        with pytest.raises(ValueError, match="adapter_config.json: .*" + message):
+            load_lora(_model(), tmp_path / "a")
