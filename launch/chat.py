@@ -5,8 +5,9 @@
     python launch/chat.py --model DIR --batch in.jsonl --output out.jsonl         a file of prompts
     python launch/chat.py --model DIR --mode pretrain --prompt "The cat"          continue raw text
 
---batch lines are {"prompt": "..."} or {"conversations": [{"role": ..., "content": ...}, ...]}; each output
-line is the input record plus "response". A .pth file needs --tokenizer (MiniMind's tokenizer dir).
+--batch lines are {"prompt": "..."} or {"conversations": [{"role": ..., "content": ...}, ...]}, messages as in
+SFT data (a system message's tool definitions, tool_calls, content null); each output line is the input
+record plus "response". A .pth file needs --tokenizer (MiniMind's tokenizer dir).
 """
 
 import argparse

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minimind_fast.checkpoint import is_hf_dir, load_model, resolve_model_dir
-from minimind_fast.data.records import ROLES
+from minimind_fast.data.records import RecordError, check_messages, prompt_text
 from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, load_tokenizer
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
 
@@ -209,11 +209,21 @@ class ChatSession:
 
 
 def encode_prompt(tokenizer: ChatTokenizer, record: dict, mode: str) -> list[int]:
-    """Prompt ids of a JSONL record: raw text after bos (`pretrain`) or the chat template (`chat`)."""
+    """Prompt ids of a JSONL record: raw text after bos (`pretrain`) or, as `records.prompt_text` renders
+    it for GRPO, the text SFT data puts before a reply (`chat`). RecordError if the template cannot."""
     if mode == "pretrain":
         return [tokenizer.bos_token_id, *tokenizer.encode(record.get("prompt", ""))]
-    messages = record.get("conversations") or [{"role": "user", "content": record["prompt"]}]
-    return chat_prompt(tokenizer, messages)
+    return tokenizer.encode(prompt_text(record_messages(record), tokenizer))
+
+
+def record_messages(record: dict) -> list[dict]:
+    """The chat messages of a `{"prompt": ...}` or `{"conversations": [...]}` record, checked as SFT data
+    and GRPO prompts are (`records.check_messages`: tool definitions, `tool_calls`, content null)."""
+    if isinstance(record.get("prompt"), str):
+        return [{"role": "user", "content": record["prompt"]}]
+    if "conversations" not in record:
+        raise RecordError("missing_field", "needs a 'prompt' string or a 'conversations' list of messages")
+    return check_messages(record["conversations"], "conversations")
 
 
 def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[tuple[int, dict]]:
@@ -240,28 +250,20 @@ def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[tuple[int,
 
 
 def _record_problem(rec, mode: str) -> str | None:
-    """Why `encode_prompt` cannot render this record in `mode`, or None."""
+    """Why `encode_prompt` cannot take this record in `mode`, or None (the template is tried later)."""
     if not isinstance(rec, dict):
         return "a line must hold a JSON object"
-    if isinstance(rec.get("prompt"), str):
-        return _utf8_problem(rec["prompt"], "'prompt'")
     if mode == "pretrain":
-        return "needs a 'prompt' string (--mode pretrain continues raw text)"
-    msgs = rec.get("conversations")
-    if not isinstance(msgs, list) or not msgs:
-        return "needs a 'prompt' string or a non-empty 'conversations' list"
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            return f"'conversations'[{i}] needs a role in {ROLES} and a string content"
-        if problem := _utf8_problem(m["content"], f"'conversations'[{i}] content"):
-            return problem
-    return None
-
-
-def _utf8_problem(text: str, what: str) -> str | None:
+        if not isinstance(rec.get("prompt"), str):
+            return "needs a 'prompt' string (--mode pretrain continues raw text)"
+        try:
+            check_utf8(rec["prompt"], "'prompt'")
+        except ValueError as e:
+            return str(e)
+        return None
     try:
-        check_utf8(text, what)
-    except ValueError as e:
+        record_messages(rec)
+    except RecordError as e:
         return str(e)
     return None
 
@@ -275,7 +277,10 @@ def encode_prompts_to_fit(tokenizer: ChatTokenizer, records: list[tuple[int, dic
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in the context ({context})")
     prompts = []
     for lineno, rec in records:
-        ids = encode_prompt(tokenizer, rec, mode)
+        try:
+            ids = encode_prompt(tokenizer, rec, mode)
+        except RecordError as e:  # the template fails or drops the tools, or the text has a lone surrogate
+            raise ValueError(f"{source}:{lineno}: {e}") from None
         if len(ids) > budget:
             raise ValueError(f"{source}:{lineno}: the prompt takes {len(ids)} tokens; with {max_new_tokens} new "
                              f"tokens the context ({context}) holds {budget} (shorten it or lower --max-new-tokens)")

@@ -127,13 +127,17 @@ def test_answer_file_refuses_a_prompt_longer_than_the_context_naming_its_line(lo
 
 
 @pytest.mark.parametrize("content, mode, needle", [
-    (b'{"conversations": []}\n', "chat", "non-empty 'conversations'"),
+    (b'{"conversations": []}\n', "chat", "'conversations' is empty"),
+    (b'{"prompt": 3}\n', "chat", "needs a 'prompt' string or a 'conversations' list"),
     (b'{"conversations": [{"role": "user"}]}\n', "chat", "'conversations'[0] needs a role"),
     (b'{"conversations": [{"role": "user", "content": "Hi"}, 3]}\n', "chat", "'conversations'[1]"),
+    (b'{"conversations": [{"role": "assistant", "content": null, "tool_calls": "{"}]}\n', "chat",
+     "'conversations'[0].tool_calls is a string but not JSON"),
     (b'[1, 2]\n', "chat", "JSON object"),
     (b'{"prompt": "Hi"}\n{"prompt": "caf\xe9"}\n', "chat", "bad.jsonl:2: not UTF-8"),
-    (b'{"prompt": "caf\\udce9"}\n', "chat", "bad.jsonl:1: 'prompt' is not valid UTF-8"),
-    (b'{"conversations": [{"role": "user", "content": "\\udce9"}]}\n', "chat", "'conversations'[0] content is not"),
+    (b'{"prompt": "caf\\udce9"}\n', "chat", "bad.jsonl:1: bad_unicode: unpaired surrogate \\udce9"),
+    (b'{"conversations": [{"role": "user", "content": "\\udce9"}]}\n', "chat", "unpaired surrogate \\udce9"),
+    (b'{"prompt": "caf\\udce9"}\n', "pretrain", "bad.jsonl:1: 'prompt' is not valid UTF-8"),
     (b'{"conversations": [{"role": "user", "content": "Hi"}]}\n', "pretrain", "needs a 'prompt' string"),
 ])
 def test_answer_file_names_the_line_and_field_of_a_bad_record(loaded, tmp_path, content, mode, needle):
@@ -143,6 +147,52 @@ def test_answer_file_names_the_line_and_field_of_a_bad_record(loaded, tmp_path, 
     with pytest.raises(ValueError, match=re.escape(needle)) as err:
         answer_file(model, tok, GenerationConfig(max_new_tokens=2), bad, tmp_path / "out.jsonl", mode=mode)
     assert str(err.value).startswith(f"{bad}:") and not (tmp_path / "out.jsonl").exists()
+
+
+# MiniMind's way with tools: the definitions open the system turn, a reply's calls follow its content.
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\n' + messages[0]['content'] + '\\n<tools>' }}"
+    "{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
+    "{% for m in messages %}{% if not (tools and loop.first) %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}{% set f = c.function or c %}"
+    "{{ '<tool_call>' + f.name + ' ' + f.arguments + '</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_answer_file_takes_tools_and_tool_calls_like_the_sft_data(loaded, tmp_path):
+    """A record with a system message's tool definitions and a reply that only calls a tool (content
+    null) is answered from exactly the text SFT training put before the next reply, tools included."""
+    from minimind_fast.data.records import record_docs
+
+    _, chatml = loaded
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_bytes((chatml.dir / "tokenizer.json").read_bytes())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": TOOLS_TEMPLATE}))
+    tok = load_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(get_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=512,
+                                           kernels="reference")).eval()
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {}}}
+    call = {"type": "function", "function": {"name": "weather", "arguments": "Paris"}}
+    convo = [{"role": "system", "content": "Be brief.", "tools": json.dumps([weather])},
+             {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "content": "20 C"}]
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"conversations": convo}) + "\n")
+    [doc] = record_docs({"conversations": [*convo, {"role": "assistant", "content": "Warm."}]}, "sft", tok)
+    expected_prompt = tok.encode(doc.text[:doc.spans[-1][0]])
+    assert "<tools>" in doc.text and "<tool_call>weather Paris</tool_call>" in doc.text
+    config = GenerationConfig(max_new_tokens=6, temperature=0)
+    out = tmp_path / "out.jsonl"
+    assert answer_file(model, tok, config, src, out) == 1
+    expected = tok.decode(generate(model, [expected_prompt], config)[0])
+    assert json.loads(out.read_text()) == {"conversations": convo, "response": expected}
+    # A template that drops the definitions (our ChatML) is refused by line, as SFT and GRPO refuse it.
+    with pytest.raises(ValueError, match=rf"{re.escape(str(src))}:1: template: .*tool definitions"):
+        answer_file(model, chatml, config, src, tmp_path / "never.jsonl")
+    assert not (tmp_path / "never.jsonl").exists()
 
 
 def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
