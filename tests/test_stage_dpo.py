@@ -4,7 +4,9 @@ precomputed reference log-probs equal the live reference's, resume is exact, bad
 from __future__ import annotations
 
 import copy
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,13 @@ from launch_helpers import common, run, two_ranks
 from launch_helpers import losses as metric
 from safetensors.torch import load_file
 
+from minimind_fast.checkpoint import load_model
 from minimind_fast.config import get_preset
 from minimind_fast.data.loaders import build_loader
+from minimind_fast.data.pipeline import TokenizeOptions, tokenize_to_shards
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.args import training_parser
-from minimind_fast.training.dpo import DPOStage
+from minimind_fast.training.dpo import REFERENCE_FILE, DPOStage, _data_identity
 
 STEPS = 16
 
@@ -177,6 +181,96 @@ def test_precomputed_reference_matches_live_and_is_reused_on_resume(dpo_run, pre
     assert all(abs(pre[s] - live[s]) < 1e-4 for s in live), (pre, live)
     val_pre, val_live = metric(out, "val_loss"), metric(dpo_run, "val_loss")
     assert val_pre.keys() == val_live.keys() and all(abs(val_pre[s] - val_live[s]) < 1e-4 for s in val_live)
+
+
+def reference_scores_by_hand(init: Path, data: Path) -> dict[str, torch.Tensor]:
+    """{split: (pairs, 2)} summed log-probs of each pair's chosen and rejected replies under the model at
+    `init`, in process, one pair at a time (what a stored table must hold for these pairs and weights)."""
+    from minimind_fast.training.dpo import concat_pairs, sequence_logps
+
+    model = load_model(init).eval()
+    tables = {}
+    for split in ("train", "val"):
+        loader = build_loader("dpo", data, seq_len=64, micro_batch_size=4, split=split)
+        table = torch.zeros(loader.n_items, 2)
+        for pair in range(loader.n_items):
+            ids, targets, positions = concat_pairs(loader.pairs_batch(np.array([pair])))
+            with torch.no_grad():
+                table[pair] = sequence_logps(model, ids, targets, positions)[0]
+        tables[split] = table
+    return tables
+
+
+def split_counts(data: Path) -> dict:
+    manifest = json.loads((data / "manifest.json").read_text())
+    return {name: (split["tokens"], split["docs"]) for name, split in manifest["splits"].items()}
+
+
+def test_precomputed_reference_is_scored_again_for_other_pairs_or_weights(pretrain_run, builtin_data, tmp_path):
+    """Stored reference scores are reused only for what they measured: pairs tokenized again into the same
+    directory with the same token and pair counts (chosen and rejected swapped), or other weights at the
+    same --init path, are scored again, and each table holds the scores of its run's pairs and weights."""
+    init = tmp_path / "init"
+    shutil.copytree(pretrain_run / "final", init)
+    source = builtin_data["files"]["dpo"]
+    swapped = tmp_path / "swapped.jsonl"
+    records = [json.loads(x) for x in Path(source).read_text(encoding="utf-8").splitlines() if x.strip()]
+    swapped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                               for r in records), encoding="utf-8")
+    data, opts = tmp_path / "dpo", TokenizeOptions(kind="dpo", seq_len=128, workers=1, val_fraction=0.05)
+    tokenize_to_shards([source], builtin_data["tokenizer"], data, opts)
+    out = tmp_path / "run"
+    args = dpo_args(data, out, init, "--precompute-reference")
+    stored = out / REFERENCE_FILE
+
+    assert "scoring" in run("dpo.py", args + ["--stop-at-step", "1"]).stdout
+    first, counts = load_file(str(stored)), split_counts(data)
+    tokenize_to_shards([swapped], builtin_data["tokenizer"], data, opts)
+    assert split_counts(data) == counts  # only the pairs' contents tell the two apart
+    proc = run("dpo.py", args + ["--stop-at-step", "2"])
+    assert "scoring" in proc.stdout and "reused" not in proc.stdout, proc.stdout[-2000:]
+    second, by_hand = load_file(str(stored)), reference_scores_by_hand(init, data)
+    assert second.keys() == first.keys() == by_hand.keys() == {"train", "val"}
+    for split in second:
+        torch.testing.assert_close(second[split], by_hand[split], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(second[split], first[split].flip(1), rtol=1e-5, atol=1e-4)
+
+    step4 = sorted((pretrain_run / "checkpoints").glob("step_*"))[0] / "model" / "model.safetensors"
+    shutil.copy(step4, init / "model.safetensors")  # other weights, same path
+    proc = run("dpo.py", args + ["--stop-at-step", "3"])
+    assert "scoring" in proc.stdout and "reused" not in proc.stdout, proc.stdout[-2000:]
+    third, by_hand = load_file(str(stored)), reference_scores_by_hand(init, data)
+    for split in third:
+        torch.testing.assert_close(third[split], by_hand[split], rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(third[split], second[split], atol=1e-2)
+
+
+def test_reference_scores_key_on_shard_contents_without_manifest_checksums(builtin_data, tmp_path, capsys):
+    """A manifest from before tokenize.py recorded checksums: the shard files are hashed instead (the
+    same sha256, so the key is unchanged), with a note, and a shard changed in place changes the key."""
+    data = tmp_path / "dpo"
+    shutil.copytree(builtin_data["shards"]["dpo"], data)
+
+    def identity() -> list:
+        return _data_identity(build_loader("dpo", data, seq_len=64, micro_batch_size=4, split="train"))
+
+    recorded = identity()
+    manifest = json.loads((data / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            del entry["checksum"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert identity() == recorded
+    assert "no checksum recorded for the train shards" in capsys.readouterr().out
+    # Two different tokens swapped: same size, header and counts, which the loader checks; other pairs.
+    entry = manifest["splits"]["train"]["shards"][0]
+    shard, raw = data / entry["file"], bytearray((data / entry["file"]).read_bytes())
+    tokens = np.frombuffer(bytes(raw), dtype=np.uint16, offset=64, count=entry["tokens"])  # after the header
+    at = 64 + 2 * int(np.flatnonzero(tokens[:-1] != tokens[1:])[0])
+    raw[at:at + 4] = raw[at + 2:at + 4] + raw[at:at + 2]
+    shard.write_bytes(bytes(raw))
+    assert identity() != recorded
 
 
 def test_dpo_with_lora_trains_adapters_only(dpo_run, pretrain_run, builtin_data, tmp_path):

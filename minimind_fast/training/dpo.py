@@ -11,6 +11,8 @@ The reference is the `--init` model unless `--reference` names another. It eithe
 policy at every step, or (`--precompute-reference`) scores every train and val pair once before
 training, in the training precision, into `RUN/reference_logps.safetensors` (keyed by pair number,
 reused on resume), and is freed: no second model in memory and one forward per step instead of two.
+The stored scores are reused only for the same reference weights (a fingerprint of the tensors, not
+the path) and the same shard contents (the manifest's per-shard checksums).
 
 With `--lora-rank R` only LoRA adapters train (the base stays frozen and out of the optimizer), saved as
 in the LoRA stage: `RUN/final/` holds the base, `RUN/final/adapter/` the adapter.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import build_loader
+from minimind_fast.data.shards import file_checksum
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.lora_stage import adapter_parameters, add_adapters, add_lora_arguments
 from minimind_fast.training.stages import FineTuneStage, freeze
@@ -129,10 +133,17 @@ class DPOStage(FineTuneStage):
         if a.reference and not Path(a.reference).exists():
             raise FileNotFoundError(f"--reference {a.reference}: no such file or directory")
         self.tables: dict[str, torch.Tensor] | None = None
-        # Precomputing loads the reference only if the run dir holds no usable scores (on resume it does);
-        # until then the policy, untouched before DeepSpeed wraps it, stands for the --init weights.
-        self._init_model = model if a.precompute_reference else None
-        self.reference = None if a.precompute_reference else self._load_reference(model)
+        self.reference = self._init_model = self._loaded_reference = None
+        if a.precompute_reference:
+            # Scoring copies the --init model only if the run dir holds no usable scores (on resume it
+            # does); until then the policy, untouched before DeepSpeed wraps it, stands for those weights.
+            # Stored scores are reused only for the very same weights, fingerprinted now: a path alone
+            # does not tell (a run dir's newest checkpoint moves on, a model dir can be written over).
+            self._init_model = model
+            self._loaded_reference = self._load_reference(model) if a.reference else None
+            self._reference_id = weights_fingerprint(self._loaded_reference if a.reference else model)
+        else:
+            self.reference = self._load_reference(model)
         if a.lora_rank is not None:
             # After the reference is copied: adapters start at zero (B = 0), so a copy made later (when
             # precomputing) scores exactly as the --init weights do.
@@ -159,7 +170,7 @@ class DPOStage(FineTuneStage):
                                       pin_memory=pin_memory)
         if split == "train" and self.args.precompute_reference:
             self.tables = self._reference_tables(loader, vocab_size)
-            self.reference = self._init_model = None  # the scores replace the reference
+            self.reference = self._init_model = self._loaded_reference = None  # the scores replace it
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         return loader
@@ -177,15 +188,17 @@ class DPOStage(FineTuneStage):
                 pass  # no val split: the engine says so when it builds its own
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         dtype = training_dtype(a, device)
-        meta = {"reference": str(Path(a.reference or a.init).resolve()), "dtype": str(dtype),
-                "seq_len": a.seq_len, **{f"{split}_data": _data_identity(loader) for split, loader in loaders.items()}}
+        meta = {"reference": str(Path(a.reference or a.init).resolve()), "reference_weights": self._reference_id,
+                "dtype": str(dtype), "seq_len": a.seq_len,
+                **{f"{split}_data": _data_identity(loader) for split, loader in loaders.items()}}
         path = Path(a.out) / REFERENCE_FILE
         tables = _read_tables(path, meta)
         if all_ranks_agree(tables is not None, device):
             _note(f"reference log-probs reused from {path}")
             return tables
         _note(f"scoring {sum(x.n_items for x in loaders.values())} pairs with the reference -> {path}")
-        self.reference = self._load_reference(self._init_model).to(device=device, dtype=dtype)
+        reference = self._loaded_reference if a.reference else self._load_reference(self._init_model)
+        self.reference = reference.to(device=device, dtype=dtype)
         tables = {split: self._score_split(loader, device) for split, loader in loaders.items()}
         if dist.get_rank() == 0:
             _write_tables(path, tables, meta)
@@ -250,11 +263,37 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a model's config and every tensor of its state dict (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def _data_identity(loader) -> list:
-    """What the scores of a split depend on besides the reference: its shards, tokenizer and size."""
+    """What the scores of a split depend on besides the reference: its shards' contents, tokenizer and
+    size. The same counts do not make the same pairs (data tokenized again, chosen and rejected
+    swapped): the contents are the manifest's per-shard checksums."""
     split = loader.manifest["splits"][loader.split]
     return [str(loader.shards[0].path.parent.resolve()), loader.manifest.get("tokenizer_fingerprint"),
-            split["tokens"], loader.n_items]
+            split["tokens"], loader.n_items, _shard_checksums(loader, split["shards"])]
+
+
+def _shard_checksums(loader, entries: list[dict]) -> list[str]:
+    """Each shard's checksum from the manifest; a manifest from before tokenize.py recorded them gets
+    the shard files hashed (the same sha256, one read of each), so old shards are still keyed safely."""
+    listed = [e.get("checksum") for e in entries]
+    if all(isinstance(c, str) and c for c in listed):
+        return listed
+    _note(f"{loader.shards[0].path.parent / 'manifest.json'}: no checksum recorded for the {loader.split} "
+          f"shards (written by an older tokenize.py); hashing the shard files to key the reference scores "
+          f"(run launch/tokenize.py again on the same inputs to record them)")
+    return [c if isinstance(c, str) and c else file_checksum(shard.path) for c, shard in zip(listed, loader.shards)]
 
 
 def _note(text: str) -> None:
