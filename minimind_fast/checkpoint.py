@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minimind_fast.config import ModelConfig
+from minimind_fast.files import swap_into_place, temporary_sibling_dir
 from minimind_fast.model import MiniMindForCausalLM
 
 WEIGHTS = "model.safetensors"
@@ -80,34 +80,14 @@ def write_dir_atomically(out: Path, write, replaceable) -> Path:
     """
     check_replaceable(out, replaceable)
     out = Path(os.path.abspath(out))  # `.` or `..` has no name or parent to put a sibling beside
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temporary_sibling_dir(out)
     try:
         write(tmp)
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        try:
-            os.replace(out, old)
-        except BaseException:
-            old.rmdir()
-            raise
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minimind_fast.checkpoint import read_safetensors
+from minimind_fast.files import apply_umask
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -164,6 +165,7 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike,
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
     os.close(fd)
     save_file(state if state is not None else lora_state_dict(model), tmp)
+    apply_umask(Path(tmp))
     os.replace(tmp, out / ADAPTER_WEIGHTS)
     tmp_cfg = out / f"{ADAPTER_CONFIG}.tmp"
     tmp_cfg.write_text(json.dumps(asdict(config), indent=2))

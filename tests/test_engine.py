@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -34,6 +35,12 @@ def test_pretrain_learns_and_writes_the_run_directory(pretrain_run, builtin_data
     ckpts = sorted((pretrain_run / "checkpoints").iterdir())
     assert [c.name for c in ckpts] == ["step_00000004", "step_00000008", "step_00000012"]
     assert all((c / "COMPLETE").exists() for c in ckpts)
+    # safetensors writes 0600; a checkpoint and final/ are as readable as the umask allows
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [ckpts[-1], *ckpts[-1].rglob("*"), *(pretrain_run / "final").rglob("*")]:
+        wanted = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == wanted, (path, oct(path.stat().st_mode))
     model = load_model(pretrain_run)
     assert model.config.hidden_size == 64
     stats = json.loads((pretrain_run / "dataset_stats.json").read_text())

@@ -13,12 +13,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from minimind_fast.files import swap_into_place, temporary_sibling_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PAD, BOS, EOS = SPECIAL_TOKENS
@@ -96,8 +97,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     check_replaceable(out)
     real = out.resolve()  # `.` has no name to put a temporary sibling beside
-    real.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
+    tmp = temporary_sibling_dir(real)
     tok.save(str(tmp / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -109,9 +109,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
     (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (tmp / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD}, indent=2))
-    if real.exists():
-        shutil.rmtree(real)
-    os.replace(tmp, real)
+    swap_into_place(tmp, real)
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from minimind_fast.checkpoint import save_model_dir, state_dict_for_saving
+from minimind_fast.files import apply_umask
 
 MARKER = "COMPLETE"
 
@@ -114,6 +115,7 @@ def save_checkpoint(engine, stage, run_dir: Path, step: int, loader_state: dict,
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     dist.barrier()
     if rank == 0:
+        apply_umask(tmp)  # safetensors writes 0600: keep the checkpoint readable as the umask allows
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

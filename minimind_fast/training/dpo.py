@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.data.shards import file_checksum
+from minimind_fast.files import apply_umask
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.lora_stage import adapter_parameters, add_adapters, add_lora_arguments
 from minimind_fast.training.stages import FineTuneStage, freeze
@@ -323,4 +324,5 @@ def _read_tables(path: Path, meta: dict) -> dict[str, torch.Tensor] | None:
 def _write_tables(path: Path, tables: dict[str, torch.Tensor], meta: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
+    apply_umask(tmp)
     os.replace(tmp, path)
