@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from minimind_fast.data.loaders import build_loader
-from minimind_fast.data.shards import Shard, ShardError
+from minimind_fast.data.prompts import PromptLoader
+from minimind_fast.data.shards import Shard, ShardError, file_checksum
 
 
 def _stream(shard_dir, split="train"):
@@ -164,6 +165,42 @@ def test_resume_sees_exactly_the_remaining_batches(builtin_data, kind):
     key = "input_ids" if kind != "dpo" else "chosen_input_ids"
     assert torch.equal(first[key], head[0][key])
     assert not torch.equal(head[n_epoch][key], head[0][key])
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_resume_refuses_data_tokenized_again_with_the_same_counts(builtin_data, tmp_path, kind):
+    """A loader position means nothing in other data of the same size (a rerun of tokenize.py on edited
+    inputs): resume is refused by the manifest's checksums, not carried on silently."""
+    d = tmp_path / "s"
+    shutil.copytree(builtin_data["shards"][kind], d)
+    make = lambda: build_loader(kind, d, seq_len=32 if kind == "pretrain" else 128, micro_batch_size=4, seed=11)  # noqa: E731
+    loader = make()
+    next(iter(loader))
+    state = json.loads(json.dumps(loader.state_dict()))
+    make().load_state_dict(state)  # the same data resumes
+    data = _corrupt_token(d / "train-00000.bin", 5)  # another in-vocabulary token: counts and sizes unchanged
+    assert int.from_bytes(data[64 + 20:64 + 22], "little") == 5
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["checksum"] = file_checksum(d / "train-00000.bin")  # as tokenize writes
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="samples changed since the checkpoint was written"):
+        make().load_state_dict(state)
+    # a checkpoint from before the fingerprint existed, or a manifest without checksums: nothing to compare
+    make().load_state_dict({k: v for k, v in state.items() if k != "data"})
+    for entry in manifest["splits"]["train"]["shards"]:
+        del entry["checksum"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    make().load_state_dict(state)
+
+
+def test_prompt_loader_resume_refuses_other_prompts():
+    make = lambda prompts: PromptLoader(prompts, [{"answer": str(i)} for i in range(4)], micro_batch_size=2)  # noqa: E731
+    loader = make([[1, 2], [3], [4, 5], [6]])
+    next(iter(loader))
+    state = loader.state_dict()
+    make([[1, 2], [3], [4, 5], [6]]).load_state_dict(state)
+    with pytest.raises(ValueError, match="prompts changed since the checkpoint was written"):
+        make([[1, 2], [3], [4, 5], [7]]).load_state_dict(state)
 
 
 def test_num_batches_per_epoch_is_exact(builtin_data):

@@ -15,6 +15,7 @@ Batches are dicts of CPU tensors (see `minimind_fast/data/FORMAT.md`): `input_id
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import sys
@@ -113,12 +114,29 @@ def _expect_listed(path: Path, field: str, actual: int, listed) -> None:
                          f"replaced after tokenizing; rewrite the shards with launch/tokenize.py --force)")
 
 
+def fingerprint(parts: list[str]) -> str:
+    """A short digest identifying the data a loader reads (its position means nothing for other data)."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def shards_fingerprint(entries: list[dict]) -> str | None:
+    """The split's identity from its manifest's per-shard checksums; None for a manifest from a
+    tokenize.py that did not record them (then a resume cannot tell re-tokenized data apart)."""
+    sums = [entry.get("checksum") for entry in entries]
+    return fingerprint(sums) if sums and all(isinstance(s, str) for s in sums) else None
+
+
 def check_resume_state(saved: dict, mine: dict, keys: tuple[str, ...], items: str) -> None:
     """A saved loader position only means the same data under the same settings: refuse any change."""
     for key in keys:
         if key in saved and saved[key] != mine[key]:
             raise ValueError(f"loader state has {key}={saved[key]!r}, this run has {mine[key]!r}: "
                              f"resuming would not see the same {items}")
+    if saved.get("data") and mine.get("data") and saved["data"] != mine["data"]:
+        raise ValueError(f"the {items} changed since the checkpoint was written (data fingerprint "
+                         f"{saved['data']} then, {mine['data']} now: re-tokenized or replaced?); resuming would "
+                         f"continue at a position in other data. Restore the data, or start a new run "
+                         f"(--init the checkpoint) instead of --resume")
 
 
 class ShardLoader:
@@ -141,6 +159,7 @@ class ShardLoader:
         self.pin_memory, self.prefetch = pin_memory, prefetch
         self.vocab_size = vocab_size
         self.manifest, self.shards = open_split(shard_dir, split, vocab_size)
+        self.data_id = shards_fingerprint(self.manifest["splits"][split]["shards"])
         if self.manifest["kind"] not in ACCEPTS[kind]:
             raise ShardError(f"{shard_dir}: shards are of kind {self.manifest['kind']!r}, "
                              f"this loader reads {kind!r}")
@@ -194,7 +213,7 @@ class ShardLoader:
     def state_dict(self) -> dict:
         return {"kind": self.kind, "split": self.split, "epoch": self.epoch, "cursor": self.cursor,
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "seq_len": self.seq_len, "micro_batch_size": self.batch_size}
+                "seq_len": self.seq_len, "micro_batch_size": self.batch_size, "data": self.data_id}
 
     def load_state_dict(self, state: dict) -> None:
         check_resume_state(state, self.state_dict(), ("kind", "seed", "rank", "world_size", "seq_len",

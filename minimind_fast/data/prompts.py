@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minimind_fast.data.loaders import check_resume_state
+from minimind_fast.data.loaders import check_resume_state, fingerprint
 from minimind_fast.data.records import RecordError, check_messages, prompt_text
 from minimind_fast.data.tokenizer import ChatTokenizer
 
@@ -121,6 +121,7 @@ class PromptLoader:
         self.batch_size, self.seed, self.rank, self.world_size = micro_batch_size, seed, rank, world_size
         self.grad_accum, self.repeats = grad_accum, repeats
         self.n_items = len(prompts)
+        self.data_id = fingerprint([json.dumps(prompts), json.dumps(samples, sort_keys=True, default=str)])
         self.batches_per_epoch = self.n_items // world_size // micro_batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(f"{source}: {self.n_items} prompts cannot fill one micro-batch of {micro_batch_size} "
@@ -154,7 +155,7 @@ class PromptLoader:
     def state_dict(self) -> dict:
         return {"kind": self.kind, "position": self.position, "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size, "micro_batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                "repeats": self.repeats, "n_items": self.n_items}
+                "repeats": self.repeats, "n_items": self.n_items, "data": self.data_id}
 
     def load_state_dict(self, state: dict) -> None:
         check_resume_state(state, self.state_dict(), ("kind", "seed", "rank", "world_size", "micro_batch_size",
