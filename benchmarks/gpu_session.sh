@@ -11,6 +11,8 @@
 #      with the device tool, carry ".whl" so that Liger-Kernel gets installed)
 #   3. the engine itself: launch/pretrain.py (DeepSpeed, bf16) on the built-in corpus, small-26m at
 #      MiniMind's batch (32 x 512), runs as ENGINE_RUNS says     -> $OUT/engine-*.jsonl (metrics)
+#   3b. with PROFILE_PRESETS (e.g. "moe-145m"): benchmarks/profile_step.py per preset, GPU time per
+#      kernel                                                  -> $OUT/profile-PRESET.txt
 #   4. GPU tests: `pytest -m gpu tests/` + kernel tests at full size -> $OUT/gpu-tests.log
 #   5. benchmarks at full sizes                                  -> benchmarks/results/*.json, copied to $OUT
 # Knobs (environment): TEST_TIMEOUT (s, default 170), BENCH_TIMEOUT (s, default 330), ENGINE_STEPS
@@ -18,7 +20,7 @@
 # ENGINE_TIMEOUT (s per run, default 100; twice that for compile and cudagraphs runs), ENGINE_RUNS (default "triton:0 triton cudagraphs": ZeRO 0
 # against the bf16 default, then CUDA graphs; each KIND[@MICRO_BATCH][:ZERO_STAGE], KIND one of
 # triton, reference, compile, cudagraphs), BENCH_FILES (default: all), BENCH_ARGS (extra pytest args
-# for the benchmarks, e.g. "-k kernels"), DEADLINE (s, default 540), TEST_FILES (default: the kernel tests and the GPU-marked
+# for the benchmarks, e.g. "-k kernels"), PROFILE_PRESETS (default none), PROFILE_TIMEOUT (s each, default 90), DEADLINE (s, default 540), TEST_FILES (default: the kernel tests and the GPU-marked
 # ones), SKIP_TESTS=1, SKIP_BENCH=1, SKIP_ENGINE=1.
 set -u
 cd "$(dirname "$0")/.."
@@ -104,6 +106,18 @@ if [ "${SKIP_ENGINE:-0}" != 1 ]; then
     echo "engine $run: exit $?"
     cp $E/run-$name/metrics.jsonl "$OUT/engine-$name.jsonl" 2>/dev/null && tail -n 3 "$OUT/engine-$name.jsonl"
     cp $E/run-$name/profile.txt "$OUT/engine-$name-profile.txt" 2>/dev/null
+  done
+fi
+
+if [ -n "${PROFILE_PRESETS:-}" ]; then
+  # Where each preset's training step spends GPU time, kernel by kernel (benchmarks/profile_step.py).
+  for preset in $PROFILE_PRESETS; do
+    limit=$(capped "${PROFILE_TIMEOUT:-90}")
+    if [ "$limit" -lt 20 ]; then echo "profile $preset: skipped, ${limit}s left before DEADLINE"; continue; fi
+    step "profile_step.py --preset $preset (timeout ${limit}s) -> $OUT/profile-$preset.txt"
+    timeout -k 5 "$limit" "$PY" benchmarks/profile_step.py --preset "$preset" --kernels triton \
+      >"$OUT/profile-$preset.txt" 2>&1
+    echo "profile $preset: exit $?"; grep -E "^=== " "$OUT/profile-$preset.txt"
   done
 fi
 
