@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minimind_fast.checkpoint import is_hf_dir, load_model, resolve_model_dir
-from minimind_fast.data.records import RecordError, check_messages, prompt_text
+from minimind_fast.data.records import RecordError, check_messages, prompt_text, refuse_record_tools
 from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, load_tokenizer
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
 
@@ -219,6 +219,7 @@ def encode_prompt(tokenizer: ChatTokenizer, record: dict, mode: str) -> list[int
 def record_messages(record: dict) -> list[dict]:
     """The chat messages of a `{"prompt": ...}` or `{"conversations": [...]}` record, checked as SFT data
     and GRPO prompts are (`records.check_messages`: tool definitions, `tool_calls`, content null)."""
+    refuse_record_tools(record)
     if isinstance(record.get("prompt"), str):
         return [{"role": "user", "content": record["prompt"]}]
     if "conversations" not in record:

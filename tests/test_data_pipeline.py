@@ -218,6 +218,27 @@ def test_tools_a_template_drops_are_reported(builtin_data, tmp_path, tok):
         record_docs(bad, "sft", tok)
 
 
+def test_top_level_tools_are_refused_not_dropped(tok):
+    """OpenAI's request layout puts `tools` beside the messages; the template gets the system message's,
+    so top-level ones would be silently missing from the text: refused, saying where they belong."""
+    from minimind_fast.chat import record_messages
+    from minimind_fast.data.prompts import _messages
+    from minimind_fast.data.records import RecordError, record_docs
+
+    turns = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "20 C."}]
+    for key in ("tools", "functions"):
+        record = {"conversations": turns, key: [WEATHER]}
+        for kind in ("sft", "reasoning"):
+            with pytest.raises(RecordError, match=f"bad_message: top-level '{key}': put the tool definitions in "
+                                                  f"the system message's '{key}' field"):
+                record_docs(record, kind, tok)
+        with pytest.raises(RecordError, match=f"top-level '{key}'"):  # GRPO prompts
+            _messages({"conversations": turns[:1], key: [WEATHER]})
+        with pytest.raises(RecordError, match=f"top-level '{key}'"):  # chat.py --batch
+            record_messages({"prompt": "Weather in Paris?", key: [WEATHER]})
+    assert record_docs({"conversations": turns, "tools": []}, "sft", tok)  # an empty list defines nothing
+
+
 def test_dpo_pairs(builtin_data, tok):
     records = _records(builtin_data["files"]["dpo"])
     manifest = json.loads((builtin_data["shards"]["dpo"] / "manifest.json").read_text())

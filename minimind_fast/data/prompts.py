@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from minimind_fast.data.loaders import check_resume_state, fingerprint
-from minimind_fast.data.records import RecordError, check_messages, prompt_text
+from minimind_fast.data.records import RecordError, check_messages, prompt_text, refuse_record_tools
 from minimind_fast.data.tokenizer import ChatTokenizer
 
 
@@ -36,6 +36,7 @@ class PromptRecord:
 
 def _messages(record: dict) -> list[dict]:
     """The prompt's chat messages; raises ValueError with the field at fault (the caller adds file:line)."""
+    refuse_record_tools(record)
     if "prompt" in record:
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
             raise ValueError("field 'prompt' must be a non-empty string")

@@ -108,6 +108,15 @@ def check_conversation(msgs, field: str) -> list[dict]:
     return out
 
 
+def refuse_record_tools(record: dict) -> None:
+    """Tool definitions belong on the system message (MiniMind's layout); at the record's top level
+    (OpenAI's request layout) they would be silently left out of the rendered text, so say so."""
+    for key in TOOL_FIELDS:
+        if record.get(key):
+            raise RecordError("bad_message", f"top-level '{key}': put the tool definitions in the system "
+                                             f"message's '{key}' field, where the chat template gets them")
+
+
 def conversation_tools(msgs: list[dict]) -> list[dict] | None:
     """The tool definitions of a system message, which MiniMind hands its chat template as `tools=`."""
     for m in msgs:
@@ -242,6 +251,7 @@ def _check_unicode(text: str) -> None:
 def _docs(record: dict, kind: str, tok: ChatTokenizer) -> list[Doc]:
     if kind == "pretrain":
         return [pretrain_doc(record, tok)]
+    refuse_record_tools(record)
     if kind in ("sft", "reasoning"):
         if "conversations" not in record:
             raise RecordError("missing_field", "no field 'conversations'")
