@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=from_minimind)
 
     s = sub.add_parser("to-hf", help="model/run directory or .pth -> Hugging Face Llama/Qwen3 directory")
-    s.add_argument("model", help="model directory, run directory, MiniMind .pth")
+    s.add_argument("model", help="model directory, run directory (a LoRA run: its adapter merged), MiniMind .pth")
     s.add_argument("--out", required=True)
     s.add_argument("--tokenizer", help="tokenizer directory (default: the one beside the weights)")
     s.add_argument("--dtype", default="float32", choices=sorted(interop.HF_DTYPES))

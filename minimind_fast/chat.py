@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from minimind_fast.checkpoint import is_hf_dir, load_model, resolve_model_dir
+from minimind_fast.checkpoint import is_hf_dir, resolve_model_dir
 from minimind_fast.data.records import RecordError, check_messages, prompt_text, refuse_record_tools
 from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, load_tokenizer
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
@@ -69,16 +69,18 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_chat_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
                     lora: str | os.PathLike | None = None):
-    """Our model/run dir, a Hugging Face export or a MiniMind2 .pth, optionally with a LoRA adapter, for inference."""
+    """Our model/run dir, a Hugging Face export or a MiniMind2 .pth, optionally with a LoRA adapter, for inference.
+
+    A LoRA run's model directory keeps the base weights with the adapter in `adapter/`: loading the run
+    means the fine-tuned model, so its adapter is applied (said so; `lora="none"` keeps the base). The
+    adapter is merged: inference runs at the base model's speed."""
+    from minimind_fast.lora import load_tuned_model
+
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    model = load_model(path)
-    if lora is None:
-        lora = _adapter_beside(path)
-    if lora and str(lora) != "none":
-        from minimind_fast.lora import load_lora, merge_lora
-
-        merge_lora(load_lora(model, lora))  # merged: inference runs at the base model's speed
+    model, adapter = load_tuned_model(path, lora)
+    if lora is None and adapter is not None:
+        print(f"applying the LoRA adapter in {adapter} (--lora none for the base model)", file=sys.stderr)
     return model.to(device=dev, dtype=torch_dtype).eval()
 
 
@@ -94,21 +96,6 @@ def check_vocab(tokenizer: ChatTokenizer, model) -> None:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}: pass the tokenizer it was trained with (--tokenizer DIR)")
-
-
-def _adapter_beside(path: str | os.PathLike) -> Path | None:
-    """A LoRA run's model directory keeps the base weights with the adapter in `adapter/`: loading the
-    run means the fine-tuned model, so the adapter is applied (say so; `lora="none"` keeps the base)."""
-    from minimind_fast.lora import ADAPTER_DIR
-
-    p = Path(path)
-    if p.suffix == ".pth" or not p.is_dir() or is_hf_dir(p):
-        return None
-    adapter = resolve_model_dir(p) / ADAPTER_DIR
-    if not adapter.is_dir():
-        return None
-    print(f"applying the LoRA adapter in {adapter} (--lora none for the base model)", file=sys.stderr)
-    return adapter
 
 
 class TextStream:

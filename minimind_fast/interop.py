@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from minimind_fast import checkpoint
 from minimind_fast.config import ModelConfig
-from minimind_fast.lora import ADAPTER_DIR
+from minimind_fast.lora import load_tuned_model
 from minimind_fast.model import MiniMindForCausalLM
 
 # Wrappers that prefix every key: DDP (`module.`) and torch.compile (`_orig_mod.`).
@@ -312,7 +312,8 @@ def export_hf(model_or_dir: MiniMindForCausalLM | str | os.PathLike, out_dir: st
               tokenizer_dir: str | os.PathLike | None = None, dtype: str = "float32") -> Path:
     """Write a Hugging Face directory (config.json, model.safetensors, generation_config.json, tokenizer).
 
-    `model_or_dir` is a model or anything `checkpoint.load_model` reads; its tokenizer is copied from
+    `model_or_dir` is a model or anything `checkpoint.load_model` reads (a LoRA run's adapter merged into
+    its base, as chat applies it); its tokenizer is copied from
     `tokenizer_dir`, else from beside the weights when one is there. Written to a temporary sibling
     and renamed into place, so a failed export leaves nothing behind.
     """
@@ -321,8 +322,7 @@ def export_hf(model_or_dir: MiniMindForCausalLM | str | os.PathLike, out_dir: st
         model = model_or_dir
     else:
         src = Path(model_or_dir)
-        refuse_unmerged_adapter(src)
-        model = checkpoint.load_model(src)
+        model, _ = load_tuned_model(src)  # a LoRA run exports as its fine-tuned model, adapter merged
         if tokenizer_dir is None:
             tokenizer_dir = tokenizer_dir_beside(src)
     config = hf_config(model.config, dtype)
@@ -340,17 +340,6 @@ def export_hf(model_or_dir: MiniMindForCausalLM | str | os.PathLike, out_dir: st
             checkpoint.copy_tokenizer(tokenizer_dir, tmp)
 
     return checkpoint.write_dir_atomically(out, write, checkpoint.is_hf_dir)
-
-
-def refuse_unmerged_adapter(src: Path) -> None:
-    """A LoRA run's model directory holds the base weights with the adapter beside them in `adapter/`
-    (chat applies it); exporting its weights alone would silently drop the fine-tuning."""
-    if src.suffix == ".pth" or not src.is_dir() or checkpoint.is_hf_dir(src):
-        return
-    adapter = checkpoint.resolve_model_dir(src) / ADAPTER_DIR
-    if adapter.is_dir():
-        raise ValueError(f"{src}: its weights are the base model of a LoRA run, with the adapter in {adapter}; "
-                         f"merge it first (convert.py merge-lora {src} --lora {src} --out DIR) and export DIR")
 
 
 def tokenizer_dir_beside(src: Path) -> Path | None:

@@ -9,6 +9,8 @@ merged into the base weights for export.
 A LoRA training run keeps the frozen base weights in each model directory it writes and the adapter
 beside them in its `adapter/` subdirectory (`RUN/final/adapter/`, `RUN/checkpoints/step_N/model/adapter/`);
 `resolve_adapter_dir` finds the newest adapter from a run, checkpoint, model or adapter directory.
+Named as a model (chat, serving, export, a later stage's --init, --reference or --teacher), such a
+directory means the fine-tuned model: `load_tuned_model` merges the adapter kept beside the base.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minimind_fast.checkpoint import read_safetensors
+from minimind_fast.checkpoint import is_hf_dir, load_model, read_safetensors, resolve_model_dir
 from minimind_fast.files import apply_umask
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -230,3 +232,27 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def adapter_beside(path: str | os.PathLike) -> Path | None:
+    """The adapter a LoRA run keeps beside its base weights (`MODEL_DIR/adapter/`) when `path` is such a
+    run, checkpoint or model directory; None for any other model (a .pth, a Hugging Face export...)."""
+    p = Path(path)
+    if p.suffix == ".pth" or not p.is_dir() or is_hf_dir(p):
+        return None
+    adapter = resolve_model_dir(p) / ADAPTER_DIR
+    return adapter if adapter.is_dir() else None
+
+
+def load_tuned_model(path: str | os.PathLike, lora: str | os.PathLike | None = None,
+                     kernels: str | None = None) -> tuple[nn.Module, Path | None]:
+    """`checkpoint.load_model(path)` with a LoRA adapter merged into the weights: `lora` when given
+    ("none" or "": no adapter), else the one a LoRA run keeps beside its base (see `adapter_beside`).
+    Returns the plain model and the adapter directory merged (None when none was)."""
+    model = load_model(path, kernels=kernels)
+    if lora is not None and str(lora) in ("", "none"):
+        return model, None
+    adapter = resolve_adapter_dir(lora) if lora is not None else adapter_beside(path)
+    if adapter is None:
+        return model, None
+    return merge_lora(load_lora(model, adapter)), adapter

@@ -550,7 +550,7 @@ def test_a_failed_swap_keeps_the_previous_output(tmp_path, monkeypatch):
     assert torch.equal(our_logits(load_model(out), ids), our_logits(second, ids))
 
 
-def test_to_hf_of_a_lora_run_asks_for_the_merge_instead_of_dropping_the_adapter(tmp_path, capsys):
+def test_to_hf_of_a_lora_run_exports_the_merged_model_not_its_base(tmp_path):
     from minimind_fast.checkpoint import save_model_dir
     from minimind_fast.lora import LoraConfig, apply_lora, save_lora
 
@@ -563,17 +563,16 @@ def test_to_hf_of_a_lora_run_asks_for_the_merge_instead_of_dropping_the_adapter(
             if "lora_B" in name:
                 p.normal_(std=0.2)
     save_lora(model, tmp_path / "run" / "final" / "adapter")
-    assert main(["to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 1
-    assert "merge-lora" in capsys.readouterr().err
-    assert not (tmp_path / "hf").exists()
     run = str(tmp_path / "run")
-    assert main(["merge-lora", run, "--lora", run, "--out", str(tmp_path / "merged")]) == 0
-    assert main(["to-hf", str(tmp_path / "merged"), "--out", str(tmp_path / "hf")]) == 0
     ids = torch.randint(0, 320, (1, 9))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
-    with torch.no_grad():
-        got = hf(ids).logits.double()
-    assert (got - our_logits(model, ids)).abs().max().item() < 1e-4
+    assert main(["to-hf", run, "--out", str(tmp_path / "hf")]) == 0
+    assert main(["merge-lora", run, "--lora", run, "--out", str(tmp_path / "merged")]) == 0
+    assert main(["to-hf", str(tmp_path / "merged"), "--out", str(tmp_path / "hf2")]) == 0
+    for out in ("hf", "hf2"):  # both the fine-tuned model: base + adapter
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / out, attn_implementation="eager").eval()
+        with torch.no_grad():
+            got = hf(ids).logits.double()
+        assert (got - our_logits(model, ids)).abs().max().item() < 1e-4, out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,8 +14,11 @@ from safetensors.torch import load_file
 
 from minimind_fast.checkpoint import load_model
 from minimind_fast.config import get_preset
-from minimind_fast.lora import LoraConfig, LoraLinear, apply_lora, load_lora
+from minimind_fast.lora import LoraConfig, LoraLinear, apply_lora, load_lora, merge_lora
 from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.training.args import training_parser
+from minimind_fast.training.dpo import DPOStage
+from minimind_fast.training.stages import ReasoningStage, SFTStage
 
 STEPS = 16
 
@@ -99,6 +102,38 @@ def test_chat_and_merge_apply_the_adapter(lora_run, pretrain_run, tmp_path):
     assert base.stdout == run("chat.py", ["--model", str(pretrain_run), *chat]).stdout
     ckpt = sorted((lora_run / "checkpoints").iterdir())[-1]
     assert run("chat.py", ["--model", str(pretrain_run), "--lora", str(ckpt), *chat]).stdout == from_merged.stdout
+
+
+def stage_of(cls, *flags: str):
+    parser = training_parser(cls.name, cls.name)
+    cls.add_arguments(parser)
+    return cls(parser.parse_args(["--data", "unused", "--out", "unused", "--seq-len", "64", *flags]))
+
+
+def test_a_lora_run_named_as_a_model_means_its_fine_tuned_weights(lora_run, pretrain_run, lora_data,
+                                                                  builtin_data, tmp_path):
+    """--init, --reference, --teacher and `convert.py to-hf` given a LoRA run take the model chat
+    answers with (the base with the run's adapter merged), not the base alone that final/ keeps."""
+    x = torch.randint(0, 700, (2, 20))
+    with torch.no_grad():
+        tuned = merge_lora(load_lora(load_model(pretrain_run), lora_run)).eval()(x).logits
+        assert (tuned - load_model(pretrain_run).eval()(x).logits).abs().max() > 1e-3
+
+        sft = stage_of(SFTStage, "--init", str(lora_run))
+        init = sft.build_model(sft.open_data(lora_data))
+        torch.testing.assert_close(init.eval()(x).logits, tuned, rtol=1e-5, atol=1e-5)
+
+        distill = stage_of(ReasoningStage, "--init", str(pretrain_run), "--teacher", str(lora_run))
+        distill.setup(distill.build_model(distill.open_data(builtin_data["shards"]["reasoning"])))
+        torch.testing.assert_close(distill.teacher(x).logits, tuned, rtol=1e-5, atol=1e-5)
+
+        dpo = stage_of(DPOStage, "--init", str(pretrain_run), "--reference", str(lora_run))
+        dpo.setup(dpo.build_model(dpo.open_data(builtin_data["shards"]["dpo"])))
+        torch.testing.assert_close(dpo.reference(x).logits, tuned, rtol=1e-5, atol=1e-5)
+
+        run("convert.py", ["to-hf", str(lora_run), "--out", str(tmp_path / "hf")])
+        exported = load_model(tmp_path / "hf").eval()(x).logits
+        torch.testing.assert_close(exported, tuned, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_resume_is_exact(lora_run, pretrain_run, lora_data, tmp_path):

@@ -33,13 +33,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.data.shards import file_checksum
 from minimind_fast.files import apply_umask
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.lora_stage import adapter_parameters, add_adapters, add_lora_arguments
-from minimind_fast.training.stages import FineTuneStage, freeze
+from minimind_fast.training.stages import FineTuneStage, freeze, load_start_model
 
 IGNORE = -100
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -156,7 +155,7 @@ class DPOStage(FineTuneStage):
     def _load_reference(self, model: MiniMindForCausalLM) -> MiniMindForCausalLM:
         a = self.args
         if a.reference:
-            reference = load_model(a.reference, kernels=a.kernels)
+            reference = load_start_model(a.reference, "--reference", a.kernels)
             if reference.config.vocab_size != model.config.vocab_size:
                 raise ValueError(f"--reference {a.reference}: vocab_size {reference.config.vocab_size} differs "
                                  f"from the policy's {model.config.vocab_size} ({a.init})")

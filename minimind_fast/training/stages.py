@@ -11,9 +11,9 @@ import argparse
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from minimind_fast.checkpoint import load_model
 from minimind_fast.config import ModelConfig, get_preset
 from minimind_fast.data.loaders import build_loader, read_manifest
 from minimind_fast.model import MiniMindForCausalLM
@@ -25,6 +25,18 @@ def freeze(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def load_start_model(path: str, flag: str, kernels: str) -> MiniMindForCausalLM:
+    """The model `flag` (--init, --reference, --teacher) names. A LoRA run there means its fine-tuned
+    weights, as in chat: its adapter is merged into the base it keeps (loading the base alone would
+    silently start from, or compare with, the model before the LoRA run)."""
+    from minimind_fast.lora import load_tuned_model
+
+    model, adapter = load_tuned_model(path, kernels=kernels)
+    if adapter is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"{flag} {path}: a LoRA run; its adapter {adapter} is merged into the base weights", flush=True)
+    return model
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -161,7 +173,7 @@ class FineTuneStage(Stage):
         a = self.args
         if not a.init:
             raise ValueError(f"{self.name} needs --init RUN_DIR_OR_CHECKPOINT (the model to start from)")
-        model = load_model(a.init, kernels=a.kernels)
+        model = load_start_model(a.init, "--init", a.kernels)
         model.config.gradient_checkpointing = a.gradient_checkpointing
         model.gradient_checkpointing = a.gradient_checkpointing
         if manifest["vocab_size"] > model.config.vocab_size:
@@ -257,7 +269,7 @@ class ReasoningStage(FineTuneStage):
         optimizer, wrapped or partitioned by DeepSpeed, or written into checkpoints."""
         if not self.args.teacher:
             return
-        teacher = load_model(self.args.teacher, kernels=self.args.kernels)
+        teacher = load_start_model(self.args.teacher, "--teacher", self.args.kernels)
         if teacher.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"--teacher {self.args.teacher} has a vocabulary of {teacher.config.vocab_size} "
                              f"tokens but the student (--init {self.args.init}) has {model.config.vocab_size}: "
