@@ -149,6 +149,24 @@ def test_lora_resume_is_exact(lora_run, pretrain_run, lora_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_other_lora_settings_is_refused(pretrain_run, lora_data, builtin_data, tmp_path):
+    """Another rank cannot load the checkpoint's adapters (it was a DeepSpeed traceback); another alpha
+    silently rescaled what they had learnt; a DPO run resumed without its --lora-rank could not load."""
+    out = tmp_path / "run"
+    args = lora_args(lora_data, out, pretrain_run, "--steps", "4")
+    run("lora.py", args + ["--stop-at-step", "2"])
+    for flags, message in ((["--lora-rank", "4"], "--lora-rank 4 (the checkpoint's: 8)"),
+                           (["--lora-alpha", "32"], "--lora-alpha 32 (the checkpoint's: 16)")):
+        proc = run("lora.py", args + flags, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (out / "final").exists()
+    dpo = common(builtin_data["shards"]["dpo"], tmp_path / "dpo", 4, "--init", str(pretrain_run))
+    run("dpo.py", dpo + ["--lora-rank", "4", "--stop-at-step", "2"])
+    proc = run("dpo.py", dpo, check=False)
+    assert proc.returncode == 2 and "trained LoRA adapters (rank 4)" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lora_under_zero_stages_matches_zero0(stage, lora_run, pretrain_run, lora_data, tmp_path):
     out = tmp_path / f"zero{stage}"

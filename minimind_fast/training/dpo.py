@@ -37,7 +37,12 @@ from minimind_fast.data.loaders import build_loader
 from minimind_fast.data.shards import file_checksum
 from minimind_fast.files import apply_umask
 from minimind_fast.model import MiniMindForCausalLM
-from minimind_fast.training.lora_stage import adapter_parameters, add_adapters, add_lora_arguments
+from minimind_fast.training.lora_stage import (
+    adapter_parameters,
+    add_adapters,
+    add_lora_arguments,
+    saved_adapter_config,
+)
 from minimind_fast.training.stages import FineTuneStage, freeze, load_start_model
 
 IGNORE = -100
@@ -147,7 +152,10 @@ class DPOStage(FineTuneStage):
         if a.lora_rank is not None:
             # After the reference is copied: adapters start at zero (B = 0), so a copy made later (when
             # precomputing) scores exactly as the --init weights do.
-            add_adapters(a, model)
+            add_adapters(a, model, self.resume_from)
+        elif self.resume_from is not None and (saved := saved_adapter_config(self.resume_from)) is not None:
+            raise ValueError(f"{self.resume_from} trained LoRA adapters (rank {saved.get('rank')}): resume with "
+                             "its --lora-* flags, or start anew with --resume none (or another --out)")
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return adapter_parameters(model) if self.args.lora_rank is not None else super().trainable_parameters(model)

@@ -135,6 +135,7 @@ class Trainer:
         if self.dtype == "fp16" and self.device.type == "cpu":  # else DeepSpeed fails, naming no file
             raise TrainingError(f"{a.deepspeed_config}: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         self.stage.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        self.stage.resume_from = self.resume_from
         model = self.stage.build_model(self.manifest)
         self.stage.setup(model)
         self.config = model.config

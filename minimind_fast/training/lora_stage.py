@@ -9,11 +9,13 @@ ends with `RUN/final/` (base) and `RUN/final/adapter/` (adapter.safetensors + ad
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch.distributed as dist
 from torch import nn
 
-from minimind_fast.lora import DEFAULT_TARGETS, LoraConfig, apply_lora
+from minimind_fast.lora import ADAPTER_CONFIG, ADAPTER_DIR, DEFAULT_TARGETS, LoraConfig, apply_lora
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.stages import SFTStage
 
@@ -50,9 +52,11 @@ def lora_config(a: argparse.Namespace, model: nn.Module) -> LoraConfig:
     return LoraConfig(rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=targets)
 
 
-def add_adapters(a: argparse.Namespace, model: MiniMindForCausalLM) -> None:
-    """Wrap the targeted projections (before DeepSpeed wraps the model) and say what trains."""
+def add_adapters(a: argparse.Namespace, model: MiniMindForCausalLM, resume_from: Path | None = None) -> None:
+    """Wrap the targeted projections (before DeepSpeed wraps the model) and say what trains; a resumed
+    run must build the adapters its checkpoint holds."""
     config = lora_config(a, model)
+    check_resumed_adapter(config, resume_from)
     adapted = apply_lora(model, config)
     n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -81,7 +85,7 @@ class LoraStage(SFTStage):
         add_lora_arguments(parser)
 
     def setup(self, model: MiniMindForCausalLM) -> None:
-        add_adapters(self.args, model)
+        add_adapters(self.args, model, self.resume_from)
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return adapter_parameters(model)
@@ -104,3 +108,40 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
         choices = [n for n in linear if n not in UNADAPTABLE]
         raise ValueError(f"--lora-targets {' '.join(unknown)}: no such projection in the model; "
                          f"choose from {' '.join(choices)}")
+
+
+# adapter_config.json field -> the flag that sets it
+LORA_FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout",
+              "target_modules": "--lora-targets"}
+
+
+def saved_adapter_config(ckpt: Path) -> dict | None:
+    """The adapter settings a checkpoint was trained with (None: it trained without LoRA)."""
+    path = ckpt / "model" / ADAPTER_DIR / ADAPTER_CONFIG
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_resumed_adapter(config: LoraConfig, ckpt: Path | None) -> None:
+    """Another rank or target set than the checkpoint's cannot load its adapters (DeepSpeed fails with
+    a traceback), and another alpha or dropout would silently rescale what it learnt: refused."""
+    if ckpt is None:
+        return
+    saved = saved_adapter_config(ckpt)
+    if saved is None:
+        raise ValueError(f"{ckpt} was trained without LoRA: resume it without --lora-rank, or start anew "
+                         "with --resume none (or another --out)")
+    mine = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
+            "target_modules": sorted(config.target_modules)}
+    theirs = {**saved, "target_modules": sorted(saved.get("target_modules", []))}
+    changed = [f"{LORA_FLAGS[k]} {_flag_value(v)} (the checkpoint's: {_flag_value(theirs.get(k))})"
+               for k, v in mine.items() if v != theirs.get(k)]
+    if changed:
+        raise ValueError(f"{ckpt} holds adapters trained with other settings: {'; '.join(changed)}. Resume "
+                         "with the checkpoint's LoRA flags, or start anew with --resume none (or another --out)")
+
+
+def _flag_value(value) -> str:
+    """A setting as it is typed on the command line (targets space-separated, 16.0 as 16)."""
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)

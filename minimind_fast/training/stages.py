@@ -47,6 +47,7 @@ class Stage:
     name = "stage"
     data_kind = "pretrain"
     zero_stage = 0  # the run's resolved ZeRO stage, set by the engine before build_model and setup
+    resume_from: Path | None = None  # the checkpoint this run resumes from, set by the engine likewise
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
