@@ -167,6 +167,21 @@ def test_resume_with_other_lora_settings_is_refused(pretrain_run, lora_data, bui
     assert "Traceback" not in proc.stderr
 
 
+def test_resume_on_another_base_is_refused(pretrain_run, lora_data, tmp_path):
+    """The frozen base is rebuilt from --init on resume: an --init that is no longer the base the adapters
+    trained on (here the run's step-8 checkpoint, then its final step 12) is refused, not trained on.
+    The same base in bf16 (stored in the checkpoint rounded) is accepted."""
+    early = pretrain_run / "checkpoints" / "step_00000008"
+    out = tmp_path / "run"
+    run("lora.py", lora_args(lora_data, out, early, "--steps", "4", "--stop-at-step", "2"))
+    proc = run("lora.py", lora_args(lora_data, out, pretrain_run, "--steps", "4"), check=False)
+    assert proc.returncode == 2 and "is not the base model" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (out / "final").exists()
+    bf16 = tmp_path / "bf16"
+    run("lora.py", lora_args(lora_data, bf16, early, "--steps", "3", "--stop-at-step", "2", "--dtype", "bf16"))
+    assert "resumed from" in run("lora.py", lora_args(lora_data, bf16, early, "--steps", "3", "--dtype", "bf16")).stdout
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lora_under_zero_stages_matches_zero0(stage, lora_run, pretrain_run, lora_data, tmp_path):
     out = tmp_path / f"zero{stage}"

@@ -12,9 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch import nn
 
+from minimind_fast.checkpoint import WEIGHTS, state_dict_for_saving
 from minimind_fast.lora import ADAPTER_CONFIG, ADAPTER_DIR, DEFAULT_TARGETS, LoraConfig, apply_lora
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.stages import SFTStage
@@ -57,6 +60,7 @@ def add_adapters(a: argparse.Namespace, model: MiniMindForCausalLM, resume_from:
     run must build the adapters its checkpoint holds."""
     config = lora_config(a, model)
     check_resumed_adapter(config, resume_from)
+    check_resumed_base(model, resume_from, a.init)
     adapted = apply_lora(model, config)
     n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -138,6 +142,27 @@ def check_resumed_adapter(config: LoraConfig, ckpt: Path | None) -> None:
     if changed:
         raise ValueError(f"{ckpt} holds adapters trained with other settings: {'; '.join(changed)}. Resume "
                          "with the checkpoint's LoRA flags, or start anew with --resume none (or another --out)")
+
+
+def check_resumed_base(model: nn.Module, ckpt: Path | None, init: str) -> None:
+    """DeepSpeed's state leaves the frozen base out, so a resume rebuilds it from --init: that must still
+    be the base the checkpoint trained on (a run directory whose newest checkpoint moved on, or a model
+    trained again since, would silently put the adapters on other weights). The checkpoint's model
+    directory holds that base, in the training precision."""
+    if ckpt is None:
+        return
+    mine = state_dict_for_saving(model)
+    with safe_open(str(ckpt / "model" / WEIGHTS), "pt") as saved:
+        same = set(saved.keys()) == set(mine) and all(_equal_in_saved_dtype(v, saved.get_tensor(k))
+                                                     for k, v in mine.items())
+    if not same:
+        raise ValueError(f"--init {init} is not the base model {ckpt} trained its adapters on (its frozen "
+                         "weights differ): resume with the --init the run started from, or start anew with "
+                         "--resume none (or another --out)")
+
+
+def _equal_in_saved_dtype(mine: torch.Tensor, saved: torch.Tensor) -> bool:
+    return mine.shape == saved.shape and torch.equal(mine.to(saved.dtype), saved)
 
 
 def _flag_value(value) -> str:
