@@ -189,6 +189,16 @@ def test_teacher_with_another_tokenizer_is_refused(builtin_data, tmp_path):
         stage.setup(tiny_model(seed=2))
 
 
+def test_teacher_with_a_shorter_context_is_refused_at_setup(builtin_data, tmp_path):
+    """It failed only at the first step (an index error under --doc-attention), not naming --teacher."""
+    teacher = save_model_dir(MiniMindForCausalLM(tiny_config().replace(max_position_embeddings=32)),
+                             tmp_path / "teacher", tokenizer_dir=builtin_data["tokenizer"])
+    stage = stage_with("--teacher", str(teacher), "--seq-len", "64")
+    stage.manifest = stage.open_data(builtin_data["shards"]["reasoning"])
+    with pytest.raises(ValueError, match="--teacher .*: its context length 32 .* below --seq-len 64"):
+        stage.setup(tiny_model(seed=2))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--kd-alpha", "0.5"], "--kd-alpha set the distillation term, which needs --teacher"),
     (["--teacher", "t", "--kd-alpha", "1.5"], "must be between 0 and 1"),

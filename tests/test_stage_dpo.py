@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from launch_helpers import common, run, two_ranks
+from launch_helpers import common, run, tiny_config, two_ranks
 from launch_helpers import losses as metric
 from safetensors.torch import load_file
 
-from minimind_fast.checkpoint import load_model
+from minimind_fast.checkpoint import load_model, save_model_dir
 from minimind_fast.config import get_preset
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.data.pipeline import TokenizeOptions, tokenize_to_shards
+from minimind_fast.data.tokenizer import train_tokenizer
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.args import training_parser
 from minimind_fast.training.dpo import REFERENCE_FILE, DPOStage, _data_identity
@@ -341,3 +342,20 @@ def test_sequence_logps_match_a_plain_log_softmax():
     safe = targets.clamp(min=0)
     want = (logp.gather(-1, safe[..., None])[..., 0] * (targets != -100)).sum(-1)
     torch.testing.assert_close(got, want)
+
+
+def test_reference_with_a_shorter_context_or_another_tokenizer_is_refused(builtin_data, tmp_path):
+    """Checked at set-up: a reference with a shorter context than --seq-len was an IndexError traceback
+    at the first step, and one with another tokenizer of the same size scored other texts silently."""
+    other = train_tokenizer([builtin_data["files"]["sft"]], 1024, tmp_path / "other_tokenizer")
+    short = save_model_dir(MiniMindForCausalLM(tiny_config().replace(max_position_embeddings=32)),
+                           tmp_path / "short", tokenizer_dir=builtin_data["tokenizer"])
+    foreign = save_model_dir(MiniMindForCausalLM(tiny_config()), tmp_path / "foreign", tokenizer_dir=other)
+    for reference, message in ((short, "--reference .*short: its context length 32 .* below --seq-len 64"),
+                               (foreign, "tokenizer mismatch")):
+        for precompute in ((), ("--precompute-reference",)):
+            stage = stage_for("--reference", str(reference), "--seq-len", "64", *precompute)
+            stage.manifest = stage.open_data(builtin_data["shards"]["dpo"])
+            with pytest.raises(ValueError, match=message):
+                stage.setup(MiniMindForCausalLM(tiny_config()))
+                stage._load_reference(MiniMindForCausalLM(tiny_config()))  # where precomputing loads it

@@ -43,7 +43,7 @@ from minimind_fast.training.lora_stage import (
     add_lora_arguments,
     saved_adapter_config,
 )
-from minimind_fast.training.stages import FineTuneStage, freeze, load_start_model
+from minimind_fast.training.stages import FineTuneStage, check_context, freeze, load_start_model
 
 IGNORE = -100
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -137,6 +137,8 @@ class DPOStage(FineTuneStage):
             raise ValueError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
         if a.reference and not Path(a.reference).exists():
             raise FileNotFoundError(f"--reference {a.reference}: no such file or directory")
+        if a.reference:  # same vocabulary size is not enough: the pairs' token ids must mean the same
+            self._check_tokenizer(self.manifest, source=a.reference)
         self.tables: dict[str, torch.Tensor] | None = None
         self.reference = self._init_model = self._loaded_reference = None
         if a.precompute_reference:
@@ -167,6 +169,7 @@ class DPOStage(FineTuneStage):
             if reference.config.vocab_size != model.config.vocab_size:
                 raise ValueError(f"--reference {a.reference}: vocab_size {reference.config.vocab_size} differs "
                                  f"from the policy's {model.config.vocab_size} ({a.init})")
+            check_context(reference, "--reference", a.reference, a.seq_len)
         else:
             reference = copy.deepcopy(model)
         return freeze(reference)

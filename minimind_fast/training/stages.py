@@ -39,6 +39,15 @@ def load_start_model(path: str, flag: str, kernels: str) -> MiniMindForCausalLM:
     return model
 
 
+def check_context(model: MiniMindForCausalLM, flag: str, path: str, seq_len: int) -> None:
+    """A model that scores the policy's rows (reference, teacher) must hold --seq-len positions: a
+    shorter context fails only at the first step, with an index error where positions are given."""
+    context = model.config.max_position_embeddings
+    if context < seq_len:
+        raise ValueError(f"{flag} {path}: its context length {context} (max_position_embeddings) is below "
+                         f"--seq-len {seq_len}")
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -180,6 +189,7 @@ class FineTuneStage(Stage):
         if manifest["vocab_size"] > model.config.vocab_size:
             raise ValueError(f"{a.data}: shards use {manifest['vocab_size']} tokens, more than the model's "
                              f"vocab_size {model.config.vocab_size} ({a.init})")
+        self.manifest = manifest  # `setup` checks a second model's tokenizer (teacher, reference) against it
         self._check_tokenizer(manifest)
         return model
 
@@ -258,7 +268,6 @@ class ReasoningStage(FineTuneStage):
 
     def build_model(self, manifest: dict) -> MiniMindForCausalLM:
         self.check_arguments()
-        self.manifest = manifest  # `setup` checks the teacher's tokenizer against it
         return super().build_model(manifest)
 
     def loader_options(self) -> dict:
@@ -276,6 +285,7 @@ class ReasoningStage(FineTuneStage):
                              f"tokens but the student (--init {self.args.init}) has {model.config.vocab_size}: "
                              "distillation compares logits token by token, so both need the same tokenizer")
         self._check_tokenizer(self.manifest, source=self.args.teacher)
+        check_context(teacher, "--teacher", self.args.teacher, self.args.seq_len)
         self.teacher = freeze(teacher)
 
     def _place_teacher(self, model, device: torch.device) -> None:
