@@ -359,3 +359,19 @@ def test_reference_with_a_shorter_context_or_another_tokenizer_is_refused(builti
             with pytest.raises(ValueError, match=message):
                 stage.setup(MiniMindForCausalLM(tiny_config()))
                 stage._load_reference(MiniMindForCausalLM(tiny_config()))  # where precomputing loads it
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-alpha", "32"], "--lora-alpha set LoRA adapters, which need --lora-rank"),
+    (["--lora-targets", "q_proj", "--lora-dropout", "0.1"],
+     "--lora-dropout and --lora-targets set LoRA adapters, which need --lora-rank"),
+    (["--beta", "nan"], "--beta nan: must be positive"),
+    (["--lora-rank", "4", "--lora-alpha", "nan"], "--lora-alpha nan: must be positive and finite"),
+    (["--lora-rank", "0"], "--lora-rank 0: must be positive"),
+])
+def test_flags_that_would_be_ignored_or_poison_the_loss_are_refused_before_loading(flags, message):
+    """The LoRA flags without --lora-rank were silently ignored (a full fine-tune ran); a NaN beta or
+    alpha passed the checks and turned every loss into NaN."""
+    with pytest.raises(ValueError, match=message):
+        stage_for(*flags)
+    assert stage_for("--lora-rank", "4").args.lora_alpha == 16.0  # the default, filled in with a rank

@@ -24,6 +24,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from minimind_fast.training.lora_stage import (
     adapter_parameters,
     add_adapters,
     add_lora_arguments,
+    check_lora_flags,
     saved_adapter_config,
 )
 from minimind_fast.training.stages import FineTuneStage, check_context, freeze, load_start_model
@@ -118,6 +120,19 @@ class DPOStage(FineTuneStage):
                        help="conservative DPO: the share of pairs assumed mislabelled (0 <= eps < 0.5)")
         add_lora_arguments(parser, rank=None)
 
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self.check_arguments()
+
+    def check_arguments(self) -> None:
+        """Refuse flag values no run can use, before any model is loaded (ValueError naming the flag)."""
+        a = self.args
+        if not 0 < a.beta < math.inf:  # written so that NaN fails too
+            raise ValueError(f"--beta {a.beta}: must be positive")
+        if not 0 <= a.label_smoothing < 0.5:
+            raise ValueError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
+        check_lora_flags(a)
+
     def items_tokens(self, loader) -> float:
         """A pair takes one batch row: counting it as seq_len tokens makes --epochs count pairs."""
         return self.args.seq_len
@@ -131,10 +146,6 @@ class DPOStage(FineTuneStage):
     # --- reference -------------------------------------------------------------------------
     def setup(self, model: MiniMindForCausalLM) -> None:
         a = self.args
-        if a.beta <= 0:
-            raise ValueError(f"--beta {a.beta}: must be positive")
-        if not 0 <= a.label_smoothing < 0.5:
-            raise ValueError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
         if a.reference and not Path(a.reference).exists():
             raise FileNotFoundError(f"--reference {a.reference}: no such file or directory")
         if a.reference:  # same vocabulary size is not enough: the pairs' token ids must mean the same

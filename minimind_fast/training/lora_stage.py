@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -27,26 +28,45 @@ from minimind_fast.training.stages import SFTStage
 UNADAPTABLE = ("lm_head",)
 
 
+DEFAULT_ALPHA, DEFAULT_DROPOUT = 16.0, 0.0
+
+
 def add_lora_arguments(parser: argparse.ArgumentParser, rank: int | None = 8) -> None:
-    """The adapter flags; with `rank=None`, LoRA is off unless --lora-rank is given (DPO)."""
+    """The adapter flags; with `rank=None`, LoRA is off unless --lora-rank is given (DPO), and the other
+    flags are refused without it (see `check_lora_flags`)."""
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, default=rank,
                    help="adapter rank r" + ("" if rank else " (given: train adapters, not the whole model)"))
-    g.add_argument("--lora-alpha", type=float, default=16.0, help="scale: the update is (alpha / r) * B @ A")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--lora-alpha", type=float, help=f"scale: the update is (alpha / r) * B @ A "
+                                                    f"(default {DEFAULT_ALPHA:g})")
+    g.add_argument("--lora-dropout", type=float, help=f"dropout on the adapter's input (default {DEFAULT_DROPOUT:g})")
     g.add_argument("--lora-targets", nargs="+", metavar="NAME",
                    help=f"projection names to adapt (default: those of {' '.join(DEFAULT_TARGETS)} the model "
                         "has; MoE routed experts are not nn.Linear and are not adapted)")
 
 
-def lora_config(a: argparse.Namespace, model: nn.Module) -> LoraConfig:
-    """The adapter settings from the flags, checked against the model's projections."""
+def check_lora_flags(a: argparse.Namespace) -> None:
+    """Refuse adapter settings without --lora-rank (they would be ignored) or out of range, before any
+    model is loaded; fill in the defaults."""
+    if a.lora_rank is None:
+        given = [flag for flag, v in (("--lora-alpha", a.lora_alpha), ("--lora-dropout", a.lora_dropout),
+                                      ("--lora-targets", a.lora_targets)) if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} set LoRA adapters, which need --lora-rank")
+        return
+    a.lora_alpha = DEFAULT_ALPHA if a.lora_alpha is None else a.lora_alpha
+    a.lora_dropout = DEFAULT_DROPOUT if a.lora_dropout is None else a.lora_dropout
     if a.lora_rank <= 0:
         raise ValueError(f"--lora-rank {a.lora_rank}: must be positive")
     if not 0 <= a.lora_dropout < 1:
         raise ValueError(f"--lora-dropout {a.lora_dropout}: must be in [0, 1)")
-    if a.lora_alpha <= 0:
-        raise ValueError(f"--lora-alpha {a.lora_alpha}: must be positive")
+    if not 0 < a.lora_alpha < math.inf:  # written so that NaN fails too
+        raise ValueError(f"--lora-alpha {a.lora_alpha}: must be positive and finite")
+
+
+def lora_config(a: argparse.Namespace, model: nn.Module) -> LoraConfig:
+    """The adapter settings from the flags, checked against the model's projections."""
+    check_lora_flags(a)
     if a.lora_targets:
         check_targets(model, a.lora_targets)
         targets = list(a.lora_targets)
@@ -83,6 +103,10 @@ class LoraStage(SFTStage):
 
     name = "lora"
     data_kind = "sft"
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        check_lora_flags(args)  # before the model is loaded
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
