@@ -111,6 +111,13 @@ GOOD = "<think>\n4 + 21 = 25\n</think>\n<answer>\n25\n</answer>"
     ("<answer>1,000</answer>", "1000", 1.0),
     ("<answer> Paris </answer>", "Paris", 1.0),
     ("<answer>-3</answer>", "-3", 1.0),
+    # Thousands separators: one number, in the untagged fallback too ("000" was taken, and matched 0).
+    ("The total is 1,000.", "1000", 1.0),
+    ("The total is 1,000.", "0", 0.0),
+    ("<answer>12,345.5</answer>", "12345.5", 1.0),
+    # Commas elsewhere and underscores do not make a number (float() read them as 12).
+    ("<answer>1,2</answer>", "12", 0.0),
+    ("<answer>1_2</answer>", "12", 0.0),
 ])
 def test_answer_reward(text, answer, expected):
     assert answer_reward(text, {"answer": answer}) == expected
@@ -167,6 +174,21 @@ def test_reward_set_rejects_duplicates_and_bad_values(tmp_path):
     bad.write_text("def nan(completion, sample):\n    return float('nan')\n")
     with pytest.raises(ValueError, match="needs a finite float"):
         RewardSet([f"{bad}:nan"]).score(["x"], [{}])
+
+
+def test_user_rewards_may_return_numpy_scalars_and_their_errors_name_the_reward(tmp_path):
+    """A NumPy float32 was refused as not a float; an exception in a user function on a completion it
+    did not expect was a traceback that named neither the reward nor the completion."""
+    mine = tmp_path / "mine.py"
+    mine.write_text("import numpy as np\n"
+                    "def half(completion, sample):\n    return np.float32(0.5)\n"
+                    "def first_word(completion, sample):\n    return float(len(completion.split()[0]))\n")
+    assert RewardSet([f"{mine}:half:2"]).score(["x"], [{}]) == ([1.0], {"half": [0.5]})
+    rewards = RewardSet([f"{mine}:first_word"])
+    assert rewards.score(["abc d"], [{}])[0] == [3.0]
+    with pytest.raises(ValueError, match=rf"reward first_word raised IndexError: .* \(at {mine}:5\) on the "
+                                         r"completion '   '"):
+        rewards.score(["   "], [{}])
 
 
 # --------------------------------------------------------------------------------- prompt loader

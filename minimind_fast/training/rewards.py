@@ -16,14 +16,18 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import re
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 RewardFn = Callable[[str, dict], float]
 
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A number in free text, thousands separators included ("1,000" is one number, not "1" and "000").
+NUMBER = re.compile(r"-?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?")
+THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 STRUCTURE = re.compile(r"\s*<think>.+?</think>\s*<answer>.+?</answer>\s*", re.DOTALL)
 WEIGHT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -31,8 +35,13 @@ TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def _as_number(text: str) -> float | None:
+    """The value of a number written as such; commas only as thousands separators (so "1,2" is no
+    number, not 12), and no underscores (Python's float takes "1_2" as 12)."""
+    text = text.strip()
+    if "_" in text or ("," in text and not THOUSANDS.fullmatch(text)):
+        return None
     try:
-        return float(text.strip().replace(",", ""))
+        return float(text.replace(",", ""))
     except ValueError:
         return None
 
@@ -146,10 +155,26 @@ class RewardSet:
         for r in self.rewards:
             values = []
             for text, sample in zip(completions, samples):
-                value = r.fn(text, sample)
-                if not isinstance(value, (int, float)) or not math.isfinite(value):  # bools count as 0/1
-                    raise ValueError(f"reward {r.name} returned {value!r} (needs a finite float) for {text!r}")
+                value = _call(r, text, sample)
+                # Any real number (bools count as 0/1, NumPy scalars as their value); not a tensor or a string.
+                if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                    raise ValueError(f"reward {r.name} returned {value!r} (needs a finite float) for {_clip(text)}")
                 values.append(float(value))
             parts[r.name] = values
         totals = [sum(r.weight * parts[r.name][i] for r in self.rewards) for i in range(len(completions))]
         return totals, parts
+
+
+def _call(reward: Reward, completion: str, sample: dict):
+    """The reward function's value; an exception it raises (a user function meeting a completion it did
+    not expect) ends the run with the reward's name, where it raised and the completion, not a traceback."""
+    try:
+        return reward.fn(completion, sample)
+    except Exception as e:
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        raise ValueError(f"reward {reward.name} raised {type(e).__name__}: {e} (at {frame.filename}:{frame.lineno}) "
+                         f"on the completion {_clip(completion)}") from None
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
