@@ -409,6 +409,26 @@ def test_bad_inputs_fail_before_training(bad, message, random_init, tmp_path):
         assert f"{data}:2:" in proc.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--kl-beta", "nan"], "--kl-beta must be >= 0 and finite, got nan"),
+    (["--temperature", "nan"], "--temperature must be > 0"),
+])
+def test_sampling_and_kl_flags_are_checked_before_the_model_loads(flags, message):
+    """--top-p 0 and --top-k -1 were refused only by the sampler at the first step (after the model and
+    DeepSpeed were up); a NaN --kl-beta or --temperature passed and made every loss NaN."""
+    from minimind_fast.training.args import training_parser
+    from minimind_fast.training.grpo import GRPOStage
+
+    parser = training_parser("grpo", "grpo")
+    GRPOStage.add_arguments(parser)
+    stage = GRPOStage(parser.parse_args(["--data", "unused", "--out", "unused", *flags]))
+    with pytest.raises(ValueError) as error:
+        stage._check_flags()
+    assert message in str(error.value)
+
+
 @pytest.fixture(scope="module")
 def sft_run(random_init, builtin_data, tmp_path_factory) -> Path:
     """The tiny model SFT'd on the built-in reasoning data: it learns the <think>/<answer> layout on the

@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,12 +179,17 @@ class GRPOStage(FineTuneStage):
         problems = []
         if a.group_size < 2:
             problems.append(f"--group-size must be >= 2 (advantages compare completions), got {a.group_size}")
-        if a.temperature <= 0:
-            problems.append(f"--temperature must be > 0 (greedy groups are identical), got {a.temperature}")
+        # Written so that NaN fails too (it passed `x < 0` tests, and poisoned the loss or the sampling).
+        if not 0 < a.temperature < math.inf:
+            problems.append(f"--temperature must be > 0 (greedy groups are identical) and finite, got {a.temperature}")
+        if not 0 < a.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1], got {a.top_p}")
+        if a.top_k < 0:
+            problems.append(f"--top-k must be >= 0 (0: off), got {a.top_k}")
         if not 0 <= a.clip_eps < 1:
             problems.append(f"--clip-eps must be in [0, 1), got {a.clip_eps}")
-        if a.kl_beta < 0:
-            problems.append(f"--kl-beta must be >= 0, got {a.kl_beta}")
+        if not 0 <= a.kl_beta < math.inf:
+            problems.append(f"--kl-beta must be >= 0 and finite, got {a.kl_beta}")
         if a.updates_per_rollout < 1:
             problems.append(f"--updates-per-rollout must be >= 1, got {a.updates_per_rollout}")
         if a.max_new_tokens < 1 or a.max_new_tokens >= a.seq_len:
