@@ -204,6 +204,8 @@ def test_teacher_with_a_shorter_context_is_refused_at_setup(builtin_data, tmp_pa
     (["--teacher", "t", "--kd-alpha", "1.5"], "must be between 0 and 1"),
     (["--teacher", "t", "--kd-temperature", "0"], "must be > 0"),
     (["--special-token-weight", "-1"], "must be >= 0"),
+    (["--special-token-weight", "nan"], "must be >= 0 and finite"),
+    (["--special-token-weight", "inf"], "must be >= 0 and finite"),
 ])
 def test_bad_flags_are_refused_before_loading_anything(flags, message):
     with pytest.raises(ValueError, match=message):

@@ -8,6 +8,7 @@ metrics, faults) is the one engine in `engine.py`, so a new method is a new `Sta
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -249,8 +250,8 @@ class ReasoningStage(FineTuneStage):
     def check_arguments(self) -> None:
         """Refuse flag values that make no sense, before any model is loaded (ValueError)."""
         a = self.args
-        if a.special_token_weight < 0:
-            raise ValueError(f"--special-token-weight {a.special_token_weight}: must be >= 0")
+        if not 0 <= a.special_token_weight < math.inf:  # NaN or inf weights make every loss NaN
+            raise ValueError(f"--special-token-weight {a.special_token_weight}: must be >= 0 and finite")
         if not a.teacher:
             given = [flag for flag, v in (("--kd-temperature", a.kd_temperature), ("--kd-alpha", a.kd_alpha))
                      if v is not None]
