@@ -274,6 +274,26 @@ def test_reference_scores_key_on_shard_contents_without_manifest_checksums(built
     assert identity() != recorded
 
 
+def test_val_loss_is_the_mean_dpo_loss_over_the_held_out_pairs(pretrain_run, builtin_data, tmp_path):
+    """The engine weighted each evaluation batch's DPO loss by its chosen replies' tokens, so val_loss
+    was not the mean over the held-out pairs. Checked against float64 over every val pair, one by one."""
+    shards, out, beta = builtin_data["shards"]["dpo"], tmp_path / "run", 0.5
+    run("dpo.py", dpo_args(shards, out, pretrain_run, "--steps", "3", "--micro-batch-size", "1", "--lr", "1e-2",
+                           "--beta", str(beta), "--eval-every", "3", "--eval-batches", "100"))
+    policy = load_model(out / "checkpoints" / "step_00000003").eval()
+    reference = load_model(pretrain_run).eval()
+    loader = build_loader("dpo", shards, seq_len=64, micro_batch_size=1, split="val")
+    assert loader.n_items > 1
+    pair_losses = []
+    for pair in range(loader.n_items):
+        batch = loader.pairs_batch(np.array([pair]))
+        margin = beta * sum(sign * (logps_by_hand(policy, batch, side) - logps_by_hand(reference, batch, side))
+                            for side, sign in (("chosen", 1), ("rejected", -1)))
+        pair_losses.append(math.log1p(math.exp(-margin.item())))
+    assert max(pair_losses) - min(pair_losses) > 0.01  # unequal losses: the weighting matters
+    assert metric(out, "val_loss")[3] == pytest.approx(sum(pair_losses) / len(pair_losses), abs=1e-5)
+
+
 def test_dpo_with_lora_trains_adapters_only(dpo_run, pretrain_run, builtin_data, tmp_path):
     """--lora-rank: the live reference is the untouched --init model; only adapters move, the saved base
     is the --init weights bit for bit, and the held-out pairs' loss falls below log 2 (the policy comes to

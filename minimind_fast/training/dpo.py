@@ -278,6 +278,10 @@ class DPOStage(FineTuneStage):
         """The DPO loss of held-out pairs (the engine logs it as val_loss)."""
         return self._loss(model, batch, "val")[0]
 
+    def eval_weight(self, batch: dict) -> torch.Tensor:
+        """The loss is a mean over pairs: val_loss weighs batches by their pairs, not their tokens."""
+        return torch.tensor(batch["chosen_input_ids"].shape[0], device=batch["chosen_input_ids"].device)
+
 
 def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)

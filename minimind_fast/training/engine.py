@@ -432,7 +432,7 @@ class Trainer:
         for batch in batches[: int(count.item())]:
             batch = to_device(batch, self.device)
             loss = self.stage.eval_loss(self.engine, batch)
-            n = (batch.get("targets", batch.get("chosen_targets")) != -100).sum()
+            n = self.stage.eval_weight(batch)
             total += torch.stack([loss.float() * n, n.float()])
         dist.all_reduce(total)
         self.engine.train()

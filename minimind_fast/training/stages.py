@@ -143,6 +143,11 @@ class Stage:
         """Mean next-token loss on a held-out batch (no auxiliary terms)."""
         return model(**self.lm_inputs(batch), targets=batch["targets"]).loss
 
+    def eval_weight(self, batch: dict) -> torch.Tensor:
+        """What `eval_loss` is a mean over in this batch, so that val_loss is the mean over the held-out
+        split: its target tokens (a per-pair loss, as DPO's, counts pairs)."""
+        return (batch["targets"] != -100).sum()
+
     def describe_batch(self, items: int, tokens: int) -> str:
         """The global batch in the start-up banner: `items` loader items, at most `tokens` tokens."""
         return f"{items} sequences = {tokens:,} tokens/step"
