@@ -182,6 +182,11 @@ def test_precomputed_reference_matches_live_and_is_reused_on_resume(dpo_run, pre
     assert all(abs(pre[s] - live[s]) < 1e-4 for s in live), (pre, live)
     val_pre, val_live = metric(out, "val_loss"), metric(dpo_run, "val_loss")
     assert val_pre.keys() == val_live.keys() and all(abs(val_pre[s] - val_live[s]) < 1e-4 for s in val_live)
+    # Resumed on the stored scores, the run repeats an uninterrupted precomputing run bitwise.
+    whole = tmp_path / "uninterrupted"
+    run("dpo.py", dpo_args(builtin_data["shards"]["dpo"], whole, pretrain_run, "--precompute-reference"))
+    for key in ("loss", "reward_margin", "val_loss"):
+        assert metric(out, key) == metric(whole, key), key
 
 
 def reference_scores_by_hand(init: Path, data: Path) -> dict[str, torch.Tensor]:
