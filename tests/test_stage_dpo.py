@@ -154,6 +154,7 @@ def test_dpo_raises_the_reward_margin(dpo_run):
         assert len(metric(dpo_run, key)) == STEPS
     val = metric(dpo_run, "val_loss")
     assert sorted(val) == [8, STEPS] and val[STEPS] < math.log(2) - 0.05, val
+    assert metric(dpo_run, "val_ppl") == {}  # exp of a pair loss is no perplexity
     assert (dpo_run / "final" / "model.safetensors").exists()
 
 

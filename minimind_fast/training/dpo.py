@@ -107,6 +107,7 @@ class DPOStage(FineTuneStage):
     """DPO on preference pairs (DPO shards) against a frozen reference model."""
 
     name = "dpo"
+    eval_is_token_loss = False
     data_kind = "dpo"
 
     @classmethod

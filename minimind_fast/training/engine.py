@@ -437,6 +437,8 @@ class Trainer:
         dist.all_reduce(total)
         self.engine.train()
         val = (total[0] / total[1].clamp(min=1)).item()
+        if not self.stage.eval_is_token_loss:
+            return {"val_loss": val}
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
 
     def save(self, step: int, trainer_state: dict) -> None:

@@ -60,7 +60,8 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record.get('tokens_per_s', 0):,.0f}", refresh=False)
         if "val_loss" in record:
-            self.bar.write(f"step {step}: val_loss {record['val_loss']:.4f}  ppl {record['val_ppl']:.2f}")
+            ppl = f"  ppl {record['val_ppl']:.2f}" if "val_ppl" in record else ""
+            self.bar.write(f"step {step}: val_loss {record['val_loss']:.4f}{ppl}")
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:

@@ -55,6 +55,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 class Stage:
     name = "stage"
+    # val_loss is a mean next-token loss, so exp(val_loss) is a perplexity (not for DPO's pair loss)
+    eval_is_token_loss = True
     data_kind = "pretrain"
     zero_stage = 0  # the run's resolved ZeRO stage, set by the engine before build_model and setup
     resume_from: Path | None = None  # the checkpoint this run resumes from, set by the engine likewise
