@@ -9,6 +9,7 @@ load; `load_model` also accepts a MiniMind2 `.pth` file and a Hugging Face expor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -151,6 +152,24 @@ def load_model(
     if kernels is not None:
         model = rebuild_with_kernels(model, kernels)
     return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+# Settings of how a model runs, not of what it computes: a fingerprint leaves them out.
+RUNTIME_FIELDS = ("kernels", "gradient_checkpointing")
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a model's architecture (its config without `RUNTIME_FIELDS`) and every tensor of its
+    state dict (name, dtype, shape, bytes): the same value means the same function."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        fields = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -160,6 +160,7 @@ def test_distill_learns_logs_kd_and_resumes_exactly(builtin_data, pretrain_run, 
     args = distill_args(builtin_data, pretrain_run, resumed)
     run("distill.py", args + ["--stop-at-step", "4"])
     assert max(losses(resumed)) == 4
+    assert (resumed / "checkpoints" / "step_00000004" / "teacher.json").exists()
     result = run("distill.py", args)
     assert "resumed from" in result.stdout
     again = losses(resumed)
@@ -169,6 +170,35 @@ def test_distill_learns_logs_kd_and_resumes_exactly(builtin_data, pretrain_run, 
 
 
 # --- (c) bad input -----------------------------------------------------------------------------------
+
+def test_resume_refuses_another_distillation_term(builtin_data, tmp_path):
+    """A checkpoint records its teacher's fingerprint and KL settings; a resume with another teacher
+    (same vocabulary and tokenizer, other weights), none, or other settings would train another
+    objective from the checkpoint's state, so it is refused."""
+    teachers = [save_model_dir(tiny_model(seed=s), tmp_path / f"teacher{s}", tokenizer_dir=builtin_data["tokenizer"])
+                for s in (1, 2)]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+
+    def set_up(*flags: str, resume: Path | None = None) -> ReasoningStage:
+        stage = stage_with(*flags, "--seq-len", str(SEQ))
+        stage.check_arguments()
+        stage.manifest = stage.open_data(builtin_data["shards"]["reasoning"])
+        stage.resume_from = resume
+        stage.setup(tiny_model(seed=3))
+        return stage
+
+    set_up("--teacher", str(teachers[0])).save_extra(None, ckpt)
+    assert json.loads((ckpt / "teacher.json").read_text())["teacher"]
+    set_up("--teacher", str(teachers[0]), resume=ckpt)  # the same teacher resumes
+    for flags, what in [(("--teacher", str(teachers[1])), "the --teacher weights"),
+                        ((), "--teacher given or not"),
+                        (("--teacher", str(teachers[0]), "--kd-alpha", "0.25"), "--kd-temperature or --kd-alpha")]:
+        with pytest.raises(ValueError, match=f"trained with another distillation term \\({what} differ"):
+            set_up(*flags, resume=ckpt)
+    (ckpt / "teacher.json").unlink()  # a checkpoint from before the record: nothing to compare
+    set_up("--teacher", str(teachers[1]), resume=ckpt)
+
 
 def test_teacher_with_another_vocabulary_is_refused(builtin_data, pretrain_run, tmp_path):
     teacher = save_model_dir(tiny_model(seed=1, vocab_size=2048), tmp_path / "teacher")

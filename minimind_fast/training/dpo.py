@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from minimind_fast.checkpoint import weights_fingerprint
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.data.shards import file_checksum
 from minimind_fast.files import apply_umask
@@ -288,18 +288,6 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of a model's config and every tensor of its state dict (name, dtype, shape, bytes)."""
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def _data_identity(loader) -> list:

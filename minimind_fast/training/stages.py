@@ -8,6 +8,7 @@ metrics, faults) is the one engine in `engine.py`, so a new method is a new `Sta
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -15,9 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from minimind_fast.checkpoint import weights_fingerprint
 from minimind_fast.config import ModelConfig, get_preset
 from minimind_fast.data.loaders import build_loader, read_manifest
 from minimind_fast.model import MiniMindForCausalLM
+
+TEACHER_FILE = "teacher.json"  # in a distillation checkpoint: what its KL term was computed against
 
 
 def freeze(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
@@ -238,6 +242,7 @@ class ReasoningStage(FineTuneStage):
         super().__init__(args)
         self.teacher: MiniMindForCausalLM | None = None
         self._teacher_placed = False
+        self._teacher_id: str | None = None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -284,8 +289,10 @@ class ReasoningStage(FineTuneStage):
 
     def setup(self, model: MiniMindForCausalLM) -> None:
         """Load the frozen teacher. It lives on the stage, not in the model, so it is never given to the
-        optimizer, wrapped or partitioned by DeepSpeed, or written into checkpoints."""
+        optimizer, wrapped or partitioned by DeepSpeed, or written into checkpoints (only its
+        fingerprint is, so that a resume can check it)."""
         if not self.args.teacher:
+            self._check_resumed_teacher()
             return
         teacher = load_start_model(self.args.teacher, "--teacher", self.args.kernels)
         if teacher.config.vocab_size != model.config.vocab_size:
@@ -295,6 +302,36 @@ class ReasoningStage(FineTuneStage):
         self._check_tokenizer(self.manifest, source=self.args.teacher)
         check_context(teacher, "--teacher", self.args.teacher, self.args.seq_len)
         self.teacher = freeze(teacher)
+        self._check_resumed_teacher()
+
+    def _teacher_record(self) -> dict:
+        """What the KL term depends on: the teacher's weights and the term's settings."""
+        if self.teacher is None:
+            return {"teacher": None}
+        if self._teacher_id is None:  # hashed once, not at every checkpoint
+            self._teacher_id = weights_fingerprint(self.teacher)
+        return {"teacher": self._teacher_id, "kd_temperature": self.args.kd_temperature,
+                "kd_alpha": self.args.kd_alpha}
+
+    def _check_resumed_teacher(self) -> None:
+        """A resume continues the same objective: refuse another teacher (or none, or one added) than the
+        checkpoint's, which a checkpoint from before this record cannot tell."""
+        saved_file = self.resume_from / TEACHER_FILE if self.resume_from is not None else None
+        if saved_file is None or not saved_file.exists():
+            return
+        saved, mine = json.loads(saved_file.read_text()), self._teacher_record()
+        if saved != mine:
+            if saved["teacher"] and mine["teacher"] and saved["teacher"] != mine["teacher"]:
+                what = "the --teacher weights"
+            elif bool(saved["teacher"]) != bool(mine["teacher"]):
+                what = "--teacher given or not"
+            else:
+                what = "--kd-temperature or --kd-alpha"
+            raise ValueError(f"{self.resume_from} trained with another distillation term ({what} differ): resume "
+                             f"with the run's --teacher and settings, or start anew with --init {self.resume_from}")
+
+    def save_extra(self, model, out_dir: Path) -> None:
+        (out_dir / TEACHER_FILE).write_text(json.dumps(self._teacher_record()))
 
     def _place_teacher(self, model, device: torch.device) -> None:
         """Move the teacher once to the student's device and floating dtype (bf16/fp16 under DeepSpeed's
