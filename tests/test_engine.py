@@ -418,3 +418,20 @@ def test_compile_flag_trains_like_eager(builtin_data, tiny_model_config, tmp_pat
     assert sorted(compiled) == [1, 2, 3, 4]
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4), (eager, compiled)
+
+
+def test_a_stale_deepspeed_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, capsys):
+    """A first CPU start killed while DeepSpeed built its op left torch's lock file, and every later start
+    waited on it forever; a lock older than any build is now removed, with a message."""
+    from minimind_fast.training.engine import STALE_BUILD_LOCK_S, clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not clear_stale_build_lock("op")  # no lock: nothing to do
+    lock = tmp_path / "op" / "lock"
+    lock.parent.mkdir(exist_ok=True)
+    lock.touch()
+    assert not clear_stale_build_lock("op") and lock.exists()  # a build may be running
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock("op") and not lock.exists()
+    assert "did not finish" in capsys.readouterr().err

@@ -43,6 +43,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed builds on its first CPU start (about a minute)
+STALE_BUILD_LOCK_S = 900
+
+
+def clear_stale_build_lock(name: str = SHM_OP, max_age_s: float = STALE_BUILD_LOCK_S) -> bool:
+    """torch builds an extension under a lock file and every other start waits until it goes; a build
+    killed midway (Ctrl-C on a first run, a timeout) leaves it, and every later start hangs without a
+    word. A lock older than any build is removed, saying so. True if one was."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    print(f"removing {lock}: left {age / 60:.0f} min ago by a build of DeepSpeed's {name} op that did not "
+          f"finish; every start would wait on it", file=sys.stderr, flush=True)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """Initialise torch.distributed through DeepSpeed (a world of one when no launcher set it up)."""
     import deepspeed
@@ -57,6 +80,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
         _share_cpu_threads()
+        clear_stale_build_lock()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
@@ -135,6 +159,7 @@ class Trainer:
         if self.dtype == "fp16" and self.device.type == "cpu":  # else DeepSpeed fails, naming no file
             raise TrainingError(f"{a.deepspeed_config}: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         self.stage.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        self.stage.precision = self.dtype
         self.stage.resume_from = self.resume_from
         model = self.stage.build_model(self.manifest)
         self.stage.setup(model)
