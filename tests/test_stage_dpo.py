@@ -300,6 +300,21 @@ def test_val_loss_is_the_mean_dpo_loss_over_the_held_out_pairs(pretrain_run, bui
     assert metric(out, "val_loss")[3] == pytest.approx(sum(pair_losses) / len(pair_losses), abs=1e-5)
 
 
+def test_precomputed_reference_scores_take_the_deepspeed_configs_precision(pretrain_run, builtin_data, tmp_path):
+    """The reference is scored in the precision the run trains in; a --deepspeed-config file's bf16 section
+    wins over --dtype (auto: fp32 on the CPU), as the engine's own precision does."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}}))
+    out = tmp_path / "run"
+    run("dpo.py", dpo_args(builtin_data["shards"]["dpo"], out, pretrain_run, "--precompute-reference",
+                           "--deepspeed-config", str(ds), "--stop-at-step", "1"))
+    from safetensors import safe_open
+
+    with safe_open(str(out / REFERENCE_FILE), "pt") as f:
+        assert json.loads(f.metadata()["meta"])["dtype"] == "torch.bfloat16"
+    assert json.loads((out / "config.json").read_text())["deepspeed_config"]["bf16"]["enabled"]
+
+
 def test_dpo_with_lora_trains_adapters_only(dpo_run, pretrain_run, builtin_data, tmp_path):
     """--lora-rank: the live reference is the untouched --init model; only adapters move, the saved base
     is the --init weights bit for bit, and the held-out pairs' loss falls below log 2 (the policy comes to

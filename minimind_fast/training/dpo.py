@@ -94,13 +94,7 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
     return loss, metrics
 
 
-def training_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
-    """The precision the engine will train in (so precomputed reference scores match a live reference)."""
-    if args.dtype == "fp16":
-        return torch.float16
-    if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DPOStage(FineTuneStage):
@@ -210,7 +204,7 @@ class DPOStage(FineTuneStage):
             except ValueError:
                 pass  # no val split: the engine says so when it builds its own
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        dtype = training_dtype(a, device)
+        dtype = TORCH_DTYPES[self.precision]  # the engine's, --deepspeed-config included: scores match a live reference
         meta = {"reference": str(Path(a.reference or a.init).resolve()), "reference_weights": self._reference_id,
                 "dtype": str(dtype), "seq_len": a.seq_len,
                 **{f"{split}_data": _data_identity(loader) for split, loader in loaders.items()}}

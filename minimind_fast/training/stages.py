@@ -63,6 +63,7 @@ class Stage:
     eval_is_token_loss = True
     data_kind = "pretrain"
     zero_stage = 0  # the run's resolved ZeRO stage, set by the engine before build_model and setup
+    precision = "fp32"  # the run's resolved precision (fp32|bf16|fp16, from flags or --deepspeed-config), likewise
     resume_from: Path | None = None  # the checkpoint this run resumes from, set by the engine likewise
 
     def __init__(self, args: argparse.Namespace):
