@@ -118,6 +118,11 @@ GOOD = "<think>\n4 + 21 = 25\n</think>\n<answer>\n25\n</answer>"
     # Commas elsewhere and underscores do not make a number (float() read them as 12).
     ("<answer>1,2</answer>", "12", 0.0),
     ("<answer>1_2</answer>", "12", 0.0),
+    # Untagged, a minus after a digit is a subtraction, not a sign: "10-4" ends in 4, not -4.
+    ("10-4", "-4", 0.0),
+    ("10-4", "4", 1.0),
+    ("(2+3)-1 so the answer is -1", "-1", 1.0),
+    ("It is -7.", "-7", 1.0),
 ])
 def test_answer_reward(text, answer, expected):
     assert answer_reward(text, {"answer": answer}) == expected

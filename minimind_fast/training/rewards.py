@@ -26,7 +26,8 @@ from pathlib import Path
 RewardFn = Callable[[str, dict], float]
 
 # A number in free text, thousands separators included ("1,000" is one number, not "1" and "000").
-NUMBER = re.compile(r"-?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?")
+# A minus right after a digit is a subtraction ("10-4"), not the sign of the next number.
+NUMBER = re.compile(r"(?:(?<![\d)])-)?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?")
 THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 STRUCTURE = re.compile(r"\s*<think>.+?</think>\s*<answer>.+?</answer>\s*", re.DOTALL)
