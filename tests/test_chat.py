@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_templates import TOOLS_TEMPLATE
 
 from minimind_fast import MiniMindForCausalLM, get_preset
 from minimind_fast.chat import (
@@ -147,17 +148,6 @@ def test_answer_file_names_the_line_and_field_of_a_bad_record(loaded, tmp_path, 
     with pytest.raises(ValueError, match=re.escape(needle)) as err:
         answer_file(model, tok, GenerationConfig(max_new_tokens=2), bad, tmp_path / "out.jsonl", mode=mode)
     assert str(err.value).startswith(f"{bad}:") and not (tmp_path / "out.jsonl").exists()
-
-
-# MiniMind's way with tools: the definitions open the system turn, a reply's calls follow its content.
-TOOLS_TEMPLATE = (
-    "{% if tools %}{{ '<|im_start|>system\\n' + messages[0]['content'] + '\\n<tools>' }}"
-    "{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
-    "{% for m in messages %}{% if not (tools and loop.first) %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
-    "{% for c in m.get('tool_calls') or [] %}{% set f = c.function or c %}"
-    "{{ '<tool_call>' + f.name + ' ' + f.arguments + '</tool_call>' }}{% endfor %}"
-    "{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def test_answer_file_takes_tools_and_tool_calls_like_the_sft_data(loaded, tmp_path):

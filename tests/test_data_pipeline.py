@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tool_templates import TOOLS_TEMPLATE, WEATHER
 
 from minimind_fast.data.pipeline import InputError, TokenizeOptions, tokenize_to_shards, val_every
 from minimind_fast.data.shards import Shard
@@ -165,18 +166,6 @@ def test_mask_covers_the_think_block_a_template_inserts(builtin_data, tmp_path, 
         ["<think>\n\n</think>\n\nHello.<|im_end|>", "<think>\nadd\n</think>\n\n4<|im_end|>"]
     weighted = "".join(tok.decode([t]) for t in ids[mask == 2])
     assert weighted == ("<think></think><think></think>" if kind == "reasoning" else "")
-
-
-# MiniMind's way with tools: the definitions open the system turn, a reply's calls follow its content.
-TOOLS_TEMPLATE = (
-    "{% if tools %}{{ '<|im_start|>system\\n' + messages[0]['content'] + '\\n<tools>' }}"
-    "{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
-    "{% for m in messages %}{% if not (tools and loop.first) %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
-    "{% for c in m.get('tool_calls') or [] %}{% set f = c.function or c %}"
-    "{{ '<tool_call>' + f.name + ' ' + f.arguments + '</tool_call>' }}{% endfor %}"
-    "{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"city": "string"}}}
 
 
 def _tool_records():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from launch_helpers import run, two_ranks
+from tool_templates import TOOLS_TEMPLATE
 
 from minimind_fast.checkpoint import save_model_dir
 from minimind_fast.config import get_preset
@@ -276,17 +277,6 @@ def test_prompts_render_like_the_sft_data(builtin_data, tmp_path):
     assert tok.decode(ids[0], skip_special_tokens=False).endswith("<|im_start|>assistant\n")
     short, kept = encode_prompts(records, tok, max_tokens=len(ids[0]))
     assert len(kept) == 1 and kept[0].line == 1  # too long for the room left: left out
-
-
-# MiniMind's way with tools: the definitions open the system turn, a reply's calls follow its content.
-TOOLS_TEMPLATE = (
-    "{% if tools %}{{ '<|im_start|>system\\n' + messages[0]['content'] + '\\n<tools>' }}"
-    "{% for t in tools %}{{ '\\n' + (t | tojson) }}{% endfor %}{{ '\\n</tools><|im_end|>\\n' }}{% endif %}"
-    "{% for m in messages %}{% if not (tools and loop.first) %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
-    "{% for c in m.get('tool_calls') or [] %}{% set f = c.function or c %}"
-    "{{ '<tool_call>' + f.name + ' ' + f.arguments + '</tool_call>' }}{% endfor %}"
-    "{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def _tool_conversation() -> list[dict]:
