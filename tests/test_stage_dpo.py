@@ -234,6 +234,9 @@ def test_precomputed_reference_is_scored_again_for_other_pairs_or_weights(pretra
     first, counts = load_file(str(stored)), split_counts(data)
     tokenize_to_shards([swapped], builtin_data["tokenizer"], data, opts)
     assert split_counts(data) == counts  # only the pairs' contents tell the two apart
+    # A resume over other data is refused (its loader position means nothing there, test_data_loaders.py):
+    # a new run in the same directory finds the stored table
+    shutil.rmtree(out / "checkpoints")
     proc = run("dpo.py", args + ["--stop-at-step", "2"])
     assert "scoring" in proc.stdout and "reused" not in proc.stdout, proc.stdout[-2000:]
     second, by_hand = load_file(str(stored)), reference_scores_by_hand(init, data)
