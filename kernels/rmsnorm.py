@@ -175,8 +175,17 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _check_shapes(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> None:
+    # The kernels index the weight and the residual by x's rows and columns: a mismatch would read past them.
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
+
+
 def _forward(x, residual, weight, eps):
     check_device(x, weight)
+    _check_shapes(x, residual, weight)
     weight = weight.contiguous()
     shape = x.shape
     x2 = _as_rows(x)

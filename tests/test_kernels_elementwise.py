@@ -182,6 +182,18 @@ def test_rms_norm_of_no_rows_has_zero_weight_grad(device):
     assert x.grad.shape == (0, 48) and torch.equal(w.grad, torch.zeros_like(w))
 
 
+def test_rms_norm_rejects_a_weight_or_residual_of_another_shape(device):
+    """The kernels index weight and residual by x's rows and columns: a short weight, or a residual the
+    reference would broadcast, was read past its end (garbage output) instead of refused."""
+    x, w = torch.randn(3, 16, device=device), torch.ones(16, device=device)
+    with pytest.raises(ValueError, match=r"weight \(8,\) does not match"):
+        rmsnorm.rms_norm(x, torch.ones(8, device=device), 1e-6)
+    with pytest.raises(ValueError, match=r"weight \(32,\) does not match"):
+        rmsnorm.add_rms_norm(x, x, torch.ones(32, device=device), 1e-6)
+    with pytest.raises(ValueError, match=r"residual \(1, 16\) and x \(3, 16\) differ"):
+        rmsnorm.add_rms_norm(x, torch.randn(1, 16, device=device), w, 1e-6)
+
+
 def test_triton_rmsnorm_module(device):
     mod = rmsnorm.TritonRMSNorm(130, eps=1e-6).to(device)
     with torch.no_grad():
