@@ -183,6 +183,12 @@ def _check_shapes(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
 
 
+def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    # As the reference: the sum x + residual promotes (bf16 + an fp32 residual stream stays fp32), and the
+    # norm keeps its input's dtype.
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
 def _forward(x, residual, weight, eps):
     check_device(x, weight)
     _check_shapes(x, residual, weight)
@@ -191,7 +197,7 @@ def _forward(x, residual, weight, eps):
     x2 = _as_rows(x)
     r2 = _as_rows(residual) if residual is not None else x2
     n_rows, n_cols = x2.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, residual), device=x.device)
     h = torch.empty_like(y) if residual is not None else y
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows and n_cols > WIDE_COLS:
@@ -302,7 +308,9 @@ def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 
 @_add_rms_norm_op.register_fake
 def _(x, residual, weight, eps):
-    return torch.empty_like(x), torch.empty_like(x), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+    dtype = _out_dtype(x, residual)
+    return (torch.empty_like(x, dtype=dtype), torch.empty_like(x, dtype=dtype),
+            x.new_empty(x.shape[:-1].numel(), dtype=torch.float32))
 
 
 @torch.library.custom_op("minimind_fast::rms_norm_backward", mutates_args=())

@@ -104,6 +104,18 @@ def test_rms_norm_fp32_weight_with_bf16_input(device):
     compare(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), lambda a, b: ref.rms_norm(a, b, 1e-6), [x, w], ["x", "w"])
 
 
+def test_add_rms_norm_keeps_an_fp32_residual_stream(device):
+    """bf16 sublayer output added to an fp32 residual: the sum (and the norm of it) stays fp32 as in the
+    reference, instead of being rounded to x's bf16; each gradient comes back in its input's dtype."""
+    x = torch.randn(6, 130, device=device).bfloat16()
+    res = 3 * torch.randn(6, 130, device=device)
+    w = 1 + 0.3 * torch.randn(130, device=device)
+    got = rmsnorm.add_rms_norm(x, res, w, 1e-5)
+    assert [t.dtype for t in got] == [t.dtype for t in ref.add_rms_norm(x, res, w, 1e-5)] == [torch.float32] * 2
+    compare(lambda a, r, b: rmsnorm.add_rms_norm(a, r, b, 1e-5), lambda a, r, b: ref.add_rms_norm(a, r, b, 1e-5),
+            [x, res, w], ["x", "residual", "w"])
+
+
 def test_rms_norm_non_contiguous(device):
     base = torch.randn(8, 2 * 130, device=device)
     x = base[:, ::2]  # strided rows and columns
