@@ -74,12 +74,16 @@ def _swiglu_packed_bwd(DY, X, DX, inter, BLOCK: tl.constexpr):
     tl.store(DX + src + inter, (dy * g * sig).to(DX.dtype.element_ty), mask=mask)
 
 
+def _out_dtype(gate: torch.Tensor, up: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(gate.dtype, up.dtype)  # as `silu(gate) * up` (bf16 gate, fp32 up: fp32)
+
+
 def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     check_device(gate, up)
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty_like(gate)
+    y = torch.empty_like(gate, dtype=_out_dtype(gate, up))
     n = gate.numel()
     if n:
         _swiglu_fwd[(cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=4)
@@ -118,7 +122,7 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @_swiglu_op.register_fake
 def _(gate, up):
-    return torch.empty_like(gate)
+    return torch.empty_like(gate, dtype=_out_dtype(gate, up))
 
 
 @torch.library.custom_op("minimind_fast::swiglu_backward", mutates_args=())

@@ -396,6 +396,15 @@ def test_swiglu_extreme_gates_stay_finite(device):
     compare(swiglu.swiglu, ref.swiglu, [gate, up], ["gate", "up"])
 
 
+def test_swiglu_of_mixed_dtypes_promotes_as_the_reference(device):
+    """A bf16 gate with an fp32 up: the product is fp32 as `silu(gate) * up` gives, not rounded to the
+    gate's bf16; each gradient in its input's dtype. Also under torch.compile (the custom op's fake)."""
+    gate, up = (2 * torch.randn(5, 96, device=device)).bfloat16(), torch.randn(5, 96, device=device)
+    compiled = torch.compile(swiglu.swiglu, backend="aot_eager", fullgraph=True)
+    assert swiglu.swiglu(gate, up).dtype == compiled(gate, up).dtype == ref.swiglu(gate, up).dtype == torch.float32
+    compare(swiglu.swiglu, ref.swiglu, [gate, up], ["gate", "up"])
+
+
 def test_swiglu_halves_of_one_projection(device):
     """gate and up as column halves of one (N, 2I) projection: non-contiguous inputs."""
     x = torch.randn(9, 24, device=device)
