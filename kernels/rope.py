@@ -145,6 +145,8 @@ def _tables(q, cos, sin) -> tuple[torch.Tensor, torch.Tensor, int]:
     bsz, seq_len, _, dim = q.shape
     cos3, stride_cb = _table(cos, bsz, seq_len, dim, "cos")
     sin3, _ = _table(sin, bsz, seq_len, dim, "sin")
+    if cos3.shape != sin3.shape:  # one shared (T, D), the other per sequence: the kernel reads both alike
+        cos3, sin3 = cos3.expand(bsz, -1, -1), sin3.expand(bsz, -1, -1)
     if sin3.stride() != cos3.stride():
         cos3, sin3 = cos3.contiguous(), sin3.contiguous()
         stride_cb = cos3.stride(0) if cos3.shape[0] > 1 else 0

@@ -281,6 +281,19 @@ def test_rope_batch_one_table_broadcasts(device):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_sequence", ["sin", "cos"])
+def test_rope_one_table_shared_and_the_other_per_sequence(device, per_sequence):
+    """cos (T, D) with sin (B, T, D), and the reverse: the kernel read both with the first table's batch
+    stride, so sin's later sequences took the first one's angles, or cos was read past its end."""
+    positions = torch.stack([torch.arange(3, 8, device=device), torch.arange(5, device=device)])
+    cos_b, sin_b = rope_tables(positions, 16)
+    cos_t, sin_t = rope_tables(torch.arange(5, device=device), 16)
+    cos, sin = (cos_t, sin_b) if per_sequence == "sin" else (cos_b, sin_t)
+    q, k = torch.randn(2, 5, 4, 16, device=device), torch.randn(2, 5, 2, 16, device=device)
+    compare(lambda x, y: rope.apply_rotary(x, y, cos, sin), lambda x, y: ref.apply_rotary(x, y, cos, sin),
+            [q, k], ["q", "k"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_strided_views_of_fused_qkv(device, dtype):
     """q and k sliced out of one fused projection (non-contiguous views): values and the weight gradient."""
