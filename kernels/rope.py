@@ -114,11 +114,11 @@ def _may_overwrite(t: torch.Tensor, tracked: bool) -> bool:
 def _launch(q, k, qo, ko, cos3, sin3, stride_cb, sign: float) -> None:
     bsz, seq_len, n_q, dim = q.shape
     n_k = k.shape[2]
-    if q.numel() == 0 or k.numel() == 0:
+    if q.numel() == 0 and k.numel() == 0:
         return
     block_d = next_power_of_2(max(dim // 2, 1))
     n_q_rows, n_k_rows = bsz * seq_len * n_q, bsz * seq_len * n_k
-    rows = rows_per_tile(n_q_rows, 2 * block_d)
+    rows = rows_per_tile(max(n_q_rows, n_k_rows), 2 * block_d)
     q_programs = cdiv(n_q_rows, rows)
     _rope_kernel[(q_programs + cdiv(n_k_rows, rows),)](
         q, k, qo, ko, cos3, sin3,

@@ -312,6 +312,14 @@ def test_rope_strided_views_of_fused_qkv(device, dtype):
             lambda a, c: attention_inputs(ref.apply_rotary, a, c), [x, w], ["x", "w"])
 
 
+def test_rope_with_no_k_heads_still_rotates_q(device):
+    """An empty k (no heads) made the launch return early, handing back q's output buffer unwritten."""
+    cos, sin = rope_tables(torch.arange(5, device=device), 16)
+    q, k = torch.randn(2, 5, 4, 16, device=device), torch.randn(2, 5, 0, 16, device=device)
+    compare(lambda x: rope.apply_rotary(x, k, cos, sin)[0], lambda x: ref.apply_rotary(x, k, cos, sin)[0],
+            [q], ["q"])
+
+
 def test_rope_rejects_bad_tables(device):
     q, k = torch.randn(1, 4, 2, 8, device=device), torch.randn(1, 4, 2, 8, device=device)
     cos, sin = rope_tables(torch.arange(5, device=device), 8)
