@@ -181,7 +181,7 @@ def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, targets
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, targets, ignore_index, need_grad_hidden, need_grad_weight):
     loss = hidden.new_empty((), dtype=torch.float32)
-    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
+    grad_hidden = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0)
     grad_weight = weight.new_empty(weight.shape, dtype=torch.float32) if need_grad_weight else hidden.new_empty(0)
     return loss, grad_hidden, grad_weight, hidden.new_empty((), dtype=torch.float32)
 

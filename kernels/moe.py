@@ -856,7 +856,7 @@ def _experts_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
 @_experts_op.register_fake
 def _(x, topk_idx, topk_weight, w_gate, w_up, w_down):
     n_pairs, inter = topk_idx.numel(), w_gate.shape[1]
-    return (torch.empty_like(x), x.new_empty(n_pairs, dtype=torch.int32),
+    return (x.new_empty(x.shape), x.new_empty(n_pairs, dtype=torch.int32),
             x.new_empty(next_power_of_2(w_gate.shape[0]), dtype=torch.int32), x.new_empty(n_pairs, inter),
             x.new_empty(n_pairs, inter))
 
@@ -871,8 +871,8 @@ def _experts_backward_op(d_out: torch.Tensor, x: torch.Tensor, topk_weight: torc
 
 @_experts_backward_op.register_fake
 def _(d_out, x, topk_weight, w_gate, w_up, w_down, sorted_pair, counts, g, u):
-    return (torch.empty_like(x), topk_weight.new_empty(topk_weight.numel(), dtype=torch.float32),
-            torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down))
+    return (x.new_empty(x.shape), topk_weight.new_empty(topk_weight.numel(), dtype=torch.float32),
+            *(w.new_empty(w.shape) for w in (w_gate, w_up, w_down)))
 
 
 def _experts_setup_context(ctx, inputs, output):

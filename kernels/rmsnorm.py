@@ -296,7 +296,7 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
 
 @_rms_norm_op.register_fake
 def _(x, weight, eps):
-    return torch.empty_like(x), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1].numel(), dtype=torch.float32)
 
 
 @torch.library.custom_op("minimind_fast::add_rms_norm", mutates_args=())
@@ -309,7 +309,7 @@ def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 @_add_rms_norm_op.register_fake
 def _(x, residual, weight, eps):
     dtype = _out_dtype(x, residual)
-    return (torch.empty_like(x, dtype=dtype), torch.empty_like(x, dtype=dtype),
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype),
             x.new_empty(x.shape[:-1].numel(), dtype=torch.float32))
 
 
@@ -321,7 +321,7 @@ def _rms_norm_backward_op(dy: torch.Tensor, normed_input: torch.Tensor, weight: 
 
 @_rms_norm_backward_op.register_fake
 def _(dy, normed_input, weight, rstd, dh):
-    return torch.empty_like(dy), torch.empty_like(weight)
+    return dy.new_empty(dy.shape), weight.new_empty(weight.shape)
 
 
 def _save_rms_norm(ctx, inputs, output):

@@ -140,6 +140,12 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _out_like(t: torch.Tensor) -> torch.Tensor:
+    """The custom op's output for t, laid out as its real and fake forms both promise: t's layout when
+    its last dim is unit-stride, else contiguous."""
+    return torch.empty_like(t) if t.stride(-1) == 1 else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _tables(q, cos, sin) -> tuple[torch.Tensor, torch.Tensor, int]:
     """cos and sin as (B or 1, T, D) views with one layout, and their batch stride."""
     bsz, seq_len, _, dim = q.shape
@@ -190,15 +196,14 @@ def _rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
                sign: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check(q, k)
     cos3, sin3, stride_cb = _tables(q, cos, sin)
-    q, k = _unit_stride(q), _unit_stride(k)
-    qo, ko = torch.empty_like(q), torch.empty_like(k)
-    _launch(q, k, qo, ko, cos3, sin3, stride_cb, sign)
+    qo, ko = _out_like(q), _out_like(k)
+    _launch(_unit_stride(q), _unit_stride(k), qo, ko, cos3, sin3, stride_cb, sign)
     return qo, ko
 
 
 @_rotary_op.register_fake
 def _(q, k, cos, sin, sign):
-    return torch.empty_like(q), torch.empty_like(k)
+    return _out_like(q), _out_like(k)
 
 
 def _save_rotary(ctx, inputs, output):

@@ -122,7 +122,7 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @_swiglu_op.register_fake
 def _(gate, up):
-    return torch.empty_like(gate, dtype=_out_dtype(gate, up))
+    return gate.new_empty(gate.shape, dtype=_out_dtype(gate, up))
 
 
 @torch.library.custom_op("minimind_fast::swiglu_backward", mutates_args=())
@@ -132,7 +132,7 @@ def _swiglu_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) 
 
 @_swiglu_backward_op.register_fake
 def _(dy, gate, up):
-    return torch.empty_like(gate), torch.empty_like(up)
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -206,7 +206,7 @@ def _swiglu_packed_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> torch
 
 @_swiglu_packed_backward_op.register_fake
 def _(dy, gate_up):
-    return torch.empty_like(gate_up)
+    return gate_up.new_empty(gate_up.shape)
 
 
 _swiglu_packed_op.register_autograd(lambda ctx, dy: _swiglu_packed_backward_op(dy, *ctx.saved_tensors),

@@ -174,6 +174,15 @@ def test_custom_op_registration_passes_opcheck(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_custom_op_of_transposed_hidden_passes_opcheck(device):
+    """The fake grad_hidden kept a transposed hidden's layout, the real one is contiguous."""
+    hidden, weight, targets = make_inputs(37, 48, 300, torch.float32, device)
+    hidden = hidden.t().contiguous().t().requires_grad_(True)
+    torch.library.opcheck(torch.ops.minimind_fast.linear_cross_entropy.default,
+                          (hidden, weight.requires_grad_(True), targets, -100, True, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
 def test_torch_compile_traces_the_fused_loss(device):
     """torch.compile keeps the op as one graph node (the host sync inside used to break tracing):
     compiled loss and gradients equal eager ones."""

@@ -491,6 +491,28 @@ def test_custom_op_registration_passes_opcheck(device, name):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def _transposed(t: torch.Tensor, dims: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """t's values in a dense but non-contiguous layout (dims swapped in memory), as a new leaf."""
+    return t.detach().transpose(*dims).contiguous().transpose(*dims).requires_grad_(t.requires_grad)
+
+
+def test_custom_ops_of_transposed_inputs_pass_opcheck(device):
+    """The fake implementations promised outputs in the input's (transposed) layout while the kernels
+    write contiguous ones: torch.compile then plans for strides the real op does not return."""
+    x, r, g, u, gu = (_transposed(t) for t in _leaves((16, 6), (16, 6), (8, 7), (8, 7), (8, 8), device=device))
+    w = torch.randn(6, device=device, requires_grad=True)
+    q, k = (_transposed(t, (-1, -2)) for t in _leaves((2, 6, 4, 16), (2, 6, 2, 16), device=device))
+    cos, sin = rope_tables(torch.arange(6, device=device), 16)
+    ops = torch.ops.minimind_fast
+    cases = [(ops.rms_norm.default, (x, w, 1e-5)), (ops.add_rms_norm.default, (x, r, w, 1e-5)),
+             (ops.rms_norm_backward.default, (x.detach(), x.detach(), w.detach(), torch.rand(16, device=device), None)),
+             (ops.swiglu.default, (g, u)), (ops.swiglu_backward.default, (g.detach(), g.detach(), u.detach())),
+             (ops.swiglu_packed_backward.default, (gu.detach()[:, :4], gu.detach())),
+             (ops.rotary.default, (q, k, cos, sin, 1.0))]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
 def _compiled_matches_eager(fn, inputs):
     """fullgraph=True: a graph break (an autograd.Function dynamo cannot keep whole) fails the test."""
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)

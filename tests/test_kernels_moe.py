@@ -414,6 +414,22 @@ def test_experts_custom_op_passes_opcheck(kind, device):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_experts_custom_ops_of_transposed_inputs_pass_opcheck(device):
+    """The fakes gave the output (and the backward's dx and weight gradients) the inputs' transposed
+    layouts, while the kernels write contiguous tensors."""
+    idx, w = make_routing(10, 4, 2, "random", device)
+    x = torch.randn(32, 10, device=device).t().requires_grad_()
+    wg, wu, wd = (t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                  for t in make_weights(4, 32, 24, device))
+    args = (x, idx, w.requires_grad_(), wg, wu, wd)
+    torch.library.opcheck(torch.ops.minimind_fast.moe_experts.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    saved = torch.ops.minimind_fast.moe_experts(*args)[1:]
+    torch.library.opcheck(torch.ops.minimind_fast.moe_experts_backward.default,
+                          (torch.randn(10, 32, device=device), x.detach(), w.detach(), wg.detach(), wu.detach(),
+                           wd.detach(), *saved), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_sort_custom_op_passes_opcheck(device):
     idx, _ = make_routing(40, 8, 2, "empty", device)
     torch.library.opcheck(torch.ops.minimind_fast.moe_sort.default, (idx, 8),
