@@ -443,9 +443,12 @@ def _scatter_pairs(IDX, BLOCK_BASE, SORTED_PAIR, n_pairs, BLOCK: tl.constexpr, B
 
 
 @triton.jit
-def _expert_offsets(BLOCK_COUNTS, COUNTS, BLOCK_BASE, n_blocks, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _expert_offsets(BLOCK_COUNTS, COUNTS, BLOCK_BASE, ALL_VALID, n_blocks, n_exp, n_pairs, CHUNK: tl.constexpr,
+                    BLOCK_E: tl.constexpr):
     """One program: pairs per expert, then each block's first sorted slot per expert, i.e. the expert's
-    start plus the pairs of that expert in earlier blocks (the prefix sums, in one launch)."""
+    start plus the pairs of that expert in earlier blocks (the prefix sums, in one launch). ALL_VALID: 1
+    when every pair was counted for an expert below n_exp (an id outside [0, E) lands in none, or in the
+    padding, and would be left out of the GEMMs)."""
     cols = tl.arange(0, BLOCK_E)
     chunk = tl.arange(0, CHUNK)
     total = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -454,6 +457,7 @@ def _expert_offsets(BLOCK_COUNTS, COUNTS, BLOCK_BASE, n_blocks, CHUNK: tl.conste
         c = tl.load(BLOCK_COUNTS + (start + chunk)[:, None] * BLOCK_E + cols[None, :], mask=mask, other=0)
         total += tl.sum(c, axis=0)
     tl.store(COUNTS + cols, total)
+    tl.store(ALL_VALID, (tl.sum(tl.where(cols < n_exp, total, 0), axis=0) == n_pairs).to(tl.int32))
     running = tl.cumsum(total, axis=0) - total  # where each expert's pairs start
     for start in range(0, n_blocks, CHUNK):
         mask = (start + chunk < n_blocks)[:, None]
@@ -483,11 +487,27 @@ def _sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tenso
     _expert_histogram[(n_blocks,)](flat, block_counts, n_pairs, BLOCK=SORT_BLOCK, BLOCK_E=block_e)
     counts = torch.empty(block_e, dtype=torch.int32, device=flat.device)
     block_base = torch.empty_like(block_counts)
-    _expert_offsets[(1,)](block_counts, counts, block_base, n_blocks,
+    all_valid = torch.empty((), dtype=torch.int32, device=flat.device)
+    _expert_offsets[(1,)](block_counts, counts, block_base, all_valid, n_blocks, n_experts, n_pairs,
                           CHUNK=max(1, min(next_power_of_2(n_blocks), OFFSETS_TILE // block_e)), BLOCK_E=block_e)
+    _check_expert_ids(all_valid, topk_idx, n_experts)
     sorted_pair = torch.empty(n_pairs, dtype=torch.int32, device=flat.device)
     _scatter_pairs[(n_blocks,)](flat, block_base, sorted_pair, n_pairs, BLOCK=SORT_BLOCK, BLOCK_E=block_e)
     return sorted_pair, counts
+
+
+def _check_expert_ids(all_valid: torch.Tensor, topk_idx: torch.Tensor, n_experts: int) -> None:
+    """An expert id outside [0, E) would leave its pair out of the GEMMs (garbage output rows). On CUDA
+    a device-side assert, as a host sync here would stall every step's launches; elsewhere a ValueError
+    naming the token and slot."""
+    if topk_idx.is_cuda:
+        torch._assert_async(all_valid, "moe: an expert id in topk_idx is outside [0, n_experts)")
+    elif not all_valid.item():
+        flat = topk_idx.reshape(-1)
+        pair = int(((flat < 0) | (flat >= n_experts)).nonzero()[0, 0])
+        k = topk_idx.shape[-1] if topk_idx.dim() else 1
+        raise ValueError(f"moe: topk_idx holds expert {int(flat[pair])} at token {pair // k}, slot {pair % k}, "
+                         f"outside the {n_experts} experts [0, {n_experts})")
 
 
 @torch.library.custom_op("minimind_fast::moe_sort", mutates_args=())
