@@ -479,6 +479,7 @@ def sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
 
 
 def _sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    check_device(topk_idx)
     flat = topk_idx.reshape(-1).contiguous()
     n_pairs = flat.numel()
     block_e = next_power_of_2(n_experts)
