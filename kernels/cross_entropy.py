@@ -133,11 +133,12 @@ def _add_weight_grad(grad_weight: torch.Tensor | None, g: torch.Tensor, h: torch
 
 
 def _fused_forward(hidden, weight, targets, ignore_index, grad_hidden_needed, grad_weight_needed):
-    n_rows, dim = hidden.shape
-    vocab = weight.shape[0]
-    if weight.dim() != 2 or weight.shape[1] != dim or targets.shape != (n_rows,):
+    if (hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]
+            or targets.shape != hidden.shape[:1]):
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and "
                          f"targets {tuple(targets.shape)} must be (N, H), (V, H) and (N,)")
+    n_rows, dim = hidden.shape
+    vocab = weight.shape[0]
     targets = targets.contiguous()
     losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # _ce_rows writes every row
     grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None

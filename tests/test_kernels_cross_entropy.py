@@ -157,6 +157,11 @@ def test_shape_mismatch_is_reported(device):
     hidden, weight, targets = make_inputs(37, 48, 300, torch.float32, device)
     with pytest.raises(ValueError, match="must be"):
         ce.linear_cross_entropy(hidden, weight, targets[:-1])
+    # (B, T, H) hidden states not flattened: named, not "too many values to unpack"
+    with pytest.raises(ValueError, match=r"hidden \(1, 37, 48\), weight \(300, 48\) .* must be \(N, H\)"):
+        ce.linear_cross_entropy(hidden[None], weight, targets)
+    with pytest.raises(ValueError, match=r"weight \(300,\) .* must be"):
+        ce.linear_cross_entropy(hidden, weight[:, 0], targets)
 
 
 def test_custom_op_registration_passes_opcheck(device):
