@@ -106,7 +106,7 @@ def moe_route_aux(
     scores, topk_weight, topk_idx, counts = moe_route_with_counts(logits, top_k, norm_topk_prob, rows)
     n_groups, n_exp = counts.shape
     f = counts.float() * (n_exp / (rows * top_k))
-    p = scores.view(n_groups, -1, n_exp).mean(dim=1)
+    p = scores.view(n_groups, -1, n_exp).sum(dim=1) / rows  # a mean, but 0 (not NaN) over no rows
     return topk_weight, topk_idx, (f * p).sum(dim=1).mean() * alpha
 
 

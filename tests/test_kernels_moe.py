@@ -397,6 +397,18 @@ def test_route_aux_loss_and_gradients(impl, n, n_exp, k, group, use_weight, devi
 
 
 @pytest.mark.parametrize("impl", [moe, reference], ids=["triton", "reference"])
+@pytest.mark.parametrize("group", [None, 4])
+def test_route_aux_of_no_rows_is_zero(impl, group, device):
+    """An empty batch: the reference's mean router probability over no rows was NaN, which poisoned the
+    loss it is added to; the Triton kernel gave 0. Both give 0 now, and an empty logits gradient."""
+    logits = torch.randn(0, 4, device=device, requires_grad=True)
+    weight, idx, aux = impl.moe_route_aux(logits, 2, True, group, 0.1)
+    assert weight.shape == idx.shape == (0, 2) and aux.item() == 0.0
+    aux.backward()
+    assert logits.grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize("impl", [moe, reference], ids=["triton", "reference"])
 def test_route_aux_rejects_uneven_groups(impl, device):
     with pytest.raises(ValueError, match="groups of 7"):
         impl.moe_route_aux(torch.randn(20, 4, device=device), 2, True, 7, 0.1)
