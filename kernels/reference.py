@@ -37,6 +37,8 @@ def apply_rotary(
 
     cos/sin are (T, D) or (B, T, D), each half repeated: cos[..., :D/2] == cos[..., D/2:].
     """
+    if q.shape[-1] % 2:  # rotate_half of an odd head would pair elements of unequal halves: no rotation
+        raise ValueError(f"rope: head_dim {q.shape[-1]} must be even")
     cos = cos.unsqueeze(-2).float()
     sin = sin.unsqueeze(-2).float()
     q_out = q.float() * cos + rotate_half(q.float()) * sin

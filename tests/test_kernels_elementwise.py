@@ -320,6 +320,14 @@ def test_rope_with_no_k_heads_still_rotates_q(device):
             [q], ["q"])
 
 
+@pytest.mark.parametrize("impl", [rope, ref], ids=["triton", "reference"])
+def test_rope_refuses_an_odd_head_dim(device, impl):
+    """The reference rotated an odd head anyway (halves of unequal length: no rotation at all)."""
+    q, cos = torch.randn(1, 2, 1, 7, device=device), torch.randn(2, 7, device=device)
+    with pytest.raises(ValueError, match="head_dim 7 must be even"):
+        impl.apply_rotary(q, q.clone(), cos, cos)
+
+
 def test_rope_rejects_bad_tables(device):
     q, k = torch.randn(1, 4, 2, 8, device=device), torch.randn(1, 4, 2, 8, device=device)
     cos, sin = rope_tables(torch.arange(5, device=device), 8)
