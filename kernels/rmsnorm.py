@@ -110,6 +110,10 @@ def _rmsnorm_fwd_wide(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_
         acc += x * x
     rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
     tl.store(RSTD + row, rstd)
+    if HAS_RESIDUAL:
+        # h is read back below; a block barrier makes every thread's stores of it visible to all,
+        # whichever thread layout the compiler gives the two loops
+        tl.debug_barrier()
     for start in range(0, n_cols, CHUNK):
         cols = start + tl.arange(0, CHUNK)
         mask = cols < n_cols
