@@ -362,6 +362,18 @@ def test_flags_no_run_can_use_are_refused(flags, message):
     check_training_args(parser.parse_args(["--data", "d", "--out", "o"]))  # the defaults pass
 
 
+@pytest.mark.parametrize("flag, package", [("--tensorboard", "tensorboard"), ("--wandb", "wandb")])
+def test_a_logging_flag_without_its_package_is_refused_up_front(flag, package, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    parser = training_parser("test", "pretrain")
+    args = parser.parse_args(["--data", "d", "--out", "o", flag, *(["proj"] if flag == "--wandb" else [])])
+    with pytest.raises(ValueError, match=re.escape(f"{flag} needs the {package} package")):
+        check_training_args(args)
+
+
 @pytest.mark.slow
 def test_deepspeed_two_ranks_zero_stages_agree_with_single_process(builtin_data, tiny_model_config, tmp_path):
     base = common(builtin_data["shards"]["pretrain"], tmp_path / "single", 4, "--config", str(tiny_model_config),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 from minimind_fast.config import PRESETS
 
@@ -90,5 +91,18 @@ def check_training_args(args: argparse.Namespace) -> None:
         problems.append(f"--lr {args.lr}: must be > 0")
     if not 0 <= args.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio {args.min_lr_ratio}: must be in [0, 1]")
+    problems += missing_logging_packages(args)
     if problems:
         raise ValueError("; ".join(problems))
+
+
+# flag -> the package it logs through; optional, so not in the install's requirements.
+LOGGING_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def missing_logging_packages(args: argparse.Namespace) -> list[str]:
+    """--tensorboard/--wandb without their package, found before any work: the metrics logger would only
+    fail once the model is built and the run started, with a traceback."""
+    return [f"--{flag} needs the {package} package (pip install {package})"
+            for flag, package in LOGGING_PACKAGES.items()
+            if getattr(args, flag, None) and importlib.util.find_spec(package) is None]
