@@ -317,6 +317,7 @@ def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_r
     ("context", "--seq-len 300 exceeds the model's context length 256"),
     ("steps", "--steps 0: must be at least 1; --save-every 0: must be at least 1"),
     ("fp16-file", "ds.json: fp16 needs a CUDA device"),
+    ("profile", "--profile-steps 2: profiling starts after 5 warm-up steps (at step 6) and this run ends at step 5"),
 ])
 def test_faults_give_clear_errors_before_training(bad, message, builtin_data, tiny_model_config, tmp_path):
     data, out, extra = builtin_data["shards"]["pretrain"], tmp_path / "run", ["--config", str(tiny_model_config)]
@@ -338,6 +339,8 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
     elif bad == "fp16-file":  # --dtype fp16 is refused on the CPU; the same asked for by a config file
         (tmp_path / "ds.json").write_text(json.dumps({"fp16": {"enabled": True}}))
         extra += ["--deepspeed-config", str(tmp_path / "ds.json")]
+    elif bad == "profile":  # a run that ends within the profiler's warm-up would write no profile.txt
+        extra += ["--steps", "5", "--profile-steps", "2"]
     proc = run("pretrain.py", common(data, out, 8) + extra, check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]

@@ -26,7 +26,7 @@ from minimind_fast.training import checkpointing
 from minimind_fast.training.ds_config import build_ds_config, describe_layout, optimizer_layout, precision
 from minimind_fast.training.flops import model_flops_per_token, peak_flops
 from minimind_fast.training.metrics import MetricsLogger, memory_mb
-from minimind_fast.training.profiling import StepProfiler
+from minimind_fast.training.profiling import WARMUP_STEPS, StepProfiler
 from minimind_fast.training.schedule import lr_factor
 from minimind_fast.training.stages import Stage, to_device
 
@@ -275,7 +275,8 @@ class Trainer:
 
     def _check_steps(self) -> None:
         """A resumed run must have steps left to train (a smaller --steps would otherwise do nothing,
-        silently, and write no final/), and --stop-at-step must come after its start."""
+        silently, and write no final/), --stop-at-step must come after its start, and --profile-steps
+        must have a step to profile after the warm-up."""
         a, start = self.args, self.start_step
         if start > self.total_steps:
             raise TrainingError(f"{self.resume_from} is at step {start}, past this run's {self.total_steps} steps: "
@@ -283,6 +284,11 @@ class Trainer:
         if a.stop_at_step is not None and a.stop_at_step <= start:
             raise TrainingError(f"--stop-at-step {a.stop_at_step} is not after the step this run resumes from "
                                 f"({start})")
+        end = min(self.total_steps, a.stop_at_step or self.total_steps)
+        if a.profile_steps and start + WARMUP_STEPS >= end:  # else the run ends with no profile.txt, silently
+            raise TrainingError(f"--profile-steps {a.profile_steps}: profiling starts after {WARMUP_STEPS} warm-up "
+                                f"steps (at step {start + WARMUP_STEPS + 1}) and this run ends at step {end}: "
+                                "raise --steps, or drop --profile-steps")
 
     def _refuse_later_checkpoints(self) -> None:
         """Complete checkpoints in --out past this run's start belong to another run: kept, they would
