@@ -365,6 +365,21 @@ def test_flags_no_run_can_use_are_refused(flags, message):
     check_training_args(parser.parse_args(["--data", "d", "--out", "o"]))  # the defaults pass
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "distill", "lora", "dpo", "grpo"])
+def test_each_stage_help_describes_the_stage_and_its_data(stage):
+    from minimind_fast.training.dpo import DPOStage
+    from minimind_fast.training.engine import stage_parser
+    from minimind_fast.training.grpo import GRPOStage
+    from minimind_fast.training.lora_stage import LoraStage
+    from minimind_fast.training.stages import STAGES
+
+    stage_cls = {**STAGES, "lora": LoraStage, "dpo": DPOStage, "grpo": GRPOStage}[stage]
+    parser = stage_parser(stage_cls)
+    assert len(parser.description.split()) > 3, parser.description  # a sentence, not the bare stage name
+    data_help = next(a.help for a in parser._actions if "--data" in a.option_strings)
+    assert ("prompts JSONL" if stage == "grpo" else "written by launch/tokenize.py") in data_help
+
+
 @pytest.mark.parametrize("flag, package", [("--tensorboard", "tensorboard"), ("--wandb", "wandb")])
 def test_a_logging_flag_without_its_package_is_refused_up_front(flag, package, monkeypatch):
     import importlib.util

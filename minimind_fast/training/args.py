@@ -8,7 +8,8 @@ import importlib.util
 from minimind_fast.config import PRESETS
 
 
-def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
+def training_parser(description: str, stage: str,
+                    data_help: str = "shard directory written by launch/tokenize.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     g = p.add_argument_group("model")
     if stage == "pretrain":
@@ -28,7 +29,7 @@ def training_parser(description: str, stage: str) -> argparse.ArgumentParser:
                    help="keep attention inside packed documents (flash-attn varlen or a block mask)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="shard directory written by launch/tokenize.py")
+    g.add_argument("--data", required=True, help=data_help)
     g.add_argument("--val-data", help="shard directory for evaluation (default: --data's val split)")
     g.add_argument("--seq-len", type=int, default=512)
     g.add_argument("--micro-batch-size", type=int, default=16)

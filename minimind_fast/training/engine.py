@@ -512,14 +512,20 @@ def _replace_dir_copy(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+def stage_parser(stage_cls: type[Stage]):
+    """A stage's command line: the shared flags, described for the stage, then its own."""
+    from minimind_fast.training.args import training_parser
+
+    parser = training_parser(stage_cls.__doc__ or stage_cls.name, stage_cls.name, data_help=stage_cls.data_help)
+    stage_cls.add_arguments(parser)
+    return parser
+
+
 def train(stage_cls: type[Stage], argv: list[str] | None = None, parser=None) -> dict:
     """Parse flags, train, and turn `TrainingError`s into a clean one-line exit."""
-    from minimind_fast.training.args import check_training_args, training_parser
+    from minimind_fast.training.args import check_training_args
 
-    if parser is None:
-        parser = training_parser(stage_cls.__doc__ or stage_cls.name, stage_cls.name)
-        stage_cls.add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = (parser or stage_parser(stage_cls)).parse_args(argv)
     # A rank killed by a native abort or fault then prints every thread's Python stack, not just a
     # launcher line with its exit code.
     faulthandler.enable()

@@ -144,6 +144,7 @@ class GRPOStage(FineTuneStage):
 
     name = "grpo"
     data_kind = "prompts"
+    data_help = 'prompts JSONL, a {"prompt": ..., "answer": ...} or {"conversations": [...]} record a line'
 
     def describe_batch(self, items: int, tokens: int) -> str:
         return (f"{items} prompts x {self.args.group_size} completions = {items * self.args.group_size} "

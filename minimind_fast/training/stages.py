@@ -62,6 +62,7 @@ class Stage:
     # val_loss is a mean next-token loss, so exp(val_loss) is a perplexity (not for DPO's pair loss)
     eval_is_token_loss = True
     data_kind = "pretrain"
+    data_help = "shard directory written by launch/tokenize.py"  # --data in the stage's --help
     zero_stage = 0  # the run's resolved ZeRO stage, set by the engine before build_model and setup
     precision = "fp32"  # the run's resolved precision (fp32|bf16|fp16, from flags or --deepspeed-config), likewise
     resume_from: Path | None = None  # the checkpoint this run resumes from, set by the engine likewise
@@ -172,6 +173,8 @@ class Stage:
 
 
 class PretrainStage(Stage):
+    """Pretraining from scratch: next-token loss on every token of packed `.bin` shards."""
+
     name = "pretrain"
     data_kind = "pretrain"
 
