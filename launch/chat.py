@@ -17,15 +17,15 @@ import torch
 
 from minimind_fast.chat import (
     ChatSession,
-    TextStream,
     answer_file,
     check_utf8,
     check_vocab,
-    encode_prompt,
     find_tokenizer,
+    interactive,
     load_chat_model,
+    print_continuation,
+    print_reply,
 )
-from minimind_fast.generation import stream_generate
 from minimind_fast.inference_args import add_model_arguments, add_sampling_arguments, generation_config
 
 
@@ -70,55 +70,11 @@ def run(a: argparse.Namespace, model, tokenizer, config) -> None:
         n = answer_file(model, tokenizer, config, a.batch, a.output, a.batch_size, a.mode, cuda_graph=graph)
         print(f"answered {n} prompts -> {a.output}")
     elif a.mode == "pretrain":
-        ids = encode_prompt(tokenizer, {"prompt": a.prompt or ""}, "pretrain")
-        print(a.prompt or "", end="", flush=True)
-        stream = TextStream(tokenizer, config.stop_strings)
-        for tok in stream_generate(model, ids, config, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                                   cuda_graph=graph):
-            if tok == tokenizer.eos_token_id:
-                break
-            print(stream.push(tok), end="", flush=True)
-        print(stream.finish())
+        print_continuation(model, tokenizer, config, a.prompt or "", cuda_graph=graph)
+    elif a.prompt is not None:
+        print_reply(ChatSession(model, tokenizer, config, system=a.system, cuda_graph=graph), a.prompt)
     else:
-        session = ChatSession(model, tokenizer, config, system=a.system, cuda_graph=graph)
-        if a.prompt is not None:
-            for piece in session.stream_reply(a.prompt):
-                print(piece, end="", flush=True)
-            print()
-        else:
-            interactive(session)
-
-
-def interactive(session: ChatSession) -> None:
-    print("Chat (/reset clears the history, /exit quits)")
-    typed = sys.stdin.isatty()  # a person can retype a line; a piped script's later lines may depend on it
-    lineno = 0
-    while True:
-        lineno += 1
-        try:
-            text = input("you> ").strip()
-            check_utf8(text, f"stdin line {lineno}")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        except ValueError as e:  # check_utf8's, or a strict stdin's UnicodeDecodeError
-            # A strict stdin decodes ahead of the line handed out, so its error cannot name the line.
-            problem = "stdin is not valid UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
-            if not typed:
-                raise ValueError(problem) from None
-            print(f"\n({problem}: type it again)", file=sys.stderr)
-            continue
-        if text == "/exit":
-            return
-        if text == "/reset":
-            session.reset()
-            print("(history cleared)")
-            continue
-        if text:
-            print("model> ", end="", flush=True)
-            for piece in session.stream_reply(text):
-                print(piece, end="", flush=True)
-            print()
+        interactive(ChatSession(model, tokenizer, config, system=a.system, cuda_graph=graph))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from minimind_fast import checkpoint, interop
+from minimind_fast import interop
 from minimind_fast.config import ModelConfig
 
 # Overrides with their own flags (the ones a MiniMind2 user may need); --set covers every other field.
@@ -49,14 +49,11 @@ def parse_set(items: list[str]) -> dict:
 
 
 def from_minimind(a: argparse.Namespace) -> Path:
-    interop.check_output_dir(a.out, "model")
     overrides = {name: getattr(a, name) for name in OVERRIDE_FLAGS if getattr(a, name) is not None}
     overrides.update(parse_set(a.set))
     if a.yarn:
         overrides["inference_rope_scaling"] = True
-    model = interop.load_minimind_pth(a.pth, **overrides)
-    return checkpoint.save_model_dir(model, a.out, tokenizer_dir=a.tokenizer,
-                                     metadata={"converted_from": str(a.pth)})
+    return interop.convert_minimind_pth(a.pth, a.out, a.tokenizer, **overrides)
 
 
 def to_hf(a: argparse.Namespace) -> Path:
@@ -64,21 +61,11 @@ def to_hf(a: argparse.Namespace) -> Path:
 
 
 def from_hf(a: argparse.Namespace) -> Path:
-    interop.check_output_dir(a.out, "model")
-    model = interop.load_hf_dir(a.hf_dir)
-    tokenizer = a.tokenizer or (a.hf_dir if (Path(a.hf_dir) / "tokenizer.json").exists() else None)
-    return checkpoint.save_model_dir(model, a.out, tokenizer_dir=tokenizer,
-                                     metadata={"converted_from": str(a.hf_dir)})
+    return interop.convert_hf_dir(a.hf_dir, a.out, a.tokenizer)
 
 
 def merge_lora(a: argparse.Namespace) -> Path:
-    from minimind_fast.lora import load_lora, merge_lora
-
-    interop.check_output_dir(a.out, "model")
-    model = merge_lora(load_lora(checkpoint.load_model(a.model), a.lora))
-    tokenizer = a.tokenizer or interop.tokenizer_dir_beside(Path(a.model))
-    return checkpoint.save_model_dir(model, a.out, tokenizer_dir=tokenizer,
-                                     metadata={"merged_lora": str(a.lora)})
+    return interop.merge_lora_into_dir(a.model, a.lora, a.out, a.tokenizer)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,15 @@ import time
 
 import torch
 
-from minimind_fast import MiniMindForCausalLM, get_preset
-from minimind_fast.chat import check_utf8, check_vocab, find_tokenizer, load_chat_model, pick_device, pick_dtype
+from minimind_fast.chat import (
+    byte_ids,
+    check_utf8,
+    check_vocab,
+    encode_prompt,
+    find_tokenizer,
+    load_chat_model,
+    load_preset_model,
+)
 from minimind_fast.generation import generate
 from minimind_fast.inference_args import add_model_arguments, add_sampling_arguments, generation_config
 
@@ -36,15 +43,14 @@ def main() -> None:
             for flag, value in (("--lora", a.lora), ("--tokenizer", a.tokenizer)):
                 if value:  # random weights have no adapter or tokenizer of their own to pair with
                     raise ValueError(f"{flag} needs --model (--preset has random weights and byte ids)")
-            dev = pick_device(a.device)
-            model = MiniMindForCausalLM(get_preset(a.preset)).to(device=dev, dtype=pick_dtype(a.dtype, dev)).eval()
-            tokenizer, ids = None, [b % model.config.vocab_size for b in a.prompt.encode()]
+            model = load_preset_model(a.preset, a.device, a.dtype)
+            tokenizer, ids = None, byte_ids(a.prompt, model.config.vocab_size)
         else:
             tokenizer = find_tokenizer(a.model, a.tokenizer)
             model = load_chat_model(a.model, a.device, a.dtype, a.lora)
             check_vocab(tokenizer, model)
             config.stop_token_ids = [tokenizer.eos_token_id]
-            ids = [tokenizer.bos_token_id, *tokenizer.encode(a.prompt)]
+            ids = encode_prompt(tokenizer, {"prompt": a.prompt}, "pretrain")
         start = time.perf_counter()
         new = generate(model, [ids], config, cuda_graph=not a.no_cuda_graph)[0]
         seconds = time.perf_counter() - start

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from minimind_fast.checkpoint import is_hf_dir, resolve_model_dir
+from minimind_fast.config import get_preset
 from minimind_fast.data.records import RecordError, check_messages, prompt_text, refuse_record_tools
 from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, load_tokenizer
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
+from minimind_fast.model import MiniMindForCausalLM
 
 
 def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ChatTokenizer:
@@ -82,6 +84,17 @@ def load_chat_model(path: str | os.PathLike, device: str = "auto", dtype: str = 
     if lora is None and adapter is not None:
         print(f"applying the LoRA adapter in {adapter} (--lora none for the base model)", file=sys.stderr)
     return model.to(device=dev, dtype=torch_dtype).eval()
+
+
+def load_preset_model(preset: str, device: str = "auto", dtype: str = "auto") -> MiniMindForCausalLM:
+    """A randomly initialised model of `preset`, in eval mode (a smoke test of generation)."""
+    dev = pick_device(device)
+    return MiniMindForCausalLM(get_preset(preset)).to(device=dev, dtype=pick_dtype(dtype, dev)).eval()
+
+
+def byte_ids(text: str, vocab_size: int) -> list[int]:
+    """Token ids without a tokenizer: the text's UTF-8 bytes, folded into the vocabulary."""
+    return [b % vocab_size for b in text.encode()]
 
 
 def check_utf8(text: str | None, what: str) -> None:
@@ -305,3 +318,57 @@ def answer_file(model, tokenizer: ChatTokenizer, config: GenerationConfig, in_pa
             os.remove(tmp)
         raise
     return len(records)
+
+
+# --------------------------------------------------------------------------------------------------
+# Terminal use (launch/chat.py): streamed to stdout
+# --------------------------------------------------------------------------------------------------
+def print_continuation(model, tokenizer: ChatTokenizer, config: GenerationConfig, prompt: str,
+                       cuda_graph: bool = False) -> None:
+    """`--mode pretrain`: print `prompt`, then its raw-text continuation as it is generated."""
+    ids = encode_prompt(tokenizer, {"prompt": prompt}, "pretrain")
+    print(prompt, end="", flush=True)
+    stream = TextStream(tokenizer, config.stop_strings)
+    for tok in stream_generate(model, ids, config, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                               cuda_graph=cuda_graph):
+        if tok == tokenizer.eos_token_id:
+            break
+        print(stream.push(tok), end="", flush=True)
+    print(stream.finish())
+
+
+def print_reply(session: ChatSession, text: str) -> None:
+    for piece in session.stream_reply(text):
+        print(piece, end="", flush=True)
+    print()
+
+
+def interactive(session: ChatSession) -> None:
+    """Read user turns from stdin until /exit or its end; /reset clears the history."""
+    print("Chat (/reset clears the history, /exit quits)")
+    typed = sys.stdin.isatty()  # a person can retype a line; a piped script's later lines may depend on it
+    lineno = 0
+    while True:
+        lineno += 1
+        try:
+            text = input("you> ").strip()
+            check_utf8(text, f"stdin line {lineno}")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        except ValueError as e:  # check_utf8's, or a strict stdin's UnicodeDecodeError
+            # A strict stdin decodes ahead of the line handed out, so its error cannot name the line.
+            problem = "stdin is not valid UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
+            if not typed:
+                raise ValueError(problem) from None
+            print(f"\n({problem}: type it again)", file=sys.stderr)
+            continue
+        if text == "/exit":
+            return
+        if text == "/reset":
+            session.reset()
+            print("(history cleared)")
+            continue
+        if text:
+            print("model> ", end="", flush=True)
+            print_reply(session, text)

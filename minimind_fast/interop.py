@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from minimind_fast import checkpoint
 from minimind_fast.config import ModelConfig
-from minimind_fast.lora import load_tuned_model
+from minimind_fast.lora import load_lora, load_tuned_model, merge_lora
 from minimind_fast.model import MiniMindForCausalLM
 
 # Wrappers that prefix every key: DDP (`module.`) and torch.compile (`_orig_mod.`).
@@ -481,3 +481,35 @@ def load_hf_dir(path: str | os.PathLike) -> MiniMindForCausalLM:
     model = MiniMindForCausalLM(config)
     checkpoint.load_state(model, read_hf_weights(path), source=str(path))
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# launch/convert.py's subcommands that write our model directory
+# --------------------------------------------------------------------------------------------------
+def convert_minimind_pth(pth: str | os.PathLike, out: str | os.PathLike,
+                         tokenizer_dir: str | os.PathLike | None = None, **overrides: Any) -> Path:
+    """A MiniMind2 `.pth` (sizes from its shapes, `overrides` for what they do not show) -> model dir."""
+    check_output_dir(out, "model")  # before the work, which a refused --out would waste
+    model = load_minimind_pth(pth, **overrides)
+    return checkpoint.save_model_dir(model, out, tokenizer_dir=tokenizer_dir, metadata={"converted_from": str(pth)})
+
+
+def convert_hf_dir(hf_dir: str | os.PathLike, out: str | os.PathLike,
+                   tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """A Hugging Face Llama/Qwen3 directory -> model dir, with its own tokenizer unless one is given."""
+    check_output_dir(out, "model")
+    model = load_hf_dir(hf_dir)
+    if tokenizer_dir is None and (Path(hf_dir) / "tokenizer.json").exists():
+        tokenizer_dir = hf_dir
+    return checkpoint.save_model_dir(model, out, tokenizer_dir=tokenizer_dir,
+                                     metadata={"converted_from": str(hf_dir)})
+
+
+def merge_lora_into_dir(model_path: str | os.PathLike, lora: str | os.PathLike, out: str | os.PathLike,
+                        tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """A base model with a LoRA adapter (or a LoRA run's newest) folded in -> model dir."""
+    check_output_dir(out, "model")
+    model = merge_lora(load_lora(checkpoint.load_model(model_path), lora))
+    if tokenizer_dir is None:
+        tokenizer_dir = tokenizer_dir_beside(Path(model_path))
+    return checkpoint.save_model_dir(model, out, tokenizer_dir=tokenizer_dir, metadata={"merged_lora": str(lora)})
