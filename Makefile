@@ -20,7 +20,8 @@ export TORCH_EXTENSIONS_DIR
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# CPU machines get the CPU build of torch 2.13.0; CUDA machines keep pip's default (CUDA) build.
+	# Machines without nvidia-smi get torch pinned to 2.13.0 (the CPU build where the index serves one);
+	# CUDA machines keep pip's default (CUDA) build.
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -e '.[dev]'
