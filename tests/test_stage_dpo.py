@@ -405,6 +405,34 @@ def test_reference_with_a_shorter_context_or_another_tokenizer_is_refused(builti
                 stage._load_reference(MiniMindForCausalLM(tiny_config()))  # where precomputing loads it
 
 
+def test_resume_refuses_another_reference_or_beta(builtin_data, tmp_path):
+    """A checkpoint records the reference's weight fingerprint, beta and label smoothing; a resume with
+    another --reference (same vocabulary and tokenizer), --beta or --label-smoothing would continue
+    another objective from its state, so it is refused (with or without precomputed scores)."""
+    refs = [save_model_dir(MiniMindForCausalLM(tiny_config().replace(kernels="reference")), tmp_path / f"ref{i}",
+                           tokenizer_dir=builtin_data["tokenizer"]) for i in range(2)]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+
+    def set_up(*flags: str, resume: Path | None = None) -> DPOStage:
+        stage = stage_for("--seq-len", "64", *flags)
+        stage.check_arguments()
+        stage.manifest = stage.open_data(builtin_data["shards"]["dpo"])
+        stage.resume_from = resume
+        torch.manual_seed(0)
+        stage.setup(MiniMindForCausalLM(tiny_config().replace(kernels="reference")))
+        return stage
+
+    set_up("--reference", str(refs[0])).save_extra(None, ckpt)
+    for precompute in ((), ("--precompute-reference",)):
+        set_up("--reference", str(refs[0]), *precompute, resume=ckpt)  # the same objective resumes
+        for flags, what in [(("--reference", str(refs[1])), "the reference's weights"),
+                            (("--reference", str(refs[0]), "--beta", "0.5"), "--beta"),
+                            (("--reference", str(refs[0]), "--label-smoothing", "0.1"), "--label-smoothing")]:
+            with pytest.raises(ValueError, match=f"trained with another DPO objective \\({what}"):
+                set_up(*flags, *precompute, resume=ckpt)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--lora-alpha", "32"], "--lora-alpha set LoRA adapters, which need --lora-rank"),
     (["--lora-targets", "q_proj", "--lora-dropout", "0.1"],

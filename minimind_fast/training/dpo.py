@@ -45,7 +45,14 @@ from minimind_fast.training.lora_stage import (
     check_lora_flags,
     saved_adapter_config,
 )
-from minimind_fast.training.stages import FineTuneStage, check_context, freeze, load_start_model
+from minimind_fast.training.stages import (
+    FineTuneStage,
+    check_context,
+    check_resumed_objective,
+    freeze,
+    load_start_model,
+    save_objective,
+)
 
 IGNORE = -100
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -157,6 +164,10 @@ class DPOStage(FineTuneStage):
             self._reference_id = weights_fingerprint(self._loaded_reference if a.reference else model)
         else:
             self.reference = self._load_reference(model)
+            self._reference_id = weights_fingerprint(self.reference)
+        check_resumed_objective(self.resume_from, "DPO objective", self._objective(),
+                                {"reference": "the reference's weights (--reference, or --init)",
+                                 "beta": "--beta", "label_smoothing": "--label-smoothing"})
         if a.lora_rank is not None:
             # After the reference is copied: adapters start at zero (B = 0), so a copy made later (when
             # precomputing) scores exactly as the --init weights do.
@@ -164,6 +175,13 @@ class DPOStage(FineTuneStage):
         elif self.resume_from is not None and (saved := saved_adapter_config(self.resume_from)) is not None:
             raise ValueError(f"{self.resume_from} trained LoRA adapters (rank {saved.get('rank')}): resume with "
                              "its --lora-* flags, or start anew with --resume none (or another --out)")
+
+    def _objective(self) -> dict:
+        """What the loss depends on beyond the policy: the reference's weights, beta, label smoothing."""
+        return {"reference": self._reference_id, "beta": self.args.beta, "label_smoothing": self.args.label_smoothing}
+
+    def save_extra(self, model, out_dir: Path) -> None:
+        save_objective(out_dir, self._objective())
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return adapter_parameters(model) if self.args.lora_rank is not None else super().trainable_parameters(model)

@@ -21,7 +21,7 @@ from minimind_fast.config import ModelConfig, get_preset
 from minimind_fast.data.loaders import build_loader, read_manifest
 from minimind_fast.model import MiniMindForCausalLM
 
-TEACHER_FILE = "teacher.json"  # in a distillation checkpoint: what its KL term was computed against
+OBJECTIVE_FILE = "objective.json"  # in a checkpoint: what the stage's loss depended on beyond the model
 
 
 def freeze(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
@@ -55,6 +55,24 @@ def check_context(model: MiniMindForCausalLM, flag: str, path: str, seq_len: int
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def save_objective(checkpoint: Path, record: dict) -> None:
+    (checkpoint / OBJECTIVE_FILE).write_text(json.dumps(record))
+
+
+def check_resumed_objective(resume_from: Path | None, what: str, mine: dict, flags: dict[str, str]) -> None:
+    """A resume continues the same objective: refuse one whose settings (a reference's or teacher's weight
+    fingerprint, beta, ...) differ from those the checkpoint recorded (`save_objective`); a checkpoint
+    from before the record cannot tell. `flags` names each setting as the user gives it."""
+    path = resume_from / OBJECTIVE_FILE if resume_from is not None else None
+    if path is None or not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    changed = [flags.get(k, k) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+    if changed:
+        raise ValueError(f"{resume_from} trained with another {what} ({'; '.join(changed)} differ): resume with "
+                         f"the run's settings, or start anew with --init {resume_from}")
 
 
 class Stage:
@@ -318,24 +336,12 @@ class ReasoningStage(FineTuneStage):
                 "kd_alpha": self.args.kd_alpha}
 
     def _check_resumed_teacher(self) -> None:
-        """A resume continues the same objective: refuse another teacher (or none, or one added) than the
-        checkpoint's, which a checkpoint from before this record cannot tell."""
-        saved_file = self.resume_from / TEACHER_FILE if self.resume_from is not None else None
-        if saved_file is None or not saved_file.exists():
-            return
-        saved, mine = json.loads(saved_file.read_text()), self._teacher_record()
-        if saved != mine:
-            if saved["teacher"] and mine["teacher"] and saved["teacher"] != mine["teacher"]:
-                what = "the --teacher weights"
-            elif bool(saved["teacher"]) != bool(mine["teacher"]):
-                what = "--teacher given or not"
-            else:
-                what = "--kd-temperature or --kd-alpha"
-            raise ValueError(f"{self.resume_from} trained with another distillation term ({what} differ): resume "
-                             f"with the run's --teacher and settings, or start anew with --init {self.resume_from}")
+        check_resumed_objective(self.resume_from, "distillation term", self._teacher_record(),
+                                {"teacher": "the --teacher weights (or --teacher given or not)",
+                                 "kd_temperature": "--kd-temperature", "kd_alpha": "--kd-alpha"})
 
     def save_extra(self, model, out_dir: Path) -> None:
-        (out_dir / TEACHER_FILE).write_text(json.dumps(self._teacher_record()))
+        save_objective(out_dir, self._teacher_record())
 
     def _place_teacher(self, model, device: torch.device) -> None:
         """Move the teacher once to the student's device and floating dtype (bf16/fp16 under DeepSpeed's
