@@ -247,6 +247,11 @@ def test_precomputed_reference_is_scored_again_for_other_pairs_or_weights(pretra
 
     step4 = sorted((pretrain_run / "checkpoints").glob("step_*"))[0] / "model" / "model.safetensors"
     shutil.copy(step4, init / "model.safetensors")  # other weights, same path
+    # a resume against another reference is refused (objective.json), before any scoring
+    refused = run("dpo.py", args + ["--stop-at-step", "3"], check=False)
+    assert refused.returncode == 2 and "another DPO objective" in refused.stderr, refused.stderr[-2000:]
+    assert "scoring" not in refused.stdout
+    shutil.rmtree(out / "checkpoints")
     proc = run("dpo.py", args + ["--stop-at-step", "3"])
     assert "scoring" in proc.stdout and "reused" not in proc.stdout, proc.stdout[-2000:]
     third, by_hand = load_file(str(stored)), reference_scores_by_hand(init, data)
