@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from minimind_fast.checkpoint import weights_fingerprint
-from minimind_fast.data.loaders import build_loader
+from minimind_fast.data.loaders import build_loader, fingerprint
 from minimind_fast.data.shards import file_checksum
 from minimind_fast.files import apply_umask
 from minimind_fast.model import MiniMindForCausalLM
@@ -305,22 +305,19 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
 def _data_identity(loader) -> list:
     """What the scores of a split depend on besides the reference: its shards' contents, tokenizer and
     size. The same counts do not make the same pairs (data tokenized again, chosen and rejected
-    swapped): the contents are the manifest's per-shard checksums."""
+    swapped): the contents are the loader's fingerprint of the manifest's per-shard checksums."""
     split = loader.manifest["splits"][loader.split]
     return [str(loader.shards[0].path.parent.resolve()), loader.manifest.get("tokenizer_fingerprint"),
-            split["tokens"], loader.n_items, _shard_checksums(loader, split["shards"])]
+            split["tokens"], loader.n_items, loader.data_id or _hash_shards(loader)]
 
 
-def _shard_checksums(loader, entries: list[dict]) -> list[str]:
-    """Each shard's checksum from the manifest; a manifest from before tokenize.py recorded them gets
-    the shard files hashed (the same sha256, one read of each), so old shards are still keyed safely."""
-    listed = [e.get("checksum") for e in entries]
-    if all(isinstance(c, str) and c for c in listed):
-        return listed
+def _hash_shards(loader) -> str:
+    """For a manifest from before tokenize.py recorded checksums: the shard files hashed (the same sha256,
+    one read of each), so that old shards are still keyed safely, with the same fingerprint."""
     _note(f"{loader.shards[0].path.parent / 'manifest.json'}: no checksum recorded for the {loader.split} "
           f"shards (written by an older tokenize.py); hashing the shard files to key the reference scores "
           f"(run launch/tokenize.py again on the same inputs to record them)")
-    return [c if isinstance(c, str) and c else file_checksum(shard.path) for c, shard in zip(listed, loader.shards)]
+    return fingerprint([file_checksum(shard.path) for shard in loader.shards])
 
 
 def _note(text: str) -> None:
