@@ -116,7 +116,7 @@ class BenchSession:
 
     # --- compile budget ------------------------------------------------------------------------
     def require_compile_budget(self) -> None:
-        if self.compile_spent_s > self.compile_budget_s:
+        if not self.compile_budget_left():
             pytest.skip(f"torch.compile budget spent ({self.compile_spent_s:.0f}s > "
                         f"{self.compile_budget_s:.0f}s); raise --bench-compile-budget to include it")
 
