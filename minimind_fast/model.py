@@ -209,6 +209,8 @@ class MoEFeedForward(nn.Module):
                                   config.intermediate_size)
         self.shared_experts = nn.ModuleList(
             FeedForward(config, ops) for _ in range(config.n_shared_experts))
+        # MiniMind2 drops out each expert's output; one mask over their weighted sum is the same in law
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output, aux loss); the aux loss is None outside training or with aux_loss_alpha 0."""
@@ -226,7 +228,7 @@ class MoEFeedForward(nn.Module):
             aux = None
         e = self.experts
         y = self.ops.moe_experts(flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj)
-        y = y.view(bsz, seqlen, hidden)
+        y = self.dropout(y.view(bsz, seqlen, hidden))
         for expert in self.shared_experts:
             y = y + expert(x)
         return y, aux
@@ -306,6 +308,17 @@ class MiniMindForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def set_dropout(self, p: float) -> None:
+        """Train a built model with another dropout rate (fine-tuning with `--dropout`); its config
+        records the rate, so checkpoints say what the weights were trained with."""
+        self.config.replace(dropout=p).validate()
+        self.config.dropout = p  # in place: the MoE layers share this config object
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, Attention):
+                module.dropout = p
 
     def forward(
         self,

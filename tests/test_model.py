@@ -566,3 +566,33 @@ def test_attention_backend_choice_is_checked(monkeypatch):
     monkeypatch.setenv(attention.ENV_VAR, "flash-attn")
     with pytest.raises(ValueError, match="MINIMIND_ATTENTION='flash-attn': choose auto, flash or sdpa"):
         tiny().eval()(torch.randint(0, 128, (1, 5)))
+
+
+@pytest.mark.parametrize("make", [tiny, tiny_moe])
+def test_set_dropout_trains_as_a_model_built_with_that_rate(make):
+    built, changed = make(dropout=0.25).train(), make().train()
+    changed.load_state_dict(built.state_dict())
+    changed.set_dropout(0.25)
+    assert changed.config.dropout == 0.25
+    ids = torch.randint(0, 128, (2, 12))
+    losses = []
+    for model in (built, changed):
+        torch.manual_seed(3)
+        losses.append(model(ids, targets=torch.roll(ids, -1, 1)).loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    with torch.no_grad():
+        eval_loss = changed.eval()(ids, targets=torch.roll(ids, -1, 1)).loss
+    assert not torch.equal(eval_loss, losses[1])  # the rate acts in training
+    with pytest.raises(ValueError, match="dropout=1.5"):
+        changed.set_dropout(1.5)
+
+
+def test_moe_routed_experts_output_is_dropped_out_in_training():
+    layer = tiny_moe(dropout=0.5, n_shared_experts=0).model.layers[0].mlp
+    x = torch.randn(2, 6, layer.config.hidden_size)
+    torch.manual_seed(0)
+    trained, _ = layer.train()(x)
+    kept, _ = layer.eval()(x)
+    dropped = (trained == 0).float().mean().item()
+    assert 0.3 < dropped < 0.7, dropped
+    torch.testing.assert_close(trained[trained != 0], 2 * kept[trained != 0])

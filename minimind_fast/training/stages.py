@@ -220,6 +220,8 @@ class FineTuneStage(Stage):
         model = load_start_model(a.init, "--init", a.kernels)
         model.config.gradient_checkpointing = a.gradient_checkpointing
         model.gradient_checkpointing = a.gradient_checkpointing
+        if a.dropout is not None:
+            model.set_dropout(a.dropout)
         if manifest["vocab_size"] > model.config.vocab_size:
             raise ValueError(f"{a.data}: shards use {manifest['vocab_size']} tokens, more than the model's "
                              f"vocab_size {model.config.vocab_size} ({a.init})")
