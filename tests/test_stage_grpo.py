@@ -13,7 +13,7 @@ import torch
 from launch_helpers import run, two_ranks
 from tool_templates import TOOLS_TEMPLATE
 
-from minimind_fast.checkpoint import save_model_dir
+from minimind_fast.checkpoint import load_model, save_model_dir
 from minimind_fast.config import get_preset
 from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt_file
 from minimind_fast.data.tokenizer import load_tokenizer
@@ -470,3 +470,50 @@ def test_two_ranks_zero3_sample_and_train_like_zero0(random_init, letter_reward,
     for a, b in zip(runs[0], runs[3]):
         assert a["reward_mean"] == b["reward_mean"] and a["completion_len"] == b["completion_len"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def _grpo_stage(init: Path, data: Path, *flags: str, resume: Path | None = None):
+    """A GRPO stage set up as the engine does before DeepSpeed (data, model, setup), without training."""
+    from minimind_fast.training.args import training_parser
+    from minimind_fast.training.grpo import GRPOStage
+
+    parser = training_parser("grpo", "grpo")
+    GRPOStage.add_arguments(parser)
+    stage = GRPOStage(parser.parse_args(["--init", str(init), "--data", str(data), "--out", "unused",
+                                         "--kernels", "reference", "--seq-len", "128", "--max-new-tokens", "16",
+                                         *flags]))
+    stage.resume_from = resume
+    manifest = stage.open_data(data)
+    stage.setup(stage.build_model(manifest))
+    return stage
+
+
+def test_resume_refuses_another_objective(random_init, builtin_data, tmp_path):
+    """A checkpoint records the reference's weights, the rewards and the sampling settings; a resume with
+    other ones would continue another objective from the checkpoint's optimizer state and position."""
+    data = builtin_data["files"]["grpo_prompts"]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _grpo_stage(random_init, data).save_extra(None, ckpt)
+    _grpo_stage(random_init, data, "--reward", "format", "--reward", "answer", resume=ckpt)  # same, reordered
+    other_init = tmp_path / "other"
+    torch.manual_seed(1)
+    save_model_dir(MiniMindForCausalLM(load_model(random_init).config), other_init,
+                   tokenizer_dir=builtin_data["tokenizer"])
+    for flags, what in [(("--kl-beta", "0.1"), "--kl-beta"), (("--reward", "answer"), "--reward"),
+                        (("--temperature", "0.7"), "--temperature"), (("--group-size", "8"), "--group-size"),
+                        (("--updates-per-rollout", "2"), "--updates-per-rollout")]:
+        with pytest.raises(ValueError, match=f"trained with another GRPO objective \\({what}"):
+            _grpo_stage(random_init, data, *flags, resume=ckpt)
+    with pytest.raises(ValueError, match="another GRPO objective \\(the reference's weights"):
+        _grpo_stage(other_init, data, resume=ckpt)
+
+
+def test_reused_rollouts_refuse_dropout(random_init, builtin_data):
+    """logp_old is taken from the first update's forward: with dropout the later updates' ratio would
+    move with each new mask, the weights unchanged."""
+    data = builtin_data["files"]["grpo_prompts"]
+    with pytest.raises(ValueError, match="--updates-per-rollout 2 compares .* dropout 0.1 .* pass --dropout 0"):
+        _grpo_stage(random_init, data, "--dropout", "0.1", "--updates-per-rollout", "2")
+    stage = _grpo_stage(random_init, data, "--dropout", "0.1")  # one update per rollout: the ratio is 1
+    assert stage.reference.config.dropout == 0.1

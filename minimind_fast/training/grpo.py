@@ -18,7 +18,10 @@ ratio starts at exactly 1 and no extra forward is spent; the decoder's log-proba
 as they may differ from the training forward by kernel rounding. `--updates-per-rollout` mu > 1
 reuses each rollout for mu optimizer steps (the loader repeats the step's micro-batches), which is
 where clipping acts. The rollout buffer is not checkpointed: a run resumed part-way through a
-rollout's passes samples a fresh rollout for the remaining ones.
+rollout's passes samples a fresh rollout for the remaining ones. Since `logp_old` comes from a training
+forward, mu > 1 needs the model without dropout (another mask per update would move the ratio). A
+checkpoint records the objective (reference weights, rewards, sampling and clipping settings) and a
+resume with other ones is refused.
 
 Under ZeRO-3 the parameters are partitioned, so before sampling every rank gathers them
 (`deepspeed.zero.GatheredParameters`, collective) into a private full copy and generates with that;
@@ -39,13 +42,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from minimind_fast.checkpoint import weights_fingerprint
 from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt_file
 from minimind_fast.generation import GenerationConfig, generate
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.rewards import REWARDS, RewardSet
-from minimind_fast.training.stages import FineTuneStage, freeze
+from minimind_fast.training.stages import FineTuneStage, check_resumed_objective, freeze, save_objective
 
 ADV_EPS = 1e-4
+# What a resume must keep (objective.json): each setting as the user gives it
+OBJECTIVE_FLAGS = {"reference": "the reference's weights (--init, when --kl-beta > 0)", "reward": "--reward",
+                   "kl_beta": "--kl-beta", "clip_eps": "--clip-eps", "group_size": "--group-size",
+                   "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+                   "max_new_tokens": "--max-new-tokens", "updates_per_rollout": "--updates-per-rollout"}
 
 
 # ------------------------------------------------------------------------------------- the maths
@@ -248,10 +257,30 @@ class GRPOStage(FineTuneStage):
         if a.seq_len > model.config.max_position_embeddings:
             raise ValueError(f"--seq-len {a.seq_len} exceeds the model's context length "
                              f"{model.config.max_position_embeddings}")
+        if a.updates_per_rollout > 1 and model.config.dropout > 0:
+            # logp_old comes from the first update's forward: under dropout every later update draws
+            # another mask, so the ratio moves (and clips) with no change of the weights
+            raise ValueError(f"--updates-per-rollout {a.updates_per_rollout} compares the policy with itself "
+                             f"across updates, which dropout {model.config.dropout:g} (the model's, or --dropout) "
+                             f"turns into noise: pass --dropout 0")
         if a.kl_beta > 0:
             self.reference = freeze(copy.deepcopy(model))
         if self.zero_stage == 3:
             self.rollout_copy = freeze(copy.deepcopy(model))
+        self.objective = self._objective_record(model)
+        check_resumed_objective(self.resume_from, "GRPO objective", self.objective, OBJECTIVE_FLAGS)
+
+    def _objective_record(self, model: MiniMindForCausalLM) -> dict:
+        """What the loss depends on beyond the policy: the reference (the --init weights, when the KL term
+        is on), the rewards, and how rollouts are sampled and reused."""
+        a = self.args
+        record = {key: getattr(a, key) for key in OBJECTIVE_FLAGS if key not in ("reference", "reward")}
+        record["reward"] = sorted(a.reward or ["answer", "format"])
+        record["reference"] = weights_fingerprint(model) if self.reference is not None else None
+        return record
+
+    def save_extra(self, model, out_dir: Path) -> None:
+        save_objective(out_dir, self.objective)
 
     # --- rollouts --------------------------------------------------------------------------
     @contextlib.contextmanager
