@@ -234,7 +234,10 @@ def test_precomputed_reference_is_scored_again_for_other_pairs_or_weights(pretra
     first, counts = load_file(str(stored)), split_counts(data)
     tokenize_to_shards([swapped], builtin_data["tokenizer"], data, opts)
     assert split_counts(data) == counts  # only the pairs' contents tell the two apart
-    # A resume over other data is refused (its loader position means nothing there, test_data_loaders.py):
+    # A resume over other data is refused (its loader position means nothing there), before any scoring:
+    refused = run("dpo.py", args + ["--stop-at-step", "2"], check=False)
+    assert refused.returncode == 2 and "changed since the checkpoint" in refused.stderr, refused.stderr[-2000:]
+    assert "scoring" not in refused.stdout and "reused" not in refused.stdout, refused.stdout[-2000:]
     # a new run in the same directory finds the stored table
     shutil.rmtree(out / "checkpoints")
     proc = run("dpo.py", args + ["--stop-at-step", "2"])

@@ -126,16 +126,20 @@ def save_checkpoint(engine, stage, run_dir: Path, step: int, loader_state: dict,
     return final
 
 
-def load_checkpoint(engine, ckpt: Path) -> tuple[dict, dict]:
-    """Restore DeepSpeed state, RNG states; returns (loader_state, trainer_state)."""
-    rank = dist.get_rank()
-    load_path, _ = engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
-                                          load_module_strict=not has_frozen(engine))
-    if load_path is None:
-        raise RuntimeError(f"{ckpt}: DeepSpeed could not load its state")
+def read_rank_state(ckpt: Path, rank: int) -> dict:
+    """This rank's part of a checkpoint: {"loader": its position, "rng": its RNG states}."""
     rank_file = ckpt / f"rank_{rank}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(f"{rank_file}: missing (was the checkpoint written with another world size?)")
     saved = torch.load(rank_file, weights_only=True)
-    set_rng_state(saved["rng"])
-    return json.loads(saved["loader"]), json.loads((ckpt / "trainer_state.json").read_text())
+    return {"loader": json.loads(saved["loader"]), "rng": saved["rng"]}
+
+
+def load_checkpoint(engine, ckpt: Path, rank_state: dict) -> dict:
+    """Restore DeepSpeed's state and this rank's RNG states (`read_rank_state`); returns the trainer state."""
+    load_path, _ = engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
+                                          load_module_strict=not has_frozen(engine))
+    if load_path is None:
+        raise RuntimeError(f"{ckpt}: DeepSpeed could not load its state")
+    set_rng_state(rank_state["rng"])
+    return json.loads((ckpt / "trainer_state.json").read_text())

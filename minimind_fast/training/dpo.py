@@ -198,17 +198,13 @@ class DPOStage(FineTuneStage):
             reference = copy.deepcopy(model)
         return freeze(reference)
 
-    def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
-                     pin_memory: bool = False):
-        """The split's loader; with --precompute-reference the train call also scores every pair."""
-        loader = super().build_loader(data, split=split, rank=rank, world_size=world_size, vocab_size=vocab_size,
-                                      pin_memory=pin_memory)
-        if split == "train" and self.args.precompute_reference:
+    def prepare_training(self, loader, vocab_size: int) -> None:
+        """With --precompute-reference, score every pair (or find the scores stored in the run dir)."""
+        if self.args.precompute_reference:
             self.tables = self._reference_tables(loader, vocab_size)
             self.reference = self._init_model = self._loaded_reference = None  # the scores replace it
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        return loader
 
     def _reference_tables(self, train_loader, vocab_size: int) -> dict[str, torch.Tensor]:
         """{split: (pairs, 2) reference log-probs}: from the run dir when it matches, else computed now."""

@@ -170,6 +170,12 @@ class Trainer:
         self.loader = self.stage.build_loader(data, split="train", rank=self.rank, world_size=self.world,
                                               vocab_size=self.config.vocab_size,
                                               pin_memory=self.device.type == "cuda")
+        if self.resume_from is not None:
+            # A position over other data or settings is refused here, before a stage's own set-up work
+            # (DPO's reference scoring) is spent on a run that cannot resume.
+            self.rank_state = checkpointing.read_rank_state(self.resume_from, self.rank)
+            self.loader.load_state_dict(self.rank_state["loader"])
+        self.stage.prepare_training(self.loader, self.config.vocab_size)
         self.val_loader = None
         if a.eval_every > 0:
             try:
@@ -319,8 +325,7 @@ class Trainer:
         ckpt = self.resume_from
         if ckpt is None:
             return {"step": 0, "tokens": 0, "bad_steps": 0}
-        loader_state, trainer_state = checkpointing.load_checkpoint(self.engine, ckpt)
-        self.loader.load_state_dict(loader_state)
+        trainer_state = checkpointing.load_checkpoint(self.engine, ckpt, self.rank_state)
         self._note(f"resumed from {ckpt} at step {trainer_state['step']}")
         return trainer_state
 

@@ -143,6 +143,10 @@ class Stage:
     def setup(self, model: MiniMindForCausalLM) -> None:
         """Hook run after the model exists and before DeepSpeed wraps it (LoRA, reference models)."""
 
+    def prepare_training(self, loader, vocab_size: int) -> None:
+        """Hook run once the train loader exists and a resumed position in it is checked (DPO scores its
+        reference here)."""
+
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
