@@ -152,11 +152,13 @@ def infer_minimind_config(state: dict[str, torch.Tensor], source: str = "state d
     if heads is None:
         heads = DEFAULT_HEADS
         warnings.warn(f"{source}: a .pth does not record the number of attention heads; assuming MiniMind2's "
-                      f"{heads} (pass num_attention_heads / --num-attention-heads if it was trained otherwise)",
+                      f"{heads}; if it was trained with another count, convert it with "
+                      f"`launch/convert.py from-minimind {source} --num-attention-heads N --out DIR` and use DIR",
                       stacklevel=3)
     if hidden % heads:
         raise ValueError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads={heads}; "
-                         "pass the checkpoint's head count (--num-attention-heads)")
+                         f"convert it with `launch/convert.py from-minimind {source} --num-attention-heads N "
+                         "--out DIR` giving its head count, and use DIR")
     head_dim = hidden // heads
     k_rows = need("model.layers.0.self_attn.k_proj.weight").shape[0]
     if k_rows % head_dim:

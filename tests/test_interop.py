@@ -148,7 +148,10 @@ def our_logits(model, ids: torch.Tensor) -> torch.Tensor:
 def test_dense_pth_matches_hf_llama(tmp_path):
     sd = minimind2_state(**SIZES)
     torch.save(sd, tmp_path / "full_sft_64.pth")
-    with pytest.warns(UserWarning, match="assuming MiniMind2's 8"):
+    # the way out it names is a real command (chat, generate and the stages take no head count)
+    with pytest.warns(UserWarning, match="assuming MiniMind2's 8; if it was trained with another count, convert it "
+                                         "with `launch/convert.py from-minimind .*full_sft_64.pth "
+                                         "--num-attention-heads N --out DIR`"):
         model = load_model(tmp_path / "full_sft_64.pth")
     cfg = model.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
