@@ -175,7 +175,7 @@ def _rmsnorm_dw_wide(DY, X, RSTD, DW_PARTIAL, stride_dy, stride_x, n_rows, n_col
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1, t.shape[-1])
+    t = t.reshape(t.shape[:-1].numel(), t.shape[-1])  # not (-1, D): D = 0 leaves -1 undefined
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -204,7 +204,9 @@ def _forward(x, residual, weight, eps):
     y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, residual), device=x.device)
     h = torch.empty_like(y) if residual is not None else y
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    if n_rows and n_cols > WIDE_COLS:
+    if n_cols == 0:  # rows of nothing, as the reference: an empty norm, and a sum of nothing
+        pass
+    elif n_rows and n_cols > WIDE_COLS:
         _rmsnorm_fwd_wide[(n_rows,)](
             x2, r2, weight, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n_cols, eps,
             HAS_RESIDUAL=residual is not None, CHUNK=CHUNK, num_warps=CHUNK_WARPS)
@@ -226,7 +228,7 @@ def _backward(dy, normed_input, weight, rstd, dh):
     n_rows, n_cols = dy2.shape
     dx = torch.empty((n_rows, n_cols), dtype=dy.dtype, device=dy.device)
     dw = torch.empty(n_cols, dtype=weight.dtype, device=dy.device)
-    if not n_rows:
+    if not n_rows or not n_cols:
         return dx.view(shape), dw.zero_()
     if n_cols > WIDE_COLS:
         return _backward_wide(dy2, dh2, normed_input, weight, rstd, dh is not None, dx, dw, shape)

@@ -194,6 +194,18 @@ def test_rms_norm_of_no_rows_has_zero_weight_grad(device):
     assert x.grad.shape == (0, 48) and torch.equal(w.grad, torch.zeros_like(w))
 
 
+def test_rms_norm_of_zero_width_rows_is_empty_as_the_reference(device):
+    """Rows of no columns failed in a reshape with an error about -1 (the reference gives empties)."""
+    w = torch.randn(0, device=device, requires_grad=True)
+    x = torch.randn(3, 0, device=device, requires_grad=True)
+    r = torch.randn(3, 0, device=device, requires_grad=True)
+    y = rmsnorm.rms_norm(x, w, 1e-6)
+    y2, h = rmsnorm.add_rms_norm(x, r, w, 1e-6)
+    assert y.shape == y2.shape == h.shape == ref.rms_norm(x, w, 1e-6).shape == (3, 0)
+    (y.sum() + y2.sum() + h.sum()).backward()
+    assert x.grad.shape == r.grad.shape == (3, 0) and w.grad.shape == (0,)
+
+
 def test_rms_norm_rejects_a_weight_or_residual_of_another_shape(device):
     """The kernels index weight and residual by x's rows and columns: a short weight, or a residual the
     reference would broadcast, was read past its end (garbage output) instead of refused."""
