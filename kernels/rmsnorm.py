@@ -40,7 +40,10 @@ def _rmsnorm_fwd(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, n_
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         x += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(H + rows[:, None] * stride_h + cols[None, :], x.to(H.dtype.element_ty), mask=mask)
+        h = x.to(H.dtype.element_ty)
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
+        # Normalise the rounded sum, as the reference and the wide kernel do: backward reads that h back.
+        x = h.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     y = x * rstd[:, None] * w[None, :]
