@@ -308,6 +308,26 @@ def test_compare_flags_only_slowdowns_beyond_the_spread():
     assert compare.compare_runs(old, new, min_rel=0.6)["slower"] == []
 
 
+def test_compare_never_flags_a_case_whose_spread_neither_run_measured(tmp_path, capsys):
+    """A single timed call (do_bench on a step longer than its budget: p20 == p80, as in an H100 run) or a
+    case without percentiles has no spread: a 0.1% change was flagged as slower than a spread of zero.
+    Such cases are listed apart and do not fail the check; one measured spread on either side is enough."""
+    old = run("GPU", "1", [case("single", "eager", 100.0, 100.0, 100.0), case("bare", "ours", 1.0),
+                           case("one-sided", "ours", 1.0, 1.0, 1.0)])
+    old["cases"][1].pop("p20_ms"), old["cases"][1].pop("p80_ms")
+    new = run("GPU", "2", [case("single", "eager", 100.1, 100.1, 100.1), case("bare", "ours", 1.001),
+                           case("one-sided", "ours", 1.2, 1.15, 1.25)])
+    new["cases"][1].pop("p20_ms"), new["cases"][1].pop("p80_ms")
+    result = compare.compare_runs(old, new)
+    assert [c.group for c in result["slower"]] == ["one-sided"]  # +0.2 beyond the new run's 0.1
+    assert sorted(c.group for c in result["no_spread"]) == ["bare", "single"]
+    assert compare.main([str(write(tmp_path / "o.json", old)), str(write(tmp_path / "n.json", new))]) == 1
+    out = capsys.readouterr().out
+    assert "no spread measured in either run (not flagged): 2" in out and "(no spread)  single [eager]" in out
+    del old["cases"][2], new["cases"][2]
+    assert compare.main([str(write(tmp_path / "o.json", old)), str(write(tmp_path / "n.json", new))]) == 0
+
+
 def test_compare_cli_exit_codes(tmp_path, capsys):
     old = write(tmp_path / "old.json", run("GPU", "1", [case("a", "ours", 1.0, 0.99, 1.01)]))
     same = write(tmp_path / "same.json", run("GPU", "2", [case("a", "ours", 1.005, 0.99, 1.02)]))
