@@ -82,9 +82,10 @@ def _by_device(name: str) -> Callable:
 
 
 def resolve_mode(mode: str | None = None) -> str:
-    chosen = os.environ.get(ENV_VAR) or mode or "auto"
+    """The op table's name: MINIMIND_KERNELS when set, else `mode` (the config's `kernels`), else auto."""
+    source, chosen = (ENV_VAR, os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else ("kernels", mode or "auto")
     if chosen not in ("auto", "triton", "reference"):
-        raise ValueError(f"{ENV_VAR}/kernels={chosen!r} must be auto, triton or reference")
+        raise ValueError(f"{source}={chosen!r} must be auto, triton or reference")
     return chosen
 
 

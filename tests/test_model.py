@@ -529,6 +529,65 @@ def test_reference_and_auto_tables_agree_on_cpu():
         torch.testing.assert_close(a(ids).logits, b(ids).logits)
 
 
+@pytest.mark.parametrize("config_choice", ["auto", "triton", "reference"])
+def test_kernel_switch_environment_variable_overrides_the_config_field(monkeypatch, config_choice):
+    """MINIMIND_KERNELS forces either table whatever the config says; unset (or empty), the config's
+    `kernels` field decides. The Triton table holds the kernels themselves, not reference stand-ins."""
+    from minimind_fast.kernels import cross_entropy, moe, rmsnorm, rope, swiglu
+
+    from minimind_fast import kernels, ops
+
+    config = get_preset("tiny", vocab_size=128, kernels=config_choice)
+    for env in ("", None):
+        if env is None:
+            monkeypatch.delenv(ops.ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(ops.ENV_VAR, env)
+        assert MiniMindForCausalLM(config).ops.name == config_choice
+    monkeypatch.setenv(ops.ENV_VAR, "reference")
+    assert MiniMindForCausalLM(config).ops is ops.REFERENCE
+    monkeypatch.setenv(ops.ENV_VAR, "triton")
+    table = MiniMindForCausalLM(config).ops
+    assert table.name == "triton"
+    expected = {"rms_norm": rmsnorm.rms_norm, "add_rms_norm": rmsnorm.add_rms_norm, "apply_rotary": rope.apply_rotary,
+                "swiglu": swiglu.swiglu, "swiglu_packed": swiglu.swiglu_packed, "moe_route": moe.moe_route,
+                "moe_route_aux": moe.moe_route_aux, "moe_experts": moe.moe_experts,
+                "linear_cross_entropy": cross_entropy.linear_cross_entropy}
+    assert set(expected) == set(ops.OP_NAMES) == set(kernels.TRITON_OPS)
+    for name, fn in expected.items():
+        assert getattr(table, name) is fn, name
+
+
+def test_kernel_switch_names_a_bad_value_and_where_it_came_from(monkeypatch):
+    from minimind_fast import ops
+
+    monkeypatch.setenv(ops.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="^MINIMIND_KERNELS='cuda' must be auto, triton or reference"):
+        ops.get_ops("reference")
+    monkeypatch.delenv(ops.ENV_VAR)
+    with pytest.raises(ValueError, match="^kernels='fast' must be auto, triton or reference"):
+        ops.get_ops("fast")
+
+
+def test_auto_table_sends_cuda_tensors_to_triton_and_others_to_the_reference(monkeypatch):
+    """`auto` decides per call from the first tensor's device: CPU (and MPS) run the reference ops."""
+    from minimind_fast import ops
+
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    calls = []
+    monkeypatch.setattr(ops, "_triton_impls", lambda: {n: (lambda *a, n=n: calls.append(n) or n) for n in ops.OP_NAMES})
+    table = ops.get_ops("auto")
+    x, w = torch.randn(3, 8), torch.randn(8) + 1
+    torch.testing.assert_close(table.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+    assert calls == []
+    on_gpu = SimpleNamespace(is_cuda=True)
+    assert table.rms_norm(on_gpu, w, 1e-6) == "rms_norm" and table.moe_experts(on_gpu) == "moe_experts"
+    assert calls == ["rms_norm", "moe_experts"]
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        ops.get_ops("triton")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Packaging: our kernels/ folder must not shadow the PyPI `kernels` package transformers probes for
 # ---------------------------------------------------------------------------------------------------
