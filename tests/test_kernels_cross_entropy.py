@@ -51,13 +51,25 @@ def check(kernel, low_ref, exact, name):
     The loss is fp32 whatever the input dtype; with bf16 inputs it inherits the bf16 logits' error,
     which the reference's own error (the 2x term) accounts for.
     """
-    assert torch.isfinite(kernel).all(), f"{name}: NaN/Inf"
+    for t, who in ((kernel, "kernel"), (low_ref, "reference"), (exact, "float64 reference")):
+        assert torch.isfinite(t).all(), f"{name}: NaN/Inf in the {who}"  # an Inf there made the bound infinite
     assert kernel.dtype == low_ref.dtype, f"{name}: dtype {kernel.dtype}, reference gives {low_ref.dtype}"
     scale = exact.abs().max().item() or 1.0
     err = (kernel.double() - exact).abs().max().item()
     ref_err = (low_ref.double() - exact).abs().max().item()
     floor = (2e-5 if kernel.dtype == torch.float32 else 1e-2) * scale
     assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} vs reference's own {ref_err:.3e} (scale {scale:.2e})"
+
+
+@pytest.mark.parametrize("where", ["kernel", "reference", "float64"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_comparison_never_passes_nan_or_inf(where, bad):
+    exact = torch.randn(6, 5, dtype=torch.float64)
+    tensors = {"kernel": exact.float(), "reference": exact.float(), "float64": exact.clone()}
+    tensors[where][2, 1] = bad
+    with pytest.raises(AssertionError, match="NaN/Inf"):
+        check(tensors["kernel"], tensors["reference"], tensors["float64"], "probe")
+    check(exact.float(), exact.float(), exact, "clean")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -67,7 +79,7 @@ def test_matches_reference(device, shape, dtype):
     got = loss_and_grads(ce.linear_cross_entropy, hidden, weight, targets)
     low = loss_and_grads(ref.linear_cross_entropy, hidden, weight, targets)
     exact = loss_and_grads(ref.linear_cross_entropy, hidden.double(), weight.double(), targets)
-    for name, k, r, x in zip(("loss", "hidden", "weight"), got, low, exact):
+    for name, k, r, x in zip(("loss", "hidden", "weight"), got, low, exact, strict=True):
         check(k, r, x, name)
 
 

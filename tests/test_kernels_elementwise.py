@@ -29,8 +29,12 @@ FP32_TOL = 2e-5  # relative to the largest reference magnitude
 
 
 def within_reference_error(kernel: torch.Tensor, low_ref: torch.Tensor, exact: torch.Tensor, name: str) -> None:
-    """Kernel error vs float64 <= 2x (reference op in the same dtype vs float64) + a small floor."""
-    assert torch.isfinite(kernel).all(), f"{name}: NaN/Inf in kernel output"
+    """Kernel error vs float64 <= 2x (reference op in the same dtype vs float64) + a small floor.
+
+    NaN/Inf anywhere fails: an Inf in either reference made the scale or the reference's own error
+    infinite, and then any finite kernel output passed."""
+    for t, who in ((kernel, "kernel output"), (low_ref, "reference"), (exact, "float64 reference")):
+        assert torch.isfinite(t).all(), f"{name}: NaN/Inf in the {who}"
     assert kernel.shape == exact.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(exact.shape)}"
     scale = exact.abs().max().clamp(min=1.0).item()
     err = (kernel.double() - exact).abs().max().item()
@@ -40,6 +44,18 @@ def within_reference_error(kernel: torch.Tensor, low_ref: torch.Tensor, exact: t
     ref_err = (low_ref.double() - exact).abs().max().item()
     floor = (1e-2 if kernel.dtype == torch.bfloat16 else 1e-3) * scale
     assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} vs reference's own {ref_err:.3e} in {kernel.dtype}"
+
+
+@pytest.mark.parametrize("where", ["kernel", "reference", "float64"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_comparison_never_passes_nan_or_inf(where, bad, dtype):
+    exact = torch.randn(4, 8, dtype=torch.float64)
+    tensors = {"kernel": exact.to(dtype), "reference": exact.to(dtype), "float64": exact.clone()}
+    tensors[where][1, 3] = bad
+    with pytest.raises(AssertionError, match="NaN/Inf"):
+        within_reference_error(tensors["kernel"], tensors["reference"], tensors["float64"], "probe")
+    within_reference_error(exact.to(dtype), exact.to(dtype), exact, "clean")  # the same values pass
 
 
 def run(fn, inputs: list[torch.Tensor], grads_out: list[torch.Tensor] | None = None):
@@ -60,9 +76,10 @@ def compare(kernel_fn, ref_fn, inputs: list[torch.Tensor], names: list[str]) -> 
     k_out, k_grads, g = run(kernel_fn, inputs)
     r_out, r_grads, _ = run(ref_fn, inputs, g)
     x_out, x_grads, _ = run(ref_fn, [t.double() for t in inputs], [t.double() for t in g])
-    for i, (k, r, x) in enumerate(zip(k_out, r_out, x_out)):
+    assert len(k_out) == len(r_out), f"{len(k_out)} outputs, the reference gives {len(r_out)}"
+    for i, (k, r, x) in enumerate(zip(k_out, r_out, x_out, strict=True)):
         within_reference_error(k, r, x, f"output {i}")
-    for name, k, r, x in zip(names, k_grads, r_grads, x_grads):
+    for name, k, r, x in zip(names, k_grads, r_grads, x_grads, strict=True):
         assert k.dtype == r.dtype, f"d{name}: dtype {k.dtype} != reference {r.dtype}"
         within_reference_error(k, r, x, f"d{name}")
 

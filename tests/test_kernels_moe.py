@@ -99,16 +99,36 @@ def check_experts(n, hidden, inter, n_exp, k, kind, device, dtype, experts=None)
     low = [t.to(dtype) if i != 1 else t for i, t in enumerate(base)]  # routing weights stay fp32
     ours = run(experts or moe.moe_experts, low, idx, grad_out)
     ref = run(reference.moe_experts, low, idx, grad_out)
-    for name, o, r, e in zip(NAMES, ours, ref, exact):
-        assert o.shape == e.shape and o.dtype == r.dtype, name
-        assert torch.isfinite(o).all(), f"{name} has NaN/Inf"
-        err, ref_err = rel_err(o, e), rel_err(r, e)
-        if dtype == torch.float32:
-            assert err < 1e-5, f"{name}: relative error {err:.2e} vs float64"
-            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5, msg=name)
-        else:  # within 2x the reference's own low-precision error, plus a floor
-            assert err <= 2 * ref_err + 2e-3, f"{name}: error {err:.2e}, reference's {ref_err:.2e}"
+    for name, o, r, e in zip(NAMES, ours, ref, exact, strict=True):
+        assert_within(name, o, r, e, dtype)
     return ours
+
+
+def assert_within(name, ours, low_ref, exact, dtype):
+    """fp32: 1e-5 relative to float64 and close to the reference; lower precision: within 2x the
+    reference's own error in that dtype, plus a floor. NaN/Inf anywhere fails (an Inf in the reference
+    made its own error, and so the bound, infinite)."""
+    assert ours.shape == exact.shape and ours.dtype == low_ref.dtype, name
+    for t, who in ((ours, "kernel"), (low_ref, "reference"), (exact, "float64 reference")):
+        assert torch.isfinite(t).all(), f"{name}: NaN/Inf in the {who}"
+    err, ref_err = rel_err(ours, exact), rel_err(low_ref, exact)
+    if dtype == torch.float32:
+        assert err < 1e-5, f"{name}: relative error {err:.2e} vs float64"
+        torch.testing.assert_close(ours, low_ref, rtol=1e-4, atol=1e-5, msg=name)
+    else:
+        assert err <= 2 * ref_err + 2e-3, f"{name}: error {err:.2e}, reference's {ref_err:.2e}"
+
+
+@pytest.mark.parametrize("where", ["kernel", "reference", "float64"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_comparison_never_passes_nan_or_inf(where, bad, dtype):
+    exact = torch.randn(5, 7, dtype=torch.float64)
+    tensors = {"kernel": exact.to(dtype), "reference": exact.to(dtype), "float64": exact.clone()}
+    tensors[where][3, 2] = bad
+    with pytest.raises(AssertionError, match="NaN/Inf"):
+        assert_within("probe", tensors["kernel"], tensors["reference"], tensors["float64"], dtype)
+    assert_within("clean", exact.to(dtype), exact.to(dtype), exact, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
