@@ -941,13 +941,26 @@ def moe_experts(
     chosen = gemm or GEMM
     if chosen not in ("triton", "torch"):
         raise ValueError(f"moe_experts: gemm={chosen!r} must be triton or torch")
-    if chosen == "torch" and x.is_cuda and dtype != torch.bfloat16:
+    unfit = _grouped_mm_unfit(x, dtype, hidden, inter) if chosen == "torch" else None
+    if unfit:
         if gemm:
-            raise ValueError(f"moe_experts: torch's grouped GEMM takes bf16 on CUDA, not {dtype}")
+            raise ValueError(f"moe_experts: {unfit}")
         chosen = "triton"
     if chosen == "torch":
         return _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down)
     return _apply(MoEExpertsFunction, _experts_op, x, topk_idx, topk_weight, w_gate, w_up, w_down)[0]
+
+
+def _grouped_mm_unfit(x: torch.Tensor, dtype: torch.dtype, hidden: int, inter: int) -> str | None:
+    """Why torch's grouped GEMM cannot take these experts (None when it can): bf16 only on CUDA, and
+    rows of a multiple of 16 bytes (its operands' strides), which odd hidden sizes break everywhere."""
+    if x.is_cuda and dtype != torch.bfloat16:
+        return f"torch's grouped GEMM takes bf16 on CUDA, not {dtype}"
+    size = torch.empty((), dtype=dtype).element_size()
+    if (hidden * size) % 16 or (inter * size) % 16:
+        return (f"torch's grouped GEMM needs hidden and intermediate sizes of a multiple of 16 bytes; "
+                f"{hidden} and {inter} in {dtype} are not")
+    return None
 
 
 def _experts_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:

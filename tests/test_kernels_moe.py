@@ -145,16 +145,42 @@ CASES = [
     (45, 48, 80, 4, 1, "one"),  # one expert gets every token
     (40, 64, 96, 8, 2, "one"),
 ]
+ODD_SIZES = (19, 33, 37, 5, 2, "random")  # odd hidden and intermediate sizes, odd expert count
 
 
-@pytest.mark.parametrize("n,hidden,inter,n_exp,k,kind", CASES)
+@pytest.mark.parametrize("n,hidden,inter,n_exp,k,kind", CASES + [ODD_SIZES])
 def test_experts_fp32(n, hidden, inter, n_exp, k, kind, device):
     check_experts(n, hidden, inter, n_exp, k, kind, device, torch.float32)
 
 
-@pytest.mark.parametrize("n,hidden,inter,n_exp,k,kind", [(96, 64, 96, 4, 2, "random"), (24, 48, 80, 8, 8, "random")])
+@pytest.mark.parametrize("n,hidden,inter,n_exp,k,kind", [(96, 64, 96, 4, 2, "random"), (24, 48, 80, 8, 8, "random"),
+                                                        ODD_SIZES])
 def test_experts_bf16(n, hidden, inter, n_exp, k, kind, device):
     check_experts(n, hidden, inter, n_exp, k, kind, device, torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "expanded"])
+def test_experts_of_non_contiguous_inputs(device, layout):
+    """x, the routing weights and the expert weights as non-contiguous views (transposed layouts, or x
+    and one expert's weights broadcast with stride 0): values and every gradient as the reference's."""
+    n, hidden, inter, n_exp, k = 21, 48, 80, 4, 2
+    idx, w = make_routing(n, n_exp, k, "random", device)
+    wg, wu, wd = make_weights(n_exp, hidden, inter, device)
+    if layout == "transposed":
+        x = torch.randn(hidden, n, device=device).t()
+        w = w.t().contiguous().t()
+        wg, wd = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (wg, wd))
+    else:
+        x = torch.randn(1, hidden, device=device).expand(n, hidden)
+        wu = wu[:1].expand(n_exp, inter, hidden)
+    grad_out = torch.randn(n, hidden, device=device)
+    inputs = [x, w, wg, wu, wd]
+    assert not all(t.is_contiguous() for t in inputs)
+    ours = run(moe.moe_experts, inputs, idx, grad_out)
+    low = run(reference.moe_experts, inputs, idx, grad_out)
+    exact = run(naive_experts, [t.double() for t in inputs], idx, grad_out.double())
+    for name, o, r, e in zip(NAMES, ours, low, exact, strict=True):
+        assert_within(name, o, r, e, torch.float32)
 
 
 def test_empty_expert_has_zero_weight_grad(device):
@@ -224,6 +250,22 @@ def test_experts_grouped_mm_fp32(n, hidden, inter, n_exp, k, kind, device):
     if device.type == "cuda":
         pytest.skip("torch's grouped GEMM takes bf16 on CUDA")
     check_experts(n, hidden, inter, n_exp, k, kind, device, torch.float32, moe.moe_experts_grouped_mm)
+
+
+def test_grouped_mm_refuses_rows_it_cannot_stride_and_the_default_falls_back(device, monkeypatch):
+    """torch's grouped GEMM needs rows of a multiple of 16 bytes: odd hidden or intermediate sizes failed
+    inside it ("strides should be multiple of 16 bytes"). Asked for by name it now says why; chosen by
+    MINIMIND_MOE_GEMM=torch it leaves those experts to ours."""
+    n, hidden, inter, n_exp, k, kind = ODD_SIZES
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    idx, w = make_routing(n, n_exp, k, kind, device)
+    weights = [t.to(dtype) for t in make_weights(n_exp, hidden, inter, device)]
+    x = torch.randn(n, hidden, device=device, dtype=dtype)
+    with pytest.raises(ValueError, match="multiple of 16 bytes; 33 and 37 in torch.(bfloat16|float32) are not"):
+        moe.moe_experts_grouped_mm(x, idx, w, *weights)
+    monkeypatch.setattr(moe, "GEMM", "torch")
+    ours = moe.moe_experts(x, idx, w, *weights, gemm="triton")
+    torch.testing.assert_close(moe.moe_experts(x, idx, w, *weights), ours)
 
 
 @pytest.mark.parametrize("n,hidden,inter,n_exp,k,kind", [(96, 64, 96, 4, 2, "random"), (64, 64, 96, 8, 2, "empty")])
