@@ -83,6 +83,22 @@ def test_matches_reference(device, shape, dtype):
         check(k, r, x, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs(device, dtype):
+    """hidden as a transposed view and a column slice, weight transposed, targets strided: the values and
+    both gradients as the reference's (the gradients keep their inputs' shapes)."""
+    hidden, weight, targets = make_inputs(37, 48, 300, dtype, device)
+    cases = [(hidden.t().contiguous().t(), weight.t().contiguous().t(), targets),
+             (torch.cat([hidden, hidden], 1)[:, 5:53], weight, torch.stack([targets, targets], 1)[:, 1])]
+    for h, w, t in cases:
+        assert not (h.is_contiguous() and w.is_contiguous() and t.is_contiguous())
+        got = loss_and_grads(ce.linear_cross_entropy, h, w, t)
+        low = loss_and_grads(ref.linear_cross_entropy, h, w, t)
+        exact = loss_and_grads(ref.linear_cross_entropy, h.double(), w.double(), t)
+        for name, k, r, x in zip(("loss", "hidden", "weight"), got, low, exact, strict=True):
+            check(k, r, x, name)
+
+
 def test_fp32_tight(device):
     hidden, weight, targets = make_inputs(130, 64, 1000, torch.float32, device)
     got = loss_and_grads(ce.linear_cross_entropy, hidden, weight, targets)

@@ -305,6 +305,22 @@ def test_rope_per_sequence_positions(device, shape, dtype):
             [q, k], ["q", "k"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_yarn_table_at_a_cache_offset(device, dtype):
+    """The model's YaRN-scaled table (frequencies ramped, cos/sin scaled by the attention factor), sliced
+    at a KV-cache offset as decoding does, with GQA heads."""
+    from minimind_fast.model import rope_tables as model_tables
+
+    scaling = {"original_max_position_embeddings": 16, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+               "attention_factor": 1.3}
+    cos, sin = (t.to(device) for t in model_tables(32, 64, 1e6, scaling))
+    assert not torch.equal(cos, model_tables(32, 64, 1e6)[0].to(device))  # the scaling took effect
+    cos, sin = cos[40:47], sin[40:47]
+    q, k = (torch.randn(2, 7, h, 32, device=device).to(dtype) for h in (6, 2))
+    compare(lambda x, y: rope.apply_rotary(x, y, cos, sin), lambda x, y: ref.apply_rotary(x, y, cos, sin),
+            [q, k], ["q", "k"])
+
+
 def _doc_lengths(total: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     lengths, left = [], total
