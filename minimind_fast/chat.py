@@ -155,7 +155,9 @@ class TextStream:
 
 
 def chat_prompt(tokenizer: ChatTokenizer, messages: list[dict]) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    """Ids of `messages` rendered as the SFT data renders the text before a reply; RecordError (a ValueError)
+    when the tokenizer's chat template refuses them (e.g. its raise_exception for an order it does not take)."""
+    return tokenizer.encode(prompt_text(messages, tokenizer))
 
 
 class ChatSession:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tool_templates import TOOLS_TEMPLATE
+from tool_templates import NO_SYSTEM_TEMPLATE, TOOLS_TEMPLATE
 
 from minimind_fast import MiniMindForCausalLM, get_preset
 from minimind_fast.chat import (
@@ -183,6 +183,25 @@ def test_answer_file_takes_tools_and_tool_calls_like_the_sft_data(loaded, tmp_pa
     with pytest.raises(ValueError, match=rf"{re.escape(str(src))}:1: template: .*tool definitions"):
         answer_file(model, chatml, config, src, tmp_path / "never.jsonl")
     assert not (tmp_path / "never.jsonl").exists()
+
+
+def test_a_template_that_refuses_the_messages_is_a_value_error_with_its_message(model_dir, loaded, tmp_path):
+    """A chat template's raise_exception (e.g. no system role) reaches the user as its message, not a traceback."""
+    model, chatml = loaded
+    strict = tmp_path / "model"
+    strict.mkdir()
+    for name in ("model.safetensors", "model_config.json", "tokenizer.json"):
+        (strict / name).write_bytes((Path(model_dir) / name).read_bytes())
+    (strict / "tokenizer_config.json").write_text(json.dumps({"chat_template": NO_SYSTEM_TEMPLATE}))
+    tok = load_tokenizer(strict)
+    session = ChatSession(model, tok, GenerationConfig(max_new_tokens=4), system="Be brief.")
+    with pytest.raises(ValueError, match="System role not supported"):
+        session.prompt_ids("Hello")
+    assert ChatSession(model, tok, GenerationConfig(max_new_tokens=4)).prompt_ids("Hello") == chat_prompt(
+        chatml, [{"role": "user", "content": "Hello"}])  # without a system message it renders as ChatML
+    run = _cli("--model", str(strict), "--system", "Be brief.", "--prompt", "Hello", "--max-new-tokens", "4")
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert "error: template: the chat template failed: System role not supported" in run.stderr
 
 
 def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from tool_templates import NO_SYSTEM_TEMPLATE
 
 from minimind_fast import MiniMindForCausalLM, get_preset
 from minimind_fast.chat import chat_prompt, find_tokenizer, load_chat_model
@@ -190,6 +191,22 @@ def test_a_developer_message_is_a_system_message(server):
     prompt = chat_prompt(tok, [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"}])
     assert developer["usage"]["prompt_tokens"] == len(prompt)
     assert developer["choices"][0]["message"] == system["choices"][0]["message"]
+
+
+def test_messages_the_chat_template_refuses_get_400_with_its_message(model_dir, tmp_path):
+    """A template's raise_exception (here: no system role) is the client's mistake, not a server error."""
+    (tmp_path / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": NO_SYSTEM_TEMPLATE}))
+    engine = Engine(load_chat_model(model_dir, device="cpu"), load_tokenizer(tmp_path), max_batch=1, max_len=64)
+    client = TestClient(create_app(engine.start(), NAME), raise_server_exceptions=False)
+    try:
+        user = {"role": "user", "content": "Hi"}
+        body = {"model": NAME, "max_tokens": 2, "messages": [{"role": "system", "content": "Be brief."}, user]}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and "System role not supported" in r.json()["error"]["message"], r.text
+        assert client.post("/v1/chat/completions", json={**body, "messages": [user]}).status_code == 200
+    finally:
+        engine.stop()
 
 
 def test_a_full_queue_answers_503(model_dir):

@@ -172,6 +172,7 @@ class ChatTokenizer:
         # transformers' tojson, which templates render tools with: jinja's own sorts the keys and
         # escapes non-ASCII and <>&', so training text would differ from what inference renders.
         env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception  # as transformers provides: the template's own message
         return env.from_string(self.chat_template)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
@@ -191,6 +192,12 @@ class ChatTokenizer:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (self.dir / name).exists():
                 shutil.copy2(self.dir / name, Path(out_dir) / name)
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
 
 
 def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separators=None,

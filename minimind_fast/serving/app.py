@@ -56,7 +56,10 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 512) -
         body = await parse_body(request)
         if body.model != model_name:
             raise HTTPException(400, f"unknown model {body.model!r}; this server serves {model_name!r}")
-        prompt = chat_prompt(tokenizer, [m.model_dump() for m in body.messages])
+        try:
+            prompt = chat_prompt(tokenizer, [m.model_dump() for m in body.messages])
+        except ValueError as e:  # the model's chat template refuses these messages (e.g. their order)
+            raise HTTPException(400, f"messages: {e}") from None
         room = engine.max_len - len(prompt)
         limit = body.token_limit
         if room < 1:
