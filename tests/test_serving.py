@@ -130,6 +130,7 @@ def test_bad_requests_get_400_with_a_message(server):
     good = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     cases = [
         ("{not json", "not valid JSON"),
+        ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),  # past json's recursion
         ({**good, "model": "gpt-4"}, "unknown model"),
         ({**good, "max_tokens": CONTEXT}, "exceeds the context"),
         ({**good, "messages": []}, "messages"),
@@ -207,6 +208,19 @@ def test_messages_the_chat_template_refuses_get_400_with_its_message(model_dir, 
         assert client.post("/v1/chat/completions", json={**body, "messages": [user]}).status_code == 200
     finally:
         engine.stop()
+
+
+def test_an_unexpected_failure_is_a_500_in_openai_error_shape(model_dir):
+    """Even a bug's 500 is JSON that OpenAI clients can parse, not starlette's plain text."""
+
+    class Broken(Engine):
+        def submit(self, prompt, config):
+            raise RuntimeError("boom")
+
+    engine = Broken(load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir), max_batch=1, max_len=64)
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    r = TestClient(create_app(engine, NAME), raise_server_exceptions=False).post("/v1/chat/completions", json=body)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
 
 
 def test_a_full_queue_answers_503(model_dir):

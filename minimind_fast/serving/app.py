@@ -42,6 +42,12 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 512) -
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(schemas.error_body(str(exc)), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        # A bug's 500 still in the error shape OpenAI clients parse (uvicorn logs the traceback).
+        return JSONResponse(schemas.error_body(f"internal error: {type(exc).__name__}", "server_error"),
+                            status_code=500)
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
@@ -94,6 +100,8 @@ async def parse_body(request: Request) -> schemas.ChatCompletionRequest:
         data = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPException(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # the parser's own limit, hit by arrays or objects nested thousands deep
+        raise HTTPException(400, "request body is not valid JSON: nested too deeply") from None
     try:
         return schemas.ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
