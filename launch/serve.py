@@ -30,6 +30,8 @@ def main() -> None:
     a = p.parse_args()
     if a.default_max_tokens < 1:
         sys.exit(f"error: --default-max-tokens must be >= 1, got {a.default_max_tokens}")
+    if not 0 <= a.port <= 65535:  # uvicorn would load the model first, then fail with a traceback
+        sys.exit(f"error: --port must be in 0-65535, got {a.port}")
     try:
         tokenizer = find_tokenizer(a.model, a.tokenizer)
         model = load_chat_model(a.model, a.device, a.dtype, a.lora)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -327,3 +329,15 @@ def test_a_client_that_goes_away_frees_its_request(model_dir, stream):
         assert cancelled == [0]
     finally:
         http.stop(timeout=2)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--port", "70000"], "error: --port must be in 0-65535, got 70000"),
+    (["--port", "-1"], "error: --port must be in 0-65535, got -1"),
+    (["--default-max-tokens", "0"], "error: --default-max-tokens must be >= 1"),
+])
+def test_serve_cli_refuses_bad_flags_before_loading(model_dir, args, needle):
+    serve = Path(__file__).resolve().parents[1] / "launch" / "serve.py"
+    run = subprocess.run([sys.executable, str(serve), "--model", str(model_dir), *args], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr, run.stderr
