@@ -40,6 +40,9 @@ class GenerationConfig:
 
     # torch.Generator.manual_seed takes any 64-bit value, signed or not, and overflows beyond.
     SEED_RANGE = (-2**63, 2**64 - 1)
+    # Sampling runs in float32: beyond these, logit / penalty overflows to inf (or the penalty itself rounds
+    # to 0 or inf) and the row's probabilities turn NaN, which silently samples token 0.
+    PENALTY_RANGE = (1e-30, 1e30)
 
     def __post_init__(self) -> None:
         problems = []
@@ -52,8 +55,9 @@ class GenerationConfig:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.repetition_penalty < math.inf:
-            problems.append(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
+        if not self.PENALTY_RANGE[0] <= self.repetition_penalty <= self.PENALTY_RANGE[1]:  # NaN fails too
+            problems.append(f"repetition_penalty must be in [{self.PENALTY_RANGE[0]:g}, {self.PENALTY_RANGE[1]:g}], "
+                            f"got {self.repetition_penalty}")
         if self.seed is not None and not self.SEED_RANGE[0] <= self.seed <= self.SEED_RANGE[1]:
             problems.append(f"seed must fit in 64 bits, got {self.seed}")
         if problems:

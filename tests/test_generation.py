@@ -217,6 +217,34 @@ def test_repetition_penalty_in_generation_counts_prompt_and_new_tokens():
     assert len(set(out)) == len(out) and not set(out) & set(prompt)
 
 
+@torch.no_grad()
+def penalised_greedy_in_float64(model, prompt: list[int], n: int, penalty: float) -> list[int]:
+    """CTRL's penalty over prompt and new tokens, recomputed in float64 without a cache; the argmax."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1].double()
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[ids] = True
+        ids.append(int(apply_repetition_penalty(logits[None], seen[None], penalty)[0].argmax()))
+    return ids[len(prompt):]
+
+
+def test_extreme_repetition_penalties_sample_as_float64_or_are_refused():
+    """Penalties whose float32 arithmetic overflows (NaN probabilities: token 0 every step) are refused; the
+    accepted extremes decode greedily as float64 does, and the smallest makes sampling one-hot on a seen token
+    (a positive logit divided by 1e-30 outweighs everything else), so it must pick the same."""
+    model = _model("tiny")
+    prompt = [5, 17, 33]
+    for penalty in (1e-300, 1e-31, 1e31, 1e300):
+        with pytest.raises(ValueError, match="repetition_penalty must be in"):
+            GenerationConfig(repetition_penalty=penalty)
+    low, high = GenerationConfig.PENALTY_RANGE
+    for penalty, temperature in ((low, 0.0), (high, 0.0), (low, 1.0)):
+        config = GenerationConfig(max_new_tokens=6, temperature=temperature, seed=1, stop_token_ids=[],
+                                  repetition_penalty=penalty)
+        assert generate(model, [prompt], config)[0] == penalised_greedy_in_float64(model, prompt, 6, penalty)
+
+
 def test_bad_requests_are_refused_with_a_reason():
     model = _model("tiny")
     with pytest.raises(ValueError, match="context length"):
@@ -230,7 +258,7 @@ def test_bad_requests_are_refused_with_a_reason():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature must be >= 0 and finite"):
             GenerationConfig(temperature=bad)
-        with pytest.raises(ValueError, match="repetition_penalty must be > 0 and finite"):
+        with pytest.raises(ValueError, match=r"repetition_penalty must be in \[1e-30, 1e\+30\]"):
             GenerationConfig(repetition_penalty=bad)
     with pytest.raises(ValueError, match="seed must fit in 64 bits"):
         GenerationConfig(seed=2**64)

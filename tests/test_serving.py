@@ -141,6 +141,7 @@ def test_bad_requests_get_400_with_a_message(server):
         ({**good, "n": 2}, "n"),
         ({**good, "seed": 2**70}, "seed"),
         ({**good, "repetition_penalty": float("inf")}, "repetition_penalty"),  # json.dumps writes Infinity
+        ({**good, "repetition_penalty": 1e-300}, "repetition_penalty must be in"),  # 0 in float32 sampling
         ({"messages": good["messages"]}, "model"),
         ({**good, "messages": [{"role": "user", "content": "cat " * 200}]}, "context"),
         ({**good, "messages": [{"role": "user", "content": "caf\udce9"}]}, "not valid UTF-8"),  # sent as \udce9

@@ -73,10 +73,13 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 512) -
         if limit is not None and limit > room:
             raise HTTPException(400, f"max_tokens {limit} + {len(prompt)} prompt tokens exceeds the context "
                                      f"length {engine.max_len}")
-        config = GenerationConfig(
-            max_new_tokens=limit or min(default_max_tokens, room), temperature=body.temperature,
-            top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-            stop_token_ids=[tokenizer.eos_token_id], stop_strings=body.stop_strings, seed=body.seed)
+        try:  # the schema checks most fields; GenerationConfig has the last word on what sampling can take
+            config = GenerationConfig(
+                max_new_tokens=limit or min(default_max_tokens, room), temperature=body.temperature,
+                top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+                stop_token_ids=[tokenizer.eos_token_id], stop_strings=body.stop_strings, seed=body.seed)
+        except ValueError as e:
+            raise HTTPException(400, f"invalid request: {e}") from None
         try:
             handle = engine.submit(prompt, config)
         except QueueFull as e:
