@@ -308,8 +308,9 @@ def answer_file(model, tokenizer: ChatTokenizer, config: GenerationConfig, in_pa
             for start in range(0, len(records), batch_size):
                 chunk = [rec for _, rec in records[start:start + batch_size]]
                 prompts = all_prompts[start:start + batch_size]
-                answers = generate(model, prompts, config, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                                   cuda_graph=cuda_graph)
+                # Prompt n of the file samples with seed + n whatever --batch-size groups it with.
+                answers = generate(model, prompts, config.for_prompt(start), pad_id=tokenizer.pad_token_id,
+                                   tokenizer=tokenizer, cuda_graph=cuda_graph)
                 for rec, ids in zip(chunk, answers):
                     stream = TextStream(tokenizer, config.stop_strings)
                     stream.tokens = ids

@@ -69,6 +69,13 @@ class GenerationConfig:
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature <= 0
 
+    def for_prompt(self, i: int) -> GenerationConfig:
+        """This config for the i-th prompt of a batch: seed + i, so that each prompt draws its own reproducible
+        stream; unchanged without a seed. Wrapped as torch reads a seed, modulo 2**64 (-1 is 2**64 - 1)."""
+        if self.seed is None:
+            return self
+        return GenerationConfig(**{**self.__dict__, "seed": (self.seed + i) % 2**64})
+
 
 # ----------------------------------------------------------------------------------------- sampling
 
@@ -469,9 +476,7 @@ def stream_generate(model: MiniMindForCausalLM, prompts: list[int] | list[list[i
                          f"context length {limit}")
     decoder = _decoder_for(model, len(batch), width + config.max_new_tokens, cuda_graph)
     decoder.tokenizer = tokenizer
-    configs = [config] * len(batch)
-    if config.seed is not None:  # distinct but reproducible streams per prompt
-        configs = [GenerationConfig(**{**config.__dict__, "seed": config.seed + i}) for i in range(len(batch))]
+    configs = [config.for_prompt(i) for i in range(len(batch))]
     decoder.add_batch(list(range(len(batch))), batch, configs, pad_id=pad_id)
     try:
         while decoder.live:

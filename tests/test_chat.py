@@ -113,6 +113,22 @@ def test_answer_file_writes_every_answer_or_nothing(loaded, tmp_path):
     assert not (tmp_path / "never.jsonl").exists() and not (tmp_path / "never.jsonl.tmp").exists()
 
 
+def test_seeded_answers_do_not_depend_on_the_batch_size(loaded, tmp_path):
+    """Line n samples with seed + n: as `generate` would for that prompt alone, whatever --batch-size."""
+    model, tok = loaded
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "Hello"}\n' * 4)
+    config = GenerationConfig(max_new_tokens=8, temperature=1.5, seed=2**64 - 2)  # seed + 2 wraps past 64 bits
+    prompt = chat_prompt(tok, [{"role": "user", "content": "Hello"}])
+    alone = [GenerationConfig(max_new_tokens=8, temperature=1.5, seed=(2**64 - 2 + n) % 2**64) for n in range(4)]
+    expected = [tok.decode(generate(model, [prompt], c)[0]) for c in alone]
+    assert len(set(expected)) > 1  # the seeds differ, so do the samples: the comparison has teeth
+    for batch_size in (1, 3):
+        out = tmp_path / f"out{batch_size}.jsonl"
+        answer_file(model, tok, config, src, out, batch_size=batch_size)
+        assert [json.loads(x)["response"] for x in out.read_text().splitlines()] == expected
+
+
 @pytest.mark.parametrize("mode", ["chat", "pretrain"])
 def test_answer_file_refuses_a_prompt_longer_than_the_context_naming_its_line(loaded, tmp_path, mode):
     model, tok = loaded  # the context holds 160 tokens

@@ -160,6 +160,10 @@ def test_seed_reproduces_and_does_not_depend_on_the_batch():
     other = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=12, temperature=2.0, seed=12,
                                                           stop_token_ids=[]))[0]
     assert other != first
+    assert generate(model, [[7, 7], [1, 2, 3]], config)[1] == other  # row i samples with seed + i
+    top = GenerationConfig(max_new_tokens=12, temperature=2.0, seed=2**64 - 1, stop_token_ids=[])
+    wrapped = GenerationConfig(max_new_tokens=12, temperature=2.0, seed=0, stop_token_ids=[])
+    assert generate(model, [[7], [1, 2, 3]], top)[1] == generate(model, [[1, 2, 3]], wrapped)[0]  # past 2**64 - 1
 
 
 def test_top_k_and_top_p_filters_against_hand_computation():
