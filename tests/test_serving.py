@@ -149,6 +149,13 @@ def test_bad_requests_get_400_with_a_message(server):
         ({**good, "logit_bias": {"5": 100}}, "logit_bias is not supported"),
         ({**good, "response_format": {"type": "json_object"}}, "response_format is not supported"),
         ({**good, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported"),
+        # types are strict, as OpenAI's (these were coerced: "3" tokens, true as 1 token, "yes" as a stream)
+        ({**good, "max_tokens": "3"}, "max_tokens"),
+        ({**good, "max_tokens": True}, "max_tokens"),
+        ({**good, "stream": "yes"}, "stream"),
+        ({**good, "messages": [{"role": "user", "content": 5}]}, "content"),
+        ({**good, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "string `text`"),
+        ({**good, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, "string `text`"),
     ]
     with httpx.Client(timeout=30) as http:
         for body, needle in cases:

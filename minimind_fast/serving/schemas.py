@@ -12,6 +12,8 @@ from minimind_fast.chat import check_utf8
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)  # as OpenAI: a number is not a string, nor "yes" a boolean
+
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -28,7 +30,9 @@ class ChatMessage(BaseModel):
         if isinstance(value, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in value):
                 raise ValueError("only text content parts are supported")
-            return "".join(str(p.get("text", "")) for p in value)
+            if not all(isinstance(p.get("text"), str) for p in value):
+                raise ValueError("a text content part needs a string `text`")
+            return "".join(p["text"] for p in value)
         return value
 
     @field_validator("content")
@@ -39,7 +43,10 @@ class ChatMessage(BaseModel):
 
 
 class Options(BaseModel):
-    """A body whose optional fields may come as null (OpenAI clients send unset options so): the default."""
+    """A body whose optional fields may come as null (OpenAI clients send unset options so): the default.
+    Types are strict, as OpenAI's: "3" is not a number of tokens, nor "yes" or 1 a boolean."""
+
+    model_config = ConfigDict(strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -61,7 +68,7 @@ UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "response_format", "too
 
 class ChatCompletionRequest(Options):
     # Other unknown fields (user, metadata, ...) do not change the reply: ignored, as OpenAI-style servers do.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
