@@ -169,6 +169,7 @@ class ChatSession:
         self.system = system
         self.cuda_graph = cuda_graph
         self.history: list[dict] = []
+        self.cut_tokens = 0  # tokens left out of the last message (longer than the context allows)
         if tokenizer.eos_token_id not in config.stop_token_ids:
             config.stop_token_ids = [*config.stop_token_ids, tokenizer.eos_token_id]
 
@@ -177,19 +178,41 @@ class ChatSession:
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """Ids of the template over (system,) history and `user_text`; whole old turns go first, then the
-        oldest tokens of the last message if it alone is too long."""
+        oldest tokens of the message itself if it alone is too long (`self.cut_tokens` says how many)."""
         budget = self.model.config.max_position_embeddings - self.config.max_new_tokens
         if budget < 1:
             raise ValueError(f"max_new_tokens {self.config.max_new_tokens} leaves no room in the context "
                              f"({self.model.config.max_position_embeddings})")
         turns = [*self.history, {"role": "user", "content": user_text}]
         system = [{"role": "system", "content": self.system}] if self.system else []
+        self.cut_tokens = 0
         while True:
             ids = chat_prompt(self.tokenizer, system + turns)
-            if len(ids) <= budget or len(turns) == 1:
+            if len(ids) <= budget:
                 self.history = turns[:-1]
-                return ids[-budget:]
+                return ids
+            if len(turns) == 1:
+                self.history = []
+                return self._cut_message(system, user_text, budget)
             turns = turns[2:]  # the oldest user/assistant pair
+
+    def _cut_message(self, system: list[dict], user_text: str, budget: int) -> list[int]:
+        """The prompt with only the last tokens of `user_text` that fit: cut inside the message, so the
+        template's markers (system, user, assistant turn) stay whole."""
+        frame = len(chat_prompt(self.tokenizer, [*system, {"role": "user", "content": ""}]))
+        text_ids = self.tokenizer.encode(user_text)
+        keep = budget - frame
+        while keep > 0:  # re-encoding the cut text may merge or split a token at the seams: step down
+            # a cut inside a multi-byte character decodes to U+FFFD: leave that piece out
+            cut = self.tokenizer.decode(text_ids[len(text_ids) - keep:]).lstrip("\ufffd")
+            ids = chat_prompt(self.tokenizer, [*system, {"role": "user", "content": cut}])
+            if len(ids) <= budget:
+                self.cut_tokens = len(text_ids) - keep
+                return ids
+            keep -= len(ids) - budget
+        raise ValueError(f"the system prompt and the chat template take {frame} tokens, leaving no room for a "
+                         f"message in the context ({self.model.config.max_position_embeddings}) less "
+                         f"max_new_tokens {self.config.max_new_tokens}")
 
     def stream_reply(self, user_text: str) -> Iterator[str]:
         """Yield pieces of the reply as they are generated; the turn joins the history at the end."""
@@ -341,7 +364,13 @@ def print_continuation(model, tokenizer: ChatTokenizer, config: GenerationConfig
 
 
 def print_reply(session: ChatSession, text: str) -> None:
-    for piece in session.stream_reply(text):
+    pieces = session.stream_reply(text)
+    first = next(pieces, "")  # the prompt is built before the first piece
+    if session.cut_tokens:
+        print(f"(the message is longer than the context allows: its first {session.cut_tokens} tokens were left "
+              "out)", file=sys.stderr, flush=True)
+    print(first, end="", flush=True)
+    for piece in pieces:
         print(piece, end="", flush=True)
     print()
 

@@ -82,6 +82,27 @@ def test_history_is_trimmed_oldest_turns_first(loaded):
     assert len(chat_prompt(tok, [*turn * (kept + 1), {"role": "user", "content": "Hello world"}])) > budget - 4
 
 
+def test_a_message_longer_than_the_context_is_cut_inside_the_template(loaded):
+    """Only the message's oldest tokens go: the prompt used to be its last `budget` tokens, which cut off the
+    template's system and user markers (the server refuses such a prompt; chat keeps what fits)."""
+    model, tok = loaded
+    session = ChatSession(model, tok, GenerationConfig(max_new_tokens=40), system="Be brief.")
+    session.history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    long_text = " ".join(f"word{i}" for i in range(400)) + " What colour is the cat?"
+    ids = session.prompt_ids(long_text)
+    budget = model.config.max_position_embeddings - 40
+    assert len(ids) <= budget and session.history == [] and session.cut_tokens > 0
+    frame = chat_prompt(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "@@"}])
+    head, tail = tok.decode(frame).split("@@")
+    text = tok.decode(ids)
+    assert text.startswith(head) and text.endswith(tail), text
+    kept = text[len(head):len(text) - len(tail)]
+    assert kept.endswith("What colour is the cat?") and long_text.endswith(kept)
+    assert len(tok.encode(kept)) + session.cut_tokens >= len(tok.encode(long_text)) - 2  # just what did not fit
+    with pytest.raises(ValueError, match="leaving no room for a message"):
+        ChatSession(model, tok, GenerationConfig(max_new_tokens=40), system="Be brief. " * 200).prompt_ids("Hi")
+
+
 def test_session_streams_the_greedy_reply_and_keeps_history(loaded):
     model, tok = loaded
     config = GenerationConfig(max_new_tokens=12, temperature=0)
