@@ -56,6 +56,14 @@ def test_the_users_file_wins(tmp_path):
     (b'{"gradient_accumulation_steps": 0}', "'gradient_accumulation_steps' must be a positive integer, got 0"),
     (b'{"zero_optimization": {"stage": 5}}', "zero_optimization.stage must be 0, 1, 2 or 3, got 5"),
     (b"\xff\xfe{}", "not valid JSON"),
+    (b'{"gradient_clipping": "1.0"}', "'gradient_clipping' must be a number >= 0 (0: no clipping), got '1.0'"),
+    (b'{"gradient_clipping": -1}', "'gradient_clipping' must be a number >= 0 (0: no clipping), got -1"),
+    # Refused by DeepSpeed's own parsing: an assertion, and pydantic's report naming neither file nor section.
+    (b'{"bf16": {"enabled": true}, "fp16": {"enabled": true}}', "bfloat16 and fp16 modes cannot be"),
+    (b'{"zero_optimization": {"stage": 2, "overlap_com": true}}',
+     "zero_optimization.overlap_com: Extra inputs are not permitted (got True)"),
+    (b'{"zero_optimization": {"stage": 3, "offload_param": {"device": "disk"}}}',
+     "zero_optimization.offload_param.device: Input should be"),
 ])
 def test_a_malformed_file_is_refused_naming_it(tmp_path, content, message):
     path = tmp_path / "ds.json"

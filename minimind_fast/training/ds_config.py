@@ -14,6 +14,7 @@ is most of the step.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,32 @@ def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float,
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
+    if user_file:
+        check_with_deepspeed(cfg, user_file)
     return cfg
+
+
+# DeepSpeed's pydantic models -> the section of the JSON they read, to name the field in the user's terms.
+SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
+            "DeepSpeedFP16Config": "fp16", "CompileConfig": "compile", "HybridEngineConfig": "hybrid_engine"}
+
+
+def check_with_deepspeed(cfg: dict[str, Any], user_file: str) -> None:
+    """Parse the resolved config as `deepspeed.initialize` will, so that a value it refuses is a
+    ValueError naming the file and field before the model is built, not a traceback from inside
+    DeepSpeed (an assertion, or pydantic's report naming neither the file nor the section)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedConfig(copy.deepcopy(cfg))
+    except ValidationError as e:
+        section = SECTIONS.get(e.title, e.title)
+        fields = "; ".join(f"{'.'.join([section, *map(str, err['loc'])])}: {err['msg']} "
+                           f"(got {err.get('input')!r})" for err in e.errors())
+        raise ValueError(f"{user_file}: {fields}") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{user_file}: DeepSpeed refuses it: {e}") from None
 
 
 def read_user_file(path: Path) -> dict[str, Any]:
@@ -77,6 +103,11 @@ def read_user_file(path: Path) -> dict[str, Any]:
         value = cfg.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{path}: '{key}' must be a positive integer, got {value!r}")
+    # DeepSpeed reads it unchecked: a string fails at the first optimizer step, a negative one
+    # silently turns clipping off.
+    clip = cfg.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < float("inf"):
+        raise ValueError(f"{path}: 'gradient_clipping' must be a number >= 0 (0: no clipping), got {clip!r}")
     return cfg
 
 
