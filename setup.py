@@ -33,6 +33,10 @@ setup(
         "tqdm>=4.60",
         "fastapi>=0.110",
         "uvicorn>=0.29",
+        "pydantic>=2",  # the server's request schemas (v2 API)
+        "starlette",
+        "matplotlib>=3.7",  # every run's loss.png
+        "jinja2>=3",  # chat templates other than ChatML (minimind-3's tokenizer)
     ],
     extras_require={
         "dev": [
@@ -42,7 +46,6 @@ setup(
             "transformers>=4.45",
             "ruff>=0.5",
             "openai>=1.30",
-            "matplotlib>=3.7",
             "httpx>=0.27",
             "liger-kernel>=0.5",  # a baseline of the kernel benchmarks; its kernels' adapters are tested
         ],
