@@ -6,6 +6,7 @@ import json
 import math
 import os
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ class MetricsLogger:
         if not enabled:
             return
         trim_metrics(self.path, start_step)
+        self.total_steps, self.start_step, self.started = total_steps, start_step, time.monotonic()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
         if tensorboard:
             try:
@@ -56,12 +58,21 @@ class MetricsLogger:
                 self.tb.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log(record, step=step)
-        if "loss" in record:
+        if "loss" in record and self.bar.disable:
+            # Output to a file or pipe (a cluster job, `| tee`): tqdm draws nothing there, so each logged
+            # step gets a plain line instead.
+            print(progress_line(record, self.total_steps, self._eta(step)), flush=True)
+        elif "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record.get('tokens_per_s', 0):,.0f}", refresh=False)
         if "val_loss" in record:
             ppl = f"  ppl {record['val_ppl']:.2f}" if "val_ppl" in record else ""
             self.bar.write(f"step {step}: val_loss {record['val_loss']:.4f}{ppl}")
+
+    def _eta(self, step: int) -> float | None:
+        """Seconds left at this run's mean step time so far (evaluation and checkpoints included)."""
+        done = step - self.start_step
+        return (self.total_steps - step) * (time.monotonic() - self.started) / done if done > 0 else None
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
@@ -80,6 +91,22 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def progress_line(record: dict, total_steps: int, eta_s: float | None) -> str:
+    """One logged step as text: `step 20/300 loss 5.1234 lr 3.00e-03 ... eta 0:01:05`."""
+    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+    if record.get("grad_norm") is not None and math.isfinite(record["grad_norm"]):
+        parts.append(f"grad_norm {record['grad_norm']:.3g}")
+    if "tokens_per_s" in record:
+        parts.append(f"tok/s {record['tokens_per_s']:,.0f}")
+    if "mfu" in record:
+        parts.append(f"mfu {record['mfu']:.1%}")
+    if "memory_mb" in record:
+        parts.append(f"mem {record['memory_mb']:,.0f} MB")
+    if eta_s is not None:
+        parts.append(f"eta {tqdm.format_interval(eta_s)}")
+    return "  ".join(parts)
 
 
 def trim_metrics(path: Path, start_step: int) -> None:
