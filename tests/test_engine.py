@@ -467,3 +467,35 @@ def test_a_stale_deepspeed_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, 
     os.utime(lock, (old, old))
     assert clear_stale_build_lock("op") and not lock.exists()
     assert "did not finish" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_model_flags_reach_the_model_and_the_moe_aux_loss_is_added_and_logged(moe, builtin_data, tmp_path):
+    """--gradient-checkpointing and --kernels build the model the stage trains; a MoE model's
+    load-balancing loss is part of the loss that is backpropagated and a logged metric of its own."""
+    from launch_helpers import tiny_config
+
+    from minimind_fast.training.engine import stage_parser
+    from minimind_fast.training.stages import PretrainStage
+
+    config = tiny_config().replace(**({"use_moe": True, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                                       "aux_loss_alpha": 0.1} if moe else {}))
+    config.save(tmp_path / "model.json")
+    args = stage_parser(PretrainStage).parse_args([
+        "--data", str(builtin_data["shards"]["pretrain"]), "--out", str(tmp_path / "run"),
+        "--config", str(tmp_path / "model.json"), "--gradient-checkpointing", "--kernels", "reference"])
+    stage = PretrainStage(args)
+    model = stage.build_model(stage.open_data(Path(args.data))).train()
+    assert model.gradient_checkpointing and model.ops.name == "reference"
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    loss, metrics = stage.compute_loss(model, {"input_ids": ids, "targets": ids})
+    out = model(input_ids=ids, targets=ids)
+    assert metrics["lm_loss"] == out.loss.detach()
+    if not moe:
+        assert "aux_loss" not in metrics and loss == out.loss
+        return
+    assert metrics["aux_loss"] == out.aux_loss.detach() and metrics["aux_loss"] > 0
+    assert loss == out.loss + out.aux_loss
+    loss.backward()  # the router trains on the aux loss too
+    router = next(p for n, p in model.named_parameters() if "gate" in n and p.shape[0] == 4)
+    assert router.grad is not None and router.grad.abs().sum() > 0
