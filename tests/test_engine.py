@@ -186,6 +186,8 @@ def test_tokens_per_s_leaves_out_checkpoint_time(builtin_data, tiny_model_config
     others = sorted(rate[s] for s in range(4, 13, 2))
     # medians: about 1 here, about 0.4 when the checkpoints' time counted
     assert after_save[2] > 0.65 * others[2], (after_save, others)
+    # --keep-last 1: each save removed the one before
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000012"]
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, tiny_model_config, tmp_path):
@@ -416,6 +418,23 @@ def test_deepspeed_two_ranks_zero_stages_agree_with_single_process(builtin_data,
         for step in range(1, 5):
             assert abs(norms[step] - single_norms[step]) < 1e-3 * single_norms[step], (stage, norms, single_norms)
         assert load_model(out).num_parameters() == load_model(tmp_path / "single").num_parameters()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_agree_with_the_single_process_run(pretrain_run, builtin_data, tiny_model_config, tmp_path):
+    """The same script under torchrun (its environment, not DeepSpeed's launcher): two ranks of micro-batch 2
+    train the single-process run's first steps (both in the warmup, so the schedule's length is moot)."""
+    out = tmp_path / "torchrun"
+    args = common(builtin_data["shards"]["pretrain"], out, 2, "--config", str(tiny_model_config), "--zero-stage", "2")
+    args[args.index("--micro-batch-size") + 1] = "2"
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29610"]
+    result = run("pretrain.py", args, launcher=torchrun, timeout=300)
+    assert "2 rank(s) on cpu" in result.stdout, result.stdout[-2000:]
+    single, multi = losses(pretrain_run), losses(out)
+    assert sorted(multi) == [1, 2]
+    for step in multi:
+        assert multi[step] == pytest.approx(single[step], rel=2e-4), (single, multi)
+    assert (out / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
