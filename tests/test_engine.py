@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -315,6 +316,7 @@ def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_r
 @pytest.mark.parametrize("bad, message", [
     ("vocab", "vocab_size"),
     ("missing", "no manifest.json"),
+    ("shard", "train-00000.bin: shard listed in manifest.json is missing"),
     ("unwritable", "not writable"),
     ("nan", "non-finite losses"),
     ("kind", "needs pretrain shards"),
@@ -329,6 +331,10 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
         extra += ["--vocab-size", "300"]
     elif bad == "missing":
         data = tmp_path / "nowhere"
+    elif bad == "shard":  # a manifest whose shard was lost (a partial copy)
+        data = tmp_path / "shards"
+        shutil.copytree(builtin_data["shards"]["pretrain"], data)
+        (data / "train-00000.bin").unlink()
     elif bad == "unwritable":
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "run"
