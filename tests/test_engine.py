@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -58,6 +59,27 @@ def test_lr_schedule_peaks_once_and_ends_at_the_floor(warmup):
     assert all(a > b for a, b in zip(factors[warmup:], factors[warmup + 1:]))
     mid = warmup + (total - 1 - warmup) / 2  # the cosine's half-way point is half-way to the floor
     assert lr_factor(mid, total, warmup, 0.1) == pytest.approx(0.55)
+
+
+def test_val_loss_is_the_held_out_token_mean_of_the_final_weights(pretrain_run, builtin_data):
+    """The last evaluation (step 12, after its update) against the saved final model's cross-entropy over
+    every target token of the val split (one pass, fewer batches than --eval-batches), in float64."""
+    model = load_model(pretrain_run).double().eval()
+    val = build_loader("pretrain", builtin_data["shards"]["pretrain"], seq_len=64, micro_batch_size=4, seed=7,
+                       split="val", vocab_size=model.config.vocab_size)
+    total, count = 0.0, 0
+    for batch, epoch, _ in val._batches():
+        if epoch > 0:
+            break
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"]).logits
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
+                                                   ignore_index=-100, reduction="sum").item()
+        count += int((batch["targets"] != -100).sum())
+    logged = [r for r in records(pretrain_run) if "val_loss" in r]
+    assert [r["step"] for r in logged] == [6, 12] and count > 0
+    assert logged[-1]["val_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert logged[-1]["val_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
 def test_logged_lr_is_the_one_each_step_used(pretrain_run):
