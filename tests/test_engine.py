@@ -122,9 +122,12 @@ def test_a_deepspeed_config_files_batch_shape_is_the_one_trained(builtin_data, t
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}))
     out = tmp_path / "run"
-    run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 2, "--config", str(tiny_model_config),
-                              "--deepspeed-config", str(ds)))
+    result = run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 2, "--config", str(tiny_model_config),
+                                       "--deepspeed-config", str(ds)))
     assert losses(out, "tokens") == {1: 2 * 3 * 64, 2: 2 * 2 * 3 * 64}
+    # the start-up banner gives the effective global batch, its make-up and its tokens
+    assert "global batch 6 sequences = 384 tokens/step (micro-batch 2 x 3 accumulation x 1 rank(s))" in result.stdout, \
+        result.stdout[-2000:]
     args = json.loads((out / "config.json").read_text())["args"]
     assert (args["micro_batch_size"], args["grad_accum"]) == (2, 3)
 

@@ -340,6 +340,7 @@ class Trainer:
         self._note(f"{self.stage.name}: {self.world} rank(s) on {self.device.type}, {self.dtype}, ZeRO "
                    f"{self.ds_config['zero_optimization']['stage']}; global batch "
                    f"{self.stage.describe_batch(self.micro_batch * self.grad_accum * self.world, self.tokens_per_step)}"
+                   f" (micro-batch {self.micro_batch} x {self.grad_accum} accumulation x {self.world} rank(s))"
                    f"; {self.total_steps} steps; {self.config.num_parameters() / 1e6:.1f}M parameters")
         logger = MetricsLogger(self.run_dir, self.total_steps, step, self.is_main, a.tensorboard, a.wandb,
                                {"args": vars(a)})
