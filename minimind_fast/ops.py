@@ -89,6 +89,21 @@ def resolve_mode(mode: str | None = None) -> str:
     return chosen
 
 
+def check_kernels(mode: str | None, device_type: str) -> None:
+    """Refuse Triton kernels (asked for by `mode` or the environment) where they cannot run, before a model
+    is built: otherwise the first forward fails with a traceback from inside the kernel wrappers."""
+    if resolve_mode(mode) != "triton":
+        return
+    asked = f"{ENV_VAR}=triton" if os.environ.get(ENV_VAR) else "--kernels triton"
+    if not triton_available():
+        raise ValueError(f"{asked}: triton is not installed; use auto or reference")
+    from minimind_fast.kernels.utils import is_interpreter
+
+    if device_type != "cuda" and not is_interpreter():
+        raise ValueError(f"{asked}: Triton kernels need a CUDA device (TRITON_INTERPRET=1 runs them on the CPU, "
+                         f"for testing); use auto or reference on {device_type}")
+
+
 def get_ops(mode: str | None = None) -> OpTable:
     """The op table for `mode` (auto|triton|reference), after the environment override."""
     mode = resolve_mode(mode)

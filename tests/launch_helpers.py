@@ -26,10 +26,10 @@ def two_ranks(port: int) -> list[str]:
 
 
 def run(script: str, args: list[str], launcher: list[str] | None = None, check: bool = True,
-        timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run launch/`script`; with `check`, a failure raises with the tail of its output."""
+        timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run launch/`script` (in `env`, default ENV); with `check`, a failure raises with the tail of its output."""
     cmd = (launcher or [sys.executable]) + [str(ROOT / "launch" / script)] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-3000:]}")

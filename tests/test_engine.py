@@ -342,6 +342,7 @@ def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_r
     ("vocab", "vocab_size"),
     ("missing", "no manifest.json"),
     ("shard", "train-00000.bin: shard listed in manifest.json is missing"),
+    ("kernels", "--kernels triton: Triton kernels need a CUDA device"),
     ("unwritable", "not writable"),
     ("nan", "non-finite losses"),
     ("kind", "needs pretrain shards"),
@@ -360,6 +361,8 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
         data = tmp_path / "shards"
         shutil.copytree(builtin_data["shards"]["pretrain"], data)
         (data / "train-00000.bin").unlink()
+    elif bad == "kernels":  # on the CPU without Triton's interpreter: failed at the first forward
+        extra += ["--kernels", "triton"]
     elif bad == "unwritable":
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "run"
@@ -376,8 +379,10 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
         extra += ["--deepspeed-config", str(tmp_path / "ds.json")]
     elif bad == "profile":  # a run that ends within the profiler's warm-up would write no profile.txt
         extra += ["--steps", "5", "--profile-steps", "2"]
-    proc = run("pretrain.py", common(data, out, 8) + extra, check=False)
+    env = {k: v for k, v in ENV.items() if k not in ("TRITON_INTERPRET", "MINIMIND_KERNELS")}
+    proc = run("pretrain.py", common(data, out, 8) + extra, check=False, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert bad == "nan" or not (out / "metrics.jsonl").exists()  # the others: before any training step
     assert message in proc.stderr, proc.stderr[-2000:]
 
 

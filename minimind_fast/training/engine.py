@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from minimind_fast.ops import check_kernels
 from minimind_fast.training import checkpointing
 from minimind_fast.training.ds_config import build_ds_config, describe_layout, optimizer_layout, precision
 from minimind_fast.training.flops import model_flops_per_token, peak_flops
@@ -146,6 +147,7 @@ class Trainer:
     def _prepare(self) -> None:
         a = self.args
         check_output_dir(self.run_dir)
+        check_kernels(a.kernels, self.device.type)
         data = Path(a.data)
         self.manifest = self.stage.open_data(data)
         self.resume_from = self._checkpoint_to_resume()
