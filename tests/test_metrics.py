@@ -45,8 +45,8 @@ def test_tensorboard_and_wandb_get_every_metric(tmp_path, monkeypatch):
     scalars, wandb_calls = [], []
 
     class SummaryWriter:
-        def __init__(self, log_dir):
-            scalars.append(("dir", log_dir))
+        def __init__(self, log_dir, purge_step):
+            scalars.append(("dir", log_dir, purge_step))
 
         def add_scalar(self, key, value, step):
             scalars.append((key, value, step))
@@ -71,11 +71,24 @@ def test_tensorboard_and_wandb_get_every_metric(tmp_path, monkeypatch):
     logger.log(record(2, 4.0))
     logger.log({"step": 2, "val_loss": 3.5, "val_ppl": 33.1})
     logger.close()
-    assert scalars[0] == ("dir", str(tmp_path / "tensorboard")) and scalars[-1] == "closed"
+    assert scalars[0] == ("dir", str(tmp_path / "tensorboard"), None) and scalars[-1] == "closed"
     assert ("loss", 4.0, 2) in scalars and ("grad_norm", 0.5, 2) in scalars and ("val_ppl", 33.1, 2) in scalars
     assert not any(s[0] == "step" for s in scalars if isinstance(s, tuple))
     assert wandb_calls[0] == ("init", "proj", str(tmp_path), {"args": {"lr": 1}})
     assert wandb_calls[1] == ("log", record(2, 4.0), 2) and wandb_calls[-1] == "finished"
+
+
+def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(tmp_path, monkeypatch):
+    """Resumed at step 6 (a run killed at step 9 had logged 7-9): TensorBoard drops its events from step 7
+    on, as metrics.jsonl drops its records."""
+    made = []
+    writer = types.SimpleNamespace(add_scalar=lambda *a: None, close=lambda: None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(
+        SummaryWriter=lambda log_dir, purge_step: made.append(purge_step) or writer))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record(s, 1.0)) + "\n" for s in range(1, 10)))
+    MetricsLogger(tmp_path, 12, 6, True, tensorboard=True).close()
+    assert made == [7]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
 
 
 def test_a_rank_other_than_the_first_writes_nothing(tmp_path, capsys):

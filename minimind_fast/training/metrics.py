@@ -39,7 +39,9 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # A resumed run drops the events a stopped or killed run wrote after its checkpoint, as
+            # trim_metrics does for the JSONL file: kept, TensorBoard would draw those steps twice.
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if wandb_project:
             try:
                 import wandb
