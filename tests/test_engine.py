@@ -120,7 +120,8 @@ def test_tokens_seen_counts_every_step_across_a_resume(builtin_data, tiny_model_
 def test_a_deepspeed_config_files_batch_shape_is_the_one_trained(builtin_data, tiny_model_config, tmp_path):
     """The file's micro-batch and accumulation win over the flags for DeepSpeed and the loader alike."""
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}))
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3,
+                              "gradient_clipping": 0.5}))
     out = tmp_path / "run"
     result = run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 2, "--config", str(tiny_model_config),
                                        "--deepspeed-config", str(ds)))
@@ -129,7 +130,7 @@ def test_a_deepspeed_config_files_batch_shape_is_the_one_trained(builtin_data, t
     assert "global batch 6 sequences = 384 tokens/step (micro-batch 2 x 3 accumulation x 1 rank(s))" in result.stdout, \
         result.stdout[-2000:]
     args = json.loads((out / "config.json").read_text())["args"]
-    assert (args["micro_batch_size"], args["grad_accum"]) == (2, 3)
+    assert (args["micro_batch_size"], args["grad_accum"], args["grad_clip"]) == (2, 3, 0.5)
 
 
 def test_bf16_default_tracks_fp32_and_resumes_exactly(pretrain_run, builtin_data, tiny_model_config, tmp_path):

@@ -154,9 +154,11 @@ class Trainer:
         self.start_step = self._start_step()
         self._refuse_later_checkpoints()
         self.ds_config = self._deepspeed_config()
-        # The loaders read the flags, and a --deepspeed-config file's batch shape wins over them.
+        # The loaders read the flags, and a --deepspeed-config file's batch shape wins over them; so does its
+        # clipping, which config.json's args then record as trained.
         a.micro_batch_size = self.ds_config["train_micro_batch_size_per_gpu"]
         a.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        a.grad_clip = self.ds_config["gradient_clipping"]
         self.dtype = precision(self.ds_config)
         if self.dtype == "fp16" and self.device.type == "cpu":  # else DeepSpeed fails, naming no file
             raise TrainingError(f"{a.deepspeed_config}: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
