@@ -13,12 +13,14 @@ import gc
 import json
 import math
 import os
+import random
 import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,6 +38,15 @@ STOP_CHECK_EVERY = 5  # steps between the ranks' agreement on a SIGTERM/SIGINT (
 
 class TrainingError(RuntimeError):
     """A problem found before or during training, with a message meant for the user."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (every device) and the global generators of Python and NumPy: a user's reward function
+    drawing from `random` or `np.random` then repeats with the run's --seed (a resume restores all three
+    from the checkpoint)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _free_port() -> int:
@@ -140,7 +151,7 @@ class Trainer:
         self.run_dir = Path(args.out)
         self.rank, self.world, self.device = setup_distributed()
         self.is_main = self.rank == 0
-        torch.manual_seed(args.seed + self.rank)
+        seed_everything(args.seed + self.rank)
         self._prepare()
 
     # --- set-up: every check happens here, before the first step ----------------------------
