@@ -200,6 +200,8 @@ def test_resume_takes_a_run_dir_and_refuses_what_would_train_nothing(builtin_dat
     (empty / "checkpoints").mkdir(parents=True)
     refused = run("pretrain.py", args + ["--resume", str(empty)], check=False)
     assert refused.returncode == 2 and "holds no complete checkpoint" in refused.stderr, refused.stderr[-2000:]
+    refused = run("pretrain.py", args + ["--resume", str(tmp_path / "typo")], check=False)
+    assert refused.returncode == 2 and f"--resume {tmp_path / 'typo'}: no such file or directory" in refused.stderr
 
 
 def test_tokens_per_s_leaves_out_checkpoint_time(builtin_data, tiny_model_config, tmp_path):

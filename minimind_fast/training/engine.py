@@ -280,6 +280,9 @@ class Trainer:
         if a.resume == "none":
             return None
         ckpt = checkpointing.latest_checkpoint(self.run_dir) if a.resume == "auto" else Path(a.resume)
+        if ckpt is not None and not ckpt.exists():
+            raise TrainingError(f"--resume {ckpt}: no such file or directory (auto, none, a run directory or "
+                                "one of its checkpoints/step_* directories)")
         if ckpt is not None and (ckpt / "checkpoints").is_dir():  # a run directory: its newest checkpoint
             newest = checkpointing.latest_checkpoint(ckpt)
             if newest is None:
