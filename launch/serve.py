@@ -13,7 +13,7 @@ from pathlib import Path
 
 from minimind_fast.chat import check_vocab, find_tokenizer, load_chat_model
 from minimind_fast.inference_args import add_model_arguments
-from minimind_fast.serving.app import serve
+from minimind_fast.serving.app import listen_socket, serve
 from minimind_fast.serving.engine import Engine
 
 
@@ -30,19 +30,20 @@ def main() -> None:
     a = p.parse_args()
     if a.default_max_tokens < 1:
         sys.exit(f"error: --default-max-tokens must be >= 1, got {a.default_max_tokens}")
-    if not 0 <= a.port <= 65535:  # uvicorn would load the model first, then fail with a traceback
-        sys.exit(f"error: --port must be in 0-65535, got {a.port}")
     try:
+        sock = listen_socket(a.host, a.port)  # before loading: a port in use is an error at once
         tokenizer = find_tokenizer(a.model, a.tokenizer)
         model = load_chat_model(a.model, a.device, a.dtype, a.lora)
         check_vocab(tokenizer, model)
         engine = Engine(model, tokenizer, max_batch=a.max_batch, max_len=a.max_len, max_queue=a.max_queue,
                         cuda_graph=not a.no_cuda_graph).start()
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: also a weight file that cannot be read
         sys.exit(f"error: {e}")
     name = a.name or Path(a.model).resolve().name
-    print(f"serving {name!r} on http://{a.host}:{a.port}/v1 (max batch {a.max_batch}, context {engine.max_len})")
-    serve(engine, name, a.host, a.port, a.default_max_tokens)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {name!r} on http://{host}:{port}/v1 (max batch {a.max_batch}, context {engine.max_len})",
+          flush=True)
+    serve(engine, name, sock, a.default_max_tokens)
 
 
 if __name__ == "__main__":

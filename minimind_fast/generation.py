@@ -164,10 +164,18 @@ class SlotKVCache:
         cfg = model.config
         param = next(model.parameters())
         shape = (cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(torch.zeros(shape, device=param.device, dtype=param.dtype),
-                   torch.zeros(shape, device=param.device, dtype=param.dtype),
-                   torch.zeros(rows, dtype=torch.long, device=param.device),
-                   torch.ones(rows, max_len, dtype=torch.bool, device=param.device))
+        try:
+            return cls(torch.zeros(shape, device=param.device, dtype=param.dtype),
+                       torch.zeros(shape, device=param.device, dtype=param.dtype),
+                       torch.zeros(rows, dtype=torch.long, device=param.device),
+                       torch.ones(rows, max_len, dtype=torch.bool, device=param.device))
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            size = 2 * math.prod(shape) * param.element_size() / 2**30
+            raise ValueError(f"the KV cache for {rows} rows of {max_len} positions needs {size:.1f} GiB on "
+                             f"{param.device}, more than it has: lower the batch (--max-batch) or the context "
+                             "(--max-len)") from None
 
     def rows(self, start: int, stop: int, span: int | None = None) -> SlotKVCache:
         """A view of rows [start, stop) sharing this cache's memory."""

@@ -343,9 +343,56 @@ def test_a_client_that_goes_away_frees_its_request(model_dir, stream):
     (["--port", "70000"], "error: --port must be in 0-65535, got 70000"),
     (["--port", "-1"], "error: --port must be in 0-65535, got -1"),
     (["--default-max-tokens", "0"], "error: --default-max-tokens must be >= 1"),
+    (["--host", "no-such-host.invalid"], "error: cannot listen on no-such-host.invalid:8000"),
+    # an out-of-memory traceback before: the KV cache is allocated whole at start
+    (["--max-batch", "1000000000"], "error: the KV cache for 1000000000 rows of"),
 ])
 def test_serve_cli_refuses_bad_flags_before_loading(model_dir, args, needle):
     serve = Path(__file__).resolve().parents[1] / "launch" / "serve.py"
     run = subprocess.run([sys.executable, str(serve), "--model", str(model_dir), *args], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_serve_cli_names_a_port_in_use(model_dir):
+    """uvicorn found a busy port only after the model loaded, and exited with its own log and no error line."""
+    import socket
+
+    serve = Path(__file__).resolve().parents[1] / "launch" / "serve.py"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, str(serve), "--model", str(model_dir), "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in run.stderr, run.stderr
+
+
+def test_serve_cli_serves_on_the_port_it_prints(model_dir):
+    """The CLI end to end: --port 0 takes a free port, the line it prints names it, and the API answers there."""
+    import re
+    import signal
+
+    serve = Path(__file__).resolve().parents[1] / "launch" / "serve.py"
+    proc = subprocess.Popen([sys.executable, str(serve), "--model", str(model_dir), "--port", "0", "--name", NAME,
+                             "--max-batch", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"on (http://127\.0\.0\.1:(\d+)/v1)", line)
+        assert match and int(match.group(2)) > 0, line + proc.stderr.read() if proc.poll() is not None else line
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = httpx.get(match.group(1) + "/models", timeout=5).json()
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        assert [m["id"] for m in models["data"]] == [NAME]
+        reply = httpx.post(match.group(1) + "/chat/completions", timeout=60, json={
+            "model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -216,11 +217,30 @@ class ServerThread:
         self.thread.join(timeout)
 
 
-def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          default_max_tokens: int = 512) -> None:
-    """Run the API in the foreground until interrupted, then stop the engine."""
-    app = create_app(engine, model_name, default_max_tokens)
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, made before the model loads: a port in use, a bad port or an unknown
+    host is then an error at once (uvicorn found it only after loading, and exited with its own log)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0-65535, got {port}")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def serve(engine: Engine, model_name: str, sock: socket.socket, default_max_tokens: int = 512) -> None:
+    """Run the API on `sock` (`listen_socket`) in the foreground until interrupted, then stop the engine."""
+    app = create_app(engine, model_name, default_max_tokens)
+    config = uvicorn.Config(app, log_level="info")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.stop()
