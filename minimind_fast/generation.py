@@ -233,6 +233,19 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
+def has_stop_string(tokenizer, tokens: list[int], stop_strings: list[str]) -> bool:
+    """Whether the text of `tokens` contains a stop string, decoding only a tail long enough to hold the
+    longest: 4 tokens a character (byte tokens), widened while special tokens (which decode to nothing)
+    leave it short."""
+    longest = max(len(s) for s in stop_strings)
+    n = 4 * longest + 4
+    tail = tokenizer.decode(tokens[-n:])
+    while len(tail) <= longest and n < len(tokens):  # one more char: the first may be a cut one
+        n *= 2
+        tail = tokenizer.decode(tokens[-n:])
+    return any(s in tail for s in stop_strings)
+
+
 class Decoder:
     """Sequences decoded together over one preallocated `SlotKVCache`; see the module docstring."""
 
@@ -360,11 +373,9 @@ class Decoder:
         cfg = row.config
         if tok in cfg.stop_token_ids:
             return "stop"
-        if cfg.stop_strings and self.tokenizer is not None:
-            longest = max(len(s) for s in cfg.stop_strings)
-            tail = self.tokenizer.decode(row.tokens[-(4 * longest + 4):])  # a char is at most 4 byte tokens
-            if any(s in tail for s in cfg.stop_strings):
-                return "stop"
+        if cfg.stop_strings and self.tokenizer is not None and has_stop_string(self.tokenizer, row.tokens,
+                                                                                 cfg.stop_strings):
+            return "stop"
         if len(row.tokens) >= cfg.max_new_tokens or self.slots_used[i] >= self.max_len:
             return "length"
         return None

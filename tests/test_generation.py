@@ -12,6 +12,7 @@ from minimind_fast.generation import (
     apply_repetition_penalty,
     filter_logits,
     generate,
+    has_stop_string,
     sample_tokens,
     stream_generate,
 )
@@ -139,6 +140,26 @@ def test_stop_string_ends_the_row_on_the_token_that_completes_it():
     # An empty stop string matches nothing (as the streamed text treats it), not every reply at once.
     config = GenerationConfig(max_new_tokens=12, temperature=0, stop_token_ids=[], stop_strings=[""])
     assert generate(model, [[5, 17, 33]], config, tokenizer=LetterTokenizer())[0] == free
+
+
+class SilentSpecialTokenizer(LetterTokenizer):
+    """As LetterTokenizer, but ids >= 100 are special tokens that decode to nothing."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return super().decode([i for i in ids if i < 100])
+
+
+def test_stop_string_is_found_across_special_tokens():
+    """The check decoded a fixed tail of 4 tokens a character: special tokens inside the stop string's
+    span (decoding to nothing) pushed its start out of the tail and the row ran on to max_new_tokens."""
+    tok = SilentSpecialTokenizer()
+    cat, is_ = [2, 0, 19], [8, 18]  # "cat", "is"
+    for specials in (0, 3, 40):
+        tokens = [7, 7, *cat, *[100] * specials, *is_]
+        assert tok.decode(tokens).endswith("catis")
+        assert has_stop_string(tok, tokens, ["catis"]), specials
+        assert not has_stop_string(tok, tokens, ["cats"]), specials
+    assert not has_stop_string(tok, [100] * 50, ["a"])
 
 
 def test_streaming_yields_the_tokens_of_generate():
