@@ -28,6 +28,11 @@ SUITE_TITLES = {"kernels": "Kernels, forward + backward", "moe": "MoE layer, for
                              "(CPU: reference ops; CUDA: its bf16 autocast loop)"}
 
 
+def tflops(rate: float) -> str:
+    """A rate with three significant figures, so that a CPU's 0.0008 TFLOP/s does not print as 0.0."""
+    return f"{rate:.1f}" if rate >= 100 else f"{rate:.3g}"
+
+
 def newest_per_device(results_dir: Path) -> dict[str, dict[str, Any]]:
     """device name -> its newest run, completed by older runs of the same device for the comparisons
     (groups) the newest did not measure (a GPU session may run only some suites); each group comes
@@ -122,7 +127,7 @@ def hardware_cell(case: dict[str, Any] | None) -> str:
     if case.get("mfu_measured") is not None:
         parts.append(f"{_pct(case['mfu_measured'])} of measured matmul")
     elif case.get("frac_of_matmul") is not None:
-        parts.append(f"{_pct(case['frac_of_matmul'])} of matmul ({case['tflops']:.1f} TFLOP/s)")
+        parts.append(f"{_pct(case['frac_of_matmul'])} of matmul ({tflops(case['tflops'])} TFLOP/s)")
     if case.get("tokens_per_s") is not None:
         parts.append(f"{_num(case['tokens_per_s'])} tok/s")
     return ", ".join(parts) or "—"
@@ -184,8 +189,9 @@ def render_run(run: dict[str, Any]) -> list[str]:
     limits = []
     if hw.get("copy_GBps"):
         limits.append(f"copy {hw['copy_GBps']:.0f} GB/s")
-    if hw.get("bf16_tflops"):
-        limits.append(f"bf16 matmul {hw['bf16_tflops']:.1f} TFLOP/s")
+    for dtype in ("bf16", "fp32"):  # the CPU cases run in fp32, whose rate a CPU's bf16 one says nothing of
+        if hw.get(f"{dtype}_tflops"):
+            limits.append(f"{dtype} matmul {tflops(hw[f'{dtype}_tflops'])} TFLOP/s")
     if hw.get("peak_bf16_tflops"):
         limits.append(f"datasheet bf16 {hw['peak_bf16_tflops']:.0f} TFLOP/s")
     lines = [f"### {run['device']}", "", " · ".join(facts) + "  ", "Measured: " + (", ".join(limits) or "—")]

@@ -384,3 +384,11 @@ def test_report_shows_the_run_time_and_what_the_deadline_left_out(tmp_path):
     assert "Run time: 9.5 min (deadline 480 s; 2 tests left out)" in text
     write(tmp_path / "cpu-20250101-000000.json", run("CPU", "2025-01-01T00:00:00", cases))
     assert text.count("Run time") == report.render_markdown(report.newest_per_device(tmp_path)).count("Run time")
+
+
+def test_rates_keep_three_significant_figures():
+    """A CPU's bf16 matmul rate (0.0008 TFLOP/s) printed as 0.0, and its fp32 rate was not shown."""
+    assert [report.tflops(r) for r in (0.000833, 0.117, 51.27, 730.44)] == ["0.000833", "0.117", "51.3", "730.4"]
+    lines = report.render_run({"device": "CPU X", "date": "d", "cases": [],
+                                  "hardware": {"copy_GBps": 17.4, "bf16_tflops": 0.000833, "fp32_tflops": 0.117}})
+    assert "Measured: copy 17 GB/s, bf16 matmul 0.000833 TFLOP/s, fp32 matmul 0.117 TFLOP/s" in "\n".join(lines)
