@@ -113,6 +113,26 @@ def test_training_bad_arguments(builtin_data, tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.parametrize("content", [b"", b"\n\r\n", b'not json\n[1, 2]\n{"text": 5, "conversations": "x"}\n'])
+def test_training_without_any_text_is_refused(tmp_path, content):
+    """A tokenizer of bytes alone (no merge learnt) is what an empty or all-invalid file would give."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(content)
+    with pytest.raises(ValueError, match=f"no text to train on in {src}") as e:
+        train_tokenizer([src], 300, tmp_path / "t")
+    if content.startswith(b"not json"):
+        assert f"{src}:1: not JSON" in str(e.value) and "'not a JSON object': 1" in str(e.value)
+    assert not (tmp_path / "t").exists()
+
+
+def test_training_reports_skipped_lines_and_a_short_vocabulary(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "hello hello world"}\n{broken\n')
+    assert load_tokenizer(train_tokenizer([src], 5000, tmp_path / "t")).vocab_size < 5000
+    err = capsys.readouterr().err
+    assert f"{src}:2: not JSON" in err and "fewer than --vocab-size 5000" in err
+
+
 def test_training_never_replaces_a_folder_holding_other_files(builtin_data, tmp_path, monkeypatch):
     files = [builtin_data["files"]["sft"]]
     data = tmp_path / "data"

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -37,34 +39,58 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-def iter_texts(files: Iterable[str | os.PathLike]) -> Iterator[str]:
+def iter_texts(files: Iterable[str | os.PathLike], skipped: Counter | None = None,
+               problems: list[str] | None = None) -> Iterator[str]:
     """Texts of pretrain (`text`) and conversation (`conversations`/`prompt`/`chosen`/`rejected`) JSONL lines.
 
-    Streams line by line; lines that do not parse are skipped here (the shard writer reports them).
+    Streams line by line. Lines that give no text are skipped here (the shard writer reports them in
+    full); `skipped` counts them by reason and `problems` gets the first `file:line` of each reason.
     """
+    skipped = Counter() if skipped is None else skipped
+    problems = [] if problems is None else problems
     for path in files:
         with open(path, "rb") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)  # bytes: UTF-8 with or without a byte-order mark
-                except ValueError:  # not JSON, or not UTF-8
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
                     continue
-                if not isinstance(record, dict):
-                    continue
-                texts = [record.get("text")]
-                for key in ("conversations", "prompt", "chosen", "rejected"):
-                    msgs = record.get(key)  # messages, or a string (DPO's prompt/chosen/rejected form)
-                    if not isinstance(msgs, list):
-                        msgs = [{"content": msgs}]
-                    texts += [m.get("content") for m in msgs if isinstance(m, dict)]
-                yield from (t for t in texts if isinstance(t, str) and not LONE_SURROGATE.search(t))
+                texts, reason = _line_texts(line)
+                if reason:
+                    if not skipped[reason]:
+                        problems.append(f"{path}:{lineno}: {reason}")
+                    skipped[reason] += 1
+                yield from texts
+
+
+def _line_texts(line: bytes) -> tuple[list[str], str | None]:
+    """The usable texts of one JSONL line, and why it has none (None when it has some)."""
+    try:
+        record = json.loads(line)  # bytes: UTF-8 with or without a byte-order mark
+    except UnicodeDecodeError:
+        return [], "not UTF-8"
+    except ValueError:
+        return [], "not JSON"
+    if not isinstance(record, dict):
+        return [], "not a JSON object"
+    texts = [record.get("text")]
+    for key in ("conversations", "prompt", "chosen", "rejected"):
+        msgs = record.get(key)
+        if isinstance(msgs, str) and key != "conversations":  # DPO's prompt/chosen/rejected strings
+            msgs = [{"content": msgs}]
+        if not isinstance(msgs, list):
+            continue
+        texts += [m.get("content") for m in msgs if isinstance(m, dict)]
+    texts = [t for t in texts if isinstance(t, str) and t]
+    good = [t for t in texts if not LONE_SURROGATE.search(t)]
+    if good:
+        return good, None
+    return [], "unpaired surrogate escape" if texts else "no text"
 
 
 def train_tokenizer(files: list[str | os.PathLike], vocab_size: int, out_dir: str | os.PathLike) -> Path:
     """Train a byte-level BPE tokenizer on the JSONL `files` and save it (atomically) to `out_dir`."""
     for f in files:
         if not Path(f).is_file():
-            raise FileNotFoundError(f"{f}: no such file")
+            raise FileNotFoundError(f"{f}: {'a directory, not a JSONL file' if Path(f).is_dir() else 'no such file'}")
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size} is below the 256 byte tokens + special tokens")
     check_replaceable(Path(out_dir))  # before the training, not after it
@@ -74,10 +100,28 @@ def train_tokenizer(files: list[str | os.PathLike], vocab_size: int, out_dir: st
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=True,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(iter_texts(files), trainer=trainer)
+    skipped, problems, texts = Counter(), [], Counter()
+    tok.train_from_iterator(_counted(iter_texts(files, skipped, problems), texts), trainer=trainer)
+    if not texts["texts"]:  # the tokenizer would hold bytes only, every word split into them
+        raise ValueError(f"no text to train on in {', '.join(map(str, files))} (JSONL lines with a string "
+                         f"'text', or messages with a 'content' in 'conversations'/'prompt'/'chosen'/"
+                         f"'rejected'; skipped: {dict(skipped) or 'none, no lines'})"
+                         + (f"; first: {problems[0]}" if problems else ""))
+    if skipped:
+        print(f"train_tokenizer: skipped lines without text: {dict(skipped)}; first: "
+              f"{'; '.join(problems)}", file=sys.stderr)
+    if tok.get_vocab_size() < vocab_size:
+        print(f"train_tokenizer: the data gives only {tok.get_vocab_size()} tokens (no pair left to merge), "
+              f"fewer than --vocab-size {vocab_size}", file=sys.stderr)
     for i, name in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(name) == i, f"special token {name} landed at id {tok.token_to_id(name)}"
     return save_tokenizer(tok, out_dir)
+
+
+def _counted(texts: Iterator[str], counts: Counter) -> Iterator[str]:
+    for text in texts:
+        counts["texts"] += 1
+        yield text
 
 
 def check_replaceable(out: Path) -> None:
