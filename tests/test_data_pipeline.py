@@ -406,6 +406,29 @@ def test_rerun_skips_and_workers_do_not_change_bytes(builtin_data, tmp_path):
     assert not list((tmp_path / "a").glob("*.tmp"))
 
 
+def test_long_documents_are_encoded_a_few_at_a_time(builtin_data, tmp_path, monkeypatch, tok):
+    """Chunks end at 1 MB of input, not only at 500 lines: encoding holds ~150 bytes per token until its
+    chunk is done, so a file of book-length lines was encoded whole (9 GB of memory for 113 MB)."""
+    from minimind_fast.data import pipeline
+
+    texts = [" ".join(f"w{(i * 7 + j) % 97}" for j in range(60_000 + 5_000 * i)) for i in range(8)]
+    src = tmp_path / "books.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    chunk_bytes = []
+    encode = pipeline.encode_lines
+    monkeypatch.setattr(pipeline, "encode_lines",
+                        lambda lines, *a: chunk_bytes.append(sum(len(x) for _, x in lines)) or encode(lines, *a))
+    opts = TokenizeOptions(kind="pretrain", workers=1, val_fraction=0)
+    tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "a", opts)
+    longest = max(len(line) for line in src.read_bytes().splitlines(keepends=True))
+    assert len(chunk_bytes) > 1 and max(chunk_bytes) < (1 << 20) + longest
+    assert [d[0].tolist() for d in _all_docs(tmp_path / "a")] == [[1, *tok.encode(t), 2] for t in texts]
+    # the chunking does not change the shards
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 1 << 40)
+    tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "b", opts)
+    assert (tmp_path / "a" / "train-00000.bin").read_bytes() == (tmp_path / "b" / "train-00000.bin").read_bytes()
+
+
 def test_a_new_pipeline_version_rewrites_the_shards(builtin_data, tmp_path, monkeypatch, capsys):
     from minimind_fast.data import pipeline
 

@@ -1,12 +1,13 @@
 """JSONL -> `.bin` shards: streamed, parallel, atomic, skipped when already up to date.
 
-Lines are read in chunks of `CHUNK_LINES`; each chunk is parsed, rendered and encoded with one
-`encode_batch` call, in a pool of worker processes (`workers > 1`) or in this process with the
-tokenizers library's own threads (`workers == 1`). At most `2 * workers` chunks are in flight, so
-memory stays bounded whatever the input size. Chunks are written in input order, which makes the
-shards identical from run to run whatever the number of workers. Bad lines are counted by reason and
-listed as `file:line`; `strict=True` stops at the first one. Every `1 / val_fraction`-th record goes
-to the held-out split. Shards and the manifest are written under temporary names and renamed.
+Lines are read in chunks of `CHUNK_LINES` lines or `CHUNK_BYTES` bytes; each chunk is parsed,
+rendered and encoded with one `encode_batch` call, in a pool of worker processes (`workers > 1`) or
+in this process with the tokenizers library's own threads (`workers == 1`). At most `2 * workers`
+chunks are in flight, so memory stays bounded whatever the input size. Chunks are written in input
+order, which makes the shards identical from run to run whatever the number of workers. Bad lines are
+counted by reason and listed as `file:line`; `strict=True` stops at the first one. Every
+`1 / val_fraction`-th record goes to the held-out split. Shards and the manifest are written under
+temporary names and renamed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
 KINDS = ("pretrain", "sft", "reasoning", "dpo")
 MANIFEST = "manifest.json"
 CHUNK_LINES = 500  # small enough that even a few-MB file spreads over every worker
+# A chunk also ends at this many bytes of input: encoding holds ~150 bytes per token (ids, offsets,
+# token strings) until the chunk is done, so 500 long documents (books, a MB each) took GBs.
+CHUNK_BYTES = 1 << 20
 MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are complete)
 # Bump whenever this code would write other shards from the same inputs (rendering, masks, splits),
 # or a manifest without a field the loaders rely on: it is part of the up-to-date signature, so a
@@ -160,13 +164,14 @@ def val_every(opts: TokenizeOptions, n_lines: int) -> int:
 
 
 def _chunks(path: Path):
-    """(raw lines with their numbers, bytes) in chunks of CHUNK_LINES; `records.parse_line` decodes them."""
+    """(raw lines with their numbers, bytes) in chunks of CHUNK_LINES lines or CHUNK_BYTES bytes,
+    whichever comes first (a longer line is a chunk of its own); `records.parse_line` decodes them."""
     with open(path, "rb") as f:
         chunk, size = [], 0
         for lineno, raw in enumerate(f, start=1):
             chunk.append((lineno, raw))
             size += len(raw)
-            if len(chunk) >= CHUNK_LINES:
+            if len(chunk) >= CHUNK_LINES or size >= CHUNK_BYTES:
                 yield chunk, size
                 chunk, size = [], 0
         if chunk:
