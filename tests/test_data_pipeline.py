@@ -490,6 +490,42 @@ def test_a_rerun_removes_the_shards_it_no_longer_lists(builtin_data, tmp_path):
     assert {p.name for p in out.iterdir()} == listed | {"manifest.json", "train-extra.bin", "notes.txt"}
 
 
+KILLED_RUN = """
+import os, signal, sys
+from minimind_fast.data import pipeline
+close, calls = pipeline._SplitWriter._close, []
+def close_then_die(self):  # SIGKILL once two shards are complete and the third is being written
+    if self.writer is not None and len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls.append(1)
+    close(self)
+pipeline._SplitWriter._close = close_then_die
+src, tok, out = sys.argv[1:]
+pipeline.tokenize_to_shards([src], tok, out, pipeline.TokenizeOptions(kind="sft", workers=1, max_shard_tokens=500))
+"""
+
+
+def test_a_killed_run_leaves_nothing_taken_for_complete(builtin_data, tmp_path):
+    """SIGKILL mid-way: no manifest (the loaders refuse the directory), and the next run, not forced,
+    tokenizes everything again and removes what the killed one left, large temporary shards included."""
+    from minimind_fast.data.loaders import read_manifest
+
+    src, out = builtin_data["files"]["sft"], tmp_path / "o"
+    tokenize_to_shards([builtin_data["files"]["pretrain"]], builtin_data["tokenizer"], out,
+                       TokenizeOptions(kind="pretrain", workers=1))  # a complete output of other data first
+    r = subprocess.run([sys.executable, "-c", KILLED_RUN, src, builtin_data["tokenizer"], out],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr
+    assert not (out / "manifest.json").exists() and list(out.glob("*.tmp"))
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        read_manifest(out)
+    opts = TokenizeOptions(kind="sft", workers=1)  # fewer shards: the killed run's are not overwritten
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
+    fresh = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "fresh", opts)
+    assert m["splits"] == fresh["splits"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "fresh").iterdir())
+
+
 @pytest.mark.parametrize("kind", ["pretrain", "dpo"])
 def test_shards_roll_over(builtin_data, tmp_path, kind):
     opts = TokenizeOptions(kind=kind, seq_len=128, workers=1, val_fraction=0.05, max_shard_tokens=1000)

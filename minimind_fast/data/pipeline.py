@@ -41,6 +41,8 @@ MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are com
 # rerun after such a change rewrites the shards. 5: per-shard max_token_id; 6: per-shard checksum.
 PIPELINE_VERSION = 6
 SHARD_NAME = re.compile(r"(train|val)-\d{5,}\.bin")  # as _SplitWriter names them
+# What a killed run leaves (ShardWriter's temporary files, the manifest's): a shard's can be GBs.
+LEFTOVER_NAME = re.compile(r"(train|val)-\d{5,}\.bin(\.mask)?\.tmp|manifest\.json\.tmp")
 
 
 @dataclass
@@ -403,8 +405,10 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
 
 
 def _remove_stale_shards(out: Path, splits: dict) -> None:
-    """Delete shard files an earlier, larger run left behind: the new manifest does not list them."""
+    """Delete shard files an earlier, larger run left behind (the new manifest does not list them),
+    and the temporary files of a run killed before it finished."""
     listed = {s["file"] for split in splits.values() for s in split["shards"]}
     for path in out.iterdir():
-        if SHARD_NAME.fullmatch(path.name) and path.name not in listed and path.is_file():
+        stale = SHARD_NAME.fullmatch(path.name) and path.name not in listed
+        if (stale or LEFTOVER_NAME.fullmatch(path.name)) and path.is_file():
             path.unlink()
