@@ -569,6 +569,14 @@ def test_tokenize_script_refuses_bad_options(builtin_data, tmp_path, monkeypatch
     assert not (tmp_path / "o").exists()
 
 
+def test_tokenize_script_refuses_an_output_that_is_a_file(builtin_data, tmp_path, monkeypatch):
+    (tmp_path / "o").write_text("keep")
+    with pytest.raises(SystemExit, match=f"error: --out {tmp_path / 'o'}: exists and is not a directory"):
+        _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", builtin_data["files"]["sft"],
+                "--tokenizer", builtin_data["tokenizer"], "--out", tmp_path / "o")
+    assert (tmp_path / "o").read_text() == "keep"
+
+
 def test_tokenize_script_as_a_process(builtin_data, tmp_path):
     """The real command line (launch/tokenize.py must not break the standard library's `tokenize`)."""
     r = subprocess.run([sys.executable, "launch/tokenize.py", "--kind", "dpo", "--data", builtin_data["files"]["dpo"],

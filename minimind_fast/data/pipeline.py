@@ -346,6 +346,8 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
             raise FileNotFoundError(f"{p}: no such input file")
     tok = load_tokenizer(tokenizer_dir)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     signature = _signature(paths, tok, opts)
     if not force and up_to_date(out, signature):
