@@ -429,6 +429,22 @@ def test_long_documents_are_encoded_a_few_at_a_time(builtin_data, tmp_path, monk
     assert (tmp_path / "a" / "train-00000.bin").read_bytes() == (tmp_path / "b" / "train-00000.bin").read_bytes()
 
 
+def test_an_up_to_date_rerun_records_the_tokenizer_it_was_given(builtin_data, tmp_path):
+    """Checkpoints carry the manifest's tokenizer_dir: after the tokenizer is copied elsewhere and the
+    original retrained in place, a rerun with the copy must not leave the manifest naming the other one."""
+    first, copy = tmp_path / "tok", tmp_path / "tok-copy"
+    shutil.copytree(builtin_data["tokenizer"], first)
+    opts = TokenizeOptions(kind="sft", seq_len=128, workers=1)
+    m = tokenize_to_shards([builtin_data["files"]["sft"]], first, tmp_path / "a", opts)
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)
+    again = tokenize_to_shards([builtin_data["files"]["sft"]], copy, tmp_path / "a", opts)
+    on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert again == on_disk and on_disk["tokenizer_dir"] == str(copy.resolve())
+    assert {k: v for k, v in on_disk.items() if k != "tokenizer_dir"} == {k: v for k, v in m.items()
+                                                                         if k != "tokenizer_dir"}
+
+
 def test_a_new_pipeline_version_rewrites_the_shards(builtin_data, tmp_path, monkeypatch, capsys):
     from minimind_fast.data import pipeline
 

@@ -352,7 +352,7 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
     signature = _signature(paths, tok, opts)
     if not force and up_to_date(out, signature):
         print(f"{out}: shards are up to date with their inputs; nothing to do")
-        return json.loads((out / MANIFEST).read_text())
+        return _point_at_tokenizer(out, tok)
     (out / MANIFEST).unlink(missing_ok=True)  # the old shards no longer describe a valid state
 
     writer = _Writer(out, opts, tok.vocab_size, sum(src["lines"] for src in signature["sources"]))
@@ -399,10 +399,25 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
         "skipped": dict(totals), "problems": writer.problems, "signature": signature,
         "seconds": round(time.time() - started, 3),
     }
+    _write_manifest(out, manifest)
+    _remove_stale_shards(out, splits)
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / MANIFEST)
-    _remove_stale_shards(out, splits)
+
+
+def _point_at_tokenizer(out: Path, tok: ChatTokenizer) -> dict:
+    """The up-to-date manifest, its `tokenizer_dir` set to this run's tokenizer (same fingerprint): the
+    engine copies that directory into checkpoints, and the one tokenized with may since have been moved,
+    deleted or retrained in place."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    if manifest.get("tokenizer_dir") != str(tok.dir.resolve()):
+        manifest["tokenizer_dir"] = str(tok.dir.resolve())
+        _write_manifest(out, manifest)
     return manifest
 
 
