@@ -373,6 +373,14 @@ def test_val_split_keeps_to_its_fraction(fraction, lines, held_out):
     assert sum(1 for i in range(lines) if every and i % every == every - 1) == held_out
 
 
+@pytest.mark.parametrize("fraction", [0.01, 0.02, 0.03, 0.07, 0.1, 0.15, 0.3, 0.4, 0.45])
+def test_val_split_never_holds_out_more_than_asked(fraction):
+    """The share held out is at most --val-fraction, and the largest such every-k-th share."""
+    every = val_every(TokenizeOptions(kind="sft", val_fraction=fraction), 100_000)
+    held_out = sum(1 for i in range(100_000) if i % every == every - 1) / 100_000
+    assert held_out <= fraction < 1 / (every - 1)
+
+
 def test_line_counts_include_a_last_line_without_newline(tmp_path):
     from minimind_fast.data.pipeline import file_digest
 
