@@ -34,7 +34,8 @@ else:
         p.add_argument("--overlong", choices=("truncate", "drop"), default="truncate")
         p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
         p.add_argument("--strict", action="store_true", help="fail on the first bad line")
-        p.add_argument("--force", action="store_true", help="rewrite even if the shards are up to date")
+        p.add_argument("--force", action="store_true",
+                       help="rewrite even if the shards are up to date, or of another --kind")
         args = p.parse_args()
         try:
             opts = TokenizeOptions(kind=args.kind, seq_len=args.seq_len, overlong=args.overlong,

@@ -525,7 +525,8 @@ def close_then_die(self):  # SIGKILL once two shards are complete and the third 
     close(self)
 pipeline._SplitWriter._close = close_then_die
 src, tok, out = sys.argv[1:]
-pipeline.tokenize_to_shards([src], tok, out, pipeline.TokenizeOptions(kind="sft", workers=1, max_shard_tokens=500))
+opts = pipeline.TokenizeOptions(kind="sft", workers=1, max_shard_tokens=500)
+pipeline.tokenize_to_shards([src], tok, out, opts, force=True)
 """
 
 
@@ -599,6 +600,20 @@ def test_tokenize_script_refuses_an_output_that_is_a_file(builtin_data, tmp_path
         _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", builtin_data["files"]["sft"],
                 "--tokenizer", builtin_data["tokenizer"], "--out", tmp_path / "o")
     assert (tmp_path / "o").read_text() == "keep"
+
+
+def test_shards_of_another_kind_are_replaced_only_with_force(builtin_data, tmp_path, monkeypatch):
+    out = tmp_path / "pretrain"
+    tokenize_to_shards([builtin_data["files"]["pretrain"]], builtin_data["tokenizer"], out,
+                       TokenizeOptions(kind="pretrain", workers=1))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit, match=f"error: --out {out} holds pretrain shards .* pass --force"):
+        _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", builtin_data["files"]["sft"],
+                "--tokenizer", builtin_data["tokenizer"], "--out", out, "--workers", 1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", builtin_data["files"]["sft"],
+            "--tokenizer", builtin_data["tokenizer"], "--out", out, "--workers", 1, "--force")
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "sft"
 
 
 def test_tokenize_script_as_a_process(builtin_data, tmp_path):

@@ -352,6 +352,8 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    if not force:
+        _refuse_other_kind(out, opts.kind)
     signature = _signature(paths, tok, opts)
     if not force and up_to_date(out, signature):
         print(f"{out}: shards are up to date with their inputs; nothing to do")
@@ -405,6 +407,19 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
     _write_manifest(out, manifest)
     _remove_stale_shards(out, splits)
     return manifest
+
+
+def _refuse_other_kind(out: Path, kind: str) -> None:
+    """Rewriting shards of another kind is a mistyped --out far more often than intended (a directory per
+    kind is the convention): replacing them asks for --force. Same-kind shards are rewritten when their
+    inputs or options change, as a build tool would."""
+    try:
+        old = json.loads((out / MANIFEST).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return  # no complete output there (a killed run leaves no manifest): nothing to keep
+    if old in KINDS and old != kind:
+        raise ValueError(f"--out {out} holds {old} shards (its manifest.json); tokenizing {kind} data there "
+                         f"would replace them: choose another --out, or pass --force to replace them")
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
