@@ -353,6 +353,7 @@ def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_r
     ("steps", "--steps 0: must be at least 1; --save-every 0: must be at least 1"),
     ("fp16-file", "ds.json: fp16 needs a CUDA device"),
     ("profile", "--profile-steps 2: profiling starts after 5 warm-up steps (at step 6) and this run ends at step 5"),
+    ("tokenizer", "changed since the shards were written"),
 ])
 def test_faults_give_clear_errors_before_training(bad, message, builtin_data, tiny_model_config, tmp_path):
     data, out, extra = builtin_data["shards"]["pretrain"], tmp_path / "run", ["--config", str(tiny_model_config)]
@@ -382,6 +383,14 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
         extra += ["--deepspeed-config", str(tmp_path / "ds.json")]
     elif bad == "profile":  # a run that ends within the profiler's warm-up would write no profile.txt
         extra += ["--steps", "5", "--profile-steps", "2"]
+    elif bad == "tokenizer":  # retrained in place after tokenizing: checkpoints would carry the new one
+        data, tokenizer = tmp_path / "shards", tmp_path / "tokenizer"
+        shutil.copytree(builtin_data["shards"]["pretrain"], data)
+        shutil.copytree(builtin_data["tokenizer"], tokenizer)
+        manifest = json.loads((data / "manifest.json").read_text())
+        (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_dir": str(tokenizer)}))
+        with open(tokenizer / "tokenizer.json", "a") as f:
+            f.write("\n")
     env = {k: v for k, v in ENV.items() if k not in ("TRITON_INTERPRET", "MINIMIND_KERNELS")}
     proc = run("pretrain.py", common(data, out, 8) + extra, check=False, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -161,6 +161,7 @@ class Trainer:
         check_kernels(a.kernels, self.device.type)
         data = Path(a.data)
         self.manifest = self.stage.open_data(data)
+        self.tokenizer_dir = self.stage.tokenizer_dir(self.manifest)  # what checkpoints carry; checked now
         self.resume_from = self._checkpoint_to_resume()
         self.start_step = self._start_step()
         self._refuse_later_checkpoints()
@@ -499,7 +500,7 @@ class Trainer:
     def save(self, step: int, trainer_state: dict) -> None:
         trainer_state = {**trainer_state, "optimizer_layout": optimizer_layout(self.ds_config)}
         checkpointing.save_checkpoint(self.engine, self.stage, self.run_dir, step, self.loader.state_dict(),
-                                      trainer_state, self.stage.tokenizer_dir(self.manifest), self.args.keep_last)
+                                      trainer_state, self.tokenizer_dir, self.args.keep_last)
 
 
 def _local_grad_norm(engine) -> float | None:

@@ -136,9 +136,20 @@ class Stage:
         raise NotImplementedError
 
     def tokenizer_dir(self, manifest: dict) -> Path | None:
-        """The tokenizer the checkpoints carry: the one the shards were made with."""
+        """The tokenizer the checkpoints carry: the one the shards were made with. Refused when it changed
+        in place since (retrained or replaced): checkpoints would carry a tokenizer whose ids do not mean
+        what the shards' ids mean."""
+        from minimind_fast.data.tokenizer import load_tokenizer
+
         path = manifest.get("tokenizer_dir")
-        return Path(path) if path and (Path(path) / "tokenizer.json").exists() else None
+        if not path or not (Path(path) / "tokenizer.json").exists():
+            return None
+        now, then = load_tokenizer(path).fingerprint, manifest.get("tokenizer_fingerprint")
+        if then is not None and now != then:
+            raise ValueError(f"the tokenizer at {path} changed since the shards were written (fingerprint {then} "
+                             f"then, {now} now): tokenize the data again with it, or restore the one it was "
+                             "made with")
+        return Path(path)
 
     def setup(self, model: MiniMindForCausalLM) -> None:
         """Hook run after the model exists and before DeepSpeed wraps it (LoRA, reference models)."""
