@@ -395,6 +395,18 @@ def test_missing_input_file(builtin_data, tmp_path):
                            TokenizeOptions(kind="sft"))
 
 
+def test_a_directory_or_a_repeated_input_is_refused(builtin_data, tmp_path):
+    """A directory was 'no such input file'; a file given twice was silently trained on twice as often."""
+    src = Path(builtin_data["files"]["sft"])
+    with pytest.raises(ValueError, match=f"{tmp_path}: a directory; give its JSONL files"):
+        tokenize_to_shards([tmp_path], builtin_data["tokenizer"], tmp_path / "o", TokenizeOptions(kind="sft"))
+    (tmp_path / "link.jsonl").symlink_to(src)
+    for twice in ([src, src], [src, tmp_path / "link.jsonl"]):
+        with pytest.raises(ValueError, match="given more than once"):
+            tokenize_to_shards(twice, builtin_data["tokenizer"], tmp_path / "o", TokenizeOptions(kind="sft"))
+    assert not (tmp_path / "o").exists()
+
+
 def test_rerun_skips_and_workers_do_not_change_bytes(builtin_data, tmp_path):
     src = builtin_data["files"]["sft"]
     opts1 = TokenizeOptions(kind="sft", seq_len=128, workers=1, val_fraction=0.05)

@@ -345,8 +345,13 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
     """
     paths = [Path(f) for f in files]
     for p in paths:
+        if p.is_dir():
+            raise ValueError(f"{p}: a directory; give its JSONL files (e.g. {p}/*.jsonl)")
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such input file")
+    repeated = sorted({str(p) for p in paths if sum(q.resolve() == p.resolve() for q in paths) > 1})
+    if repeated:  # every record of it would be trained on twice as often as the others
+        raise ValueError(f"{', '.join(repeated)}: given more than once")
     tok = load_tokenizer(tokenizer_dir)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
