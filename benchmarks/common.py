@@ -9,10 +9,12 @@ Results file (one per run, `benchmarks/results/<device-slug>-<YYYYmmdd-HHMMSS>.j
                 "peak_mem_MB", "gbps", "frac_of_copy", "tflops", "frac_of_matmul", "tokens_per_s",
                 "mfu", "mfu_measured", "ratio_vs_eager", "ratio_vs_eager_lo", "ratio_vs_eager_hi",
                 "mem_ratio_vs_eager", ...}],
-     "timing": {"suite_s": ..., "deadline_s": ..., "test_seconds": {nodeid: s, ...}, "not_run": [nodeid, ...]}}
+     "timing": {"suite_s": ..., "deadline_s": ..., "test_seconds": {nodeid: s, ...}, "not_run": [nodeid, ...],
+                "running": nodeid or null}}
 
 `timing` is the run's own cost (see `SuiteClock`): each test's wall seconds, compilation and autotuning
-included, slowest first, and the tests a deadline left out.
+included, slowest first, the tests a deadline left out, and (`running`, in a file whose run was killed)
+the test that was under way.
 
 A *group* is one comparison: the same op at the same shape, measured once per implementation
 (`impl`) side by side in the same run. The implementations:
@@ -153,6 +155,8 @@ class SuiteClock:
         self.start = now()
         self.test_seconds: dict[str, float] = {}
         self.not_run: list[str] = []
+        # the test under way: the file names it, so a run killed by `timeout` says where it stopped
+        self.running: str | None = None
 
     def elapsed(self) -> float:
         return self.now() - self.start
@@ -166,11 +170,13 @@ class SuiteClock:
 
     def add(self, nodeid: str, seconds: float) -> None:
         self.test_seconds[nodeid] = self.test_seconds.get(nodeid, 0.0) + seconds
+        self.running = None
 
     def as_dict(self) -> dict[str, Any]:
         slowest = sorted(self.test_seconds.items(), key=lambda kv: -kv[1])
         return {"suite_s": round(self.elapsed(), 1), "deadline_s": self.deadline_s,
-                "test_seconds": {k: round(v, 2) for k, v in slowest}, "not_run": list(self.not_run)}
+                "test_seconds": {k: round(v, 2) for k, v in slowest}, "not_run": list(self.not_run),
+                "running": self.running}
 
 
 class ResultsError(ValueError):

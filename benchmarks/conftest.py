@@ -233,6 +233,9 @@ def pytest_collection_modifyitems(items):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
     start = time.perf_counter()
+    if _SESSION is not None:
+        _SESSION.clock.running = item.nodeid
+        _SESSION.write()  # a kill (timeout) during this test leaves it named in the file
     yield
     if _SESSION is not None:
         _SESSION.clock.add(item.nodeid, time.perf_counter() - start)

@@ -177,6 +177,8 @@ def run_time_lines(timing: dict[str, Any] | None) -> list[str]:
         text += f" (deadline {timing['deadline_s']:.0f} s"
         left = len(timing.get("not_run") or [])
         text += f"; {left} tests left out)" if left else "; nothing left out)"
+    if timing.get("running"):
+        text += f"; killed while running `{timing['running']}`, so its case and any later ones are missing"
     return [text]
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -392,3 +395,62 @@ def test_rates_keep_three_significant_figures():
     lines = report.render_run({"device": "CPU X", "date": "d", "cases": [],
                                   "hardware": {"copy_GBps": 17.4, "bf16_tflops": 0.000833, "fp32_tflops": 0.117}})
     assert "Measured: copy 17 GB/s, bf16 matmul 0.000833 TFLOP/s, fp32 matmul 0.117 TFLOP/s" in "\n".join(lines)
+
+
+def test_suite_clock_names_the_test_under_way_until_it_is_timed(tmp_path):
+    clock = common.SuiteClock(deadline_s=60.0)
+    clock.running = "bench_moe.py::test_moe_layer[x]"
+    assert clock.as_dict()["running"] == "bench_moe.py::test_moe_layer[x]"
+    clock.add("bench_moe.py::test_moe_layer[x]", 1.0)
+    assert clock.as_dict()["running"] is None
+    timing = {"suite_s": 60.0, "deadline_s": 48.0, "test_seconds": {}, "not_run": [], "running": "t::x"}
+    write(tmp_path / "gpu-20250101-000000.json", run("GPU", "2025-01-01T00:00:00", [], timing=timing))
+    assert "killed while running `t::x`" in report.render_markdown(report.newest_per_device(tmp_path))
+
+
+# --- the GPU session script and the benchmarks' own deadline, run on the CPU ------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+SESSION = REPO / "benchmarks" / "gpu_session.sh"
+
+
+def _bench_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MINIMIND_REPO", "BENCH_FULL", "BENCH_DEADLINE_S")}
+    return {**env, "BENCH_DEVICE": "cpu", "TRITON_INTERPRET": "1", **extra}
+
+
+def _results(folder: Path) -> dict:
+    files = sorted(folder.glob("*.json"))
+    assert len(files) == 1, files
+    return common.load_results(files[0])
+
+
+def test_benchmarks_past_their_deadline_still_write_a_results_file_naming_what_was_left_out(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_moe.py", "-q", "-p", "no:cacheprovider",
+         "--bench-results-dir", str(tmp_path), "--bench-deadline", "0.001", "-k", "minimind or eager"],
+        cwd=REPO, env=_bench_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    timing = _results(tmp_path)["timing"]
+    assert len(timing["not_run"]) == 2 and all("test_moe_layer" in t for t in timing["not_run"])
+    assert timing["running"] is None
+
+
+def test_a_benchmark_run_killed_mid_test_leaves_a_valid_file_naming_that_test(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_moe.py", "-q", "-p", "no:cacheprovider",
+         "--bench-results-dir", str(tmp_path), "-k", "minimind or eager"],
+        cwd=REPO, env=_bench_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            files = list(tmp_path.glob("*.json"))
+            if files and common.load_results(files[0])["timing"]["running"]:
+                proc.send_signal(signal.SIGKILL)  # as `timeout -k` ends a step that ignored its SIGTERM
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    timing = _results(tmp_path)["timing"]
+    assert timing["running"].startswith("benchmarks/bench_moe.py::test_moe_layer["), timing
