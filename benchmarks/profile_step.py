@@ -2,6 +2,10 @@
 
     python benchmarks/profile_step.py [--preset small-26m] [--batch 32] [--seq 512] [--kernels triton]
 
+`--device cpu --tiny` (with `TRITON_INTERPRET=1` for `--kernels triton`) runs every line of it on the CPU
+with the preset shrunk to one narrow layer, to check the script before a GPU is spent on it; its times
+mean nothing.
+
 Prints, for one configuration:
 - the host cost of one launch: an empty Triton kernel, a torch elementwise op, and each of our ops'
   forward+backward at a tiny shape (where the GPU work is negligible, so the time is the host's);
@@ -31,31 +35,41 @@ def _empty(X):
     pass
 
 
-def host_us(fn, n: int = 300) -> float:
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_us(fn, device: str, n: int = 300) -> float:
     """Microseconds of host time per call with the GPU kept ahead: no sync inside the loop."""
-    for _ in range(20):
+    for _ in range(min(n, 20)):
         fn()
-    torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for _ in range(n):
         fn()
     host = (time.perf_counter() - start) / n * 1e6
-    torch.cuda.synchronize()
+    sync(device)
     return host
 
 
-def launch_costs() -> None:
-    x = torch.zeros(1024, device="cuda")
-    print(f"empty Triton kernel launch   {host_us(lambda: _empty[(1,)](x)):8.1f} us")
-    print(f"torch.add                    {host_us(lambda: torch.add(x, x)):8.1f} us")
+# --tiny: the preset's architecture (dense or MoE, its expert counts) at a size Triton's interpreter runs
+TINY = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+            intermediate_size=128)
+
+
+def launch_costs(device: str, n: int, tiny: bool = False) -> None:
+    x = torch.zeros(1024, device=device)
+    print(f"empty Triton kernel launch   {host_us(lambda: _empty[(1,)](x), device, n):8.1f} us")
+    print(f"torch.add                    {host_us(lambda: torch.add(x, x), device, n):8.1f} us")
     ops = triton_ops()
-    t, h, i = 64, 512, 1408
+    t, h, i = (8, 64, 128) if tiny else (64, 512, 1408)
 
     def fwd_bwd(fn, *shapes):
-        inputs = [torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=True) for s in shapes]
-        return forward_backward(fn, inputs, [torch.ones(shapes[0], device="cuda", dtype=torch.bfloat16)])
+        inputs = [torch.randn(s, device=device, dtype=torch.bfloat16, requires_grad=True) for s in shapes]
+        return forward_backward(fn, inputs, [torch.ones(shapes[0], device=device, dtype=torch.bfloat16)])
 
-    w = torch.ones(h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(h, device=device, dtype=torch.bfloat16, requires_grad=True)
     cases = {
         "swiglu": lambda impl: fwd_bwd(impl, (t, i), (t, i)),
         "rms_norm": lambda impl: fwd_bwd(lambda x: impl(x, w, 1e-5), (t, h)),
@@ -65,43 +79,45 @@ def launch_costs() -> None:
         row = [f"{name:28s}"]
         for label, impl in (("eager", getattr(reference, name)), ("ours", ops.get(name))):
             if impl is not None:
-                row.append(f"{label} {host_us(make(impl), 100):8.1f} us")
+                row.append(f"{label} {host_us(make(impl), device, min(n, 100)):8.1f} us")
         print("  ".join(row), "(fwd+bwd, tiny shape)")
 
 
-def profile_step(preset: str, batch: int, seq: int, kernels: str, compile_: str | None) -> None:
-    config = get_preset(preset, kernels=kernels, max_position_embeddings=max(seq, 512))
+def profile_step(preset: str, batch: int, seq: int, kernels: str, compile_: str | None, device: str,
+                 n: int = 10, tiny: bool = False) -> None:
+    config = get_preset(preset, kernels=kernels, max_position_embeddings=max(seq, 512), **(TINY if tiny else {}))
     torch.manual_seed(0)
-    model = MiniMindForCausalLM(config).cuda().to(torch.bfloat16).train()
-    step = training_step(model, torch.compile(model, mode=compile_) if compile_ else model, batch, seq, "cuda")
-    for _ in range(5):
+    model = MiniMindForCausalLM(config).to(device, torch.bfloat16).train()
+    step = training_step(model, torch.compile(model, mode=compile_) if compile_ else model, batch, seq, device)
+    for _ in range(min(n, 5)):
         step()
-    torch.cuda.synchronize()
-    n = 10
+    sync(device)
     start = time.perf_counter()
     for _ in range(n):
         step()
-    torch.cuda.synchronize()
+    sync(device)
     wall = (time.perf_counter() - start) / n * 1e3
     host = []
     for _ in range(n):
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         step()
         host.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
+    sync(device)
     host_ms = sorted(host)[n // 2]
     tokens = batch * seq
     label = f"{preset} {batch}x{seq} kernels={kernels}{f' compile mode={compile_}' if compile_ else ''}"
     print(f"\n=== {label}: {wall:.2f} ms/step synced ({tokens / wall * 1e3:,.0f} tok/s), "
           f"host enqueue {host_ms:.2f} ms/step")
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
+        sync(device)
     table = prof.key_averages()
-    print(table.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+    if cuda:
+        print(table.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
     print(table.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
@@ -113,13 +129,18 @@ def main() -> None:
     p.add_argument("--kernels", nargs="+", default=["triton", "reference"])
     p.add_argument("--compile", nargs="*", metavar="MODE",
                    help="also profile torch.compile of the model in these modes (default, reduce-overhead)")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu to check the script itself (with --tiny)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the preset shrunk to one layer of hidden size 64 (vocab 512), tiny launch shapes")
     a = p.parse_args()
-    launch_costs()
+    cuda = torch.device(a.device).type == "cuda"
+    launch_costs(a.device, 300 if cuda else 3, a.tiny)
+    n = 10 if cuda else 1
     for kernels in a.kernels:
-        profile_step(a.preset, a.batch, a.seq, kernels, None)
+        profile_step(a.preset, a.batch, a.seq, kernels, None, a.device, n, a.tiny)
     modes = [] if a.compile is None else (a.compile or ["default"])  # a bare --compile: the default mode
     for mode in modes:
-        profile_step(a.preset, a.batch, a.seq, "triton", mode)
+        profile_step(a.preset, a.batch, a.seq, "triton", mode, a.device, n, a.tiny)
 
 
 if __name__ == "__main__":

@@ -454,3 +454,56 @@ def test_a_benchmark_run_killed_mid_test_leaves_a_valid_file_naming_that_test(tm
         proc.wait()
     timing = _results(tmp_path)["timing"]
     assert timing["running"].startswith("benchmarks/bench_moe.py::test_moe_layer["), timing
+
+
+def _session(tmp_path: Path, timeout: float, **knobs: str) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "out"
+    env = _bench_env(OUT=str(out), GPU_SESSION_DRY_RUN="1", PYTHON=sys.executable,
+                     ENGINE_WORKDIR=str(tmp_path / "engine"), **knobs)
+    for name in ("GPU_SESSION_LOGGED", "SESSION_STEPS", "TEST_FILES", "BENCH_FILES", "BENCH_ARGS", "PROFILE_PRESETS",
+                 "ENGINE_RUNS", "SKIP_TESTS", "SKIP_BENCH", "SKIP_ENGINE"):
+        if name not in knobs:
+            env.pop(name, None)
+    proc = subprocess.run(["bash", str(SESSION)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, out
+
+
+def test_gpu_session_dry_run_runs_every_step_and_keeps_every_log_in_out(tmp_path):
+    """The whole session script on the CPU with tiny settings (about a minute): every step runs to
+    the end, its log lands in $OUT, and this call's results file (not an older one) is copied there."""
+    proc, out = _session(tmp_path, 400, ENGINE_RUNS="reference", ENGINE_TIMEOUT="100", PROFILE_PRESETS="tiny-moe",
+                         PROFILE_ARGS="--kernels reference", TEST_FILES="tests/test_kernels_utils.py",
+                         BENCH_FILES="moe", BENCH_ARGS='-k "minimind or eager"', DEADLINE="300")
+    log = proc.stdout
+    assert proc.returncode == 0, log[-3000:] + proc.stderr[-3000:]
+    assert (out / "session.log").read_text() == log  # the tail the device tool returns is not all there is
+    assert "engine reference (timeout 100s): exit 0" in log
+    metrics = [json.loads(line) for line in (out / "engine-reference.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2] and metrics[0]["loss"] > 0
+    assert "profile tiny-moe: exit 0" in log and "=== tiny-moe 2x32 kernels=reference" in log
+    assert "tests exit status: 0" in log and " passed in " in (out / "gpu-tests.log").read_text()
+    assert "benchmarks exit status: 0" in log
+    results = _results(out / "bench-results")
+    assert {c["impl"] for c in results["cases"]} == {"minimind", "eager"}
+    copied = [p.name for p in out.glob("*.json")]
+    assert copied == [next((out / "bench-results").glob("*.json")).name]
+    assert "MoE layer" in (out / "report.md").read_text() and (out / "ratios.png").stat().st_size > 0
+    assert (out / "env.txt").exists() and log.rstrip().splitlines()[-1].endswith("done")
+
+
+@pytest.mark.slow
+def test_gpu_session_cuts_and_skips_steps_by_what_is_left_of_its_deadline(tmp_path):
+    """A DEADLINE too short for the steps: each one is given what is left (less the copying margin)
+    and skipped once too little is, and the call ends within DEADLINE."""
+    start = time.monotonic()
+    proc, out = _session(tmp_path, 200, SESSION_STEPS="tests bench", TEST_FILES="tests/test_kernels_moe.py",
+                         DEADLINE="60", TEST_TIMEOUT="500")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert time.monotonic() - start < 60 + 10
+    log = proc.stdout
+    timeout = int(log.split("GPU tests (timeout ")[1].split("s)")[0])
+    assert 20 <= timeout <= 60 - 15  # capped, not the 500 asked for
+    assert "tests exit status: 124" in log  # cut: the interpreter runs these for minutes
+    assert "PASSED" in (out / "gpu-tests.log").read_text()  # what ran before the cut is kept
+    assert "benchmarks: skipped" in log and log.rstrip().splitlines()[-1].endswith("done")
