@@ -155,7 +155,7 @@ def load_model(
 
 
 # Settings of how a model runs, not of what it computes: a fingerprint leaves them out.
-RUNTIME_FIELDS = ("kernels", "gradient_checkpointing")
+RUNTIME_FIELDS = ("kernels", "gradient_checkpointing", "dropout")  # how it trains or runs, not what it computes
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -655,3 +655,22 @@ def test_moe_routed_experts_output_is_dropped_out_in_training():
     dropped = (trained == 0).float().mean().item()
     assert 0.3 < dropped < 0.7, dropped
     torch.testing.assert_close(trained[trained != 0], 2 * kept[trained != 0])
+
+
+def test_weights_fingerprint_names_the_function_not_how_it_trains():
+    """A reference or teacher is compared by fingerprint on resume: the same weights with another dropout,
+    kernel table or checkpointing compute the same function in eval mode, other weights do not."""
+    from minimind_fast.checkpoint import weights_fingerprint
+
+    model = tiny()
+    before = weights_fingerprint(model)
+    model.set_dropout(0.3)
+    model.config.gradient_checkpointing = True
+    assert weights_fingerprint(model) == before
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1e-3
+    assert weights_fingerprint(model) != before
+    other = tiny(rope_theta=5e5)  # the same weights under another architecture setting
+    same = tiny()
+    same.load_state_dict(other.state_dict())
+    assert weights_fingerprint(other) != weights_fingerprint(same)
