@@ -1,4 +1,5 @@
-"""Writing outputs whole: a temporary sibling filled first, then swapped into place.
+"""Writing outputs whole: a temporary sibling filled first, then swapped into place; and input files
+checked up front.
 
 Temporary directories and files (`tempfile.mkdtemp`/`mkstemp`) are private (0700/0600), and the
 safetensors library writes 0600 too; outputs get the permissions `mkdir` and `open` would give under
@@ -11,6 +12,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def check_input_files(files) -> list[Path]:
+    """The JSONL inputs as paths, each an existing file: a directory is named as one (its files are meant),
+    anything else missing is a FileNotFoundError."""
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if p.is_dir():
+            raise ValueError(f"{p}: a directory; give its JSONL files (e.g. {p}/*.jsonl)")
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such input file")
+    return paths
 
 
 def current_umask() -> int:

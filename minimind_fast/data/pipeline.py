@@ -29,6 +29,7 @@ from tqdm import tqdm
 from minimind_fast.data import records
 from minimind_fast.data.shards import VERSION, ShardWriter, file_checksum, token_dtype
 from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
+from minimind_fast.files import check_input_files
 
 KINDS = ("pretrain", "sft", "reasoning", "dpo")
 MANIFEST = "manifest.json"
@@ -343,12 +344,7 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
 
     Skips the work when `out_dir` already holds shards of the same inputs, tokenizer and options.
     """
-    paths = [Path(f) for f in files]
-    for p in paths:
-        if p.is_dir():
-            raise ValueError(f"{p}: a directory; give its JSONL files (e.g. {p}/*.jsonl)")
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such input file")
+    paths = check_input_files(files)
     repeated = sorted({str(p) for p in paths if sum(q.resolve() == p.resolve() for q in paths) > 1})
     if repeated:  # every record of it would be trained on twice as often as the others
         raise ValueError(f"{', '.join(repeated)}: given more than once")

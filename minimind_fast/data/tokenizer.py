@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from minimind_fast.files import swap_into_place, temporary_sibling_dir
+from minimind_fast.files import check_input_files, swap_into_place, temporary_sibling_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PAD, BOS, EOS = SPECIAL_TOKENS
@@ -88,9 +88,7 @@ def _line_texts(line: bytes) -> tuple[list[str], str | None]:
 
 def train_tokenizer(files: list[str | os.PathLike], vocab_size: int, out_dir: str | os.PathLike) -> Path:
     """Train a byte-level BPE tokenizer on the JSONL `files` and save it (atomically) to `out_dir`."""
-    for f in files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"{f}: {'a directory, not a JSONL file' if Path(f).is_dir() else 'no such file'}")
+    check_input_files(files)
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size} is below the 256 byte tokens + special tokens")
     check_replaceable(Path(out_dir))  # before the training, not after it
