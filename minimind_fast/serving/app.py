@@ -222,16 +222,15 @@ def listen_socket(host: str, port: int) -> socket.socket:
     host is then an error at once (uvicorn found it only after loading, and exited with its own log)."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be in 0-65535, got {port}")
+    sock = None
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as e:
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
-    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
         sock.bind((host, port))
     except OSError as e:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
 
