@@ -207,13 +207,12 @@ def _forward(x, residual, weight, eps):
     y = torch.empty((n_rows, n_cols), dtype=_out_dtype(x, residual), device=x.device)
     h = torch.empty_like(y) if residual is not None else y
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    if n_cols == 0:  # rows of nothing, as the reference: an empty norm, and a sum of nothing
-        pass
-    elif n_rows and n_cols > WIDE_COLS:
+    # No launch for no rows, or rows of nothing (as the reference: an empty norm, and a sum of nothing).
+    if n_rows and n_cols > WIDE_COLS:
         _rmsnorm_fwd_wide[(n_rows,)](
             x2, r2, weight, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0), n_cols, eps,
             HAS_RESIDUAL=residual is not None, CHUNK=CHUNK, num_warps=CHUNK_WARPS)
-    elif n_rows:
+    elif n_rows and n_cols:
         block, warps = row_block(n_cols)
         tile = rows_per_tile(n_rows, block)
         _rmsnorm_fwd[(cdiv(n_rows, tile),)](
