@@ -61,8 +61,8 @@ def test_tensorboard_and_wandb_get_every_metric(tmp_path, monkeypatch):
         def finish(self):
             wandb_calls.append("finished")
 
-    def init(project, dir, config):
-        wandb_calls.append(("init", project, dir, config))
+    def init(project, dir, config, id, resume):
+        wandb_calls.append(("init", project, dir, config, id, resume))
         return Run()
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
@@ -74,8 +74,17 @@ def test_tensorboard_and_wandb_get_every_metric(tmp_path, monkeypatch):
     assert scalars[0] == ("dir", str(tmp_path / "tensorboard"), None) and scalars[-1] == "closed"
     assert ("loss", 4.0, 2) in scalars and ("grad_norm", 0.5, 2) in scalars and ("val_ppl", 33.1, 2) in scalars
     assert not any(s[0] == "step" for s in scalars if isinstance(s, tuple))
-    assert wandb_calls[0] == ("init", "proj", str(tmp_path), {"args": {"lr": 1}})
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert wandb_calls[0] == ("init", "proj", str(tmp_path), {"args": {"lr": 1}}, run_id, "allow")
     assert wandb_calls[1] == ("log", record(2, 4.0), 2) and wandb_calls[-1] == "finished"
+
+    # A resume of this run directory continues the same wandb run; another run directory gets its own.
+    MetricsLogger(tmp_path, 4, 2, True, wandb_project="proj").close()
+    assert wandb_calls[-2][4] == run_id
+    other = tmp_path / "other"
+    other.mkdir()
+    MetricsLogger(other, 4, 0, True, wandb_project="proj").close()
+    assert wandb_calls[-2][4] not in ("", run_id)
 
 
 def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import resource
+import secrets
 import time
 from pathlib import Path
 
@@ -47,7 +48,8 @@ class MetricsLogger:
                 import wandb
             except ImportError:
                 raise RuntimeError("--wandb needs the wandb package (pip install wandb)") from None
-            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {})
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {},
+                                    id=wandb_run_id(run_dir), resume="allow")
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -93,6 +95,20 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run directory's wandb id, made on its first run and kept in `wandb_run_id`, so that every
+    resume continues the one wandb run instead of starting a new one per restart. Steps that a resume
+    repeats are dropped by wandb (its steps only grow); under exact resume they are the same values."""
+    path = run_dir / "wandb_run_id"
+    if path.exists() and (run_id := path.read_text().strip()):
+        return run_id
+    run_id = secrets.token_hex(4)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
 
 
 def progress_line(record: dict, total_steps: int, eta_s: float | None) -> str:
