@@ -10,11 +10,18 @@ import torch
 import torch.nn.functional as F
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype these ops compute in: fp32 for half precision and fp32, float64 kept as float64 (the
+    precision the tests' references are computed in)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`weight * x / sqrt(mean(x^2) + eps)` over the last dim, computed in fp32, returned in x's dtype."""
-    xf = x.float()
+    """`weight * x / sqrt(mean(x^2) + eps)` over the last dim, computed in fp32 (or float64), returned in x's
+    dtype."""
+    xf = _wide(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * _wide(weight)).to(x.dtype)
 
 
 def add_rms_norm(
@@ -39,10 +46,9 @@ def apply_rotary(
     """
     if q.shape[-1] % 2:  # rotate_half of an odd head would pair elements of unequal halves: no rotation
         raise ValueError(f"rope: head_dim {q.shape[-1]} must be even")
-    cos = cos.unsqueeze(-2).float()
-    sin = sin.unsqueeze(-2).float()
-    q_out = q.float() * cos + rotate_half(q.float()) * sin
-    k_out = k.float() * cos + rotate_half(k.float()) * sin
+    cos, sin = _wide(cos.unsqueeze(-2)), _wide(sin.unsqueeze(-2))
+    q_out = _wide(q) * cos + rotate_half(_wide(q)) * sin
+    k_out = _wide(k) * cos + rotate_half(_wide(k)) * sin
     return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
@@ -61,12 +67,13 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
 def moe_route(
     logits: torch.Tensor, top_k: int, norm_topk_prob: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax router: returns (scores (N, E) fp32, topk_weight (N, k) fp32, topk_idx (N, k) int64).
+    """Softmax router: returns (scores (N, E) fp32, topk_weight (N, k) fp32, topk_idx (N, k) int64); float64
+    logits give float64 scores and weights.
 
     As in MiniMind2, the top-k weights are renormalised only when k > 1, so a top-1 router still
     receives gradient from the main loss through its (unnormalised) probability.
     """
-    scores = logits.float().softmax(dim=-1)
+    scores = _wide(logits).softmax(dim=-1)
     topk_weight, topk_idx = torch.topk(scores, k=top_k, dim=-1)
     if top_k > 1 and norm_topk_prob:
         topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
@@ -138,8 +145,8 @@ def moe_experts(
     for e, chunk in enumerate(torch.split(xs, counts)):
         h = swiglu(chunk @ w_gate[e].t(), chunk @ w_up[e].t())
         outs.append(h @ w_down[e].t())
-    ys = torch.cat(outs).float() * topk_weight.reshape(-1)[order].float().unsqueeze(-1)
-    out = torch.zeros(n_tokens, hidden, dtype=torch.float32, device=x.device)
+    ys = _wide(torch.cat(outs)) * _wide(topk_weight.reshape(-1)[order]).unsqueeze(-1)
+    out = torch.zeros(n_tokens, hidden, dtype=ys.dtype, device=x.device)
     out.index_add_(0, token_of, ys)
     return out.to(x.dtype)
 
@@ -152,6 +159,6 @@ def linear_cross_entropy(
     hidden (N, H), weight (V, H), targets (N,). Returns 0 (with a graph) when every target is ignored.
     """
     logits = hidden @ weight.t()
-    loss = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+    loss = F.cross_entropy(_wide(logits), targets, ignore_index=ignore_index, reduction="sum")
     count = (targets != ignore_index).sum().clamp(min=1)
     return loss / count

@@ -182,6 +182,34 @@ def test_linear_cross_entropy():
     assert zero.item() == 0.0 and h.grad is not None and h.grad.abs().sum() == 0
 
 
+def test_reference_ops_keep_float64_precision():
+    """Float64 in, float64 computed: the reference path is what float64 checks of a model (and of the
+    kernels through it) compare against, so it must not round through fp32 on the way."""
+    tol = dict(atol=1e-12, rtol=1e-12)
+    x, w = torch.randn(3, 40, dtype=F64), 1 + torch.rand(40, dtype=F64)
+    torch.testing.assert_close(ref.rms_norm(x, w, 1e-5), rms_norm_f64(x, w, 1e-5), **tol)
+    q, k = torch.randn(1, 7, 4, 16, dtype=F64), torch.randn(1, 7, 2, 16, dtype=F64)
+    ang = torch.rand(7, 8, dtype=F64) * 3
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    q_out, k_out = ref.apply_rotary(q, k, cos, sin)
+    torch.testing.assert_close(q_out, rotary_f64(q, cos, sin), **tol)
+    torch.testing.assert_close(k_out, rotary_f64(k, cos, sin), **tol)
+    logits = torch.randn(10, 6, dtype=F64)
+    scores, weight, idx = ref.moe_route(logits, 2, True)
+    chosen = logits.softmax(-1).gather(1, idx)
+    torch.testing.assert_close(scores, logits.softmax(-1), **tol)
+    torch.testing.assert_close(weight, chosen / chosen.sum(-1, keepdim=True), **tol)
+    gate, up, down = (torch.randn(6, 8, 40, dtype=F64), torch.randn(6, 8, 40, dtype=F64),
+                      torch.randn(6, 40, 8, dtype=F64))
+    tokens = torch.randn(10, 40, dtype=F64)
+    torch.testing.assert_close(ref.moe_experts(tokens, idx, weight, gate, up, down),
+                               naive_experts(tokens, idx, weight, gate, up, down), **tol)
+    hidden, head, targets = torch.randn(12, 16, dtype=F64), torch.randn(30, 16, dtype=F64), torch.randint(0, 30, (12,))
+    loss = ref.linear_cross_entropy(hidden, head, targets)
+    assert loss.dtype == F64
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ head.T, targets), **tol)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------------
