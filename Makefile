@@ -63,11 +63,14 @@ demo: $(STAMP)
 		--log-every 10 --eval-every 50
 	$(PY) launch/chat.py --model $(DEMO)/sft --prompt "What colour is the cat?" --temperature 0
 
-# Every post-training stage after `make demo`, each the shared engine on the built-in data (CPU: minutes):
+# Held-out perplexity of the demo's models, then every post-training stage after `make demo`, each the
+# shared engine on the built-in data (CPU: minutes):
 # LoRA (identity) -> chat with the adapter; DPO from the SFT model; reasoning distillation
 # (<think>/<answer>, tag tokens weighted; --teacher adds a KL term, see README); GRPO on arithmetic.
 STAGE_FLAGS := --seq-len 256 --micro-batch-size 8 --log-every 10 --eval-every 0
 demo-all: demo
+	$(PY) launch/evaluate.py --model $(DEMO)/pretrain --data $(DATA)/shards/pretrain --seq-len 256
+	$(PY) launch/evaluate.py --model $(DEMO)/sft --data $(DATA)/shards/sft --seq-len 256
 	$(PY) launch/tokenize.py --kind sft --data $(DATA)/builtin/lora.jsonl --seq-len 256 \
 		--tokenizer $(DATA)/tokenizer --out $(DATA)/shards/lora
 	$(PY) launch/tokenize.py --kind dpo --data $(DATA)/builtin/dpo.jsonl --seq-len 256 \

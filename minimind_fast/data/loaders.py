@@ -148,14 +148,15 @@ class ShardLoader:
 
     def __init__(self, kind: str, shard_dir, *, seq_len: int, micro_batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, split: str = "train", vocab_size: int | None = None,
-                 pin_memory: bool = False, prefetch: int = 0):
+                 pin_memory: bool = False, prefetch: int = 0, drop_last: bool | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must be positive")
         self.kind, self.seq_len, self.batch_size = kind, seq_len, micro_batch_size
         self.seed, self.rank, self.world_size, self.split = seed, rank, world_size, split
-        self.drop_last = split == "train"  # evaluation keeps the last, short batch
+        # Training drops an epoch's last, short batch; evaluation keeps it (default: by split).
+        self.drop_last = split == "train" if drop_last is None else drop_last
         self.pin_memory, self.prefetch = pin_memory, prefetch
         self.vocab_size = vocab_size
         self.manifest, self.shards = open_split(shard_dir, split, vocab_size)
@@ -477,7 +478,7 @@ LOADERS = {"pretrain": PretrainLoader, "sft": SFTLoader, "reasoning": SFTLoader,
 
 def build_loader(kind: str, shard_dir, *, seq_len: int, micro_batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, split: str = "train", vocab_size: int | None = None,
-                 pin_memory: bool = False, **kwargs) -> ShardLoader:
+                 pin_memory: bool = False, drop_last: bool | None = None, **kwargs) -> ShardLoader:
     """The loader for `kind` (pretrain, sft, reasoning, dpo) over the shards in `shard_dir`.
 
     Extra keyword arguments: `prefetch` (batches built ahead in a thread; default 4 with pin_memory,
@@ -490,4 +491,4 @@ def build_loader(kind: str, shard_dir, *, seq_len: int, micro_batch_size: int, s
         raise TypeError(f"{kind} loader got unexpected arguments {sorted(kwargs)}")
     return LOADERS[kind](kind, shard_dir, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed,
                          rank=rank, world_size=world_size, split=split, vocab_size=vocab_size,
-                         pin_memory=pin_memory, prefetch=prefetch, **kwargs)
+                         pin_memory=pin_memory, prefetch=prefetch, drop_last=drop_last, **kwargs)

@@ -1,0 +1,61 @@
+"""Held-out loss and perplexity of a model over a split of pre-tokenized shards.
+
+    python launch/evaluate.py --model runs/pre --data data/shards/pretrain            the val split
+    python launch/evaluate.py --model runs/sft --data data/shards/sft --split train --output eval.json
+
+Pretrain shards score every next token; SFT and reasoning shards the assistant's tokens. Use the
+--seq-len (and --doc-attention) the model was trained with: the loss depends on the context it sees.
+"""
+
+import argparse
+import sys
+
+from minimind_fast.chat import find_tokenizer, load_chat_model
+from minimind_fast.evaluation import evaluate, report, write_result
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model dir, run dir, Hugging Face export or MiniMind .pth")
+    p.add_argument("--tokenizer", help="tokenizer dir to check the shards against (default: the one beside "
+                                       "the weights)")
+    p.add_argument("--lora", help="LoRA adapter dir or run (a LoRA run given as --model gets its own)")
+    p.add_argument("--data", required=True, help="shard directory written by launch/tokenize.py")
+    p.add_argument("--split", default="val", choices=("val", "train"))
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, help="score only this many batches (default: the whole split)")
+    p.add_argument("--seed", type=int, default=1337, help="the order of batches (matters with --max-batches; "
+                                                          "training evaluates with its --seed)")
+    p.add_argument("--doc-attention", action="store_true", help="keep attention inside packed documents")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--output", help="also write the result as JSON here")
+    return p.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
+    if a.seq_len < 1 or a.micro_batch_size < 1 or (a.max_batches is not None and a.max_batches < 1):
+        sys.exit("error: --seq-len, --micro-batch-size and --max-batches must be >= 1")
+    try:
+        try:
+            fingerprint = find_tokenizer(a.model, a.tokenizer).fingerprint
+        except FileNotFoundError:
+            if a.tokenizer:
+                raise
+            fingerprint = None
+            print(f"note: no tokenizer beside {a.model}: the shards' tokenizer is not checked", file=sys.stderr)
+        model = load_chat_model(a.model, a.device, a.dtype, a.lora)
+        result = evaluate(model, a.data, split=a.split, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
+                          max_batches=a.max_batches, seed=a.seed, doc_attention=a.doc_attention,
+                          tokenizer_fingerprint=fingerprint)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(report(result))
+    if a.output:
+        write_result(result, a.output, a.model)
+
+
+if __name__ == "__main__":
+    main()

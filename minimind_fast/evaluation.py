@@ -1,0 +1,119 @@
+"""Held-out loss and perplexity of a trained model over a shard directory (`launch/evaluate.py`).
+
+The same next-token loss that training logs as `val_loss`, over a whole split instead of the first
+`--eval-batches`: pretrain shards count every target token, SFT and reasoning shards the assistant's
+tokens (unweighted: the reasoning stage's extra weight on its tags is a training choice, not part of
+the model's likelihood). DPO shards hold pairs, not a text to score, and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from minimind_fast.data.loaders import build_loader, read_manifest
+
+TOKEN_KINDS = ("pretrain", "sft", "reasoning")
+
+
+@dataclass
+class EvalResult:
+    data: str
+    split: str
+    seq_len: int
+    tokens: int  # target tokens the loss is a mean over
+    batches: int
+    loss: float
+    perplexity: float
+
+
+def check_shards(data: Path, split: str) -> dict:
+    """The manifest of `data`, refused when it holds no token-level text or has no such split."""
+    if not (data / "manifest.json").exists():
+        raise ValueError(f"--data {data}: no manifest.json there (write shards with launch/tokenize.py)")
+    manifest = read_manifest(data)
+    if manifest["kind"] not in TOKEN_KINDS:
+        raise ValueError(f"--data {data} holds {manifest['kind']} shards; perplexity needs "
+                         f"{', '.join(TOKEN_KINDS)} shards")
+    if split not in manifest["splits"]:
+        raise ValueError(f"--data {data} has no {split!r} split (it has {', '.join(sorted(manifest['splits']))})")
+    return manifest
+
+
+def check_tokenizer(manifest: dict, data: Path, fingerprint: str | None) -> None:
+    """Shards are ids of one tokenizer: scored by a model trained with another, their loss means nothing."""
+    then = manifest.get("tokenizer_fingerprint")
+    if fingerprint is not None and then is not None and fingerprint != then:
+        raise ValueError(f"--data {data} was tokenized with another tokenizer (fingerprint {then}) than the "
+                         f"model's ({fingerprint}): tokenize the data with the model's tokenizer")
+
+
+@torch.no_grad()
+def evaluate(model, data: str | os.PathLike, *, split: str = "val", seq_len: int = 512, micro_batch_size: int = 8,
+             max_batches: int | None = None, seed: int = 1337, doc_attention: bool = False,
+             tokenizer_fingerprint: str | None = None) -> EvalResult:
+    """Mean next-token loss of `model` over `split` of the shards in `data` (all of it, or the first
+    `max_batches` batches of the order `seed` draws, as training's evaluation does with its --seed), and its
+    perplexity exp(loss)."""
+    data = Path(data)
+    manifest = check_shards(data, split)
+    check_tokenizer(manifest, data, tokenizer_fingerprint)
+    context = model.config.max_position_embeddings
+    if seq_len > context:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context length {context}")
+    loader = build_loader(manifest["kind"], data, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                          seed=seed, split=split, vocab_size=model.config.vocab_size, drop_last=False)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    # Sums kept on the device in float64: one read at the end, and no rounding drift over a long split.
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = 0
+    for batch, epoch, _ in loader._batches():
+        if epoch > 0 or (max_batches is not None and batches >= max_batches):
+            break
+        total += batch_loss_sum(model, batch, device, doc_attention)
+        batches += 1
+    model.train(was_training)
+    loss_sum, tokens = total.tolist()
+    if tokens == 0:
+        raise ValueError(f"--data {data}: the {split} split has no target tokens to score")
+    loss = loss_sum / tokens
+    return EvalResult(str(data), split, seq_len, int(tokens), batches, loss, math.exp(min(loss, 700.0)))
+
+
+def batch_loss_sum(model, batch: dict, device: torch.device, doc_attention: bool) -> torch.Tensor:
+    """(sum of the batch's token losses, their count) as float64: the model's mean loss times its count."""
+    targets = batch["targets"].to(device)
+    inputs = {"input_ids": batch["input_ids"].to(device)}
+    if doc_attention:
+        inputs.update(position_ids=batch["position_ids"].to(device), cu_seqlens=batch["cu_seqlens"].to(device),
+                      max_seqlen=batch["max_seqlen"])
+    count = (targets != -100).sum()
+    if not count.item():  # e.g. an SFT row whose assistant turns were all cut off: nothing to score
+        return torch.zeros(2, dtype=torch.float64, device=device)
+    loss = model(**inputs, targets=targets).loss
+    return torch.stack([loss.double() * count, count.double()])
+
+
+def report(result: EvalResult) -> str:
+    return (f"{result.data} ({result.split}): loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
+            f"over {result.tokens:,} tokens in {result.batches} batches of seq_len {result.seq_len}")
+
+
+def write_result(result: EvalResult, path: str | os.PathLike, model: str) -> None:
+    """The result as JSON at `path`, written whole (a temporary sibling, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"model": model, **asdict(result)}, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

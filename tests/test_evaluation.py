@@ -1,0 +1,122 @@
+"""launch/evaluate.py: a model's held-out loss and perplexity over a shard split, against the engine's own
+evaluation and against float64 computations straight from the shard files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from launch_helpers import records, run
+
+from minimind_fast.checkpoint import load_model
+from minimind_fast.data.loaders import open_split
+from minimind_fast.evaluation import evaluate
+
+
+def float64_loss(model, rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
+    """Summed cross-entropy and target count over (input ids, targets) rows, each scored alone in float64."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, targets in rows:
+            logits = model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None]).logits[0]
+            t = torch.as_tensor(targets, dtype=torch.long)
+            total += F.cross_entropy(logits, t, ignore_index=-100, reduction="sum").item()
+            count += int((t != -100).sum())
+    return total, count
+
+
+def pretrain_windows(shard_dir, split: str, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every window of seq_len + 1 tokens of each shard; a target that opens a document is not scored."""
+    rows = []
+    for shard in open_split(shard_dir, split, None)[1]:
+        tokens = np.asarray(shard.tokens, dtype=np.int64)
+        starts = set(np.asarray(shard.offsets, dtype=np.int64).tolist())
+        for w in range((len(tokens) - 1) // seq_len):
+            lo = w * seq_len
+            targets = tokens[lo + 1:lo + seq_len + 1].copy()
+            targets[[i for i in range(seq_len) if lo + 1 + i in starts]] = -100
+            rows.append((tokens[lo:lo + seq_len], targets))
+    return rows
+
+
+def sft_documents(shard_dir, split: str, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each conversation (cut at seq_len) with targets on the tokens its assistant mask marks."""
+    rows = []
+    for shard in open_split(shard_dir, split, None)[1]:
+        for d in range(shard.n_docs):
+            ids, mask = (np.asarray(x[:seq_len], dtype=np.int64) for x in shard.doc(d))
+            targets = np.where(mask[1:] > 0, ids[1:], -100)
+            rows.append((ids[:-1], targets))
+    return rows
+
+
+def test_cli_matches_the_engines_last_evaluation(pretrain_run, builtin_data, tmp_path):
+    """The run's last val_loss (step 12, the final weights, seed 7, micro-batch 4, the whole val split)."""
+    out = tmp_path / "eval.json"
+    proc = run("evaluate.py", ["--model", str(pretrain_run), "--data", str(builtin_data["shards"]["pretrain"]),
+                               "--seq-len", "64", "--micro-batch-size", "4", "--seed", "7", "--output", str(out)])
+    logged = [r for r in records(pretrain_run) if "val_loss" in r][-1]
+    result = json.loads(out.read_text())
+    assert logged["step"] == 12 and result["split"] == "val" and result["tokens"] > 0
+    assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-6)
+    assert result["perplexity"] == pytest.approx(logged["val_ppl"], rel=1e-6)
+    assert f"perplexity {result['perplexity']:.2f}" in proc.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 3])
+def test_pretrain_split_against_float64_windows(pretrain_run, builtin_data, micro_batch_size):
+    """Every window of the train split is scored, the last short batch too (3 does not divide the count)."""
+    shards = builtin_data["shards"]["pretrain"]
+    model = load_model(pretrain_run).double().eval()
+    result = evaluate(model, shards, split="train", seq_len=64, micro_batch_size=micro_batch_size, seed=0)
+    every = pretrain_windows(shards, "train", 64)
+    total, count = float64_loss(model, every)
+    assert result.tokens == count and result.batches == -(-len(every) // micro_batch_size)
+    assert result.loss == pytest.approx(total / count, rel=1e-9)
+    assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-9)
+
+
+def test_sft_scores_only_assistant_tokens_with_document_attention(pretrain_run, builtin_data):
+    """Packed conversations with attention kept inside each: the mean over their assistant tokens, as
+    if each were scored alone."""
+    shards = builtin_data["shards"]["sft"]
+    model = load_model(pretrain_run).double().eval()
+    total, count = float64_loss(model, sft_documents(shards, "val", 128))
+    result = evaluate(model, shards, seq_len=128, micro_batch_size=2, doc_attention=True)
+    assert 0 < result.tokens == count
+    assert result.loss == pytest.approx(total / count, rel=1e-9)
+
+
+def test_max_batches_takes_the_first_batches_of_the_seeded_order(pretrain_run, builtin_data):
+    model = load_model(pretrain_run).eval()
+    shards = builtin_data["shards"]["pretrain"]
+    one = evaluate(model, shards, split="train", seq_len=64, micro_batch_size=2, max_batches=1, seed=3)
+    again = evaluate(model, shards, split="train", seq_len=64, micro_batch_size=2, max_batches=1, seed=3)
+    other = evaluate(model, shards, split="train", seq_len=64, micro_batch_size=2, max_batches=1, seed=4)
+    assert one.batches == 1 and one.tokens <= 2 * 64
+    assert one.loss == again.loss and one.loss != other.loss
+
+
+def test_bad_inputs_are_refused_naming_what(pretrain_run, builtin_data, tmp_path):
+    model = load_model(pretrain_run).eval()
+    shards = builtin_data["shards"]
+    with pytest.raises(ValueError, match="holds dpo shards; perplexity needs pretrain, sft, reasoning"):
+        evaluate(model, shards["dpo"])
+    with pytest.raises(ValueError, match="another tokenizer .fingerprint"):
+        evaluate(model, shards["pretrain"], seq_len=64, tokenizer_fingerprint="0" * 16)
+    with pytest.raises(ValueError, match="--seq-len 4096 exceeds the model's context length 256"):
+        evaluate(model, shards["pretrain"], seq_len=4096)
+    with pytest.raises(ValueError, match="no manifest.json"):
+        evaluate(model, tmp_path)
+    small = load_model(pretrain_run).eval()
+    small.config.vocab_size = 100  # as a model with a smaller vocabulary than the shards' would be
+    with pytest.raises(ValueError, match="more than the model's vocab_size 100"):
+        evaluate(small, shards["pretrain"], seq_len=64)
+    proc = run("evaluate.py", ["--model", str(tmp_path / "nothing"), "--data", str(shards["pretrain"])],
+               check=False)
+    assert proc.returncode == 1 and "error:" in proc.stderr and "nothing" in proc.stderr
