@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from minimind_fast.data.loaders import build_loader, read_manifest
+from minimind_fast.model import MiniMindForCausalLM
 
 TOKEN_KINDS = ("pretrain", "sft", "reasoning")
 
@@ -54,8 +55,8 @@ def check_tokenizer(manifest: dict, data: Path, fingerprint: str | None) -> None
 
 
 @torch.no_grad()
-def evaluate(model, data: str | os.PathLike, *, split: str = "val", seq_len: int = 512, micro_batch_size: int = 8,
-             max_batches: int | None = None, seed: int = 1337, doc_attention: bool = False,
+def evaluate(model: MiniMindForCausalLM, data: str | os.PathLike, *, split: str = "val", seq_len: int = 512,
+             micro_batch_size: int = 8, max_batches: int | None = None, seed: int = 1337, doc_attention: bool = False,
              tokenizer_fingerprint: str | None = None) -> EvalResult:
     """Mean next-token loss of `model` over `split` of the shards in `data` (all of it, or the first
     `max_batches` batches of the order `seed` draws, as training's evaluation does with its --seed), and its
@@ -87,7 +88,7 @@ def evaluate(model, data: str | os.PathLike, *, split: str = "val", seq_len: int
     return EvalResult(str(data), split, seq_len, int(tokens), batches, loss, math.exp(min(loss, 700.0)))
 
 
-def batch_loss_sum(model, batch: dict, device: torch.device, doc_attention: bool) -> torch.Tensor:
+def batch_loss_sum(model: MiniMindForCausalLM, batch: dict, device: torch.device, doc_attention: bool) -> torch.Tensor:
     """(sum of the batch's token losses, their count) as float64: the model's mean loss times its count."""
     targets = batch["targets"].to(device)
     inputs = {"input_ids": batch["input_ids"].to(device)}
