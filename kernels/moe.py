@@ -534,13 +534,13 @@ def moe_dispatch_stats(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 @triton.jit
 def _expert_rows(e, COUNTS, BLOCK_E: tl.constexpr):
-    """First sorted row and row count of expert e."""
+    """The sorted rows [start, end) of expert e."""
     cols = tl.arange(0, BLOCK_E)
     counts = tl.load(COUNTS + cols)
     ends = tl.cumsum(counts, axis=0)
     start = tl.sum(tl.where(cols == e, ends - counts, 0), axis=0)
-    n = tl.sum(tl.where(cols == e, counts, 0), axis=0)
-    return start, n
+    end = tl.sum(tl.where(cols == e, ends, 0), axis=0)
+    return start, end
 
 
 @triton.jit
@@ -560,10 +560,42 @@ def _tile_schedule(pid_m, COUNTS, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _sorted_rows(start, end, SORTED_PAIR, BLOCK_M: tl.constexpr):
+    """BLOCK_M expert-sorted rows from `start`, their mask (rows before `end`) and each row's (token,
+    slot) pair id, in int64 for the offsets built from it."""
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    pair = tl.load(SORTED_PAIR + rows, mask=rmask, other=0).to(tl.int64)
+    return rows, rmask, pair
+
+
+@triton.jit
+def _block(pid, BLOCK: tl.constexpr, size):
+    """Offsets of block `pid` along a dimension of `size`, and their mask."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < size
+
+
+@triton.jit
 def _operand(t, FP32_DOT: tl.constexpr, DTYPE: tl.constexpr):
     if FP32_DOT:
         return t.to(tl.float32)
     return t.to(DTYPE)
+
+
+@triton.jit
+def _load_operand(ptr, mask, FP32_DOT: tl.constexpr, DTYPE: tl.constexpr):
+    """A matmul operand tile, masked entries as zeros."""
+    return _operand(tl.load(ptr, mask=mask, other=0.0), FP32_DOT, DTYPE)
+
+
+@triton.jit
+def _dot_k_block(acc, a_ptr, b_ptr, rmask, kmask, cmask, FP32_DOT: tl.constexpr, DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """acc + A @ B over one K block: A (rows x K) at a_ptr, B (K x cols) at b_ptr."""
+    a = _load_operand(a_ptr, rmask[:, None] & kmask[None, :], FP32_DOT, DTYPE)
+    b = _load_operand(b_ptr, kmask[:, None] & cmask[None, :], FP32_DOT, DTYPE)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @_tuned(GEMM_CONFIGS, FIXED, key=["n_cols", "k_dim"])
@@ -575,12 +607,10 @@ def _gate_up_fwd(X, WG, WU, SORTED_PAIR, COUNTS, G, U, Hout, n_exp, top_k, n_col
     e, m_start, m_end = _tile_schedule(tl.program_id(0), COUNTS, BLOCK_M, BLOCK_E)
     if e >= n_exp:
         return
-    rows = m_start + tl.arange(0, BLOCK_M)
-    rmask = rows < m_end
-    tok = (tl.load(SORTED_PAIR + rows, mask=rmask, other=0) // top_k).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < n_cols
+    rows, rmask, pair = _sorted_rows(m_start, m_end, SORTED_PAIR, BLOCK_M)
+    cols, cmask = _block(tl.program_id(1), BLOCK_N, n_cols)
     ks = tl.arange(0, BLOCK_K)
+    tok = pair // top_k
     w_off = e.to(tl.int64) * n_cols * k_dim
     a_ptr = X + tok[:, None] * k_dim + ks[None, :]
     wg_ptr = WG + w_off + cols[None, :].to(tl.int64) * k_dim + ks[:, None]
@@ -590,9 +620,9 @@ def _gate_up_fwd(X, WG, WU, SORTED_PAIR, COUNTS, G, U, Hout, n_exp, top_k, n_col
     dt = X.dtype.element_ty
     for k0 in range(0, k_dim, BLOCK_K):
         kmask = ks + k0 < k_dim
-        a = _operand(tl.load(a_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0), FP32_DOT, dt)
-        bg = _operand(tl.load(wg_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0), FP32_DOT, dt)
-        bu = _operand(tl.load(wu_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0), FP32_DOT, dt)
+        a = _load_operand(a_ptr, rmask[:, None] & kmask[None, :], FP32_DOT, dt)  # shared by both dots
+        bg = _load_operand(wg_ptr, kmask[:, None] & cmask[None, :], FP32_DOT, dt)
+        bu = _load_operand(wu_ptr, kmask[:, None] & cmask[None, :], FP32_DOT, dt)
         acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
         acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
         a_ptr += BLOCK_K
@@ -615,21 +645,15 @@ def _down_fwd(Hin, WD, SORTED_PAIR, COUNTS, TW, Y, n_exp, n_cols, k_dim,
     e, m_start, m_end = _tile_schedule(tl.program_id(0), COUNTS, BLOCK_M, BLOCK_E)
     if e >= n_exp:
         return
-    rows = m_start + tl.arange(0, BLOCK_M)
-    rmask = rows < m_end
-    pair = tl.load(SORTED_PAIR + rows, mask=rmask, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < n_cols
+    rows, rmask, pair = _sorted_rows(m_start, m_end, SORTED_PAIR, BLOCK_M)
+    cols, cmask = _block(tl.program_id(1), BLOCK_N, n_cols)
     ks = tl.arange(0, BLOCK_K)
     a_ptr = Hin + rows[:, None].to(tl.int64) * k_dim + ks[None, :]
     b_ptr = WD + e.to(tl.int64) * n_cols * k_dim + cols[None, :].to(tl.int64) * k_dim + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dt = Hin.dtype.element_ty
     for k0 in range(0, k_dim, BLOCK_K):
-        kmask = ks + k0 < k_dim
-        a = _operand(tl.load(a_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0), FP32_DOT, dt)
-        b = _operand(tl.load(b_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0), FP32_DOT, dt)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot_k_block(acc, a_ptr, b_ptr, rmask, ks + k0 < k_dim, cmask, FP32_DOT, dt, PRECISION)
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K
     w = tl.load(TW + pair, mask=rmask, other=0.0)
@@ -646,22 +670,16 @@ def _down_bwd(DO, WD, SORTED_PAIR, COUNTS, TW, G, U, DG, DU, DW_PARTIAL, n_exp, 
     e, m_start, m_end = _tile_schedule(tl.program_id(0), COUNTS, BLOCK_M, BLOCK_E)
     if e >= n_exp:
         return
-    rows = m_start + tl.arange(0, BLOCK_M)
-    rmask = rows < m_end
-    pair = tl.load(SORTED_PAIR + rows, mask=rmask, other=0).to(tl.int64)
-    tok = pair // top_k
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < n_cols
+    rows, rmask, pair = _sorted_rows(m_start, m_end, SORTED_PAIR, BLOCK_M)
+    cols, cmask = _block(tl.program_id(1), BLOCK_N, n_cols)
     ks = tl.arange(0, BLOCK_K)
+    tok = pair // top_k
     a_ptr = DO + tok[:, None] * k_dim + ks[None, :]
     b_ptr = WD + e.to(tl.int64) * n_cols * k_dim + ks[:, None].to(tl.int64) * n_cols + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dt = WD.dtype.element_ty
     for k0 in range(0, k_dim, BLOCK_K):
-        kmask = ks + k0 < k_dim
-        a = _operand(tl.load(a_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0), FP32_DOT, dt)
-        b = _operand(tl.load(b_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0), FP32_DOT, dt)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot_k_block(acc, a_ptr, b_ptr, rmask, ks + k0 < k_dim, cmask, FP32_DOT, dt, PRECISION)
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K * n_cols
     out = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
@@ -686,11 +704,8 @@ def _gate_up_bwd_dx(DG, DU, WG, WU, SORTED_PAIR, COUNTS, DXP, n_exp, n_cols, k_d
     e, m_start, m_end = _tile_schedule(tl.program_id(0), COUNTS, BLOCK_M, BLOCK_E)
     if e >= n_exp:
         return
-    rows = m_start + tl.arange(0, BLOCK_M)
-    rmask = rows < m_end
-    pair = tl.load(SORTED_PAIR + rows, mask=rmask, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < n_cols
+    rows, rmask, pair = _sorted_rows(m_start, m_end, SORTED_PAIR, BLOCK_M)
+    cols, cmask = _block(tl.program_id(1), BLOCK_N, n_cols)
     ks = tl.arange(0, BLOCK_K)
     row_off = rows[:, None].to(tl.int64) * k_dim + ks[None, :]
     w_off = e.to(tl.int64) * n_cols * k_dim + ks[:, None].to(tl.int64) * n_cols + cols[None, :]
@@ -698,14 +713,8 @@ def _gate_up_bwd_dx(DG, DU, WG, WU, SORTED_PAIR, COUNTS, DXP, n_exp, n_cols, k_d
     dt = WG.dtype.element_ty
     for k0 in range(0, k_dim, BLOCK_K):
         kmask = ks + k0 < k_dim
-        amask = rmask[:, None] & kmask[None, :]
-        bmask = kmask[:, None] & cmask[None, :]
-        a = _operand(tl.load(DG + row_off, mask=amask, other=0.0), FP32_DOT, dt)
-        b = _operand(tl.load(WG + w_off, mask=bmask, other=0.0), FP32_DOT, dt)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a = _operand(tl.load(DU + row_off, mask=amask, other=0.0), FP32_DOT, dt)
-        b = _operand(tl.load(WU + w_off, mask=bmask, other=0.0), FP32_DOT, dt)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot_k_block(acc, DG + row_off, WG + w_off, rmask, kmask, cmask, FP32_DOT, dt, PRECISION)
+        acc = _dot_k_block(acc, DU + row_off, WU + w_off, rmask, kmask, cmask, FP32_DOT, dt, PRECISION)
         row_off += BLOCK_K
         w_off += BLOCK_K * n_cols
     tl.store(DXP + pair[:, None] * n_cols + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
@@ -718,23 +727,20 @@ def _gate_up_bwd_dw(X, DG, DU, SORTED_PAIR, COUNTS, DWG, DWU, top_k, n_out, k_ou
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW{gate,up}[e] = d{g,u}_e^T @ X[tokens of e], reduced in fp32. n_out = I, k_out = H."""
     e = tl.program_id(0)
-    row_start, n_rows = _expert_rows(e, COUNTS, BLOCK_E)
-    rs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cs = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rmask, cmask = rs < n_out, cs < k_out
+    row_start, row_end = _expert_rows(e, COUNTS, BLOCK_E)
+    rs, rmask = _block(tl.program_id(1), BLOCK_N, n_out)
+    cs, cmask = _block(tl.program_id(2), BLOCK_K, k_out)
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     dt = X.dtype.element_ty
-    for m0 in range(row_start, row_start + n_rows, BLOCK_M):
-        ms = m0 + tl.arange(0, BLOCK_M)
-        mmask = ms < row_start + n_rows
-        tok = (tl.load(SORTED_PAIR + ms, mask=mmask, other=0) // top_k).to(tl.int64)
-        x = _operand(tl.load(X + tok[:, None] * k_out + cs[None, :], mask=mmask[:, None] & cmask[None, :],
-                             other=0.0), FP32_DOT, dt)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        ms, mmask, pair = _sorted_rows(m0, row_end, SORTED_PAIR, BLOCK_M)
+        tok = pair // top_k
+        x = _load_operand(X + tok[:, None] * k_out + cs[None, :], mmask[:, None] & cmask[None, :], FP32_DOT, dt)
         d_off = ms[:, None].to(tl.int64) * n_out + rs[None, :]
         dmask = mmask[:, None] & rmask[None, :]
-        dg = _operand(tl.load(DG + d_off, mask=dmask, other=0.0), FP32_DOT, dt)
-        du = _operand(tl.load(DU + d_off, mask=dmask, other=0.0), FP32_DOT, dt)
+        dg = _load_operand(DG + d_off, dmask, FP32_DOT, dt)
+        du = _load_operand(DU + d_off, dmask, FP32_DOT, dt)
         acc_g = tl.dot(tl.trans(dg), x, acc_g, input_precision=PRECISION)
         acc_u = tl.dot(tl.trans(du), x, acc_u, input_precision=PRECISION)
     out = e.to(tl.int64) * n_out * k_out + rs[:, None].to(tl.int64) * k_out + cs[None, :]
@@ -750,16 +756,13 @@ def _down_bwd_dw(DO, TW, G, U, SORTED_PAIR, COUNTS, DWD, top_k, n_out, k_out,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW_down[e] = (weight * dOut[token])_e^T @ h_e, h recomputed from g, u. n_out = H, k_out = I."""
     e = tl.program_id(0)
-    row_start, n_rows = _expert_rows(e, COUNTS, BLOCK_E)
-    rs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cs = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rmask, cmask = rs < n_out, cs < k_out
+    row_start, row_end = _expert_rows(e, COUNTS, BLOCK_E)
+    rs, rmask = _block(tl.program_id(1), BLOCK_N, n_out)
+    cs, cmask = _block(tl.program_id(2), BLOCK_K, k_out)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     dt = DO.dtype.element_ty
-    for m0 in range(row_start, row_start + n_rows, BLOCK_M):
-        ms = m0 + tl.arange(0, BLOCK_M)
-        mmask = ms < row_start + n_rows
-        pair = tl.load(SORTED_PAIR + ms, mask=mmask, other=0).to(tl.int64)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        ms, mmask, pair = _sorted_rows(m0, row_end, SORTED_PAIR, BLOCK_M)
         w = tl.load(TW + pair, mask=mmask, other=0.0)
         dy = tl.load(DO + (pair // top_k)[:, None] * n_out + rs[None, :], mask=mmask[:, None] & rmask[None, :],
                      other=0.0).to(tl.float32) * w[:, None]
