@@ -52,6 +52,26 @@ def _rmsnorm_fwd(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, n_
 
 
 @triton.jit
+def _row_span(part, rows_per_part, n_rows):
+    """Rows [first, last) of span `part`, the rows split in spans of rows_per_part."""
+    first = part.to(tl.int64) * rows_per_part
+    return first, tl.minimum(first + rows_per_part, n_rows)
+
+
+@triton.jit
+def _load_grad_rows(X, DY, RSTD, start, last, cols, col_mask, stride_x, stride_dy, ROWS: tl.constexpr):
+    """The backward's inputs for ROWS rows from `start` (those before `last`): the rows, the tile mask,
+    x and dy in fp32 and rstd."""
+    rows = start + tl.arange(0, ROWS)
+    row_mask = rows < last
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+    return rows, mask, x, dy, rstd
+
+
+@triton.jit
 def _rmsnorm_bwd(DY, X, W, RSTD, DX, DH, DW_PARTIAL, stride_dy, stride_x, stride_dx, stride_dh,
                  n_rows, n_cols, rows_per_prog, HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # Each program walks its own span of rows, ROWS at a time, keeping its share of the weight
@@ -61,15 +81,9 @@ def _rmsnorm_bwd(DY, X, W, RSTD, DX, DH, DW_PARTIAL, stride_dy, stride_x, stride
     col_mask = cols < n_cols
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
-    first = pid.to(tl.int64) * rows_per_prog
-    last = tl.minimum(first + rows_per_prog, n_rows)
+    first, last = _row_span(pid, rows_per_prog, n_rows)
     for start in range(first, last, ROWS):
-        rows = start + tl.arange(0, ROWS)
-        row_mask = rows < last
-        mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        rows, mask, x, dy, rstd = _load_grad_rows(X, DY, RSTD, start, last, cols, col_mask, stride_x, stride_dy, ROWS)
         x_hat = x * rstd[:, None]
         wdy = w[None, :] * dy
         dx = rstd[:, None] * (wdy - x_hat * (tl.sum(x_hat * wdy, axis=1) / n_cols)[:, None])
@@ -129,6 +143,18 @@ def _rmsnorm_fwd_wide(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_
 
 
 @triton.jit
+def _load_grad_chunk(X, DY, W, row, start, n_cols, stride_x, stride_dy, CHUNK: tl.constexpr):
+    """The wide backward's inputs for one CHUNK of a row from column `start`: the columns, their mask,
+    and x, dy and w in fp32."""
+    cols = start + tl.arange(0, CHUNK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    return cols, mask, x, dy, w
+
+
+@triton.jit
 def _rmsnorm_bwd_wide(DY, X, W, RSTD, DX, DH, stride_dy, stride_x, stride_dx, stride_dh, n_cols,
                       HAS_DH: tl.constexpr, CHUNK: tl.constexpr):
     # dx of one row, in CHUNK-wide pieces: mean(x_hat * w*dy) first, then dx; no weight gradient here.
@@ -136,19 +162,11 @@ def _rmsnorm_bwd_wide(DY, X, W, RSTD, DX, DH, stride_dy, stride_x, stride_dx, st
     rstd = tl.load(RSTD + row)
     acc = tl.zeros((CHUNK,), dtype=tl.float32)
     for start in range(0, n_cols, CHUNK):
-        cols = start + tl.arange(0, CHUNK)
-        mask = cols < n_cols
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        _, _, x, dy, w = _load_grad_chunk(X, DY, W, row, start, n_cols, stride_x, stride_dy, CHUNK)
         acc += x * rstd * w * dy
     mean = tl.sum(acc, axis=0) / n_cols
     for start in range(0, n_cols, CHUNK):
-        cols = start + tl.arange(0, CHUNK)
-        mask = cols < n_cols
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        cols, mask, x, dy, w = _load_grad_chunk(X, DY, W, row, start, n_cols, stride_x, stride_dy, CHUNK)
         dx = rstd * (w * dy - x * rstd * mean)
         if HAS_DH:
             dx += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
@@ -163,16 +181,10 @@ def _rmsnorm_dw_wide(DY, X, RSTD, DW_PARTIAL, stride_dy, stride_x, n_rows, n_col
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     split = tl.program_id(1)
     col_mask = cols < n_cols
-    first = split.to(tl.int64) * rows_per_split
-    last = tl.minimum(first + rows_per_split, n_rows)
+    first, last = _row_span(split, rows_per_split, n_rows)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(first, last, ROWS):
-        rows = start + tl.arange(0, ROWS)
-        row_mask = rows < last
-        mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        _, _, x, dy, rstd = _load_grad_rows(X, DY, RSTD, start, last, cols, col_mask, stride_x, stride_dy, ROWS)
         acc += tl.sum(dy * x * rstd[:, None], axis=0)
     tl.store(DW_PARTIAL + split.to(tl.int64) * n_cols + cols, acc, mask=col_mask)
 
