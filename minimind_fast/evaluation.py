@@ -35,6 +35,8 @@ class EvalResult:
 
 def check_shards(data: Path, split: str) -> dict:
     """The manifest of `data`, refused when it holds no token-level text or has no such split."""
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data {data}: no such shard directory")
     if not (data / "manifest.json").exists():
         raise ValueError(f"--data {data}: no manifest.json there (write shards with launch/tokenize.py)")
     manifest = read_manifest(data)

@@ -114,6 +114,8 @@ def test_bad_inputs_are_refused_naming_what(pretrain_run, builtin_data, tmp_path
         evaluate(model, shards["pretrain"], seq_len=4096)
     with pytest.raises(ValueError, match="no manifest.json"):
         evaluate(model, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such shard directory"):
+        evaluate(model, tmp_path / "missing")
     small = load_model(pretrain_run).eval()
     small.config.vocab_size = 100  # as a model with a smaller vocabulary than the shards' would be
     with pytest.raises(ValueError, match="more than the model's vocab_size 100"):
