@@ -70,7 +70,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_chat_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                    lora: str | os.PathLike | None = None):
+                    lora: str | os.PathLike | None = None) -> MiniMindForCausalLM:
     """Our model/run dir, a Hugging Face export or a MiniMind2 .pth, optionally with a LoRA adapter, for inference.
 
     A LoRA run's model directory keeps the base weights with the adapter in `adapter/`: loading the run
@@ -104,7 +104,7 @@ def check_utf8(text: str | None, what: str) -> None:
         raise ValueError(f"{what} is not valid UTF-8")
 
 
-def check_vocab(tokenizer: ChatTokenizer, model) -> None:
+def check_vocab(tokenizer: ChatTokenizer, model: MiniMindForCausalLM) -> None:
     """Refuse a tokenizer with ids the model has no embedding for: they would fail mid-generation."""
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
@@ -163,8 +163,8 @@ def chat_prompt(tokenizer: ChatTokenizer, messages: list[dict]) -> list[int]:
 class ChatSession:
     """Multi-turn chat: keeps the history, renders it with the template, drops the oldest turns to fit."""
 
-    def __init__(self, model, tokenizer: ChatTokenizer, config: GenerationConfig, system: str | None = None,
-                 cuda_graph: bool = False):
+    def __init__(self, model: MiniMindForCausalLM, tokenizer: ChatTokenizer, config: GenerationConfig,
+                 system: str | None = None, cuda_graph: bool = False):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.system = system
         self.cuda_graph = cuda_graph
@@ -314,8 +314,8 @@ def encode_prompts_to_fit(tokenizer: ChatTokenizer, records: list[tuple[int, dic
     return prompts
 
 
-def answer_file(model, tokenizer: ChatTokenizer, config: GenerationConfig, in_path: str | os.PathLike,
-                out_path: str | os.PathLike, batch_size: int = 16, mode: str = "chat",
+def answer_file(model: MiniMindForCausalLM, tokenizer: ChatTokenizer, config: GenerationConfig,
+                in_path: str | os.PathLike, out_path: str | os.PathLike, batch_size: int = 16, mode: str = "chat",
                 cuda_graph: bool = False) -> int:
     """Answer every prompt of a JSONL file in batches; each output line is the record plus `response`.
 
@@ -349,7 +349,7 @@ def answer_file(model, tokenizer: ChatTokenizer, config: GenerationConfig, in_pa
 # --------------------------------------------------------------------------------------------------
 # Terminal use (launch/chat.py): streamed to stdout
 # --------------------------------------------------------------------------------------------------
-def print_continuation(model, tokenizer: ChatTokenizer, config: GenerationConfig, prompt: str,
+def print_continuation(model: MiniMindForCausalLM, tokenizer: ChatTokenizer, config: GenerationConfig, prompt: str,
                        cuda_graph: bool = False) -> None:
     """`--mode pretrain`: print `prompt`, then its raw-text continuation as it is generated."""
     ids = encode_prompt(tokenizer, {"prompt": prompt}, "pretrain")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,7 +66,7 @@ def is_model_dir(path: Path) -> bool:
     return (path / CONFIG).exists()
 
 
-def check_replaceable(out: Path, replaceable) -> None:
+def check_replaceable(out: Path, replaceable: Callable[[Path], bool]) -> None:
     """Refuse to replace an existing, non-empty directory that `replaceable` does not recognise, so a
     mistyped output path is never wiped by the replace-on-write below."""
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not replaceable(out):
@@ -73,7 +74,7 @@ def check_replaceable(out: Path, replaceable) -> None:
                               "refusing to replace it (choose another output path)")
 
 
-def write_dir_atomically(out: Path, write, replaceable) -> Path:
+def write_dir_atomically(out: Path, write: Callable[[Path], None], replaceable: Callable[[Path], bool]) -> Path:
     """Fill a temporary sibling of `out` with `write(tmp)`, then swap it into place.
 
     An existing `out` is renamed aside, not deleted, until the new one is in place, so a failure or a

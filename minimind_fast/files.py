@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 
-def check_input_files(files) -> list[Path]:
+def check_input_files(files: Iterable[str | os.PathLike]) -> list[Path]:
     """The JSONL inputs as paths, each an existing file: a directory is named as one (its files are meant),
     anything else missing is a FileNotFoundError."""
     paths = [Path(f) for f in files]

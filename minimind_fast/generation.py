@@ -18,12 +18,15 @@ import warnings
 import weakref
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from minimind_fast.model import MiniMindForCausalLM
+
+if TYPE_CHECKING:
+    from minimind_fast.data.tokenizer import ChatTokenizer
 
 
 @dataclass
@@ -233,7 +236,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
-def has_stop_string(tokenizer, tokens: list[int], stop_strings: list[str]) -> bool:
+def has_stop_string(tokenizer: ChatTokenizer, tokens: list[int], stop_strings: list[str]) -> bool:
     """Whether the text of `tokens` contains a stop string, decoding only a tail long enough to hold the
     longest: 4 tokens a character (byte tokens), widened while special tokens (which decode to nothing)
     leave it short."""
@@ -250,7 +253,7 @@ class Decoder:
     """Sequences decoded together over one preallocated `SlotKVCache`; see the module docstring."""
 
     def __init__(self, model: MiniMindForCausalLM, max_batch: int, max_len: int, *,
-                 tokenizer=None, cuda_graph: bool = True):
+                 tokenizer: ChatTokenizer | None = None, cuda_graph: bool = True):
         limit = model.config.max_position_embeddings
         if max_len > limit:
             raise ValueError(f"max_len {max_len} exceeds the model's context length {limit}")
@@ -475,7 +478,7 @@ def _decoder_for(model: MiniMindForCausalLM, rows: int, max_len: int, cuda_graph
 
 
 def stream_generate(model: MiniMindForCausalLM, prompts: list[int] | list[list[int]],
-                    config: GenerationConfig, *, pad_id: int = 0, tokenizer=None,
+                    config: GenerationConfig, *, pad_id: int = 0, tokenizer: ChatTokenizer | None = None,
                     return_logprobs: bool = False, cuda_graph: bool = True) -> Iterator:
     """Yield the new tokens of every step as they are produced.
 
@@ -508,8 +511,9 @@ def stream_generate(model: MiniMindForCausalLM, prompts: list[int] | list[list[i
 
 
 def generate(model: MiniMindForCausalLM, prompts: list[list[int]], config: GenerationConfig, *,
-             pad_id: int = 0, tokenizer=None, return_logprobs: bool = False, keep_stop_token: bool = False,
-             cuda_graph: bool = True) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+             pad_id: int = 0, tokenizer: ChatTokenizer | None = None, return_logprobs: bool = False,
+             keep_stop_token: bool = False, cuda_graph: bool = True,
+             ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """New tokens of every prompt (with `return_logprobs`, also their log-probabilities).
 
     The stop token that ended a sequence is left out unless keep_stop_token (RL wants it scored).

@@ -138,7 +138,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, kv_cache=None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         qkv = stacked_weight(self.q_proj, self.k_proj, self.v_proj)
         if qkv is not None:
@@ -243,7 +244,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MoEFeedForward(config, ops) if config.use_moe else FeedForward(config, ops)
         self.ops = ops
 
-    def forward(self, residual, delta, cos, sin, cu_seqlens=None, max_seqlen=None, kv_cache=None):
+    def forward(self, residual: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Pre-norm block on the residual stream, with each residual add fused into the next norm.
 
         `delta` is the previous block's MLP output, not yet added (None for the first block). Returns

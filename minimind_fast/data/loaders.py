@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,7 +147,7 @@ class ShardLoader:
     returns `(batch, new_cursor)` or None when this rank's slice of the epoch cannot fill a batch.
     """
 
-    def __init__(self, kind: str, shard_dir, *, seq_len: int, micro_batch_size: int, seed: int = 0,
+    def __init__(self, kind: str, shard_dir: str | Path, *, seq_len: int, micro_batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, split: str = "train", vocab_size: int | None = None,
                  pin_memory: bool = False, prefetch: int = 0, drop_last: bool | None = None):
         if not 0 <= rank < world_size:
@@ -353,7 +354,7 @@ class PretrainLoader(ShardLoader):
 class SFTLoader(ShardLoader):
     """Conversations with their assistant masks, packed several to a row (or one per row, padded)."""
 
-    def __init__(self, *args, packing: bool = True, special_token_weight: float = 10.0, **kwargs):
+    def __init__(self, *args: Any, packing: bool = True, special_token_weight: float = 10.0, **kwargs: Any):
         self.packing, self.special_token_weight = packing, special_token_weight
         self._batches_in_epoch: tuple[int, int] | None = None
         super().__init__(*args, **kwargs)
@@ -476,9 +477,9 @@ class DPOLoader(ShardLoader):
 LOADERS = {"pretrain": PretrainLoader, "sft": SFTLoader, "reasoning": SFTLoader, "dpo": DPOLoader}
 
 
-def build_loader(kind: str, shard_dir, *, seq_len: int, micro_batch_size: int, seed: int = 0,
+def build_loader(kind: str, shard_dir: str | Path, *, seq_len: int, micro_batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, split: str = "train", vocab_size: int | None = None,
-                 pin_memory: bool = False, drop_last: bool | None = None, **kwargs) -> ShardLoader:
+                 pin_memory: bool = False, drop_last: bool | None = None, **kwargs: Any) -> ShardLoader:
     """The loader for `kind` (pretrain, sft, reasoning, dpo) over the shards in `shard_dir`.
 
     Extra keyword arguments: `prefetch` (batches built ahead in a thread; default 4 with pin_memory,

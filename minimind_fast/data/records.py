@@ -74,7 +74,7 @@ def _object_list(m: dict, key: str, where: str) -> list[dict] | None:
     return value
 
 
-def check_messages(msgs, field: str) -> list[dict]:
+def check_messages(msgs: object, field: str) -> list[dict]:
     """The messages, checked; copies with `tool_calls` and tool definitions decoded, and an OpenAI-style
     reply that only calls tools (`"content": null`) given an empty content. GRPO prompts use this too."""
     if not isinstance(msgs, list):
@@ -100,7 +100,7 @@ def check_messages(msgs, field: str) -> list[dict]:
     return out
 
 
-def check_conversation(msgs, field: str) -> list[dict]:
+def check_conversation(msgs: object, field: str) -> list[dict]:
     """`check_messages`, for training text: at least one assistant reply to learn."""
     out = check_messages(msgs, field)
     if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in out):

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -218,7 +219,7 @@ class ChatTokenizer:
         return env.from_string(self.chat_template)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            **kwargs) -> str:
+                            **kwargs: Any) -> str:
         """Render `messages` with the tokenizer's chat template (ChatML for ours), as transformers does."""
         if self.chat_template == CHATML_TEMPLATE and not kwargs:
             # Our own template, rendered without jinja: the same string, several times faster, which

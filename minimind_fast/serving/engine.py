@@ -14,8 +14,13 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from minimind_fast.generation import Decoder, GenerationConfig, TokenEvent
+
+if TYPE_CHECKING:
+    from minimind_fast.data.tokenizer import ChatTokenizer
+    from minimind_fast.model import MiniMindForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +45,8 @@ class Handle:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None,
-                 max_queue: int = 64, cuda_graph: bool = True):
+    def __init__(self, model: MiniMindForCausalLM, tokenizer: ChatTokenizer, max_batch: int = 8,
+                 max_len: int | None = None, max_queue: int = 64, cuda_graph: bool = True):
         # With no row the worker would spin on a queue it can never serve.
         if max_batch < 1 or max_queue < 1 or (max_len is not None and max_len < 1):
             raise ValueError(f"max_batch ({max_batch}), max_queue ({max_queue}) and max_len ({max_len}) "

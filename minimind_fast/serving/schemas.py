@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -19,13 +19,13 @@ class ChatMessage(BaseModel):
 
     @field_validator("role", mode="before")
     @classmethod
-    def developer_is_system(cls, value):
+    def developer_is_system(cls, value: Any) -> Any:
         """OpenAI's newer clients send the system prompt under the role `developer`."""
         return "system" if value == "developer" else value
 
     @field_validator("content", mode="before")
     @classmethod
-    def join_text_parts(cls, value):
+    def join_text_parts(cls, value: Any) -> Any:
         """Accept OpenAI's list-of-parts content when every part is text."""
         if isinstance(value, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in value):
@@ -50,7 +50,7 @@ class Options(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def null_means_default(cls, data):
+    def null_means_default(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
         return {k: v for k, v in data.items()
@@ -96,7 +96,7 @@ class ChatCompletionRequest(Options):
 
     @field_validator(*UNSUPPORTED)
     @classmethod
-    def refuse_what_would_be_ignored(cls, value, info: ValidationInfo):
+    def refuse_what_would_be_ignored(cls, value: Any, info: ValidationInfo) -> Any:
         # "auto" picks among the tools given, and none can be: the reply is unchanged.
         harmless = (value in (False, 0, {}, [], "none", "auto")
                     or (info.field_name == "response_format" and value.get("type") == "text"))

@@ -18,6 +18,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,12 @@ import torch.distributed as dist
 
 from minimind_fast.checkpoint import save_model_dir, state_dict_for_saving
 from minimind_fast.files import apply_umask
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from minimind_fast.model import MiniMindForCausalLM
+    from minimind_fast.training.stages import Stage
 
 MARKER = "COMPLETE"
 
@@ -69,7 +76,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+def consolidated_state_dict(engine: DeepSpeedEngine) -> dict[str, torch.Tensor] | None:
     """Full weights on rank 0 (gathered from the ZeRO-3 partitions when needed), None elsewhere.
 
     LoRA adapters are included (under their `.lora_` keys): `save_checkpoint` splits them off."""
@@ -79,7 +86,7 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return None if dist.get_rank() else state_dict_for_saving(engine.module)
 
 
-def save_model_and_adapter(module, out: Path, state: dict[str, torch.Tensor],
+def save_model_and_adapter(module: MiniMindForCausalLM, out: Path, state: dict[str, torch.Tensor],
                            tokenizer_dir: Path | None) -> None:
     """The model directory; under LoRA the frozen base weights there and the adapter in out/adapter/."""
     from minimind_fast.lora import ADAPTER_DIR, save_lora, split_adapters
@@ -90,12 +97,12 @@ def save_model_and_adapter(module, out: Path, state: dict[str, torch.Tensor],
         save_lora(module, out / ADAPTER_DIR, state=adapters)
 
 
-def has_frozen(engine) -> bool:
+def has_frozen(engine: DeepSpeedEngine) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
-def save_checkpoint(engine, stage, run_dir: Path, step: int, loader_state: dict, trainer_state: dict,
-                    tokenizer_dir: Path | None, keep_last: int) -> Path:
+def save_checkpoint(engine: DeepSpeedEngine, stage: Stage, run_dir: Path, step: int, loader_state: dict,
+                    trainer_state: dict, tokenizer_dir: Path | None, keep_last: int) -> Path:
     """Write checkpoint `step` atomically (collective: every rank must call it)."""
     rank = dist.get_rank()
     final = step_dir(run_dir, step)
@@ -135,7 +142,7 @@ def read_rank_state(ckpt: Path, rank: int) -> dict:
     return {"loader": json.loads(saved["loader"]), "rng": saved["rng"]}
 
 
-def load_checkpoint(engine, ckpt: Path, rank_state: dict) -> dict:
+def load_checkpoint(engine: DeepSpeedEngine, ckpt: Path, rank_state: dict) -> dict:
     """Restore DeepSpeed's state and this rank's RNG states (`read_rank_state`); returns the trainer state."""
     load_path, _ = engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
                                           load_module_strict=not has_frozen(engine))

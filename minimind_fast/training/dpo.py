@@ -26,6 +26,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from minimind_fast.checkpoint import weights_fingerprint
-from minimind_fast.data.loaders import build_loader, fingerprint
+from minimind_fast.data.loaders import ShardLoader, build_loader, fingerprint
 from minimind_fast.data.shards import file_checksum
 from minimind_fast.files import apply_umask
 from minimind_fast.model import MiniMindForCausalLM
@@ -54,6 +55,9 @@ from minimind_fast.training.stages import (
     save_objective,
 )
 
+if TYPE_CHECKING:
+    from minimind_fast.data.prompts import PromptLoader
+
 IGNORE = -100
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -71,7 +75,7 @@ def concat_pairs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return ids, targets, positions
 
 
-def sequence_logps(model, input_ids: torch.Tensor, targets: torch.Tensor,
+def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
                    position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum of log p(target) over each row's target tokens in fp32, the model's MoE aux loss).
 
@@ -135,7 +139,7 @@ class DPOStage(FineTuneStage):
             raise ValueError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
         check_lora_flags(a)
 
-    def items_tokens(self, loader) -> float:
+    def items_tokens(self, loader: ShardLoader | PromptLoader) -> float:
         """A pair takes one batch row: counting it as seq_len tokens makes --epochs count pairs."""
         return self.args.seq_len
 
@@ -180,7 +184,7 @@ class DPOStage(FineTuneStage):
         """What the loss depends on beyond the policy: the reference's weights, beta, label smoothing."""
         return {"reference": self._reference_id, "beta": self.args.beta, "label_smoothing": self.args.label_smoothing}
 
-    def save_extra(self, model, out_dir: Path) -> None:
+    def save_extra(self, model: MiniMindForCausalLM, out_dir: Path) -> None:
         save_objective(out_dir, self._objective())
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -198,7 +202,7 @@ class DPOStage(FineTuneStage):
             reference = copy.deepcopy(model)
         return freeze(reference)
 
-    def prepare_training(self, loader, vocab_size: int) -> None:
+    def prepare_training(self, loader: ShardLoader | PromptLoader, vocab_size: int) -> None:
         """With --precompute-reference, score every pair (or find the scores stored in the run dir)."""
         if self.args.precompute_reference:
             self.tables = self._reference_tables(loader, vocab_size)
@@ -257,7 +261,7 @@ class DPOStage(FineTuneStage):
         n = batch["chosen_input_ids"].shape[0]
         return torch.stack([logps[:n], logps[n:]], dim=1)
 
-    def reference_logps(self, batch: dict, split: str, policy) -> torch.Tensor:
+    def reference_logps(self, batch: dict, split: str, policy: torch.nn.Module) -> torch.Tensor:
         """(pairs, 2) reference log-probs of the batch: looked up by pair number, or computed live."""
         if self.tables is not None:
             if split not in self.tables:
@@ -280,10 +284,10 @@ class DPOStage(FineTuneStage):
             metrics["aux_loss"] = aux.detach().float().item()
         return loss, metrics
 
-    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         return self._loss(model, batch, "train")
 
-    def eval_loss(self, model, batch: dict) -> torch.Tensor:
+    def eval_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """The DPO loss of held-out pairs (the engine logs it as val_loss)."""
         return self._loss(model, batch, "val")[0]
 

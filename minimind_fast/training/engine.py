@@ -8,6 +8,7 @@ optimizer steps with metrics, evaluation, periodic checkpoints and a clean stop 
 
 from __future__ import annotations
 
+import argparse
 import faulthandler
 import gc
 import json
@@ -117,7 +118,7 @@ def check_output_dir(run_dir: Path) -> None:
         raise TrainingError(f"output directory {run_dir} is not writable: {e}") from None
 
 
-def resolve_dtype(args, device: torch.device) -> str:
+def resolve_dtype(args: argparse.Namespace, device: torch.device) -> str:
     if args.dtype != "auto":
         if args.dtype == "fp16" and device.type == "cpu":
             raise TrainingError("--dtype fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -146,7 +147,7 @@ class StopRequest:
 
 
 class Trainer:
-    def __init__(self, stage: Stage, args):
+    def __init__(self, stage: Stage, args: argparse.Namespace):
         self.stage, self.args = stage, args
         self.run_dir = Path(args.out)
         self.rank, self.world, self.device = setup_distributed()
@@ -537,7 +538,7 @@ def _replace_dir_copy(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
-def stage_parser(stage_cls: type[Stage]):
+def stage_parser(stage_cls: type[Stage]) -> argparse.ArgumentParser:
     """A stage's command line: the shared flags, described for the stage, then its own."""
     from minimind_fast.training.args import training_parser
 
@@ -546,7 +547,8 @@ def stage_parser(stage_cls: type[Stage]):
     return parser
 
 
-def train(stage_cls: type[Stage], argv: list[str] | None = None, parser=None) -> dict:
+def train(stage_cls: type[Stage], argv: list[str] | None = None,
+          parser: argparse.ArgumentParser | None = None) -> dict:
     """Parse flags, train, and turn `TrainingError`s into a clean one-line exit."""
     from minimind_fast.training.args import check_training_args
 

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from minimind_fast.checkpoint import weights_fingerprint
+from minimind_fast.data.loaders import ShardLoader
 from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt_file
 from minimind_fast.generation import GenerationConfig, generate
 from minimind_fast.model import MiniMindForCausalLM
@@ -244,7 +245,7 @@ class GRPOStage(FineTuneStage):
                             rank=rank, world_size=world_size, grad_accum=a.grad_accum,
                             repeats=a.updates_per_rollout, source=str(data))
 
-    def items_tokens(self, loader) -> float:
+    def items_tokens(self, loader: ShardLoader | PromptLoader) -> float:
         """Makes --epochs count prompts: the engine divides by micro-batch x seq_len tokens per item
         slot, and every prompt is seen `updates_per_rollout` times."""
         return self.args.seq_len * self.args.updates_per_rollout
@@ -279,7 +280,7 @@ class GRPOStage(FineTuneStage):
         record["reference"] = weights_fingerprint(model) if self.reference is not None else None
         return record
 
-    def save_extra(self, model, out_dir: Path) -> None:
+    def save_extra(self, model: MiniMindForCausalLM, out_dir: Path) -> None:
         save_objective(out_dir, self.objective)
 
     # --- rollouts --------------------------------------------------------------------------
@@ -352,7 +353,7 @@ class GRPOStage(FineTuneStage):
         return rollout
 
     # --- loss ------------------------------------------------------------------------------
-    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         a = self.args
         r = self._rollout(model, batch)
         out = model(r.input_ids, logits_to_keep=r.targets.shape[1])
@@ -366,7 +367,7 @@ class GRPOStage(FineTuneStage):
         self._tokens = r.tokens
         return loss, {**r.metrics, **stats}  # the engine averages them over ranks
 
-    def eval_loss(self, model, batch: dict) -> torch.Tensor:
+    def eval_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         raise NotImplementedError("GRPO has no held-out loss")
 
     def tokens_in_batch(self, batch: dict) -> int:

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -18,8 +19,11 @@ import torch.nn.functional as F
 
 from minimind_fast.checkpoint import weights_fingerprint
 from minimind_fast.config import ModelConfig, get_preset
-from minimind_fast.data.loaders import build_loader, read_manifest
+from minimind_fast.data.loaders import ShardLoader, build_loader, read_manifest
 from minimind_fast.model import MiniMindForCausalLM
+
+if TYPE_CHECKING:
+    from minimind_fast.data.prompts import PromptLoader
 
 OBJECTIVE_FILE = "objective.json"  # in a checkpoint: what the stage's loss depended on beyond the model
 
@@ -105,7 +109,7 @@ class Stage:
         return manifest
 
     def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
-                     pin_memory: bool = False):
+                     pin_memory: bool = False) -> ShardLoader | PromptLoader:
         """The loader of one split: `__iter__` a generator (the engine closes it), `state_dict`,
         `load_state_dict`, `n_items`."""
         a = self.args
@@ -117,7 +121,7 @@ class Stage:
         """Hook: extra keyword arguments for `data.loaders.build_loader` (e.g. special_token_weight)."""
         return {}
 
-    def items_tokens(self, loader) -> float:
+    def items_tokens(self, loader: ShardLoader | PromptLoader) -> float:
         """Tokens per loader item, for turning --epochs into steps (packed SFT: mean document length)."""
         if loader.kind == "pretrain":
             return self.args.seq_len
@@ -154,7 +158,7 @@ class Stage:
     def setup(self, model: MiniMindForCausalLM) -> None:
         """Hook run after the model exists and before DeepSpeed wraps it (LoRA, reference models)."""
 
-    def prepare_training(self, loader, vocab_size: int) -> None:
+    def prepare_training(self, loader: ShardLoader | PromptLoader, vocab_size: int) -> None:
         """Hook run once the train loader exists and a resumed position in it is checked (DPO scores its
         reference here)."""
 
@@ -170,7 +174,7 @@ class Stage:
                           max_seqlen=batch["max_seqlen"])
         return inputs
 
-    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """Loss of one micro-batch (already on the device) and scalar metrics to log (floats or 0-dim
         tensors: tensors are read only when a step is logged)."""
         out = model(**self.lm_inputs(batch), targets=batch["targets"])
@@ -180,7 +184,7 @@ class Stage:
             metrics["aux_loss"] = aux.detach().float()
         return out.loss + aux, metrics
 
-    def eval_loss(self, model, batch: dict) -> torch.Tensor:
+    def eval_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """Mean next-token loss on a held-out batch (no auxiliary terms)."""
         return model(**self.lm_inputs(batch), targets=batch["targets"]).loss
 
@@ -197,11 +201,11 @@ class Stage:
         return int(batch["input_ids"].numel())
 
     @staticmethod
-    def uses_moe(model) -> bool:
+    def uses_moe(model: torch.nn.Module) -> bool:
         module = getattr(model, "module", model)
         return bool(getattr(getattr(module, "config", None), "use_moe", False))
 
-    def save_extra(self, model, out_dir: Path) -> None:
+    def save_extra(self, model: MiniMindForCausalLM, out_dir: Path) -> None:
         """Hook to save stage-specific artefacts (LoRA adapters) beside the consolidated model."""
 
 
@@ -357,7 +361,7 @@ class ReasoningStage(FineTuneStage):
                                 {"teacher": "the --teacher weights (or --teacher given or not)",
                                  "kd_temperature": "--kd-temperature", "kd_alpha": "--kd-alpha"})
 
-    def save_extra(self, model, out_dir: Path) -> None:
+    def save_extra(self, model: MiniMindForCausalLM, out_dir: Path) -> None:
         save_objective(out_dir, self._teacher_record())
 
     def _place_teacher(self, model, device: torch.device) -> None:
@@ -368,7 +372,7 @@ class ReasoningStage(FineTuneStage):
         self.teacher.to(device=device, dtype=dtype)
         self._teacher_placed = True
 
-    def compute_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**self.lm_inputs(batch), targets=None)  # logits: the weighted loss needs them per token
         logits = out.logits.float()
         targets = batch["targets"]
@@ -387,7 +391,7 @@ class ReasoningStage(FineTuneStage):
         return loss, metrics
 
     @torch.no_grad()
-    def teacher_logits(self, model, batch: dict) -> torch.Tensor:
+    def teacher_logits(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         if not self._teacher_placed:
             self._place_teacher(model, batch["input_ids"].device)
         return self.teacher(**self.lm_inputs(batch)).logits.float()
