@@ -1,5 +1,5 @@
-"""Writing outputs whole: a temporary sibling filled first, then swapped into place; and input files
-checked up front.
+"""Writing outputs whole: a temporary sibling filled first, then swapped into place; input files
+checked up front; and an output directory locked against a second writer.
 
 Temporary directories and files (`tempfile.mkdtemp`/`mkstemp`) are private (0700/0600), and the
 safetensors library writes 0600 too; outputs get the permissions `mkdir` and `open` would give under
@@ -8,10 +8,13 @@ the user's umask, so that a model or tokenizer on a shared filesystem is readabl
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -68,3 +71,78 @@ def swap_into_place(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Lock files this process holds: a forked child (a worker pool) closes its copies at once, so that the
+# lock goes with this process and a worker still busy after a kill does not keep the directory locked.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        os.close(fd)  # closing, not LOCK_UN: unlocking would release the parent's lock too
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+class DirectoryBusy(ValueError):
+    """Another process holds the directory's lock."""
+
+
+@contextmanager
+def locked_directory(directory: Path, lock_name: str, label: str) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (flock on `directory/lock_name`, not waiting) until the
+    block ends; raise `DirectoryBusy` naming `label`, the directory and the holder's pid if it is held.
+
+    The lock file holds the holder's pid and is removed when the block ends. The kernel drops the lock
+    when its holder exits, however it exits, so the file a killed run leaves behind blocks nothing.
+    """
+    path = directory / lock_name
+    fd = _lock(path, label, directory)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD_LOCKS.add(fd)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(fd)
+            if _is_open_as(fd, path):  # removed by hand, maybe another run's by now: not ours to remove
+                path.unlink()  # while still locked: see _lock
+    finally:
+        os.close(fd)
+
+
+def _lock(path: Path, label: str, directory: Path) -> int:
+    """An open descriptor of the lock file `path`, locked. A file its holder removed after this process
+    opened it is locked for nothing (a third process may have made a new one): then try again."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ValueError(f"{label} {directory}: cannot create its lock file {path} ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise DirectoryBusy(f"{label} {directory}: another process{pid} is writing there (it holds "
+                                f"{path}); wait for it to end, or choose another directory") from None
+        if _is_open_as(fd, path):
+            return fd
+        os.close(fd)
+
+
+def _is_open_as(fd: int, path: Path) -> bool:
+    """Whether `path` is still the file open as `fd` (not removed, nor replaced by another)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)

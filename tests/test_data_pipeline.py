@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from tool_templates import TOOLS_TEMPLATE, WEATHER
 
-from minimind_fast.data.pipeline import InputError, TokenizeOptions, tokenize_to_shards, val_every
+from minimind_fast.data.pipeline import LOCK_NAME, InputError, TokenizeOptions, tokenize_to_shards, val_every
 from minimind_fast.data.shards import Shard
 from minimind_fast.data.tokenizer import load_tokenizer
 
@@ -561,6 +563,102 @@ def test_a_killed_run_leaves_nothing_taken_for_complete(builtin_data, tmp_path):
     fresh = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "fresh", opts)
     assert m["splits"] == fresh["splits"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "fresh").iterdir())
+
+
+HOLD_LOCK = """
+import multiprocessing as mp, sys, time
+from pathlib import Path
+from minimind_fast.data.pipeline import LOCK_NAME
+from minimind_fast.files import locked_directory
+with locked_directory(Path(sys.argv[1]), LOCK_NAME, "--out"):
+    child = None
+    if sys.argv[2] == "fork":  # a child forked while the lock is held, as a worker pool's are
+        child = mp.get_context("fork").Process(target=time.sleep, args=(120,), daemon=False)
+        child.start()
+    print("locked", child.pid if child else "", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold_lock(out, fork=False):
+    """A process holding `out`'s lock, once it says so, and the pid of the child it forked (or None)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, out, "fork" if fork else "-"],
+                            stdout=subprocess.PIPE, text=True)
+    said = proc.stdout.readline().split()
+    assert said[0] == "locked"
+    return proc, int(said[1]) if len(said) > 1 else None
+
+
+def _snapshot(out):
+    """Every file of `out` with its bytes and mtime, but the lock file (the holder writes its pid there)."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.name != LOCK_NAME}
+
+
+def test_a_second_run_into_the_same_out_fails_at_once(builtin_data, tmp_path, monkeypatch):
+    """Two runs writing one --out would interleave their shards and manifests: the second one stops
+    before touching anything, naming the directory and the run holding it."""
+    out, src = tmp_path / "o", builtin_data["files"]["sft"]
+    tokenize_to_shards([src], builtin_data["tokenizer"], out, TokenizeOptions(kind="sft", workers=1))
+    before = _snapshot(out)
+    holder, _ = _hold_lock(out)
+    try:
+        with pytest.raises(SystemExit, match=f"error: --out {out}: another process \\(pid {holder.pid}\\) is "
+                                             f"writing there .*{LOCK_NAME}"):
+            _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", src, "--tokenizer",
+                    builtin_data["tokenizer"], "--out", out, "--workers", 1, "--force")
+        assert _snapshot(out) == before and (out / LOCK_NAME).read_text() == f"{holder.pid}\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    # The killed holder left its lock file behind; with no process holding it, it blocks nothing.
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], out, TokenizeOptions(kind="sft", workers=1),
+                           force=True)
+    assert m["records"] > 0 and not (out / LOCK_NAME).exists()
+
+
+def test_a_lock_file_removed_under_a_run_is_not_taken_for_free(tmp_path, monkeypatch):
+    """The holder removes its lock file as it ends. A run that opened the file just before that, and
+    locks it just after, holds a lock on a removed file: it must look again and find the new file (a
+    third run's, here held) rather than write alongside that run."""
+    from minimind_fast import files
+
+    path, third = tmp_path / LOCK_NAME, []
+    flock = files.fcntl.flock
+
+    def holder_ends_and_third_run_starts(fd, op):
+        if not third:
+            path.unlink()  # the holder's last act
+            third.append(os.open(path, os.O_RDWR | os.O_CREAT))  # a third run's new lock file, locked
+            flock(third[0], op)
+            os.pwrite(third[0], b"4242\n", 0)
+        flock(fd, op)
+
+    monkeypatch.setattr(files.fcntl, "flock", holder_ends_and_third_run_starts)
+    path.write_text("1\n")  # the lock file of a run about to end
+    try:
+        with pytest.raises(ValueError, match=r"another process \(pid 4242\)"):
+            with files.locked_directory(tmp_path, LOCK_NAME, "--out"):
+                pass
+    finally:
+        os.close(third[0])
+    with files.locked_directory(tmp_path, LOCK_NAME, "--out"):
+        assert path.read_text() == f"{os.getpid()}\n"
+    assert not path.exists()
+
+
+def test_the_lock_goes_with_the_run_not_its_forked_workers(builtin_data, tmp_path):
+    """A pool worker still busy on a chunk when its run is killed must not keep --out locked."""
+    out = tmp_path / "o"
+    out.mkdir()
+    holder, child = _hold_lock(out, fork=True)
+    holder.kill()
+    holder.wait()
+    try:
+        m = tokenize_to_shards([builtin_data["files"]["sft"]], builtin_data["tokenizer"], out,
+                               TokenizeOptions(kind="sft", workers=1))
+        assert m["records"] > 0
+    finally:
+        os.kill(child, signal.SIGKILL)  # orphaned by the kill: not ours to wait for
 
 
 @pytest.mark.parametrize("kind", ["pretrain", "dpo"])

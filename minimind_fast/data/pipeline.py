@@ -7,7 +7,7 @@ chunks are in flight, so memory stays bounded whatever the input size. Chunks ar
 order, which makes the shards identical from run to run whatever the number of workers. Bad lines are
 counted by reason and listed as `file:line`; `strict=True` stops at the first one. Every
 `1 / val_fraction`-th record goes to the held-out split. Shards and the manifest are written under
-temporary names and renamed.
+temporary names and renamed, by one run at a time: a run holds a lock on the output directory.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from tqdm import tqdm
 from minimind_fast.data import records
 from minimind_fast.data.shards import VERSION, ShardWriter, file_checksum, token_dtype
 from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
-from minimind_fast.files import check_input_files
+from minimind_fast.files import check_input_files, locked_directory
 
 KINDS = ("pretrain", "sft", "reasoning", "dpo")
 MANIFEST = "manifest.json"
+LOCK_NAME = ".tokenize.lock"  # flock'ed by the run writing the directory, removed when it ends
 CHUNK_LINES = 500  # small enough that even a few-MB file spreads over every worker
 # A chunk also ends at this many bytes of input: encoding holds ~150 bytes per token (ids, offsets,
 # token strings) until the chunk is done, so 500 long documents (books, a MB each) took GBs.
@@ -353,6 +354,14 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    # Two runs writing here at once would interleave their shards, renames and manifest.
+    with locked_directory(out, LOCK_NAME, "--out"):
+        return _tokenize_into(paths, tok, out, opts, force)
+
+
+def _tokenize_into(paths: list[Path], tok: ChatTokenizer, out: Path, opts: TokenizeOptions,
+                   force: bool) -> dict:
+    """`tokenize_to_shards` once `out` exists and this process holds its lock."""
     if not force:
         _refuse_other_kind(out, opts.kind)
     signature = _signature(paths, tok, opts)
