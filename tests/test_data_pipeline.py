@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from piece_texts import PIECE_TEXTS
 from tool_templates import TOOLS_TEMPLATE, WEATHER
 
 from minimind_fast.data.pipeline import LOCK_NAME, InputError, TokenizeOptions, tokenize_to_shards, val_every
 from minimind_fast.data.shards import Shard
-from minimind_fast.data.tokenizer import load_tokenizer
+from minimind_fast.data.tokenizer import WHITESPACE_CUT, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -449,6 +450,60 @@ def test_long_documents_are_encoded_a_few_at_a_time(builtin_data, tmp_path, monk
     monkeypatch.setattr(pipeline, "CHUNK_BYTES", 1 << 40)
     tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "b", opts)
     assert (tmp_path / "a" / "train-00000.bin").read_bytes() == (tmp_path / "b" / "train-00000.bin").read_bytes()
+
+
+class _EncodeSpy:
+    """A tokenizer that records the texts it is asked to encode."""
+
+    def __init__(self, inner, seen):
+        self.inner, self.seen = inner, seen
+
+    def encode_batch(self, texts, **kwargs):
+        self.seen += texts
+        return self.inner.encode_batch(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "reasoning"])
+def test_a_long_text_is_encoded_in_pieces_as_the_whole(builtin_data, tmp_path, monkeypatch, tok, kind):
+    """Whole, a text's encoding took ~150 bytes a token (7.8 GB for a 50 MB line); longer than
+    LONG_TEXT_CHARS, it is encoded in pieces cut at whitespace, with the same ids and masks. A text with
+    nowhere to cut is encoded whole."""
+    from minimind_fast.data import pipeline
+
+    texts = [*PIECE_TEXTS.values(), "short one", " ".join(PIECE_TEXTS.values())]
+    if kind == "pretrain":
+        lines = [{"text": t} for t in texts]
+    else:
+        lines = [{"conversations": [{"role": "user", "content": t},
+                                    {"role": "assistant", "content": f"<think>{t}</think><answer>{t}</answer>"}]}
+                 for t in texts]
+    src = _write(tmp_path / "long.jsonl", [json.dumps(x) for x in lines])
+    opts = TokenizeOptions(kind=kind, seq_len=1 << 20, workers=1, val_fraction=0)
+    tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "whole", opts)
+
+    seen = []
+    load = pipeline.load_tokenizer
+
+    def spied(path):
+        t = load(path)
+        t.tokenizer = _EncodeSpy(t.tokenizer, seen)
+        return t
+
+    monkeypatch.setattr(pipeline, "load_tokenizer", spied)
+    monkeypatch.setattr(pipeline, "LONG_TEXT_CHARS", 1000)
+    monkeypatch.setattr(pipeline, "PIECE_CHARS", 50)
+    tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "pieces", opts)
+    # Nothing longer than LONG_TEXT_CHARS is encoded that could have been cut after PIECE_CHARS; the
+    # stretch without whitespace is, whole.
+    long = [t for t in seen if len(t) > 1000]
+    assert long and all(WHITESPACE_CUT.search(t, 50) is None for t in long)
+    assert any(PIECE_TEXTS["no_whitespace"] in t for t in long) and len(seen) > 100
+    assert (tmp_path / "pieces/train-00000.bin").read_bytes() == (tmp_path / "whole/train-00000.bin").read_bytes()
+    if kind == "pretrain":
+        assert [d[0].tolist() for d in _all_docs(tmp_path / "pieces")] == [[1, *tok.encode(t), 2] for t in texts]
 
 
 def test_an_up_to_date_rerun_records_the_tokenizer_it_was_given(builtin_data, tmp_path):

@@ -6,8 +6,9 @@ import json
 import shutil
 
 import pytest
+from piece_texts import PIECE_TEXTS
 
-from minimind_fast.data.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_tokenizer
+from minimind_fast.data.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_tokenizer, whitespace_pieces
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What colour is the cat?"}, {"role": "assistant", "content": "The cat is grey."}],
@@ -198,3 +199,74 @@ def test_damaged_tokenizer_files_are_named(builtin_data, tmp_path):
     (d / "tokenizer.json").write_text('{"version": ')
     with pytest.raises(ValueError, match=rf"{d / 'tokenizer.json'}: not a readable tokenizer"):
         load_tokenizer(d)
+
+
+@pytest.fixture(scope="module")
+def piece_toks(builtin_data, tmp_path_factory):
+    """Ours, and one trained on PIECE_TEXTS: merges of space runs, CJK and the rest, which a cut in the
+    wrong place would split."""
+    src = tmp_path_factory.mktemp("pieces") / "texts.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in PIECE_TEXTS.values()) * 3)
+    trained = train_tokenizer([src], 700, src.parent / "tok")
+    return [load_tokenizer(builtin_data["tokenizer"]), load_tokenizer(trained)]
+
+
+def _pieces_encoding(tok, pieces):
+    ids, offsets = [], []
+    for start, piece in pieces:
+        e = tok.tokenizer.encode(piece, add_special_tokens=False)
+        ids += e.ids
+        offsets += [(a + start, b + start) for a, b in e.offsets]
+    return ids, offsets
+
+
+@pytest.mark.parametrize("name", PIECE_TEXTS)
+@pytest.mark.parametrize("min_chars", [1, 7, 64])
+def test_whitespace_pieces_encode_as_the_whole_text(piece_toks, name, min_chars):
+    text = PIECE_TEXTS[name]
+    pieces = list(whitespace_pieces(text, min_chars))
+    assert "".join(p for _, p in pieces) == text
+    assert [s for s, _ in pieces] == [sum(len(p) for _, p in pieces[:i]) for i in range(len(pieces))]
+    assert all(len(p) >= min_chars for _, p in pieces[:-1])
+    assert len(pieces) == 1 if name == "no_whitespace" else len(pieces) > 3
+    for tok in piece_toks:
+        assert tok.encodes_whitespace_pieces_exactly
+        whole = tok.tokenizer.encode(text, add_special_tokens=False)
+        assert _pieces_encoding(tok, pieces) == (whole.ids, whole.offsets)
+
+
+def test_a_cut_elsewhere_changes_the_ids(piece_toks):
+    """Why the cuts go only where they do: inside a run of spaces, or before a character Python counts as
+    whitespace but the tokenizer's regex does not, a cut gives other pre-tokens, hence other ids."""
+    tok = piece_toks[1]
+    text = "a" + " " * 8 + "b"
+    whole = tok.encode(text)
+    assert [s for s, _ in whitespace_pieces(text, 1)] == [0, 1]
+    assert tok.encode("a ") + tok.encode(" " * 7 + "b") != whole
+    pre = tok.tokenizer.pre_tokenizer.pre_tokenize_str
+    assert len(pre("!\x1c")) == 1 and [s for s, _ in whitespace_pieces("!\x1c!\x1c", 1)] == [0]
+
+
+@pytest.mark.parametrize("change", ["normalizer", "added token with a space", "rstrip", "lstrip",
+                                    "prefix space", "other pre-tokenizer"])
+def test_tokenizers_that_pieces_would_change_are_encoded_whole(builtin_data, tmp_path, change):
+    spec = json.loads((builtin_data["tokenizer"] / "tokenizer.json").read_text())
+    if change == "normalizer":
+        spec["normalizer"] = {"type": "NFKC"}
+    elif change == "prefix space":
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+    elif change == "other pre-tokenizer":
+        spec["pre_tokenizer"] = {"type": "Whitespace"}
+    else:
+        content = "x y" if change == "added token with a space" else "<r>"
+        spec["added_tokens"].append({"id": len(spec["model"]["vocab"]), "content": content, "single_word": False,
+                                     "lstrip": change == "lstrip", "rstrip": change == "rstrip",
+                                     "normalized": False, "special": True})
+    d = tmp_path / "tok"
+    shutil.copytree(builtin_data["tokenizer"], d)
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    tok = load_tokenizer(d)
+    assert not tok.encodes_whitespace_pieces_exactly
+    if change in ("added token with a space", "rstrip"):  # where pieces do give other ids
+        text = "a x y <r> b"
+        assert _pieces_encoding(tok, whitespace_pieces(text, 1))[0] != tok.encode(text)

@@ -3,7 +3,9 @@
 Lines are read in chunks of `CHUNK_LINES` lines or `CHUNK_BYTES` bytes; each chunk is parsed,
 rendered and encoded with one `encode_batch` call, in a pool of worker processes (`workers > 1`) or
 in this process with the tokenizers library's own threads (`workers == 1`). At most `2 * workers`
-chunks are in flight, so memory stays bounded whatever the input size. Chunks are written in input
+chunks are in flight, so memory stays bounded whatever the input size; a text longer than
+`LONG_TEXT_CHARS` is encoded in pieces cut at whitespace, so that its encoding does not grow with it
+either (a whole input line is still read and parsed at once). Chunks are written in input
 order, which makes the shards identical from run to run whatever the number of workers. Bad lines are
 counted by reason and listed as `file:line`; `strict=True` stops at the first one. Every
 `1 / val_fraction`-th record goes to the held-out split. Shards and the manifest are written under
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from minimind_fast.data import records
 from minimind_fast.data.shards import VERSION, ShardWriter, file_checksum, token_dtype
-from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
+from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer, whitespace_pieces
 from minimind_fast.files import check_input_files, locked_directory
 
 KINDS = ("pretrain", "sft", "reasoning", "dpo")
@@ -38,6 +40,10 @@ CHUNK_LINES = 500  # small enough that even a few-MB file spreads over every wor
 # A chunk also ends at this many bytes of input: encoding holds ~150 bytes per token (ids, offsets,
 # token strings) until the chunk is done, so 500 long documents (books, a MB each) took GBs.
 CHUNK_BYTES = 1 << 20
+# A longer text is encoded in pieces of PIECE_CHARS or more, cut where that gives the ids of the whole
+# (`whitespace_pieces`), about CHUNK_BYTES of them per encode call: whole, a 50 MB text took 7.8 GB.
+LONG_TEXT_CHARS = CHUNK_BYTES
+PIECE_CHARS = 1 << 16
 MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are complete)
 # Bump whenever this code would write other shards from the same inputs (rendering, masks, splits),
 # or a manifest without a field the loaders rely on: it is part of the up-to-date signature, so a
@@ -70,6 +76,9 @@ class TokenizeOptions:
             raise ValueError(f"seq_len={self.seq_len} must be at least 2")
 
 
+Ids = list[int] | np.ndarray  # an Encoding's ids, or a long text's (`_Encoded`)
+
+
 class InputError(ValueError):
     """A bad input line under --strict (the message names file:line)."""
 
@@ -97,7 +106,7 @@ class Chunk:
     errors: list[tuple[int, str, str]]  # (line number, reason, message)
 
 
-def _fit(ids: list[int], mask: np.ndarray, opts: TokenizeOptions) -> tuple[list[int], np.ndarray]:
+def _fit(ids: Ids, mask: np.ndarray, opts: TokenizeOptions) -> tuple[Ids, np.ndarray]:
     if len(ids) <= opts.seq_len:
         return ids, mask
     if opts.overlong == "drop":
@@ -108,8 +117,61 @@ def _fit(ids: list[int], mask: np.ndarray, opts: TokenizeOptions) -> tuple[list[
     return ids, mask
 
 
+@dataclass
+class _Encoded:
+    """A long text's encoding put together from its pieces': what `encode_lines` reads of an Encoding."""
+
+    ids: np.ndarray               # int32
+    offsets: np.ndarray | None    # int64 (n, 2), character offsets into the whole text; None for pretrain
+
+
+def _piece_batches(text: str):
+    """The text's `whitespace_pieces` as (start, piece), grouped into about CHUNK_BYTES per batch."""
+    batch, size = [], 0
+    for start, piece in whitespace_pieces(text, PIECE_CHARS):
+        batch.append((start, piece))
+        size += len(piece)
+        if size >= CHUNK_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_long(tok: ChatTokenizer, text: str, offsets: bool) -> _Encoded:
+    """One long text encoded a batch of pieces at a time; each Encoding (~150 bytes a token: ids, offsets,
+    token strings) is dropped once its ids, and offsets where masks need them, are copied out."""
+    ids, offs = [], []
+    for batch in _piece_batches(text):
+        encodings = tok.tokenizer.encode_batch([piece for _, piece in batch], add_special_tokens=False)
+        for (start, _), e in zip(batch, encodings):
+            ids.append(np.asarray(e.ids, dtype=np.int32))
+            if offsets:
+                offs.append(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) + start)
+    return _Encoded(np.concatenate(ids), np.concatenate(offs) if offsets else None)
+
+
+def _encode_texts(tok: ChatTokenizer, texts: list[str], offsets: bool) -> list:
+    """Encodings of `texts` in order: the short ones in one batch, each long one in pieces (where the
+    tokenizer gives the same ids that way; else whole)."""
+    pieced = {i for i, t in enumerate(texts) if len(t) > LONG_TEXT_CHARS}
+    if pieced and not tok.encodes_whitespace_pieces_exactly:
+        pieced = set()  # encoded whole: exact, in memory that grows with the text
+    short = iter(tok.tokenizer.encode_batch([t for i, t in enumerate(texts) if i not in pieced],
+                                            add_special_tokens=False))
+    return [_encode_long(tok, t, offsets) if i in pieced else next(short) for i, t in enumerate(texts)]
+
+
+def _framed(ids: Ids, tok: ChatTokenizer) -> np.ndarray:
+    """bos + ids + eos, as MiniMind frames a pretraining text."""
+    out = np.empty(len(ids) + 2, dtype=np.int32)
+    out[0], out[1:-1], out[-1] = tok.bos_token_id, ids, tok.eos_token_id
+    return out
+
+
 def encode_lines(lines: list[tuple[int, bytes]], opts: TokenizeOptions, tok: ChatTokenizer) -> Chunk:
-    """Parse and render every line, encode all texts in one batch, then build masks and fit to seq_len."""
+    """Parse and render every line, encode the texts (in one batch, but the long ones), then build masks
+    and fit to seq_len."""
     errors: list[tuple[int, str, str]] = []
     parsed: list[tuple[int, list[records.Doc]]] = []
     for lineno, line in lines:
@@ -119,27 +181,26 @@ def encode_lines(lines: list[tuple[int, bytes]], opts: TokenizeOptions, tok: Cha
             parsed.append((lineno, records.record_docs(records.parse_line(line), opts.kind, tok)))
         except records.RecordError as e:
             errors.append((lineno, e.reason, str(e)))
-    encodings = tok.tokenizer.encode_batch([d.text for _, docs in parsed for d in docs],
-                                           add_special_tokens=False)
+    encodings = _encode_texts(tok, [d.text for _, docs in parsed for d in docs], offsets=opts.kind != "pretrain")
     tokens, lengths, masks = [], [], []
     k = 0
     for lineno, docs in parsed:
         encs, k = encodings[k:k + len(docs)], k + len(docs)
         try:
             if opts.kind == "pretrain":
-                out = [([tok.bos_token_id, *encs[0].ids, tok.eos_token_id], None)]
+                out = [(_framed(encs[0].ids, tok), None)]
             else:
                 out = [_fit(e.ids, records.mask_from_offsets(e.offsets, d), opts) for e, d in zip(encs, docs)]
         except records.RecordError as e:
             errors.append((lineno, e.reason, str(e)))
             continue
         for ids, mask in out:
-            tokens.extend(ids)
+            tokens.append(np.asarray(ids, dtype=np.int32))
             lengths.append(len(ids))
             if mask is not None:
                 masks.append(mask)
     errors.sort()
-    return Chunk(np.asarray(tokens, dtype=np.int32), np.asarray(lengths, dtype=np.int64),
+    return Chunk(np.concatenate(tokens) if tokens else np.zeros(0, np.int32), np.asarray(lengths, dtype=np.int64),
                  np.concatenate(masks) if masks else (None if opts.kind == "pretrain" else np.zeros(0, np.uint8)),
                  2 if opts.kind == "dpo" else 1, errors)
 

@@ -260,10 +260,10 @@ def _docs(record: dict, kind: str, tok: ChatTokenizer) -> list[Doc]:
     return [conversation_doc(msgs, tok, tags=False) for msgs in dpo_conversations(record)]
 
 
-def mask_from_offsets(offsets: list[tuple[int, int]], doc: Doc) -> np.ndarray:
+def mask_from_offsets(offsets: list[tuple[int, int]] | np.ndarray, doc: Doc) -> np.ndarray:
     """Per-token mask: 1 for tokens overlapping a loss span, 2 for those overlapping a reasoning tag."""
     mask = np.zeros(len(offsets), dtype=np.uint8)
-    if not offsets:
+    if len(offsets) == 0:
         return mask
     off = np.asarray(offsets, dtype=np.int64)
     a, b = off[:, 0], off[:, 1]

@@ -35,6 +35,13 @@ CHATML_TEMPLATE = (
 # Half of a UTF-16 pair, as a broken JSON escape ("\\ud83d") leaves: it has no UTF-8 form, and the
 # tokenizers library rejects any text holding one.
 LONE_SURROGATE = re.compile("[\\ud800-\\udfff]")
+# Where a long text can be cut so that its pieces, encoded apart, give the ids of the whole: just before an
+# ASCII whitespace character that follows a non-whitespace one. Byte-level pre-tokenization (GPT-2's
+# regex) never puts a non-space and the space after it in one pre-token, and each pre-token is encoded on
+# its own. Inside a run of spaces a cut changes the pre-tokens: "a   x" is "a", "  ", " x", but "a " and
+# "  x" are "a", " ", " ", " x". Not before \x1c-\x1f: whitespace to Python, not to the regex ("!\x1c" is
+# one pre-token).
+WHITESPACE_CUT = re.compile(r"(?<=\S)[ \t\n\r\f\v]")
 # What a tokenizer directory may hold (ours or Hugging Face's); `--out` is replaced only if it holds no more.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt")
@@ -117,6 +124,19 @@ def train_tokenizer(files: list[str | os.PathLike], vocab_size: int, out_dir: st
     return save_tokenizer(tok, out_dir)
 
 
+def whitespace_pieces(text: str, min_chars: int) -> Iterator[tuple[int, str]]:
+    """`text` cut at `WHITESPACE_CUT` into (start, piece), each piece at least `min_chars` long but the
+    last; a stretch with no place to cut stays in one piece, however long."""
+    start = 0
+    while len(text) - start > min_chars:
+        cut = WHITESPACE_CUT.search(text, start + min_chars)
+        if cut is None:
+            break
+        yield start, text[start:cut.start()]
+        start = cut.start()
+    yield start, text[start:]
+
+
 def _counted(texts: Iterator[str], counts: Counter) -> Iterator[str]:
     for text in texts:
         counts["texts"] += 1
@@ -189,6 +209,19 @@ class ChatTokenizer:
         if tid is None:
             raise ValueError(f"{self.dir}: special token {token or default!r} is not in the vocabulary")
         return tid
+
+    @cached_property
+    def encodes_whitespace_pieces_exactly(self) -> bool:
+        """Whether encoding a text's `whitespace_pieces` apart gives the ids (and offsets, shifted) of the
+        whole text: no normalizer, byte-level pre-tokenization by its regex, and added tokens that neither
+        hold whitespace (a cut could split one) nor absorb the whitespace beside them. Ours and MiniMind's."""
+        spec = json.loads(self.tokenizer.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        plain_added = all(not any(c.isspace() for c in t["content"])
+                          and not (t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
+                          for t in spec.get("added_tokens") or [])
+        return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                and pre.get("use_regex", True) and not pre.get("add_prefix_space") and plain_added)
 
     @property
     def vocab_size(self) -> int:
