@@ -50,11 +50,11 @@ def main() -> None:
         result = evaluate(model, a.data, split=a.split, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
                           max_batches=a.max_batches, seed=a.seed, doc_attention=a.doc_attention,
                           tokenizer_fingerprint=fingerprint)
+        print(report(result))
+        if a.output:
+            write_result(result, a.output, a.model)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(report(result))
-    if a.output:
-        write_result(result, a.output, a.model)
 
 
 if __name__ == "__main__":

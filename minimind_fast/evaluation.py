@@ -112,11 +112,14 @@ def report(result: EvalResult) -> str:
 def write_result(result: EvalResult, path: str | os.PathLike, model: str) -> None:
     """The result as JSON at `path`, written whole (a temporary sibling, then renamed)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps({"model": model, **asdict(result)}, indent=2) + "\n")
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp.is_file():
+            tmp.unlink()
+        if isinstance(e, OSError):  # a directory, a read-only place: named as the flag, not the temporary
+            raise OSError(f"--output {path}: cannot write it ({e.strerror or e})") from None
         raise

@@ -123,3 +123,13 @@ def test_bad_inputs_are_refused_naming_what(pretrain_run, builtin_data, tmp_path
     proc = run("evaluate.py", ["--model", str(tmp_path / "nothing"), "--data", str(shards["pretrain"])],
                check=False)
     assert proc.returncode == 1 and "error:" in proc.stderr and "nothing" in proc.stderr
+
+
+def test_an_unwritable_output_is_an_error_naming_it(pretrain_run, builtin_data, tmp_path):
+    """A directory given as --output: the result is still printed, then an error naming the flag (no traceback,
+    no temporary file left)."""
+    proc = run("evaluate.py", ["--model", str(pretrain_run), "--data", str(builtin_data["shards"]["pretrain"]),
+                               "--seq-len", "64", "--max-batches", "1", "--output", str(tmp_path)], check=False)
+    assert proc.returncode == 1 and "perplexity" in proc.stdout
+    assert f"error: --output {tmp_path}: cannot write it (Is a directory)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
