@@ -87,7 +87,15 @@ def evaluate(model: MiniMindForCausalLM, data: str | os.PathLike, *, split: str 
     if tokens == 0:
         raise ValueError(f"--data {data}: the {split} split has no target tokens to score")
     loss = loss_sum / tokens
-    return EvalResult(str(data), split, seq_len, int(tokens), batches, loss, math.exp(min(loss, 700.0)))
+    return EvalResult(str(data), split, seq_len, int(tokens), batches, loss, perplexity(loss))
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); inf past the float range (a model far off the data), not a clamped, finite-looking number."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def batch_loss_sum(model: MiniMindForCausalLM, batch: dict, device: torch.device, doc_attention: bool) -> torch.Tensor:
@@ -115,7 +123,9 @@ def write_result(result: EvalResult, path: str | os.PathLike, model: str) -> Non
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"model": model, **asdict(result)}, indent=2) + "\n")
+        # Strict JSON has no inf or NaN: such a value is null.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(result).items()}
+        tmp.write_text(json.dumps({"model": model, **record}, indent=2, allow_nan=False) + "\n")
         os.replace(tmp, path)
     except BaseException as e:
         if tmp.is_file():

@@ -14,7 +14,7 @@ from launch_helpers import records, run
 
 from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import open_split
-from minimind_fast.evaluation import evaluate
+from minimind_fast.evaluation import evaluate, write_result
 
 
 def float64_loss(model, rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
@@ -133,3 +133,23 @@ def test_an_unwritable_output_is_an_error_naming_it(pretrain_run, builtin_data, 
     assert proc.returncode == 1 and "perplexity" in proc.stdout
     assert f"error: --output {tmp_path}: cannot write it (Is a directory)" in proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_perplexity_past_the_float_range_is_inf_and_null_in_json(pretrain_run, builtin_data, tmp_path):
+    """A model far off the data (its final norm scaled up: a loss in the thousands): the loss as float64 gives
+    it, a perplexity of inf rather than a finite clamp, written to strict JSON as null."""
+    shards = builtin_data["shards"]["pretrain"]
+    model = load_model(pretrain_run).double().eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(3000.0)
+    total, count = float64_loss(model, pretrain_windows(shards, "val", 64))
+    result = evaluate(model, shards, seq_len=64, micro_batch_size=4)
+    assert total / count > 710 and result.loss == pytest.approx(total / count, rel=1e-9)
+    assert result.perplexity == math.inf
+    write_result(result, tmp_path / "eval.json", "scaled")
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    written = json.loads((tmp_path / "eval.json").read_text(), parse_constant=refuse)
+    assert written["loss"] == result.loss and written["perplexity"] is None
