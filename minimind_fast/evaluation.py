@@ -113,7 +113,9 @@ def batch_loss_sum(model: MiniMindForCausalLM, batch: dict, device: torch.device
 
 
 def report(result: EvalResult) -> str:
-    return (f"{result.data} ({result.split}): loss {result.loss:.4f}, perplexity {result.perplexity:.2f} "
+    # A far-off model's perplexity in fixed point would run to hundreds of digits.
+    ppl = f"{result.perplexity:.2f}" if result.perplexity < 1e6 else f"{result.perplexity:.3e}"
+    return (f"{result.data} ({result.split}): loss {result.loss:.4f}, perplexity {ppl} "
             f"over {result.tokens:,} tokens in {result.batches} batches of seq_len {result.seq_len}")
 
 

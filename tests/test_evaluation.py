@@ -14,7 +14,7 @@ from launch_helpers import records, run
 
 from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import open_split
-from minimind_fast.evaluation import evaluate, write_result
+from minimind_fast.evaluation import EvalResult, evaluate, report, write_result
 
 
 def float64_loss(model, rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
@@ -153,3 +153,11 @@ def test_perplexity_past_the_float_range_is_inf_and_null_in_json(pretrain_run, b
 
     written = json.loads((tmp_path / "eval.json").read_text(), parse_constant=refuse)
     assert written["loss"] == result.loss and written["perplexity"] is None
+
+
+@pytest.mark.parametrize("loss, shown", [(5.6627, "perplexity 287.92 "), (244.3171, "perplexity 1.275e+106 "),
+                                         (2443.1, "perplexity inf ")])
+def test_report_keeps_a_huge_perplexity_short(loss, shown):
+    """Fixed point up to a million, then three significant digits and an exponent (not 106 digits)."""
+    line = report(EvalResult("shards", "val", 64, 931, 4, loss, math.exp(loss) if loss < 700 else math.inf))
+    assert shown in line and len(line) < 120
