@@ -45,6 +45,10 @@ def check_shards(data: Path, split: str) -> dict:
                          f"{', '.join(TOKEN_KINDS)} shards")
     if split not in manifest["splits"]:
         raise ValueError(f"--data {data} has no {split!r} split (it has {', '.join(sorted(manifest['splits']))})")
+    entry = manifest["splits"][split]
+    if isinstance(entry, dict) and not entry.get("shards"):  # tokenize.py writes an empty val with --val-fraction 0
+        raise ValueError(f"--data {data}: its {split} split is empty (no documents were held out when it was "
+                         f"tokenized); score another split or shards with a {split} split")
     return manifest
 
 

@@ -161,3 +161,16 @@ def test_report_keeps_a_huge_perplexity_short(loss, shown):
     """Fixed point up to a million, then three significant digits and an exponent (not 106 digits)."""
     line = report(EvalResult("shards", "val", 64, 931, 4, loss, math.exp(loss) if loss < 700 else math.inf))
     assert shown in line and len(line) < 120
+
+
+def test_an_empty_split_is_named_as_empty(pretrain_run, builtin_data, tmp_path):
+    """Shards tokenized with --val-fraction 0 list a val split with no shards: said so, not 'no val split'."""
+    from minimind_fast.data.pipeline import TokenizeOptions, tokenize_to_shards
+
+    out = tmp_path / "sft"
+    tokenize_to_shards([builtin_data["files"]["sft"]], builtin_data["tokenizer"], out,
+                       TokenizeOptions(kind="sft", seq_len=128, workers=1, val_fraction=0))
+    model = load_model(pretrain_run).eval()
+    with pytest.raises(ValueError, match=f"--data {out}: its val split is empty .no documents were held out"):
+        evaluate(model, out, seq_len=128)
+    assert evaluate(model, out, split="train", seq_len=128, max_batches=1).tokens > 0
