@@ -5,6 +5,8 @@
 
 Pretrain shards score every next token; SFT and reasoning shards the assistant's tokens. Use the
 --seq-len (and --doc-attention) the model was trained with: the loss depends on the context it sees.
+A run's logged val_loss also takes its --micro-batch-size, --seed, --eval-batches (as --max-batches)
+and, for a run on several processes, --ranks.
 """
 
 import argparse
@@ -24,9 +26,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--split", default="val", choices=("val", "train"))
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, help="score only this many batches (default: the whole split)")
+    p.add_argument("--max-batches", type=int, help="score only this many batches, per rank with --ranks "
+                                                   "(default: the whole split; a run's val_loss: its --eval-batches)")
     p.add_argument("--seed", type=int, default=1337, help="the order of batches (matters with --max-batches; "
                                                           "training evaluates with its --seed)")
+    p.add_argument("--ranks", type=int, default=1, help="deal the split out as a run on this many processes "
+                                                        "does (to reproduce its val_loss)")
     p.add_argument("--doc-attention", action="store_true", help="keep attention inside packed documents")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -36,8 +41,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     a = parse_args()
-    if a.seq_len < 1 or a.micro_batch_size < 1 or (a.max_batches is not None and a.max_batches < 1):
-        sys.exit("error: --seq-len, --micro-batch-size and --max-batches must be >= 1")
+    if min(a.seq_len, a.micro_batch_size, a.ranks, 1 if a.max_batches is None else a.max_batches) < 1:
+        sys.exit("error: --seq-len, --micro-batch-size, --ranks and --max-batches must be >= 1")
     try:
         try:
             fingerprint = find_tokenizer(a.model, a.tokenizer).fingerprint
@@ -49,7 +54,7 @@ def main() -> None:
         model = load_chat_model(a.model, a.device, a.dtype, a.lora)
         result = evaluate(model, a.data, split=a.split, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
                           max_batches=a.max_batches, seed=a.seed, doc_attention=a.doc_attention,
-                          tokenizer_fingerprint=fingerprint)
+                          tokenizer_fingerprint=fingerprint, ranks=a.ranks)
         print(report(result))
         if a.output:
             write_result(result, a.output, a.model)

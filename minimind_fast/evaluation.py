@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from minimind_fast.data.loaders import build_loader, read_manifest
+from minimind_fast.data.loaders import ShardLoader, build_loader, read_manifest
 from minimind_fast.model import MiniMindForCausalLM
 
 TOKEN_KINDS = ("pretrain", "sft", "reasoning")
@@ -63,35 +64,47 @@ def check_tokenizer(manifest: dict, data: Path, fingerprint: str | None) -> None
 @torch.no_grad()
 def evaluate(model: MiniMindForCausalLM, data: str | os.PathLike, *, split: str = "val", seq_len: int = 512,
              micro_batch_size: int = 8, max_batches: int | None = None, seed: int = 1337, doc_attention: bool = False,
-             tokenizer_fingerprint: str | None = None) -> EvalResult:
+             tokenizer_fingerprint: str | None = None, ranks: int = 1) -> EvalResult:
     """Mean next-token loss of `model` over `split` of the shards in `data` (all of it, or the first
     `max_batches` batches of the order `seed` draws, as training's evaluation does with its --seed), and its
-    perplexity exp(loss)."""
+    perplexity exp(loss). `ranks` deals the split out as a run on that many processes does (each its share
+    of the order, `max_batches` each, as many as the rank with fewest), so that its val_loss is reproduced."""
     data = Path(data)
     manifest = check_shards(data, split)
     check_tokenizer(manifest, data, tokenizer_fingerprint)
     context = model.config.max_position_embeddings
     if seq_len > context:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's context length {context}")
-    loader = build_loader(manifest["kind"], data, seq_len=seq_len, micro_batch_size=micro_batch_size,
-                          seed=seed, split=split, vocab_size=model.config.vocab_size, drop_last=False)
+    loaders = [build_loader(manifest["kind"], data, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed,
+                            rank=rank, world_size=ranks, split=split, vocab_size=model.config.vocab_size,
+                            drop_last=False) for rank in range(ranks)]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     # Sums kept on the device in float64: one read at the end, and no rounding drift over a long split.
     total = torch.zeros(2, dtype=torch.float64, device=device)
     batches = 0
-    for batch, epoch, _ in loader._batches():
-        if epoch > 0 or (max_batches is not None and batches >= max_batches):
+    # zip stops at the rank that runs out first, as training's evaluation does (every rank the same count).
+    for step, group in enumerate(zip(*map(first_epoch, loaders))):
+        if max_batches is not None and step >= max_batches:
             break
-        total += batch_loss_sum(model, batch, device, doc_attention)
-        batches += 1
+        for batch in group:
+            total += batch_loss_sum(model, batch, device, doc_attention)
+        batches += len(group)
     model.train(was_training)
     loss_sum, tokens = total.tolist()
     if tokens == 0:
         raise ValueError(f"--data {data}: the {split} split has no target tokens to score")
     loss = loss_sum / tokens
     return EvalResult(str(data), split, seq_len, int(tokens), batches, loss, perplexity(loss))
+
+
+def first_epoch(loader: ShardLoader) -> Iterator[dict]:
+    """The loader's batches of one pass over its share of the split."""
+    for batch, epoch, _ in loader._batches():
+        if epoch > 0:
+            return
+        yield batch
 
 
 def perplexity(loss: float) -> float:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from launch_helpers import records, run
+from launch_helpers import common, records, run, two_ranks
 
 from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import open_split
@@ -174,3 +174,20 @@ def test_an_empty_split_is_named_as_empty(pretrain_run, builtin_data, tmp_path):
     with pytest.raises(ValueError, match=f"--data {out}: its val split is empty .no documents were held out"):
         evaluate(model, out, seq_len=128)
     assert evaluate(model, out, split="train", seq_len=128, max_batches=1).tokens > 0
+
+
+def test_ranks_reproduce_a_two_rank_runs_val_loss(pretrain_run, builtin_data, tmp_path):
+    """SFT on two ranks: each packs its own share of the val order into rows, so no single-process batching
+    (any --max-batches) gives the logged val_loss; --ranks 2 deals the split out as the run did."""
+    shards = builtin_data["shards"]["sft"]
+    out = tmp_path / "sft"
+    run("sft.py", common(shards, out, 1, "--init", str(pretrain_run), "--seq-len", "128", "--micro-batch-size",
+                         "2", "--eval-every", "1", "--eval-batches", "1"), launcher=two_ranks(29660))
+    logged = [r for r in records(out) if "val_loss" in r][-1]["val_loss"]
+    result = tmp_path / "eval.json"
+    run("evaluate.py", ["--model", str(out), "--data", str(shards), "--seq-len", "128", "--micro-batch-size", "2",
+                        "--seed", "7", "--max-batches", "1", "--ranks", "2", "--output", str(result)])
+    assert json.loads(result.read_text())["loss"] == pytest.approx(logged, rel=1e-6)
+    model = load_model(out).eval()
+    alone = [evaluate(model, shards, seq_len=128, micro_batch_size=2, seed=7, max_batches=n).loss for n in (1, 2, 3)]
+    assert all(loss != pytest.approx(logged, rel=1e-4) for loss in alone)
