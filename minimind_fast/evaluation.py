@@ -93,8 +93,9 @@ def evaluate(model: MiniMindForCausalLM, data: str | os.PathLike, *, split: str 
         batches += len(group)
     model.train(was_training)
     loss_sum, tokens = total.tolist()
-    if tokens == 0:
-        raise ValueError(f"--data {data}: the {split} split has no target tokens to score")
+    if tokens == 0:  # e.g. SFT rows cut at seq_len before any assistant reply
+        scored = f"the {split} split" if max_batches is None else f"the first {batches} batch(es) of the {split} split"
+        raise ValueError(f"--data {data}: {scored} has no target tokens to score at --seq-len {seq_len}")
     loss = loss_sum / tokens
     return EvalResult(str(data), split, seq_len, int(tokens), batches, loss, perplexity(loss))
 

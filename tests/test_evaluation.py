@@ -112,6 +112,11 @@ def test_bad_inputs_are_refused_naming_what(pretrain_run, builtin_data, tmp_path
         evaluate(model, shards["pretrain"], seq_len=64, tokenizer_fingerprint="0" * 16)
     with pytest.raises(ValueError, match="--seq-len 4096 exceeds the model's context length 256"):
         evaluate(model, shards["pretrain"], seq_len=4096)
+    # SFT rows cut after 4 tokens keep no assistant token; with --max-batches only those batches are known empty
+    with pytest.raises(ValueError, match="the val split has no target tokens to score at --seq-len 4"):
+        evaluate(model, shards["sft"], seq_len=4)
+    with pytest.raises(ValueError, match="the first 1 batch.es. of the val split has no target tokens"):
+        evaluate(model, shards["sft"], seq_len=4, micro_batch_size=1, max_batches=1)
     with pytest.raises(ValueError, match="no manifest.json"):
         evaluate(model, tmp_path)
     with pytest.raises(FileNotFoundError, match="no such shard directory"):
