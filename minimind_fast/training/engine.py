@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minimind_fast.evaluation import perplexity
 from minimind_fast.ops import check_kernels
 from minimind_fast.training import checkpointing
 from minimind_fast.training.ds_config import build_ds_config, describe_layout, optimizer_layout, precision
@@ -496,7 +497,7 @@ class Trainer:
         val = (total[0] / total[1].clamp(min=1)).item()
         if not self.stage.eval_is_token_loss:
             return {"val_loss": val}
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+        return {"val_loss": val, "val_ppl": perplexity(val)}
 
     def save(self, step: int, trainer_state: dict) -> None:
         trainer_state = {**trainer_state, "optimizer_layout": optimizer_layout(self.ds_config)}
