@@ -7,6 +7,7 @@ CPU through Triton's interpreter (`TRITON_INTERPRET=1`, set by `make test`).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,4 +72,43 @@ def pretrain_run(builtin_data, tiny_model_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "pretrain"
     run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 12, "--config", str(tiny_model_config),
                               "--eval-every", "6", "--profile-steps", "2"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_init(builtin_data, tmp_path_factory) -> Path:
+    """An untrained tiny model with the built-in tokenizer: enough for GRPO's and PPO's mechanics (resume,
+    errors)."""
+    from minimind_fast.checkpoint import save_model_dir
+    from minimind_fast.config import get_preset
+    from minimind_fast.model import MiniMindForCausalLM
+
+    torch.manual_seed(0)
+    config = get_preset("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        vocab_size=1024, max_position_embeddings=256)
+    out = tmp_path_factory.mktemp("grpo_init") / "model"
+    save_model_dir(MiniMindForCausalLM(config), out, tokenizer_dir=builtin_data["tokenizer"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def letter_reward(tmp_path_factory) -> str:
+    """A user reward (file.py:function) that an untrained model's babble earns too, so advantages are
+    not all zero and the policy actually moves."""
+    path = tmp_path_factory.mktemp("rewards") / "letters.py"
+    path.write_text("def letter_e(completion, sample):\n    return completion.count('e') / 4\n")
+    return f"{path}:letter_e"
+
+
+@pytest.fixture(scope="session")
+def sft_run(random_init, builtin_data, tmp_path_factory) -> Path:
+    """The tiny model SFT'd on the built-in reasoning data, where GRPO's and PPO's runs start: it learns the
+    <think>/<answer> layout on the training questions (a + b - c) and carries it partly over to the GRPO
+    prompts (a + b)."""
+    from launch_helpers import run
+
+    out = tmp_path_factory.mktemp("grpo_sft") / "sft"
+    run("sft.py", ["--init", str(random_init), "--data", str(builtin_data["shards"]["reasoning"]), "--out", str(out),
+                   "--seq-len", "128", "--micro-batch-size", "8", "--steps", "300", "--lr", "3e-3",
+                   "--warmup-steps", "10", "--eval-every", "0", "--save-every", "1000", "--log-every", "50"])
     return out

@@ -14,7 +14,6 @@ from launch_helpers import run, two_ranks
 from tool_templates import TOOLS_TEMPLATE
 
 from minimind_fast.checkpoint import load_model, save_model_dir
-from minimind_fast.config import get_preset
 from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt_file
 from minimind_fast.data.tokenizer import load_tokenizer
 from minimind_fast.model import MiniMindForCausalLM
@@ -331,26 +330,6 @@ def grpo_args(init: Path, data: Path, out: Path, steps: int, *extra: str) -> lis
             "--temperature", "0.8", "--lr", "1e-3", "--save-every", "1000", "--seed", "5", *extra]
 
 
-@pytest.fixture(scope="module")
-def random_init(builtin_data, tmp_path_factory) -> Path:
-    """An untrained tiny model with the built-in tokenizer: enough for mechanics (resume, errors)."""
-    torch.manual_seed(0)
-    config = get_preset("tiny", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        vocab_size=1024, max_position_embeddings=256)
-    out = tmp_path_factory.mktemp("grpo_init") / "model"
-    save_model_dir(MiniMindForCausalLM(config), out, tokenizer_dir=builtin_data["tokenizer"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def letter_reward(tmp_path_factory) -> str:
-    """A user reward (file.py:function) that an untrained model's babble earns too, so advantages are
-    not all zero and the policy actually moves."""
-    path = tmp_path_factory.mktemp("rewards") / "letters.py"
-    path.write_text("def letter_e(completion, sample):\n    return completion.count('e') / 4\n")
-    return f"{path}:letter_e"
-
-
 def test_resume_continues_exactly(random_init, letter_reward, builtin_data, tmp_path):
     """Rollouts are seeded per (seed, rank, rollout) and the loader resumes at its exact position,
     so a run stopped at a rollout boundary and resumed repeats the uninterrupted run bitwise."""
@@ -422,17 +401,6 @@ def test_sampling_and_kl_flags_are_checked_before_the_model_loads(flags, message
     with pytest.raises(ValueError) as error:
         stage._check_flags()
     assert message in str(error.value)
-
-
-@pytest.fixture(scope="module")
-def sft_run(random_init, builtin_data, tmp_path_factory) -> Path:
-    """The tiny model SFT'd on the built-in reasoning data: it learns the <think>/<answer> layout on the
-    training questions (a + b - c) and carries it partly over to the GRPO prompts (a + b)."""
-    out = tmp_path_factory.mktemp("grpo_sft") / "sft"
-    run("sft.py", ["--init", str(random_init), "--data", str(builtin_data["shards"]["reasoning"]), "--out", str(out),
-                   "--seq-len", "128", "--micro-batch-size", "8", "--steps", "300", "--lr", "3e-3",
-                   "--warmup-steps", "10", "--eval-every", "0", "--save-every", "1000", "--log-every", "50"])
-    return out
 
 
 @pytest.mark.slow

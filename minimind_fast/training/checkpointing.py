@@ -4,7 +4,8 @@ Layout of one checkpoint, `RUN/checkpoints/step_NNNNNNNN/`:
     deepspeed/          DeepSpeed's own (model, optimizer, scheduler, loss scale; sharded under ZeRO)
     model/              a model directory (safetensors + model_config.json + tokenizer): what later
                         stages, chat and export load; with LoRA, the frozen base weights (unmerged)
-                        and the adapter in model/adapter/ (see minimind_fast.lora)
+                        and the adapter in model/adapter/ (see minimind_fast.lora); a stage's own
+                        modules (PPO's value head) in their own file there, never in the model's
     rank_R.pt           rank R's loader position and RNG states (tensors only: loads weights_only)
     trainer_state.json  step, tokens seen, bad-step count
     COMPLETE            written last: only checkpoints holding it are resumed from
@@ -117,7 +118,10 @@ def save_checkpoint(engine: DeepSpeedEngine, stage: Stage, run_dir: Path, step: 
     torch.save({"loader": json.dumps(loader_state), "rng": rng_state()}, tmp / f"rank_{rank}.pt")
     state = consolidated_state_dict(engine)
     if rank == 0:
+        state, own = stage.split_weights(state)
         save_model_and_adapter(engine.module, tmp / "model", state, tokenizer_dir)
+        if own:
+            stage.save_own_weights(own, tmp / "model")
         stage.save_extra(engine.module, tmp)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
     dist.barrier()

@@ -82,13 +82,14 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
               kl_beta: float) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate plus the KL penalty, averaged over the completion tokens (`mask`).
 
-    logprobs/old_logprobs/ref_logprobs/mask are (N, T); advantages (N,), one per completion.
+    logprobs/old_logprobs/ref_logprobs/mask are (N, T); advantages (N,), one per completion, or (N, T),
+    one per token (PPO's).
     Returns the loss and {kl, clip_fraction, ratio_mean} over the masked tokens.
     """
     mask = mask.to(logprobs.dtype)
     n = mask.sum().clamp(min=1)
     ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages[:, None].to(logprobs.dtype)
+    adv = (advantages if advantages.dim() == 2 else advantages[:, None]).to(logprobs.dtype)
     clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps)
     per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
     kl = k3_kl(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
@@ -118,11 +119,14 @@ class Rollout:
     input_ids: torch.Tensor  # (N, L) prompt + completion, right-padded
     targets: torch.Tensor  # (N, K) the token each of the last K positions predicts
     mask: torch.Tensor  # (N, K) True where that token is a completion token
-    advantages: torch.Tensor  # (N,)
+    rewards: torch.Tensor  # (N,) the reward of each completion
+    advantages: torch.Tensor | None  # GRPO: (N,), from the group; PPO: (N, K), set by the first update
     ref_logprobs: torch.Tensor | None  # (N, K)
     old_logprobs: torch.Tensor | None  # (N, K), set by the first update
     metrics: dict[str, float]
     tokens: int  # prompt + completion tokens (for tokens/s)
+    old_values: torch.Tensor | None = None  # PPO: (N, K) the critic's values, set by the first update
+    returns: torch.Tensor | None = None  # PPO: (N, K) the critic's targets, likewise
 
 
 def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
@@ -149,12 +153,33 @@ def rollout_seed(seed: int, rank: int, rollout_id: int) -> int:
 
 # -------------------------------------------------------------------------------------- the stage
 
+def add_rollout_arguments(parser: argparse.ArgumentParser, title: str, group_size: int) -> argparse._ArgumentGroup:
+    """The flags of sampling, rewarding and reusing rollouts (GRPO's and PPO's); returns the group for the
+    stage's own."""
+    g = parser.add_argument_group(title)
+    g.add_argument("--group-size", type=int, default=group_size, help="completions sampled per prompt (G)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--reward", action="append", metavar="SPEC",
+                   help=f"repeatable: {'|'.join(REWARDS)}|module:function|file.py:function, each "
+                        f"optionally :WEIGHT (default: answer and format)")
+    g.add_argument("--clip-eps", type=float, default=0.2)
+    g.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (mu)")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the one stored with --init)")
+    parser.set_defaults(seq_len=512, micro_batch_size=4, lr=1e-6, eval_every=0, log_every=1)
+    return g
+
+
 class GRPOStage(FineTuneStage):
     """GRPO: sample groups of completions per prompt, reward them, and push up the better ones."""
 
     name = "grpo"
     data_kind = "prompts"
     data_help = 'prompts JSONL, a {"prompt": ..., "answer": ...} or {"conversations": [...]} record a line'
+    objective_name = "GRPO objective"
+    objective_flags = OBJECTIVE_FLAGS
 
     def describe_batch(self, items: int, tokens: int) -> str:
         return (f"{items} prompts x {self.args.group_size} completions = {items * self.args.group_size} "
@@ -162,20 +187,8 @@ class GRPOStage(FineTuneStage):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("grpo")
-        g.add_argument("--group-size", type=int, default=4, help="completions sampled per prompt (G)")
-        g.add_argument("--max-new-tokens", type=int, default=128)
-        g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-        g.add_argument("--top-p", type=float, default=1.0)
-        g.add_argument("--top-k", type=int, default=0)
-        g.add_argument("--reward", action="append", metavar="SPEC",
-                       help=f"repeatable: {'|'.join(REWARDS)}|module:function|file.py:function, each "
-                            f"optionally :WEIGHT (default: answer and format)")
-        g.add_argument("--clip-eps", type=float, default=0.2)
+        g = add_rollout_arguments(parser, "grpo", group_size=4)
         g.add_argument("--kl-beta", type=float, default=0.04, help="weight of the KL penalty (0: no reference)")
-        g.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (mu)")
-        g.add_argument("--tokenizer", help="tokenizer directory (default: the one stored with --init)")
-        parser.set_defaults(seq_len=512, micro_batch_size=4, lr=1e-6, eval_every=0, log_every=1)
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
@@ -187,9 +200,7 @@ class GRPOStage(FineTuneStage):
     # --- data ----------------------------------------------------------------------------
     def _check_flags(self) -> None:
         a = self.args
-        problems = []
-        if a.group_size < 2:
-            problems.append(f"--group-size must be >= 2 (advantages compare completions), got {a.group_size}")
+        problems = self._objective_flag_problems()
         # Written so that NaN fails too (it passed `x < 0` tests, and poisoned the loss or the sampling).
         if not 0 < a.temperature < math.inf:
             problems.append(f"--temperature must be > 0 (greedy groups are identical) and finite, got {a.temperature}")
@@ -199,8 +210,6 @@ class GRPOStage(FineTuneStage):
             problems.append(f"--top-k must be >= 0 (0: off), got {a.top_k}")
         if not 0 <= a.clip_eps < 1:
             problems.append(f"--clip-eps must be in [0, 1), got {a.clip_eps}")
-        if not 0 <= a.kl_beta < math.inf:
-            problems.append(f"--kl-beta must be >= 0 and finite, got {a.kl_beta}")
         if a.updates_per_rollout < 1:
             problems.append(f"--updates-per-rollout must be >= 1, got {a.updates_per_rollout}")
         if a.max_new_tokens < 1 or a.max_new_tokens >= a.seq_len:
@@ -208,6 +217,20 @@ class GRPOStage(FineTuneStage):
                             f"({a.seq_len}), which bounds prompt + completion")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _objective_flag_problems(self) -> list[str]:
+        """The stage's own flags out of range (PPO has others)."""
+        a, problems = self.args, []
+        if a.group_size < 2:
+            problems.append(f"--group-size must be >= 2 (advantages compare completions), got {a.group_size}")
+        if not 0 <= a.kl_beta < math.inf:
+            problems.append(f"--kl-beta must be >= 0 and finite, got {a.kl_beta}")
+        return problems
+
+    @property
+    def kl_weight(self) -> float:
+        """The weight of the KL to the reference (0: no reference is kept)."""
+        return self.args.kl_beta
 
     def open_data(self, data: Path) -> dict:
         """Read and encode the prompt JSONL (every problem named by file:line), and the rewards."""
@@ -264,18 +287,18 @@ class GRPOStage(FineTuneStage):
             raise ValueError(f"--updates-per-rollout {a.updates_per_rollout} compares the policy with itself "
                              f"across updates, which dropout {model.config.dropout:g} (the model's, or --dropout) "
                              f"turns into noise: pass --dropout 0")
-        if a.kl_beta > 0:
+        if self.kl_weight > 0:
             self.reference = freeze(copy.deepcopy(model))
         if self.zero_stage == 3:
             self.rollout_copy = freeze(copy.deepcopy(model))
         self.objective = self._objective_record(model)
-        check_resumed_objective(self.resume_from, "GRPO objective", self.objective, OBJECTIVE_FLAGS)
+        check_resumed_objective(self.resume_from, self.objective_name, self.objective, self.objective_flags)
 
     def _objective_record(self, model: MiniMindForCausalLM) -> dict:
         """What the loss depends on beyond the policy: the reference (the --init weights, when the KL term
         is on), the rewards, and how rollouts are sampled and reused."""
         a = self.args
-        record = {key: getattr(a, key) for key in OBJECTIVE_FLAGS if key not in ("reference", "reward")}
+        record = {key: getattr(a, key) for key in self.objective_flags if key not in ("reference", "reward")}
         record["reward"] = sorted(a.reward or ["answer", "format"])
         record["reference"] = weights_fingerprint(model) if self.reference is not None else None
         return record
@@ -287,12 +310,14 @@ class GRPOStage(FineTuneStage):
     @contextlib.contextmanager
     def _sampling_model(self, engine) -> Iterator[MiniMindForCausalLM]:
         """The policy's weights as a plain module to decode with (see the module docstring on ZeRO-3)."""
-        module = engine.module
-        if engine.zero_optimization_stage() != 3:
+        module = getattr(engine, "module", engine)  # a plain model too (tests)
+        if self.zero_stage != 3:
             yield module
             return
         import deepspeed
 
+        # zip stops at the copy's last parameter: modules a stage adds after the copy (PPO's value head)
+        # come last in the policy's parameters, and are not needed to sample
         params = list(module.parameters())
         copy_params = list(self.rollout_copy.parameters())
         with deepspeed.zero.GatheredParameters(params):
@@ -312,7 +337,7 @@ class GRPOStage(FineTuneStage):
         config = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                   top_p=a.top_p, stop_token_ids=[tok.eos_token_id],
                                   seed=rollout_seed(a.seed, rank, batch["rollout_id"]))
-        module = engine.module
+        module = getattr(engine, "module", engine)
         was_training = module.training
         with self._sampling_model(engine) as model:
             completions = generate(model, prompts, config, pad_id=tok.pad_token_id, keep_stop_token=True)
@@ -322,13 +347,21 @@ class GRPOStage(FineTuneStage):
         rewards = torch.tensor(totals, dtype=torch.float32)
         device = next(module.parameters()).device
         input_ids, targets, mask = (t.to(device) for t in pack_sequences(prompts, completions, tok.pad_token_id))
+        advantages, own_metrics = self._sampled_advantages(rewards)
         metrics = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
                    **{f"reward_{k}": sum(v) / len(v) for k, v in parts.items()},
-                   "completion_len": sum(map(len, completions)) / len(completions),
-                   "no_signal_groups": (rewards.view(-1, g).std(-1) == 0).float().mean().item()}
-        return Rollout(input_ids, targets, mask, group_advantages(rewards, g).to(device),
+                   "completion_len": sum(map(len, completions)) / len(completions), **own_metrics}
+        return Rollout(input_ids, targets, mask, rewards.to(device),
+                       advantages.to(device) if advantages is not None else None,
                        self._reference_logprobs(input_ids, targets, next(module.parameters()).dtype), None, metrics,
                        sum(len(p) + len(c) for p, c in zip(prompts, completions)))
+
+    def _sampled_advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Advantages known when the rollout is scored (GRPO's, from the groups; PPO's need the critic's
+        values and wait for the first update), and the stage's metrics of them."""
+        groups = rewards.view(-1, self.args.group_size)
+        return (group_advantages(rewards, self.args.group_size),
+                {"no_signal_groups": (groups.std(-1) == 0).float().mean().item()})
 
     @torch.no_grad()
     def _reference_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor,

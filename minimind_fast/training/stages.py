@@ -208,6 +208,15 @@ class Stage:
     def save_extra(self, model: MiniMindForCausalLM, out_dir: Path) -> None:
         """Hook to save stage-specific artefacts (LoRA adapters) beside the consolidated model."""
 
+    def split_weights(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Hook: the consolidated weights split into the model's and those of modules the stage trains
+        along with it (PPO's value head), which stay out of model.safetensors (what chat and later
+        stages load) and go to `save_own_weights`."""
+        return state, {}
+
+    def save_own_weights(self, weights: dict[str, torch.Tensor], model_dir: Path) -> None:
+        """Hook: write the stage's own weights (`split_weights`) into the checkpoint's model directory."""
+
 
 class PretrainStage(Stage):
     """Pretraining from scratch: next-token loss on every token of packed `.bin` shards."""
