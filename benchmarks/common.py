@@ -368,6 +368,7 @@ def loop_moe_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down):
     Same signature and result as `reference.moe_experts`; it is the unfused baseline the grouped
     kernels are measured against.
     """
+    import torch
     import torch.nn.functional as F
 
     n_tokens, hidden = x.shape
@@ -381,5 +382,6 @@ def loop_moe_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down):
             continue
         xe = repeated[rows]
         out[rows] = (F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())) @ w_down[e].t()
-    weighted = out.view(n_tokens, top_k, hidden).float() * topk_weight.unsqueeze(-1).float()
+    wide = torch.promote_types(x.dtype, torch.float32)  # as the reference: fp32, or float64 in a float64 check
+    weighted = out.view(n_tokens, top_k, hidden).to(wide) * topk_weight.unsqueeze(-1).to(wide)
     return weighted.sum(dim=1).to(x.dtype)
