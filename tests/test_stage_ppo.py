@@ -4,13 +4,12 @@ head's gradient and its place in checkpoints, and runs of `launch/ppo.py` as use
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import run
+from launch_helpers import records, run
 from safetensors import safe_open
 
 from minimind_fast.chat import load_chat_model
@@ -164,10 +163,6 @@ def test_value_head_gets_the_value_loss_gradient_and_stays_out_of_the_model(rand
 
 # ------------------------------------------------------------------------------ runs end to end
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def ppo_args(init: Path, data: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return ["--init", str(init), "--data", str(data), "--out", str(out), "--steps", str(steps),
             "--seq-len", "128", "--micro-batch-size", "8", "--max-new-tokens", "32", "--temperature", "0.8",
@@ -188,9 +183,9 @@ def test_ppo_trains_the_critic_on_the_builtin_prompts(ppo_run):
     third's, and its values close in on the returns' mean. (Six seeds gave last/first ratios of
     0.32-0.74; with --vf-coef 0 the head gets no gradient and its values stay 0.) The tiny model's
     reward barely moves in 40 steps with one completion per prompt, so it is not what is checked."""
-    records = metrics(ppo_run)
-    third = len(records) // 3
-    first, last = records[:third], records[-third:]
+    logged = records(ppo_run)
+    third = len(logged) // 3
+    first, last = logged[:third], logged[-third:]
 
     def mean(key, part):
         return sum(r[key] for r in part) / len(part)
@@ -198,11 +193,11 @@ def test_ppo_trains_the_critic_on_the_builtin_prompts(ppo_run):
     def gap(part):
         return sum(abs(r["returns_mean"] - r["value_mean"]) for r in part) / len(part)
 
-    assert mean("value_loss", last) < 0.85 * mean("value_loss", first), [r["value_loss"] for r in records]
+    assert mean("value_loss", last) < 0.85 * mean("value_loss", first), [r["value_loss"] for r in logged]
     assert gap(last) < gap(first)
-    assert records[0]["value_mean"] == 0 and records[0]["explained_variance"] == 0  # the zero critic
-    assert records[0]["ratio_mean"] == 1.0 and any(r["clip_fraction"] > 0 for r in records[1::2])
-    assert max(r["kl"] for r in records) > 0  # the policy moved away from the reference
+    assert logged[0]["value_mean"] == 0 and logged[0]["explained_variance"] == 0  # the zero critic
+    assert logged[0]["ratio_mean"] == 1.0 and any(r["clip_fraction"] > 0 for r in logged[1::2])
+    assert max(r["kl"] for r in logged) > 0  # the policy moved away from the reference
 
 
 def test_final_model_is_the_plain_policy_and_the_value_head_is_apart(ppo_run, builtin_data):
@@ -229,7 +224,7 @@ def test_resume_continues_exactly(ppo_run, sft_run, builtin_data, tmp_path):
     proc = run("ppo.py", [*ppo_args(sft_run, builtin_data["files"]["grpo_prompts"], out, 40, "--save-every", "36"),
                           "--resume", str(ckpt)])
     assert f"resumed from {ckpt}" in proc.stdout
-    full, resumed = metrics(ppo_run)[36:], metrics(out)
+    full, resumed = records(ppo_run)[36:], records(out)
     assert [r["step"] for r in resumed] == [37, 38, 39, 40]
     for key in ("loss", "value_loss", "policy_loss", "reward_mean", "kl", "value_mean", "completion_len"):
         assert [r[key] for r in resumed] == [r[key] for r in full], key
