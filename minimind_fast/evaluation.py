@@ -134,7 +134,8 @@ def report(result: EvalResult) -> str:
     # A far-off model's perplexity in fixed point would run to hundreds of digits.
     ppl = f"{result.perplexity:.2f}" if result.perplexity < 1e6 else f"{result.perplexity:.3e}"
     return (f"{result.data} ({result.split}): loss {result.loss:.4f}, perplexity {ppl} "
-            f"over {result.tokens:,} tokens in {result.batches} batches of seq_len {result.seq_len}")
+            f"over {result.tokens:,} tokens in {result.batches} batch{'es' * (result.batches != 1)} of seq_len "
+            f"{result.seq_len}")
 
 
 def write_result(result: EvalResult, path: str | os.PathLike, model: str) -> None:
