@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from minimind_fast.data.loaders import ShardLoader, build_loader, read_manifest
+from minimind_fast.data.loaders import build_loader, read_manifest
+from minimind_fast.files import write_text_whole
 from minimind_fast.model import MiniMindForCausalLM
 
 TOKEN_KINDS = ("pretrain", "sft", "reasoning")
@@ -85,7 +85,7 @@ def evaluate(model: MiniMindForCausalLM, data: str | os.PathLike, *, split: str 
     total = torch.zeros(2, dtype=torch.float64, device=device)
     batches = 0
     # zip stops at the rank that runs out first, as training's evaluation does (every rank the same count).
-    for step, group in enumerate(zip(*map(first_epoch, loaders))):
+    for step, group in enumerate(zip(*(loader.one_pass() for loader in loaders))):
         if max_batches is not None and step >= max_batches:
             break
         for batch in group:
@@ -98,14 +98,6 @@ def evaluate(model: MiniMindForCausalLM, data: str | os.PathLike, *, split: str 
         raise ValueError(f"--data {data}: {scored} has no target tokens to score at --seq-len {seq_len}")
     loss = loss_sum / tokens
     return EvalResult(str(data), split, seq_len, int(tokens), batches, loss, perplexity(loss))
-
-
-def first_epoch(loader: ShardLoader) -> Iterator[dict]:
-    """The loader's batches of one pass over its share of the split."""
-    for batch, epoch, _ in loader._batches():
-        if epoch > 0:
-            return
-        yield batch
 
 
 def perplexity(loss: float) -> float:
@@ -141,16 +133,10 @@ def report(result: EvalResult) -> str:
 def write_result(result: EvalResult, path: str | os.PathLike, model: str) -> None:
     """The result as JSON at `path`, written whole (a temporary sibling, then renamed)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Strict JSON has no inf or NaN: such a value is null.
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(result).items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Strict JSON has no inf or NaN: such a value is null.
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(result).items()}
-        tmp.write_text(json.dumps({"model": model, **record}, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp.is_file():
-            tmp.unlink()
-        if isinstance(e, OSError):  # a directory, a read-only place: named as the flag, not the temporary
-            raise OSError(f"--output {path}: cannot write it ({e.strerror or e})") from None
-        raise
+        write_text_whole(path, json.dumps({"model": model, **record}, indent=2, allow_nan=False) + "\n")
+    except OSError as e:  # a directory, a read-only place: named as the flag, not the temporary
+        raise OSError(f"--output {path}: cannot write it ({e.strerror or e})") from None

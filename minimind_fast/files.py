@@ -30,6 +30,18 @@ def check_input_files(files: Iterable[str | os.PathLike]) -> list[Path]:
     return paths
 
 
+def write_text_whole(path: Path, text: str) -> None:
+    """`text` into the file `path`, never half-written: a temporary sibling, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_file():
+            tmp.unlink()
+        raise
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -204,6 +204,14 @@ class ShardLoader:
                 yield batch, epoch, cursor
             epoch, cursor = epoch + 1, 0
 
+    def one_pass(self) -> Iterator[dict]:
+        """The batches of one pass over this rank's share of the split, from the current position (for
+        evaluation: `__iter__` goes on through epochs)."""
+        for batch, epoch, _ in self._batches():
+            if epoch > self.epoch:
+                return
+            yield batch
+
     def __iter__(self) -> Iterator[dict]:
         source = self._batches()
         if self.prefetch:

@@ -478,8 +478,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Mean loss over the held-out split (one pass, at most --eval-batches batches per rank)."""
         batches = []
-        for batch, epoch, _ in self.val_loader._batches():
-            if epoch > 0 or len(batches) >= self.args.eval_batches:
+        for batch in self.val_loader.one_pass():
+            if len(batches) >= self.args.eval_batches:
                 break
             batches.append(batch)
         # Every rank must run the same number of forwards (ZeRO-3 gathers weights collectively).

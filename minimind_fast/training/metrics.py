@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minimind_fast.files import write_text_whole
+
 
 def memory_mb(device: torch.device) -> float:
     """Peak memory: CUDA allocator peak on GPU, the process's peak RSS on CPU."""
@@ -105,9 +107,7 @@ def wandb_run_id(run_dir: Path) -> str:
     if path.exists() and (run_id := path.read_text().strip()):
         return run_id
     run_id = secrets.token_hex(4)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    write_text_whole(path, run_id + "\n")
     return run_id
 
 
