@@ -48,7 +48,10 @@ setup(
             "openai>=1.30",
             "httpx>=0.27",
             "liger-kernel>=0.5",  # a baseline of the kernel benchmarks; its kernels' adapters are tested
+            "pyarrow>=14",
+            "zstandard>=0.22",
         ],
+        "data": ["pyarrow>=14", "zstandard>=0.22"],  # Parquet and .zst inputs
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
         "hopper": ["flash-attn-4"],
     },

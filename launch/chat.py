@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--prompt", help="answer this once and exit")
-    p.add_argument("--batch", help="JSONL file of prompts to answer")
+    p.add_argument("--batch", help="JSONL (or compressed JSONL, or Parquet) file of prompts to answer")
     p.add_argument("--output", help="JSONL answers for --batch")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--mode", choices=("chat", "pretrain"), default="chat",

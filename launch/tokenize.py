@@ -1,4 +1,6 @@
-"""Tokenize MiniMind-format JSONL files once into memory-mappable `.bin` shards plus a manifest.
+"""Tokenize MiniMind-format records once into memory-mappable `.bin` shards plus a manifest.
+
+Inputs are JSONL files, compressed JSONL (.jsonl.gz, .bz2, .xz, .zst) or Parquet files.
 
     python launch/tokenize.py --kind {pretrain,sft,reasoning,dpo} --data F.jsonl... --tokenizer DIR --out DIR
 """
@@ -26,7 +28,8 @@ else:
     def main() -> None:
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--kind", choices=KINDS, required=True)
-        p.add_argument("--data", nargs="+", required=True, help="JSONL input files")
+        p.add_argument("--data", nargs="+", required=True,
+                       help="JSONL files (also .jsonl.gz/.bz2/.xz/.zst) or Parquet files")
         p.add_argument("--tokenizer", required=True, help="tokenizer directory (ours or MiniMind's)")
         p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
         p.add_argument("--workers", type=int, default=os.cpu_count() or 1)

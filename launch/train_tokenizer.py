@@ -8,7 +8,8 @@ from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", nargs="+", required=True, help="JSONL files (text or conversations)")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="JSONL (also .gz/.bz2/.xz/.zst) or Parquet files of texts or conversations")
     p.add_argument("--vocab-size", type=int, default=6400)
     p.add_argument("--out", required=True, help="output directory (Hugging Face tokenizer layout)")
     args = p.parse_args()

@@ -17,7 +17,8 @@ import torch
 
 from minimind_fast.checkpoint import is_hf_dir, resolve_model_dir
 from minimind_fast.config import get_preset
-from minimind_fast.data.records import RecordError, check_messages, prompt_text, refuse_record_tools
+from minimind_fast.data.records import RecordError, check_messages, conversation_field, prompt_text, refuse_record_tools
+from minimind_fast.data.sources import iter_records
 from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, load_tokenizer
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
 from minimind_fast.model import MiniMindForCausalLM
@@ -242,36 +243,37 @@ def encode_prompt(tokenizer: ChatTokenizer, record: dict, mode: str) -> list[int
 
 
 def record_messages(record: dict) -> list[dict]:
-    """The chat messages of a `{"prompt": ...}` or `{"conversations": [...]}` record, checked as SFT data
+    """The chat messages of a `{"prompt": ...}` or `{"conversations"/"messages": [...]}` record, checked as SFT data
     and GRPO prompts are (`records.check_messages`: tool definitions, `tool_calls`, content null)."""
     refuse_record_tools(record)
     if isinstance(record.get("prompt"), str):
         return [{"role": "user", "content": record["prompt"]}]
-    if "conversations" not in record:
-        raise RecordError("missing_field", "needs a 'prompt' string or a 'conversations' list of messages")
-    return check_messages(record["conversations"], "conversations")
+    key = conversation_field(record)
+    if key is None:
+        raise RecordError("missing_field", "needs a 'prompt' string or a 'conversations' list of messages "
+                                           "(or 'messages')")
+    return check_messages(record[key], key)
 
 
 def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[tuple[int, dict]]:
-    """(line number, record) of each prompt of a JSONL file; a bad line raises ValueError naming the file,
-    line and field."""
+    """(line number, record) of each prompt of a JSONL or Parquet file (`sources`); a bad line raises
+    ValueError naming the file, line and field."""
     records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            problem = _record_problem(rec, mode)
-            if problem:
-                raise ValueError(f"{path}:{lineno}: {problem}")
-            records.append((lineno, rec))
+    for lineno, raw in iter_records(Path(path)):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        problem = _record_problem(rec, mode)
+        if problem:
+            raise ValueError(f"{path}:{lineno}: {problem}")
+        records.append((lineno, rec))
     return records
 
 

@@ -385,11 +385,14 @@ def test_val_split_never_holds_out_more_than_asked(fraction):
 
 
 def test_line_counts_include_a_last_line_without_newline(tmp_path):
-    from minimind_fast.data.pipeline import file_digest
+    import gzip
+
+    from minimind_fast.data.sources import digest
 
     for content, lines in ((b"", 0), (b"{}\n", 1), (b"{}\r\n{}", 2), (b"{}\n\n{}\n", 3)):
         (tmp_path / "f").write_bytes(content)
-        assert file_digest(tmp_path / "f")[1] == lines, content
+        (tmp_path / "f.jsonl.gz").write_bytes(gzip.compress(content))
+        assert digest(tmp_path / "f")[1] == digest(tmp_path / "f.jsonl.gz")[1] == lines, content
 
 
 def test_missing_input_file(builtin_data, tmp_path):

@@ -1,15 +1,17 @@
-"""JSONL -> `.bin` shards: streamed, parallel, atomic, skipped when already up to date.
+"""Record files -> `.bin` shards: streamed, parallel, atomic, skipped when already up to date.
 
-Lines are read in chunks of `CHUNK_LINES` lines or `CHUNK_BYTES` bytes; each chunk is parsed,
-rendered and encoded with one `encode_batch` call, in a pool of worker processes (`workers > 1`) or
-in this process with the tokenizers library's own threads (`workers == 1`). At most `2 * workers`
-chunks are in flight, so memory stays bounded whatever the input size; a text longer than
-`LONG_TEXT_CHARS` is encoded in pieces cut at whitespace, so that its encoding does not grow with it
-either (a whole input line is still read and parsed at once). Chunks are written in input
-order, which makes the shards identical from run to run whatever the number of workers. Bad lines are
-counted by reason and listed as `file:line`; `strict=True` stops at the first one. Every
-`1 / val_fraction`-th record goes to the held-out split. Shards and the manifest are written under
-temporary names and renamed, by one run at a time: a run holds a lock on the output directory.
+The inputs are JSONL files, plain or compressed, or Parquet files (`sources`: a Parquet row is a
+record as a JSONL line is, and is named by its row number). Records are read in chunks of
+`CHUNK_LINES` records or `CHUNK_BYTES` bytes; each chunk is parsed, rendered and encoded with one
+`encode_batch` call, in a pool of worker processes (`workers > 1`) or in this process with the
+tokenizers library's own threads (`workers == 1`). At most `2 * workers` chunks are in flight, so
+memory stays bounded whatever the input size; a text longer than `LONG_TEXT_CHARS` is encoded in
+pieces cut at whitespace, so that its encoding does not grow with it either (a whole input record is
+still read and parsed at once). Chunks are written in input order, which makes the shards identical
+from run to run whatever the number of workers. Bad records are counted by reason and listed as
+`file:line`; `strict=True` stops at the first one. Every `1 / val_fraction`-th record goes to the
+held-out split. Shards and the manifest are written under temporary names and renamed, by one run at
+a time: a run holds a lock on the output directory.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minimind_fast.data import records
+from minimind_fast.data import records, sources
 from minimind_fast.data.shards import VERSION, ShardWriter, file_checksum, token_dtype
 from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer, whitespace_pieces
 from minimind_fast.files import check_input_files, locked_directory
@@ -211,17 +213,6 @@ def _encode_chunk(args) -> Chunk:
 
 
 # --- driver ----------------------------------------------------------------------------------
-def file_digest(path: Path) -> tuple[str, int]:
-    """sha256 and line count of a file, in one streamed pass."""
-    h, lines, last = hashlib.sha256(), 0, b"\n"
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return h.hexdigest(), lines + (last != b"\n")  # a last line without its newline counts too
-
-
 def val_every(opts: TokenizeOptions, n_lines: int) -> int:
     """Hold out every n-th record, n = ceil(1 / val_fraction): never a larger share than asked for,
     except that an input of fewer than n lines still holds out one (its last), unless it has one line."""
@@ -232,18 +223,17 @@ def val_every(opts: TokenizeOptions, n_lines: int) -> int:
 
 
 def _chunks(path: Path):
-    """(raw lines with their numbers, bytes) in chunks of CHUNK_LINES lines or CHUNK_BYTES bytes,
+    """Raw records with their numbers, in chunks of CHUNK_LINES records or CHUNK_BYTES bytes,
     whichever comes first (a longer line is a chunk of its own); `records.parse_line` decodes them."""
-    with open(path, "rb") as f:
-        chunk, size = [], 0
-        for lineno, raw in enumerate(f, start=1):
-            chunk.append((lineno, raw))
-            size += len(raw)
-            if len(chunk) >= CHUNK_LINES or size >= CHUNK_BYTES:
-                yield chunk, size
-                chunk, size = [], 0
-        if chunk:
-            yield chunk, size
+    chunk, size = [], 0
+    for lineno, raw in sources.iter_records(path):
+        chunk.append((lineno, raw))
+        size += len(raw)
+        if len(chunk) >= CHUNK_LINES or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 class _SplitWriter:
@@ -297,17 +287,17 @@ class _SplitWriter:
 
 def _signature(files: list[Path], tok: ChatTokenizer, opts: TokenizeOptions) -> dict:
     opts_d = {k: v for k, v in asdict(opts).items() if k != "workers"}
-    sources = []
+    inputs = []
     for f in files:
-        digest, lines = file_digest(f)
-        sources.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "lines": lines, "sha256": digest})
+        digest, lines = sources.digest(f)
+        inputs.append({"path": str(f.resolve()), "bytes": f.stat().st_size, "lines": lines, "sha256": digest})
     # The fingerprint covers tokenizer.json only; the chat template and bos/eos of tokenizer_config.json
     # shape the shards too.
     config = {"chat_template": hashlib.sha256(tok.chat_template.encode()).hexdigest()[:16],
               "bos_eos": [tok.bos_token_id, tok.eos_token_id]}
     return {"format_version": VERSION, "pipeline_version": PIPELINE_VERSION,
             "tokenizer_fingerprint": tok.fingerprint, "tokenizer_config": config, "options": opts_d,
-            "sources": sources}
+            "sources": inputs}
 
 
 def up_to_date(out: Path, signature: dict) -> bool:
@@ -385,9 +375,8 @@ def _nothing_usable(paths: list[Path], skipped: Counter, problems: list[str]) ->
     if problems:
         msg += f"; first: {problems[0]}"
     for p in paths:
-        with open(p, "rb") as f:
-            if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-                msg += f"; {p} looks like a JSON array: the input must be JSONL, one object per line"
+        if sources.head(p).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            msg += f"; {p} looks like a JSON array: the input must be JSONL, one object per line"
     return msg
 
 
@@ -431,30 +420,32 @@ def _tokenize_into(paths: list[Path], tok: ChatTokenizer, out: Path, opts: Token
         return _point_at_tokenizer(out, tok)
     (out / MANIFEST).unlink(missing_ok=True)  # the old shards no longer describe a valid state
 
-    writer = _Writer(out, opts, tok.vocab_size, sum(src["lines"] for src in signature["sources"]))
-    sources, totals = [], Counter()
+    n_lines = sum(src["lines"] for src in signature["sources"])
+    writer = _Writer(out, opts, tok.vocab_size, n_lines)
+    done, totals = [], Counter()
     started = time.time()
     pool = _make_pool(opts, tok)
     try:
-        with tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
-                  desc=f"tokenize {opts.kind}", disable=None) as progress:
+        with tqdm(total=n_lines, unit=" lines", unit_scale=True, desc=f"tokenize {opts.kind}",
+                  disable=None) as progress:
             for path, src in zip(paths, signature["sources"]):
                 counts: Counter = Counter()
                 pending: deque = deque()  # chunks in flight, in input order
-                for chunk, size in _chunks(path):
+                for chunk in _chunks(path):
                     task = (chunk, opts)
-                    pending.append((pool.apply_async(_encode_chunk, (task,)) if pool else _encode_chunk(task), size))
+                    pending.append((pool.apply_async(_encode_chunk, (task,)) if pool else _encode_chunk(task),
+                                    len(chunk)))
                     while pending and (pool is None or len(pending) > 2 * opts.workers or pending[0][0].ready()):
-                        result, size = pending.popleft()
+                        result, lines = pending.popleft()
                         writer.write(result.get() if pool else result, path, counts)
-                        progress.update(size)
+                        progress.update(lines)
                 while pending:
-                    result, size = pending.popleft()
+                    result, lines = pending.popleft()
                     writer.write(result.get() if pool else result, path, counts)
-                    progress.update(size)
+                    progress.update(lines)
                 records_ok = counts.pop("records", 0)
                 totals.update(counts)
-                sources.append({**src, "records": records_ok, "skipped": dict(counts)})
+                done.append({**src, "records": records_ok, "skipped": dict(counts)})
         if not writer.n_records:
             raise InputError(_nothing_usable(paths, totals, writer.problems))
         splits = writer.finish()
@@ -468,8 +459,8 @@ def _tokenize_into(paths: list[Path], tok: ChatTokenizer, out: Path, opts: Token
         "format_version": VERSION, "kind": opts.kind, "vocab_size": tok.vocab_size,
         "token_dtype": token_dtype(tok.vocab_size).name,
         "tokenizer_fingerprint": tok.fingerprint, "tokenizer_dir": str(tok.dir.resolve()),
-        "seq_len": opts.seq_len, "sources": sources, "splits": splits,
-        "records": sum(s["records"] for s in sources),
+        "seq_len": opts.seq_len, "sources": done, "splits": splits,
+        "records": sum(s["records"] for s in done),
         "tokens": sum(s["tokens"] for s in splits.values()),
         "docs": sum(s["docs"] for s in splits.values()),
         "skipped": dict(totals), "problems": writer.problems, "signature": signature,

@@ -1,7 +1,7 @@
 """Prompt datasets for on-policy training (GRPO): a JSONL of prompts and a rank-aware, resumable loader.
 
 Each line is `{"prompt": "...", "answer": ...}` (any further fields are kept and handed to the reward
-functions), or `{"conversations": [...]}`, whose messages up to and including the last user turn are
+functions), or `{"conversations": [...]}` (or `"messages"`), whose messages up to and including the last user turn are
 the prompt (later turns, such as a reference reply, are dropped). The messages take every shape SFT
 records take (`records.check_messages`): tool definitions in a system message's `tools`/`functions`,
 `tool_calls`, a reply that only calls tools with `"content": null`, lists or JSON strings. Prompts are
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from minimind_fast.data.loaders import check_resume_state, fingerprint
-from minimind_fast.data.records import RecordError, check_messages, prompt_text, refuse_record_tools
+from minimind_fast.data.records import RecordError, check_messages, conversation_field, prompt_text, refuse_record_tools
+from minimind_fast.data.sources import iter_records
 from minimind_fast.data.tokenizer import ChatTokenizer
 
 
@@ -41,41 +42,43 @@ def _messages(record: dict) -> list[dict]:
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
             raise ValueError("field 'prompt' must be a non-empty string")
         return [{"role": "user", "content": record["prompt"]}]
-    if "conversations" not in record:
-        raise ValueError("needs a field 'prompt' (string) or 'conversations' (list of messages)")
-    msgs = check_messages(record["conversations"], "conversations")  # RecordError is a ValueError
+    key = conversation_field(record)  # RecordError is a ValueError
+    if key is None:
+        raise ValueError("needs a field 'prompt' (string) or 'conversations' or 'messages' (list of messages)")
+    msgs = check_messages(record[key], key)
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
     if not users:
-        raise ValueError("field 'conversations' has no user message to answer")
+        raise ValueError(f"field '{key}' has no user message to answer")
     return msgs[:users[-1] + 1]
 
 
 def read_prompt_file(path: str | Path, required: dict[str, str] | None = None) -> list[PromptRecord]:
-    """Every prompt of a JSONL file (blank lines skipped). `required` maps a field every record must
-    have to the reason given when one lacks it (e.g. {"answer": "the 'answer' reward"})."""
+    """Every prompt of a JSONL or Parquet file (`sources`; blank lines skipped). `required` maps a field
+    every record must have to the reason given when one lacks it (e.g. {"answer": "the 'answer' reward"})."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: not a file (expected a JSONL of prompts)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: a line must hold a JSON object")
-            try:
-                messages = _messages(record)
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            for field, needed_by in (required or {}).items():
-                if record.get(field) is None:
-                    raise ValueError(f"{where}: no field '{field}' (needed by {needed_by})")
-            records.append(PromptRecord(messages, record, lineno))
+    for lineno, line in iter_records(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: a line must hold a JSON object")
+        try:
+            messages = _messages(record)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        for field, needed_by in (required or {}).items():
+            if record.get(field) is None:
+                raise ValueError(f"{where}: no field '{field}' (needed by {needed_by})")
+        records.append(PromptRecord(messages, record, lineno))
     if not records:
         raise ValueError(f"{path}: no prompts in the file")
     return records

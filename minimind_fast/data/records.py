@@ -1,7 +1,7 @@
 """Turning JSONL records into text plus character spans, and encoded tokens into loss masks.
 
 Pretrain: `{"text": ...}` -> `<|im_start|>` text `<|im_end|>` (MiniMind's bos/eos around each document).
-SFT / reasoning: `{"conversations": [{"role", "content"}, ...]}` rendered with the tokenizer's chat
+SFT / reasoning: `{"conversations": [{"role", "content"}, ...]}` (or `"messages"`) rendered with the tokenizer's chat
 template; the loss mask covers each assistant turn from after its `<|im_start|>assistant\n` through
 its `<|im_end|>` (what the template renders there included, such as minimind-3's `<think>` block).
 Reasoning also marks the `<think>`/`</think>`/`<answer>`/`</answer>` tags (mask value 2) for the
@@ -27,6 +27,8 @@ ROLES = ("system", "user", "assistant", "tool")
 END = "<|im_end|>"
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 TOOL_FIELDS = ("tools", "functions")  # a system message's tool definitions: minimind-3's name, MiniMind2's
+# A record's messages: MiniMind's field name, then the one OpenAI and most Hugging Face chat datasets use.
+CONVERSATION_FIELDS = ("conversations", "messages")
 
 
 class RecordError(ValueError):
@@ -106,6 +108,14 @@ def check_conversation(msgs: object, field: str) -> list[dict]:
     if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in out):
         raise RecordError("empty_conversation", f"'{field}' has no non-empty assistant message")
     return out
+
+
+def conversation_field(record: dict) -> str | None:
+    """The field that holds a record's messages ('conversations' or 'messages'), None when it has neither."""
+    present = [key for key in CONVERSATION_FIELDS if key in record]
+    if len(present) > 1:  # which one to train on would be a guess
+        raise RecordError("ambiguous_field", "both 'conversations' and 'messages': keep one")
+    return present[0] if present else None
 
 
 def refuse_record_tools(record: dict) -> None:
@@ -253,9 +263,10 @@ def _docs(record: dict, kind: str, tok: ChatTokenizer) -> list[Doc]:
         return [pretrain_doc(record, tok)]
     refuse_record_tools(record)
     if kind in ("sft", "reasoning"):
-        if "conversations" not in record:
-            raise RecordError("missing_field", "no field 'conversations'")
-        msgs = check_conversation(record["conversations"], "conversations")
+        key = conversation_field(record)
+        if key is None:
+            raise RecordError("missing_field", "no field 'conversations' (or 'messages')")
+        msgs = check_conversation(record[key], key)
         return [conversation_doc(msgs, tok, tags=kind == "reasoning")]
     return [conversation_doc(msgs, tok, tags=False) for msgs in dpo_conversations(record)]
 

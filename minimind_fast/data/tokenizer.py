@@ -22,6 +22,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from minimind_fast.data.sources import iter_records
 from minimind_fast.files import check_input_files, swap_into_place, temporary_sibling_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -49,24 +50,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def iter_texts(files: Iterable[str | os.PathLike], skipped: Counter | None = None,
                problems: list[str] | None = None) -> Iterator[str]:
-    """Texts of pretrain (`text`) and conversation (`conversations`/`prompt`/`chosen`/`rejected`) JSONL lines.
+    """Texts of pretrain (`text`) and conversation (`conversations`/`messages`/`prompt`/`chosen`/`rejected`)
+    records of JSONL or Parquet files (`sources`).
 
-    Streams line by line. Lines that give no text are skipped here (the shard writer reports them in
+    Streams record by record. Lines that give no text are skipped here (the shard writer reports them in
     full); `skipped` counts them by reason and `problems` gets the first `file:line` of each reason.
     """
     skipped = Counter() if skipped is None else skipped
     problems = [] if problems is None else problems
     for path in files:
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                texts, reason = _line_texts(line)
-                if reason:
-                    if not skipped[reason]:
-                        problems.append(f"{path}:{lineno}: {reason}")
-                    skipped[reason] += 1
-                yield from texts
+        for lineno, line in iter_records(Path(path)):
+            if not line.strip():
+                continue
+            texts, reason = _line_texts(line)
+            if reason:
+                if not skipped[reason]:
+                    problems.append(f"{path}:{lineno}: {reason}")
+                skipped[reason] += 1
+            yield from texts
 
 
 def _line_texts(line: bytes) -> tuple[list[str], str | None]:
@@ -80,9 +81,9 @@ def _line_texts(line: bytes) -> tuple[list[str], str | None]:
     if not isinstance(record, dict):
         return [], "not a JSON object"
     texts = [record.get("text")]
-    for key in ("conversations", "prompt", "chosen", "rejected"):
+    for key in ("conversations", "messages", "prompt", "chosen", "rejected"):
         msgs = record.get(key)
-        if isinstance(msgs, str) and key != "conversations":  # DPO's prompt/chosen/rejected strings
+        if isinstance(msgs, str) and key not in ("conversations", "messages"):  # DPO's prompt/chosen/rejected strings
             msgs = [{"content": msgs}]
         if not isinstance(msgs, list):
             continue

@@ -177,7 +177,8 @@ class GRPOStage(FineTuneStage):
 
     name = "grpo"
     data_kind = "prompts"
-    data_help = 'prompts JSONL, a {"prompt": ..., "answer": ...} or {"conversations": [...]} record a line'
+    data_help = ('prompts JSONL (or compressed JSONL, or Parquet), a {"prompt": ..., "answer": ...} or '
+                 '{"conversations"/"messages": [...]} record a line')
     objective_name = "GRPO objective"
     objective_flags = OBJECTIVE_FLAGS
 
