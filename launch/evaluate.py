@@ -12,15 +12,16 @@ and, for a run on several processes, --ranks.
 import argparse
 import sys
 
-from minimind_fast.chat import find_tokenizer, load_chat_model
-from minimind_fast.evaluation import evaluate, report, write_result
+from minimind_fast.chat import load_chat_model
+from minimind_fast.evaluation import evaluate, model_tokenizer_fingerprint, report, write_result
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model dir, run dir, Hugging Face export or MiniMind .pth")
-    p.add_argument("--tokenizer", help="tokenizer dir to check the shards against (default: the one beside "
-                                       "the weights)")
+    p.add_argument("--tokenizer", help="tokenizer dir to check the shards against, for a model with none "
+                                       "beside its weights (a MiniMind .pth); where the model has one, it must "
+                                       "be that one (default: the one beside the weights)")
     p.add_argument("--lora", help="LoRA adapter dir or run (a LoRA run given as --model gets its own)")
     p.add_argument("--data", required=True, help="shard directory written by launch/tokenize.py")
     p.add_argument("--split", default="val", choices=("val", "train"))
@@ -44,12 +45,8 @@ def main() -> None:
     if min(a.seq_len, a.micro_batch_size, a.ranks, 1 if a.max_batches is None else a.max_batches) < 1:
         sys.exit("error: --seq-len, --micro-batch-size, --ranks and --max-batches must be >= 1")
     try:
-        try:
-            fingerprint = find_tokenizer(a.model, a.tokenizer).fingerprint
-        except FileNotFoundError:
-            if a.tokenizer:
-                raise
-            fingerprint = None
+        fingerprint = model_tokenizer_fingerprint(a.model, a.tokenizer)
+        if fingerprint is None:
             print(f"note: no tokenizer beside {a.model}: the shards' tokenizer is not checked", file=sys.stderr)
         model = load_chat_model(a.model, a.device, a.dtype, a.lora)
         result = evaluate(model, a.data, split=a.split, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from minimind_fast.chat import find_tokenizer
 from minimind_fast.data.loaders import build_loader, read_manifest
+from minimind_fast.data.tokenizer import load_tokenizer
 from minimind_fast.files import write_text_whole
 from minimind_fast.model import MiniMindForCausalLM
 
@@ -59,6 +61,25 @@ def check_tokenizer(manifest: dict, data: Path, fingerprint: str | None) -> None
     if fingerprint is not None and then is not None and fingerprint != then:
         raise ValueError(f"--data {data} was tokenized with another tokenizer (fingerprint {then}) than the "
                          f"model's ({fingerprint}): tokenize the data with the model's tokenizer")
+
+
+def model_tokenizer_fingerprint(model: str | os.PathLike, tokenizer: str | os.PathLike | None) -> str | None:
+    """The fingerprint of the model's tokenizer, which its shards must have been written with: --tokenizer's,
+    or the one beside the weights; None when neither is known (a MiniMind .pth alone: shards go unchecked).
+    A --tokenizer other than the one beside the weights is refused: checking the shards against it alone
+    would pass shards of a tokenizer the model was never trained with."""
+    try:
+        beside = find_tokenizer(model)
+    except FileNotFoundError:
+        beside = None
+    if tokenizer is None:
+        return None if beside is None else beside.fingerprint
+    given = load_tokenizer(tokenizer)
+    if beside is not None and given.fingerprint != beside.fingerprint:
+        raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer of the model {model} (beside its weights: "
+                         f"{beside.dir}): fingerprints {given.fingerprint} and {beside.fingerprint}; drop "
+                         f"--tokenizer to use the model's own")
+    return given.fingerprint
 
 
 @torch.no_grad()

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from launch_helpers import common, records, run, two_ranks
 
 from minimind_fast.checkpoint import load_model
-from minimind_fast.data.loaders import open_split
-from minimind_fast.evaluation import EvalResult, evaluate, report, write_result
+from minimind_fast.data.loaders import open_split, read_manifest
+from minimind_fast.evaluation import EvalResult, evaluate, model_tokenizer_fingerprint, report, write_result
 
 
 def float64_loss(model, rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
@@ -128,6 +128,40 @@ def test_bad_inputs_are_refused_naming_what(pretrain_run, builtin_data, tmp_path
     proc = run("evaluate.py", ["--model", str(tmp_path / "nothing"), "--data", str(shards["pretrain"])],
                check=False)
     assert proc.returncode == 1 and "error:" in proc.stderr and "nothing" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(builtin_data, tmp_path_factory):
+    """A tokenizer trained on the same text with a smaller vocabulary: not the one the models here carry."""
+    from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
+
+    return load_tokenizer(train_tokenizer([builtin_data["files"]["sft"]], 300, tmp_path_factory.mktemp("other")))
+
+
+def test_a_tokenizer_other_than_the_models_own_is_refused(pretrain_run, builtin_data, other_tokenizer):
+    """Checked against --tokenizer alone, shards of a tokenizer the model was never trained with would be
+    scored: refused naming both, before the weights are loaded. The model's own tokenizer is accepted."""
+    shards = builtin_data["shards"]["pretrain"]
+    proc = run("evaluate.py", ["--model", str(pretrain_run), "--tokenizer", str(other_tokenizer.dir),
+                               "--data", str(shards)], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (f"error: --tokenizer {other_tokenizer.dir} is not the tokenizer of the model {pretrain_run} (beside "
+            f"its weights: ") in proc.stderr
+    own = read_manifest(shards)["tokenizer_fingerprint"]
+    assert model_tokenizer_fingerprint(pretrain_run, builtin_data["tokenizer"]) == own
+    assert model_tokenizer_fingerprint(pretrain_run, None) == own
+
+
+def test_a_model_without_a_tokenizer_beside_it_is_checked_against_the_given_one(builtin_data, other_tokenizer,
+                                                                                 tmp_path):
+    """A MiniMind .pth in a folder with no tokenizer: whichever --tokenizer is given is what the shards are
+    checked against, and without one nothing is checked."""
+    pth = tmp_path / "full_sft_64.pth"
+    pth.write_bytes(b"")  # only its folder is looked in for a tokenizer, never the file
+    assert model_tokenizer_fingerprint(pth, None) is None
+    assert model_tokenizer_fingerprint(pth, other_tokenizer.dir) == other_tokenizer.fingerprint
+    own = read_manifest(builtin_data["shards"]["pretrain"])["tokenizer_fingerprint"]
+    assert model_tokenizer_fingerprint(pth, builtin_data["tokenizer"]) == own != other_tokenizer.fingerprint
 
 
 def test_an_unwritable_output_is_an_error_naming_it(pretrain_run, builtin_data, tmp_path):
