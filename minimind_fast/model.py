@@ -10,7 +10,7 @@ and gate/up each run as one GEMM over their stacked weights (`stacked_weight`).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from torch.utils.checkpoint import checkpoint
 from minimind_fast.attention import cached_attention, causal_attention
 from minimind_fast.config import ModelConfig
 from minimind_fast.ops import OpTable, get_ops
+
+if TYPE_CHECKING:  # generation imports this module; the name is needed by annotations alone
+    from minimind_fast.generation import SlotKVCache
 
 
 def rope_tables(
@@ -139,7 +142,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+                max_seqlen: int | None = None, kv_cache: KVCache | SlotKVCache | None = None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         qkv = stacked_weight(self.q_proj, self.k_proj, self.v_proj)
         if qkv is not None:
@@ -246,7 +249,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, residual: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                kv_cache: KVCache | SlotKVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Pre-norm block on the residual stream, with each residual add fused into the next norm.
 
         `delta` is the previous block's MLP output, not yet added (None for the first block). Returns
@@ -330,7 +334,7 @@ class MiniMindForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | SlotKVCache | None = None,
         logits_to_keep: int = 0,
         return_logits: bool | None = None,
     ) -> ModelOutput:
