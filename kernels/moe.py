@@ -123,14 +123,16 @@ def _route_fwd(L, S, W, IDX, COUNTS, n_rows, n_exp, stride_l, group_size,
     p = e / tl.sum(e, axis=1)[:, None]
     tl.store(S + rows[:, None] * n_exp + cols[None, :], p, mask=mask)
 
-    # top-k by k rounds of argmax, in descending order like torch.topk
+    # top-k by k rounds of argmax, in descending order. Equal scores (common from bf16 logits) go to the
+    # lowest expert index first, as in reference.moe_route: a tie rule left to chance would route the same
+    # token differently here and on the reference path (CPU inference of a GPU-trained model)
     kcols = tl.arange(0, BLOCK_K)
     top_w = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     top_i = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
     work = tl.where(cmask[None, :], p, -1.0)
     for j in tl.static_range(K):
         best = tl.max(work, axis=1)
-        arg = tl.argmax(work, axis=1)
+        arg = tl.argmax(work, axis=1, tie_break_left=True)
         top_w = tl.where(kcols[None, :] == j, best[:, None], top_w)
         top_i = tl.where(kcols[None, :] == j, arg[:, None], top_i)
         work = tl.where(cols[None, :] == arg[:, None], -1.0, work)

@@ -71,10 +71,13 @@ def moe_route(
     logits give float64 scores and weights.
 
     As in MiniMind2, the top-k weights are renormalised only when k > 1, so a top-1 router still
-    receives gradient from the main loss through its (unnormalised) probability.
+    receives gradient from the main loss through its (unnormalised) probability. Equal scores go to the
+    lowest expert index first, as in the Triton router.
     """
     scores = _wide(logits).softmax(dim=-1)
-    topk_weight, topk_idx = torch.topk(scores, k=top_k, dim=-1)
+    # torch.topk leaves the order of equal values unspecified (on the CPU it takes a higher index first as
+    # often as not); a stable sort keeps equals in index order, so ties resolve as the Triton router's do
+    topk_weight, topk_idx = (t[:, :top_k] for t in torch.sort(scores, dim=-1, descending=True, stable=True))
     if top_k > 1 and norm_topk_prob:
         topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
     return scores, topk_weight, topk_idx

@@ -402,6 +402,45 @@ def test_route_counts(impl, n, group, device):
     assert torch.equal(total.long().cpu(), expect.sum(0, keepdim=True))
 
 
+def lowest_index_first(logits, k):
+    """The tie rule spelt out on the logits (the softmax keeps their order and their ties): experts by
+    descending score, equal ones in ascending index."""
+    return torch.tensor([sorted(range(len(row)), key=lambda e: (-row[e], e))[:k] for row in logits.tolist()])
+
+
+@pytest.mark.parametrize("n_exp,k", [(4, 1), (4, 2), (8, 1), (8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_breaks_ties_toward_the_lower_expert(n_exp, k, dtype, device):
+    """Equal router scores (frequent from bf16 logits) go to the lowest expert index first, in the Triton
+    router and the reference alike, and fill the slots in that order. The reference used torch.topk,
+    which leaves equals in no set order (on the CPU it often took the higher index), so the two paths sent
+    such tokens to different experts. The layer's output and every gradient then agree with float64."""
+    n, hidden, inter = 48, 32, 48
+    logits = (torch.randint(0, 3, (n, n_exp), device=device) * 0.5).to(dtype)  # three values, exact in bf16
+    want = lowest_index_first(logits.cpu(), k)
+    top = logits.double().sort(-1, descending=True).values
+    assert (top[:, k - 1] == top[:, k]).any()  # some pick decided by the rule: a tie across the k-th place
+    if k > 1:
+        assert (top[:, 0] == top[:, 1]).any()  # and the slot order of equals
+    x, grad_out = torch.randn(n, hidden, device=device), torch.randn(n, hidden, device=device)
+    weights = make_weights(n_exp, hidden, inter, device)
+    results = []
+    for ops in (moe, reference):
+        leaves = [t.detach().clone().requires_grad_() for t in (logits, x, *weights)]
+        _, w, idx = ops.moe_route(leaves[0], k, True)
+        assert torch.equal(idx.cpu(), want), ops.__name__
+        assert torch.equal(ops.moe_route_aux(logits, k, True, None, 0.1)[1].cpu(), want), ops.__name__
+        out = ops.moe_experts(leaves[1], idx, w, *leaves[2:])
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, grad_out)])
+    leaves = [t.detach().double().requires_grad_() for t in (logits, x, *weights)]
+    _, w = naive_route(leaves[0], want.to(device), True)
+    out = naive_experts(leaves[1], want.to(device), w, *leaves[2:])
+    exact = [out.detach(), *torch.autograd.grad(out, leaves, grad_out.double())]
+    for name, ours, ref, e in zip(["out", "dlogits", "dx", "dw_gate", "dw_up", "dw_down"], *results, exact,
+                                  strict=True):
+        assert_within(name, ours, ref, e, ours.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # full sizes (CUDA only)
 # ----------------------------------------------------------------------------------------------
