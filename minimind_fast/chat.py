@@ -25,12 +25,29 @@ from minimind_fast.model import MiniMindForCausalLM
 
 
 def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ChatTokenizer:
-    """The tokenizer given, or the one stored beside the weights (model, run or HF dir, or a .pth's folder)."""
-    if tokenizer:
-        return load_tokenizer(tokenizer)
+    """The tokenizer stored beside the weights (model, run or HF dir, or a .pth's folder), or the one given.
+
+    A given tokenizer other than the one beside the weights (another tokenizer.json) is refused: the model
+    would read and write ids of a vocabulary it was not trained on. It is for weights with none beside
+    them, such as a MiniMind .pth, or to restate the model's own (its chat template may differ).
+    """
     p = Path(model_path)
     if not p.exists():
         raise FileNotFoundError(f"{model_path}: no such model directory or file")
+    beside = _tokenizer_beside(p)
+    if not tokenizer:
+        if beside is None:
+            raise FileNotFoundError(f"{model_path}: no tokenizer.json beside the weights; pass --tokenizer DIR")
+        return beside
+    given = load_tokenizer(tokenizer)
+    if beside is not None and given.fingerprint != beside.fingerprint:
+        raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer of the model {model_path} (beside its "
+                         f"weights: {beside.dir}): fingerprints {given.fingerprint} and {beside.fingerprint}; "
+                         f"drop --tokenizer to use the model's own")
+    return given
+
+
+def _tokenizer_beside(p: Path) -> ChatTokenizer | None:
     candidates = [p] if p.is_dir() else [p.parent]
     if p.is_dir() and not is_hf_dir(p):
         try:
@@ -40,7 +57,7 @@ def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike |
     for c in candidates:
         if (c / "tokenizer.json").exists():
             return load_tokenizer(c)
-    raise FileNotFoundError(f"{model_path}: no tokenizer.json beside the weights; pass --tokenizer DIR")
+    return None
 
 
 def pick_device(device: str = "auto") -> torch.device:

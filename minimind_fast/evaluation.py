@@ -18,7 +18,6 @@ import torch
 
 from minimind_fast.chat import find_tokenizer
 from minimind_fast.data.loaders import build_loader, read_manifest
-from minimind_fast.data.tokenizer import load_tokenizer
 from minimind_fast.files import write_text_whole
 from minimind_fast.model import MiniMindForCausalLM
 
@@ -64,22 +63,15 @@ def check_tokenizer(manifest: dict, data: Path, fingerprint: str | None) -> None
 
 
 def model_tokenizer_fingerprint(model: str | os.PathLike, tokenizer: str | os.PathLike | None) -> str | None:
-    """The fingerprint of the model's tokenizer, which its shards must have been written with: --tokenizer's,
-    or the one beside the weights; None when neither is known (a MiniMind .pth alone: shards go unchecked).
-    A --tokenizer other than the one beside the weights is refused: checking the shards against it alone
-    would pass shards of a tokenizer the model was never trained with."""
+    """The fingerprint of the model's tokenizer, which its shards must have been written with: the one
+    beside the weights, or --tokenizer's (`find_tokenizer` refuses one other than the model's own); None
+    when neither is known (a MiniMind .pth alone: the shards go unchecked)."""
     try:
-        beside = find_tokenizer(model)
+        return find_tokenizer(model, tokenizer).fingerprint
     except FileNotFoundError:
-        beside = None
-    if tokenizer is None:
-        return None if beside is None else beside.fingerprint
-    given = load_tokenizer(tokenizer)
-    if beside is not None and given.fingerprint != beside.fingerprint:
-        raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer of the model {model} (beside its weights: "
-                         f"{beside.dir}): fingerprints {given.fingerprint} and {beside.fingerprint}; drop "
-                         f"--tokenizer to use the model's own")
-    return given.fingerprint
+        if tokenizer:
+            raise
+        return None
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, model_required: bool = Tr
     """Which weights to load and where: --model, --tokenizer, --lora, --device, --dtype, --no-cuda-graph."""
     if model_required:
         p.add_argument("--model", required=True, help="model dir, run dir, Hugging Face export or MiniMind .pth")
-    p.add_argument("--tokenizer", help="tokenizer dir (default: the one beside the weights)")
+    p.add_argument("--tokenizer", help="tokenizer dir, for weights with none beside them (one other than the "
+                                       "tokenizer beside the weights is refused)")
     p.add_argument("--lora", help="LoRA adapter: an adapter dir, or a LoRA run/checkpoint dir (newest adapter); "
                                   "a LoRA run given as --model gets its own adapter unless --lora none")
     p.add_argument("--device", default="auto")

@@ -278,6 +278,25 @@ def test_cli_reports_bad_arguments_clearly(model_dir, tmp_path):
     assert "the tokenizer has 320 tokens but the model's vocab_size is 280" in run.stderr
 
 
+def test_a_tokenizer_other_than_the_models_own_is_refused(model_dir, tmp_path):
+    """A --tokenizer with another tokenizer.json than the one beside the weights would have the model read
+    ids of a vocabulary it never learnt: refused, naming both. Restating the model's own is accepted, and for
+    weights with no tokenizer beside them the one given is used."""
+    corpus = tmp_path / "other.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t[::-1]}, ensure_ascii=False) for t in TEXTS * 10))
+    other = train_tokenizer([corpus], 320, tmp_path / "other")
+    assert load_tokenizer(other).fingerprint != find_tokenizer(model_dir).fingerprint
+    with pytest.raises(ValueError, match=f"--tokenizer {other} is not the tokenizer of the model {model_dir}"):
+        find_tokenizer(model_dir, other)
+    assert find_tokenizer(model_dir, model_dir).fingerprint == find_tokenizer(model_dir).fingerprint
+    pth = tmp_path / "full_sft_64.pth"
+    pth.write_bytes(b"")  # only its folder is looked in for a tokenizer
+    assert find_tokenizer(pth, other).fingerprint == load_tokenizer(other).fingerprint
+    run = _cli("--model", str(model_dir), "--tokenizer", str(other), "--prompt", "Hello")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert f"error: --tokenizer {other} is not the tokenizer of the model {model_dir}" in run.stderr
+
+
 @pytest.mark.parametrize("source, args, needle", [
     ("model", ["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
     ("model", ["--max-new-tokens", "100000"], "exceeds the context length"),

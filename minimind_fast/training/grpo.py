@@ -167,7 +167,8 @@ def add_rollout_arguments(parser: argparse.ArgumentParser, title: str, group_siz
                         f"optionally :WEIGHT (default: answer and format)")
     g.add_argument("--clip-eps", type=float, default=0.2)
     g.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (mu)")
-    g.add_argument("--tokenizer", help="tokenizer directory (default: the one stored with --init)")
+    g.add_argument("--tokenizer", help="tokenizer directory, for an --init with none stored (one other than "
+                                       "the stored tokenizer is refused)")
     parser.set_defaults(seq_len=512, micro_batch_size=4, lr=1e-6, eval_every=0, log_every=1)
     return g
 
