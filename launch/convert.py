@@ -86,14 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("to-hf", help="model/run directory or .pth -> Hugging Face Llama/Qwen3 directory")
     s.add_argument("model", help="model directory, run directory (a LoRA run: its adapter merged), MiniMind .pth")
     s.add_argument("--out", required=True)
-    s.add_argument("--tokenizer", help="tokenizer directory (default: the one beside the weights)")
+    s.add_argument("--tokenizer", help="tokenizer directory, for weights with none beside them (another than the "
+                                       "one beside them is refused)")
     s.add_argument("--dtype", default="float32", choices=sorted(interop.HF_DTYPES))
     s.set_defaults(func=to_hf)
 
     s = sub.add_parser("from-hf", help="Hugging Face Llama/Qwen3 directory -> our model directory")
     s.add_argument("hf_dir")
     s.add_argument("--out", required=True)
-    s.add_argument("--tokenizer", help="tokenizer directory (default: the HF directory's own)")
+    s.add_argument("--tokenizer", help="tokenizer directory, for an HF directory without one (another than its "
+                                       "own is refused)")
     s.set_defaults(func=from_hf)
 
     s = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model -> model directory")
@@ -101,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora", required=True, help="adapter directory (adapter.safetensors + adapter_config.json), "
                    "or a LoRA run/checkpoint directory (its newest adapter)")
     s.add_argument("--out", required=True)
-    s.add_argument("--tokenizer")
+    s.add_argument("--tokenizer", help="tokenizer directory, for a base with none beside it (another than the "
+                                       "one beside it is refused)")
     s.set_defaults(func=merge_lora)
     return p
 

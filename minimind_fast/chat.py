@@ -19,18 +19,14 @@ from minimind_fast.checkpoint import is_hf_dir, resolve_model_dir
 from minimind_fast.config import get_preset
 from minimind_fast.data.records import RecordError, check_messages, conversation_field, prompt_text, refuse_record_tools
 from minimind_fast.data.sources import iter_records
-from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, load_tokenizer
+from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, check_same_tokenizer, load_tokenizer
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
 from minimind_fast.model import MiniMindForCausalLM
 
 
 def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ChatTokenizer:
-    """The tokenizer stored beside the weights (model, run or HF dir, or a .pth's folder), or the one given.
-
-    A given tokenizer other than the one beside the weights (another tokenizer.json) is refused: the model
-    would read and write ids of a vocabulary it was not trained on. It is for weights with none beside
-    them, such as a MiniMind .pth, or to restate the model's own (its chat template may differ).
-    """
+    """The tokenizer stored beside the weights (model, run or HF dir, or a .pth's folder), or the one given,
+    which must be the same (`check_same_tokenizer`)."""
     p = Path(model_path)
     if not p.exists():
         raise FileNotFoundError(f"{model_path}: no such model directory or file")
@@ -40,10 +36,7 @@ def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike |
             raise FileNotFoundError(f"{model_path}: no tokenizer.json beside the weights; pass --tokenizer DIR")
         return beside
     given = load_tokenizer(tokenizer)
-    if beside is not None and given.fingerprint != beside.fingerprint:
-        raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer of the model {model_path} (beside its "
-                         f"weights: {beside.dir}): fingerprints {given.fingerprint} and {beside.fingerprint}; "
-                         f"drop --tokenizer to use the model's own")
+    check_same_tokenizer(given, beside, model_path)
     return given
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from minimind_fast import checkpoint
 from minimind_fast.config import ModelConfig
+from minimind_fast.data.tokenizer import check_same_tokenizer, load_tokenizer
 from minimind_fast.lora import load_lora, load_tuned_model, merge_lora
 from minimind_fast.model import MiniMindForCausalLM
 
@@ -324,9 +325,8 @@ def export_hf(model_or_dir: MiniMindForCausalLM | str | os.PathLike, out_dir: st
         model = model_or_dir
     else:
         src = Path(model_or_dir)
+        tokenizer_dir = _tokenizer_dir(tokenizer_dir, tokenizer_dir_beside(src), src)
         model, _ = load_tuned_model(src)  # a LoRA run exports as its fine-tuned model, adapter merged
-        if tokenizer_dir is None:
-            tokenizer_dir = tokenizer_dir_beside(src)
     config = hf_config(model.config, dtype)
     out = Path(out_dir)
     check_output_dir(out, "hf")
@@ -352,6 +352,14 @@ def tokenizer_dir_beside(src: Path) -> Path | None:
     except FileNotFoundError:
         pass
     return next((c for c in candidates if (c / "tokenizer.json").exists()), None)
+
+
+def _tokenizer_dir(given: str | os.PathLike | None, beside: Path | None, model: str | os.PathLike) -> Path | None:
+    """The tokenizer to write with a converted model: the one given, if it is the model's own, else beside it."""
+    if given is None:
+        return beside
+    check_same_tokenizer(load_tokenizer(given), load_tokenizer(beside) if beside else None, model)
+    return Path(given)
 
 
 def check_output_dir(out: str | os.PathLike, kind: str) -> None:
@@ -500,9 +508,9 @@ def convert_hf_dir(hf_dir: str | os.PathLike, out: str | os.PathLike,
                    tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """A Hugging Face Llama/Qwen3 directory -> model dir, with its own tokenizer unless one is given."""
     check_output_dir(out, "model")
+    own = Path(hf_dir) if (Path(hf_dir) / "tokenizer.json").exists() else None
+    tokenizer_dir = _tokenizer_dir(tokenizer_dir, own, hf_dir)
     model = load_hf_dir(hf_dir)
-    if tokenizer_dir is None and (Path(hf_dir) / "tokenizer.json").exists():
-        tokenizer_dir = hf_dir
     return checkpoint.save_model_dir(model, out, tokenizer_dir=tokenizer_dir,
                                      metadata={"converted_from": str(hf_dir)})
 
@@ -511,7 +519,6 @@ def merge_lora_into_dir(model_path: str | os.PathLike, lora: str | os.PathLike, 
                         tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """A base model with a LoRA adapter (or a LoRA run's newest) folded in -> model dir."""
     check_output_dir(out, "model")
+    tokenizer_dir = _tokenizer_dir(tokenizer_dir, tokenizer_dir_beside(Path(model_path)), model_path)
     model = merge_lora(load_lora(checkpoint.load_model(model_path), lora))
-    if tokenizer_dir is None:
-        tokenizer_dir = tokenizer_dir_beside(Path(model_path))
     return checkpoint.save_model_dir(model, out, tokenizer_dir=tokenizer_dir, metadata={"merged_lora": str(lora)})

@@ -494,6 +494,40 @@ def test_convert_cli_round_trip(tmp_path, tokenizer_dir, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_convert_refuses_a_tokenizer_other_than_the_models_own(tmp_path, tokenizer_dir, capsys):
+    """Every conversion that writes a model with a tokenizer refuses a --tokenizer with another tokenizer.json
+    than the model's own, naming both, and writes nothing; restating the model's own is accepted."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from minimind_fast.checkpoint import save_model_dir
+    from minimind_fast.data.tokenizer import SPECIAL_TOKENS, save_tokenizer
+    from minimind_fast.lora import LoraConfig, apply_lora, save_lora
+
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    other.decoder = decoders.ByteLevel()
+    other.train_from_iterator(["dogs run in the park"] * 20, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other_dir = save_tokenizer(other, tmp_path / "other")
+    main = _convert_main()
+    model = _tiny_model()
+    save_model_dir(model, tmp_path / "base", tokenizer_dir=tokenizer_dir)
+    apply_lora(model, LoraConfig(rank=4, target_modules=["q_proj"]))
+    save_lora(model, tmp_path / "adapter")
+    assert main(["to-hf", str(tmp_path / "base"), "--out", str(tmp_path / "hf")]) == 0
+    commands = {"to-hf": [str(tmp_path / "base")], "from-hf": [str(tmp_path / "hf")],
+                "merge-lora": [str(tmp_path / "base"), "--lora", str(tmp_path / "adapter")]}
+    for command, args in commands.items():
+        out = tmp_path / f"out-{command}"
+        assert main([command, *args, "--out", str(out), "--tokenizer", str(other_dir)]) == 1, command
+        err = capsys.readouterr().err
+        assert f"error: --tokenizer {other_dir} is not the tokenizer of the model {args[0]}" in err, (command, err)
+        assert not out.exists(), command
+        assert main([command, *args, "--out", str(out), "--tokenizer", str(tokenizer_dir)]) == 0, command
+        assert (out / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+
+
 def test_convert_cli_merge_lora_and_refuses_foreign_out(tmp_path):
     from minimind_fast.checkpoint import save_model_dir
     from minimind_fast.lora import LoraConfig, apply_lora, save_lora

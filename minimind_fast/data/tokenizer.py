@@ -284,3 +284,13 @@ def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separa
 
 def load_tokenizer(path: str | os.PathLike) -> ChatTokenizer:
     return ChatTokenizer(path)
+
+
+def check_same_tokenizer(given: ChatTokenizer, beside: ChatTokenizer | None, model: str | os.PathLike) -> None:
+    """Refuse a tokenizer given for a model (`--tokenizer`) that is not the one beside its weights (another
+    tokenizer.json): the model would read and write ids of a vocabulary it was not trained on. Given for
+    weights with none beside them (a MiniMind .pth), or restating the model's own, it is fine."""
+    if beside is not None and given.fingerprint != beside.fingerprint:
+        raise ValueError(f"--tokenizer {given.dir} is not the tokenizer of the model {model} (beside its weights: "
+                         f"{beside.dir}): fingerprints {given.fingerprint} and {beside.fingerprint}; drop "
+                         f"--tokenizer to use the model's own")
