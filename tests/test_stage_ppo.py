@@ -5,6 +5,8 @@ head's gradient and its place in checkpoints, and runs of `launch/ppo.py` as use
 from __future__ import annotations
 
 import math
+import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,36 @@ def test_value_head_gets_the_value_loss_gradient_and_stays_out_of_the_model(rand
     assert set(policy) == set(state_dict_for_saving(model)) and set(own) == {"weight", "bias"}
 
 
+@pytest.mark.parametrize("value_lr, expected", [(None, 10 * 2e-4), ("5e-3", 5e-3)])
+def test_the_value_head_has_its_own_learning_rate(random_init, letter_reward, builtin_data, value_lr, expected):
+    """The policy's groups at --lr (matrices decayed, vectors not), the head's at --value-lr (default
+    10 x --lr), every trainable parameter in exactly one group."""
+    flags = ["--reward", letter_reward, "--lr", "2e-4", "--weight-decay", "0.1"]
+    stage, model = _ppo_stage(random_init, builtin_data["files"]["grpo_prompts"], *flags,
+                              *(["--value-lr", value_lr] if value_lr else []))
+    groups = stage.parameter_groups(model, 2e-4, 0.1)
+    head = {id(p) for p in model.value_head.parameters()}
+    assert [(g["lr"], g["weight_decay"], all(id(p) in head for p in g["params"])) for g in groups] == [
+        (2e-4, 0.1, False), (2e-4, 0.0, False), (expected, 0.1, True), (expected, 0.0, True)]
+    assert not any(id(p) in head for g in groups[:2] for p in g["params"])
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--value-lr", "0", "--value-lr must be > 0 and finite, got 0.0"),
+    ("--value-lr", "nan", "--value-lr must be > 0 and finite, got nan"),
+    ("--vf-coef", "-1", "--vf-coef must be >= 0 and finite, got -1.0"),
+    ("--kl-coef", "inf", "--kl-coef must be >= 0 and finite, got inf"),
+    ("--cliprange-value", "0", "--cliprange-value must be > 0 and finite, got 0.0"),
+    ("--gamma", "1.5", "--gamma must be in [0, 1], got 1.5"),
+    ("--lam", "-0.1", "--lam must be in [0, 1], got -0.1"),
+])
+def test_bad_ppo_flags_are_refused_naming_them(random_init, letter_reward, builtin_data, flag, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _ppo_stage(random_init, builtin_data["files"]["grpo_prompts"], "--reward", letter_reward, flag, value)
+
+
 # ------------------------------------------------------------------------------ runs end to end
 
 def ppo_args(init: Path, data: Path, out: Path, steps: int, *extra: str) -> list[str]:
@@ -179,22 +211,22 @@ def ppo_run(sft_run, builtin_data, tmp_path_factory) -> Path:
 
 
 def test_ppo_trains_the_critic_on_the_builtin_prompts(ppo_run):
-    """The critic starts at zero and learns the returns: the last third's value loss is below the first
-    third's, and its values close in on the returns' mean. (Six seeds gave last/first ratios of
-    0.32-0.74; with --vf-coef 0 the head gets no gradient and its values stay 0.) The tiny model's
+    """The critic starts at zero and learns the returns: the last third's typical value loss is well below the
+    zero critic's (first step), and its values close in on the returns' mean. Means over steps are not
+    compared: a batch of outlier rewards (0.4 against a typical 0.2) puts a single step's loss 10x above
+    the others. (Seeds 1-5 at the default --value-lr gave median ratios of 0.13-0.58 and gap ratios of
+    0.21-0.49; at the policy's own rate the head had not come halfway in 40 steps.) The tiny model's
     reward barely moves in 40 steps with one completion per prompt, so it is not what is checked."""
     logged = records(ppo_run)
     third = len(logged) // 3
     first, last = logged[:third], logged[-third:]
 
-    def mean(key, part):
-        return sum(r[key] for r in part) / len(part)
-
     def gap(part):
         return sum(abs(r["returns_mean"] - r["value_mean"]) for r in part) / len(part)
 
-    assert mean("value_loss", last) < 0.85 * mean("value_loss", first), [r["value_loss"] for r in logged]
-    assert gap(last) < gap(first)
+    assert statistics.median(r["value_loss"] for r in last) < 0.75 * logged[0]["value_loss"], [
+        r["value_loss"] for r in logged]
+    assert gap(last) < 0.6 * gap(first)
     assert logged[0]["value_mean"] == 0 and logged[0]["explained_variance"] == 0  # the zero critic
     assert logged[0]["ratio_mean"] == 1.0 and any(r["clip_fraction"] > 0 for r in logged[1::2])
     assert max(r["kl"] for r in logged) > 0  # the policy moved away from the reference

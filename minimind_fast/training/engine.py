@@ -233,15 +233,9 @@ class Trainer:
         import deepspeed
 
         a = self.args
-        params = self.stage.trainable_parameters(model)
-        if not params:
+        groups = self.stage.parameter_groups(model, a.lr, a.weight_decay)
+        if not groups:
             raise TrainingError(f"the {self.stage.name} stage has no trainable parameters")
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # DeepSpeed drops empty groups (LoRA trains matrices only), which would leave the scheduler
-        # with more lambdas than groups.
-        groups = [g for g in groups if g["params"]]
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=tuple(a.betas), fused=fused)
         total, warmup, floor = self.total_steps, a.warmup_steps, a.min_lr_ratio

@@ -79,6 +79,15 @@ def check_resumed_objective(resume_from: Path | None, what: str, mine: dict, fla
                          f"the run's settings, or start anew with --init {resume_from}")
 
 
+def decay_groups(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
+    """Matrices with weight decay, vectors (norms, biases) without, at `lr`. An empty group is left out:
+    DeepSpeed drops it, which would leave the scheduler with more lambdas than groups (LoRA trains
+    matrices only)."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+    return [g for g in groups if g["params"]]
+
+
 class Stage:
     name = "stage"
     # val_loss is a mean next-token loss, so exp(val_loss) is a perplexity (not for DPO's pair loss)
@@ -164,6 +173,11 @@ class Stage:
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
+
+    def parameter_groups(self, model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """The optimizer's parameter groups, each with its peak learning rate (the schedule scales all
+        alike); the first group's is the one logged."""
+        return decay_groups(self.trainable_parameters(model), lr, weight_decay)
 
     # --- loss --------------------------------------------------------------------------
     def lm_inputs(self, batch: dict) -> dict:
