@@ -31,7 +31,11 @@ class _ZstdFile(io.RawIOBase):
     zstandard's own stream reader ends quietly where a truncated file does; this raises EOFError."""
 
     def __init__(self, path: Path):
-        self._new_frame = _optional("zstandard", path).ZstdDecompressor().decompressobj
+        try:
+            import zstandard
+        except ImportError:
+            raise _missing("zstandard", path) from None
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
         self._file = open(path, "rb")
         self._frame = self._new_frame()
         self._in_frame = False  # some of the current frame read, not its end
@@ -75,13 +79,10 @@ def _open_zstd(path: Path) -> BinaryIO:
 DECOMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _open_zstd}
 
 
-def _optional(module: str, path: Path):
-    """An optional dependency that reading `path` needs, or a ValueError that says how to get it."""
-    try:
-        return __import__(module)
-    except ImportError:
-        raise ValueError(f"{path}: reading a {path.suffix} file needs the {module} package "
-                         f"(pip install {module}, or pip install 'minimind_fast[data]')") from None
+def _missing(module: str, path: Path) -> ValueError:
+    """The error for an optional dependency that reading `path` needs: what to install."""
+    return ValueError(f"{path}: reading a {path.suffix} file needs the {module} package "
+                      f"(pip install {module}, or pip install 'minimind_fast[data]')")
 
 
 def is_parquet(path: Path) -> bool:
@@ -138,8 +139,10 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def _parquet_file(path: Path):
-    _optional("pyarrow", path)
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise _missing("pyarrow", path) from None
 
     try:
         return pq.ParquetFile(path)
