@@ -230,6 +230,42 @@ def test_gqa_equals_multi_head_with_repeated_kv():
     torch.testing.assert_close(gqa.to(F64), attention_f64(q.to(F64), k.to(F64), v.to(F64)), atol=1e-5, rtol=1e-5)
 
 
+def attention_f64_documents(q, k, v, cu_seqlens):
+    """`attention_f64` of each packed document on its own: (B, T) flattened, cut at cu_seqlens."""
+    b, t = q.shape[:2]
+    flat = [x.reshape(b * t, *x.shape[2:]) for x in (q, k, v)]
+    cuts = cu_seqlens.tolist()
+    outs = [attention_f64(*(x[s:e][None] for x in flat))[0] for s, e in zip(cuts[:-1], cuts[1:])]
+    return torch.cat(outs).view(q.shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "sdpa"])
+@pytest.mark.parametrize("documents", [False, True])
+def test_cuda_attention_with_gqa_equals_float64(backend, documents, monkeypatch):
+    """Each CUDA backend, bf16, 8 query heads over 2 KV heads, whole sequences or packed documents (flash-attn's
+    varlen path, or SDPA's block mask): output and q/k/v gradients against float64 on the same inputs."""
+    from minimind_fast import attention
+
+    if backend == "flash" and attention._flash_attn() is None:
+        pytest.skip("flash-attn is not installed (pip install flash-attn on a CUDA machine)")
+    monkeypatch.setenv("MINIMIND_ATTENTION", backend)
+    b, t, d = 2, 384, 64
+    q, k, v = (torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
+    cu = torch.tensor([0, 100, 384, 500, 768], device="cuda", dtype=torch.int32) if documents else None
+    out = causal_attention(q, k, v, cu_seqlens=cu, max_seqlen=284 if documents else None)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = attention_f64_documents(q64, k64, v64, cu) if documents else attention_f64(q64, k64, v64)
+    ref.backward(grad.double())
+    for name, ours, exact in (("out", out, ref), ("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad),
+                              ("dv", v.grad, v64.grad)):
+        assert torch.isfinite(ours).all(), name
+        err = (ours.double() - exact).abs().max().item()
+        assert err <= 2e-2 * exact.abs().max().item() + 1e-2, (name, err)
+
+
 def test_gqa_model_equals_mha_model_with_repeated_heads():
     gqa = tiny().eval()
     mha = tiny(num_key_value_heads=4).eval()
