@@ -65,7 +65,8 @@ demo: $(STAMP)
 
 # Held-out perplexity of the demo's models, then every post-training stage after `make demo`, each the
 # shared engine on the built-in data (CPU: minutes):
-# LoRA (identity) -> chat with the adapter; DPO from the SFT model; reasoning distillation
+# LoRA (identity) -> chat with the adapter; DPO and a reward model (for GRPO/PPO --reward-model) from the
+# SFT model; reasoning distillation
 # (<think>/<answer>, tag tokens weighted; --teacher adds a KL term, see README); GRPO on arithmetic.
 STAGE_FLAGS := --seq-len 256 --micro-batch-size 8 --log-every 10 --eval-every 0
 demo-all: demo
@@ -82,6 +83,8 @@ demo-all: demo
 	$(PY) launch/chat.py --model $(DEMO)/sft --lora $(DEMO)/lora --prompt "Who made you?" --temperature 0
 	$(DS) launch/dpo.py --init $(DEMO)/sft --data $(DATA)/shards/dpo --out $(DEMO)/dpo $(STAGE_FLAGS) \
 		--precompute-reference --beta 0.1 --steps 60 --lr 5e-5 --warmup-steps 5 --save-every 30
+	$(DS) launch/reward_model.py --init $(DEMO)/sft --data $(DATA)/shards/dpo --out $(DEMO)/rm $(STAGE_FLAGS) \
+		--steps 60 --lr 1e-3 --warmup-steps 5 --save-every 30
 	$(DS) launch/distill.py --init $(DEMO)/sft --data $(DATA)/shards/reasoning --out $(DEMO)/distill \
 		$(STAGE_FLAGS) --steps 200 --lr 1e-3 --warmup-steps 10 --save-every 100
 	$(PY) launch/chat.py --model $(DEMO)/distill --prompt "What is 3 + 4 - 2?" --temperature 0

@@ -129,11 +129,13 @@ def test_dpo_pairs(builtin_data):
         chosen = batch["chosen_input_ids"][r]
         chosen = chosen[: int(torch.nonzero(chosen).max()) + 1].tolist()
         assert chosen == np.asarray(shard.doc(2 * pair)[0]).tolist()
+        assert batch["chosen_lengths"][r] == len(chosen)
         # the row's rejected side is the same record's (the corpus repeats some chosen replies)
         rej_ids, rej_mask = (np.asarray(a) for a in shard.doc(2 * pair + 1))
         rej_ids = rej_ids.astype(np.int64)
         n = len(rej_ids)
         assert batch["rejected_input_ids"][r, :n].tolist() == rej_ids.tolist()
+        assert batch["rejected_lengths"][r] == n
         assert (batch["rejected_input_ids"][r, n:] == 0).all()
         expected = np.where(rej_mask[1:] > 0, rej_ids[1:], -100)
         assert batch["rejected_targets"][r, : n - 1].tolist() == expected.tolist()

@@ -455,6 +455,7 @@ class DPOLoader(ShardLoader):
         """The batch of the given pair numbers of this split, in that order.
 
         `pair_index` carries them: a stable id per pair (for reference log-probs computed once).
+        `{side}_lengths` are the rows' token counts before padding (a reward model reads the last token).
         """
         pairs = np.asarray(pairs, dtype=np.int64)
         n = len(pairs)
@@ -475,6 +476,7 @@ class DPOLoader(ShardLoader):
             out[f"{side}_input_ids"] = torch.from_numpy(ids_t)
             out[f"{side}_targets"] = torch.from_numpy(tgt_t)
             out[f"{side}_position_ids"] = torch.arange(width).expand(n, width).clone()
+            out[f"{side}_lengths"] = torch.tensor([len(ids) for ids, _ in seqs], dtype=torch.long)
         return out
 
     @property

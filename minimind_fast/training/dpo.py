@@ -108,12 +108,32 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class DPOStage(FineTuneStage):
+class PairStage(FineTuneStage):
+    """A stage on preference pairs (DPO shards, `DPOLoader` batches) with a loss per pair: DPO, the reward
+    model."""
+
+    eval_is_token_loss = False
+    data_kind = "dpo"
+
+    def items_tokens(self, loader: ShardLoader | PromptLoader) -> float:
+        """A pair takes one batch row: counting it as seq_len tokens makes --epochs count pairs."""
+        return self.args.seq_len
+
+    def describe_batch(self, items: int, tokens: int) -> str:
+        return f"{items} pairs = {2 * items} sequences of at most {self.args.seq_len} tokens"
+
+    def tokens_in_batch(self, batch: dict) -> int:
+        return int(batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel())
+
+    def eval_weight(self, batch: dict) -> torch.Tensor:
+        """The loss is a mean over pairs: val_loss weighs batches by their pairs, not their tokens."""
+        return torch.tensor(batch["chosen_input_ids"].shape[0], device=batch["chosen_input_ids"].device)
+
+
+class DPOStage(PairStage):
     """DPO on preference pairs (DPO shards) against a frozen reference model."""
 
     name = "dpo"
-    eval_is_token_loss = False
-    data_kind = "dpo"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -138,16 +158,6 @@ class DPOStage(FineTuneStage):
         if not 0 <= a.label_smoothing < 0.5:
             raise ValueError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
         check_lora_flags(a)
-
-    def items_tokens(self, loader: ShardLoader | PromptLoader) -> float:
-        """A pair takes one batch row: counting it as seq_len tokens makes --epochs count pairs."""
-        return self.args.seq_len
-
-    def describe_batch(self, items: int, tokens: int) -> str:
-        return f"{items} pairs = {2 * items} sequences of at most {self.args.seq_len} tokens"
-
-    def tokens_in_batch(self, batch: dict) -> int:
-        return int(batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel())
 
     # --- reference -------------------------------------------------------------------------
     def setup(self, model: MiniMindForCausalLM) -> None:
@@ -290,10 +300,6 @@ class DPOStage(FineTuneStage):
     def eval_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """The DPO loss of held-out pairs (the engine logs it as val_loss)."""
         return self._loss(model, batch, "val")[0]
-
-    def eval_weight(self, batch: dict) -> torch.Tensor:
-        """The loss is a mean over pairs: val_loss weighs batches by their pairs, not their tokens."""
-        return torch.tensor(batch["chosen_input_ids"].shape[0], device=batch["chosen_input_ids"].device)
 
 
 def all_ranks_agree(flag: bool, device: torch.device) -> bool:

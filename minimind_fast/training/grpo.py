@@ -1,8 +1,9 @@
 """GRPO: group-relative policy optimisation on prompts with rule-based (or user) rewards.
 
 Per micro-batch of P prompts the stage samples G completions of each from the current policy (the
-KV-cache decoder, all P*G rows in one batch), scores them with the `--reward` functions, and turns the
-rewards into group-normalised advantages A = (r - mean_group) / (std_group + eps) (population std).
+KV-cache decoder, all P*G rows in one batch), scores them with the `--reward` functions (and a learnt
+reward model's score with `--reward-model`, see reward_model.py), and turns the rewards into
+group-normalised advantages A = (r - mean_group) / (std_group + eps) (population std).
 The loss is token-level (DAPO-style): the sum over every completion token of the micro-batch of
 
     -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A) + kl_beta * k3,
@@ -47,12 +48,16 @@ from minimind_fast.data.loaders import ShardLoader
 from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt_file
 from minimind_fast.generation import GenerationConfig, generate
 from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.training.reward_model import load_model_reward
 from minimind_fast.training.rewards import REWARDS, RewardSet
 from minimind_fast.training.stages import FineTuneStage, check_resumed_objective, freeze, save_objective
 
 ADV_EPS = 1e-4
+DEFAULT_REWARDS = ["answer", "format"]  # when neither --reward nor --reward-model is given
+MODEL_REWARD = "model"  # --reward-model's name among the rewards: logged as reward_model
 # What a resume must keep (objective.json): each setting as the user gives it
 OBJECTIVE_FLAGS = {"reference": "the reference's weights (--init, when --kl-beta > 0)", "reward": "--reward",
+                   "reward_model": "--reward-model (its weights or weight)",
                    "kl_beta": "--kl-beta", "clip_eps": "--clip-eps", "group_size": "--group-size",
                    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
                    "max_new_tokens": "--max-new-tokens", "updates_per_rollout": "--updates-per-rollout"}
@@ -165,6 +170,9 @@ def add_rollout_arguments(parser: argparse.ArgumentParser, title: str, group_siz
     g.add_argument("--reward", action="append", metavar="SPEC",
                    help=f"repeatable: {'|'.join(REWARDS)}|module:function|file.py:function, each "
                         f"optionally :WEIGHT (default: answer and format)")
+    g.add_argument("--reward-model", metavar="PATH[:WEIGHT]",
+                   help="a reward model (run, checkpoint or model dir of launch/reward_model.py, trained with the "
+                        "policy's tokenizer): its score of prompt + completion is one more reward term")
     g.add_argument("--clip-eps", type=float, default=0.2)
     g.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (mu)")
     g.add_argument("--tokenizer", help="tokenizer directory, for an --init with none stored (one other than "
@@ -234,6 +242,10 @@ class GRPOStage(FineTuneStage):
         """The weight of the KL to the reference (0: no reference is kept)."""
         return self.args.kl_beta
 
+    def reward_specs(self) -> list[str]:
+        """The --reward functions; the shipped answer and format ones when no reward at all is given."""
+        return self.args.reward or ([] if self.args.reward_model else DEFAULT_REWARDS)
+
     def open_data(self, data: Path) -> dict:
         """Read and encode the prompt JSONL (every problem named by file:line), and the rewards."""
         from minimind_fast.chat import find_tokenizer
@@ -242,7 +254,10 @@ class GRPOStage(FineTuneStage):
         self._check_flags()
         if not a.init:
             raise ValueError(f"{self.name} needs --init RUN_DIR_OR_CHECKPOINT (an SFT model to start from)")
-        self.rewards = RewardSet(a.reward or ["answer", "format"])
+        self.rewards = RewardSet(self.reward_specs(), allow_empty=bool(a.reward_model))
+        if a.reward_model and MODEL_REWARD in [r.name for r in self.rewards.rewards]:
+            raise ValueError(f"--reward: a reward named '{MODEL_REWARD}' would be logged as --reward-model's "
+                             "reward_model: rename the function")
         self.tokenizer = find_tokenizer(a.init, a.tokenizer)
         required = {f: f"the '{r.name}' reward" for r in self.rewards.rewards for f in r.fields}
         records = read_prompt_file(data, required)
@@ -251,6 +266,9 @@ class GRPOStage(FineTuneStage):
             raise ValueError(f"{data}: every prompt is longer than --seq-len {a.seq_len} - --max-new-tokens "
                              f"{a.max_new_tokens} tokens")
         self.samples = [r.sample for r in kept]
+        self.messages = [r.messages for r in kept]  # what a reward model reads before each completion
+        self.model_reward = (load_model_reward(a.reward_model, self.tokenizer, a.seq_len, a.kernels,
+                                               self.messages[0]) if a.reward_model else None)
         skipped = len(records) - len(kept)
         if skipped and (not dist.is_initialized() or dist.get_rank() == 0):
             print(f"{data}: left out {skipped} prompt(s) longer than {a.seq_len - a.max_new_tokens} tokens",
@@ -300,8 +318,11 @@ class GRPOStage(FineTuneStage):
         """What the loss depends on beyond the policy: the reference (the --init weights, when the KL term
         is on), the rewards, and how rollouts are sampled and reused."""
         a = self.args
-        record = {key: getattr(a, key) for key in self.objective_flags if key not in ("reference", "reward")}
-        record["reward"] = sorted(a.reward or ["answer", "format"])
+        record = {key: getattr(a, key) for key in self.objective_flags
+                  if key not in ("reference", "reward", "reward_model")}
+        record["reward"] = sorted(self.reward_specs())
+        m = self.model_reward
+        record["reward_model"] = {"weights": weights_fingerprint(m.scorer.model), "weight": m.weight} if m else None
         record["reference"] = weights_fingerprint(model) if self.reference is not None else None
         return record
 
@@ -346,8 +367,11 @@ class GRPOStage(FineTuneStage):
         module.train(was_training)
         texts = [tok.decode(c) for c in completions]
         totals, parts = self.rewards.score(texts, samples)
-        rewards = torch.tensor(totals, dtype=torch.float32)
         device = next(module.parameters()).device
+        if self.model_reward is not None:
+            messages = [self.messages[i] for i in batch["prompt_index"] for _ in range(g)]
+            totals = self._add_model_reward(totals, parts, messages, completions, next(module.parameters()))
+        rewards = torch.tensor(totals, dtype=torch.float32)
         input_ids, targets, mask = (t.to(device) for t in pack_sequences(prompts, completions, tok.pad_token_id))
         advantages, own_metrics = self._sampled_advantages(rewards)
         metrics = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
@@ -357,6 +381,15 @@ class GRPOStage(FineTuneStage):
                        advantages.to(device) if advantages is not None else None,
                        self._reference_logprobs(input_ids, targets, next(module.parameters()).dtype), None, metrics,
                        sum(len(p) + len(c) for p, c in zip(prompts, completions)))
+
+    def _add_model_reward(self, totals: list[float], parts: dict[str, list[float]], messages: list[list[dict]],
+                          completions: list[list[int]], like: torch.Tensor) -> list[float]:
+        """The totals with --reward-model's weighted scores added (its raw scores into `parts`). It scores on
+        the policy's device and in its precision: each rank with its own full copy (it is frozen and small)."""
+        m = self.model_reward
+        scores = m.scorer.to(like.device, like.dtype).score(messages, completions)
+        parts[MODEL_REWARD] = scores
+        return [t + m.weight * s for t, s in zip(totals, scores)]
 
     def _sampled_advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Advantages known when the rollout is scored (GRPO's, from the groups; PPO's need the critic's

@@ -18,20 +18,17 @@ A is then whitened over the micro-batch's completion tokens. The loss averages o
 `logp_old` and `V_old` come from the first update's forward (as GRPO's `logp_old`, see grpo.py), which
 is also where the advantages are computed; the KL to the reference is in the reward, not in the loss.
 
-The value head lives in the module DeepSpeed trains (so it is optimised, reduced, partitioned and held
-in DeepSpeed's state like any weight, and a resume restores it exactly), but it is no part of the
-policy: each checkpoint's `model/` keeps it apart in `value_head.safetensors`, and `model.safetensors`
-stays a plain policy that chat, convert and later stages load.
+The value head lives in the module DeepSpeed trains but is no part of the policy (see heads.py): each
+checkpoint's `model/` keeps it apart in `value_head.safetensors`, and `model.safetensors` stays a plain
+policy that chat, convert and later stages load.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from minimind_fast.model import MiniMindForCausalLM
@@ -43,6 +40,7 @@ from minimind_fast.training.grpo import (
     grpo_loss,
     token_logprobs,
 )
+from minimind_fast.training.heads import OwnHead, attach_scalar_head
 from minimind_fast.training.stages import decay_groups
 
 VALUE_HEAD = "value_head"  # the attribute on the policy, and its keys' prefix in the state dict
@@ -134,12 +132,7 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
 def attach_value_head(model: MiniMindForCausalLM) -> nn.Linear:
     """A zero-output scalar head on the final hidden states, registered on the policy (so that DeepSpeed
     trains it), on the policy's device and dtype."""
-    ref = next(model.parameters())
-    head = nn.Linear(model.config.hidden_size, 1, device=ref.device, dtype=ref.dtype)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    setattr(model, VALUE_HEAD, head)
-    return head
+    return attach_scalar_head(model, VALUE_HEAD, std=0.0)
 
 
 def token_values(model: torch.nn.Module, hidden_states: torch.Tensor, k: int) -> torch.Tensor:
@@ -151,12 +144,13 @@ def token_values(model: torch.nn.Module, hidden_states: torch.Tensor, k: int) ->
 
 # -------------------------------------------------------------------------------------- the stage
 
-class PPOStage(GRPOStage):
+class PPOStage(OwnHead, GRPOStage):
     """PPO: sample a completion per prompt, reward it, and train the policy with a learnt critic (GAE)."""
 
     name = "ppo"
     objective_name = "PPO objective"
     objective_flags = PPO_OBJECTIVE_FLAGS
+    head_name, head_file = VALUE_HEAD, VALUE_HEAD_FILE
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -206,15 +200,6 @@ class PPOStage(GRPOStage):
         policy = [p for p in self.trainable_parameters(model) if id(p) not in in_head]
         value_lr = self.args.value_lr if self.args.value_lr is not None else VALUE_LR_RATIO * lr
         return decay_groups(policy, lr, weight_decay) + decay_groups(head, value_lr, weight_decay)
-
-    def split_weights(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        prefix = VALUE_HEAD + "."
-        return ({k: v for k, v in state.items() if not k.startswith(prefix)},
-                {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
-
-    def save_own_weights(self, weights: dict[str, torch.Tensor], model_dir: Path) -> None:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(model_dir / VALUE_HEAD_FILE),
-                  metadata={"format": "pt"})
 
     def _sampled_advantages(self, rewards: torch.Tensor) -> tuple[None, dict[str, float]]:
         return None, {}  # they need the critic's values: see `_score`

@@ -120,12 +120,17 @@ def _import_function(target: str, func: str, spec: str) -> RewardFn:
     return fn
 
 
+def split_weight(spec: str) -> tuple[str, float]:
+    """`thing[:weight]` -> (thing, weight, default 1)."""
+    head, _, tail = spec.rpartition(":")
+    if head and WEIGHT.fullmatch(tail):  # a plain number only: a function may be called `nan` or `inf`
+        return head, float(tail)
+    return spec, 1.0
+
+
 def parse_reward(spec: str) -> Reward:
     """`name[:weight]`, `module:function[:weight]` or `file.py:function[:weight]` -> a `Reward`."""
-    head, _, tail = spec.rpartition(":")
-    weight, spec_name = 1.0, spec
-    if head and WEIGHT.fullmatch(tail):  # a plain number only: a function may be called `nan` or `inf`
-        weight, spec_name = float(tail), head
+    spec_name, weight = split_weight(spec)
     if spec_name in REWARDS:
         return Reward(spec_name, REWARDS[spec_name], weight)
     if ":" not in spec_name:
@@ -138,8 +143,8 @@ def parse_reward(spec: str) -> Reward:
 class RewardSet:
     """The rewards of a run: scores completions and keeps each function's raw values for the metrics."""
 
-    def __init__(self, specs: list[str]):
-        if not specs:
+    def __init__(self, specs: list[str], allow_empty: bool = False):
+        if not specs and not allow_empty:  # empty: the run's only reward is another (--reward-model)
             raise ValueError("give at least one --reward")
         self.rewards = [parse_reward(s) for s in specs]
         names = [r.name for r in self.rewards]
