@@ -169,7 +169,7 @@ def add_rollout_arguments(parser: argparse.ArgumentParser, title: str, group_siz
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--reward", action="append", metavar="SPEC",
                    help=f"repeatable: {'|'.join(REWARDS)}|module:function|file.py:function, each "
-                        f"optionally :WEIGHT (default: answer and format)")
+                        f"optionally :WEIGHT (default: answer and format, unless --reward-model is given)")
     g.add_argument("--reward-model", metavar="PATH[:WEIGHT]",
                    help="a reward model (run, checkpoint or model dir of launch/reward_model.py, trained with the "
                         "policy's tokenizer): its score of prompt + completion is one more reward term")
@@ -367,10 +367,11 @@ class GRPOStage(FineTuneStage):
         module.train(was_training)
         texts = [tok.decode(c) for c in completions]
         totals, parts = self.rewards.score(texts, samples)
-        device = next(module.parameters()).device
+        param = next(module.parameters())
+        device = param.device
         if self.model_reward is not None:
             messages = [self.messages[i] for i in batch["prompt_index"] for _ in range(g)]
-            totals = self._add_model_reward(totals, parts, messages, completions, next(module.parameters()))
+            totals = self._add_model_reward(totals, parts, messages, completions, param)
         rewards = torch.tensor(totals, dtype=torch.float32)
         input_ids, targets, mask = (t.to(device) for t in pack_sequences(prompts, completions, tok.pad_token_id))
         advantages, own_metrics = self._sampled_advantages(rewards)
