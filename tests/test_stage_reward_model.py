@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from launch_helpers import records, run, tiny_config
+from launch_helpers import losses, records, run, tiny_config, two_ranks
 
 from minimind_fast.chat import load_chat_model
 from minimind_fast.checkpoint import load_model, read_safetensors, save_model_dir
@@ -214,6 +214,18 @@ def test_resume_continues_exactly(rm_run, random_init, rm_data, tmp_path):
     for name in ("model.safetensors", REWARD_HEAD_FILE):
         mine, theirs = read_safetensors(out / "final" / name), read_safetensors(rm_run / "final" / name)
         assert mine.keys() == theirs.keys() and all(torch.equal(v, theirs[k]) for k, v in mine.items()), name
+
+
+def test_two_ranks_zero3_match_the_single_process(rm_run, random_init, rm_data, tmp_path):
+    """2 ranks x 4 pairs under ZeRO-3 (the head partitioned, called outside the engine's forward) train
+    as 1 rank x 8 pairs: every rank starts from the same head (drawn from --seed, not the rank's seed)."""
+    out = tmp_path / "two_ranks"
+    args = [*rm_args(random_init, rm_data, out, "--zero-stage", "3", "--stop-at-step", "10")]
+    args[args.index("--micro-batch-size") + 1] = "4"
+    run("reward_model.py", args, launcher=two_ranks(29741))
+    single, multi = losses(rm_run), losses(out)
+    assert sorted(multi) == list(range(1, 11))
+    assert all(abs(multi[s] - single[s]) < 2e-4 for s in multi), (multi, single)
 
 
 # ------------------------------------------------------------------------------- as an RL reward
