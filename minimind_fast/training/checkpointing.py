@@ -5,7 +5,8 @@ Layout of one checkpoint, `RUN/checkpoints/step_NNNNNNNN/`:
     model/              a model directory (safetensors + model_config.json + tokenizer): what later
                         stages, chat and export load; with LoRA, the frozen base weights (unmerged)
                         and the adapter in model/adapter/ (see minimind_fast.lora); a stage's own
-                        modules (PPO's value head) in their own file there, never in the model's
+                        modules (PPO's value head, the reward head) in their own file there, never in
+                        the model's
     rank_R.pt           rank R's loader position and RNG states (tensors only: loads weights_only)
     trainer_state.json  step, tokens seen, bad-step count
     COMPLETE            written last: only checkpoints holding it are resumed from

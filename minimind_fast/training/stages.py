@@ -224,8 +224,8 @@ class Stage:
 
     def split_weights(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Hook: the consolidated weights split into the model's and those of modules the stage trains
-        along with it (PPO's value head), which stay out of model.safetensors (what chat and later
-        stages load) and go to `save_own_weights`."""
+        along with it (PPO's value head, the reward model's head: heads.py), which stay out of
+        model.safetensors (what chat and later stages load) and go to `save_own_weights`."""
         return state, {}
 
     def save_own_weights(self, weights: dict[str, torch.Tensor], model_dir: Path) -> None:
