@@ -301,14 +301,18 @@ def test_val_loss_is_the_mean_dpo_loss_over_the_held_out_pairs(pretrain_run, bui
     reference = load_model(pretrain_run).eval()
     loader = build_loader("dpo", shards, seq_len=64, micro_batch_size=1, split="val")
     assert loader.n_items > 1
-    pair_losses = []
+    pair_losses, margins = [], []
     for pair in range(loader.n_items):
         batch = loader.pairs_batch(np.array([pair]))
         margin = beta * sum(sign * (logps_by_hand(policy, batch, side) - logps_by_hand(reference, batch, side))
                             for side, sign in (("chosen", 1), ("rejected", -1)))
         pair_losses.append(math.log1p(math.exp(-margin.item())))
+        margins.append(margin.item())
     assert max(pair_losses) - min(pair_losses) > 0.01  # unequal losses: the weighting matters
     assert metric(out, "val_loss")[3] == pytest.approx(sum(pair_losses) / len(pair_losses), abs=1e-5)
+    # The held-out implicit rewards, over the same pairs.
+    assert metric(out, "val_reward_margin")[3] == pytest.approx(sum(margins) / len(margins), abs=1e-5)
+    assert metric(out, "val_reward_accuracy")[3] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
 
 
 def test_precomputed_reference_scores_take_the_deepspeed_configs_precision(pretrain_run, builtin_data, tmp_path):

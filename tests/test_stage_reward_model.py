@@ -165,6 +165,9 @@ def test_reward_model_learns_the_builtin_preferences(rm_run, rm_data, random_ini
     assert abs(loss_before - math.log(2)) < 0.01
     assert loss_after == pytest.approx(val[STEPS], abs=1e-5)  # final/ is the model evaluated at the last step
     assert acc_after > 0.5
+    final = next(r for r in records(rm_run) if r["step"] == STEPS and "val_loss" in r)
+    assert final["val_accuracy"] == pytest.approx(acc_after, abs=1e-6)  # over the pairs, not the batches
+    assert "val_margin" in final and "val_ppl" not in final  # a pair loss has no perplexity
 
 
 def test_saved_head_scores_what_the_training_model_scored(rm_run, rm_data, builtin_data):

@@ -299,7 +299,12 @@ class DPOStage(PairStage):
 
     def eval_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """The DPO loss of held-out pairs (the engine logs it as val_loss)."""
-        return self._loss(model, batch, "val")[0]
+        return self.eval_metrics(model, batch)[0]
+
+    def eval_metrics(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DPO loss of held-out pairs, and their implicit rewards' accuracy and margin."""
+        loss, metrics = self._loss(model, batch, "val")
+        return loss, {k: torch.as_tensor(metrics[k]) for k in ("reward_accuracy", "reward_margin")}
 
 
 def all_ranks_agree(flag: bool, device: torch.device) -> bool:

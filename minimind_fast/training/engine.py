@@ -480,18 +480,23 @@ class Trainer:
         count = torch.tensor([len(batches)], device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MIN)
         self.engine.eval()
-        total = torch.zeros(2, device=self.device)
+        sums = {"val_loss": torch.zeros((), device=self.device)}  # each metric x its batch's weight
+        weight = torch.zeros((), device=self.device)
         for batch in batches[: int(count.item())]:
             batch = to_device(batch, self.device)
-            loss = self.stage.eval_loss(self.engine, batch)
-            n = self.stage.eval_weight(batch)
-            total += torch.stack([loss.float() * n, n.float()])
-        dist.all_reduce(total)
+            loss, extras = self.stage.eval_metrics(self.engine, batch)
+            n = self.stage.eval_weight(batch).float()
+            for name, value in {"val_loss": loss, **{f"val_{k}": v for k, v in extras.items()}}.items():
+                sums[name] = sums.get(name, 0) + value.float() * n
+            weight += n
+        names = sorted(sums)  # the same on every rank: each ran the same stage on as many batches
+        totals = torch.stack([sums[k] for k in names] + [weight])
+        dist.all_reduce(totals)
         self.engine.train()
-        val = (total[0] / total[1].clamp(min=1)).item()
-        if not self.stage.eval_is_token_loss:
-            return {"val_loss": val}
-        return {"val_loss": val, "val_ppl": perplexity(val)}
+        means = {k: v / max(totals[-1].item(), 1) for k, v in zip(names, totals[:-1].tolist())}
+        if self.stage.eval_is_token_loss:
+            means["val_ppl"] = perplexity(means["val_loss"])
+        return means
 
     def save(self, step: int, trainer_state: dict) -> None:
         trainer_state = {**trainer_state, "optimizer_layout": optimizer_layout(self.ds_config)}

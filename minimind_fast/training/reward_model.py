@@ -126,8 +126,13 @@ class RewardModelStage(OwnHead, PairStage):
 
     def eval_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """The Bradley-Terry loss of held-out pairs (the engine logs it as val_loss)."""
+        return self.eval_metrics(model, batch)[0]
+
+    def eval_metrics(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The Bradley-Terry loss of held-out pairs, and how often and by how much chosen outscores rejected."""
         chosen, rejected, _ = pair_rewards(model, batch)
-        return bradley_terry_loss(chosen, rejected)[0]
+        loss, metrics = bradley_terry_loss(chosen, rejected)
+        return loss, {k: metrics[k] for k in ("accuracy", "margin")}
 
 
 # ------------------------------------------------------------------------------------- the scorer

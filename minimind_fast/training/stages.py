@@ -202,6 +202,11 @@ class Stage:
         """Mean next-token loss on a held-out batch (no auxiliary terms)."""
         return model(**self.lm_inputs(batch), targets=batch["targets"]).loss
 
+    def eval_metrics(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`eval_loss` and further held-out metrics (0-dim tensors, means over the batch's `eval_weight`),
+        logged as val_<name>: a pair stage's accuracy."""
+        return self.eval_loss(model, batch), {}
+
     def eval_weight(self, batch: dict) -> torch.Tensor:
         """What `eval_loss` is a mean over in this batch, so that val_loss is the mean over the held-out
         split: its target tokens (a per-pair loss, as DPO's, counts pairs)."""
