@@ -92,17 +92,17 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, targets: tor
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean (conservative) DPO loss over the pairs, with the implicit rewards as metrics."""
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean (conservative) DPO loss over the pairs, with the implicit rewards as metrics (0-dim tensors)."""
     reward_chosen = beta * (pi_chosen - ref_chosen)
     reward_rejected = beta * (pi_rejected - ref_rejected)
     margin = reward_chosen - reward_rejected
     losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     loss = losses.mean()
-    metrics = {"dpo_loss": loss.item(), "reward_chosen": reward_chosen.mean().item(),
-               "reward_rejected": reward_rejected.mean().item(), "reward_margin": margin.mean().item(),
-               "reward_accuracy": (margin > 0).float().mean().item()}
-    return loss, metrics
+    # Device scalars, read only when a step is logged: an .item() each would stall every step's launches.
+    metrics = {"dpo_loss": loss, "reward_chosen": reward_chosen.mean(), "reward_rejected": reward_rejected.mean(),
+               "reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
+    return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -282,7 +282,7 @@ class DPOStage(PairStage):
         return self._live_reference(batch)
 
     # --- loss ------------------------------------------------------------------------------
-    def _loss(self, model, batch: dict, split: str) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, model, batch: dict, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids, targets, positions = concat_pairs(batch)
         logps, aux = sequence_logps(model, ids, targets, positions)
         n = batch["chosen_input_ids"].shape[0]
@@ -291,10 +291,10 @@ class DPOStage(PairStage):
                                  self.args.label_smoothing)
         if aux is not None and self.uses_moe(model) and model.training:
             loss = loss + aux
-            metrics["aux_loss"] = aux.detach().float().item()
+            metrics["aux_loss"] = aux.detach().float()
         return loss, metrics
 
-    def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self._loss(model, batch, "train")
 
     def eval_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -304,7 +304,7 @@ class DPOStage(PairStage):
     def eval_metrics(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DPO loss of held-out pairs, and their implicit rewards' accuracy and margin."""
         loss, metrics = self._loss(model, batch, "val")
-        return loss, {k: torch.as_tensor(metrics[k]) for k in ("reward_accuracy", "reward_margin")}
+        return loss, {k: metrics[k] for k in ("reward_accuracy", "reward_margin")}
 
 
 def all_ranks_agree(flag: bool, device: torch.device) -> bool:
