@@ -78,6 +78,7 @@ demo-all: demo
 		--tokenizer $(DATA)/tokenizer --out $(DATA)/shards/dpo
 	$(PY) launch/tokenize.py --kind reasoning --data $(DATA)/builtin/reasoning.jsonl --seq-len 256 \
 		--tokenizer $(DATA)/tokenizer --out $(DATA)/shards/reasoning
+	$(PY) launch/inspect_shards.py --data $(DATA)/shards/reasoning --show 1
 	$(DS) launch/lora.py --init $(DEMO)/sft --data $(DATA)/shards/lora --out $(DEMO)/lora $(STAGE_FLAGS) \
 		--lora-rank 8 --lora-alpha 16 --steps 80 --lr 5e-3 --warmup-steps 5 --save-every 40
 	$(PY) launch/chat.py --model $(DEMO)/sft --lora $(DEMO)/lora --prompt "Who made you?" --temperature 0
