@@ -2,7 +2,9 @@
 
 Unlike MiniMind's LoRA (rank hard-coded, no alpha, square layers only), any `nn.Linear` whose name
 ends with one of `target_modules` gets an adapter, whatever its shape, so under GQA k_proj and v_proj
-are adapted too. Base weights are frozen (`requires_grad=False`), so they never enter optimizer state.
+are adapted too. MoE routed experts (`ExpertBank`, stacked weights rather than nn.Linear) are adapted per
+expert when gate_proj, up_proj or down_proj is a target, as MiniMind's LoRA adapts each expert's
+projections (`LoraExpertBank`). Base weights are frozen (`requires_grad=False`), so they never enter optimizer state.
 Adapters are saved apart in a small safetensors file with their settings, loaded at chat time, and
 merged into the base weights for export.
 
@@ -28,11 +30,13 @@ from torch import nn
 
 from minimind_fast.checkpoint import is_hf_dir, load_model, read_safetensors, resolve_model_dir
 from minimind_fast.files import apply_umask
+from minimind_fast.model import ExpertBank
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_DIR = "adapter"
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -102,6 +106,60 @@ class LoraLinear(nn.Module):
         return (self.base.weight.to(dtype) + delta).to(self.base.weight.dtype)
 
 
+class LoraExpertBank(nn.Module):
+    """A frozen `ExpertBank` plus, for each targeted projection, one low-rank update per expert:
+    W_e + (alpha / r) * B_e @ A_e, with A (E, r, in) and B (E, out, r), initialised as `LoraLinear`'s.
+
+    The MoE ops take whole weight stacks, so the update is added to the weights (one batched matmul over
+    the experts) and gradients reach A and B through the unchanged kernels; the price is one adapted copy
+    of the expert weights per layer, held for backward. LoRA dropout acts on a projection's input, which
+    the fused expert kernels never expose, so it does not apply here (the dense projections keep it).
+    """
+
+    def __init__(self, base: ExpertBank, config: LoraConfig, projections: list[str]):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.scaling = config.scaling
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name in projections:
+            w = getattr(base, name)
+            n_experts, out_features, in_features = w.shape
+            a = torch.empty(n_experts, config.rank, in_features, device=w.device, dtype=w.dtype)
+            for expert_a in a:  # per expert: kaiming on the 3-D stack would take r * in as the fan-in
+                nn.init.kaiming_uniform_(expert_a, a=math.sqrt(5))
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(n_experts, out_features, config.rank,
+                                                         device=w.device, dtype=w.dtype))
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """Projection `name`'s stack with its update, as `LoraLinear.merged_weight` forms it."""
+        w = getattr(self.base, name)
+        if name not in self.lora_A:
+            return w
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        delta = torch.bmm(self.lora_B[name].to(dtype), self.lora_A[name].to(dtype)) * self.scaling
+        return (w.to(dtype) + delta).to(w.dtype)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.merged_weight(name) for name in EXPERT_PROJECTIONS)
+
+
+def is_expert_adapter_key(key: str) -> bool:
+    """Whether an adapter key is a routed-expert adapter (`...mlp.experts.lora_A.gate_proj`)."""
+    # LoraLinear's keys end in `.lora_A`/`.lora_B`; a LoraExpertBank's name the projection after them
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def _expert_targets(model: nn.Module, config: LoraConfig) -> list[tuple[nn.Module, str, ExpertBank]]:
+    if not any(t in EXPERT_PROJECTIONS for t in config.target_modules):
+        return []
+    return [(module, child_name, child) for module in model.modules()
+            for child_name, child in module.named_children() if isinstance(child, ExpertBank)]
+
+
 def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[nn.Module, str, nn.Linear]]:
     found = []
     for name, module in model.named_modules():
@@ -112,17 +170,22 @@ def _targets(model: nn.Module, config: LoraConfig) -> list[tuple[nn.Module, str,
     return found
 
 
-def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Freeze every base parameter and wrap the target projections; returns the adapted module names."""
+def apply_lora(model: nn.Module, config: LoraConfig, experts: bool = True) -> list[str]:
+    """Freeze every base parameter and wrap the target projections (the MoE routed experts' too unless
+    `experts` is False); returns the adapted module names."""
     for p in model.parameters():
         p.requires_grad_(False)
     targets = _targets(model, config)
-    if not targets:
-        raise ValueError(f"no nn.Linear named any of {config.target_modules} in the model")
+    banks = _expert_targets(model, config) if experts else []
+    if not targets and not banks:
+        raise ValueError(f"no projection named any of {config.target_modules} in the model")
     for parent, child_name, child in targets:
         setattr(parent, child_name, LoraLinear(child, config))
+    projections = [t for t in EXPERT_PROJECTIONS if t in config.target_modules]
+    for parent, child_name, bank in banks:
+        setattr(parent, child_name, LoraExpertBank(bank, config, projections))
     model.lora_config = config
-    return [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    return [n for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraExpertBank))]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,6 +198,9 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
             merged[f"{name}.weight"] = module.merged_weight().detach()
+        elif isinstance(module, LoraExpertBank):
+            for proj in module.lora_A:
+                merged[f"{name}.{proj}"] = module.merged_weight(proj).detach()
     state = {}
     for k, v in model.state_dict().items():
         if ".lora_" in k:
@@ -206,8 +272,10 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         if not (adapter_dir / name).exists():
             raise FileNotFoundError(f"{adapter_dir}: missing {name} (not a LoRA adapter directory)")
     config = LoraConfig.load(adapter_dir / ADAPTER_CONFIG)
-    apply_lora(model, config)
     state = read_safetensors(adapter_dir / ADAPTER_WEIGHTS)
+    # Adapters saved before the routed experts took LoRA list gate/up/down_proj among their targets
+    # but hold no expert weights: they adapted the dense (and shared-expert) projections only.
+    apply_lora(model, config, experts=any(is_expert_adapter_key(k) for k in state))
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     bad_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
@@ -225,7 +293,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if isinstance(child, LoraLinear):
                 with torch.no_grad():
                     child.base.weight.copy_(child.merged_weight())
-                child.base.weight.requires_grad_(True)
+                setattr(parent, child_name, child.base)
+            elif isinstance(child, LoraExpertBank):
+                with torch.no_grad():
+                    for proj in child.lora_A:
+                        getattr(child.base, proj).copy_(child.merged_weight(proj))
                 setattr(parent, child_name, child.base)
     if hasattr(model, "lora_config"):
         del model.lora_config

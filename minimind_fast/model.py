@@ -197,6 +197,10 @@ class ExpertBank(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate, up, down) as the MoE ops take them; a LoRA wrapper (`lora.LoraExpertBank`) adds its update here."""
+        return self.gate_proj, self.up_proj, self.down_proj
+
 
 class MoEFeedForward(nn.Module):
     """Softmax top-k routing over `n_routed_experts`, plus always-active shared experts.
@@ -230,8 +234,7 @@ class MoEFeedForward(nn.Module):
         else:
             _, topk_weight, topk_idx = self.ops.moe_route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
             aux = None
-        e = self.experts
-        y = self.ops.moe_experts(flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj)
+        y = self.ops.moe_experts(flat, topk_idx, topk_weight, *self.experts.weights())
         y = self.dropout(y.view(bsz, seqlen, hidden))
         for expert in self.shared_experts:
             y = y + expert(x)

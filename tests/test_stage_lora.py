@@ -243,15 +243,16 @@ def test_chat_reports_a_run_without_adapter(pretrain_run):
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 on CPU (`make test` sets it)")
-def test_adapters_train_the_same_through_the_triton_kernels(monkeypatch):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_adapters_train_the_same_through_the_triton_kernels(preset, monkeypatch):
     from minimind_fast import ops
 
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     small = dict(num_hidden_layers=2, vocab_size=256, hidden_size=64)
-    reference = MiniMindForCausalLM(get_preset("tiny", kernels="reference", **small))
-    triton = MiniMindForCausalLM(get_preset("tiny", kernels="triton", **small))
+    reference = MiniMindForCausalLM(get_preset(preset, kernels="reference", **small))
+    triton = MiniMindForCausalLM(get_preset(preset, kernels="triton", **small))
     triton.load_state_dict(reference.state_dict())
     assert triton.ops.name == "triton"
     models = {"reference": reference, "triton": triton}
@@ -274,3 +275,95 @@ def test_adapters_train_the_same_through_the_triton_kernels(monkeypatch):
     for name, g in grads["reference"].items():
         torch.testing.assert_close(grads["triton"][name], g, rtol=1e-3, atol=1e-5, msg=name)
     assert all(p.grad is None for n, p in models["triton"].named_parameters() if ".lora_" not in n)
+
+
+@pytest.fixture(scope="module")
+def moe_init(builtin_data, tmp_path_factory) -> Path:
+    """An untrained tiny MoE model (4 routed experts, top-2, one shared) with the built-in tokenizer."""
+    from minimind_fast.checkpoint import save_model_dir
+
+    torch.manual_seed(0)
+    config = get_preset("tiny-moe", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        vocab_size=1024, max_position_embeddings=256)
+    out = tmp_path_factory.mktemp("moe_init") / "model"
+    save_model_dir(MiniMindForCausalLM(config), out, tokenizer_dir=builtin_data["tokenizer"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_lora_run(moe_init, lora_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("moe_lora_runs") / "lora"
+    run("lora.py", lora_args(lora_data, out, moe_init, "--save-every", "100"))
+    return out
+
+
+def test_lora_on_moe_trains_the_routed_experts_adapters_and_keeps_the_base(moe_lora_run, moe_init, tmp_path):
+    curve = losses(moe_lora_run)
+    assert curve[STEPS] < curve[1] - 0.4, curve
+    base = load_file(str(moe_init / "model.safetensors"))
+    saved = load_file(str(moe_lora_run / "final" / "model.safetensors"))
+    assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base)
+    adapter = load_file(str(moe_lora_run / "final" / "adapter" / "adapter.safetensors"))
+    experts = {k: t for k, t in adapter.items() if ".mlp.experts.lora_" in k}
+    # 2 layers x (A, B) x (gate, up, down), each a stack over the 4 experts
+    assert len(experts) == 2 * 2 * 3 and all(t.shape[0] == 4 for t in experts.values())
+    for key, t in experts.items():
+        if ".lora_B." in key:  # zero at init: every expert's update trained (top-2 of 4 reaches them all)
+            assert all(t[e].abs().sum() > 0 for e in range(4)), key
+    # the fine-tuned model, merged, differs from the base in its routed experts too
+    x = torch.randint(0, 1024, (2, 20))
+    with torch.no_grad():
+        adapted = load_lora(load_model(moe_init), moe_lora_run).eval()(x).logits
+        run("convert.py", ["merge-lora", str(moe_init), "--lora", str(moe_lora_run), "--out", str(tmp_path / "m")])
+        merged = load_model(tmp_path / "m").eval()
+        torch.testing.assert_close(merged(x).logits, adapted, rtol=1e-5, atol=1e-5)
+    merged_w = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert merged_w.keys() == base.keys()
+    key = "model.layers.0.mlp.experts.down_proj"
+    assert not torch.equal(merged_w[key], base[key])
+
+
+def test_lora_on_moe_under_zero3_matches_zero0(moe_lora_run, moe_init, lora_data, tmp_path):
+    out = tmp_path / "zero3"
+    run("lora.py", lora_args(lora_data, out, moe_init, "--zero-stage", "3", "--save-every", "100"))
+    full, this = losses(moe_lora_run), losses(out)
+    assert all(abs(this[s] - full[s]) < 1e-4 for s in full), (this, full)
+    a = load_file(str(moe_lora_run / "final" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(out / "final" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_resuming_a_checkpoint_without_expert_adapters_is_refused_clearly(tmp_path):
+    """A checkpoint trained before the routed experts took LoRA holds dense adapters only."""
+    from minimind_fast.lora import save_lora
+    from minimind_fast.training.lora_stage import check_resumed_experts
+
+    torch.manual_seed(0)
+    config = LoraConfig(rank=2)
+    old = MiniMindForCausalLM(get_preset("tiny-moe", hidden_size=64, vocab_size=64, kernels="reference"))
+    apply_lora(old, config, experts=False)
+    ckpt = tmp_path / "step_00000004"
+    save_lora(old, ckpt / "model" / "adapter")
+    model = MiniMindForCausalLM(get_preset("tiny-moe", hidden_size=64, vocab_size=64, kernels="reference"))
+    with pytest.raises(ValueError, match="no adapters on the MoE routed experts.*--resume none"):
+        check_resumed_experts(model, config, ckpt)
+    check_resumed_experts(model, LoraConfig(rank=2, target_modules=["q_proj"]), ckpt)  # experts not targeted
+    new = MiniMindForCausalLM(get_preset("tiny-moe", hidden_size=64, vocab_size=64, kernels="reference"))
+    apply_lora(new, config)
+    save_lora(new, ckpt / "model" / "adapter")
+    check_resumed_experts(model, config, ckpt)
+
+
+@pytest.mark.slow
+def test_lora_on_moe_two_ranks_zero3(moe_lora_run, moe_init, lora_data, tmp_path):
+    """Partitioned over two ranks, the expert stacks and their adapters are gathered where the MoE layer
+    reads them."""
+    out = tmp_path / "two_ranks"
+    args = lora_args(lora_data, out, moe_init, "--zero-stage", "3", "--save-every", "100")
+    args[args.index("--micro-batch-size") + 1] = "2"
+    run("lora.py", args, launcher=two_ranks(29643), timeout=300)
+    full, this = losses(moe_lora_run), losses(out)
+    assert all(abs(this[s] - full[s]) < 2e-4 * max(1.0, abs(full[s])) for s in full), (this, full)
+    a = load_file(str(moe_lora_run / "final" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(out / "final" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)

@@ -19,8 +19,17 @@ from safetensors import safe_open
 from torch import nn
 
 from minimind_fast.checkpoint import WEIGHTS, state_dict_for_saving
-from minimind_fast.lora import ADAPTER_CONFIG, ADAPTER_DIR, DEFAULT_TARGETS, LoraConfig, apply_lora
-from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
+    DEFAULT_TARGETS,
+    EXPERT_PROJECTIONS,
+    LoraConfig,
+    apply_lora,
+    is_expert_adapter_key,
+)
+from minimind_fast.model import ExpertBank, MiniMindForCausalLM
 from minimind_fast.training.stages import SFTStage
 
 # The output head is read directly by the fused linear+cross-entropy (`lm_head.weight`), which would
@@ -39,10 +48,11 @@ def add_lora_arguments(parser: argparse.ArgumentParser, rank: int | None = 8) ->
                    help="adapter rank r" + ("" if rank else " (given: train adapters, not the whole model)"))
     g.add_argument("--lora-alpha", type=float, help=f"scale: the update is (alpha / r) * B @ A "
                                                     f"(default {DEFAULT_ALPHA:g})")
-    g.add_argument("--lora-dropout", type=float, help=f"dropout on the adapter's input (default {DEFAULT_DROPOUT:g})")
+    g.add_argument("--lora-dropout", type=float, help=f"dropout on the adapter's input (default {DEFAULT_DROPOUT:g}); "
+                                                      "not on MoE routed experts, whose kernels take whole weights")
     g.add_argument("--lora-targets", nargs="+", metavar="NAME",
                    help=f"projection names to adapt (default: those of {' '.join(DEFAULT_TARGETS)} the model "
-                        "has; MoE routed experts are not nn.Linear and are not adapted)")
+                        "has; gate_proj up_proj down_proj adapt the MoE routed experts too, each expert its own)")
 
 
 def check_lora_flags(a: argparse.Namespace) -> None:
@@ -80,6 +90,7 @@ def add_adapters(a: argparse.Namespace, model: MiniMindForCausalLM, resume_from:
     run must build the adapters its checkpoint holds."""
     config = lora_config(a, model)
     check_resumed_adapter(config, resume_from)
+    check_resumed_experts(model, config, resume_from)
     check_resumed_base(model, resume_from, a.init)
     adapted = apply_lora(model, config)
     n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -120,8 +131,12 @@ class LoraStage(SFTStage):
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """The distinct attribute names of the model's nn.Linear modules (q_proj, gate_proj, lm_head...)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    """The distinct names of the model's projections: its nn.Linear modules (q_proj, gate_proj, lm_head...)
+    and, in an MoE model, the routed experts' stacked gate_proj, up_proj and down_proj."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if any(isinstance(m, ExpertBank) for m in model.modules()):
+        names.update(EXPERT_PROJECTIONS)
+    return sorted(names)
 
 
 def check_targets(model: nn.Module, targets: list[str]) -> None:
@@ -166,6 +181,20 @@ def check_resumed_adapter(config: LoraConfig, ckpt: Path | None) -> None:
     if changed:
         raise ValueError(f"{ckpt} holds adapters trained with other settings: {'; '.join(changed)}. Resume "
                          "with the checkpoint's LoRA flags, or start anew with --resume none (or another --out)")
+
+
+def check_resumed_experts(model: nn.Module, config: LoraConfig, ckpt: Path | None) -> None:
+    """A checkpoint from before the routed experts took LoRA holds no expert adapters, so its DeepSpeed
+    state cannot fill the ones this run would build: refused with its way out, not DeepSpeed's traceback."""
+    if ckpt is None or not any(t in EXPERT_PROJECTIONS for t in config.target_modules):
+        return
+    if not any(isinstance(m, ExpertBank) for m in model.modules()):
+        return
+    with safe_open(str(ckpt / "model" / ADAPTER_DIR / ADAPTER_WEIGHTS), "pt") as saved:
+        if any(is_expert_adapter_key(k) for k in saved.keys()):
+            return
+    raise ValueError(f"{ckpt} holds no adapters on the MoE routed experts (trained before they took LoRA): "
+                     "start anew with --resume none (or another --out)")
 
 
 def check_resumed_base(model: nn.Module, ckpt: Path | None, init: str) -> None:
