@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from minimind_fast.checkpoint import is_hf_dir, resolve_model_dir
+from minimind_fast.checkpoint import tokenizer_dir_beside
 from minimind_fast.config import get_preset
 from minimind_fast.data.records import RecordError, check_messages, conversation_field, prompt_text, refuse_record_tools
 from minimind_fast.data.sources import iter_records
@@ -30,7 +30,8 @@ def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike |
     p = Path(model_path)
     if not p.exists():
         raise FileNotFoundError(f"{model_path}: no such model directory or file")
-    beside = _tokenizer_beside(p)
+    beside_dir = tokenizer_dir_beside(p)
+    beside = load_tokenizer(beside_dir) if beside_dir else None
     if not tokenizer:
         if beside is None:
             raise FileNotFoundError(f"{model_path}: no tokenizer.json beside the weights; pass --tokenizer DIR")
@@ -38,19 +39,6 @@ def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike |
     given = load_tokenizer(tokenizer)
     check_same_tokenizer(given, beside, model_path)
     return given
-
-
-def _tokenizer_beside(p: Path) -> ChatTokenizer | None:
-    candidates = [p] if p.is_dir() else [p.parent]
-    if p.is_dir() and not is_hf_dir(p):
-        try:
-            candidates.append(resolve_model_dir(p))
-        except FileNotFoundError:
-            pass
-    for c in candidates:
-        if (c / "tokenizer.json").exists():
-            return load_tokenizer(c)
-    return None
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -181,6 +181,18 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from e
 
 
+def tokenizer_dir_beside(src: Path) -> Path | None:
+    """The tokenizer directory stored with weights: next to a `.pth`, in a model or Hugging Face directory,
+    or in a run's model directory; None when there is none."""
+    candidates = [src] if src.is_dir() else [src.parent]
+    if src.is_dir() and not is_hf_dir(src):
+        try:
+            candidates.append(resolve_model_dir(src))
+        except FileNotFoundError:
+            pass
+    return next((c for c in candidates if (c / "tokenizer.json").exists()), None)
+
+
 def is_hf_dir(path: Path) -> bool:
     """A Hugging Face export: a config.json naming its architectures (our run dirs' config.json does not)."""
     config = path / "config.json"

@@ -325,7 +325,7 @@ def export_hf(model_or_dir: MiniMindForCausalLM | str | os.PathLike, out_dir: st
         model = model_or_dir
     else:
         src = Path(model_or_dir)
-        tokenizer_dir = _tokenizer_dir(tokenizer_dir, tokenizer_dir_beside(src), src)
+        tokenizer_dir = _tokenizer_dir(tokenizer_dir, checkpoint.tokenizer_dir_beside(src), src)
         model, _ = load_tuned_model(src)  # a LoRA run exports as its fine-tuned model, adapter merged
     config = hf_config(model.config, dtype)
     out = Path(out_dir)
@@ -342,16 +342,6 @@ def export_hf(model_or_dir: MiniMindForCausalLM | str | os.PathLike, out_dir: st
             checkpoint.copy_tokenizer(tokenizer_dir, tmp)
 
     return checkpoint.write_dir_atomically(out, write, checkpoint.is_hf_dir)
-
-
-def tokenizer_dir_beside(src: Path) -> Path | None:
-    """The tokenizer directory next to a `.pth`, in a model directory, or in a run's model directory."""
-    candidates = [src.parent] if src.is_file() else [src]
-    try:
-        candidates.append(checkpoint.resolve_model_dir(src))
-    except FileNotFoundError:
-        pass
-    return next((c for c in candidates if (c / "tokenizer.json").exists()), None)
 
 
 def _tokenizer_dir(given: str | os.PathLike | None, beside: Path | None, model: str | os.PathLike) -> Path | None:
@@ -519,6 +509,6 @@ def merge_lora_into_dir(model_path: str | os.PathLike, lora: str | os.PathLike, 
                         tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """A base model with a LoRA adapter (or a LoRA run's newest) folded in -> model dir."""
     check_output_dir(out, "model")
-    tokenizer_dir = _tokenizer_dir(tokenizer_dir, tokenizer_dir_beside(Path(model_path)), model_path)
+    tokenizer_dir = _tokenizer_dir(tokenizer_dir, checkpoint.tokenizer_dir_beside(Path(model_path)), model_path)
     model = merge_lora(load_lora(checkpoint.load_model(model_path), lora))
     return checkpoint.save_model_dir(model, out, tokenizer_dir=tokenizer_dir, metadata={"merged_lora": str(lora)})

@@ -27,6 +27,18 @@ def _model(preset="tiny", **kw):
                                           kernels="reference", **kw))
 
 
+def _saved_adapted_model(preset: str, adapter_dir):
+    """A model of `preset` with random (nonzero) adapters saved to `adapter_dir`, an input and its logits."""
+    model = _model(preset)
+    apply_lora(model, LoraConfig(rank=4, alpha=8))
+    _randomise_adapters(model)
+    model.eval()
+    x = torch.randint(0, 128, (2, 12))
+    want = model(x).logits
+    save_lora(model, adapter_dir)
+    return model, x, want
+
+
 def _randomise_adapters(model):
     with torch.no_grad():
         for m in model.modules():
@@ -64,13 +76,7 @@ def test_every_projection_adapted_even_under_gqa_and_base_frozen():
 
 
 def test_save_load_and_merge_keep_the_function(tmp_path):
-    model = _model()
-    apply_lora(model, LoraConfig(rank=4, alpha=8))
-    _randomise_adapters(model)
-    model.eval()
-    x = torch.randint(0, 128, (2, 12))
-    want = model(x).logits
-    save_lora(model, tmp_path / "adapter")
+    model, x, want = _saved_adapted_model("tiny", tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter.safetensors").stat().st_size < 200_000
 
     fresh = _model()
@@ -193,13 +199,7 @@ def test_moe_adapters_at_init_leave_the_logits_exactly_and_include_the_experts()
 
 
 def test_moe_save_load_and_merge_keep_the_function(tmp_path):
-    model = _model("tiny-moe")
-    apply_lora(model, LoraConfig(rank=4, alpha=8))
-    _randomise_adapters(model)
-    model.eval()
-    x = torch.randint(0, 128, (2, 12))
-    want = model(x).logits
-    save_lora(model, tmp_path / "adapter")
+    model, x, want = _saved_adapted_model("tiny-moe", tmp_path / "adapter")
     assert any(".experts.lora_A.gate_proj" in k for k in load_file(str(tmp_path / "adapter" / "adapter.safetensors")))
 
     fresh = _model("tiny-moe")

@@ -380,7 +380,7 @@ class GRPOStage(FineTuneStage):
                    "completion_len": sum(map(len, completions)) / len(completions), **own_metrics}
         return Rollout(input_ids, targets, mask, rewards.to(device),
                        advantages.to(device) if advantages is not None else None,
-                       self._reference_logprobs(input_ids, targets, next(module.parameters()).dtype), None, metrics,
+                       self._reference_logprobs(input_ids, targets, param.dtype), None, metrics,
                        sum(len(p) + len(c) for p, c in zip(prompts, completions)))
 
     def _add_model_reward(self, totals: list[float], parts: dict[str, list[float]], messages: list[list[dict]],
