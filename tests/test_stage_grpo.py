@@ -470,7 +470,8 @@ def test_resume_refuses_another_objective(random_init, builtin_data, tmp_path):
                    tokenizer_dir=builtin_data["tokenizer"])
     for flags, what in [(("--kl-beta", "0.1"), "--kl-beta"), (("--reward", "answer"), "--reward"),
                         (("--temperature", "0.7"), "--temperature"), (("--group-size", "8"), "--group-size"),
-                        (("--updates-per-rollout", "2"), "--updates-per-rollout")]:
+                        (("--updates-per-rollout", "2"), "--updates-per-rollout"),
+                        (("--missing-eos-penalty", "1"), "--missing-eos-penalty")]:
         with pytest.raises(ValueError, match=f"trained with another GRPO objective \\({what}"):
             _grpo_stage(random_init, data, *flags, resume=ckpt)
     with pytest.raises(ValueError, match="another GRPO objective \\(the reference's weights"):
@@ -485,3 +486,29 @@ def test_reused_rollouts_refuse_dropout(random_init, builtin_data):
         _grpo_stage(random_init, data, "--dropout", "0.1", "--updates-per-rollout", "2")
     stage = _grpo_stage(random_init, data, "--dropout", "0.1")  # one update per rollout: the ratio is 1
     assert stage.reference.config.dropout == 0.1
+
+
+def test_missing_eos_penalty_lowers_only_completions_cut_before_their_stop_token(random_init, letter_reward,
+                                                                                 builtin_data, monkeypatch):
+    """--missing-eos-penalty P: a completion that ran to --max-new-tokens without its stop token loses P
+    from its total reward, a finished one keeps it, and `truncated` is the share cut. The decoder is
+    replaced by fixed completions so that both kinds are there."""
+    import minimind_fast.training.grpo as grpo
+
+    data = builtin_data["files"]["grpo_prompts"]
+    stages = {p: _grpo_stage(random_init, data, "--reward", letter_reward, "--micro-batch-size", "2",
+                             "--missing-eos-penalty", p) for p in ("0", "1.5")}
+    eos = stages["0"].tokenizer.eos_token_id
+    letters = stages["0"].tokenizer.encode("eee")
+    # group size 4 x 2 prompts; rows 1, 2, 6 are cut (no stop token at the end)
+    fixed = [letters + [eos], letters, [7, 8, 9], [eos], letters + [eos], [9, eos], letters + [5], [eos]]
+    monkeypatch.setattr(grpo, "generate", lambda model, prompts, config, **kw: [list(c) for c in fixed])
+    batch = next(iter(stages["0"].build_loader(data, split="train", rank=0, world_size=1, vocab_size=1024)))
+    rollouts = {p: stage._sample(stage.reference, batch) for p, stage in stages.items()}
+    cut = torch.tensor([0, 1, 1, 0, 0, 0, 1, 0], dtype=torch.float32)
+    plain = rollouts["0"].rewards
+    assert plain.max() > 0  # the letter reward is not zero everywhere, so an offset would show
+    torch.testing.assert_close(rollouts["1.5"].rewards, plain - 1.5 * cut, rtol=0, atol=1e-6)
+    assert rollouts["0"].metrics["truncated"] == rollouts["1.5"].metrics["truncated"] == 3 / 8
+    with pytest.raises(ValueError, match="--missing-eos-penalty must be >= 0 and finite, got -1.0"):
+        _grpo_stage(random_init, data, "--missing-eos-penalty", "-1")

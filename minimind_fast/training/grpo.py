@@ -60,7 +60,8 @@ OBJECTIVE_FLAGS = {"reference": "the reference's weights (--init, when --kl-beta
                    "reward_model": "--reward-model (its weights or weight)",
                    "kl_beta": "--kl-beta", "clip_eps": "--clip-eps", "group_size": "--group-size",
                    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
-                   "max_new_tokens": "--max-new-tokens", "updates_per_rollout": "--updates-per-rollout"}
+                   "max_new_tokens": "--max-new-tokens", "updates_per_rollout": "--updates-per-rollout",
+                   "missing_eos_penalty": "--missing-eos-penalty"}
 
 
 # ------------------------------------------------------------------------------------- the maths
@@ -173,6 +174,9 @@ def add_rollout_arguments(parser: argparse.ArgumentParser, title: str, group_siz
     g.add_argument("--reward-model", metavar="PATH[:WEIGHT]",
                    help="a reward model (run, checkpoint or model dir of launch/reward_model.py, trained with the "
                         "policy's tokenizer): its score of prompt + completion is one more reward term")
+    g.add_argument("--missing-eos-penalty", type=float, default=0.0, metavar="P",
+                   help="subtracted from the total reward of a completion cut at --max-new-tokens before its "
+                        "stop token (the rewards, a reward model's included, score it as if it were finished)")
     g.add_argument("--clip-eps", type=float, default=0.2)
     g.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (mu)")
     g.add_argument("--tokenizer", help="tokenizer directory, for an --init with none stored (one other than "
@@ -220,6 +224,8 @@ class GRPOStage(FineTuneStage):
             problems.append(f"--top-k must be >= 0 (0: off), got {a.top_k}")
         if not 0 <= a.clip_eps < 1:
             problems.append(f"--clip-eps must be in [0, 1), got {a.clip_eps}")
+        if not 0 <= a.missing_eos_penalty < math.inf:
+            problems.append(f"--missing-eos-penalty must be >= 0 and finite, got {a.missing_eos_penalty}")
         if a.updates_per_rollout < 1:
             problems.append(f"--updates-per-rollout must be >= 1, got {a.updates_per_rollout}")
         if a.max_new_tokens < 1 or a.max_new_tokens >= a.seq_len:
@@ -321,6 +327,8 @@ class GRPOStage(FineTuneStage):
         record = {key: getattr(a, key) for key in self.objective_flags
                   if key not in ("reference", "reward", "reward_model")}
         record["reward"] = sorted(self.reward_specs())
+        # none when off: a checkpoint from before the flag recorded none, and resumes as an unpenalised run
+        record["missing_eos_penalty"] = a.missing_eos_penalty or None
         m = self.model_reward
         record["reward_model"] = {"weights": weights_fingerprint(m.scorer.model), "weight": m.weight} if m else None
         record["reference"] = weights_fingerprint(model) if self.reference is not None else None
@@ -372,12 +380,15 @@ class GRPOStage(FineTuneStage):
         if self.model_reward is not None:
             messages = [self.messages[i] for i in batch["prompt_index"] for _ in range(g)]
             totals = self._add_model_reward(totals, parts, messages, completions, param)
+        cut = [not c or c[-1] != tok.eos_token_id for c in completions]
+        totals = [t - a.missing_eos_penalty * c for t, c in zip(totals, cut)]
         rewards = torch.tensor(totals, dtype=torch.float32)
         input_ids, targets, mask = (t.to(device) for t in pack_sequences(prompts, completions, tok.pad_token_id))
         advantages, own_metrics = self._sampled_advantages(rewards)
         metrics = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
                    **{f"reward_{k}": sum(v) / len(v) for k, v in parts.items()},
-                   "completion_len": sum(map(len, completions)) / len(completions), **own_metrics}
+                   "completion_len": sum(map(len, completions)) / len(completions),
+                   "truncated": sum(cut) / len(cut), **own_metrics}
         return Rollout(input_ids, targets, mask, rewards.to(device),
                        advantages.to(device) if advantages is not None else None,
                        self._reference_logprobs(input_ids, targets, param.dtype), None, metrics,
