@@ -19,6 +19,7 @@ from minimind_fast.lora import (
     merge_lora,
     save_lora,
 )
+from minimind_fast.training.lora_stage import adapted_projections
 
 
 def _model(preset="tiny", **kw):
@@ -196,6 +197,12 @@ def test_moe_adapters_at_init_leave_the_logits_exactly_and_include_the_experts()
     dense = _model("tiny-moe")
     apply_lora(dense, LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]))
     assert not any(isinstance(m, LoraExpertBank) for m in dense.modules())
+    # the stage's start-up line counts each expert's projection, not each layer's bank as one
+    n_experts = some.config.n_routed_experts
+    # q_proj and the shared expert's up_proj in each of 2 layers; up_proj of each routed expert
+    assert adapted_projections(some) == (f"{2 + 2} projections and {2 * n_experts} routed-expert projections "
+                                         "(2 layers' experts)")
+    assert adapted_projections(dense) == "4 projections"
 
 
 def test_moe_save_load_and_merge_keep_the_function(tmp_path):

@@ -26,6 +26,8 @@ from minimind_fast.lora import (
     DEFAULT_TARGETS,
     EXPERT_PROJECTIONS,
     LoraConfig,
+    LoraExpertBank,
+    LoraLinear,
     apply_lora,
     is_expert_adapter_key,
 )
@@ -92,12 +94,23 @@ def add_adapters(a: argparse.Namespace, model: MiniMindForCausalLM, resume_from:
     check_resumed_adapter(config, resume_from)
     check_resumed_experts(model, config, resume_from)
     check_resumed_base(model, resume_from, a.init)
-    adapted = apply_lora(model, config)
+    apply_lora(model, config)
     n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"LoRA r={config.rank} alpha={config.alpha:g} on {len(adapted)} projections "
+        print(f"LoRA r={config.rank} alpha={config.alpha:g} on {adapted_projections(model)} "
               f"({', '.join(config.target_modules)}): {n_adapter:,} trainable parameters, "
               f"{model.num_parameters() - n_adapter:,} frozen", flush=True)
+
+
+def adapted_projections(model: nn.Module) -> str:
+    """How many projections carry adapters: each routed expert's count, as each has its own A and B."""
+    dense = sum(isinstance(m, LoraLinear) for m in model.modules())
+    banks = [m for m in model.modules() if isinstance(m, LoraExpertBank)]
+    text = f"{dense} projections"
+    if banks:
+        per_expert = sum(a.shape[0] for b in banks for a in b.lora_A.values())
+        text += f" and {per_expert} routed-expert projections ({len(banks)} layers' experts)"
+    return text
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
