@@ -18,7 +18,14 @@ from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt
 from minimind_fast.data.tokenizer import load_tokenizer
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.grpo import group_advantages, grpo_loss, k3_kl, pack_sequences, rollout_seed, token_logprobs
-from minimind_fast.training.rewards import RewardSet, answer_reward, extract_answer, format_reward, parse_reward
+from minimind_fast.training.rewards import (
+    RewardSet,
+    answer_reward,
+    extract_answer,
+    format_reward,
+    parse_reward,
+    repetition_reward,
+)
 
 # ------------------------------------------------------------------------------- the loss by hand
 
@@ -145,6 +152,20 @@ def test_extract_answer_takes_the_last_tagged_answer():
 ])
 def test_format_reward(text, expected):
     assert format_reward(text, {}) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The cat is grey.", 0.0),  # 5 words, 3 distinct 3-grams
+    ("a b c a b c", -1 / 4),  # 3-grams abc bca cab abc: one of four repeats
+    ("go go go go go", -2 / 3),  # three 3-grams, all "go go go"
+    ("Go, go, GO, go", -3 / 5),  # case folded, commas are words: "go , go" 3 times and ", go ," twice
+    ("你好你好你好", -2 / 4),  # CJK characters are words: 你好你 and 好你好 each twice
+    ("two words", 0.0),  # no 3-gram at all
+    ("", 0.0),
+])
+def test_repetition_reward(text, expected):
+    assert repetition_reward(text, {}) == pytest.approx(expected)
+    assert parse_reward("repetition:0.5").weight == 0.5
 
 
 def test_reward_specs_weights_and_user_functions(tmp_path):

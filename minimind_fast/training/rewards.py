@@ -5,7 +5,7 @@ A reward function takes the decoded completion (special tokens stripped) and the
 
     def my_reward(completion: str, sample: dict) -> float: ...
 
-`--reward` names one per flag: a shipped name (`answer`, `format`), `package.module:function`, or
+`--reward` names one per flag: a shipped name (`answer`, `format`, `repetition`), `package.module:function`, or
 `path/to/file.py:function`, each optionally followed by `:WEIGHT` (default 1). The total reward of a
 completion is the weighted sum. A function may list the record fields it needs in a `fields`
 attribute (tuple of names) so that missing fields fail at start-up with the file and line, not mid-run.
@@ -33,6 +33,12 @@ ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 STRUCTURE = re.compile(r"\s*<think>.+?</think>\s*<answer>.+?</answer>\s*", re.DOTALL)
 WEIGHT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+# Words for the repetition reward: a CJK character or kana/hangul syllable is a word of its own (CJK text
+# has no spaces, so a whole sentence would otherwise be one word), else a run of word characters, else
+# one punctuation mark.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+WORD = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
+REPEAT_N = 3
 
 
 def _as_number(text: str) -> float | None:
@@ -87,7 +93,16 @@ def format_reward(completion: str, sample: dict) -> float:
     return 0.2 * sum(c == 1 for c in counts)
 
 
-REWARDS: dict[str, RewardFn] = {"answer": answer_reward, "format": format_reward}
+def repetition_reward(completion: str, sample: dict) -> float:
+    """Minus the share of the completion's word 3-grams that repeat an earlier one: 0 for text that never
+    repeats itself, towards -1 for a loop (small models under RL drift into repeating a phrase, which
+    neither the answer nor the format reward sees). Text of fewer than three words scores 0."""
+    words = WORD.findall(completion.lower())
+    grams = [tuple(words[i:i + REPEAT_N]) for i in range(len(words) - REPEAT_N + 1)]
+    return -(len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+REWARDS: dict[str, RewardFn] = {"answer": answer_reward, "format": format_reward, "repetition": repetition_reward}
 
 
 @dataclass
