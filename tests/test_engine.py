@@ -336,6 +336,22 @@ def test_sigterm_to_every_rank_saves_one_agreed_checkpoint(builtin_data, tiny_mo
     assert max(losses(out)) == stopped_at + 2
 
 
+def test_save_every_minutes_checkpoints_by_the_clock_and_ranks_agree(builtin_data, tiny_model_config, tmp_path):
+    """--save-every-minutes with a period shorter than a step: one process saves after every step; two
+    ranks, whose clocks differ, save together at their agreement steps (every STOP_CHECK_EVERY), each
+    checkpoint complete; --save-every alone would have saved only the last step."""
+    from minimind_fast.training.engine import STOP_CHECK_EVERY
+
+    for launcher, steps, expected in ((None, 4, [1, 2, 3, 4]), (two_ranks(29621), 7, [STOP_CHECK_EVERY, 7])):
+        out = tmp_path / f"timed{steps}"
+        run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, steps, "--config", str(tiny_model_config),
+                                  "--save-every", "1000", "--save-every-minutes", "1e-6", "--keep-last", "0"),
+            launcher=launcher)
+        ckpts = sorted((out / "checkpoints").iterdir())
+        assert [int(c.name.split("_")[1]) for c in ckpts] == expected
+        assert all((c / "COMPLETE").exists() for c in ckpts)
+
+
 def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_run, builtin_data, tmp_path):
     loader = build_loader("sft", builtin_data["shards"]["sft"], seq_len=64, micro_batch_size=2)
     tok = load_tokenizer(builtin_data["tokenizer"])
@@ -423,6 +439,8 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
     (["--keep-last", "-1"], "--keep-last -1: must be >= 0 (0: keep all)"),
     (["--warmup-steps", "-5"], "--warmup-steps -5: must be >= 0"),
     (["--min-lr-ratio", "2"], "--min-lr-ratio 2.0: must be in [0, 1]"),
+    (["--save-every-minutes", "0"], "--save-every-minutes 0.0: must be > 0 and finite"),
+    (["--save-every-minutes", "nan"], "--save-every-minutes nan: must be > 0 and finite"),
 ])
 def test_flags_no_run_can_use_are_refused(flags, message):
     parser = training_parser("test", "pretrain")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 
 from minimind_fast.config import PRESETS
 
@@ -56,6 +57,9 @@ def training_parser(description: str, stage: str,
     g.add_argument("--resume", default="auto", help="auto (the newest complete checkpoint in --out), none, "
                    "a checkpoint, or a run directory (its newest)")
     g.add_argument("--save-every", type=int, default=1000)
+    g.add_argument("--save-every-minutes", type=float, metavar="M",
+                   help="also checkpoint once M minutes have passed since the last save (preemptible jobs: a kill "
+                        "loses at most M minutes, however long a step takes)")
     g.add_argument("--keep-last", type=int, default=3, help="complete checkpoints to keep (0: all)")
     g.add_argument("--eval-every", type=int, default=500)
     g.add_argument("--eval-batches", type=int, default=20)
@@ -88,6 +92,9 @@ def check_training_args(args: argparse.Namespace) -> None:
                 if (value := getattr(args, name, None)) is not None and value < low]
     if args.steps is None and not args.epochs > 0:
         problems.append(f"--epochs {args.epochs}: must be > 0")
+    minutes = getattr(args, "save_every_minutes", None)
+    if minutes is not None and not 0 < minutes < math.inf:
+        problems.append(f"--save-every-minutes {minutes}: must be > 0 and finite")
     if not args.lr > 0:
         problems.append(f"--lr {args.lr}: must be > 0")
     if not 0 <= args.min_lr_ratio <= 1:

@@ -35,7 +35,7 @@ from minimind_fast.training.profiling import WARMUP_STEPS, StepProfiler
 from minimind_fast.training.schedule import lr_factor
 from minimind_fast.training.stages import Stage, to_device
 
-STOP_CHECK_EVERY = 5  # steps between the ranks' agreement on a SIGTERM/SIGINT (multi-rank runs)
+STOP_CHECK_EVERY = 5  # steps between the ranks' agreement on a stop or a timed save (multi-rank runs)
 
 
 class TrainingError(RuntimeError):
@@ -365,6 +365,7 @@ class Trainer:
         bad_steps = state["bad_steps"]
         tokens_seen = state["tokens"]
         t_last, tokens_last, paused = time.time(), 0, 0.0
+        self._last_save = time.monotonic()
         self.engine.train()
         try:
             while step < self.total_steps:
@@ -419,8 +420,9 @@ class Trainer:
                 t_pause = time.time()
                 if self.val_loader is not None and (step % a.eval_every == 0 or step == self.total_steps):
                     logger.log({"step": step, **self.evaluate()})
-                stopping = self._stop_agreed(stop, step) or step == a.stop_at_step
-                if step % a.save_every == 0 or step == self.total_steps or stopping:
+                stop_requested, save_due = self._agreed(step, stop.requested, self._save_due())
+                stopping = stop_requested or step == a.stop_at_step
+                if step % a.save_every == 0 or step == self.total_steps or stopping or save_due:
                     self.save(step, {"tokens": tokens_seen, "bad_steps": bad_steps})
                 paused += time.time() - t_pause
                 if stopping:
@@ -447,13 +449,22 @@ class Trainer:
     def _logs(self, step: int) -> bool:
         return step % self.args.log_every == 0 or step == self.total_steps
 
-    def _stop_agreed(self, stop: StopRequest, step: int) -> bool:
-        """Whether every rank stops now after a SIGTERM/SIGINT. One rank decides alone at every step;
-        several agree every few steps (an all-reduce is a host sync, which stalls a step's queued
-        launches)."""
-        if self.world > 1 and step % STOP_CHECK_EVERY and step != self.total_steps:
-            return False
-        return not all_true(not stop.requested, self.device)
+    def _agreed(self, step: int, *flags: bool) -> list[bool]:
+        """Each flag (a SIGTERM/SIGINT seen, a timed save due) as true on every rank when it is on any.
+        One rank decides alone at every step; several agree every few steps, in one all-reduce (a host
+        sync, which stalls a step's queued launches)."""
+        if self.world == 1:
+            return list(flags)
+        if step % STOP_CHECK_EVERY and step != self.total_steps:
+            return [False] * len(flags)
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def _save_due(self) -> bool:
+        """--save-every-minutes: whether that long has passed since the last checkpoint (or the start)."""
+        minutes = self.args.save_every_minutes
+        return minutes is not None and time.monotonic() - self._last_save >= 60 * minutes
 
     def _mean_over_ranks(self, metrics: dict[str, float | torch.Tensor]) -> dict[str, float]:
         """A stage's metrics (floats or device scalars, read only here so that the steps between logs
@@ -502,6 +513,7 @@ class Trainer:
         trainer_state = {**trainer_state, "optimizer_layout": optimizer_layout(self.ds_config)}
         checkpointing.save_checkpoint(self.engine, self.stage, self.run_dir, step, self.loader.state_dict(),
                                       trainer_state, self.tokenizer_dir, self.args.keep_last)
+        self._last_save = time.monotonic()
 
 
 def _local_grad_norm(engine) -> float | None:
