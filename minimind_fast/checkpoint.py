@@ -159,13 +159,13 @@ def load_model(
 RUNTIME_FIELDS = ("kernels", "gradient_checkpointing", "dropout")  # how it trains or runs, not what it computes
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of a model's architecture (its config without `RUNTIME_FIELDS`) and every tensor of its
-    state dict (name, dtype, shape, bytes): the same value means the same function."""
+def weights_fingerprint(model: torch.nn.Module, ignore: tuple[str, ...] = ()) -> str:
+    """sha256 of a model's architecture (its config without `RUNTIME_FIELDS` and `ignore`) and every tensor
+    of its state dict (name, dtype, shape, bytes): the same value means the same function."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        fields = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
+        fields = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS + ignore}
         h.update(json.dumps(fields, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

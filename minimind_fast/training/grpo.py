@@ -173,7 +173,8 @@ def add_rollout_arguments(parser: argparse.ArgumentParser, title: str, group_siz
                         f"optionally :WEIGHT (default: answer and format, unless --reward-model is given)")
     g.add_argument("--reward-model", metavar="PATH[:WEIGHT]",
                    help="a reward model (run, checkpoint or model dir of launch/reward_model.py, trained with the "
-                        "policy's tokenizer): its score of prompt + completion is one more reward term")
+                        "policy's tokenizer; or a Hugging Face *ForSequenceClassification directory with its own "
+                        "tokenizer and chat template): its score of prompt + completion is one more reward term")
     g.add_argument("--missing-eos-penalty", type=float, default=0.0, metavar="P",
                    help="subtracted from the total reward of a completion cut at --max-new-tokens before its "
                         "stop token (the rewards, a reward model's included, score it as if it were finished)")
@@ -330,7 +331,7 @@ class GRPOStage(FineTuneStage):
         # none when off: a checkpoint from before the flag recorded none, and resumes as an unpenalised run
         record["missing_eos_penalty"] = a.missing_eos_penalty or None
         m = self.model_reward
-        record["reward_model"] = {"weights": weights_fingerprint(m.scorer.model), "weight": m.weight} if m else None
+        record["reward_model"] = {"weights": m.scorer.fingerprint(), "weight": m.weight} if m else None
         record["reference"] = weights_fingerprint(model) if self.reference is not None else None
         return record
 

@@ -19,7 +19,8 @@ model directory a reward model. There is no reference model.
 
 At RL time `RewardScorer` renders prompt + reply exactly as the DPO shards render a conversation
 (`records.conversation_doc`, the chat template, the reply closed by `<|im_end|>`) and encodes it as
-tokenize.py does, so the model scores the token ids it was trained on.
+tokenize.py does, so the model scores the token ids it was trained on. `--reward-model` also takes a
+Hugging Face sequence-classification reward model, which reads the replies as text (hf_reward.py).
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minimind_fast.checkpoint import load_model, read_safetensors, resolve_model_dir
+from minimind_fast.checkpoint import is_hf_dir, load_model, read_safetensors, resolve_model_dir, weights_fingerprint
 from minimind_fast.data.records import conversation_doc, prompt_text
 from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.dpo import PairStage, concat_pairs
 from minimind_fast.training.heads import OwnHead, attach_scalar_head
+from minimind_fast.training.hf_reward import HFRewardScorer
 from minimind_fast.training.rewards import split_weight
 from minimind_fast.training.stages import check_resumed_objective, freeze, save_objective
 
@@ -173,6 +175,10 @@ class RewardScorer:
         self.model.to(device=device, dtype=dtype)
         return self
 
+    def fingerprint(self) -> str:
+        """The weights (head included) and architecture, for a resume's check of its objective."""
+        return weights_fingerprint(self.model)
+
     def template_tokens(self, messages: list[dict]) -> int:
         """Tokens the chat template adds after the prompt around a reply (`<|im_end|>\\n` for ChatML)."""
         return len(self.sequence_ids(messages, "", truncate=False)) - len(
@@ -220,32 +226,45 @@ class RewardScorer:
 class ModelReward:
     """`--reward-model PATH[:WEIGHT]`: the scorer and the weight of its term in the total reward."""
 
-    scorer: RewardScorer
+    scorer: RewardScorer | HFRewardScorer
     weight: float
     path: str
 
 
 def load_model_reward(spec: str, policy_tokenizer: ChatTokenizer, seq_len: int, kernels: str | None,
                       example: list[dict]) -> ModelReward:
-    """The reward model `spec` names, checked at start-up: it exists, has a head, reads the policy's
-    tokenizer, and its context holds --seq-len tokens of prompt + completion plus the template's close
-    (measured on `example`, a prompt of the run)."""
+    """The reward model `spec` names, checked at start-up on `example` (a prompt of the run): one of ours
+    (see `own_scorer`) or a Hugging Face sequence-classification model (hf_reward.py), told apart by the
+    directory's files (model_config.json + reward_head.safetensors, or a config.json naming architectures)."""
     path, weight = split_weight(spec)
     flag = f"--reward-model {spec}"
     if not Path(path).exists():
         raise FileNotFoundError(f"{flag}: no such file or directory")
     try:
-        scorer = RewardScorer(path, kernels=kernels)
+        if is_hf_dir(Path(path)):
+            scorer = HFRewardScorer(path, policy_tokenizer)
+            scorer.check(example)
+        else:
+            scorer = own_scorer(path, policy_tokenizer, seq_len, kernels, example)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{flag}: {e}") from None
+    return ModelReward(scorer, weight, path)
+
+
+def own_scorer(path: str, policy_tokenizer: ChatTokenizer, seq_len: int, kernels: str | None,
+               example: list[dict]) -> RewardScorer:
+    """A reward model of launch/reward_model.py, which scores the policy's ids as they are: it must read the
+    policy's tokenizer, and its context hold --seq-len tokens of prompt + completion plus the template's
+    close (measured on `example`)."""
+    scorer = RewardScorer(path, kernels=kernels)
     mine, theirs = policy_tokenizer, scorer.tokenizer
     if mine.fingerprint != theirs.fingerprint:
-        raise ValueError(f"{flag}: the reward model was trained with tokenizer {theirs.fingerprint} ({theirs.dir}), "
+        raise ValueError(f"the reward model was trained with tokenizer {theirs.fingerprint} ({theirs.dir}), "
                          f"the policy uses {mine.fingerprint} ({mine.dir}); it would score ids of another "
                          "vocabulary: train the reward model from a model with the policy's tokenizer")
     needed = seq_len + scorer.template_tokens(example)
     if scorer.context < needed:
-        raise ValueError(f"{flag}: its context length {scorer.context} (max_position_embeddings) cannot hold "
+        raise ValueError(f"its context length {scorer.context} (max_position_embeddings) cannot hold "
                          f"--seq-len {seq_len} tokens of prompt + completion plus the template's "
                          f"{needed - seq_len} closing token(s): lower --seq-len to {scorer.context - needed + seq_len}")
-    return ModelReward(scorer, weight, path)
+    return scorer
