@@ -191,13 +191,14 @@ def broken_copies(hf_rm: Path, corpus: list[str], root: Path) -> list[tuple[Path
 def test_problems_are_refused_at_start_up_naming_the_file(hf_rm, corpus, policy_tok, tmp_path):
     for path, message in broken_copies(hf_rm, corpus, tmp_path):
         with pytest.raises(ValueError, match=f"--reward-model {path}:2: .*{message}"):
-            load_model_reward(f"{path}:2", policy_tok, 128, "reference", PROMPTS[0])
-    # A template that cannot render the run's prompts (here: one with a system message), as Gemma's
+            load_model_reward(f"{path}:2", policy_tok, 128, "reference", PROMPTS[:1])
+    # A template that cannot render one of the run's prompts (the second: it has a system message), as Gemma's
     no_system = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}" + TEMPLATE
     strict = save_rm(tmp_path / "strict", rm_tokenizer(corpus, template=no_system), 0)
-    with pytest.raises(ValueError, match="strict: its chat template failed on a conversation .*no system role"):
-        load_model_reward(str(strict), policy_tok, 128, "reference", PROMPTS[1])
-    reward = load_model_reward(f"{hf_rm}:2", policy_tok, 128, "reference", PROMPTS[0])  # the unbroken original
+    with pytest.raises(ValueError, match="prompt 2 of the run: .*strict: its chat template failed on a conversation "
+                                         ".*no system role"):
+        load_model_reward(str(strict), policy_tok, 128, "reference", PROMPTS)
+    reward = load_model_reward(f"{hf_rm}:2", policy_tok, 128, "reference", PROMPTS)  # the unbroken original
     assert isinstance(reward.scorer, HFRewardScorer) and reward.weight == 2
 
 

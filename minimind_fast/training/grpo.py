@@ -275,7 +275,7 @@ class GRPOStage(FineTuneStage):
         self.samples = [r.sample for r in kept]
         self.messages = [r.messages for r in kept]  # what a reward model reads before each completion
         self.model_reward = (load_model_reward(a.reward_model, self.tokenizer, a.seq_len, a.kernels,
-                                               self.messages[0]) if a.reward_model else None)
+                                               self.messages) if a.reward_model else None)
         skipped = len(records) - len(kept)
         if skipped and (not dist.is_initialized() or dist.get_rank() == 0):
             print(f"{data}: left out {skipped} prompt(s) longer than {a.seq_len - a.max_new_tokens} tokens",

@@ -171,11 +171,18 @@ class HFRewardScorer:
         config.pad_token_id = text_config.pad_token_id = self.pad_id
         return True
 
-    def check(self, example: list[dict]) -> None:
-        """Refuse at start-up what would fail or mis-score at the first rollout, on a prompt of the run: a
-        template that cannot render it, or a pad id chosen here that ends every conversation (the model would
-        take it for padding and read its score one token early)."""
-        ids = self.sequence_ids(example, "")
+    def check(self, prompts: list[list[dict]]) -> None:
+        """Refuse at start-up what would fail or mis-score mid-run: a template that cannot render one of the
+        run's prompts (each is rendered once: a string, cheap beside a rollout), or a pad id chosen here that
+        ends every conversation (the model would take it for padding and read its score one token early)."""
+        for i, messages in enumerate(prompts):
+            try:
+                ids = self.sequence_ids(messages, "")
+            except ValueError as e:
+                raise ValueError(f"prompt {i + 1} of the run: {e}") from None
+            if i == 0:
+                first = ids
+        ids = first
         if self.pad_chosen and ids and ids[-1] == self.pad_id:
             raise ValueError(f"{self.model_dir / HF_CONFIG}: no pad_token_id, and the chat template ends each "
                              f"conversation with the tokenizer's token {self.pad_id}, which batching would pad "

@@ -232,8 +232,8 @@ class ModelReward:
 
 
 def load_model_reward(spec: str, policy_tokenizer: ChatTokenizer, seq_len: int, kernels: str | None,
-                      example: list[dict]) -> ModelReward:
-    """The reward model `spec` names, checked at start-up on `example` (a prompt of the run): one of ours
+                      prompts: list[list[dict]]) -> ModelReward:
+    """The reward model `spec` names, checked at start-up on the run's `prompts`: one of ours
     (see `own_scorer`) or a Hugging Face sequence-classification model (hf_reward.py), told apart by the
     directory's files (model_config.json + reward_head.safetensors, or a config.json naming architectures)."""
     path, weight = split_weight(spec)
@@ -243,9 +243,9 @@ def load_model_reward(spec: str, policy_tokenizer: ChatTokenizer, seq_len: int, 
     try:
         if is_hf_dir(Path(path)):
             scorer = HFRewardScorer(path, policy_tokenizer)
-            scorer.check(example)
-        else:
-            scorer = own_scorer(path, policy_tokenizer, seq_len, kernels, example)
+            scorer.check(prompts)
+        else:  # its template's close is the same after any prompt
+            scorer = own_scorer(path, policy_tokenizer, seq_len, kernels, prompts[0])
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{flag}: {e}") from None
     return ModelReward(scorer, weight, path)
