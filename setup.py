@@ -52,6 +52,7 @@ setup(
             "zstandard>=0.22",
         ],
         "data": ["pyarrow>=14", "zstandard>=0.22"],  # Parquet and .zst inputs
+        "hf": ["transformers>=4.45"],  # Hugging Face reward models in GRPO/PPO
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
         "hopper": ["flash-attn-4"],
     },

@@ -44,7 +44,7 @@ def _transformers():
         import transformers
     except ImportError:
         raise ValueError("a Hugging Face reward model needs the transformers library: "
-                         "pip install 'transformers>=4.45'") from None
+                         "pip install 'minimind_fast[hf]' (transformers>=4.45)") from None
     return transformers
 
 
