@@ -40,6 +40,9 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
     do_sample: bool = True
+    # Report the model's log-probabilities with each token (`TokenEvent.model_logprobs`): of the chosen token
+    # and of the k most likely; None computes none, so rows that do not ask cost nothing.
+    top_logprobs: int | None = None
 
     # torch.Generator.manual_seed takes any 64-bit value, signed or not, and overflows beyond.
     SEED_RANGE = (-2**63, 2**64 - 1)
@@ -63,6 +66,8 @@ class GenerationConfig:
                             f"got {self.repetition_penalty}")
         if self.seed is not None and not self.SEED_RANGE[0] <= self.seed <= self.SEED_RANGE[1]:
             problems.append(f"seed must fit in 64 bits, got {self.seed}")
+        if self.top_logprobs is not None and self.top_logprobs < 0:
+            problems.append(f"top_logprobs must be >= 0 or None, got {self.top_logprobs}")
         if problems:
             raise ValueError("; ".join(problems))
         # "" occurs in every text: as a stop string it would end each reply at its first token.
@@ -219,13 +224,25 @@ def _generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+class TokenLogprobs(NamedTuple):
+    """The model's log-probabilities at one step: the log-softmax of its raw logits, before temperature,
+    repetition penalty and top-k/top-p (what the model predicts, whatever the sampling settings)."""
+
+    logprob: float  # of the chosen token
+    top: list[tuple[int, float]]  # the k most likely (token, logprob), most likely first
+
+
 class TokenEvent(NamedTuple):
-    """One new token of the sequence `key`; `finish` is None, "stop" (stop token/string) or "length"."""
+    """One new token of the sequence `key`; `finish` is None, "stop" (stop token/string) or "length".
+
+    `logprob` is under the sampling temperature (what RL compares against); `model_logprobs` is set only
+    for a sequence whose config asks for `top_logprobs`."""
 
     key: Hashable
     token: int
     logprob: float
     finish: str | None
+    model_logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -344,11 +361,12 @@ class Decoder:
         seen = self.seen[:n] if self.seen is not None else None
         tokens, logprobs = sample_tokens(self.logits[:n], p[0], p[1].long(), p[2], p[3], seen, uniform,
                                          all_greedy)
+        reported = self._model_logprobs(tokens)  # before retiring and the forward move or overwrite logits
         events, finished = [], []
         for i, (row, tok, lp) in enumerate(zip(self.live, tokens.tolist(), logprobs.tolist())):
             row.tokens.append(tok)
             finish = self._finish_reason(i, row, tok)
-            events.append(TokenEvent(row.key, tok, lp, finish))
+            events.append(TokenEvent(row.key, tok, lp, finish, reported[i]))
             if finish:
                 finished.append(i)
         self.last[:n, 0] = tokens
@@ -359,6 +377,26 @@ class Decoder:
         if self.live:
             self._forward()
         return events
+
+    def _model_logprobs(self, tokens: torch.Tensor) -> list[TokenLogprobs | None]:
+        """`TokenLogprobs` of the rows whose config asks for them (None for the others).
+
+        Only those rows pay for the log-softmax and the top-k, in one batched call and one host sync.
+        """
+        asked = [i for i, row in enumerate(self.live) if row.config.top_logprobs is not None]
+        reported: list[TokenLogprobs | None] = [None] * len(self.live)
+        if not asked:
+            return reported
+        index = torch.tensor(asked, device=self.device)
+        logprobs = self.logits[index].log_softmax(-1)
+        chosen = logprobs.gather(-1, tokens[index, None]).squeeze(-1).tolist()
+        k = min(max(self.live[i].config.top_logprobs for i in asked), logprobs.shape[-1])
+        values, ids = logprobs.topk(k, dim=-1)  # sorted, most likely first
+        values, ids = values.tolist(), ids.tolist()
+        for j, i in enumerate(asked):
+            wanted = self.live[i].config.top_logprobs
+            reported[i] = TokenLogprobs(chosen[j], list(zip(ids[j][:wanted], values[j][:wanted])))
+        return reported
 
     def clear(self) -> None:
         """Drop every live sequence (e.g. after a consumer stopped iterating half-way)."""

@@ -72,6 +72,18 @@ def test_transformers_encodes_like_us(tok, hf_tok):
     assert (hf_tok.pad_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id) == (0, 1, 2)
 
 
+def test_token_bytes_are_the_exact_bytes_of_each_token(tok):
+    """Byte-level pieces hold parts of UTF-8 characters: their bytes join into the text's, and each decodes
+    (with U+FFFD for a cut character) to the tokenizer's own decoding of the token."""
+    text = "I am MiniMind, 你好. café 🐱\x01"
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+    assert any("\ufffd" in tok.token_bytes(i).decode("utf-8", errors="replace") for i in ids)  # a cut character
+    for i in range(tok.vocab_size):
+        assert tok.token_bytes(i).decode("utf-8", errors="replace") == tok.decode([i], skip_special_tokens=False), i
+    assert tok.token_bytes(tok.eos_token_id) == b"<|im_end|>" and tok.token_bytes(tok.vocab_size + 5) == b""
+
+
 def test_fingerprint_and_save(tok, tmp_path):
     tok.save(tmp_path / "copy")
     copy = load_tokenizer(tmp_path / "copy")

@@ -288,6 +288,38 @@ def test_bad_requests_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="seed must fit in 64 bits"):
         GenerationConfig(seed=2**64)
     assert GenerationConfig(seed=2**64 - 1).seed == 2**64 - 1 and GenerationConfig(seed=-2**63).seed == -2**63
+    with pytest.raises(ValueError, match="top_logprobs must be >= 0"):
+        GenerationConfig(top_logprobs=-1)
+
+
+def test_model_logprobs_are_the_raw_distribution_for_rows_that_ask():
+    """`top_logprobs` reports the log-softmax of the model's raw logits, whatever temperature, penalty and top-k
+    sample from, for the rows that ask only; checked against a float64 forward over prompt + tokens."""
+    model = _model("tiny")
+    asks = GenerationConfig(max_new_tokens=6, temperature=0.7, top_k=5, repetition_penalty=1.5, seed=3,
+                            stop_token_ids=[], top_logprobs=4)
+    every = GenerationConfig(max_new_tokens=2, temperature=0, stop_token_ids=[], top_logprobs=500)
+    decoder = Decoder(model, max_batch=3, max_len=32)
+    decoder.add_batch([0, 1, 2], [PROMPTS[0], PROMPTS[2], PROMPTS[1]],
+                      [asks, GenerationConfig(max_new_tokens=6, temperature=0.7, seed=4, stop_token_ids=[]), every])
+    got: dict[int, list] = {0: [], 1: [], 2: []}
+    while decoder.live:
+        for ev in decoder.step():
+            got[ev.key].append(ev)
+    assert all(ev.model_logprobs is None for ev in got[1])
+    assert all(len(ev.model_logprobs.top) == 97 for ev in got[2])  # k past the vocabulary: all of it
+    reference = model.double()  # last use of this model
+    with torch.no_grad():
+        rows = reference(torch.tensor([PROMPTS[0] + [ev.token for ev in got[0]]])).logits[0].log_softmax(-1)
+    for t, ev in enumerate(got[0]):
+        expected = rows[len(PROMPTS[0]) - 1 + t]
+        values, ids = expected.topk(4)
+        assert [tok for tok, _ in ev.model_logprobs.top] == ids.tolist()
+        torch.testing.assert_close(torch.tensor([lp for _, lp in ev.model_logprobs.top], dtype=torch.float64),
+                                   values, rtol=0, atol=1e-4)
+        assert abs(ev.model_logprobs.logprob - float(expected[ev.token])) < 1e-4
+    # The sampling log-prob is at temperature 0.7: the two differ, so the test tells them apart.
+    assert all(abs(ev.logprob - ev.model_logprobs.logprob) > 1e-3 for ev in got[0])
 
 
 @pytest.mark.gpu

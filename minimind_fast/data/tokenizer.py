@@ -48,6 +48,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "vocab.json", "merges.txt")
 
 
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-to-character table, inverted: byte-level BPE writes each byte as a printable character,
+    printable Latin-1 bytes as themselves and the others as U+0100 onwards, in byte order."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(0x100 + i): b for i, b in enumerate(moved)}}
+
+
+BYTE_OF_CHAR = _byte_of_char()
+
+
 def iter_texts(files: Iterable[str | os.PathLike], skipped: Counter | None = None,
                problems: list[str] | None = None) -> Iterator[str]:
     """Texts of pretrain (`text`) and conversation (`conversations`/`messages`/`prompt`/`chosen`/`rejected`)
@@ -240,6 +251,29 @@ class ChatTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes of one token. A byte-level piece may hold part of a UTF-8 character, which its
+        decoded text can only show as U+FFFD; an added token (<|im_end|>, ...) is its text; an id past the
+        tokenizer's vocabulary (a model's padded rows) is no bytes."""
+        if token_id in self._added_texts:
+            return self._added_texts[token_id].encode()
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level and all(c in BYTE_OF_CHAR for c in piece):
+            return bytes(BYTE_OF_CHAR[c] for c in piece)
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+
+    @cached_property
+    def _added_texts(self) -> dict[int, str]:
+        return {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        """Whether pieces are bytes written through GPT-2's table (a ByteLevel decoder, alone or in a sequence)."""
+        decoder = json.loads(self.tokenizer.to_str()).get("decoder") or {}
+        return any(d.get("type") == "ByteLevel" for d in decoder.get("decoders", [decoder]))
 
     @cached_property
     def _template(self):
