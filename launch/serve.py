@@ -3,7 +3,8 @@
     python launch/serve.py --model RUN_DIR_OR_HF_DIR_OR_PTH [--host 127.0.0.1] [--port 8000]
 
 Then, e.g.: openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x").chat.completions.create(
-model=NAME, messages=[{"role": "user", "content": "Hi"}], stream=True). Concurrent requests are decoded
+model=NAME, messages=[{"role": "user", "content": "Hi"}], stream=True); `n=` and `logprobs=True,
+top_logprobs=k` work as OpenAI defines them. Concurrent requests (and the n choices of one) are decoded
 together (continuous batching over --max-batch rows); at most --max-queue wait, further ones get 503.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import subprocess
 import sys
@@ -20,10 +21,11 @@ from tool_templates import NO_SYSTEM_TEMPLATE
 from minimind_fast import MiniMindForCausalLM, get_preset
 from minimind_fast.chat import chat_prompt, find_tokenizer, load_chat_model
 from minimind_fast.checkpoint import save_model_dir
-from minimind_fast.data.tokenizer import load_tokenizer, train_tokenizer
-from minimind_fast.generation import GenerationConfig, generate
+from minimind_fast.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from minimind_fast.generation import GenerationConfig, TokenEvent, TokenLogprobs, generate
 from minimind_fast.serving.app import ServerThread, create_app
 from minimind_fast.serving.engine import Engine, QueueFull
+from minimind_fast.serving.replies import Reply
 
 NAME = "tiny-test"
 CONTEXT = 128
@@ -127,6 +129,175 @@ def test_stop_strings_cut_the_reply(server, client):
     assert cut.choices[0].finish_reason == "stop"
 
 
+@pytest.fixture(scope="module")
+def reference(server):
+    """The served model in float64, and each token's id by its bytes (the API names tokens by their bytes)."""
+    tok = server["tok"]
+    by_bytes = {tok.token_bytes(i): i for i in range(tok.vocab_size)}
+    assert len(by_bytes) == tok.vocab_size  # no two tokens share bytes: the ids read back are the ones sampled
+    return {"model": copy.deepcopy(server["model"]).double(), "id": lambda entry: by_bytes[bytes(entry.bytes)]}
+
+
+def reference_logprobs(server, reference, content: str, reply_ids: list[int]) -> torch.Tensor:
+    """Row t: the log-softmax, in float64, of the logits that predicted reply token t."""
+    prompt = chat_prompt(server["tok"], [{"role": "user", "content": content}])
+    with torch.no_grad():
+        logits = reference["model"](torch.tensor([prompt + reply_ids])).logits[0]
+    return logits[len(prompt) - 1:-1].log_softmax(-1)
+
+
+def shown(entries: list[dict]) -> str:
+    """The text that logprob entries spell, as the reply's content shows it (special tokens are not shown)."""
+    return b"".join(bytes(e["bytes"]) for e in entries if e["token"] not in SPECIAL_TOKENS).decode(errors="replace")
+
+
+def test_logprobs_are_the_models_own_against_a_float64_forward(server, client, reference):
+    """Sampled at temperature 0.8 with a repetition penalty: the logprobs are still the model's raw distribution."""
+    question = "The cat sat"
+    reply = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": question}], max_tokens=10, temperature=0.8, seed=5,
+        logprobs=True, top_logprobs=5, extra_body={"repetition_penalty": 1.3})
+    choice = reply.choices[0]
+    content = choice.logprobs.content
+    assert reply.usage.completion_tokens == len(content) + (choice.finish_reason == "stop") and len(content) > 3
+    assert shown([e.model_dump() for e in content]) == choice.message.content
+    ids = [reference["id"](e) for e in content]
+    expected = reference_logprobs(server, reference, question, ids)
+    chosen_in_top = 0
+    for entry, token, row in zip(content, ids, expected):
+        assert entry.token == bytes(entry.bytes).decode(errors="replace")
+        assert abs(entry.logprob - float(row[token])) < 1e-4
+        values, top_ids = row.topk(5)  # the 5 largest, most likely first
+        assert [reference["id"](t) for t in entry.top_logprobs] == top_ids.tolist()
+        torch.testing.assert_close(torch.tensor([t.logprob for t in entry.top_logprobs], dtype=torch.float64),
+                                   values, rtol=0, atol=1e-4)
+        if token in top_ids.tolist():
+            chosen_in_top += 1
+            assert entry.top_logprobs[top_ids.tolist().index(token)].logprob == entry.logprob
+    assert chosen_in_top > 0
+
+
+def post(server, body: dict) -> dict:
+    r = httpx.post(server["url"] + "/v1/chat/completions", json={"model": NAME, **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def streamed_choices(server, body: dict) -> tuple[dict[int, dict], list[int], dict]:
+    """Each choice reassembled from a stream (content, logprob entries, finish), the choice index of every
+    content chunk in order, and the usage chunk; checks that a chunk's entries are of text shown by then."""
+    choices: dict[int, dict] = {}
+    order, usage = [], None
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", timeout=60,
+                      json={"model": NAME, **body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            usage = data.get("usage") or usage
+            for c in data["choices"]:
+                got = choices.setdefault(c["index"], {"content": "", "entries": [], "finish": None})
+                assert got["finish"] is None  # nothing after a choice's finish chunk
+                got["content"] += c["delta"].get("content") or ""
+                got["entries"] += (c["logprobs"] or {}).get("content") or []
+                got["finish"] = c["finish_reason"]
+                if c["delta"].get("content"):
+                    order.append(c["index"])
+                if not got["finish"]:  # before its end a choice's entries are of whole tokens already shown
+                    assert got["content"].startswith(shown(got["entries"])), got
+    return choices, order, usage
+
+
+def test_logprobs_stop_where_a_stop_string_cuts_the_reply(server):
+    body = {"messages": [{"role": "user", "content": "The cat sat"}], "max_tokens": 15, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+    full = post(server, body)["choices"][0]
+    text, entries = full["message"]["content"], full["logprobs"]["content"]
+    stop = text[3:5]
+    cut = post(server, {**body, "stop": [stop]})["choices"][0]
+    kept = cut["logprobs"]["content"]
+    assert cut["message"]["content"] == text[:text.index(stop)] and cut["finish_reason"] == "stop"
+    assert kept == entries[:len(kept)] and len(kept) < len(entries)
+    # the fewest tokens that reach the cut: the last one holds its end (perhaps with the stop string's start)
+    assert shown(kept).startswith(cut["message"]["content"])
+    assert not shown(kept[:-1]).startswith(cut["message"]["content"])
+    streamed, _, _ = streamed_choices(server, {**body, "stop": [stop]})
+    assert streamed[0] == {"content": cut["message"]["content"], "entries": kept, "finish": "stop"}
+
+
+def test_n_choices_are_seeded_apart_reproducible_and_counted(server):
+    """Choice i samples as a lone request with seed + i; usage counts the prompt once and every choice's tokens."""
+    body = {"messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 8, "temperature": 1.0,
+            "seed": 7}
+    first = post(server, {**body, "n": 3})
+    assert post(server, {**body, "n": 3})["choices"] == first["choices"]
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2]
+    assert len({c["message"]["content"] for c in first["choices"]}) > 1
+    alone = [post(server, {**body, "seed": 7 + i}) for i in range(3)]
+    assert [c["message"] for c in first["choices"]] == [a["choices"][0]["message"] for a in alone]
+    assert [c["finish_reason"] for c in first["choices"]] == [a["choices"][0]["finish_reason"] for a in alone]
+    assert first["usage"]["prompt_tokens"] == alone[0]["usage"]["prompt_tokens"]
+    assert first["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    greedy = post(server, {**body, "temperature": 0, "n": 2})["choices"]
+    assert greedy[0]["message"]["content"] == greedy[1]["message"]["content"] == expected_reply(
+        server, "Hello world", 8)
+
+
+def test_streamed_choices_interleave_and_reassemble_to_the_plain_ones(server, client):
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "What colour is the cat?"}], max_tokens=8,
+              temperature=1.0, seed=11, n=3, logprobs=True, top_logprobs=2)
+    plain = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    got: dict[int, dict] = {}
+    order = []
+    for c in chunks:
+        for ch in c.choices:
+            one = got.setdefault(ch.index, {"content": "", "entries": [], "finish": None})
+            one["content"] += ch.delta.content or ""
+            one["entries"] += [e.model_dump() for e in (ch.logprobs.content if ch.logprobs else None) or []]
+            one["finish"] = one["finish"] or ch.finish_reason
+            order += [ch.index] if ch.delta.content else []
+    assert got == {c.index: {"content": c.message.content, "entries": [e.model_dump() for e in c.logprobs.content],
+                             "finish": c.finish_reason} for c in plain.choices}
+    assert len(got) == 3 and order != sorted(order)  # interleaved as the batch decodes them, not one after another
+    assert chunks[-1].usage == plain.usage
+
+
+def replay(tok, text: str, stop: list[str], finish: str = "stop", eos: bool = False) -> tuple[Reply, list]:
+    """A Reply fed the tokens of `text` as the decoder would send them (up to the one that ends it)."""
+    reply = Reply(tok, GenerationConfig(stop_token_ids=[tok.eos_token_id], stop_strings=stop, top_logprobs=1))
+    ids = tok.encode(text) + ([tok.eos_token_id] if eos else [])
+    released = []
+    for n, token in enumerate(ids):
+        scores = TokenLogprobs(-0.5 - n, [(token, -0.5 - n)])
+        released.append(reply.push(TokenEvent(0, token, 0.0, finish if n == len(ids) - 1 else None, scores)))
+    return reply, released
+
+
+def test_a_reply_hands_out_each_tokens_logprobs_with_the_text_that_holds_it(server):
+    """Byte tokens of one character wait for each other; a stop string drops the tokens after its cut, keeps one
+    that straddles it; the stop token is counted but never shown."""
+    tok = server["tok"]
+    text = "The cat \u00e9 is grey."
+    assert [tok.token_bytes(i) for i in tok.encode(text)][1:5] == [b" cat", b" ", b"\xc3", b"\xa9"]
+    reply, released = replay(tok, text, [], eos=True)
+    assert [piece for piece, _ in released][2:5] == [" ", "", "\u00e9"]  # half of \u00e9 is held back
+    assert [[e["bytes"] for e in entries] for _, entries in released][2:5] == [[[32]], [], [[0xC3], [0xA9]]]
+    choice = reply.choice(0)
+    content = choice["logprobs"]["content"]
+    assert choice["message"]["content"] == text and reply.completion_tokens == len(content) + 1
+    assert b"".join(bytes(e["bytes"]) for e in content) == text.encode()
+    assert [e["token"] for e in content][3:5] == ["\ufffd", "\ufffd"]  # a cut character, as OpenAI shows it
+    assert content[0] == {"token": "The", "logprob": -0.5, "bytes": list(b"The"),
+                          "top_logprobs": [{"token": "The", "logprob": -0.5, "bytes": list(b"The")}]}
+    straddled, _ = replay(tok, "The cat", ["at"])
+    assert straddled.text == "The c" and [e["token"] for e in straddled.choice(0)["logprobs"]["content"]] == [
+        "The", " cat"]
+    cut, _ = replay(tok, "The cat \u00e9 is", ["\u00e9 is"])
+    assert cut.text == "The cat " and [e["token"] for e in cut.choice(0)["logprobs"]["content"]] == [
+        "The", " cat", " "]
+
+
 def test_bad_requests_get_400_with_a_message(server):
     url = server["url"] + "/v1/chat/completions"
     good = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -138,14 +309,19 @@ def test_bad_requests_get_400_with_a_message(server):
         ({**good, "messages": []}, "messages"),
         ({**good, "messages": [{"role": "robot", "content": "Hi"}]}, "role"),
         ({**good, "temperature": -1}, "temperature"),
-        ({**good, "n": 2}, "n"),
+        ({**good, "n": 17}, "n"),
+        ({**good, "n": 0}, "n"),
         ({**good, "seed": 2**70}, "seed"),
         ({**good, "repetition_penalty": float("inf")}, "repetition_penalty"),  # json.dumps writes Infinity
         ({**good, "repetition_penalty": 1e-300}, "repetition_penalty must be in"),  # 0 in float32 sampling
         ({"messages": good["messages"]}, "model"),
         ({**good, "messages": [{"role": "user", "content": "cat " * 200}]}, "context"),
         ({**good, "messages": [{"role": "user", "content": "caf\udce9"}]}, "not valid UTF-8"),  # sent as \udce9
-        ({**good, "logprobs": True}, "logprobs is not supported"),
+        ({**good, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({**good, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ({**good, "top_logprobs": 2}, "top_logprobs needs logprobs: true"),  # as OpenAI: not ignored
+        ({**good, "logprobs": False, "top_logprobs": 0}, "top_logprobs needs logprobs: true"),
+        ({**good, "logprobs": "yes"}, "logprobs"),
         ({**good, "logit_bias": {"5": 100}}, "logit_bias is not supported"),
         ({**good, "response_format": {"type": "json_object"}}, "response_format is not supported"),
         ({**good, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported"),
@@ -244,8 +420,26 @@ def test_a_full_queue_answers_503(model_dir):
 
     asyncio.run(fill())
     body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    client = TestClient(create_app(engine, NAME))
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 503 and "busy" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={**body, "n": 2})  # could never be queued whole
+    assert r.status_code == 400 and "n 2 exceeds the server's queue of 1" in r.json()["error"]["message"], r.text
+
+
+def test_choices_that_do_not_all_fit_the_queue_are_all_withdrawn(model_dir):
+    engine = Engine(load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir), max_batch=1, max_len=64,
+                    max_queue=3)  # not started: what is queued stays
+
+    async def fill() -> None:
+        engine.submit([1, 2], GenerationConfig(max_new_tokens=2))
+
+    asyncio.run(fill())
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 3}
     r = TestClient(create_app(engine, NAME)).post("/v1/chat/completions", json=body)
     assert r.status_code == 503 and "busy" in r.json()["error"]["message"]
+    waiting = list(engine._waiting)
+    assert len(waiting) == 3 and [h.cancelled for h in waiting] == [False, True, True]  # none decodes for nobody
 
 
 def test_a_failed_admission_does_not_break_later_requests(model_dir):
@@ -316,7 +510,8 @@ def test_engine_and_app_refuse_settings_that_can_serve_nothing(model_dir):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_goes_away_frees_its_request(model_dir, stream):
-    """A request whose client disconnects is cancelled (streaming or not) instead of decoding for nobody."""
+    """A request whose client disconnects is cancelled (streaming or not, all its choices) instead of decoding for
+    nobody."""
     cancelled = []
 
     class Recording(Engine):
@@ -328,13 +523,15 @@ def test_a_client_that_goes_away_frees_its_request(model_dir, stream):
     engine = Recording(model, tok, max_batch=1, max_len=64)  # not started: the request waits forever
     http = ServerThread(create_app(engine, NAME)).start()
     try:
-        body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": stream}
+        body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": stream,
+                "n": 2}
         with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=0.5) as client:
             client.post(f"http://127.0.0.1:{http.port}/v1/chat/completions", json=body)
         deadline = time.monotonic() + 10
-        while not cancelled and time.monotonic() < deadline:
+        while len(cancelled) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert cancelled == [0]
+        time.sleep(0.1)
+        assert sorted(cancelled) == [0, 1]  # every choice, each once
     finally:
         http.stop(timeout=2)
 

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
@@ -20,10 +21,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minimind_fast.chat import TextStream, chat_prompt
-from minimind_fast.generation import GenerationConfig
+from minimind_fast.chat import chat_prompt
+from minimind_fast.generation import GenerationConfig, TokenEvent
 from minimind_fast.serving import schemas
 from minimind_fast.serving.engine import Engine, Handle, QueueFull
+from minimind_fast.serving.replies import Reply
 
 
 def create_app(engine: Engine, model_name: str, default_max_tokens: int = 512) -> FastAPI:
@@ -74,27 +76,20 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 512) -
         if limit is not None and limit > room:
             raise HTTPException(400, f"max_tokens {limit} + {len(prompt)} prompt tokens exceeds the context "
                                      f"length {engine.max_len}")
-        try:  # the schema checks most fields; GenerationConfig has the last word on what sampling can take
-            config = GenerationConfig(
-                max_new_tokens=limit or min(default_max_tokens, room), temperature=body.temperature,
-                top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                stop_token_ids=[tokenizer.eos_token_id], stop_strings=body.stop_strings, seed=body.seed)
-        except ValueError as e:
-            raise HTTPException(400, f"invalid request: {e}") from None
-        try:
-            handle = engine.submit(prompt, config)
-        except QueueFull as e:
-            raise HTTPException(503, str(e)) from None
+        if body.n > engine.max_queue:  # it could never be queued whole
+            raise HTTPException(400, f"n {body.n} exceeds the server's queue of {engine.max_queue} requests")
+        configs = choice_configs(body, limit or min(default_max_tokens, room), tokenizer.eos_token_id)
+        handles = submit_all(engine, prompt, configs)
+        replies = [Reply(tokenizer, c) for c in configs]
         cid = schemas.completion_id()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(engine, handle, cid, model_name, len(prompt), include_usage),
+            return StreamingResponse(sse(engine, handles, replies, cid, model_name, len(prompt), include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        reply = await collect_unless_disconnected(engine, handle, request)
-        if reply is None:
+        if not await collect_unless_disconnected(engine, handles, replies, request):
             return Response(status_code=499)  # nobody reads it; nginx's code for a closed client request
-        text, finish, n_tokens = reply
-        return schemas.completion(cid, model_name, text, finish, len(prompt), n_tokens)
+        choices = [reply.choice(i) for i, reply in enumerate(replies)]
+        return schemas.completion(cid, model_name, choices, usage(len(prompt), replies))
 
     return app
 
@@ -114,37 +109,72 @@ async def parse_body(request: Request) -> schemas.ChatCompletionRequest:
         raise HTTPException(400, f"invalid request: {problems}") from None
 
 
-async def tokens(handle: Handle) -> AsyncIterator[tuple[int, str | None]]:
-    """(token, finish) pairs of a request until it finishes; the engine's errors are raised here."""
-    while True:
-        item = await handle.events.get()
-        if item is None:
-            return
-        if isinstance(item, Exception):
-            raise HTTPException(500, f"generation failed: {item}")
-        yield item.token, item.finish
+def choice_configs(body: schemas.ChatCompletionRequest, max_new_tokens: int, eos_id: int) -> list[GenerationConfig]:
+    """The sampling settings of each of the `n` choices; a 400 for what sampling cannot take."""
+    try:  # the schema checks most fields; GenerationConfig has the last word on what sampling can take
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+            repetition_penalty=body.repetition_penalty, stop_token_ids=[eos_id], stop_strings=body.stop_strings,
+            seed=body.seed, top_logprobs=body.reported_logprobs)
+    except ValueError as e:
+        raise HTTPException(400, f"invalid request: {e}") from None
+    # Choice i samples with seed + i (mod 2**64): each reproducible alone, none a copy of another.
+    return [config.for_prompt(i) for i in range(body.n)]
 
 
-async def collect(engine: Engine, handle: Handle) -> tuple[str, str, int]:
-    """The whole reply text, its finish reason and its token count."""
-    stream = TextStream(engine.tokenizer, handle.config.stop_strings)
-    finish, count = "length", 0
-    async for tok, fin in tokens(handle):
-        count += 1
-        if tok not in handle.config.stop_token_ids:
-            stream.push(tok)
-        finish = fin or finish
-    return stream.text(), finish, count
+def submit_all(engine: Engine, prompt: list[int], configs: list[GenerationConfig]) -> list[Handle]:
+    """One engine request per choice (they decode in the same batch). If the queue cannot take them all, those
+    already queued are withdrawn and the request gets a 503: no choice decodes for a reply never sent."""
+    handles: list[Handle] = []
+    try:
+        for config in configs:
+            handles.append(engine.submit(prompt, config))
+    except QueueFull as e:
+        for handle in handles:
+            engine.cancel(handle)
+        raise HTTPException(503, str(e)) from None
+    return handles
 
 
-async def collect_unless_disconnected(engine: Engine, handle: Handle,
-                                      request: Request) -> tuple[str, str, int] | None:
-    """`collect`, or None as soon as the client goes away; either way the request's row is freed.
+def usage(prompt_tokens: int, replies: list[Reply]) -> dict:
+    """The prompt is read once for all choices; each choice's tokens count."""
+    return schemas.usage(prompt_tokens, sum(r.completion_tokens for r in replies))
+
+
+async def events(handles: list[Handle]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, token event) of all requests as they come, until each finishes; the engine's errors
+    are raised here."""
+    pending = {asyncio.ensure_future(h.events.get()): i for i, h in enumerate(handles)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(done, key=pending.get):  # choices of one step in index order
+                i = pending.pop(future)
+                item = future.result()
+                if isinstance(item, Exception):
+                    raise HTTPException(500, f"generation failed: {item}")
+                if item is not None:
+                    yield i, item
+                    pending[asyncio.ensure_future(handles[i].events.get())] = i
+    finally:
+        for future in pending:  # a cancelled get takes nothing off its queue
+            future.cancel()
+
+
+async def collect(handles: list[Handle], replies: list[Reply]) -> None:
+    async with aclosing(events(handles)) as stream:  # a cancelled collect leaves no queue read pending
+        async for i, event in stream:
+            replies[i].push(event)
+
+
+async def collect_unless_disconnected(engine: Engine, handles: list[Handle], replies: list[Reply],
+                                      request: Request) -> bool:
+    """`collect`; False as soon as the client goes away. Either way the requests' rows are freed.
 
     Unlike a StreamingResponse, a plain endpoint is not cancelled when its client disconnects, so the
-    row would otherwise decode to max_tokens for nobody.
+    rows would otherwise decode to max_tokens for nobody.
     """
-    reply = asyncio.ensure_future(collect(engine, handle))
+    reply = asyncio.ensure_future(collect(handles, replies))
     gone = asyncio.ensure_future(disconnected(request))
     try:
         await asyncio.wait({reply, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -152,8 +182,12 @@ async def collect_unless_disconnected(engine: Engine, handle: Handle,
         gone.cancel()
         if not reply.done():
             reply.cancel()
-        engine.cancel(handle)  # a no-op when it finished
-    return reply.result() if reply.done() and not reply.cancelled() else None
+        for handle in handles:
+            engine.cancel(handle)  # a no-op when it finished
+    if reply.done() and not reply.cancelled():
+        reply.result()  # the engine's error, if any, as its 500
+        return True
+    return False
 
 
 async def disconnected(request: Request) -> None:
@@ -162,33 +196,34 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-async def sse(engine: Engine, handle: Handle, cid: str, model: str, prompt_tokens: int,
-              include_usage: bool) -> AsyncIterator[str]:
+async def sse(engine: Engine, handles: list[Handle], replies: list[Reply], cid: str, model: str,
+              prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """The choices' chunks interleaved as their tokens come, each naming its choice's index."""
     def event(data: dict) -> str:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    stream = TextStream(engine.tokenizer, handle.config.stop_strings)
-    finish, count = "length", 0
     try:
-        yield event(schemas.chunk(cid, model, {"role": "assistant", "content": ""}))
+        for i in range(len(replies)):
+            yield event(schemas.chunk(cid, model, {"role": "assistant", "content": ""}, index=i))
         try:
-            async for tok, fin in tokens(handle):
-                count += 1
-                piece = "" if tok in handle.config.stop_token_ids else stream.push(tok)
-                if fin:
-                    finish = fin
-                    piece += stream.finish()
-                if piece:
-                    yield event(schemas.chunk(cid, model, {"content": piece}))
+            async with aclosing(events(handles)) as stream:  # a client gone mid-stream leaves no read pending
+                async for i, token in stream:
+                    reply = replies[i]
+                    piece, entries = reply.push(token)
+                    if piece or entries:
+                        logprobs = entries if reply.logprobs else None
+                        yield event(schemas.chunk(cid, model, {"content": piece}, index=i, logprobs=logprobs))
+                    if token.finish:
+                        yield event(schemas.chunk(cid, model, {}, reply.finish, index=i))
         except HTTPException as e:  # headers are gone: report the failure in the stream
             yield event(schemas.error_body(str(e.detail), "server_error"))
             return
-        yield event(schemas.chunk(cid, model, {}, finish))
         if include_usage:
-            yield event(schemas.chunk(cid, model, {}, usage_=schemas.usage(prompt_tokens, count)))
+            yield event(schemas.chunk(cid, model, {}, usage_=usage(prompt_tokens, replies)))
         yield "data: [DONE]\n\n"
     finally:
-        engine.cancel(handle)  # the client went away mid-stream: free its row
+        for handle in handles:
+            engine.cancel(handle)  # the client went away mid-stream: free the rows
 
 
 class ServerThread:

@@ -62,8 +62,13 @@ class StreamOptions(Options):
 
 
 # Options that would change the reply, which this server cannot honour: refused unless null, false or empty.
-UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "response_format", "tools", "tool_choice", "functions",
+UNSUPPORTED = ("logit_bias", "response_format", "tools", "tool_choice", "functions",
                "function_call")
+
+
+# Choices per request: each takes a row of the batch (or a place in the queue), so one request cannot take
+# them all; 16 covers best-of-n and pass@k uses.
+MAX_CHOICES = 16
 
 
 class ChatCompletionRequest(Options):
@@ -78,15 +83,15 @@ class ChatCompletionRequest(Options):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)  # extension (vLLM-style)
     repetition_penalty: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # extension
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-2**63, le=2**64 - 1)  # what torch's generators take
     stream: bool = False
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(default=0.0, ge=0, le=0)  # not implemented: only 0 accepted
     presence_penalty: float = Field(default=0.0, ge=0, le=0)  # not implemented: only 0 accepted
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # OpenAI's range
     logit_bias: dict[str, float] | None = None
     response_format: dict | None = None
     tools: list | None = None
@@ -103,6 +108,17 @@ class ChatCompletionRequest(Options):
         if not harmless:
             raise ValueError(f"{info.field_name} is not supported by this server (leave it unset, null or empty)")
         return value
+
+    @model_validator(mode="after")
+    def top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:  # as OpenAI: not silently ignored
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def reported_logprobs(self) -> int | None:
+        """`GenerationConfig.top_logprobs`: None when logprobs are not asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -124,15 +140,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(cid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def completion(cid: str, model: str, choices: list[dict], usage_: dict) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage_}
 
 
-def chunk(cid: str, model: str, delta: dict, finish: str | None = None, usage_: dict | None = None) -> dict:
-    choices = [] if usage_ is not None else [{"index": 0, "delta": delta, "logprobs": None,
+def chunk(cid: str, model: str, delta: dict, finish: str | None = None, usage_: dict | None = None,
+          index: int = 0, logprobs: list[dict] | None = None) -> dict:
+    """A stream chunk: the delta of choice `index` (with `logprobs`, the entries of its tokens), or the usage."""
+    content = {"content": logprobs, "refusal": None} if logprobs is not None else None
+    choices = [] if usage_ is not None else [{"index": index, "delta": delta, "logprobs": content,
                                                "finish_reason": finish}]
     out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
            "choices": choices}
