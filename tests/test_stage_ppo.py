@@ -32,11 +32,11 @@ from minimind_fast.training.ppo import (
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
 
 
-def _hand_gae(rewards, logp, ref, values, kl_coef, gamma, lam):
+def _hand_gae(rewards, logp, ref, values, kl_coef, gamma, lam, mask=MASK):
     """Per row, over its completion tokens only: the rewards, then GAE backwards from a terminal 0."""
     token_r, adv = torch.zeros_like(values), torch.zeros_like(values)
-    for i in range(MASK.shape[0]):
-        idx = [t for t in range(MASK.shape[1]) if MASK[i, t]]
+    for i in range(mask.shape[0]):
+        idx = [t for t in range(mask.shape[1]) if mask[i, t]]
         r = [-kl_coef * (logp[i, t].item() - ref[i, t].item()) for t in idx]
         r[-1] += rewards[i].item()
         running = next_value = 0.0
@@ -73,6 +73,21 @@ def test_token_rewards_gae_and_whitening_equal_a_float64_loop(gamma, lam):
     # Without a reference the rewards are the completions' own, at their last token only.
     plain = token_rewards(rewards + 1, logp, None, MASK, 0.1)
     assert plain.nonzero().tolist() == [[0, 5], [1, 6], [2, 2]] and plain[[0, 1, 2], [5, 6, 2]].tolist() == [2, 1, 1.6]
+
+
+def test_gae_runs_across_the_tool_results_between_turns():
+    """A multi-turn rollout's sampled tokens have tool results between them (outside the mask): the
+    estimates are those of the sampled tokens side by side, the final reward reaching the first turn."""
+    mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0], [1, 0, 1, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(5)
+    logp = -3 * torch.rand(mask.shape, generator=g, dtype=torch.float64)
+    ref = logp + 0.5 * torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    values = torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    rewards = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    expected_r, expected_adv = _hand_gae(rewards, logp, ref, values, 0.1, 0.9, 0.8, mask)
+    got_r = token_rewards(rewards, logp, ref, mask, 0.1)
+    assert torch.allclose(got_r, expected_r, atol=1e-12, rtol=0)
+    assert torch.allclose(gae(got_r, values, mask, 0.9, 0.8), expected_adv, atol=1e-12, rtol=0)
 
 
 def test_ppo_loss_and_gradients_equal_the_formula_in_float64():

@@ -10,7 +10,9 @@ has learnt something. Per completion token t (the position predicting it gives V
     delta_t = r_t + gamma * V_{t+1} - V_t,  V after the last token = 0
     A_t = delta_t + gamma * lam * A_{t+1}  (GAE),  returns R_t = A_t + V_t
 
-A is then whitened over the micro-batch's completion tokens. The loss averages over those tokens
+With --tools (multi-turn rollouts, see grpo.py) t runs over the sampled tokens only: the tool results
+between turns are skipped, neither steps nor discounted. A is then whitened over the micro-batch's
+completion tokens. The loss averages over those tokens
 
     -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A)
     + vf_coef * 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2),  c = cliprange_value.
@@ -62,24 +64,26 @@ def token_rewards(rewards: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
     per_token = torch.zeros_like(logprobs)
     if ref_logprobs is not None and kl_coef:
         per_token = -kl_coef * (logprobs - ref_logprobs)
-    # A completion's tokens are consecutive, so its last one is where the running count reaches the total.
+    # The last sampled token is where the running count reaches the total (tool results between turns or not).
     last = mask & (mask.cumsum(-1) == mask.sum(-1, keepdim=True))
     return (per_token + last * rewards[:, None].to(per_token.dtype)) * mask
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
         lam: float) -> torch.Tensor:
-    """Generalised advantage estimates (N, K) over each row's completion tokens (`mask`, consecutive);
-    the value after a completion's last token is 0 (the episode ends there). Zero outside `mask`."""
+    """Generalised advantage estimates (N, K) over each row's completion tokens (`mask`), as if they were
+    consecutive: tokens outside the mask between them (a multi-turn rollout's tool results) are no steps
+    of the policy, so the estimate runs across them undiscounted. The value after a completion's last
+    token is 0 (the episode ends there). Zero outside `mask`."""
     advantages = torch.zeros_like(values)
     running = next_value = torch.zeros_like(values[:, 0])
     for t in reversed(range(values.shape[1])):
         m = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        # Outside the completion (padding after it, prompt before it) both restart from 0.
-        running = torch.where(m, delta + gamma * lam * running, 0.0)
-        next_value = torch.where(m, values[:, t], 0.0)
-        advantages[:, t] = running
+        # Outside the mask both carry over: from 0 in the padding after the completion, across the gaps
+        running = torch.where(m, delta + gamma * lam * running, running)
+        next_value = torch.where(m, values[:, t], next_value)
+        advantages[:, t] = torch.where(m, running, 0.0)
     return advantages
 
 
