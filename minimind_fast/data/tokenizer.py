@@ -252,6 +252,9 @@ class ChatTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, seqs: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.decode_batch([list(s) for s in seqs], skip_special_tokens=skip_special_tokens)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes of one token. A byte-level piece may hold part of a UTF-8 character, which its
         decoded text can only show as U+FFFD; an added token (<|im_end|>, ...) is its text; an id past the

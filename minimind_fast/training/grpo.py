@@ -24,6 +24,13 @@ forward, mu > 1 needs the model without dropout (another mask per update would m
 checkpoint records the objective (reference weights, rewards, sampling and clipping settings) and a
 resume with other ones is refused.
 
+With `--tools` a rollout is multi-turn (tools.py): the model's tool calls are run, their results appended
+as the chat template renders them, and sampling goes on, up to `--max-turns` turns. The sequence trained
+on is the prompt, each turn and the template's tokens between turns; only the sampled tokens are in the
+mask, so the loss, `logp_old`, the reference's log-probabilities and the KL are over them alone. The
+rewards score the last turn's text as the completion, and find the whole conversation in the sample
+(`rewards.TRAJECTORY`).
+
 Under ZeRO-3 the parameters are partitioned, so before sampling every rank gathers them
 (`deepspeed.zero.GatheredParameters`, collective) into a private full copy and generates with that;
 this costs one more copy of the model per rank, fine for MiniMind sizes.
@@ -46,11 +53,21 @@ import torch.distributed as dist
 from minimind_fast.checkpoint import weights_fingerprint
 from minimind_fast.data.loaders import ShardLoader
 from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt_file
+from minimind_fast.data.records import conversation_tools
 from minimind_fast.generation import GenerationConfig, generate
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.reward_model import load_model_reward
-from minimind_fast.training.rewards import REWARDS, RewardSet
+from minimind_fast.training.rewards import REWARDS, TRAJECTORY, TRAJECTORY_START, RewardSet
 from minimind_fast.training.stages import FineTuneStage, check_resumed_objective, freeze, save_objective
+from minimind_fast.training.tools import (
+    Episode,
+    Toolbox,
+    check_template,
+    check_timeout_support,
+    decode_groups,
+    definition_name,
+    run_episodes,
+)
 
 ADV_EPS = 1e-4
 DEFAULT_REWARDS = ["answer", "format"]  # when neither --reward nor --reward-model is given
@@ -61,7 +78,8 @@ OBJECTIVE_FLAGS = {"reference": "the reference's weights (--init, when --kl-beta
                    "kl_beta": "--kl-beta", "clip_eps": "--clip-eps", "group_size": "--group-size",
                    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
                    "max_new_tokens": "--max-new-tokens", "updates_per_rollout": "--updates-per-rollout",
-                   "missing_eos_penalty": "--missing-eos-penalty"}
+                   "missing_eos_penalty": "--missing-eos-penalty", "tools": "--tools (its source)",
+                   "max_turns": "--max-turns"}
 
 
 # ------------------------------------------------------------------------------------- the maths
@@ -136,24 +154,28 @@ class Rollout:
 
 
 def pack_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   sampled: list[list[bool]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded inputs (N, L) and, for the last K = L - min_prompt + 1 positions only (the only
-    ones that can predict a completion token), targets and the completion mask (N, K)."""
+    ones that can predict a completion token), targets and the completion mask (N, K). `sampled` marks
+    which completion tokens the policy sampled (a multi-turn rollout's tool results are not): the mask's
+    True entries; all of them when None."""
     seqs = [p + c for p, c in zip(prompts, completions)]
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.bool)  # mask[:, t]: token t is a completion token
+    mask = torch.zeros((len(seqs), length), dtype=torch.bool)  # mask[:, t]: token t is a sampled token
     for i, (p, s) in enumerate(zip(prompts, seqs)):
         ids[i, :len(s)] = torch.tensor(s)
-        mask[i, len(p):len(s)] = True
+        mask[i, len(p):len(s)] = True if sampled is None else torch.tensor(sampled[i], dtype=torch.bool)
     start = min(len(p) for p in prompts)  # first completion token's position
     # Position t predicts token t+1: inputs are ids[:, :-1], and the kept positions are start-1 .. L-2.
     return ids[:, :-1], ids[:, start:], mask[:, start:]
 
 
-def rollout_seed(seed: int, rank: int, rollout_id: int) -> int:
-    """A sampling seed per (run seed, rank, rollout): reproducible, and unrelated across rollouts."""
-    digest = hashlib.sha256(f"{seed}:{rank}:{rollout_id}".encode()).digest()
+def rollout_seed(seed: int, rank: int, rollout_id: int, turn: int = 0) -> int:
+    """A sampling seed per (run seed, rank, rollout, turn): reproducible, and unrelated across rollouts and
+    turns (a row of turn t draws from seed + its place in the turn's batch, as `generate` seeds rows)."""
+    key = f"{seed}:{rank}:{rollout_id}" + (f":{turn}" if turn else "")  # turn 0: the seed of single-turn runs
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:6], "little")
 
 
@@ -178,6 +200,14 @@ def add_rollout_arguments(parser: argparse.ArgumentParser, title: str, group_siz
     g.add_argument("--missing-eos-penalty", type=float, default=0.0, metavar="P",
                    help="subtracted from the total reward of a completion cut at --max-new-tokens before its "
                         "stop token (the rewards, a reward model's included, score it as if it were finished)")
+    g.add_argument("--tools", metavar="FILE.py|pkg.module",
+                   help="multi-turn rollouts with tools: the module's public functions, called by name with a "
+                        "tool call's JSON arguments as keyword arguments (see tools.py)")
+    g.add_argument("--max-turns", type=int, default=3,
+                   help="with --tools: sampled turns per rollout at most (a turn that calls tools is answered "
+                        "and followed by another)")
+    g.add_argument("--tool-timeout", type=float, default=10.0, metavar="S",
+                   help="with --tools: a call running longer is interrupted and answered with an error (0: no limit)")
     g.add_argument("--clip-eps", type=float, default=0.2)
     g.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (mu)")
     g.add_argument("--tokenizer", help="tokenizer directory, for an --init with none stored (one other than "
@@ -210,6 +240,7 @@ class GRPOStage(FineTuneStage):
         self.buffer: dict[int, Rollout] = {}
         self.reference: MiniMindForCausalLM | None = None
         self.rollout_copy: MiniMindForCausalLM | None = None
+        self.toolbox: Toolbox | None = None
         self._tokens = 0
 
     # --- data ----------------------------------------------------------------------------
@@ -229,6 +260,10 @@ class GRPOStage(FineTuneStage):
             problems.append(f"--missing-eos-penalty must be >= 0 and finite, got {a.missing_eos_penalty}")
         if a.updates_per_rollout < 1:
             problems.append(f"--updates-per-rollout must be >= 1, got {a.updates_per_rollout}")
+        if a.max_turns < 1:
+            problems.append(f"--max-turns must be >= 1, got {a.max_turns}")
+        if not 0 <= a.tool_timeout < math.inf:
+            problems.append(f"--tool-timeout must be >= 0 (0: no limit) and finite, got {a.tool_timeout}")
         if a.max_new_tokens < 1 or a.max_new_tokens >= a.seq_len:
             problems.append(f"--max-new-tokens ({a.max_new_tokens}) must be >= 1 and below --seq-len "
                             f"({a.seq_len}), which bounds prompt + completion")
@@ -265,13 +300,18 @@ class GRPOStage(FineTuneStage):
         if a.reward_model and MODEL_REWARD in [r.name for r in self.rewards.rewards]:
             raise ValueError(f"--reward: a reward named '{MODEL_REWARD}' would be logged as --reward-model's "
                              "reward_model: rename the function")
+        self._check_tool_flags()
         self.tokenizer = find_tokenizer(a.init, a.tokenizer)
         required = {f: f"the '{r.name}' reward" for r in self.rewards.rewards for f in r.fields}
         records = read_prompt_file(data, required)
+        if self.toolbox is not None:
+            self.toolbox.check_declared(records, str(data))
         self.prompts, kept = encode_prompts(records, self.tokenizer, a.seq_len - a.max_new_tokens, str(data))
         if not kept:
             raise ValueError(f"{data}: every prompt is longer than --seq-len {a.seq_len} - --max-new-tokens "
                              f"{a.max_new_tokens} tokens")
+        if self.toolbox is not None:
+            self._check_tool_template(kept[0].messages)
         self.samples = [r.sample for r in kept]
         self.messages = [r.messages for r in kept]  # what a reward model reads before each completion
         self.model_reward = (load_model_reward(a.reward_model, self.tokenizer, a.seq_len, a.kernels,
@@ -285,6 +325,26 @@ class GRPOStage(FineTuneStage):
                 "tokenizer_dir": str(tok.dir), "seq_len": a.seq_len, "sources": [str(data)],
                 "skipped": {"too_long": skipped},
                 "splits": {"train": {"tokens": sum(map(len, self.prompts)), "docs": len(kept), "shards": []}}}
+
+    def _check_tool_flags(self) -> None:
+        """Load --tools, and refuse what needs it or does not go with it."""
+        a = self.args
+        trajectory_rewards = [r.name for r in self.rewards.rewards if getattr(r.fn, "needs_trajectory", False)]
+        if not a.tools:
+            if trajectory_rewards:
+                raise ValueError(f"--reward {trajectory_rewards[0]} reads the rollout's tool calls: it needs --tools")
+            return
+        if a.reward_model:
+            raise ValueError("--reward-model with --tools: a reward model scores one reply to the prompt, not a "
+                             "conversation with tool results; score multi-turn rollouts with --reward functions")
+        check_timeout_support(a.tool_timeout)
+        self.toolbox = Toolbox(a.tools, a.tool_timeout)
+
+    def _check_tool_template(self, messages: list[dict]) -> None:
+        """The chat template must answer a call by appending the result (tools.check_template), tried on a
+        prompt of the run with a tool it declares (or any of the module's)."""
+        declared = [definition_name(d) for d in conversation_tools(messages) or []]
+        check_template(self.tokenizer, messages, (declared or sorted(self.toolbox.functions))[0])
 
     def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
                      pin_memory: bool = False) -> PromptLoader:
@@ -328,6 +388,9 @@ class GRPOStage(FineTuneStage):
         record = {key: getattr(a, key) for key in self.objective_flags
                   if key not in ("reference", "reward", "reward_model")}
         record["reward"] = sorted(self.reward_specs())
+        # none without --tools: a checkpoint from before the flag recorded none
+        record["tools"] = self.toolbox.fingerprint if self.toolbox else None
+        record["max_turns"] = a.max_turns if self.toolbox else None
         # none when off: a checkpoint from before the flag recorded none, and resumes as an unpenalised run
         record["missing_eos_penalty"] = a.missing_eos_penalty or None
         m = self.model_reward
@@ -364,36 +427,82 @@ class GRPOStage(FineTuneStage):
         a, tok = self.args, self.tokenizer
         g = a.group_size
         prompts = [p for p in batch["prompt_ids"] for _ in range(g)]
-        samples = [s for s in batch["samples"] for _ in range(g)]
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        config = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                                  top_p=a.top_p, stop_token_ids=[tok.eos_token_id],
-                                  seed=rollout_seed(a.seed, rank, batch["rollout_id"]))
         module = getattr(engine, "module", engine)
         was_training = module.training
         with self._sampling_model(engine) as model:
-            completions = generate(model, prompts, config, pad_id=tok.pad_token_id, keep_stop_token=True)
+            episodes = self._episodes(model, batch, prompts)
         module.train(was_training)
-        texts = [tok.decode(c) for c in completions]
-        totals, parts = self.rewards.score(texts, samples)
+        samples = self._reward_samples(batch, episodes)
+        totals, parts = self.rewards.score([e.final_text for e in episodes], samples)
         param = next(module.parameters())
         device = param.device
-        if self.model_reward is not None:
+        if self.model_reward is not None:  # single-turn only (refused with --tools): final is the completion
             messages = [self.messages[i] for i in batch["prompt_index"] for _ in range(g)]
-            totals = self._add_model_reward(totals, parts, messages, completions, param)
-        cut = [not c or c[-1] != tok.eos_token_id for c in completions]
+            totals = self._add_model_reward(totals, parts, messages, [e.final for e in episodes], param)
+        cut = [not e.final or e.final[-1] != tok.eos_token_id for e in episodes]
         totals = [t - a.missing_eos_penalty * c for t, c in zip(totals, cut)]
         rewards = torch.tensor(totals, dtype=torch.float32)
-        input_ids, targets, mask = (t.to(device) for t in pack_sequences(prompts, completions, tok.pad_token_id))
+        packed = pack_sequences(prompts, [e.tail for e in episodes], tok.pad_token_id, [e.sampled for e in episodes])
+        input_ids, targets, mask = (t.to(device) for t in packed)
         advantages, own_metrics = self._sampled_advantages(rewards)
         metrics = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
                    **{f"reward_{k}": sum(v) / len(v) for k, v in parts.items()},
-                   "completion_len": sum(map(len, completions)) / len(completions),
-                   "truncated": sum(cut) / len(cut), **own_metrics}
+                   "completion_len": sum(sum(e.sampled) for e in episodes) / len(episodes),
+                   "truncated": sum(cut) / len(cut), **self._tool_metrics(episodes), **own_metrics}
         return Rollout(input_ids, targets, mask, rewards.to(device),
                        advantages.to(device) if advantages is not None else None,
                        self._reference_logprobs(input_ids, targets, param.dtype), None, metrics,
-                       sum(len(p) + len(c) for p, c in zip(prompts, completions)))
+                       sum(len(e.ids) for e in episodes))
+
+    def _episodes(self, model: MiniMindForCausalLM, batch: dict, prompts: list[list[int]]) -> list[Episode]:
+        """Each row's rollout: one turn, or with --tools as many as the calls ask for (tools.run_episodes)."""
+        a = self.args
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        messages = ([self.messages[i] for i in batch["prompt_index"] for _ in range(a.group_size)]
+                    if self.toolbox else None)
+
+        def sample_turn(ids: list[list[int]], budgets: list[int], turn: int) -> list[list[int]]:
+            return self._sample_turn(model, ids, budgets, rollout_seed(a.seed, rank, batch["rollout_id"], turn))
+
+        return run_episodes(prompts, messages, sample_turn, self.tokenizer, self.toolbox, a.max_turns, a.seq_len,
+                            a.max_new_tokens)
+
+    def _sample_turn(self, model: MiniMindForCausalLM, prompts: list[list[int]], budgets: list[int],
+                     seed: int) -> list[list[int]]:
+        """One turn of every row, at most `budgets[i]` new tokens each (the stop token kept, as it is scored),
+        in as few decoder batches as the model's context allows."""
+        a, tok = self.args, self.tokenizer
+        out: list[list[int]] = [[] for _ in prompts]
+        done = 0  # rows already seeded: every row gets its own seed (generate gives row j seed + j)
+        for rows in decode_groups([len(p) for p in prompts], budgets, model.config.max_position_embeddings):
+            config = GenerationConfig(max_new_tokens=max(budgets[i] for i in rows), temperature=a.temperature,
+                                      top_k=a.top_k, top_p=a.top_p, stop_token_ids=[tok.eos_token_id],
+                                      seed=seed + done)
+            completions = generate(model, [prompts[i] for i in rows], config, pad_id=tok.pad_token_id,
+                                   keep_stop_token=True)
+            for i, c in zip(rows, completions):
+                out[i] = c[:budgets[i]]
+            done += len(rows)
+        return out
+
+    def _reward_samples(self, batch: dict, episodes: list[Episode]) -> list[dict]:
+        """What the rewards get as `sample`: the prompt's record, and with --tools each row's conversation and
+        where the rollout's own messages start in it (a copy per row: the G rows of a prompt share a record)."""
+        g = self.args.group_size
+        samples = [s for s in batch["samples"] for _ in range(g)]
+        if self.toolbox is None:
+            return samples
+        starts = [len(self.messages[i]) for i in batch["prompt_index"] for _ in range(g)]
+        return [{**s, TRAJECTORY: e.messages, TRAJECTORY_START: start}
+                for s, e, start in zip(samples, episodes, starts)]
+
+    def _tool_metrics(self, episodes: list[Episode]) -> dict[str, float]:
+        """Tool calls run per rollout, the share of them answered with an error, turns per rollout."""
+        if self.toolbox is None:
+            return {}
+        calls = sum(e.calls for e in episodes)
+        return {"tool_calls": calls / len(episodes), "tool_errors": sum(e.errors for e in episodes) / max(calls, 1),
+                "turns": sum(e.turns for e in episodes) / len(episodes)}
 
     def _add_model_reward(self, totals: list[float], parts: dict[str, list[float]], messages: list[list[dict]],
                           completions: list[list[int]], like: torch.Tensor) -> list[float]:

@@ -5,10 +5,17 @@ A reward function takes the decoded completion (special tokens stripped) and the
 
     def my_reward(completion: str, sample: dict) -> float: ...
 
-`--reward` names one per flag: a shipped name (`answer`, `format`, `repetition`), `package.module:function`, or
-`path/to/file.py:function`, each optionally followed by `:WEIGHT` (default 1). The total reward of a
-completion is the weighted sum. A function may list the record fields it needs in a `fields`
-attribute (tuple of names) so that missing fields fail at start-up with the file and line, not mid-run.
+With `--tools` (multi-turn rollouts, tools.py) the completion is the last turn's text, and the sample also
+holds the whole conversation under `TRAJECTORY` ("_trajectory": the prompt's messages, then each turn as an
+assistant message with its well-formed calls in `tool_calls`, each answered by a `tool` message, its
+content the result or `{"error": ...}`), the rollout's own messages from index `sample[TRAJECTORY_START]`
+on. A function that reads them sets `needs_trajectory = True`, so that a run without --tools refuses it.
+
+`--reward` names one per flag: a shipped name (`answer`, `format`, `repetition`, `tool_format`),
+`package.module:function`, or `path/to/file.py:function`, each optionally followed by `:WEIGHT` (default 1).
+The total reward of a completion is the weighted sum. A function may list the record fields it needs in a
+`fields` attribute (tuple of names) so that missing fields fail at start-up with the file and line, not
+mid-run.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from minimind_fast.data.records import conversation_tools
+from minimind_fast.training.tools import definition_name, parse_tool_calls
 
 RewardFn = Callable[[str, dict], float]
 
@@ -39,6 +49,7 @@ TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 WORD = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
 REPEAT_N = 3
+TRAJECTORY, TRAJECTORY_START = "_trajectory", "_trajectory_start"  # a --tools rollout's conversation in `sample`
 
 
 def _as_number(text: str) -> float | None:
@@ -102,7 +113,30 @@ def repetition_reward(completion: str, sample: dict) -> float:
     return -(len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
-REWARDS: dict[str, RewardFn] = {"answer": answer_reward, "format": format_reward, "repetition": repetition_reward}
+def tool_format_reward(completion: str, sample: dict) -> float:
+    """(good - bad) / calls over every tool call of the rollout: good is well-formed and names a tool the
+    prompt declares, bad is anything else (not JSON, no name, an undeclared tool). 1 when every call is
+    good, -1 when none is, 0 for a rollout without calls. Whether the tool was the right one, or its result
+    used, is the task's own reward to judge."""
+    messages = sample[TRAJECTORY]
+    declared = {definition_name(d) for d in conversation_tools(messages) or []}
+    good = bad = 0
+    for m in messages[sample[TRAJECTORY_START]:]:
+        if m["role"] != "assistant":
+            continue
+        for call in m.get("tool_calls") or []:
+            if call["function"]["name"] in declared:
+                good += 1
+            else:
+                bad += 1
+        bad += len(parse_tool_calls(m["content"])[1])  # the malformed ones, left in the content
+    return (good - bad) / (good + bad) if good + bad else 0.0
+
+
+tool_format_reward.needs_trajectory = True
+
+REWARDS: dict[str, RewardFn] = {"answer": answer_reward, "format": format_reward, "repetition": repetition_reward,
+                                "tool_format": tool_format_reward}
 
 
 @dataclass

@@ -1,0 +1,401 @@
+"""Tool use in RL rollouts (`--tools`): the tools module, the calls a model writes, running them, and the
+multi-turn rollout that GRPO and PPO sample.
+
+The tools module (`--tools FILE.py` or `--tools pkg.module`) is plain Python: each public function defined
+in it (not imported into it, name not starting with `_`) is a tool of that name. A call's JSON `arguments`
+object is passed as keyword arguments; the return value, a str as is or anything else as JSON, is the
+content of the `tool` message that answers the call, cut to `RESULT_CHARS` characters. A call that cannot
+run (not JSON, an unknown tool, arguments that do not fit the function's signature) or that raises or
+outlives `--tool-timeout` is answered with `{"error": "..."}` instead, which the model reads and learns
+from: a tool never stops the run. A module that cannot be imported, or a prompt declaring a tool that
+the module lacks, is refused at start-up. The module runs in the training process: it is your code.
+
+Calls are parsed the way MiniMind-3's chat template writes them (Qwen's layout):
+`<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>`, any number per turn.
+
+A rollout (`Episode`) is the prompt's tokens, then the model's first turn through its stop token, then
+the template's tokens that answer its calls (the rest of the assistant turn, the `tool` messages, the
+next generation prompt), then the next turn, and so on: until a turn calls no tool, `--max-turns` turns,
+or `--seq-len` tokens. Only the sampled tokens carry the loss. The tokens between turns are the
+difference between two renderings of the conversation (before and after the tool messages), appended
+to what the model actually saw, never a re-encoding of the whole conversation: a template that
+re-renders an earlier turn otherwise (normalised JSON, thinking stripped) or a tokenization that differs
+from the sampled one would otherwise make the training sequence disagree with the context each turn was
+sampled in. Every turn's context is thus a prefix of the final sequence.
+
+The timeout is SIGALRM (`setitimer`), which interrupts a stuck Python function in the main thread,
+where the engine samples; a watchdog thread could only stop waiting for it and leave it running. It
+raises `ToolTimeout`, a BaseException, so that a tool's own `except Exception` does not swallow it. It
+cannot interrupt C code that does not return to the interpreter (a long regex, a socket without a
+timeout), and tools must leave SIGALRM alone. Exact resume needs deterministic tools: a tool that reads
+the clock, the network or its own state, or that times out, samples another continuation after a resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import re
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minimind_fast.data.records import TOOL_FIELDS, conversation_field, conversation_tools
+from minimind_fast.data.tokenizer import ChatTokenizer
+
+RESULT_CHARS = 2000  # a tool message's content at most: a huge result would fill the sequence budget
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+# A call block; an opening tag inside a block ends no block of its own, so it is an unclosed call.
+CALL_BLOCK = re.compile(r"<tool_call>((?:(?!<tool_call>).)*?)</tool_call>", re.DOTALL)
+PROBE = "probe result 7f3a"  # the tool result the start-up check renders
+
+
+# ----------------------------------------------------------------------------------- parsing calls
+
+@dataclass
+class ToolCall:
+    name: str | None
+    arguments: dict | None
+    problem: str | None = None  # why it cannot run (not JSON, no name, arguments not an object)
+
+
+def _read_call(body: str) -> ToolCall:
+    try:
+        obj = json.loads(body)
+    except ValueError as e:
+        return ToolCall(None, None, f"the tool call is not JSON ({e.msg} at column {e.colno}): {body[:200]!r}")
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return ToolCall(None, None, 'a tool call is a JSON object {"name": "...", "arguments": {...}}')
+    name, args = obj["name"], obj.get("arguments")
+    if isinstance(args, str):  # the object quoted as a string, as OpenAI's API carries it
+        try:
+            args = json.loads(args)
+        except ValueError:
+            pass
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        return ToolCall(name, None, f"the arguments of {name} must be a JSON object, got {json.dumps(args)[:200]}")
+    return ToolCall(name, args)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """The calls in a turn's text, in order, and the text without the well-formed ones (the reply's content).
+
+    A block that does not parse stays in the content and comes back as a call with a `problem`, as does
+    an opening tag never closed: the model is answered with an error rather than ignored.
+    """
+    calls, content, pos = [], [], 0
+    for m in CALL_BLOCK.finditer(text):
+        call = _read_call(m.group(1).strip())
+        calls.append(call)
+        if call.problem is None:
+            content.append(text[pos:m.start()])
+            pos = m.end()
+    content.append(text[pos:])
+    unclosed = text.count(OPEN) - len(calls)
+    calls += [ToolCall(None, None, f"{OPEN} without its {CLOSE}") for _ in range(unclosed)]
+    return "".join(content).strip(), calls
+
+
+def assistant_message(content: str, calls: list[ToolCall]) -> dict:
+    """A turn as a chat message, its well-formed calls in OpenAI's `tool_calls` (what templates render)."""
+    message = {"role": "assistant", "content": content}
+    good = [c for c in calls if c.problem is None]
+    if good:
+        message["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in good]
+    return message
+
+
+def definition_name(definition: dict) -> str | None:
+    """The function name of a tool definition (OpenAI nests it under "function")."""
+    fn = definition.get("function") if isinstance(definition.get("function"), dict) else definition
+    name = fn.get("name")
+    return name if isinstance(name, str) and name else None
+
+
+# ----------------------------------------------------------------------------------- running calls
+
+class ToolTimeout(BaseException):
+    """Raised inside a tool by SIGALRM (a BaseException: a tool's `except Exception` must not swallow it)."""
+
+
+def _raise_timeout(signum, frame) -> None:
+    raise ToolTimeout
+
+
+def call_with_timeout(fn: Callable, kwargs: dict, seconds: float):
+    """fn(**kwargs), interrupted by ToolTimeout after `seconds` (0: never). Main thread only (SIGALRM)."""
+    if seconds <= 0:
+        return fn(**kwargs)
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            return fn(**kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def check_timeout_support(seconds: float) -> None:
+    """Refuse at start-up a timeout this process cannot enforce (see the module docstring)."""
+    if seconds > 0 and not (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()):
+        raise ValueError(f"--tool-timeout {seconds:g} needs SIGALRM in the main thread, which this platform or "
+                         f"thread lacks: pass --tool-timeout 0 (no timeout)")
+
+
+def _error(message: str) -> str:
+    return json.dumps({"error": message[:RESULT_CHARS]}, ensure_ascii=False)
+
+
+def _result_text(name: str, value) -> tuple[str, bool]:
+    if isinstance(value, str):
+        return value[:RESULT_CHARS], False
+    try:
+        return json.dumps(value, ensure_ascii=False)[:RESULT_CHARS], False
+    except (TypeError, ValueError) as e:
+        return _error(f"{name} returned a {type(value).__name__}, which is not a str nor JSON ({e})"), True
+
+
+def _failure_line(error: BaseException, path: str | None) -> str:
+    """'file:line' of the innermost frame of `error` in `path` (the user's file), else of the innermost."""
+    frames = traceback.extract_tb(error.__traceback__)
+    mine = [f for f in frames if path and Path(f.filename) == Path(path)] or frames
+    return f"{mine[-1].filename}:{mine[-1].lineno}" if mine else str(path)
+
+
+def _import(spec: str) -> tuple[object, Path]:
+    """The module `spec` names (a .py file or a dotted module) and its source file; ValueError naming where
+    an import fails."""
+    where = None
+    try:
+        if spec.endswith(".py"):
+            where = Path(spec)
+            if not where.is_file():
+                raise ValueError(f"--tools {spec}: no such file")
+            found = importlib.util.spec_from_file_location(f"_tools_{where.stem}", where)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            found = importlib.util.find_spec(spec)
+            if found is None:
+                raise ValueError(f"--tools {spec}: no module {spec!r} (give pkg.module or a path ending in .py)")
+            where = Path(found.origin) if found.origin else None
+            module = importlib.import_module(spec)
+    except ValueError:
+        raise
+    except SyntaxError as e:
+        raise ValueError(f"--tools {spec}: {e.filename}:{e.lineno}: SyntaxError: {e.msg}") from None
+    except Exception as e:
+        raise ValueError(f"--tools {spec}: importing it raised {type(e).__name__}: {e} (at "
+                         f"{_failure_line(e, str(where) if where else None)})") from None
+    source = getattr(module, "__file__", None)
+    if not source or not Path(source).is_file():
+        raise ValueError(f"--tools {spec}: a module without a source file cannot be fingerprinted for resume")
+    return module, Path(source)
+
+
+class Toolbox:
+    """The tools of a run: a module's public functions, called by name with a call's arguments."""
+
+    def __init__(self, spec: str, timeout: float):
+        module, source = _import(spec)
+        self.spec, self.timeout = spec, timeout
+        self.functions = {name: fn for name, fn in vars(module).items()
+                          if not name.startswith("_") and inspect.isfunction(fn) and fn.__module__ == module.__name__}
+        if not self.functions:
+            raise ValueError(f"--tools {spec}: {source} defines no public function (each function it defines, "
+                             f"name not starting with _, is a tool)")
+        asynchronous = [name for name, fn in self.functions.items() if inspect.iscoroutinefunction(fn)]
+        if asynchronous:  # calling one returns a coroutine that nothing would run
+            raise ValueError(f"--tools {spec}: {asynchronous[0]} is async; tools are plain functions")
+        self.signatures = {name: inspect.signature(fn) for name, fn in self.functions.items()}
+        self.fingerprint = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+
+    def check_declared(self, records: list, source: str) -> None:
+        """Refuse a prompt (a `PromptRecord`) whose tool definitions name a function the module lacks: the
+        model would be offered a tool whose every call fails."""
+        for r in records:
+            key = conversation_field(r.sample)
+            for i, m in enumerate(r.messages):
+                for tools_key in TOOL_FIELDS:
+                    for j, d in enumerate((m.get(tools_key) or []) if m["role"] == "system" else []):
+                        name = definition_name(d)
+                        if name not in self.functions:
+                            raise ValueError(
+                                f"{source}:{r.line}: '{key}'[{i}].{tools_key}[{j}] declares the tool {name!r}, "
+                                f"which --tools {self.spec} does not define (it defines: "
+                                f"{', '.join(sorted(self.functions))})")
+
+    def run(self, call: ToolCall) -> tuple[str, bool]:
+        """The content of the tool message that answers `call`, and whether it is an error."""
+        if call.problem:
+            return _error(call.problem), True
+        fn = self.functions.get(call.name)
+        if fn is None:
+            return _error(f"unknown tool {call.name!r}; the tools are: {', '.join(sorted(self.functions))}"), True
+        try:
+            self.signatures[call.name].bind(**call.arguments)
+        except TypeError as e:
+            return _error(f"the arguments do not fit {call.name}{self.signatures[call.name]}: {e}"), True
+        try:
+            # a copy: a tool that changes its arguments must not change the transcript the rewards read
+            value = call_with_timeout(fn, copy.deepcopy(call.arguments), self.timeout)
+        except ToolTimeout:
+            return _error(f"{call.name} did not return within {self.timeout:g} s"), True
+        except (Exception, SystemExit) as e:
+            return _error(f"{call.name} raised {type(e).__name__}: {e}"), True
+        return _result_text(call.name, value)
+
+
+def tool_message(call: ToolCall, content: str) -> dict:
+    message = {"role": "tool", "content": content}
+    if call.name:
+        message["name"] = call.name
+    return message
+
+
+# ------------------------------------------------------------------------------ the chat template
+
+def _render(tok: ChatTokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    tools = conversation_tools(messages)
+    kwargs = {"tools": tools} if tools else {}  # none: our ChatML keeps its jinja-free path
+    return tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, **kwargs)
+
+
+def results_text(tok: ChatTokenizer, messages: list[dict]) -> str:
+    """The text after the model's stop token once its turn's calls are answered: the rest of the assistant
+    turn as the template ends it (a newline), the trailing `tool` messages and the next generation prompt.
+
+    `messages` ends with the assistant turn and its tool messages. The template must render a conversation
+    so that appending messages only appends text; one that does not is refused (`check_template`).
+    """
+    first = len(messages)  # the first of the trailing tool messages
+    while first > 1 and messages[first - 1]["role"] == "tool":
+        first -= 1
+    eos = tok.decode([tok.eos_token_id], skip_special_tokens=False)
+    earlier = _render(tok, messages[:first - 1], False)
+    turn = _render(tok, messages[:first], False)
+    after = _render(tok, messages, True)
+    end = turn.rfind(eos)
+    if end < len(earlier) or not after.startswith(turn):
+        raise ValueError(f"the chat template does not render tool results as text appended to the conversation "
+                         f"(after an assistant turn that ends with {eos!r}), which multi-turn rollouts need")
+    return turn[end + len(eos):] + after[len(turn):]
+
+
+def check_template(tok: ChatTokenizer, messages: list[dict], tool: str) -> None:
+    """At start-up: the template answers a call to `tool` after `messages` (a prompt) by appending text that
+    holds the tool's result."""
+    call = ToolCall(tool, {})
+    probe = [*messages, assistant_message("", [call]), tool_message(call, PROBE)]
+    try:
+        text = results_text(tok, probe)
+    except ValueError as e:
+        raise ValueError(f"--tools: {e}") from None
+    except Exception as e:  # a template's own error (raise_exception) on a tool message
+        raise ValueError(f"--tools: the chat template cannot render a tool message: {e}") from None
+    if PROBE not in text:
+        raise ValueError("--tools: the chat template leaves tool messages out, so the model would never read "
+                         "a tool's result")
+
+
+# ------------------------------------------------------------------------------ multi-turn rollouts
+
+@dataclass
+class Episode:
+    """One row's rollout: the prompt, then every turn and the template's tokens between turns."""
+
+    prompt: list[int]
+    messages: list[dict] | None  # with --tools: the conversation, the prompt's messages then each turn's
+    tail: list[int] = field(default_factory=list)  # every token after the prompt
+    sampled: list[bool] = field(default_factory=list)  # per tail token: sampled by the policy (carries loss)
+    final: list[int] = field(default_factory=list)  # the last turn's tokens
+    final_text: str = ""
+    turns: int = 0
+    calls: int = 0  # calls run (those of turns that ended with their stop token)
+    errors: int = 0  # of which answered with an error
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt + self.tail
+
+    def extend(self, tokens: list[int], sampled: bool) -> None:
+        self.tail += tokens
+        self.sampled += [sampled] * len(tokens)
+
+
+# (prompts, per-row token budgets, turn) -> each row's new tokens, its stop token included
+SampleTurn = Callable[[list[list[int]], list[int], int], list[list[int]]]
+
+
+def decode_groups(lengths: list[int], budgets: list[int], limit: int) -> list[list[int]]:
+    """Rows grouped for the decoder, which sizes its cache as the longest prompt + the largest budget and
+    refuses more than `limit` (the model's context): all rows in order when that fits, else by length."""
+    if max(lengths) + max(budgets) <= limit:
+        return [list(range(len(lengths)))]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and lengths[i] + max(budgets[j] for j in [*groups[-1], i]) <= limit:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _take_turn(e: Episode, out: list[int], text: str, toolbox: Toolbox | None, eos: int) -> bool:
+    """Add a sampled turn to the episode and run its calls; True when the calls were answered (the
+    episode may go on). A turn cut before its stop token ends the episode: its calls are not run."""
+    e.extend(out, True)
+    e.final, e.final_text, e.turns = out, text, e.turns + 1
+    if toolbox is None:
+        return False
+    content, calls = parse_tool_calls(text)
+    e.messages.append(assistant_message(content, calls))
+    if not calls or not out or out[-1] != eos:
+        return False
+    for call in calls:
+        result, failed = toolbox.run(call)
+        e.messages.append(tool_message(call, result))
+        e.calls, e.errors = e.calls + 1, e.errors + failed
+    return True
+
+
+def run_episodes(prompts: list[list[int]], messages: list[list[dict]] | None, sample_turn: SampleTurn,
+                 tok: ChatTokenizer, toolbox: Toolbox | None, max_turns: int, seq_len: int,
+                 max_new_tokens: int) -> list[Episode]:
+    """Roll every prompt out, turn by turn, the rows that go on sampled together. Without a toolbox a
+    rollout is one turn. Each turn samples at most `max_new_tokens`, and no more than leaves the whole
+    sequence within `seq_len`; tool results that would leave no room for a token end the episode."""
+    episodes = [Episode(p, None if messages is None else [dict(m) for m in msgs])
+                for p, msgs in zip(prompts, messages or [None] * len(prompts))]
+    live = episodes
+    for turn in range(max_turns if toolbox else 1):
+        outs = sample_turn([e.ids for e in live], [min(max_new_tokens, seq_len - len(e.ids)) for e in live], turn)
+        answered = [e for e, out, text in zip(live, outs, tok.decode_batch(outs))
+                    if _take_turn(e, out, text, toolbox, tok.eos_token_id)]
+        live = _answer(answered if turn + 1 < max_turns else [], tok, seq_len)
+        if not live:
+            break
+    return episodes
+
+
+def _answer(episodes: list[Episode], tok: ChatTokenizer, seq_len: int) -> list[Episode]:
+    """Append the template's tokens of each episode's tool results and next generation prompt, where they
+    leave room for at least one more token; returns the episodes that go on."""
+    going = []
+    for e, delta in zip(episodes, tok.encode_batch([results_text(tok, e.messages) for e in episodes])):
+        if len(e.ids) + len(delta) < seq_len:
+            e.extend(delta, False)
+            going.append(e)
+    return going
