@@ -33,13 +33,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # Most tests are one process waiting on a subprocess's start-up (imports, DeepSpeed), so two pytest
-# workers keep a 2-core machine busy: the suite took 9 min against 15.6 min in one worker.
+# workers keep a 2-core machine busy: the suite took 9 min against 15.6 min in one worker. One torch
+# thread per worker (the subprocesses get one too, tests/launch_helpers.py): two workers of two threads
+# each oversubscribed the cores, and in-process model tests ran about 20% slower.
 TEST_WORKERS ?= 2
+TEST_ENV = TRITON_INTERPRET=1 OMP_NUM_THREADS=1
 test: $(STAMP) lint
-	TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not gpu" -n $(TEST_WORKERS)
+	$(TEST_ENV) $(BIN)/pytest -q -m "not gpu" -n $(TEST_WORKERS)
 
 test-fast: $(STAMP) lint
-	TRITON_INTERPRET=1 $(BIN)/pytest -q -m "not gpu and not slow" -n $(TEST_WORKERS)
+	$(TEST_ENV) $(BIN)/pytest -q -m "not gpu and not slow" -n $(TEST_WORKERS)
 
 test-gpu: $(STAMP)
 	$(BIN)/pytest -q -m "gpu or not slow" tests/
