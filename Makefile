@@ -97,7 +97,8 @@ demo-all: demo
 		--steps 20 --lr 1e-5 --log-every 5 --save-every 10
 	$(PY) launch/chat.py --model $(DEMO)/grpo --prompt "What is 12 + 7?" --temperature 0
 	$(DS) launch/ppo.py --init $(DEMO)/distill --data $(DATA)/builtin/grpo_prompts.jsonl --out $(DEMO)/ppo \
-		--reward-model $(DEMO)/rm:0.5 --reward answer --reward format --seq-len 256 --micro-batch-size 4 \
+		--reward-model $(DEMO)/rm:0.5 --reward answer --reward format --reward repetition:0.5 \
+		--missing-eos-penalty 0.5 --seq-len 256 --micro-batch-size 4 \
 		--max-new-tokens 48 --steps 12 --lr 1e-5 --log-every 4 --save-every 12
 
 clean:
