@@ -6,4 +6,5 @@
 - `shards`     the versioned `.bin` format (see FORMAT.md): writer and memory-mapped reader
 - `pipeline`   streamed, parallel JSONL -> shards with a manifest
 - `loaders`    pretrain / SFT / reasoning / DPO batches with deterministic shuffling and exact resume
+- `mixture`    several shard directories mixed by weight (`--data web:0.7 code:0.3`), one source per micro-batch
 """

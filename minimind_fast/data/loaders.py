@@ -226,6 +226,11 @@ class ShardLoader:
                 "seq_len": self.seq_len, "micro_batch_size": self.batch_size, "data": self.data_id}
 
     def load_state_dict(self, state: dict) -> None:
+        if "mixture" in state:  # a MixtureLoader's (minimind_fast.data.mixture)
+            paths = ", ".join(f"{e['path']}:{e['weight']:.4g}" for e in state["mixture"])
+            raise ValueError(f"the checkpoint trained on a mixture of {len(state['mixture'])} --data sources "
+                             f"({paths}) and this run reads one directory: resume with the same sources and "
+                             f"weights, or start anew in another --out")
         check_resume_state(state, self.state_dict(), ("kind", "seed", "rank", "world_size", "seq_len",
                                                       "micro_batch_size"), "samples")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

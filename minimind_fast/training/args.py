@@ -7,10 +7,36 @@ import importlib.util
 import math
 
 from minimind_fast.config import PRESETS
+from minimind_fast.data.mixture import parse_source, parse_sources
 
 
-def training_parser(description: str, stage: str,
-                    data_help: str = "shard directory written by launch/tokenize.py") -> argparse.ArgumentParser:
+class DataSources(argparse.Action):
+    """`--data DIR[:WEIGHT] [DIR[:WEIGHT] ...]`: one directory is kept as the plain path it always was
+    (config.json and every message unchanged), several as the list of specs, checked here so that a
+    bad weight or a repeated directory stops the run before any work. A stage without mixtures
+    (`several=False`: GRPO's and PPO's prompt file) refuses more than one."""
+
+    def __init__(self, *args, several: bool = True, **kwargs):
+        self.several = several
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 1 and not self.several:
+            raise argparse.ArgumentError(self, f"this stage reads one prompts file, got {len(values)} "
+                                               f"({' '.join(values)}); several sources mix shard directories "
+                                               f"(pretrain, SFT, LoRA, distill, DPO, reward model)")
+        if self.several:
+            try:
+                parse_sources(values)  # for its errors: the engine parses the specs kept here again
+            except ValueError as e:
+                raise argparse.ArgumentError(self, str(e)) from None
+            if len(values) == 1:  # a lone directory's weight changes nothing
+                values = [parse_source(values[0])[0]]
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
+
+
+def training_parser(description: str, stage: str, data_help: str = "shard directory written by launch/tokenize.py",
+                    mixes_sources: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     g = p.add_argument_group("model")
     if stage == "pretrain":
@@ -30,15 +56,20 @@ def training_parser(description: str, stage: str,
                    help="keep attention inside packed documents (flash-attn varlen or a block mask)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help=data_help)
-    g.add_argument("--val-data", help="shard directory for evaluation (default: --data's val split)")
+    if mixes_sources:
+        data_help += ("; several DIR[:WEIGHT] (weight default 1) train on a mixture: each micro-batch from one "
+                      "directory, in proportion to the weights (needs --steps)")
+    g.add_argument("--data", required=True, nargs="+", action=DataSources, several=mixes_sources, help=data_help,
+                   metavar="DIR[:WEIGHT]" if mixes_sources else "FILE")
+    g.add_argument("--val-data", help="shard directory for evaluation (default: --data's val split; with several "
+                                      "sources, each one's)")
     g.add_argument("--seq-len", type=int, default=512)
     g.add_argument("--micro-batch-size", type=int, default=16)
     g.add_argument("--grad-accum", type=int, default=1)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
-    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over --data when --steps is not given")
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--min-lr-ratio", type=float, default=0.1)
     g.add_argument("--warmup-steps", type=int, default=0)
@@ -90,7 +121,11 @@ def check_training_args(args: argparse.Namespace) -> None:
     problems = [f"--{name.replace('_', '-')} {value}: must be {rule}"
                 for name, (low, rule) in LOWER_BOUNDS.items()
                 if (value := getattr(args, name, None)) is not None and value < low]
-    if args.steps is None and not args.epochs > 0:
+    data = getattr(args, "data", None)
+    if isinstance(data, list) and args.steps is None:  # DataSources keeps one directory a plain path
+        problems.append(f"--data with {len(data)} sources needs --steps: --epochs has no meaning over a mixture "
+                        f"(each source repeats at its own pace)")
+    elif args.steps is None and not args.epochs > 0:
         problems.append(f"--epochs {args.epochs}: must be > 0")
     minutes = getattr(args, "save_every_minutes", None)
     if minutes is not None and not 0 < minutes < math.inf:

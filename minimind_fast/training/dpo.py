@@ -157,6 +157,10 @@ class DPOStage(PairStage):
             raise ValueError(f"--beta {a.beta}: must be positive")
         if not 0 <= a.label_smoothing < 0.5:
             raise ValueError(f"--label-smoothing {a.label_smoothing}: must be in [0, 0.5)")
+        if a.precompute_reference and isinstance(a.data, list):  # several sources (DataSources keeps one a str)
+            raise ValueError("--precompute-reference keys the reference's scores by pair number in one shard "
+                             f"directory, and --data names {len(a.data)}: drop it (the reference then scores "
+                             "each batch live)")
         check_lora_flags(a)
 
     # --- reference -------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minimind_fast.data.mixture import MixtureLoader, data_argument
 from minimind_fast.evaluation import perplexity
 from minimind_fast.ops import check_kernels
 from minimind_fast.training import checkpointing
@@ -161,7 +162,7 @@ class Trainer:
         a = self.args
         check_output_dir(self.run_dir)
         check_kernels(a.kernels, self.device.type)
-        data = Path(a.data)
+        data = data_argument(a.data)  # a Path, or several sources to mix
         self.manifest = self.stage.open_data(data)
         self.tokenizer_dir = self.stage.tokenizer_dir(self.manifest)  # what checkpoints carry; checked now
         self.resume_from = self._checkpoint_to_resume()
@@ -197,8 +198,9 @@ class Trainer:
         self.val_loader = None
         if a.eval_every > 0:
             try:
-                self.val_loader = self.stage.build_loader(Path(a.val_data or data), split="val", rank=self.rank,
-                                                          world_size=self.world, vocab_size=self.config.vocab_size)
+                self.val_loader = self.stage.build_loader(Path(a.val_data) if a.val_data else data, split="val",
+                                                          rank=self.rank, world_size=self.world,
+                                                          vocab_size=self.config.vocab_size)
             except ValueError as e:
                 if a.val_data:
                     raise
@@ -269,6 +271,8 @@ class Trainer:
                                         "skipped")}
         stats["splits"] = {s: {"tokens": v["tokens"], "docs": v["docs"], "shards": len(v["shards"])}
                            for s, v in m["splits"].items()}
+        if "mixture" in m:  # several --data sources: each with its weight and counts
+            stats["mixture"] = m["mixture"]
         _write_json(self.run_dir / "dataset_stats.json", stats)
 
     # --- resume ---------------------------------------------------------------------------
@@ -481,9 +485,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss over the held-out split (one pass, at most --eval-batches batches per rank)."""
+        """Mean loss over the held-out split (one pass, at most --eval-batches batches per rank); for
+        several --data sources, over each one's split and their mean weighted by the mixing weights."""
+        if not isinstance(self.val_loader, MixtureLoader):
+            return self._evaluate(self.val_loader)
+        means = self.val_loader.combine([self._evaluate(loader) for loader in self.val_loader.loaders])
+        if self.stage.eval_is_token_loss:
+            means["val_ppl"] = perplexity(means["val_loss"])
+        return means
+
+    def _evaluate(self, val_loader) -> dict:
+        """The held-out means over one shard directory's split."""
         batches = []
-        for batch in self.val_loader.one_pass():
+        for batch in val_loader.one_pass():
             if len(batches) >= self.args.eval_batches:
                 break
             batches.append(batch)
@@ -554,7 +568,8 @@ def stage_parser(stage_cls: type[Stage]) -> argparse.ArgumentParser:
     """A stage's command line: the shared flags, described for the stage, then its own."""
     from minimind_fast.training.args import training_parser
 
-    parser = training_parser(stage_cls.__doc__ or stage_cls.name, stage_cls.name, data_help=stage_cls.data_help)
+    parser = training_parser(stage_cls.__doc__ or stage_cls.name, stage_cls.name, data_help=stage_cls.data_help,
+                             mixes_sources=stage_cls.mixes_sources)
     stage_cls.add_arguments(parser)
     return parser
 

@@ -223,6 +223,7 @@ class GRPOStage(FineTuneStage):
     data_kind = "prompts"
     data_help = ('prompts JSONL (or compressed JSONL, or Parquet), a {"prompt": ..., "answer": ...} or '
                  '{"conversations"/"messages": [...]} record a line')
+    mixes_sources = False  # one prompt file
     objective_name = "GRPO objective"
     objective_flags = OBJECTIVE_FLAGS
 

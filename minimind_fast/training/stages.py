@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from minimind_fast.checkpoint import weights_fingerprint
 from minimind_fast.config import ModelConfig, get_preset
 from minimind_fast.data.loaders import ShardLoader, build_loader, read_manifest
+from minimind_fast.data.mixture import DataSource, MixtureLoader, data_label, describe_mixture, mixture_manifest
 from minimind_fast.model import MiniMindForCausalLM
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class Stage:
     eval_is_token_loss = True
     data_kind = "pretrain"
     data_help = "shard directory written by launch/tokenize.py"  # --data in the stage's --help
+    mixes_sources = True  # --data may name several shard directories (a prompt file stage: False)
     zero_stage = 0  # the run's resolved ZeRO stage, set by the engine before build_model and setup
     precision = "fp32"  # the run's resolved precision (fp32|bf16|fp16, from flags or --deepspeed-config), likewise
     resume_from: Path | None = None  # the checkpoint this run resumes from, set by the engine likewise
@@ -106,8 +108,11 @@ class Stage:
         """Hook: the stage's own flags (LoRA rank, DPO beta, GRPO group size...)."""
 
     # --- data --------------------------------------------------------------------------
-    def open_data(self, data: Path) -> dict:
-        """The manifest of `--data`, checked against the stage's data kind (raises ValueError)."""
+    def open_data(self, data: Path | list[DataSource]) -> dict:
+        """The manifest of `--data`, checked against the stage's data kind (raises ValueError); for several
+        sources, each one's checked and `mixture_manifest` of them."""
+        if isinstance(data, list):
+            return self._open_mixture(data)
         if not (data / "manifest.json").exists():
             raise ValueError(f"--data {data}: no manifest.json there (write shards with launch/tokenize.py)")
         manifest = read_manifest(data)
@@ -117,14 +122,31 @@ class Stage:
                              f"the {self.name} stage needs {self.data_kind} shards")
         return manifest
 
-    def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
-                     pin_memory: bool = False) -> ShardLoader | PromptLoader:
+    def _open_mixture(self, sources: list[DataSource]) -> dict:
+        """Sft and reasoning shards may mix where the stage reads both (SFT, LoRA): each micro-batch comes
+        from one source, and the SFT loader gives both the same batch (plain assistant-token loss)."""
+        for source in sources:
+            if not source.path.is_dir():
+                raise ValueError(f"--data {source.path}: no such directory")
+        manifest = mixture_manifest(sources, [self.open_data(source.path) for source in sources])
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(describe_mixture(manifest), flush=True)
+        return manifest
+
+    def build_loader(self, data: Path | list[DataSource], *, split: str, rank: int, world_size: int,
+                     vocab_size: int, pin_memory: bool = False) -> ShardLoader | MixtureLoader | PromptLoader:
         """The loader of one split: `__iter__` a generator (the engine closes it), `state_dict`,
-        `load_state_dict`, `n_items`."""
+        `load_state_dict`, `n_items`; for several sources a `MixtureLoader` over one loader each."""
         a = self.args
-        return build_loader(self.data_kind, data, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
-                            seed=a.seed, rank=rank, world_size=world_size, split=split, vocab_size=vocab_size,
-                            pin_memory=pin_memory, **self.loader_options())
+
+        def one(path: Path) -> ShardLoader:
+            return build_loader(self.data_kind, path, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
+                                seed=a.seed, rank=rank, world_size=world_size, split=split, vocab_size=vocab_size,
+                                pin_memory=pin_memory, **self.loader_options())
+
+        if isinstance(data, list):
+            return MixtureLoader(data, [one(s.path) for s in data], seed=a.seed, rank=rank, world_size=world_size)
+        return one(data)
 
     def loader_options(self) -> dict:
         """Hook: extra keyword arguments for `data.loaders.build_loader` (e.g. special_token_weight)."""
@@ -270,7 +292,7 @@ class FineTuneStage(Stage):
         if a.dropout is not None:
             model.set_dropout(a.dropout)
         if manifest["vocab_size"] > model.config.vocab_size:
-            raise ValueError(f"{a.data}: shards use {manifest['vocab_size']} tokens, more than the model's "
+            raise ValueError(f"{data_label(a.data)}: shards use {manifest['vocab_size']} tokens, more than the model's "
                              f"vocab_size {model.config.vocab_size} ({a.init})")
         self.manifest = manifest  # `setup` checks a second model's tokenizer (teacher, reference) against it
         self._check_tokenizer(manifest)
@@ -289,7 +311,7 @@ class FineTuneStage(Stage):
             return
         mine = load_tokenizer(model_dir).fingerprint
         if manifest.get("tokenizer_fingerprint") not in (None, mine):
-            raise ValueError(f"tokenizer mismatch: {self.args.data} was tokenized with tokenizer "
+            raise ValueError(f"tokenizer mismatch: {data_label(self.args.data)} was tokenized with tokenizer "
                              f"{manifest['tokenizer_fingerprint']} but {model_dir} carries {mine}")
 
 
