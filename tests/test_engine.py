@@ -61,6 +61,38 @@ def test_lr_schedule_peaks_once_and_ends_at_the_floor(warmup):
     assert lr_factor(mid, total, warmup, 0.1) == pytest.approx(0.55)
 
 
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_wsd_linear_and_constant_schedules(warmup):
+    """wsd holds the peak until the last decay_fraction of the steps, then falls in a straight line to
+    the floor at the last step; linear falls in a straight line from the warmup's end; constant stays."""
+    total = 11  # steps 0-10: a decay_fraction of 0.3 of the 10 steps after step 0 is 3 steps
+    wsd = [lr_factor(s, total, warmup, 0.1, "wsd", 0.3) for s in range(total)]
+    assert wsd[warmup:8] == [1.0] * (8 - warmup)
+    assert wsd[8:] == pytest.approx([1 - 0.9 / 3, 1 - 0.9 * 2 / 3, 0.1])
+    linear = [lr_factor(s, total, warmup, 0.1, "linear") for s in range(total)]
+    span = total - 1 - warmup
+    assert linear[warmup:] == pytest.approx([1 - 0.9 * i / span for i in range(span + 1)])
+    assert [lr_factor(s, total, warmup, 0.1, "constant") for s in range(warmup, total)] == [1.0] * (total - warmup)
+    for schedule in ("wsd", "linear", "constant"):  # the same warmup as the cosine's
+        assert [lr_factor(s, total, warmup, 0.1, schedule, 0.3) for s in range(warmup)] == pytest.approx(
+            [(s + 1) / (warmup + 1) for s in range(warmup)])
+    # a decay longer than what follows the warmup starts at the warmup's end, as linear does
+    assert [lr_factor(s, total, warmup, 0.1, "wsd", 1.0) for s in range(total)] == pytest.approx(linear)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
+        lr_factor(5, total, warmup, 0.1, "step")
+
+
+def test_lr_schedule_flag_reaches_the_optimizer(builtin_data, tiny_model_config, tmp_path):
+    out = tmp_path / "wsd"
+    run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 8, "--config", str(tiny_model_config),
+                              "--lr-schedule", "wsd", "--decay-fraction", "0.5", "--warmup-steps", "1",
+                              "--save-every", "1000", "--seq-len", "16", "--micro-batch-size", "1"))
+    logged = losses(out, "lr")
+    assert logged == pytest.approx({s: 3e-3 * lr_factor(s - 1, 8, 1, 0.1, "wsd", 0.5) for s in range(1, 9)},
+                                   rel=1e-9)
+    assert logged[2] == logged[4] == 3e-3 and logged[8] == pytest.approx(3e-4)  # held, then decayed
+
+
 def test_val_loss_is_the_held_out_token_mean_of_the_final_weights(pretrain_run, builtin_data):
     """The last evaluation (step 12, after its update) against the saved final model's cross-entropy over
     every target token of the val split (one pass, fewer batches than --eval-batches), in float64."""
@@ -439,6 +471,7 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
     (["--keep-last", "-1"], "--keep-last -1: must be >= 0 (0: keep all)"),
     (["--warmup-steps", "-5"], "--warmup-steps -5: must be >= 0"),
     (["--min-lr-ratio", "2"], "--min-lr-ratio 2.0: must be in [0, 1]"),
+    (["--decay-fraction", "0"], "--decay-fraction 0.0: must be in (0, 1]"),
     (["--save-every-minutes", "0"], "--save-every-minutes 0.0: must be > 0 and finite"),
     (["--save-every-minutes", "nan"], "--save-every-minutes nan: must be > 0 and finite"),
 ])

@@ -8,6 +8,7 @@ import math
 
 from minimind_fast.config import PRESETS
 from minimind_fast.data.mixture import parse_source, parse_sources
+from minimind_fast.training.schedule import SCHEDULES
 
 
 class DataSources(argparse.Action):
@@ -73,6 +74,10 @@ def training_parser(description: str, stage: str, data_help: str = "shard direct
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--min-lr-ratio", type=float, default=0.1)
     g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--lr-schedule", choices=SCHEDULES, default="cosine",
+                   help="after the warmup: cosine or linear decay to the floor, wsd (the peak held, then a linear "
+                        "decay over the last --decay-fraction of the steps), or constant")
+    g.add_argument("--decay-fraction", type=float, default=0.2, help="the share of the steps wsd decays over")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     g.add_argument("--grad-clip", type=float, default=1.0)
@@ -132,6 +137,8 @@ def check_training_args(args: argparse.Namespace) -> None:
         problems.append(f"--save-every-minutes {minutes}: must be > 0 and finite")
     if not args.lr > 0:
         problems.append(f"--lr {args.lr}: must be > 0")
+    if not 0 < args.decay_fraction <= 1:
+        problems.append(f"--decay-fraction {args.decay_fraction}: must be in (0, 1]")
     if not 0 <= args.min_lr_ratio <= 1:
         problems.append(f"--min-lr-ratio {args.min_lr_ratio}: must be in [0, 1]")
     problems += missing_logging_packages(args)

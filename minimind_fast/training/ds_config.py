@@ -94,8 +94,9 @@ def read_user_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: a DeepSpeed config is a JSON object, got {type(cfg).__name__}")
     for key in ("optimizer", "scheduler"):
         if key in cfg:
-            raise ValueError(f"{path}: '{key}' would not be used: the engine builds AdamW and its warmup-cosine "
-                             "schedule from --lr, --betas, --weight-decay, --warmup-steps and --min-lr-ratio")
+            raise ValueError(f"{path}: '{key}' would not be used: the engine builds AdamW and its learning-rate "
+                             "schedule from --lr, --betas, --weight-decay, --warmup-steps, --lr-schedule, "
+                             "--decay-fraction and --min-lr-ratio")
     for key in ("zero_optimization", "bf16", "fp16", "data_types"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise ValueError(f"{path}: '{key}' must be a JSON object, got {cfg[key]!r}")

@@ -241,7 +241,8 @@ class Trainer:
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=tuple(a.betas), fused=fused)
         total, warmup, floor = self.total_steps, a.warmup_steps, a.min_lr_ratio
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, floor))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, total, warmup, floor, a.lr_schedule, a.decay_fraction))
         if self.ds_config["zero_optimization"]["stage"] == 3:
             # The fused loss reads the tied output weight outside the module that owns it.
             deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
