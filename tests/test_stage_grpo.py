@@ -186,7 +186,7 @@ def test_reward_specs_weights_and_user_functions(tmp_path):
     ("nope", "unknown reward 'nope'"),
     ("missing_file.py:fn", "no such file"),
     ("minimind_fast.training.rewards:missing", "has no function 'missing'"),
-    ("no_such_module_xyz:fn", "cannot import module"),
+    ("no_such_module_xyz:fn", "no module 'no_such_module_xyz'"),
 ])
 def test_reward_spec_errors(spec, message):
     with pytest.raises(ValueError, match=message):

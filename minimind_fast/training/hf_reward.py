@@ -24,6 +24,7 @@ import torch
 from minimind_fast.checkpoint import weights_fingerprint
 from minimind_fast.data.records import conversation_tools
 from minimind_fast.data.tokenizer import ChatTokenizer
+from minimind_fast.training.rewards import SCORE_BATCH, ReplyScorer
 
 HF_CONFIG = "config.json"
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
@@ -36,7 +37,6 @@ UNBOUNDED_LENGTH = 10 ** 8
 # Config fields that say where and how the model was loaded, not what it computes: a copy of the same
 # model elsewhere, or read by another transformers release, is the same reward.
 LOAD_FIELDS = ("_name_or_path", "transformers_version", "use_cache", "_attn_implementation_autoset")
-SCORE_BATCH = 16
 
 
 def _transformers():
@@ -140,7 +140,7 @@ def _max_length(tokenizer: Any, config: Any, model_dir: Path) -> int:
     return min(limits)
 
 
-class HFRewardScorer:
+class HFRewardScorer(ReplyScorer):
     """A Hugging Face sequence-classification reward model that scores (prompt messages, reply) pairs:
     frozen, eval mode, no_grad; the policy's replies reach it as text."""
 
@@ -219,11 +219,6 @@ class HFRewardScorer:
         # verbose=False: transformers would warn of a length that the cut below takes care of
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return ids[-self.max_length:] if truncate else ids
-
-    def score(self, prompts: list[list[dict]], completions: list[str] | list[list[int]],
-              batch_size: int = SCORE_BATCH) -> list[float]:
-        """One score per (prompt messages, reply text or sampled ids)."""
-        return self.score_ids([self.sequence_ids(m, c) for m, c in zip(prompts, completions)], batch_size)
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]], batch_size: int = SCORE_BATCH) -> list[float]:

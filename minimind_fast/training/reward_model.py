@@ -40,7 +40,7 @@ from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.dpo import PairStage, concat_pairs
 from minimind_fast.training.heads import OwnHead, attach_scalar_head
 from minimind_fast.training.hf_reward import HFRewardScorer
-from minimind_fast.training.rewards import split_weight
+from minimind_fast.training.rewards import SCORE_BATCH, ReplyScorer, split_weight
 from minimind_fast.training.stages import check_resumed_objective, freeze, save_objective
 
 REWARD_HEAD = "reward_head"  # the attribute on the model, and its keys' prefix in the state dict
@@ -49,7 +49,6 @@ DEFAULT_CENTER_COEF = 0.01
 # Initial scores ~ N(0, HEAD_INIT_SCALE^2) at any width (the final norm's outputs are ~1 per feature):
 # near zero, so the loss starts near log 2, yet not all equal, so the trunk gets a gradient at step 1.
 HEAD_INIT_SCALE = 0.1
-SCORE_BATCH = 16
 
 
 # ------------------------------------------------------------------------------------- the maths
@@ -151,7 +150,7 @@ def reward_model_dir(path: str | Path) -> Path:
     return model_dir
 
 
-class RewardScorer:
+class RewardScorer(ReplyScorer):
     """A trained reward model that scores (prompt messages, reply) pairs: frozen, eval mode, no_grad."""
 
     def __init__(self, path: str | Path, kernels: str | None = None):
@@ -199,11 +198,6 @@ class RewardScorer:
         ids = tok.encode(doc.text)
         return ids[:self.context] if truncate else ids
 
-    def score(self, prompts: list[list[dict]], completions: list[str] | list[list[int]],
-              batch_size: int = SCORE_BATCH) -> list[float]:
-        """One score per (prompt messages, reply text or sampled ids)."""
-        return self.score_ids([self.sequence_ids(m, c) for m, c in zip(prompts, completions)], batch_size)
-
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]], batch_size: int = SCORE_BATCH) -> list[float]:
         """One score per token sequence, `batch_size` right-padded rows per forward."""
@@ -226,7 +220,7 @@ class RewardScorer:
 class ModelReward:
     """`--reward-model PATH[:WEIGHT]`: the scorer and the weight of its term in the total reward."""
 
-    scorer: RewardScorer | HFRewardScorer
+    scorer: ReplyScorer
     weight: float
     path: str
 

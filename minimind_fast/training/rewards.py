@@ -20,18 +20,15 @@ mid-run.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import numbers
 import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from minimind_fast.data.records import conversation_tools
-from minimind_fast.training.tools import definition_name, parse_tool_calls
+from minimind_fast.training.tools import definition_name, import_user_module, parse_tool_calls
 
 RewardFn = Callable[[str, dict], float]
 
@@ -49,6 +46,7 @@ TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 WORD = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+|[^\\w\\s]")
 REPEAT_N = 3
+SCORE_BATCH = 16  # rows per forward of a reward model
 TRAJECTORY, TRAJECTORY_START = "_trajectory", "_trajectory_start"  # a --tools rollout's conversation in `sample`
 
 
@@ -135,6 +133,22 @@ def tool_format_reward(completion: str, sample: dict) -> float:
 
 tool_format_reward.needs_trajectory = True
 
+class ReplyScorer:
+    """A learnt reward (`--reward-model`): one score per (prompt messages, reply). A subclass encodes a pair
+    (`sequence_ids`) and scores encoded sequences in batches (`score_ids`)."""
+
+    def sequence_ids(self, messages: list[dict], completion: str | list[int], truncate: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def score_ids(self, sequences: list[list[int]], batch_size: int = SCORE_BATCH) -> list[float]:
+        raise NotImplementedError
+
+    def score(self, prompts: list[list[dict]], completions: list[str] | list[list[int]],
+              batch_size: int = SCORE_BATCH) -> list[float]:
+        """One score per (prompt messages, reply text or sampled ids)."""
+        return self.score_ids([self.sequence_ids(m, c) for m, c in zip(prompts, completions)], batch_size)
+
+
 REWARDS: dict[str, RewardFn] = {"answer": answer_reward, "format": format_reward, "repetition": repetition_reward,
                                 "tool_format": tool_format_reward}
 
@@ -151,18 +165,7 @@ class Reward:
 
 
 def _import_function(target: str, func: str, spec: str) -> RewardFn:
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise ValueError(f"--reward {spec}: no such file {path}")
-        module_spec = importlib.util.spec_from_file_location(f"_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ValueError(f"--reward {spec}: cannot import module {target!r} ({e})") from None
+    module, _ = import_user_module(target, f"--reward {spec}")
     fn = getattr(module, func, None)
     if not callable(fn):
         raise ValueError(f"--reward {spec}: {target} has no function {func!r}")

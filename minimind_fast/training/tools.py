@@ -174,35 +174,42 @@ def _failure_line(error: BaseException, path: str | None) -> str:
     return f"{mine[-1].filename}:{mine[-1].lineno}" if mine else str(path)
 
 
-def _import(spec: str) -> tuple[object, Path]:
-    """The module `spec` names (a .py file or a dotted module) and its source file; ValueError naming where
-    an import fails."""
+def import_user_module(spec: str, named: str) -> tuple[object, Path | None]:
+    """The module `spec` names (a path ending in .py, or pkg.module) and its source file, for a flag that
+    takes the user's code; a ValueError starting with `named` (the flag and its value, e.g. `--tools t.py`)
+    and saying where an import fails."""
     where = None
     try:
         if spec.endswith(".py"):
             where = Path(spec)
             if not where.is_file():
-                raise ValueError(f"--tools {spec}: no such file")
-            found = importlib.util.spec_from_file_location(f"_tools_{where.stem}", where)
+                raise ValueError(f"{named}: no such file {spec}")
+            found = importlib.util.spec_from_file_location(f"_user_{where.stem}", where)
             module = importlib.util.module_from_spec(found)
             found.loader.exec_module(module)
         else:
             found = importlib.util.find_spec(spec)
             if found is None:
-                raise ValueError(f"--tools {spec}: no module {spec!r} (give pkg.module or a path ending in .py)")
+                raise ValueError(f"{named}: no module {spec!r} (give pkg.module or a path ending in .py)")
             where = Path(found.origin) if found.origin else None
             module = importlib.import_module(spec)
     except ValueError:
         raise
     except SyntaxError as e:
-        raise ValueError(f"--tools {spec}: {e.filename}:{e.lineno}: SyntaxError: {e.msg}") from None
+        raise ValueError(f"{named}: {e.filename}:{e.lineno}: SyntaxError: {e.msg}") from None
     except Exception as e:
-        raise ValueError(f"--tools {spec}: importing it raised {type(e).__name__}: {e} (at "
+        raise ValueError(f"{named}: importing {spec} raised {type(e).__name__}: {e} (at "
                          f"{_failure_line(e, str(where) if where else None)})") from None
     source = getattr(module, "__file__", None)
-    if not source or not Path(source).is_file():
+    return module, Path(source) if source else None
+
+
+def _import(spec: str) -> tuple[object, Path]:
+    """The tools module and its source file, which a resume's fingerprint reads."""
+    module, source = import_user_module(spec, f"--tools {spec}")
+    if source is None or not source.is_file():
         raise ValueError(f"--tools {spec}: a module without a source file cannot be fingerprinted for resume")
-    return module, Path(source)
+    return module, source
 
 
 class Toolbox:
