@@ -14,6 +14,7 @@ import torch
 import transformers
 from launch_helpers import records, run
 from safetensors.torch import load_file, save_file
+from test_stage_grpo import _grpo_stage
 
 from minimind_fast.data.tokenizer import load_tokenizer
 from minimind_fast.training.hf_reward import HFRewardScorer
@@ -204,27 +205,15 @@ def test_problems_are_refused_at_start_up_naming_the_file(hf_rm, corpus, policy_
 
 # ------------------------------------------------------------------------------------------ in GRPO
 
-def _grpo_stage(init: Path, data: Path, *flags: str, resume: Path | None = None):
-    from minimind_fast.training.args import training_parser
-    from minimind_fast.training.grpo import GRPOStage
-
-    parser = training_parser("grpo", "grpo")
-    GRPOStage.add_arguments(parser)
-    stage = GRPOStage(parser.parse_args(["--init", str(init), "--data", str(data), "--out", "unused",
-                                         "--kernels", "reference", "--seq-len", "128", "--max-new-tokens", "16",
-                                         *flags]))
-    stage.resume_from = resume
-    model = stage.build_model(stage.open_data(data))
-    stage.setup(model)
-    return stage, model
 
 
 def test_grpo_rewards_are_the_hf_models_scores(hf_rm, random_init, letter_reward, builtin_data):
     """Each completion's reward is the letter reward plus 2 x the HF model's own forward of its prompt and
     reply (decoded from the sampled ids, rendered with the reward model's template)."""
     data = builtin_data["files"]["grpo_prompts"]
-    stage, model = _grpo_stage(random_init, data, "--reward", letter_reward, "--reward-model", f"{hf_rm}:2",
-                               "--micro-batch-size", "2", "--group-size", "2", "--updates-per-rollout", "2")
+    stage = _grpo_stage(random_init, data, "--reward", letter_reward, "--reward-model", f"{hf_rm}:2",
+                        "--micro-batch-size", "2", "--group-size", "2", "--updates-per-rollout", "2")
+    model = stage.reference  # the KL reference: a frozen copy of the policy's starting weights
     batch = next(iter(stage.build_loader(data, split="train", rank=0, world_size=1, vocab_size=1024)))
     _, metrics = stage.compute_loss(model, batch)
     r = stage.buffer[batch["rollout_id"]]
@@ -257,7 +246,7 @@ def test_resume_refuses_another_hf_reward_model(hf_rm, corpus, random_init, buil
     data = builtin_data["files"]["grpo_prompts"]
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    _grpo_stage(random_init, data, "--reward-model", str(hf_rm))[0].save_extra(None, ckpt)
+    _grpo_stage(random_init, data, "--reward-model", str(hf_rm)).save_extra(None, ckpt)
     moved = shutil.copytree(hf_rm, tmp_path / "moved")
     _grpo_stage(random_init, data, "--reward-model", str(moved), resume=ckpt)
     other = save_rm(tmp_path / "other", rm_tokenizer(corpus), seed=1)
