@@ -24,7 +24,7 @@ import torch
 from minimind_fast.checkpoint import weights_fingerprint
 from minimind_fast.data.records import conversation_tools
 from minimind_fast.data.tokenizer import ChatTokenizer
-from minimind_fast.training.rewards import SCORE_BATCH, ReplyScorer
+from minimind_fast.training.rewards import ReplyScorer
 
 HF_CONFIG = "config.json"
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
@@ -220,19 +220,8 @@ class HFRewardScorer(ReplyScorer):
         ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return ids[-self.max_length:] if truncate else ids
 
-    @torch.no_grad()
-    def score_ids(self, sequences: list[list[int]], batch_size: int = SCORE_BATCH) -> list[float]:
-        """One score per sequence of the reward model's ids, `batch_size` right-padded rows per forward."""
+    def score_padded(self, ids: torch.Tensor, lengths: torch.Tensor) -> list[float]:
         device = next(self.model.parameters()).device
-        scores: list[float] = []
-        for start in range(0, len(sequences), batch_size):
-            rows = sequences[start:start + batch_size]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, :len(r)] = torch.tensor(r)
-                mask[i, :len(r)] = 1
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            scores += logits[:, 0].float().tolist()
-        return scores
+        mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        return logits[:, 0].float().tolist()

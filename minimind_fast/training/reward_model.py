@@ -40,7 +40,7 @@ from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.dpo import PairStage, concat_pairs
 from minimind_fast.training.heads import OwnHead, attach_scalar_head
 from minimind_fast.training.hf_reward import HFRewardScorer
-from minimind_fast.training.rewards import SCORE_BATCH, ReplyScorer, split_weight
+from minimind_fast.training.rewards import ReplyScorer, split_weight
 from minimind_fast.training.stages import check_resumed_objective, freeze, save_objective
 
 REWARD_HEAD = "reward_head"  # the attribute on the model, and its keys' prefix in the state dict
@@ -198,20 +198,13 @@ class RewardScorer(ReplyScorer):
         ids = tok.encode(doc.text)
         return ids[:self.context] if truncate else ids
 
-    @torch.no_grad()
-    def score_ids(self, sequences: list[list[int]], batch_size: int = SCORE_BATCH) -> list[float]:
-        """One score per token sequence, `batch_size` right-padded rows per forward."""
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def score_padded(self, ids: torch.Tensor, lengths: torch.Tensor) -> list[float]:
         device = next(self.model.parameters()).device
-        scores: list[float] = []
-        for start in range(0, len(sequences), batch_size):
-            rows = sequences[start:start + batch_size]
-            lengths = torch.tensor([len(r) for r in rows], device=device)
-            ids = torch.full((len(rows), int(lengths.max())), self.tokenizer.pad_token_id, dtype=torch.long,
-                             device=device)
-            for i, r in enumerate(rows):
-                ids[i, :len(r)] = torch.tensor(r, device=device)
-            scores += sequence_rewards(self.model, ids, lengths)[0].tolist()
-        return scores
+        return sequence_rewards(self.model, ids.to(device), lengths.to(device))[0].tolist()
 
 
 # ------------------------------------------------------------------------------- as an RL reward

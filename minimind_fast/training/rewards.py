@@ -27,6 +27,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from minimind_fast.data.records import conversation_tools
 from minimind_fast.training.tools import definition_name, import_user_module, parse_tool_calls
 
@@ -135,18 +137,34 @@ tool_format_reward.needs_trajectory = True
 
 class ReplyScorer:
     """A learnt reward (`--reward-model`): one score per (prompt messages, reply). A subclass encodes a pair
-    (`sequence_ids`) and scores encoded sequences in batches (`score_ids`)."""
+    (`sequence_ids`), names its padding id (`pad_id`) and scores a right-padded batch (`score_padded`)."""
+
+    pad_id: int
 
     def sequence_ids(self, messages: list[dict], completion: str | list[int], truncate: bool = True) -> list[int]:
         raise NotImplementedError
 
-    def score_ids(self, sequences: list[list[int]], batch_size: int = SCORE_BATCH) -> list[float]:
+    def score_padded(self, ids: torch.Tensor, lengths: torch.Tensor) -> list[float]:
+        """Scores of the rows of `ids` (CPU, right-padded with `pad_id`), each `lengths[i]` tokens long."""
         raise NotImplementedError
 
     def score(self, prompts: list[list[dict]], completions: list[str] | list[list[int]],
               batch_size: int = SCORE_BATCH) -> list[float]:
         """One score per (prompt messages, reply text or sampled ids)."""
         return self.score_ids([self.sequence_ids(m, c) for m, c in zip(prompts, completions)], batch_size)
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]], batch_size: int = SCORE_BATCH) -> list[float]:
+        """One score per encoded sequence, `batch_size` right-padded rows per forward."""
+        scores: list[float] = []
+        for start in range(0, len(sequences), batch_size):
+            rows = sequences[start:start + batch_size]
+            lengths = torch.tensor([len(r) for r in rows])
+            ids = torch.full((len(rows), int(lengths.max())), self.pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = torch.tensor(r)
+            scores += self.score_padded(ids, lengths)
+        return scores
 
 
 REWARDS: dict[str, RewardFn] = {"answer": answer_reward, "format": format_reward, "repetition": repetition_reward,
