@@ -8,6 +8,7 @@ import math
 
 from minimind_fast.config import PRESETS
 from minimind_fast.data.mixture import parse_source, parse_sources
+from minimind_fast.training.optim import OPTIMIZERS
 from minimind_fast.training.schedule import SCHEDULES
 
 
@@ -78,7 +79,14 @@ def training_parser(description: str, stage: str, data_help: str = "shard direct
                    help="after the warmup: cosine or linear decay to the floor, wsd (the peak held, then a linear "
                         "decay over the last --decay-fraction of the steps), or constant")
     g.add_argument("--decay-fraction", type=float, default=0.2, help="the share of the steps wsd decays over")
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="muon: Muon (momentum, orthogonalised by Newton-Schulz) for the hidden matrices of the "
+                        "transformer layers at --muon-lr, AdamW at --lr for embeddings, norms, biases, the MoE "
+                        "router and heads; ZeRO stage 0 only")
+    g.add_argument("--muon-lr", type=float, default=0.02, help="peak learning rate of Muon's matrices")
+    g.add_argument("--muon-momentum", type=float, default=0.95, help="Muon's momentum (Nesterov)")
+    g.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW's decoupled weight decay on matrices; with muon also Muon's (p *= 1 - lr * wd)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3),
@@ -137,6 +145,11 @@ def check_training_args(args: argparse.Namespace) -> None:
         problems.append(f"--save-every-minutes {minutes}: must be > 0 and finite")
     if not args.lr > 0:
         problems.append(f"--lr {args.lr}: must be > 0")
+    if getattr(args, "optimizer", "adamw") == "muon":
+        if not 0 < args.muon_lr < math.inf:
+            problems.append(f"--muon-lr {args.muon_lr}: must be > 0 and finite")
+        if not 0 <= args.muon_momentum < 1:
+            problems.append(f"--muon-momentum {args.muon_momentum}: must be in [0, 1)")
     if not 0 < args.decay_fraction <= 1:
         problems.append(f"--decay-fraction {args.decay_fraction}: must be in (0, 1]")
     if not 0 <= args.min_lr_ratio <= 1:

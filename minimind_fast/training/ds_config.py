@@ -94,9 +94,9 @@ def read_user_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: a DeepSpeed config is a JSON object, got {type(cfg).__name__}")
     for key in ("optimizer", "scheduler"):
         if key in cfg:
-            raise ValueError(f"{path}: '{key}' would not be used: the engine builds AdamW and its learning-rate "
-                             "schedule from --lr, --betas, --weight-decay, --warmup-steps, --lr-schedule, "
-                             "--decay-fraction and --min-lr-ratio")
+            raise ValueError(f"{path}: '{key}' would not be used: the engine builds the optimizer (--optimizer) "
+                             "and its learning-rate schedule from --lr, --muon-lr, --muon-momentum, --betas, "
+                             "--weight-decay, --warmup-steps, --lr-schedule, --decay-fraction and --min-lr-ratio")
     for key in ("zero_optimization", "bf16", "fp16", "data_types"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise ValueError(f"{path}: '{key}' must be a JSON object, got {cfg[key]!r}")
@@ -120,11 +120,16 @@ def precision(cfg: dict[str, Any]) -> str:
     return "fp32"
 
 
-def optimizer_layout(cfg: dict[str, Any]) -> dict[str, Any]:
+def optimizer_layout(cfg: dict[str, Any], optimizer: str = "adamw") -> dict[str, Any]:
     """What a DeepSpeed checkpoint's optimizer state depends on: resuming under another layout fails
-    inside DeepSpeed with a missing-file error, so checkpoints record it and resume compares."""
-    return {"zero_stage": cfg["zero_optimization"]["stage"],
-            "grad_accum_dtype": cfg.get("data_types", {}).get("grad_accum_dtype")}
+    inside DeepSpeed with a missing-file error, so checkpoints record it and resume compares. The
+    optimizer is recorded when it is not AdamW (whose state holds no momentum buffers Muon could read,
+    and the reverse), so that checkpoints from before the record, all AdamW, still compare equal."""
+    layout = {"zero_stage": cfg["zero_optimization"]["stage"],
+              "grad_accum_dtype": cfg.get("data_types", {}).get("grad_accum_dtype")}
+    if optimizer != "adamw":
+        layout["optimizer"] = optimizer
+    return layout
 
 
 def describe_layout(layout: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ from minimind_fast.training import checkpointing
 from minimind_fast.training.ds_config import build_ds_config, describe_layout, optimizer_layout, precision
 from minimind_fast.training.flops import model_flops_per_token, peak_flops
 from minimind_fast.training.metrics import MetricsLogger, memory_mb
+from minimind_fast.training.optim import MuonWithAdamW, check_muon_zero_stage, muon_parameters, split_muon_groups
 from minimind_fast.training.profiling import WARMUP_STEPS, StepProfiler
 from minimind_fast.training.schedule import lr_factor
 from minimind_fast.training.stages import Stage, to_device
@@ -221,10 +222,19 @@ class Trainer:
         zero_stage = a.zero_stage
         if zero_stage is None and not a.deepspeed_config and saved:
             zero_stage = saved["zero_stage"]
+        if zero_stage is None and a.optimizer == "muon":  # a --deepspeed-config's own stage still wins
+            zero_stage = 0
         cfg = build_ds_config(micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum, grad_clip=a.grad_clip,
                               zero_stage=zero_stage, dtype=resolve_dtype(a, self.device),
                               user_file=a.deepspeed_config, world_size=self.world)
-        layout = optimizer_layout(cfg)
+        layout = optimizer_layout(cfg, a.optimizer)
+        was = saved.get("optimizer", "adamw") if saved else a.optimizer
+        if was != a.optimizer:
+            raise TrainingError(f"{self.resume_from} was trained with --optimizer {was} and this run asks for "
+                                f"--optimizer {a.optimizer}: their states differ (Adam's moments, Muon's momentum); "
+                                f"resume with --optimizer {was}, or start anew with --resume none")
+        if a.optimizer == "muon":
+            check_muon_zero_stage(cfg["zero_optimization"]["stage"])
         if saved and saved != layout:
             raise TrainingError(f"{self.resume_from} was written under {describe_layout(saved)} and this run asks "
                                 f"for {describe_layout(layout)}: resume with the same "
@@ -238,8 +248,7 @@ class Trainer:
         groups = self.stage.parameter_groups(model, a.lr, a.weight_decay)
         if not groups:
             raise TrainingError(f"the {self.stage.name} stage has no trainable parameters")
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=tuple(a.betas), fused=fused)
+        optimizer = self._optimizer(model, groups)
         total, warmup, floor = self.total_steps, a.warmup_steps, a.min_lr_ratio
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, total, warmup, floor, a.lr_schedule, a.decay_fraction))
@@ -253,6 +262,22 @@ class Trainer:
             # otherwise bound by the host's kernel launches, not by the GPU.
             engine.compile(compile_kwargs={} if a.compile_mode == "default" else {"mode": a.compile_mode})
         return engine
+
+    def _optimizer(self, model, groups: list[dict]) -> torch.optim.Optimizer:
+        """AdamW over the stage's groups, or Muon for the hidden matrices (optim.py) and AdamW for the rest."""
+        a = self.args
+        fused = self.device.type == "cuda"
+        if a.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=a.lr, betas=tuple(a.betas), fused=fused)
+        adapters = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+        if adapters:
+            raise TrainingError(f"--optimizer muon does not train LoRA adapters ({adapters[0]}, ...): a rank-r "
+                                "factor is no hidden matrix to orthogonalise; use --optimizer adamw")
+        muon_ids = muon_parameters(model)
+        if not muon_ids:
+            raise TrainingError(f"--optimizer muon: the {self.stage.name} stage trains no hidden matrix")
+        return MuonWithAdamW(split_muon_groups(groups, muon_ids, a.muon_lr), lr=a.lr, momentum=a.muon_momentum,
+                             betas=tuple(a.betas), fused=fused)
 
     def _note(self, text: str) -> None:
         if self.is_main:
@@ -377,7 +402,7 @@ class Trainer:
                 profiler.before_step(step)
                 losses, metrics_acc = [], {}
                 micro = 0
-                lr = self.engine.get_lr()[0]  # this step's: engine.step() moves the schedule on to the next
+                lrs = self.engine.get_lr()  # this step's: engine.step() moves the schedule on to the next
                 while micro < self.grad_accum:
                     batch = to_device(next(batches), self.device)
                     if a.compile and a.compile_mode != "default":
@@ -413,9 +438,11 @@ class Trainer:
                     elapsed = time.time() - t_last - paused  # evaluation and checkpoints are not training
                     tok_s = tokens_last / max(elapsed, 1e-9)
                     record = {"step": step, "loss": loss_val.item() / self.world,
-                              "lr": lr, "grad_norm": grad_norm,
+                              "lr": lrs[0], "grad_norm": grad_norm,
                               "tokens_per_s": tok_s, "tokens": tokens_seen, "memory_mb": memory_mb(self.device),
                               "bad_steps": bad_steps, **self._mean_over_ranks(metrics_acc)}
+                    if a.optimizer == "muon":  # its groups come last (split_muon_groups)
+                        record["muon_lr"] = lrs[-1]
                     if self.dtype == "fp16":  # steps DeepSpeed skipped on a loss-scale overflow
                         record["overflow_steps"] = int(getattr(self.engine, "skipped_steps", 0))
                     if peak:
@@ -525,7 +552,7 @@ class Trainer:
         return means
 
     def save(self, step: int, trainer_state: dict) -> None:
-        trainer_state = {**trainer_state, "optimizer_layout": optimizer_layout(self.ds_config)}
+        trainer_state = {**trainer_state, "optimizer_layout": optimizer_layout(self.ds_config, self.args.optimizer)}
         checkpointing.save_checkpoint(self.engine, self.stage, self.run_dir, step, self.loader.state_dict(),
                                       trainer_state, self.tokenizer_dir, self.args.keep_last)
         self._last_save = time.monotonic()
