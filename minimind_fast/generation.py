@@ -318,21 +318,8 @@ class Decoder:
         generators = [_generator(config.seed) for config in configs]
         start = len(self.live)
         stop = start + len(prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        real = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            real[i, width - len(p):] = True
-        ids, real = ids.to(self.device), real.to(self.device)
-        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-        cache = self.cache
-        cache.slot[start:stop] = 0
-        cache.key_padding_mask[start:stop] = True
-        cache.key_padding_mask[start:stop, :width] = real
-        logits = self.model(ids, position_ids=positions, kv_cache=cache.rows(start, stop, span=width),
-                            logits_to_keep=1).logits[:, -1]
-        self.logits[start:stop] = logits.float()
-        cache.slot[start:stop] = width
+        ids, real, positions = self._prefill(start, prompts, width, pad_id)
+        self.cache.slot[start:stop] = width
         self.positions[start:stop] = positions[:, -1:] + 1
         for i, (key, config, generator) in enumerate(zip(keys, configs, generators)):
             row = start + i
@@ -346,6 +333,38 @@ class Decoder:
                 self.seen[row] = False
                 self.seen[row, ids[i][real[i]]] = True
             self.live.append(_Row(key, config, generator))
+
+    def _prefill(self, start: int, prompts: list[list[int]], width: int, pad_id: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the model over the prompts, left-padded to `width`, into rows start.. of the cache and
+        `self.logits`; return the (rows, width) ids, real-token mask and positions.
+
+        A prompt repeated in the batch (GRPO's group, a request's `n` choices) is run once: its keys,
+        values and logits are copied to the other rows, so prefill costs the distinct prompts only."""
+        distinct: dict[tuple[int, ...], int] = {}
+        order = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=self.device)
+        ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
+        real = torch.zeros((len(distinct), width), dtype=torch.bool)
+        for i, p in enumerate(distinct):
+            ids[i, width - len(p):] = torch.tensor(p)
+            real[i, width - len(p):] = True
+        ids, real = ids.to(self.device), real.to(self.device)
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        cache, ran = self.cache, start + len(distinct)
+        cache.slot[start:ran] = 0
+        cache.key_padding_mask[start:ran] = True
+        cache.key_padding_mask[start:ran, :width] = real
+        logits = self.model(ids, position_ids=positions, kv_cache=cache.rows(start, ran, span=width),
+                            logits_to_keep=1).logits[:, -1]
+        stop = start + len(prompts)
+        if len(distinct) < len(prompts):
+            # Indexing copies first, so rows may read what they then overwrite.
+            for t in (cache.k, cache.v):
+                t[:, start:stop, :width] = t[:, start + order, :width]
+            cache.key_padding_mask[start:stop] = cache.key_padding_mask[start + order]
+            ids, real, positions, logits = ids[order], real[order], positions[order], logits[order]
+        self.logits[start:stop] = logits.float()
+        return ids, real, positions
 
     # ------------------------------------------------------------------ stepping
     @torch.inference_mode()

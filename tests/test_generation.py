@@ -59,6 +59,31 @@ def test_cached_batched_greedy_equals_recomputation(preset):
     assert len(set(map(tuple, batched))) > 1  # the rows differ: the comparison has teeth
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_a_repeated_prompt_is_prefilled_once_and_decodes_as_alone(preset):
+    """GRPO's groups and a request's `n` choices repeat a prompt: prefill runs the distinct prompts only,
+    and every copy decodes (greedy, or sampled with its own seed, with a penalty) as a lone request does."""
+    model = _model(preset)
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[0], PROMPTS[2]]
+    prefill_rows = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: prefill_rows.append(tuple(args[0].shape)),
+                                           with_kwargs=True)
+    try:
+        greedy = generate(model, prompts, GenerationConfig(max_new_tokens=8, **GREEDY))
+    finally:
+        hook.remove()
+    assert prefill_rows[0] == (2, len(PROMPTS[2]))  # two distinct prompts, left-padded to the longest
+    assert greedy == [greedy_without_cache(model, p, 8)[0] for p in prompts]
+    sampled = GenerationConfig(max_new_tokens=10, temperature=1.5, seed=5, stop_token_ids=[],
+                               repetition_penalty=1.3)
+    together = generate(model, prompts, sampled)
+    for i, p in enumerate(prompts):
+        alone = GenerationConfig(max_new_tokens=10, temperature=1.5, seed=5 + i, stop_token_ids=[],
+                                 repetition_penalty=1.3)
+        assert together[i] == generate(model, [p], alone)[0]
+    assert together[0] != together[2]  # the copies sample apart: each row keeps its own generator
+
+
 def _join_and_leave(device: str, cuda_graph: bool) -> None:
     model = _model("tiny", device=device)
     alone = {i: greedy_without_cache(model, p, 8)[0] for i, p in enumerate(PROMPTS)}

@@ -227,21 +227,20 @@ def ppo_run(sft_run, builtin_data, tmp_path_factory) -> Path:
 
 def test_ppo_trains_the_critic_on_the_builtin_prompts(ppo_run):
     """The critic starts at zero and learns the returns: the last third's typical value loss is well below the
-    zero critic's (first step), and its values close in on the returns' mean. Means over steps are not
-    compared: a batch of outlier rewards (0.4 against a typical 0.2) puts a single step's loss 10x above
-    the others. (Seeds 1-5 at the default --value-lr gave median ratios of 0.13-0.58 and gap ratios of
-    0.21-0.49; at the policy's own rate the head had not come halfway in 40 steps.) The tiny model's
-    reward barely moves in 40 steps with one completion per prompt, so it is not what is checked."""
+    zero critic's (first step), and over the last third its mean value is close to the returns' mean, which a
+    critic stuck at zero would miss by all of it. Mean losses are not compared: a batch of outlier rewards
+    (0.4 against a typical 0.2) puts a single step's loss 10x above the others; nor are per-step gaps, which
+    that batch-to-batch spread of returns bounds from below. (Seeds 1-5 at the default --value-lr gave median
+    ratios of 0.13-0.58; at the policy's own rate the head had not come halfway in 40 steps.) The tiny
+    model's reward barely moves in 40 steps with one completion per prompt, so it is not what is checked."""
     logged = records(ppo_run)
-    third = len(logged) // 3
-    first, last = logged[:third], logged[-third:]
-
-    def gap(part):
-        return sum(abs(r["returns_mean"] - r["value_mean"]) for r in part) / len(part)
+    last = logged[-(len(logged) // 3):]
+    returns = statistics.mean(r["returns_mean"] for r in last)
+    values = statistics.mean(r["value_mean"] for r in last)
 
     assert statistics.median(r["value_loss"] for r in last) < 0.75 * logged[0]["value_loss"], [
         r["value_loss"] for r in logged]
-    assert gap(last) < 0.6 * gap(first)
+    assert abs(returns - values) < 0.4 * abs(returns), (returns, values)
     assert logged[0]["value_mean"] == 0 and logged[0]["explained_variance"] == 0  # the zero critic
     assert logged[0]["ratio_mean"] == 1.0 and any(r["clip_fraction"] > 0 for r in logged[1::2])
     assert max(r["kl"] for r in logged) > 0  # the policy moved away from the reference
