@@ -4,7 +4,8 @@ Muon (Keller Jordan's nanoGPT speedrun optimizer, also Moonlight's) keeps a mome
 weight matrix's gradient and steps along its orthogonalisation: the quintic Newton-Schulz iteration
 below maps the (Nesterov) momentum M = U S V^T to about U V^T, so every direction of the matrix moves
 alike, however unevenly the gradient spreads over them. The step is scaled by sqrt(max(1, rows/cols)),
-so that tall matrices move as far per entry as wide ones, at `--muon-lr` (0.02, the literature's);
+so that tall matrices move as far per entry as wide ones, at `--muon-lr` (0.02): the speedrun's scale and rate
+(Moonlight's variant scales by 0.2 sqrt(max(rows, cols)) instead, to match AdamW's update size at AdamW's lr);
 `--weight-decay` is decoupled, `p *= 1 - lr * wd`, as AdamW's.
 
 Which parameters get Muon (`muon_parameters`): the 2-D weights inside the transformer layers (attention
