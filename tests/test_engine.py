@@ -200,6 +200,30 @@ def test_resume_keeps_the_checkpoints_zero_stage_and_refuses_another(builtin_dat
     assert max(losses(out)) == 6
 
 
+@pytest.mark.parametrize("flags", [[], ["--dtype", "bf16"], ["--optimizer", "muon", "--muon-lr", "1e-12"]],
+                         ids=["fp32-zero0", "bf16-zero1", "muon"])
+def test_a_resume_trains_with_its_own_optimizer_flags(builtin_data, tiny_model_config, tmp_path, flags):
+    """Loading a checkpoint restores its optimizer groups and peak rates; the resumed run's flags must win
+    over them, as config.json records. Resumed at a rate of 1e-12 (3e-3 before), the weights barely move:
+    the new rate is the one the optimizer steps with (ZeRO 0, DeepSpeed's BF16_Optimizer, Muon), not just
+    the one logged."""
+    out = tmp_path / "run"
+    args = common(builtin_data["shards"]["pretrain"], out, 8, "--config", str(tiny_model_config),
+                  "--lr-schedule", "constant", *flags)
+    run("pretrain.py", args + ["--stop-at-step", "4"])
+    resumed = run("pretrain.py", args + ["--lr", "1e-12", "--weight-decay", "0.05", "--betas", "0.8", "0.9"])
+    assert "lr 0.003 -> 1e-12" in resumed.stdout and "weight_decay 0.1 -> 0.05" in resumed.stdout, \
+        resumed.stdout[-2000:]
+    assert "betas (0.9, 0.95) -> (0.8, 0.9)" in resumed.stdout, resumed.stdout[-2000:]
+    logged = {r["step"]: r["lr"] for r in records(out) if "loss" in r}
+    assert [logged[s] for s in range(5, 9)] == [1e-12] * 4 and logged[4] == 3e-3
+    at_stop = load_model(out / "checkpoints" / "step_00000004" / "model")
+    final = load_model(out / "final")
+    moved = max((a.float() - b.float()).abs().max().item()
+                for a, b in zip(at_stop.state_dict().values(), final.state_dict().values()))
+    assert moved < 1e-6, moved  # four steps at 3e-3 move Adam's weights by ~1e-2
+
+
 def test_a_restart_in_a_run_dir_with_later_checkpoints_is_refused(builtin_data, tiny_model_config, tmp_path):
     """--resume none (or an earlier checkpoint) in a directory holding a longer run's checkpoints: kept,
     the old step 8 would become this run's final/ and --keep-last would delete this run's own."""

@@ -147,11 +147,46 @@ def read_rank_state(ckpt: Path, rank: int) -> dict:
     return {"loader": json.loads(saved["loader"]), "rng": saved["rng"]}
 
 
-def load_checkpoint(engine: DeepSpeedEngine, ckpt: Path, rank_state: dict) -> dict:
-    """Restore DeepSpeed's state and this rank's RNG states (`read_rank_state`); returns the trainer state."""
+def load_checkpoint(engine: DeepSpeedEngine, ckpt: Path, rank_state: dict) -> tuple[dict, list[str]]:
+    """Restore DeepSpeed's state and this rank's RNG states (`read_rank_state`); returns the trainer state
+    and the optimizer settings this run changes (`keep_hyperparameters`)."""
+    scheduler = engine.lr_scheduler
+    ours = [{k: v for k, v in g.items() if k != "params"} for g in scheduler.optimizer.param_groups]
     load_path, _ = engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
                                           load_module_strict=not has_frozen(engine))
     if load_path is None:
         raise RuntimeError(f"{ckpt}: DeepSpeed could not load its state")
     set_rng_state(rank_state["rng"])
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    return json.loads((ckpt / "trainer_state.json").read_text()), keep_hyperparameters(scheduler, ours)
+
+
+def keep_hyperparameters(scheduler: torch.optim.lr_scheduler.LambdaLR, ours: list[dict]) -> list[str]:
+    """Put this run's optimizer settings (peak lr, betas, weight decay, momentum: `ours`, each group's before
+    the load) back over the checkpoint's, keeping its state (moments, step counts, schedule position).
+
+    Loading restores the checkpoint's groups and the schedule's base rates, so without this a resume with
+    another --lr would silently train at the old one while config.json recorded the new. The flags win, as
+    --steps and --lr-schedule already do; returns what changed ("lr 0.003 -> 0.001"), empty for a plain resume."""
+    groups = scheduler.optimizer.param_groups
+    if len(groups) != len(ours):
+        raise RuntimeError(f"the checkpoint's optimizer has {len(groups)} parameter groups and this run "
+                           f"{len(ours)}")
+    changed: dict[str, list[tuple[int, object, object]]] = {}
+    for i, (group, mine) in enumerate(zip(groups, ours)):
+        for key, value in mine.items():
+            if key == "lr":  # this step's rate, set below from the peak ("initial_lr") and the schedule
+                continue
+            if group.get(key) != value:
+                changed.setdefault("lr" if key == "initial_lr" else key, []).append((i, group.get(key), value))
+            group[key] = value
+    # Rates of the step about to run, from this run's peak rates and schedule.
+    scheduler.base_lrs = [g["initial_lr"] for g in groups]
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    return [_describe_change(name, changes) for name, changes in sorted(changed.items(), key=lambda c: c[0] != "lr")]
+
+
+def _describe_change(name: str, changes: list[tuple[int, object, object]]) -> str:
+    if len({(old, new) for _, old, new in changes}) == 1:
+        return f"{name} {changes[0][1]} -> {changes[0][2]}"
+    return ", ".join(f"{name} {old} -> {new} (group {i})" for i, old, new in changes)

@@ -370,8 +370,10 @@ class Trainer:
         ckpt = self.resume_from
         if ckpt is None:
             return {"step": 0, "tokens": 0, "bad_steps": 0}
-        trainer_state = checkpointing.load_checkpoint(self.engine, ckpt, self.rank_state)
+        trainer_state, changed = checkpointing.load_checkpoint(self.engine, ckpt, self.rank_state)
         self._note(f"resumed from {ckpt} at step {trainer_state['step']}")
+        if changed:
+            self._note(f"optimizer settings from this run's flags, not the checkpoint's: {'; '.join(changed)}")
         return trainer_state
 
     # --- the loop -------------------------------------------------------------------------
