@@ -173,6 +173,27 @@ def test_toolbox_answers_every_failure_with_an_error_message(tools_file):
     assert not failed and content == "x" * RESULT_CHARS and words == ["hi"]  # cut; the caller's arguments untouched
 
 
+def test_a_result_that_is_not_unicode_text_is_answered_and_the_rollout_goes_on(tool_dir, tmp_path):
+    """A file name that is not UTF-8 comes back from os.listdir or os.fsdecode with lone surrogates, and a
+    model may write one as a JSON escape that a tool echoes: the tokenizer cannot encode such text, which
+    stopped the run. The result reads U+FFFD there, as a decoder shows bytes it cannot read."""
+    path = tmp_path / "fs_tools.py"
+    path.write_text("import os\n\ndef listing():\n    return os.fsdecode(b'caf\\xe9.txt')\n\n"
+                    "def echo(text):\n    return {'text': text}\n\n"
+                    "def lookup():\n    raise LookupError(os.fsdecode(b'no \\xff'))\n")
+    box = Toolbox(str(path), 1)
+    assert box.run(ToolCall("listing", {})) == ("caf\ufffd.txt", False)
+    echoed = json.loads('{"text": "a\\ud800b \\ud83d\\ude00"}')  # a lone surrogate, then a pair (one emoji)
+    assert box.run(ToolCall("echo", echoed)) == ('{"text": "a\ufffdb \U0001f600"}', False)
+    assert box.run(ToolCall("lookup", {})) == ('{"error": "lookup raised LookupError: no \ufffd"}', True)
+    tok = load_tokenizer(tool_dir)
+    prompt = tok.encode(tok.apply_chat_template(PROMPT, add_generation_prompt=True, tools=TOOLS))
+    turns = [tok.encode(call_text("listing", {})) + [tok.eos_token_id], tok.encode("Done.") + [tok.eos_token_id]]
+    [e] = run_episodes([prompt], [PROMPT], lambda ids, budgets, turn: [turns[turn]], tok, box, 3, 512, 64)
+    assert e.turns == 2 and e.messages[3]["content"] == "caf\ufffd.txt"
+    assert tok.decode(e.ids, skip_special_tokens=False).count("caf\ufffd.txt") == 1
+
+
 def test_a_tools_module_that_cannot_be_used_is_refused_naming_where(tmp_path, monkeypatch):
     bad = tmp_path / "bad_syntax.py"
     bad.write_text("def f(:\n    pass\n")

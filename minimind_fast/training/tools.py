@@ -4,7 +4,8 @@ multi-turn rollout that GRPO and PPO sample.
 The tools module (`--tools FILE.py` or `--tools pkg.module`) is plain Python: each public function defined
 in it (not imported into it, name not starting with `_`) is a tool of that name. A call's JSON `arguments`
 object is passed as keyword arguments; the return value, a str as is or anything else as JSON, is the
-content of the `tool` message that answers the call, cut to `RESULT_CHARS` characters. A call that cannot
+content of the `tool` message that answers the call, cut to `RESULT_CHARS` characters (a lone surrogate,
+as os.fsdecode gives for bytes that are not UTF-8, read as U+FFFD). A call that cannot
 run (not JSON, an unknown tool, arguments that do not fit the function's signature) or that raises or
 outlives `--tool-timeout` is answered with `{"error": "..."}` instead, which the model reads and learns
 from: a tool never stops the run. A module that cannot be imported, or a prompt declaring a tool that
@@ -154,15 +155,26 @@ def check_timeout_support(seconds: float) -> None:
                          f"thread lacks: pass --tool-timeout 0 (no timeout)")
 
 
+def _encodable(text: str) -> str:
+    """`text` with each lone surrogate as U+FFFD, as a decoder shows bytes it cannot read: a file name that is
+    not UTF-8 comes back from os.listdir or os.fsdecode with them, and a model may write one as a JSON escape
+    that a tool echoes, but the tokenizer cannot encode them (the run stopped)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _error(message: str) -> str:
-    return json.dumps({"error": message[:RESULT_CHARS]}, ensure_ascii=False)
+    return _encodable(json.dumps({"error": message[:RESULT_CHARS]}, ensure_ascii=False))
 
 
 def _result_text(name: str, value) -> tuple[str, bool]:
     if isinstance(value, str):
-        return value[:RESULT_CHARS], False
+        return _encodable(value[:RESULT_CHARS]), False
     try:
-        return json.dumps(value, ensure_ascii=False)[:RESULT_CHARS], False
+        return _encodable(json.dumps(value, ensure_ascii=False)[:RESULT_CHARS]), False
     except (TypeError, ValueError) as e:
         return _error(f"{name} returned a {type(value).__name__}, which is not a str nor JSON ({e})"), True
 
