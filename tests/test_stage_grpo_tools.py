@@ -173,6 +173,21 @@ def test_toolbox_answers_every_failure_with_an_error_message(tools_file):
     assert not failed and content == "x" * RESULT_CHARS and words == ["hi"]  # cut; the caller's arguments untouched
 
 
+def test_a_tool_raising_a_base_exception_is_answered_but_an_interrupt_stops_the_run(tmp_path):
+    """Libraries raise BaseExceptions of their own (asyncio's CancelledError, gevent's Timeout): a tool's
+    failure like any other, while Ctrl-C during a tool is the user's and must still stop the run."""
+    path = tmp_path / "base_tools.py"
+    path.write_text("import asyncio\n\nclass Abort(BaseException):\n    pass\n\n"
+                    "def abort():\n    raise Abort('stop')\n\n"
+                    "def cancelled():\n    raise asyncio.CancelledError()\n\ndef interrupted():\n"
+                    "    raise KeyboardInterrupt\n")
+    box = Toolbox(str(path), 1)
+    assert box.run(ToolCall("abort", {})) == ('{"error": "abort raised Abort: stop"}', True)
+    assert box.run(ToolCall("cancelled", {})) == ('{"error": "cancelled raised CancelledError: "}', True)
+    with pytest.raises(KeyboardInterrupt):
+        box.run(ToolCall("interrupted", {}))
+
+
 def test_a_result_that_is_not_unicode_text_is_answered_and_the_rollout_goes_on(tool_dir, tmp_path):
     """A file name that is not UTF-8 comes back from os.listdir or os.fsdecode with lone surrogates, and a
     model may write one as a JSON escape that a tool echoes: the tokenizer cannot encode such text, which

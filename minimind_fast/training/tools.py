@@ -272,7 +272,9 @@ class Toolbox:
             value = call_with_timeout(fn, copy.deepcopy(call.arguments), self.timeout)
         except ToolTimeout:
             return _error(f"{call.name} did not return within {self.timeout:g} s"), True
-        except (Exception, SystemExit) as e:
+        except KeyboardInterrupt:  # the user's Ctrl-C, not the tool's failure
+            raise
+        except BaseException as e:  # SystemExit too, and libraries' own (asyncio's CancelledError)
             return _error(f"{call.name} raised {type(e).__name__}: {e}"), True
         return _result_text(call.name, value)
 
