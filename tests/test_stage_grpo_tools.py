@@ -21,6 +21,7 @@ from minimind_fast.training.tools import (
     Toolbox,
     ToolCall,
     check_template,
+    check_timeout_support,
     decode_groups,
     parse_tool_calls,
     results_text,
@@ -207,6 +208,16 @@ def test_a_result_that_is_not_unicode_text_is_answered_and_the_rollout_goes_on(t
     [e] = run_episodes([prompt], [PROMPT], lambda ids, budgets, turn: [turns[turn]], tok, box, 3, 512, 64)
     assert e.turns == 2 and e.messages[3]["content"] == "caf\ufffd.txt"
     assert tok.decode(e.ids, skip_special_tokens=False).count("caf\ufffd.txt") == 1
+
+
+def test_a_timeout_the_timer_cannot_hold_is_refused_at_start_up(tools_file):
+    """setitimer holds at most 2**63 ns (292 years): a longer --tool-timeout passed the start-up check, and
+    then every call was answered 'weather raised OverflowError', the tool blamed for the flag."""
+    check_timeout_support(3600)
+    check_timeout_support(1e-9)  # fires at once: no harm
+    with pytest.raises(ValueError, match=r"--tool-timeout 1e\+10 is longer than this platform's timer can wait"):
+        check_timeout_support(1e10)
+    assert Toolbox(str(tools_file), 1e6).run(ToolCall("add", {"a": 1})) == ("1", False)
 
 
 def test_a_tools_module_that_cannot_be_used_is_refused_naming_where(tmp_path, monkeypatch):

@@ -153,6 +153,14 @@ def check_timeout_support(seconds: float) -> None:
     if seconds > 0 and not (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()):
         raise ValueError(f"--tool-timeout {seconds:g} needs SIGALRM in the main thread, which this platform or "
                          f"thread lacks: pass --tool-timeout 0 (no timeout)")
+    if seconds > 0:
+        try:  # a trial: beyond its range (2**63 ns on Linux) setitimer raises at every call, blaming the tool
+            call_with_timeout(lambda: None, {}, seconds)
+        except ToolTimeout:  # so short that it fired already
+            pass
+        except OverflowError:
+            raise ValueError(f"--tool-timeout {seconds:g} is longer than this platform's timer can wait: pass a "
+                             f"shorter one, or 0 (no timeout)") from None
 
 
 def _encodable(text: str) -> str:
