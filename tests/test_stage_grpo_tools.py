@@ -496,6 +496,21 @@ def test_bad_tool_setups_are_refused_at_start_up(tool_init, tool_prompts, tools_
             _stage(tool_init, tool_prompts, "--tools", str(tools_file), *flags)
 
 
+def test_a_tool_definition_without_a_name_is_refused_as_such(tools_file, tmp_path):
+    """The refusal said it 'declares the tool None, which --tools ... does not define', sending the user to
+    the module when the definition is what lacks."""
+    from minimind_fast.data.prompts import read_prompt_file
+
+    path = tmp_path / "prompts.jsonl"
+    nameless = [TOOLS[0], {"type": "function", "function": {"description": "adds"}}]
+    path.write_text(json.dumps({"conversations": [{"role": "system", "content": "", "tools": nameless},
+                                                  {"role": "user", "content": "2 + 3?"}]}) + "\n")
+    with pytest.raises(ValueError, match=rf"^{path}:1: 'conversations'\[0\].tools\[1\] has no function name "
+                                         rf"\(a tool definition is {{\"type\": \"function\", \"function\": "
+                                         rf"{{\"name\": \"...\", ...}}}}\)$"):
+        Toolbox(str(tools_file), 1).check_declared(read_prompt_file(path), str(path))
+
+
 def test_grpo_run_with_tools_logs_them_and_a_resume_keeps_the_tools(tool_init, tool_prompts, tools_file,
                                                                      letter_reward, tmp_path):
     """The untrained model may never call a tool (the scripted tests cover calls): the run logs the tool

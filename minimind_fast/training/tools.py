@@ -257,12 +257,13 @@ class Toolbox:
             for i, m in enumerate(r.messages):
                 for tools_key in TOOL_FIELDS:
                     for j, d in enumerate((m.get(tools_key) or []) if m["role"] == "system" else []):
-                        name = definition_name(d)
+                        name, where = definition_name(d), f"{source}:{r.line}: '{key}'[{i}].{tools_key}[{j}]"
+                        if name is None:
+                            raise ValueError(f'{where} has no function name (a tool definition is {{"type": '
+                                             f'"function", "function": {{"name": "...", ...}}}})')
                         if name not in self.functions:
-                            raise ValueError(
-                                f"{source}:{r.line}: '{key}'[{i}].{tools_key}[{j}] declares the tool {name!r}, "
-                                f"which --tools {self.spec} does not define (it defines: "
-                                f"{', '.join(sorted(self.functions))})")
+                            raise ValueError(f"{where} declares the tool {name!r}, which --tools {self.spec} does "
+                                             f"not define (it defines: {', '.join(sorted(self.functions))})")
 
     def run(self, call: ToolCall) -> tuple[str, bool]:
         """The content of the tool message that answers `call`, and whether it is an error."""
