@@ -511,6 +511,31 @@ def test_a_tool_definition_without_a_name_is_refused_as_such(tools_file, tmp_pat
         Toolbox(str(tools_file), 1).check_declared(read_prompt_file(path), str(path))
 
 
+@pytest.mark.parametrize("stage_name", ["grpo", "ppo"])
+@pytest.mark.parametrize("flags, message", [
+    (["--max-turns", "5"], "--max-turns set tool use, which needs --tools"),
+    (["--tool-timeout", "2", "--max-turns", "1"], "--max-turns and --tool-timeout set tool use, which needs --tools"),
+])
+def test_tool_flags_without_tools_are_refused(stage_name, flags, message):
+    """Without --tools a rollout is one turn and calls nothing: --max-turns and --tool-timeout were ignored,
+    leaving a user who forgot --tools to believe the run multi-turn (as --lora-alpha without --lora-rank)."""
+    from minimind_fast.training.args import training_parser
+    from minimind_fast.training.grpo import GRPOStage
+    from minimind_fast.training.ppo import PPOStage
+
+    stage_class = {"grpo": GRPOStage, "ppo": PPOStage}[stage_name]
+    parser = training_parser(stage_name, stage_name)
+    stage_class.add_arguments(parser)
+    stage = stage_class(parser.parse_args(["--data", "unused", "--out", "unused", *flags]))
+    with pytest.raises(ValueError, match=message):
+        stage._check_flags()
+    stage = stage_class(parser.parse_args(["--data", "unused", "--out", "unused", "--tools", "t.py", *flags]))
+    stage._check_flags()
+    stage = stage_class(parser.parse_args(["--data", "unused", "--out", "unused"]))
+    stage._check_flags()
+    assert (stage.args.max_turns, stage.args.tool_timeout) == (3, 10.0)  # the defaults, as the README gives them
+
+
 def test_grpo_run_with_tools_logs_them_and_a_resume_keeps_the_tools(tool_init, tool_prompts, tools_file,
                                                                      letter_reward, tmp_path):
     """The untrained model may never call a tool (the scripted tests cover calls): the run logs the tool

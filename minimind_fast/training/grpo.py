@@ -72,6 +72,7 @@ from minimind_fast.training.tools import (
 ADV_EPS = 1e-4
 DEFAULT_REWARDS = ["answer", "format"]  # when neither --reward nor --reward-model is given
 MODEL_REWARD = "model"  # --reward-model's name among the rewards: logged as reward_model
+DEFAULT_MAX_TURNS, DEFAULT_TOOL_TIMEOUT = 3, 10.0  # --max-turns, --tool-timeout (with --tools only)
 # What a resume must keep (objective.json): each setting as the user gives it
 OBJECTIVE_FLAGS = {"reference": "the reference's weights (--init, when --kl-beta > 0)", "reward": "--reward",
                    "reward_model": "--reward-model (its weights or weight)",
@@ -203,11 +204,12 @@ def add_rollout_arguments(parser: argparse.ArgumentParser, title: str, group_siz
     g.add_argument("--tools", metavar="FILE.py|pkg.module",
                    help="multi-turn rollouts with tools: the module's public functions, called by name with a "
                         "tool call's JSON arguments as keyword arguments (see tools.py)")
-    g.add_argument("--max-turns", type=int, default=3,
-                   help="with --tools: sampled turns per rollout at most (a turn that calls tools is answered "
-                        "and followed by another)")
-    g.add_argument("--tool-timeout", type=float, default=10.0, metavar="S",
-                   help="with --tools: a call running longer is interrupted and answered with an error (0: no limit)")
+    g.add_argument("--max-turns", type=int,
+                   help=f"with --tools: sampled turns per rollout at most (a turn that calls tools is answered "
+                        f"and followed by another; default {DEFAULT_MAX_TURNS})")
+    g.add_argument("--tool-timeout", type=float, metavar="S",
+                   help=f"with --tools: a call running longer is interrupted and answered with an error (0: no "
+                        f"limit; default {DEFAULT_TOOL_TIMEOUT:g})")
     g.add_argument("--clip-eps", type=float, default=0.2)
     g.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (mu)")
     g.add_argument("--tokenizer", help="tokenizer directory, for an --init with none stored (one other than "
@@ -247,7 +249,7 @@ class GRPOStage(FineTuneStage):
     # --- data ----------------------------------------------------------------------------
     def _check_flags(self) -> None:
         a = self.args
-        problems = self._objective_flag_problems()
+        problems = self._objective_flag_problems() + self._tool_flag_defaults()
         # Written so that NaN fails too (it passed `x < 0` tests, and poisoned the loss or the sampling).
         if not 0 < a.temperature < math.inf:
             problems.append(f"--temperature must be > 0 (greedy groups are identical) and finite, got {a.temperature}")
@@ -270,6 +272,16 @@ class GRPOStage(FineTuneStage):
                             f"({a.seq_len}), which bounds prompt + completion")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _tool_flag_defaults(self) -> list[str]:
+        """Fill in --max-turns' and --tool-timeout's defaults; a problem when either is given without --tools,
+        which would ignore it."""
+        a = self.args
+        given = [flag for flag, value in (("--max-turns", a.max_turns), ("--tool-timeout", a.tool_timeout))
+                 if value is not None]
+        a.max_turns = DEFAULT_MAX_TURNS if a.max_turns is None else a.max_turns
+        a.tool_timeout = DEFAULT_TOOL_TIMEOUT if a.tool_timeout is None else a.tool_timeout
+        return [f"{' and '.join(given)} set tool use, which needs --tools"] if given and not a.tools else []
 
     def _objective_flag_problems(self) -> list[str]:
         """The stage's own flags out of range (PPO has others)."""
