@@ -294,6 +294,25 @@ def test_templates_that_cannot_answer_calls_are_refused(tool_dir, tmp_path):
             check_template(load_tokenizer(d), PROMPT[1:], "weather")
 
 
+def test_a_template_that_cannot_answer_a_malformed_call_is_refused_at_start_up(tool_dir, tools_file, tmp_path):
+    """A malformed call is answered by a tool message after an assistant turn without `tool_calls`. A
+    template that refuses that (as those checking that each tool message answers a call do) passed the
+    start-up check, made with a well-formed call, and stopped the run at the model's first malformed call."""
+    template = ("{% for m in messages %}{% if m.role == 'tool' and not (messages[loop.index0 - 1].tool_calls or "
+                "messages[loop.index0 - 1].role == 'tool') %}{{ raise_exception('a tool message answers a call') }}"
+                "{% endif %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    d = tmp_path / "strict"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((tool_dir / "tokenizer.json").read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tok = load_tokenizer(d)
+    with pytest.raises(ValueError, match=r"--tools: the chat template cannot render the answer to a malformed tool "
+                                         r"call \(a tool message after a reply without tool_calls\): "
+                                         r"a tool message answers a call"):
+        check_template(tok, PROMPT[1:], "weather")
+
+
 # --------------------------------------------------------------------------- multi-turn rollouts
 
 def _stage(init: Path, data: Path, *flags: str, resume: Path | None = None):

@@ -326,18 +326,24 @@ def results_text(tok: ChatTokenizer, messages: list[dict]) -> str:
 
 def check_template(tok: ChatTokenizer, messages: list[dict], tool: str) -> None:
     """At start-up: the template answers a call to `tool` after `messages` (a prompt) by appending text that
-    holds the tool's result."""
+    holds the tool's result, and answers a malformed call too (a reply without `tool_calls`, then the error)."""
     call = ToolCall(tool, {})
-    probe = [*messages, assistant_message("", [call]), tool_message(call, PROBE)]
-    try:
-        text = results_text(tok, probe)
-    except ValueError as e:
-        raise ValueError(f"--tools: {e}") from None
-    except Exception as e:  # a template's own error (raise_exception) on a tool message
-        raise ValueError(f"--tools: the chat template cannot render a tool message: {e}") from None
+    text = _probe(tok, [*messages, assistant_message("", [call]), tool_message(call, PROBE)], "a tool message")
     if PROBE not in text:
         raise ValueError("--tools: the chat template leaves tool messages out, so the model would never read "
                          "a tool's result")
+    malformed = parse_tool_calls(f"{OPEN}{tool}{CLOSE}")
+    _probe(tok, [*messages, assistant_message(*malformed), tool_message(malformed[1][0], _error(PROBE))],
+           "the answer to a malformed tool call (a tool message after a reply without tool_calls)")
+
+
+def _probe(tok: ChatTokenizer, messages: list[dict], what: str) -> str:
+    try:
+        return results_text(tok, messages)
+    except ValueError as e:
+        raise ValueError(f"--tools: {e}") from None
+    except Exception as e:  # a template's own error (raise_exception): at run time it would stop the run
+        raise ValueError(f"--tools: the chat template cannot render {what}: {e}") from None
 
 
 # ------------------------------------------------------------------------------ multi-turn rollouts
