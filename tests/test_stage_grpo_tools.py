@@ -555,6 +555,28 @@ def test_tool_flags_without_tools_are_refused(stage_name, flags, message):
     assert (stage.args.max_turns, stage.args.tool_timeout) == (3, 10.0)  # the defaults, as the README gives them
 
 
+def test_the_template_is_tried_on_every_prompt_at_start_up(tool_init, tools_file, tmp_path):
+    """A template may answer the calls of one prompt and fail on another's (here: tool results need a system
+    turn): it was tried on the first prompt only, so the run stopped at the first call on a later one."""
+    template = ("{% for m in messages %}{% if m.role == 'tool' and messages[0].role != 'system' %}"
+                "{{ raise_exception('tool results need a system turn') }}{% endif %}"
+                "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    init = tmp_path / "init"
+    init.mkdir()
+    for f in tool_init.iterdir():
+        (init / f.name).write_bytes(f.read_bytes())
+    config = json.loads((init / "tokenizer_config.json").read_text())
+    (init / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    data = tmp_path / "prompts.jsonl"
+    system = {"role": "system", "content": "Be brief."}
+    data.write_text("\n".join(json.dumps({"conversations": c}) for c in [
+        [system, {"role": "user", "content": "Weather in Paris?"}], [{"role": "user", "content": "And Rome?"}]]))
+    with pytest.raises(ValueError, match=rf"^{data}:2: --tools: the chat template cannot render a tool message: "
+                                         rf"tool results need a system turn$"):
+        _stage(init, data, "--tools", str(tools_file), "--reward", "tool_format")
+
+
 def test_grpo_run_with_tools_logs_them_and_a_resume_keeps_the_tools(tool_init, tool_prompts, tools_file,
                                                                      letter_reward, tmp_path):
     """The untrained model may never call a tool (the scripted tests cover calls): the run logs the tool

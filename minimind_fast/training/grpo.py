@@ -324,7 +324,7 @@ class GRPOStage(FineTuneStage):
             raise ValueError(f"{data}: every prompt is longer than --seq-len {a.seq_len} - --max-new-tokens "
                              f"{a.max_new_tokens} tokens")
         if self.toolbox is not None:
-            self._check_tool_template(kept[0].messages)
+            self._check_tool_template(kept, str(data))
         self.samples = [r.sample for r in kept]
         self.messages = [r.messages for r in kept]  # what a reward model reads before each completion
         self.model_reward = (load_model_reward(a.reward_model, self.tokenizer, a.seq_len, a.kernels,
@@ -353,11 +353,17 @@ class GRPOStage(FineTuneStage):
         check_timeout_support(a.tool_timeout)
         self.toolbox = Toolbox(a.tools, a.tool_timeout)
 
-    def _check_tool_template(self, messages: list[dict]) -> None:
-        """The chat template must answer a call by appending the result (tools.check_template), tried on a
-        prompt of the run with a tool it declares (or any of the module's)."""
-        declared = [definition_name(d) for d in conversation_tools(messages) or []]
-        check_template(self.tokenizer, messages, (declared or sorted(self.toolbox.functions))[0])
+    def _check_tool_template(self, records: list, source: str) -> None:
+        """The chat template must answer a call by appending the result (tools.check_template), tried on every
+        prompt of the run (a template may render one prompt's tool results and fail on another's, which would
+        stop the run at that prompt's first call; a fraction of a millisecond each) with a tool it declares (or
+        any of the module's)."""
+        for r in records:
+            declared = [definition_name(d) for d in conversation_tools(r.messages) or []]
+            try:
+                check_template(self.tokenizer, r.messages, (declared or sorted(self.toolbox.functions))[0])
+            except ValueError as e:
+                raise ValueError(f"{source}:{r.line}: {e}") from None
 
     def build_loader(self, data: Path, *, split: str, rank: int, world_size: int, vocab_size: int,
                      pin_memory: bool = False) -> PromptLoader:
