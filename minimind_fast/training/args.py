@@ -85,8 +85,11 @@ def training_parser(description: str, stage: str, data_help: str = "shard direct
                         "router and heads; ZeRO stage 0 only")
     g.add_argument("--muon-lr", type=float, default=0.02, help="peak learning rate of Muon's matrices")
     g.add_argument("--muon-momentum", type=float, default=0.95, help="Muon's momentum (Nesterov)")
+    g.add_argument("--muon-weight-decay", type=float, default=0.01,
+                   help="Muon's decoupled weight decay (p *= 1 - muon_lr * wd: 2e-4 a step at the defaults, as the "
+                        "Muon reference's example; --weight-decay's 0.1 at --muon-lr would be 10x that)")
     g.add_argument("--weight-decay", type=float, default=0.1,
-                   help="AdamW's decoupled weight decay on matrices; with muon also Muon's (p *= 1 - lr * wd)")
+                   help="AdamW's decoupled weight decay on matrices (with muon: on the AdamW half's)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3),
@@ -148,6 +151,8 @@ def check_training_args(args: argparse.Namespace) -> None:
     if getattr(args, "optimizer", "adamw") == "muon":
         if not 0 < args.muon_lr < math.inf:
             problems.append(f"--muon-lr {args.muon_lr}: must be > 0 and finite")
+        if not 0 <= args.muon_weight_decay < math.inf:
+            problems.append(f"--muon-weight-decay {args.muon_weight_decay}: must be >= 0 and finite")
         if not 0 <= args.muon_momentum < 1:
             problems.append(f"--muon-momentum {args.muon_momentum}: must be in [0, 1)")
     if not 0 < args.decay_fraction <= 1:

@@ -277,8 +277,8 @@ class Trainer:
         muon_ids = muon_parameters(model)
         if not muon_ids:
             raise TrainingError(f"--optimizer muon: the {self.stage.name} stage trains no hidden matrix")
-        return MuonWithAdamW(split_muon_groups(groups, muon_ids, a.muon_lr), lr=a.lr, momentum=a.muon_momentum,
-                             betas=tuple(a.betas), fused=fused)
+        groups = split_muon_groups(groups, muon_ids, a.muon_lr, a.muon_weight_decay)
+        return MuonWithAdamW(groups, lr=a.lr, momentum=a.muon_momentum, betas=tuple(a.betas), fused=fused)
 
     def _note(self, text: str) -> None:
         if self.is_main:

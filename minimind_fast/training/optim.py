@@ -112,10 +112,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
             p.add_(update.to(p.dtype), alpha=-lr)
 
 
-def split_muon_groups(groups: list[dict], muon_ids: set[int], muon_lr: float) -> list[dict]:
+def split_muon_groups(groups: list[dict], muon_ids: set[int], muon_lr: float, muon_weight_decay: float,
+                      ) -> list[dict]:
     """`groups` (a stage's, each with its lr and weight decay) with the Muon matrices taken out into
-    groups of their own at `muon_lr`, after the AdamW ones (the first group's lr is the one logged).
-    An emptied group is left out (DeepSpeed drops them: see `decay_groups`)."""
+    groups of their own at `muon_lr` and `muon_weight_decay` (where their group decays at all), after the
+    AdamW ones (the first group's lr is the one logged). An emptied group is left out (DeepSpeed drops
+    them: see `decay_groups`)."""
     adam, muon = [], []
     for group in groups:
         rest = [p for p in group["params"] if id(p) not in muon_ids]
@@ -123,7 +125,8 @@ def split_muon_groups(groups: list[dict], muon_ids: set[int], muon_lr: float) ->
         if rest:
             adam.append({**group, "params": rest})
         if mine:
-            muon.append({**group, "params": mine, "lr": muon_lr, "use_muon": True})
+            muon.append({**group, "params": mine, "lr": muon_lr, "use_muon": True,
+                         "weight_decay": muon_weight_decay if group.get("weight_decay") else 0.0})
     return adam + muon
 
 
