@@ -6,7 +6,7 @@ below maps the (Nesterov) momentum M = U S V^T to about U V^T, so every directio
 alike, however unevenly the gradient spreads over them. The step is scaled by sqrt(max(1, rows/cols)),
 so that tall matrices move as far per entry as wide ones, at `--muon-lr` (0.02): the speedrun's scale and rate
 (Moonlight's variant scales by 0.2 sqrt(max(rows, cols)) instead, to match AdamW's update size at AdamW's lr);
-`--weight-decay` is decoupled, `p *= 1 - lr * wd`, as AdamW's.
+`--muon-weight-decay` (0.01) is decoupled, `p *= 1 - lr * wd`, as AdamW's `--weight-decay` on the AdamW half.
 
 Which parameters get Muon (`muon_parameters`): the 2-D weights inside the transformer layers (attention
 q/k/v/o, MLP gate/up/down, shared experts) and the routed experts' stacks `(n_experts, out, in)`,
