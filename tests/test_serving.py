@@ -439,7 +439,28 @@ def test_choices_that_do_not_all_fit_the_queue_are_all_withdrawn(model_dir):
     r = TestClient(create_app(engine, NAME)).post("/v1/chat/completions", json=body)
     assert r.status_code == 503 and "busy" in r.json()["error"]["message"]
     waiting = list(engine._waiting)
-    assert len(waiting) == 3 and [h.cancelled for h in waiting] == [False, True, True]  # none decodes for nobody
+    assert len(waiting) == 1 and not waiting[0].cancelled  # none decodes for nobody
+
+    async def room_for_two() -> None:  # the withdrawn choices hold no place: the queue has room for two more
+        for _ in range(2):
+            engine.submit([1, 2], GenerationConfig(max_new_tokens=2))
+
+    asyncio.run(room_for_two())
+    assert engine.queue_length == 3
+
+
+def test_a_cancelled_waiting_request_frees_its_place_in_the_queue(model_dir):
+    """A client that goes away while its request waits (all rows busy) must not keep later ones out with a 503."""
+    engine = Engine(load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir), max_batch=1, max_len=64,
+                    max_queue=1)  # not started: what is queued stays
+
+    async def scenario() -> None:
+        gone = engine.submit([1, 2], GenerationConfig(max_new_tokens=2))
+        engine.cancel(gone)
+        assert engine.queue_length == 0
+        engine.submit([1, 2], GenerationConfig(max_new_tokens=2))  # raised QueueFull
+
+    asyncio.run(scenario())
 
 
 def test_a_failed_admission_does_not_break_later_requests(model_dir):

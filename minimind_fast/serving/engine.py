@@ -88,6 +88,12 @@ class Engine:
         """Stop decoding for `handle` (its client went away); the worker drops it at the next step."""
         handle.cancelled = True
         with self._cond:
+            # Still waiting: leave the queue now. Otherwise it would hold its place (answering later requests
+            # 503) until a row frees and the worker reaches it.
+            try:
+                self._waiting.remove(handle)
+            except ValueError:  # already taken by the worker, or finished
+                pass
             self._cond.notify()
 
     @property
