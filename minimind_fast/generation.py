@@ -417,11 +417,15 @@ class Decoder:
             reported[i] = TokenLogprobs(chosen[j], list(zip(ids[j][:wanted], values[j][:wanted])))
         return reported
 
+    # In inference mode as `step`: retiring a row writes into the tensors made there (the penalty's `seen`),
+    # which outside it raises (the server cancels between steps).
+    @torch.inference_mode()
     def clear(self) -> None:
         """Drop every live sequence (e.g. after a consumer stopped iterating half-way)."""
         while self.live:
             self._retire(len(self.live) - 1)
 
+    @torch.inference_mode()
     def cancel(self, key: Hashable) -> None:
         """Drop the sequence `key` (e.g. its client went away)."""
         for i, row in enumerate(self.live):

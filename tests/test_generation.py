@@ -132,6 +132,22 @@ def test_cancel_frees_the_row_and_keeps_the_others_exact():
     assert got == greedy_without_cache(model, PROMPTS[1], 6)[0]
 
 
+def test_cancel_outside_inference_mode_keeps_a_penalised_row_exact():
+    """The server cancels between steps, outside inference mode; the penalty's `seen` rows are moved then too
+    (it failed the step, and with it every request in the batch)."""
+    model = _model("tiny")
+    config = GenerationConfig(max_new_tokens=6, repetition_penalty=1.3, **GREEDY)
+    decoder = Decoder(model, max_batch=2, max_len=32)
+    decoder.add_batch(["a", "b"], PROMPTS[:2], [config] * 2)
+    got = []
+    for step in range(6):
+        if step == 1:
+            decoder.cancel("a")  # row 0: the last row, b, moves into it
+        got += [ev.token for ev in decoder.step() if ev.key == "b"]
+    assert got == generate(model, [PROMPTS[1]], config)[0]
+    assert got != generate(model, [PROMPTS[1]], GenerationConfig(max_new_tokens=6, **GREEDY))[0]  # penalised
+
+
 def test_stop_token_ends_only_that_row_and_can_be_kept():
     model = _model("tiny")
     prompts = [[5, 17, 33], [9, 8]]

@@ -492,6 +492,35 @@ def test_a_failed_admission_does_not_break_later_requests(model_dir):
         engine.stop()
 
 
+def test_a_cancelled_penalised_request_leaves_the_others_in_its_batch_exact(model_dir):
+    """A client of a request with repetition_penalty goes away mid-decode: the others decoding with it go on
+    (its row's removal failed the step, answering every request in the batch 500)."""
+    model, tok = load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir)
+    engine = Engine(model, tok, max_batch=2, max_len=CONTEXT)
+    other = GenerationConfig(max_new_tokens=100, temperature=0, stop_token_ids=[])
+
+    async def scenario() -> list:
+        gone = engine.submit([1, 5, 6], GenerationConfig(max_new_tokens=100, temperature=0, repetition_penalty=1.3,
+                                                         stop_token_ids=[]))
+        staying = engine.submit([1, 7, 8], other)
+        engine.start()
+        await asyncio.wait_for(gone.events.get(), 30)
+        engine.cancel(gone)
+        items = []
+        while (item := await asyncio.wait_for(staying.events.get(), 30)) is not None:
+            items.append(item)
+            if isinstance(item, Exception):
+                break
+        return items
+
+    try:
+        items = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert not any(isinstance(item, Exception) for item in items), items[-1]
+    assert [item.token for item in items] == generate(model, [[1, 7, 8]], other)[0]
+
+
 def test_a_short_prompt_joining_with_a_long_one_gets_all_its_tokens(model_dir):
     """Left padding to the longest prompt of a prefill must not eat into another request's max_tokens."""
     model, tok = load_chat_model(model_dir, device="cpu"), find_tokenizer(model_dir)
