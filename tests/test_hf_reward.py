@@ -140,6 +140,26 @@ def test_an_over_long_conversation_keeps_its_end(hf_rm, policy_tok, tmp_path):
     assert abs(uncut - want[0]) > 1e-3  # the cut changed the score: the test would see a missing one
 
 
+def test_in_the_policys_bfloat16_it_scores_as_transformers_loads_it_in_bfloat16(corpus, policy_tok, tmp_path):
+    """GRPO moves the scorer to the policy's dtype. Only the weights take it: transformers computes RoPE's
+    frequencies in float32 and keeps them so in a bfloat16 model; rounded to bfloat16 they moved the score of a
+    2000-token conversation by about a unit (0.03 is bfloat16's own error here)."""
+    rm_dir = save_rm(tmp_path / "long", rm_tokenizer(corpus), 0, hidden_size=256, num_attention_heads=2,
+                     intermediate_size=256, max_position_embeddings=4096, initializer_range=0.1)
+    scorer = HFRewardScorer(rm_dir, policy_tok).to("cpu", torch.bfloat16)
+    vocab = len(scorer.tokenizer)
+    rows = [torch.randint(3, vocab, (2000 - 300 * i,), generator=torch.Generator().manual_seed(i)).tolist()
+            for i in range(3)]
+    got = torch.tensor(scorer.score_ids(rows))
+    own = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=torch.bfloat16).eval()
+    exact = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float64).eval()
+    with torch.no_grad():
+        want = torch.tensor([own(torch.tensor([r])).logits[0, 0].float().item() for r in rows])
+        want64 = torch.tensor([exact(torch.tensor([r])).logits[0, 0].item() for r in rows])
+    torch.testing.assert_close(want, want64.float(), atol=0.1, rtol=0)  # bfloat16's own error is small here
+    torch.testing.assert_close(got, want, atol=0.02, rtol=0)
+
+
 # --------------------------------------------------------------------------------------- refusals
 
 def _edit_json(path: Path, **fields) -> None:

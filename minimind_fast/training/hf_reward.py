@@ -189,7 +189,15 @@ class HFRewardScorer(ReplyScorer):
                              "with: set pad_token_id to a token the template does not end with")
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> HFRewardScorer:
+        """On `device`, the weights in `dtype`. The buffers transformers computes at load time (not read from
+        the checkpoint: RoPE's inv_freq) keep their precision, as its from_pretrained(dtype=...) keeps them:
+        rounded to bfloat16, the rotary frequencies drift over long sequences and move the score by units."""
+        computed = [(module, name, buf) for module in self.model.modules()
+                    for name, buf in module._buffers.items()
+                    if buf is not None and buf.is_floating_point() and name in module._non_persistent_buffers_set]
         self.model.to(device=device, dtype=dtype)
+        for module, name, buf in computed:  # `to` put new tensors in their place: the originals are unrounded
+            module._buffers[name] = buf.to(device)
         return self
 
     def fingerprint(self) -> str:
