@@ -43,7 +43,7 @@ setup(
             "pytest>=8",
             "pytest-benchmark>=4",
             "pytest-xdist>=3",
-            "transformers>=4.45",
+            "transformers>=4.49",
             "ruff>=0.5",
             "openai>=1.30",
             "httpx>=0.27",
@@ -52,7 +52,10 @@ setup(
             "zstandard>=0.22",
         ],
         "data": ["pyarrow>=14", "zstandard>=0.22"],  # Parquet and .zst inputs
-        "hf": ["transformers>=4.45"],  # Hugging Face reward models in GRPO/PPO
+        # Hugging Face reward models in GRPO/PPO. From 4.49 a *ForSequenceClassification model scores at the last
+        # token that is not padding; before, at the one before the first pad, early where the pad id (often the
+        # end-of-turn token) also ends an earlier turn.
+        "hf": ["transformers>=4.49"],
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
         "hopper": ["flash-attn-4"],
     },

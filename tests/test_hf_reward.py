@@ -5,6 +5,7 @@ time in float64, the left cut of an over-long conversation, the refusals, and GR
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -221,6 +222,15 @@ def test_problems_are_refused_at_start_up_naming_the_file(hf_rm, corpus, policy_
         load_model_reward(str(strict), policy_tok, 128, "reference", PROMPTS)
     reward = load_model_reward(f"{hf_rm}:2", policy_tok, 128, "reference", PROMPTS)  # the unbroken original
     assert isinstance(reward.scorer, HFRewardScorer) and reward.weight == 2
+
+
+def test_a_transformers_release_that_scores_before_the_first_pad_is_refused(hf_rm, policy_tok, monkeypatch):
+    """Before 4.49 a reward model read its score before the first pad token: where the pad id also ends an
+    earlier turn, that is the wrong position, so such a release is refused, naming the one needed."""
+    # The module `import transformers` gives now: transformers' lazy loading may have replaced this file's.
+    monkeypatch.setattr(importlib.import_module("transformers"), "__version__", "4.48.3")
+    with pytest.raises(ValueError, match=r"needs transformers>=4.49 \(this is 4.48.3"):
+        load_model_reward(str(hf_rm), policy_tok, 128, "reference", PROMPTS[:1])
 
 
 # ------------------------------------------------------------------------------------------ in GRPO

@@ -39,12 +39,21 @@ UNBOUNDED_LENGTH = 10 ** 8
 LOAD_FIELDS = ("_name_or_path", "transformers_version", "use_cache", "_attn_implementation_autoset")
 
 
+# From 4.49 a *ForSequenceClassification model reads its score at the last token that is not padding;
+# before, at the one before the first pad: early, where the pad id (often end-of-turn) also ends a turn.
+MIN_TRANSFORMERS = (4, 49)
+
+
 def _transformers():
     try:
         import transformers
     except ImportError:
         raise ValueError("a Hugging Face reward model needs the transformers library: "
-                         "pip install 'minimind_fast[hf]' (transformers>=4.45)") from None
+                         "pip install 'minimind_fast[hf]' (transformers>=4.49)") from None
+    if _version(transformers.__version__) < MIN_TRANSFORMERS:
+        raise ValueError(f"a Hugging Face reward model needs transformers>=4.49 (this is "
+                         f"{transformers.__version__}, whose reward models read the score before the first pad "
+                         f"token, not after the last real one): pip install -U 'minimind_fast[hf]'")
     return transformers
 
 
