@@ -224,6 +224,28 @@ def test_a_resume_trains_with_its_own_optimizer_flags(builtin_data, tiny_model_c
     assert moved < 1e-6, moved  # four steps at 3e-3 move Adam's weights by ~1e-2
 
 
+@pytest.mark.parametrize("flags", [[], ["--dtype", "bf16"], ["--zero-stage", "2"]],
+                         ids=["fp32-zero0", "bf16-zero1", "fp32-zero2"])
+def test_a_resume_clips_at_its_own_grad_clip(builtin_data, tiny_model_config, tmp_path, flags):
+    """DeepSpeed's BF16_Optimizer and ZeRO 1/2 optimizer save their clipping threshold and restore it on
+    load; the resumed run's --grad-clip must win, as config.json records. With Adam's beta1 at 0, a step's
+    update is the clipped gradient over the root of the second moment the first four steps built: clipped to
+    1e-9 the weights barely move, clipped at the checkpoint's 1.0 they move by about the rate."""
+    out = tmp_path / "run"
+    args = common(builtin_data["shards"]["pretrain"], out, 8, "--config", str(tiny_model_config),
+                  "--lr-schedule", "constant", "--weight-decay", "0", "--betas", "0", "0.999", *flags)
+    run("pretrain.py", args + ["--stop-at-step", "4"])
+    resumed = run("pretrain.py", args + ["--grad-clip", "1e-9"])
+    if flags:  # the optimizers that saved a threshold; ZeRO 0 in fp32 clips in the engine, from the config
+        assert "grad_clip 1.0 -> 1e-09" in resumed.stdout, resumed.stdout[-2000:]
+    assert json.loads((out / "config.json").read_text())["args"]["grad_clip"] == 1e-9
+    at_stop = load_model(out / "checkpoints" / "step_00000004" / "model")
+    final = load_model(out / "final")
+    moved = max((a.float() - b.float()).abs().max().item()
+                for a, b in zip(at_stop.state_dict().values(), final.state_dict().values()))
+    assert moved < 1e-5, moved  # four steps clipped at 1.0 move the weights by ~1e-2
+
+
 def test_a_restart_in_a_run_dir_with_later_checkpoints_is_refused(builtin_data, tiny_model_config, tmp_path):
     """--resume none (or an earlier checkpoint) in a directory holding a longer run's checkpoints: kept,
     the old step 8 would become this run's final/ and --keep-last would delete this run's own."""

@@ -157,7 +157,8 @@ def load_checkpoint(engine: DeepSpeedEngine, ckpt: Path, rank_state: dict) -> tu
     if load_path is None:
         raise RuntimeError(f"{ckpt}: DeepSpeed could not load its state")
     set_rng_state(rank_state["rng"])
-    return json.loads((ckpt / "trainer_state.json").read_text()), keep_hyperparameters(scheduler, ours)
+    changed = keep_hyperparameters(scheduler, ours) + keep_grad_clip(engine)
+    return json.loads((ckpt / "trainer_state.json").read_text()), changed
 
 
 def keep_hyperparameters(scheduler: torch.optim.lr_scheduler.LambdaLR, ours: list[dict]) -> list[str]:
@@ -184,6 +185,21 @@ def keep_hyperparameters(scheduler: torch.optim.lr_scheduler.LambdaLR, ours: lis
     for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
     return [_describe_change(name, changes) for name, changes in sorted(changed.items(), key=lambda c: c[0] != "lr")]
+
+
+def keep_grad_clip(engine: DeepSpeedEngine) -> list[str]:
+    """Put this run's clipping threshold (--grad-clip, or its --deepspeed-config's gradient_clipping) back
+    on the optimizer that clips; returns what changed, as `keep_hyperparameters` does.
+
+    DeepSpeed's BF16_Optimizer (bf16's default ZeRO 1) and its ZeRO 1/2 optimizer save their threshold and
+    restore it on load, so a resume with another --grad-clip clipped at the old one; the engine itself (ZeRO
+    0 in fp32) and its other wrappers read the config's."""
+    clipping = engine.optimizer
+    ours = engine.gradient_clipping()
+    if not hasattr(clipping, "clip_grad") or clipping.clip_grad == ours:
+        return []
+    old, clipping.clip_grad = clipping.clip_grad, ours
+    return [f"grad_clip {old} -> {ours}"]
 
 
 def _describe_change(name: str, changes: list[tuple[int, object, object]]) -> str:
