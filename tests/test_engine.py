@@ -82,6 +82,15 @@ def test_wsd_linear_and_constant_schedules(warmup):
         lr_factor(5, total, warmup, 0.1, "step")
 
 
+@pytest.mark.parametrize("total,fraction", [(2, 0.2), (10, 0.05), (400, 0.001)])
+def test_a_wsd_decay_shorter_than_a_step_still_ends_at_the_floor(total, fraction):
+    """A --decay-fraction of the steps that rounds to no step decays over the last one: the run was asked
+    to decay, and ended at the peak (README: the floor at the last step)."""
+    factors = [lr_factor(s, total, 0, 0.1, "wsd", fraction) for s in range(total)]
+    assert factors[:-1] == [1.0] * (total - 1)
+    assert factors[-1] == pytest.approx(0.1)
+
+
 def test_lr_schedule_flag_reaches_the_optimizer(builtin_data, tiny_model_config, tmp_path):
     out = tmp_path / "wsd"
     run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 8, "--config", str(tiny_model_config),

@@ -27,7 +27,9 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: floa
         return 1.0
     decay_start = warmup_steps
     if schedule == "wsd":  # at least the warmup's end: a decay longer than the run after it starts there
-        decay_start = max(warmup_steps, total_steps - 1 - round(decay_fraction * (total_steps - 1)))
+        # At least one step: a share that rounds to none would leave the run at the peak, never decayed.
+        decay_steps = max(1, round(decay_fraction * (total_steps - 1)))
+        decay_start = max(warmup_steps, total_steps - 1 - decay_steps)
     span = max(total_steps - 1 - decay_start, 1)
     progress = min(max(step - decay_start, 0) / span, 1.0)
     if schedule == "cosine":
