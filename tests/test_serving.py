@@ -339,6 +339,10 @@ def test_bad_requests_get_400_with_a_message(server):
             r = http.post(url, content=raw, headers={"Content-Type": "application/json"})
             assert r.status_code == 400, (body, r.text)
             assert needle in r.json()["error"]["message"], (body, r.text)
+        for body, param in (({**good, "temperature": -1}, "temperature"),
+                            ({**good, "messages": [{"role": "robot", "content": "Hi"}]}, "messages.[0].role"),
+                            ({**good, "top_logprobs": 2}, None)):  # a rule between fields: the body's
+            assert http.post(url, content=json.dumps(body)).json()["error"]["param"] == param, body
         assert http.post(url, content=json.dumps(good)).status_code == 200
 
 

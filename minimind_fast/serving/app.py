@@ -39,7 +39,8 @@ def create_app(engine: Engine, model_name: str, default_max_tokens: int = 512) -
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(schemas.error_body(str(exc.detail), kind), status_code=exc.status_code)
+        return JSONResponse(schemas.error_body(str(exc.detail), kind, getattr(exc, "param", None)),
+                            status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -106,7 +107,15 @@ async def parse_body(request: Request) -> schemas.ChatCompletionRequest:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
                              for err in e.errors())
-        raise HTTPException(400, f"invalid request: {problems}") from None
+        raise BadRequest(f"invalid request: {problems}", schemas.error_param(e.errors()[0]["loc"])) from None
+
+
+class BadRequest(HTTPException):
+    """A 400 about one field of the body: `param` names it in the error, as OpenAI's do."""
+
+    def __init__(self, detail: str, param: str | None):
+        super().__init__(400, detail)
+        self.param = param
 
 
 def choice_configs(body: schemas.ChatCompletionRequest, max_new_tokens: int, eos_id: int) -> list[GenerationConfig]:

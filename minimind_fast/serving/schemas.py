@@ -158,5 +158,11 @@ def chunk(cid: str, model: str, delta: dict, finish: str | None = None, usage_: 
     return out
 
 
+def error_param(loc: tuple) -> str | None:
+    """The field an error is about, as OpenAI names it (`messages.[0].role`); None for the body as a whole."""
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
