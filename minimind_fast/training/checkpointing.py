@@ -177,7 +177,8 @@ def keep_hyperparameters(scheduler: torch.optim.lr_scheduler.LambdaLR, ours: lis
         for key, value in mine.items():
             if key == "lr":  # this step's rate, set below from the peak ("initial_lr") and the schedule
                 continue
-            if group.get(key) != value:
+            # A key the checkpoint lacks is torch's newer default (written by another release), not a change.
+            if key in group and group[key] != value:
                 changed.setdefault("lr" if key == "initial_lr" else key, []).append((i, group.get(key), value))
             group[key] = value
     # Rates of the step about to run, from this run's peak rates and schedule.
