@@ -282,3 +282,47 @@ def test_tokenizers_that_pieces_would_change_are_encoded_whole(builtin_data, tmp
     if change in ("added token with a space", "rstrip"):  # where pieces do give other ids
         text = "a x y <r> b"
         assert _pieces_encoding(tok, whitespace_pieces(text, 1))[0] != tok.encode(text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A SentencePiece-style tokenizer as Hugging Face ships Llama's (brought in by `convert.py from-hf`):
+# a "▁"-for-space normalizer, byte-fallback pieces <0xNN>, `<s>`/`</s>`, no pad token
+# ---------------------------------------------------------------------------------------------------
+LLAMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                  "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}"
+                  "{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    texts = ["the cat sat on the mat", "what colour is the cat? the cat is grey."] * 50
+    tok.train_from_iterator(texts, trainer=trainer)
+    spec = json.loads(tok.to_str())
+    # Llama's layout: the specials, then one piece per byte (what byte fallback writes), then the merges' pieces
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    spec["model"].update(vocab=vocab, byte_fallback=True)
+    spec["decoder"] = json.loads(decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)]).__getstate__())
+    d = tmp_path_factory.mktemp("sentencepiece")
+    (d / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "pad_token": None, "add_bos_token": True, "add_eos_token": False}))
+    return d
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_eos(sentencepiece_dir):
+    """Llama's tokenizers name no pad token (and have no <|endoftext|>): padding, always masked, uses eos."""
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(sentencepiece_dir)
+    hf = AutoTokenizer.from_pretrained(str(sentencepiece_dir))
+    assert (tok.bos_token_id, tok.eos_token_id) == (hf.bos_token_id, hf.eos_token_id) == (1, 2)
+    assert hf.pad_token_id is None and tok.pad_token_id == tok.eos_token_id

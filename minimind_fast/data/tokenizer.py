@@ -209,9 +209,14 @@ class ChatTokenizer:
         if not isinstance(config, dict):
             raise ValueError(f"{config_file}: not a JSON object")
         self.chat_template = config.get("chat_template") or CHATML_TEMPLATE
-        self.pad_token_id = self._id(config.get("pad_token"), PAD)
         self.bos_token_id = self._id(config.get("bos_token"), BOS)
         self.eos_token_id = self._id(config.get("eos_token"), EOS)
+        if not config.get("pad_token") and self.tokenizer.token_to_id(PAD) is None:
+            # Llama's tokenizers name no pad token and have no <|endoftext|>: pad (always masked) with eos,
+            # as transformers' generate does
+            self.pad_token_id = self.eos_token_id
+        else:
+            self.pad_token_id = self._id(config.get("pad_token"), PAD)
         self.fingerprint = hashlib.sha256(tok_file.read_bytes()).hexdigest()[:16]
 
     def _id(self, token, default: str) -> int:
