@@ -326,3 +326,40 @@ def test_a_tokenizer_without_a_pad_token_pads_with_its_eos(sentencepiece_dir):
     hf = AutoTokenizer.from_pretrained(str(sentencepiece_dir))
     assert (tok.bos_token_id, tok.eos_token_id) == (hf.bos_token_id, hf.eos_token_id) == (1, 2)
     assert hf.pad_token_id is None and tok.pad_token_id == tok.eos_token_id
+
+
+def _llama_conversation():
+    return [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "is grey"},
+            {"role": "user", "content": "what colour?"}]
+
+
+def test_a_template_in_chat_template_jinja_is_the_one_used(sentencepiece_dir, tmp_path):
+    """transformers saves a tokenizer's template to chat_template.jinja (preferred to tokenizer_config's): a
+    from-hf tokenizer's must be rendered, not ChatML in its place."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(sentencepiece_dir))
+    hf.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    hf.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "chat_template.jinja").exists()
+    assert "chat_template" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    tok = load_tokenizer(tmp_path / "saved")
+    messages = _llama_conversation()
+    assert tok.apply_chat_template(messages) == hf.apply_chat_template(messages, tokenize=False)
+
+
+def test_a_template_renders_the_tokenizers_own_bos_and_eos(sentencepiece_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "tok"
+    shutil.copytree(sentencepiece_dir, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA_TEMPLATE}))
+    tok, hf = load_tokenizer(d), AutoTokenizer.from_pretrained(str(d))
+    messages = _llama_conversation()
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<s>[INST]") and " is grey </s>" in text
+    ids = tok.encode(text)  # the markers are the special tokens, not their text spelt out in pieces
+    assert ids[0] == tok.bos_token_id and ids.count(tok.eos_token_id) == 1

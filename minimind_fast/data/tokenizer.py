@@ -208,7 +208,7 @@ class ChatTokenizer:
             raise ValueError(f"{config_file}: unreadable ({e})") from None
         if not isinstance(config, dict):
             raise ValueError(f"{config_file}: not a JSON object")
-        self.chat_template = config.get("chat_template") or CHATML_TEMPLATE
+        self.chat_template = _chat_template(self.dir, config)
         self.bos_token_id = self._id(config.get("bos_token"), BOS)
         self.eos_token_id = self._id(config.get("eos_token"), EOS)
         if not config.get("pad_token") and self.tokenizer.token_to_id(PAD) is None:
@@ -217,6 +217,9 @@ class ChatTokenizer:
             self.pad_token_id = self.eos_token_id
         else:
             self.pad_token_id = self._id(config.get("pad_token"), PAD)
+        # What the template writes for {{ bos_token }} and {{ eos_token }}: this tokenizer's, as transformers does
+        self.bos_token = self.tokenizer.id_to_token(self.bos_token_id)
+        self.eos_token = self.tokenizer.id_to_token(self.eos_token_id)
         self.fingerprint = hashlib.sha256(tok_file.read_bytes()).hexdigest()[:16]
 
     def _id(self, token, default: str) -> int:
@@ -303,7 +306,7 @@ class ChatTokenizer:
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             return text + "<|im_start|>assistant\n" if add_generation_prompt else text
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=BOS, eos_token=EOS, **kwargs)
+                                     bos_token=self.bos_token, eos_token=self.eos_token, **kwargs)
 
     def save(self, out_dir: str | os.PathLike) -> None:
         """Copy the tokenizer's files into `out_dir` (what checkpoints carry)."""
@@ -311,6 +314,24 @@ class ChatTokenizer:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (self.dir / name).exists():
                 shutil.copy2(self.dir / name, Path(out_dir) / name)
+
+
+def _chat_template(directory: Path, config: dict) -> str:
+    """The tokenizer's chat template: chat_template.jinja (where transformers saves it, and which it prefers),
+    else tokenizer_config.json's (a string, or a list of named ones: the one named "default"), else ChatML."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if not isinstance(named.get("default"), str):
+            raise ValueError(f"{directory / 'tokenizer_config.json'}: chat_template lists templates "
+                             f"{sorted(map(str, named))} but none named 'default'")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{directory / 'tokenizer_config.json'}: chat_template is not a string")
+    return template or CHATML_TEMPLATE
 
 
 def _raise_exception(message: str) -> None:
