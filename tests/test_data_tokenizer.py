@@ -363,3 +363,17 @@ def test_a_template_renders_the_tokenizers_own_bos_and_eos(sentencepiece_dir, tm
     assert text.startswith("<s>[INST]") and " is grey </s>" in text
     ids = tok.encode(text)  # the markers are the special tokens, not their text spelt out in pieces
     assert ids[0] == tok.bos_token_id and ids.count(tok.eos_token_id) == 1
+
+
+def test_sentencepiece_token_bytes_are_the_exact_bytes_of_each_token(sentencepiece_dir):
+    """A byte-fallback piece <0xE4> is that one byte (not U+FFFD's three), and "▁" is a space wherever the
+    token stands: the pieces' bytes join into the normalized text's (a space for each "▁")."""
+    tok = load_tokenizer(sentencepiece_dir)
+    text = "the cat is grey, 你好 🐱  two  spaces"
+    ids = tok.encode(text)
+    pieces = [tok.tokenizer.id_to_token(i) for i in ids]
+    assert "<0xE4>" in pieces and "▁" in pieces[1:]  # byte fallback and a lone space piece both occur
+    expected = tok.tokenizer.normalizer.normalize_str(text).replace("▁", " ").encode()
+    assert b"".join(tok.token_bytes(i) for i in ids) == expected
+    assert tok.token_bytes(tok.tokenizer.token_to_id("<0xE4>")) == b"\xe4"
+    assert tok.token_bytes(tok.eos_token_id) == b"</s>"

@@ -57,6 +57,8 @@ def _byte_of_char() -> dict[str, int]:
 
 
 BYTE_OF_CHAR = _byte_of_char()
+# A byte-fallback piece (SentencePiece's): one byte of a character the vocabulary has no piece for.
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def iter_texts(files: Iterable[str | os.PathLike], skipped: Counter | None = None,
@@ -274,6 +276,14 @@ class ChatTokenizer:
             return b""
         if self._byte_level and all(c in BYTE_OF_CHAR for c in piece):
             return bytes(BYTE_OF_CHAR[c] for c in piece)
+        if self._sentencepiece_spaces is not None:
+            # Decoding the token alone would show a byte-fallback piece as U+FFFD and strip its leading "▁",
+            # which the decoder drops only at the start of the whole text
+            if self._byte_fallback and (byte := BYTE_PIECE.fullmatch(piece)):
+                return bytes([int(byte.group(1), 16)])
+            for mark, text in self._sentencepiece_spaces:
+                piece = piece.replace(mark, text)
+            return piece.encode()
         return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
 
     @cached_property
@@ -283,8 +293,30 @@ class ChatTokenizer:
     @cached_property
     def _byte_level(self) -> bool:
         """Whether pieces are bytes written through GPT-2's table (a ByteLevel decoder, alone or in a sequence)."""
+        return any(d.get("type") == "ByteLevel" for d in self._decoders)
+
+    @cached_property
+    def _decoders(self) -> list[dict]:
         decoder = json.loads(self.tokenizer.to_str()).get("decoder") or {}
-        return any(d.get("type") == "ByteLevel" for d in decoder.get("decoders", [decoder]))
+        return decoder.get("decoders", [decoder])
+
+    @cached_property
+    def _sentencepiece_spaces(self) -> list[tuple[str, str]] | None:
+        """For a SentencePiece-style decoder (Metaspace or Replace, ByteFallback, Fuse, Strip), the (mark, text)
+        replacements that turn a piece into its text, "▁" into a space; None for any other decoder."""
+        spaces = []
+        for d in self._decoders:
+            if d.get("type") == "Metaspace":
+                spaces.append((d.get("replacement", "▁"), " "))
+            elif d.get("type") == "Replace" and isinstance((d.get("pattern") or {}).get("String"), str):
+                spaces.append((d["pattern"]["String"], d.get("content", "")))
+            elif d.get("type") not in ("ByteFallback", "Fuse", "Strip"):
+                return None
+        return spaces or None
+
+    @cached_property
+    def _byte_fallback(self) -> bool:
+        return any(d.get("type") == "ByteFallback" for d in self._decoders)
 
     @cached_property
     def _template(self):
