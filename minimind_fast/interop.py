@@ -262,7 +262,8 @@ def hf_rope_scaling(config: ModelConfig) -> dict[str, Any] | None:
     """Our YaRN settings in Hugging Face's `rope_scaling` format, or None when RoPE is unscaled.
 
     MiniMind2 (and we) scale only when max_position_embeddings exceeds the original length, while
-    Hugging Face always applies a YaRN config: such a model is exported without scaling, which is exact.
+    Hugging Face always applies a YaRN config: such a model is exported without scaling, which is exact
+    unless its attention_factor (applied even then) is not 1: that is refused.
     The two also clamp the ramp's upper end differently (head_dim/2 - 1 here, head_dim - 1 there); a
     config where that clamp matters is refused.
     """
@@ -273,6 +274,11 @@ def hf_rope_scaling(config: ModelConfig) -> dict[str, Any] | None:
         raise ValueError(f"rope_scaling type {s.get('type')!r}: only YaRN can be exported")
     orig = s.get("original_max_position_embeddings", 2048)
     if config.max_position_embeddings / orig <= 1.0:
+        # MiniMind2 (and we) still scale cos/sin by attention_factor here; Hugging Face has no form for that alone
+        if s.get("attention_factor", 1.0) != 1.0:
+            raise ValueError(f"rope_scaling attention_factor={s['attention_factor']} without a context extension "
+                             f"(max_position_embeddings {config.max_position_embeddings} <= "
+                             f"original_max_position_embeddings {orig}) has no Hugging Face equivalent")
         return None
     low, high = _yarn_correction_range(s, config.head_dim, config.rope_theta)
     if high > config.head_dim // 2 - 1 or high < max(low, 0):

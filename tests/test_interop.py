@@ -356,6 +356,22 @@ def test_yarn_table_without_extension_exports_unscaled(tmp_path):
     assert interop.hf_config(model.config)["rope_scaling"] is None
 
 
+def test_an_attention_factor_without_extension_is_refused_not_dropped(tmp_path):
+    """MiniMind2 scales cos/sin by attention_factor even when it does not extend the context; Hugging Face
+    would apply it only with YaRN's interpolation: exporting without it would give other logits."""
+    from minimind_fast.config import YARN_DEFAULTS
+
+    model = _tiny_model(inference_rope_scaling=True, max_position_embeddings=2048,
+                        rope_scaling=dict(YARN_DEFAULTS, attention_factor=1.25))
+    plain = _tiny_model(inference_rope_scaling=True, max_position_embeddings=2048)
+    ids = torch.randint(0, 320, (1, 9))
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(our_logits(model, ids), our_logits(plain, ids))  # the factor does change them
+    with pytest.raises(ValueError, match="attention_factor=1.25"):
+        interop.export_hf(model, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_hf_dir_written_by_transformers_loads(tmp_path):
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=1, vocab_size=100, rms_norm_eps=1e-6, rope_theta=10000.0,
