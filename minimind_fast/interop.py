@@ -397,7 +397,10 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             raise ValueError(f"{source}: {name}={value!r} must be a positive integer")
     head_dim = hf.get("head_dim") or hidden // heads
     refuse_if(head_dim * heads != hidden, f"head_dim={head_dim} with {heads} heads and hidden_size={hidden}")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{source}: rope_scaling={rope!r} must be an object")
+    rope = dict(rope)
     theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
     kind = rope.get("rope_type", rope.get("type", "default"))
     refuse_if(kind not in ("default", "yarn"), f"rope_type={kind!r}")
@@ -480,10 +483,14 @@ def load_hf_dir(path: str | os.PathLike) -> MiniMindForCausalLM:
         hf = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{config_file}: cannot read the Hugging Face config ({e})") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
     try:
         config = config_from_hf(hf, source=str(config_file))
     except KeyError as e:
         raise ValueError(f"{config_file}: missing field {e.args[0]!r}") from e
+    except (TypeError, IndexError, AttributeError) as e:  # a field of another type than Hugging Face writes
+        raise ValueError(f"{config_file}: malformed ({type(e).__name__}: {e})") from e
     model = MiniMindForCausalLM(config)
     checkpoint.load_state(model, read_hf_weights(path), source=str(path))
     return model

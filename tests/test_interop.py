@@ -443,6 +443,18 @@ def test_invalid_configs_name_their_file(tmp_path):
             load_model(hf)
 
 
+@pytest.mark.parametrize("config", [[1, 2], {"eos_token_id": []}, {"rope_scaling": "yarn"},
+                                    {"architectures": "LlamaForCausalLM"}])
+def test_a_malformed_hf_config_is_an_error_naming_it(tmp_path, capsys, config):
+    main = _convert_main()
+    hf = interop.export_hf(_tiny_model(), tmp_path / "hf")
+    good = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(good | config if isinstance(config, dict) else config))
+    assert main(["from-hf", str(hf), "--out", str(tmp_path / "out")]) == 1
+    assert f"error: {hf / 'config.json'}: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_truncated_weight_files_name_the_file(tmp_path):
     from minimind_fast.checkpoint import save_model_dir
     from minimind_fast.lora import LoraConfig, apply_lora, load_lora, save_lora
