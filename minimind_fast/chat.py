@@ -325,7 +325,8 @@ def answer_file(model: MiniMindForCausalLM, tokenizer: ChatTokenizer, config: Ge
     config.stop_token_ids = sorted({*config.stop_token_ids, tokenizer.eos_token_id})
     all_prompts = encode_prompts_to_fit(tokenizer, records, mode, model.config.max_position_embeddings,
                                         config.max_new_tokens, in_path)
-    tmp = f"{out_path}.tmp"
+    # A hidden name of this process's own: neither a user's OUT.tmp nor another run's is overwritten.
+    tmp = Path(out_path).with_name(f".{Path(out_path).name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as out:
             for start in range(0, len(records), batch_size):
