@@ -101,10 +101,21 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             shutil.copy2(src / name, dst / name)
 
 
+# A training checkpoint (`RUN/checkpoints/step_NNNNNNNN/`) holding this file is whole (its writer's last act).
+MARKER = "COMPLETE"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's checkpoints marked complete, oldest first: a `.tmp` one or one killed before its marker may be
+    half-written."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.glob("step_*") if not d.name.endswith(".tmp") and (d / MARKER).exists())
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """The model directory in a model dir, a run dir (`final/` or newest checkpoint) or a checkpoint dir."""
-    from minimind_fast.training.checkpointing import complete_checkpoints
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
@@ -114,7 +125,6 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         return p / "model"
     if (p / "final" / WEIGHTS).exists():
         return p / "final"
-    # Only checkpoints marked complete: a `.tmp` one or one killed before its marker may be half-written.
     ckpts = [d for d in complete_checkpoints(p) if (d / "model" / WEIGHTS).exists()]
     if ckpts:
         return ckpts[-1] / "model"

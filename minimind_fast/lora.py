@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minimind_fast.checkpoint import is_hf_dir, load_model, read_safetensors, resolve_model_dir
+from minimind_fast.checkpoint import complete_checkpoints, is_hf_dir, load_model, read_safetensors, resolve_model_dir
 from minimind_fast.files import apply_umask
 from minimind_fast.model import ExpertBank
 
@@ -254,8 +254,7 @@ def resolve_adapter_dir(path: str | os.PathLike) -> Path:
     for candidate in (p, p / ADAPTER_DIR, p / "model" / ADAPTER_DIR, p / "final" / ADAPTER_DIR):
         if _is_adapter_dir(candidate):
             return candidate
-    ckpts = sorted(d for d in (p / "checkpoints").glob("step_*")
-                   if not d.name.endswith(".tmp") and _is_adapter_dir(d / "model" / ADAPTER_DIR))
+    ckpts = [d for d in complete_checkpoints(p) if _is_adapter_dir(d / "model" / ADAPTER_DIR)]
     if ckpts:
         return ckpts[-1] / "model" / ADAPTER_DIR
     raise FileNotFoundError(f"{p}: no LoRA adapter there ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}, in it, in "

@@ -17,6 +17,7 @@ from minimind_fast.lora import (
     base_state_dict,
     load_lora,
     merge_lora,
+    resolve_adapter_dir,
     save_lora,
 )
 from minimind_fast.training.lora_stage import adapted_projections
@@ -240,3 +241,14 @@ def test_a_dense_only_adapter_from_before_expert_lora_still_loads_into_an_moe_mo
     assert not any(isinstance(m, LoraExpertBank) for m in fresh.modules())
     torch.testing.assert_close(fresh(x).logits, model(x).logits, rtol=0, atol=0)
     assert (fresh(x).logits - _model("tiny-moe").eval()(x).logits).abs().max() > 1e-4
+
+
+def test_a_run_dirs_adapter_comes_from_its_newest_complete_checkpoint(tmp_path):
+    """A checkpoint killed before its COMPLETE marker may hold a half-written adapter: never the one taken."""
+    for step, complete in ((4, True), (8, False)):
+        adapter = tmp_path / "checkpoints" / f"step_{step:08d}" / "model" / "adapter"
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_config.json").write_text("{}")
+        if complete:
+            (tmp_path / "checkpoints" / f"step_{step:08d}" / "COMPLETE").write_text(f"step {step}\n")
+    assert resolve_adapter_dir(tmp_path) == tmp_path / "checkpoints" / "step_00000004" / "model" / "adapter"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from minimind_fast.checkpoint import save_model_dir, state_dict_for_saving
+from minimind_fast.checkpoint import MARKER, complete_checkpoints, save_model_dir, state_dict_for_saving
 from minimind_fast.files import apply_umask
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from minimind_fast.model import MiniMindForCausalLM
     from minimind_fast.training.stages import Stage
 
-MARKER = "COMPLETE"
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -44,13 +43,6 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 def checkpoint_step(ckpt: Path) -> int:
     return int(ckpt.name.removeprefix("step_"))
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(d for d in root.glob("step_*") if not d.name.endswith(".tmp") and (d / MARKER).exists())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
