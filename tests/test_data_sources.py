@@ -127,6 +127,10 @@ def _damaged(tmp_path: Path, src: bytes) -> list[Path]:
         paths[-1].write_bytes(data[: len(data) // 2])
     paths.append(tmp_path / "fake.jsonl.gz")
     paths[-1].write_bytes(src[:200])  # named .gz, holds plain text
+    garbled = bytearray(COMPRESS[".gz"](src))
+    garbled[30:38] = b"\xff" * 8  # deflate data that does not decode (zlib.error, not an OSError)
+    paths.append(tmp_path / "garbled.jsonl.gz")
+    paths[-1].write_bytes(bytes(garbled))
     table = tmp_path / "whole.parquet"
     _parquet(table, [json.loads(line) for line in src.splitlines()])
     paths.append(tmp_path / "cut.parquet")

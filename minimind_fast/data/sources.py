@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import lzma
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -98,8 +99,9 @@ def open_jsonl(path: Path) -> BinaryIO:
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
-    """What a damaged file raises while it is decompressed or decoded (EOFError: a truncated one)."""
-    errors: list[type[BaseException]] = [OSError, EOFError, lzma.LZMAError]
+    """What a damaged file raises while it is decompressed or decoded (EOFError: a truncated one;
+    zlib.error, not an OSError: a .gz file whose deflate data does not decode)."""
+    errors: list[type[BaseException]] = [OSError, EOFError, lzma.LZMAError, zlib.error]
     for module, name in (("zstandard", "ZstdError"), ("pyarrow", "ArrowException")):
         try:
             errors.append(getattr(__import__(module), name))
