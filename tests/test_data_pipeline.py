@@ -293,6 +293,24 @@ def test_strict_stops_at_first_bad_line_and_writes_nothing(builtin_data, tmp_pat
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_failed_run_leaves_no_shard_under_a_final_name(builtin_data, tmp_path, monkeypatch):
+    """Shards the run completed (rolled over) before its error are removed too, not only the one it was
+    writing: FORMAT.md's 'a failed run leaves no file under a final name and no manifest'."""
+    from minimind_fast.data import pipeline
+
+    monkeypatch.setattr(pipeline, "CHUNK_LINES", 20)  # the bad line comes in a later chunk
+    good = _records(builtin_data["files"]["sft"])[:60]
+    src = _write(tmp_path / "late.jsonl", good + ['{"conversations": ['])
+    out = tmp_path / "out"
+    opts = TokenizeOptions(kind="sft", seq_len=128, workers=1, strict=True, val_fraction=0.05, max_shard_tokens=300)
+    with pytest.raises(InputError, match=rf"{src}:61: malformed_json"):
+        tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
+    assert sorted(p.name for p in out.iterdir()) == []
+    opts.strict = False  # the same run without the error: it had rolled over several shards of each split
+    m = tokenize_to_shards([src], builtin_data["tokenizer"], out, opts)
+    assert len(m["splits"]["train"]["shards"]) > 2
+
+
 def test_pretrain_and_dpo_field_errors(builtin_data, tmp_path):
     src = _write(tmp_path / "p.jsonl", [{"text": "The cat is grey."}, {"text": "   "}, {"content": "x"}])
     m = tokenize_to_shards([src], builtin_data["tokenizer"], tmp_path / "p",

@@ -281,8 +281,13 @@ class _SplitWriter:
                 "docs": sum(s["docs"] for s in self.shards)}
 
     def abort(self) -> None:
+        """Drop the shard being written and those this run completed: a failed run leaves no file under
+        a final name."""
         if self.writer is not None:
             self.writer.abort()
+            self.writer = None
+        for shard in self.shards:
+            (self.out / shard["file"]).unlink(missing_ok=True)
 
 
 def _signature(files: list[Path], tok: ChatTokenizer, opts: TokenizeOptions) -> dict:
