@@ -107,3 +107,15 @@ def test_cli_shows_figures_and_documents_and_names_its_errors(builtin_data, monk
         _launch(monkeypatch, "--data", shard_dir, "--tokenizer", other)
     with pytest.raises(SystemExit, match=f"error: {tmp_path}: no manifest.json"):
         _launch(monkeypatch, "--data", tmp_path)
+
+
+def test_a_directory_without_held_out_records_is_summed_up(builtin_data, monkeypatch, capsys, tmp_path):
+    """--val-fraction 0 (or an input too small to hold one out) writes an empty val split: the figures
+    say so, and the train split is shown as for any directory."""
+    out = tmp_path / "sft"
+    tokenize_to_shards([builtin_data["files"]["sft"]], builtin_data["tokenizer"], out,
+                       TokenizeOptions(kind="sft", seq_len=128, workers=1, val_fraction=0))
+    _launch(monkeypatch, "--data", out)
+    shown = capsys.readouterr().out
+    assert f"  {split_figures(SplitView(out, 'train'))}\n  val: no documents\n" in shown
+    assert "--- document 0 of train" in shown

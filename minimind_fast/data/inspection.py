@@ -77,8 +77,11 @@ def summary(shard_dir: str | os.PathLike) -> str:
     for src in m.get("sources", []):
         lines.append(f"  source {src.get('path')}: {src.get('records', '?'):,} records, skipped "
                      f"{src.get('skipped') or 'none'}")
-    for split in m["splits"]:
-        lines.append("  " + split_figures(SplitView(shard_dir, split)))
+    for split, entry in m["splits"].items():
+        if isinstance(entry, dict) and entry.get("shards") == []:  # --val-fraction 0: none held out
+            lines.append(f"  {split}: no documents")
+        else:
+            lines.append("  " + split_figures(SplitView(shard_dir, split)))
     for problem in m.get("problems", [])[:PROBLEMS_SHOWN]:
         lines.append(f"  problem: {problem}")
     more = len(m.get("problems", [])) - PROBLEMS_SHOWN
