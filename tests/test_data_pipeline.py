@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -385,6 +386,23 @@ def test_dpo_prompt_as_messages_goes_before_both_replies(builtin_data, tmp_path,
     texts = [tok.decode(ids.tolist(), skip_special_tokens=False) for ids, _ in _all_docs(tmp_path / "d")]
     assert texts == [tok.apply_chat_template([user, {"role": "assistant", "content": reply}])
                      for reply in ("Grey.", "Blue.")]
+
+
+def test_a_bad_dpo_message_is_named_in_its_own_field(tok):
+    """A TRL record's `prompt` messages go before each side's: a problem is named in the field (and at
+    the index) the message stands in the record, not counted into 'chosen' after the prompt."""
+    from minimind_fast.data.records import RecordError, record_docs
+
+    user, reply = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}
+    cases = [({"prompt": [user, {"role": "bot", "content": "x"}], "chosen": [reply], "rejected": [reply]},
+              "bad_message: 'prompt'[1] needs a role"),
+             ({"prompt": [user], "chosen": [reply], "rejected": [{"role": "assistant", "content": 3}]},
+              "bad_message: 'rejected'[0] needs a role"),
+             ({"prompt": [user], "chosen": [user], "rejected": [reply]},
+              "empty_conversation: 'chosen' has no non-empty assistant message")]
+    for record, message in cases:
+        with pytest.raises(RecordError, match=re.escape(message)):
+            record_docs(record, "dpo", tok)
 
 
 @pytest.mark.parametrize(("fraction", "lines", "held_out"),

@@ -104,10 +104,13 @@ def check_messages(msgs: object, field: str) -> list[dict]:
 
 def check_conversation(msgs: object, field: str) -> list[dict]:
     """`check_messages`, for training text: at least one assistant reply to learn."""
-    out = check_messages(msgs, field)
-    if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in out):
+    return _with_reply(check_messages(msgs, field), field)
+
+
+def _with_reply(msgs: list[dict], field: str) -> list[dict]:
+    if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in msgs):
         raise RecordError("empty_conversation", f"'{field}' has no non-empty assistant message")
-    return out
+    return msgs
 
 
 def conversation_field(record: dict) -> str | None:
@@ -234,13 +237,14 @@ def dpo_conversations(record: dict) -> tuple[list[dict], list[dict]]:
     prompt = record.get("prompt") or []
     if not isinstance(prompt, list):
         raise RecordError("missing_field", "'prompt' must be a string or a list of messages")
+    prompt = check_messages(prompt, "prompt") if prompt else []  # checked apart: problems name its own field
     sides = []
     for key in ("chosen", "rejected"):
         if key not in record:
             raise RecordError("missing_field", f"no field '{key}'")
         if not isinstance(record[key], list):
             raise RecordError("missing_field", f"'{key}' must be a list of messages (or a string with a 'prompt')")
-        sides.append(check_conversation(prompt + record[key], key))
+        sides.append(_with_reply(prompt + check_messages(record[key], key), key))
     return sides[0], sides[1]
 
 
