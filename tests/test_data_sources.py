@@ -9,6 +9,7 @@ import json
 import lzma
 import runpy
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -215,3 +216,23 @@ def test_the_scripts_take_every_format_and_name_a_damaged_file(builtin_data, pla
     with pytest.raises(SystemExit, match=f"error: {cut}: .*truncated or corrupt"):
         _launch(monkeypatch, "train_tokenizer.py", "--data", cut, "--vocab-size", 300, "--out", tmp_path / "tok")
     assert not (tmp_path / "tok").exists()
+
+
+def test_a_line_nested_too_deeply_is_malformed_not_a_crash(builtin_data, tmp_path):
+    """json.loads raises RecursionError, not a JSONDecodeError, past ~1000 levels of nesting: every
+    reader of records names the line (or skips it) as it does any other line that is not a record."""
+    from minimind_fast.data.tokenizer import iter_texts
+
+    good = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    deep = '{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps(good) + "\n" + deep + "\n" + json.dumps(good) + "\n")
+    manifest = _tokenize([path], builtin_data["tokenizer"], tmp_path / "out", "sft", val_fraction=0)
+    assert manifest["records"] == 2 and manifest["skipped"] == {"malformed_json": 1}
+    assert manifest["problems"] == [f"{path}:2: malformed_json: nested too deeply"]
+    skipped = Counter()
+    assert list(iter_texts([path], skipped)) == ["Hi", "Hello.", "Hi", "Hello."] and skipped == {"not JSON": 1}
+    prompts = tmp_path / "deep-prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n" + deep + "\n")
+    with pytest.raises(ValueError, match=f"{prompts}:2: malformed JSON .nested too deeply."):
+        read_prompt_file(prompts)

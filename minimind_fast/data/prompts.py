@@ -69,6 +69,8 @@ def read_prompt_file(path: str | Path, required: dict[str, str] | None = None) -
             raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:  # what json raises past ~1000 levels of [ or {
+            raise ValueError(f"{where}: malformed JSON (nested too deeply)") from None
         if not isinstance(record, dict):
             raise ValueError(f"{where}: a line must hold a JSON object")
         try:

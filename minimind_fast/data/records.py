@@ -56,6 +56,8 @@ def parse_line(line: bytes | str) -> dict:
         raise RecordError("bad_unicode", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise RecordError("malformed_json", str(e)) from None
+    except RecursionError:  # what json raises past ~1000 levels of [ or {
+        raise RecordError("malformed_json", "nested too deeply") from None
     if not isinstance(record, dict):
         raise RecordError("malformed_json", "a line must hold a JSON object")
     return record

@@ -89,7 +89,7 @@ def _line_texts(line: bytes) -> tuple[list[str], str | None]:
         record = json.loads(line)  # bytes: UTF-8 with or without a byte-order mark
     except UnicodeDecodeError:
         return [], "not UTF-8"
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         return [], "not JSON"
     if not isinstance(record, dict):
         return [], "not a JSON object"
