@@ -118,3 +118,16 @@ def test_vocab_check_names_the_shard(shard_file):
 def test_header_layout(shard_file):
     magic, version, tbytes, kind, has_mask, n_tokens, n_docs, vocab = HEADER.unpack(shard_file.read_bytes()[:64])
     assert (magic, version, tbytes, kind, has_mask, n_tokens, n_docs, vocab) == (MAGIC, 1, 2, 1, 1, 17, 2, 1000)
+
+
+@pytest.mark.parametrize(("doc", "value"), [(0, 1), (0, 11), (1, 18)])
+def test_offsets_that_do_not_run_forward_are_refused(shard_file, doc, value):
+    """A corrupt offsets table keeps the file's size: without this check the loaders cut documents at
+    the wrong places (empty or overlapping ones) and count another number of batches than they give."""
+    data = bytearray(shard_file.read_bytes())
+    at = 64 + 17 * 2 + 6 + 8 * doc  # the offsets start on the 8-byte boundary after the 17 uint16 tokens
+    assert struct.unpack("<Q", data[at:at + 8])[0] == (0, 10)[doc]
+    data[at:at + 8] = struct.pack("<Q", value)
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"s\.bin: corrupt document offsets"):
+        Shard(shard_file)

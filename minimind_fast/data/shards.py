@@ -174,6 +174,10 @@ class Shard:
                                shape=(n_tokens,)) if has_mask else None)
         if n_docs and int(self.offsets[-1]) != n_tokens:
             raise ShardError(f"{self.path}: document offsets end at {int(self.offsets[-1])}, not {n_tokens}")
+        # A corrupt table keeps the file's size; read whole (8 bytes a document, about 1% of a shard).
+        if int(self.offsets[0]) != 0 or bool((np.diff(self.offsets.astype(np.int64)) < 0).any()):
+            raise ShardError(f"{self.path}: corrupt document offsets (they must run from 0 to n_tokens "
+                             f"{n_tokens} without going back)")
 
     @property
     def n_docs(self) -> int:
