@@ -182,6 +182,37 @@ def test_foreign_tokenizer_dir_is_used_as_is(builtin_data, tmp_path, hf_tok):
     assert rendered == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
+def test_the_template_is_found_where_transformers_finds_it(builtin_data, tmp_path):
+    """transformers' save_pretrained writes the template to chat_template.jinja (not tokenizer_config.json),
+    which wins over a config's chat_template; a config may also list named templates, 'default' used."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "saved"
+    hf = AutoTokenizer.from_pretrained(str(builtin_data["tokenizer"]))
+    hf.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    hf.save_pretrained(str(d))
+    assert (d / "chat_template.jinja").is_file()
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    cases = [dict(config, chat_template="{{ 'shadowed by chat_template.jinja' }}"),
+             dict(config, chat_template=[{"name": "tool_use", "template": "{{ 'not the default' }}"},
+                                         {"name": "default", "template": DEFAULT_SYSTEM_TEMPLATE}])]
+    msgs = CONVERSATIONS[0]
+    for i, case in enumerate(cases):
+        (d / "tokenizer_config.json").write_text(json.dumps(case))
+        if i == 1:
+            (d / "chat_template.jinja").unlink()
+        rendered = load_tokenizer(d).apply_chat_template(msgs, add_generation_prompt=True)
+        assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"), i
+        load_tokenizer(d).save(tmp_path / f"copy{i}")  # what a checkpoint carries renders alike
+        assert load_tokenizer(tmp_path / f"copy{i}").apply_chat_template(msgs, add_generation_prompt=True) == rendered
+        assert rendered == AutoTokenizer.from_pretrained(str(d)).apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True), i
+    (d / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=[{"name": "tool_use",
+                                                                                    "template": "x"}])))
+    with pytest.raises(ValueError, match=rf"{d / 'tokenizer_config.json'}: .*none named 'default'"):
+        load_tokenizer(d)
+
+
 def test_tools_render_as_transformers_renders_them(builtin_data, tmp_path):
     d = tmp_path / "tok"
     d.mkdir()

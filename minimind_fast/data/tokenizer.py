@@ -343,7 +343,7 @@ class ChatTokenizer:
     def save(self, out_dir: str | os.PathLike) -> None:
         """Copy the tokenizer's files into `out_dir` (what checkpoints carry)."""
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (self.dir / name).exists():
                 shutil.copy2(self.dir / name, Path(out_dir) / name)
 
