@@ -44,7 +44,7 @@ else:
             opts = TokenizeOptions(kind=args.kind, seq_len=args.seq_len, overlong=args.overlong,
                                    val_fraction=args.val_fraction, strict=args.strict, workers=args.workers)
             m = tokenize_to_shards(args.data, args.tokenizer, args.out, opts, force=args.force)
-        except (FileNotFoundError, ValueError) as e:  # bad options, inputs or tokenizer; InputError too
+        except (OSError, ValueError) as e:  # bad options, inputs or tokenizer (InputError too), an unwritable --out
             sys.exit(f"error: {e}")
         train, val = m["splits"]["train"], m["splits"]["val"]
         print(f"{args.out}: train {train['tokens']:,} tokens / {train['docs']:,} docs, "

@@ -268,6 +268,8 @@ def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[tuple[int,
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        except RecursionError:  # what json raises past ~1000 levels of [ or {
+            raise ValueError(f"{path}:{lineno}: malformed JSON (nested too deeply)") from None
         problem = _record_problem(rec, mode)
         if problem:
             raise ValueError(f"{path}:{lineno}: {problem}")

@@ -131,6 +131,9 @@ def test_answer_file_writes_every_answer_or_nothing(loaded, tmp_path):
     bad.write_text('{"prompt": "Hello"}\n{"prompt": oops}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
         answer_file(model, tok, config, bad, tmp_path / "never.jsonl")
+    bad.write_text('{"prompt": "Hello"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")  # past json's recursion
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON \(nested too deeply\)"):
+        answer_file(model, tok, config, bad, tmp_path / "never.jsonl")
     assert not [p.name for p in tmp_path.iterdir() if "never" in p.name]  # no output, no temporary left
     mine = tmp_path / "out.jsonl.tmp"  # a user's file by the name a temporary once had: left alone
     mine.write_text("keep")

@@ -767,6 +767,16 @@ def test_shards_roll_over(builtin_data, tmp_path, kind):
     assert [d[0].tolist() for d in _all_docs(tmp_path / "r")] == whole
 
 
+def test_an_out_that_cannot_be_made_is_an_error_naming_it(builtin_data, tmp_path, monkeypatch):
+    """An --out under a file (or unwritable: as root here, a file stands in for both) is a one-line error,
+    not a traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"error: .*{blocker / 'o'}"):
+        _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", builtin_data["files"]["sft"], "--tokenizer",
+                builtin_data["tokenizer"], "--out", blocker / "o", "--workers", 1)
+
+
 def _launch(monkeypatch, script, *args):
     """Run a launch/ script in this process, as `python launch/SCRIPT ARGS` would."""
     monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
