@@ -271,6 +271,8 @@ def _write(path: Path, lines: list[str]) -> Path:
     ('["a list"]', "a line must hold a JSON object"),
     ('{"question": "What is 1 + 2?", "answer": "3"}', "needs a field 'prompt'"),
     ('{"prompt": "", "answer": "3"}', "field 'prompt' must be a non-empty string"),
+    ('{"prompt": [{"role": "user", "content": 5}], "answer": "3"}', "'prompt'[0]"),
+    ('{"prompt": [{"role": "assistant", "content": "hi"}], "answer": "3"}', "field 'prompt' has no user message"),
     ('{"prompt": "What is 1 + 2?"}', "no field 'answer' (needed by the 'answer' reward)"),
     ('{"conversations": [{"role": "assistant", "content": "hi"}], "answer": "1"}', "no user message"),
     ('{"conversations": [{"role": "bot", "content": "hi"}], "answer": "1"}', "'conversations'[0]"),
@@ -287,9 +289,11 @@ def test_prompts_render_like_the_sft_data(builtin_data, tmp_path):
     convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
              {"role": "assistant", "content": "5"}]
     path = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "What is 2 + 3?", "answer": 5}),
-                                         json.dumps({"conversations": convo})])
+                                         json.dumps({"conversations": convo}),
+                                         json.dumps({"prompt": convo[:2], "answer": 5})])  # TRL's form
     records = read_prompt_file(path)
     assert records[1].messages == convo[:2] and records[1].line == 2 and records[0].sample["answer"] == 5
+    assert records[2].messages == convo[:2]
     ids, kept = encode_prompts(records, tok, max_tokens=1000)
     # The prompt is exactly the prefix SFT training put before the assistant reply.
     full = tok.encode(tok.apply_chat_template(convo))

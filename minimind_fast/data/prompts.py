@@ -1,7 +1,8 @@
 """Prompt datasets for on-policy training (GRPO): a JSONL of prompts and a rank-aware, resumable loader.
 
 Each line is `{"prompt": "...", "answer": ...}` (any further fields are kept and handed to the reward
-functions), or `{"conversations": [...]}` (or `"messages"`), whose messages up to and including the last user turn are
+functions), or `{"conversations": [...]}` (or `"messages"`, or TRL's conversational `"prompt": [...]`), whose messages
+up to and including the last user turn are
 the prompt (later turns, such as a reference reply, are dropped). The messages take every shape SFT
 records take (`records.check_messages`): tool definitions in a system message's `tools`/`functions`,
 `tool_calls`, a reply that only calls tools with `"content": null`, lists or JSON strings. Prompts are
@@ -38,13 +39,15 @@ class PromptRecord:
 def _messages(record: dict) -> list[dict]:
     """The prompt's chat messages; raises ValueError with the field at fault (the caller adds file:line)."""
     refuse_record_tools(record)
-    if "prompt" in record:
+    if "prompt" in record and not isinstance(record["prompt"], list):
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise ValueError("field 'prompt' must be a non-empty string")
+            raise ValueError("field 'prompt' must be a non-empty string or a list of messages")
         return [{"role": "user", "content": record["prompt"]}]
-    key = conversation_field(record)  # RecordError is a ValueError
+    # TRL's conversational form puts the messages in 'prompt'.
+    key = "prompt" if "prompt" in record else conversation_field(record)  # RecordError is a ValueError
     if key is None:
-        raise ValueError("needs a field 'prompt' (string) or 'conversations' or 'messages' (list of messages)")
+        raise ValueError("needs a field 'prompt' (string or list of messages) or 'conversations' or 'messages' "
+                         "(list of messages)")
     msgs = check_messages(record[key], key)
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
     if not users:
