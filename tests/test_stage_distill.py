@@ -234,6 +234,7 @@ def test_teacher_with_a_shorter_context_is_refused_at_setup(builtin_data, tmp_pa
     (["--kd-alpha", "0.5"], "--kd-alpha set the distillation term, which needs --teacher"),
     (["--teacher", "t", "--kd-alpha", "1.5"], "must be between 0 and 1"),
     (["--teacher", "t", "--kd-temperature", "0"], "must be > 0"),
+    (["--teacher", "t", "--kd-temperature", "inf"], "must be > 0 and finite"),  # logits / inf: a NaN loss
     (["--special-token-weight", "-1"], "must be >= 0"),
     (["--special-token-weight", "nan"], "must be >= 0 and finite"),
     (["--special-token-weight", "inf"], "must be >= 0 and finite"),

@@ -367,8 +367,8 @@ class ReasoningStage(FineTuneStage):
             a.kd_temperature = self.DEFAULT_KD_TEMPERATURE
         if a.kd_alpha is None:
             a.kd_alpha = self.DEFAULT_KD_ALPHA
-        if not a.kd_temperature > 0:
-            raise ValueError(f"--kd-temperature {a.kd_temperature}: must be > 0")
+        if not 0 < a.kd_temperature < math.inf:  # at inf every logit / T is 0 and T^2 * KL is NaN
+            raise ValueError(f"--kd-temperature {a.kd_temperature}: must be > 0 and finite")
         if not 0 <= a.kd_alpha <= 1:
             raise ValueError(f"--kd-alpha {a.kd_alpha}: must be between 0 and 1")
 
