@@ -120,6 +120,27 @@ def test_without_teacher_the_loss_is_the_weighted_ce(builtin_data):
     assert loss.item() == pytest.approx(ce.item(), rel=1e-5) and "kd_loss" not in metrics
 
 
+def test_weighted_ce_is_the_weighted_mean_when_the_weights_sum_below_one():
+    """With --special-token-weight below 1, a micro-batch whose only targets are tag tokens has weights
+    summing below 1: the loss is still their weighted mean (not scaled down), and an all-zero weight
+    gives 0, not NaN."""
+    stage = stage_with("--special-token-weight", "0.25")
+    stage.check_arguments()
+    student = tiny_model(seed=4)
+    ids = torch.randint(0, 1024, (1, 12), generator=torch.Generator().manual_seed(0))
+    targets = torch.full((1, 12), -100)
+    targets[0, [3, 7]] = ids[0, [4, 8]]
+    weight = torch.ones(1, 12)
+    weight[0, [3, 7]] = 0.25
+    loss, _ = stage.compute_loss(student, {"input_ids": ids, "targets": targets, "loss_weight": weight})
+    with torch.no_grad():
+        logits = student(ids).logits
+    _, ce, _ = hand_loss(logits, logits, targets, weight, t=1.0, alpha=0.0)
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-5)
+    zero, _ = stage.compute_loss(student, {"input_ids": ids, "targets": targets, "loss_weight": weight * 0})
+    assert zero.item() == 0
+
+
 def test_teacher_follows_the_students_dtype(builtin_data, tmp_path):
     shards = builtin_data["shards"]["reasoning"]
     teacher_dir = save_model_dir(tiny_model(seed=1), tmp_path / "teacher")

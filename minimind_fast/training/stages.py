@@ -430,7 +430,9 @@ class ReasoningStage(FineTuneStage):
         weight = batch["loss_weight"] * valid
         ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100,
                              reduction="none").view_as(targets)
-        loss = (ce * weight).sum() / weight.sum().clamp(min=1)
+        # A weighted mean whatever the weights sum to (below 1 with --special-token-weight < 1); none: 0
+        total = weight.sum()
+        loss = (ce * weight).sum() / torch.where(total > 0, total, torch.ones_like(total))
         metrics = {"lm_loss": loss.detach()}
         if self.teacher is not None:
             kd = self.kd_loss(logits, self.teacher_logits(model, batch), valid)
