@@ -120,6 +120,39 @@ def test_equal_policy_and_reference_give_log_2():
     assert abs(loss.item() - math.log(2)) < 1e-6 and metrics["reward_margin"] == 0
 
 
+def test_only_the_replies_after_the_shared_turns_carry_log_probs(builtin_data):
+    """An earlier assistant turn both sides share is prompt, as in TRL (its `prompt`, or the common
+    leading messages of chosen and rejected): in the sums it would add the same terms to both sides,
+    leaving the margin but not reward_chosen and reward_rejected as TRL defines them. Two identical
+    conversations keep their last message as the reply."""
+    from minimind_fast.data.records import RecordError, record_docs
+    from minimind_fast.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(builtin_data["tokenizer"])
+    user, earlier, again = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+                            {"role": "user", "content": "Say yes"})
+    yes, no = {"role": "assistant", "content": "yes"}, {"role": "assistant", "content": "no"}
+    records = [{"prompt": [user, earlier, again], "chosen": [yes], "rejected": [no]},
+               {"chosen": [user, earlier, again, yes], "rejected": [user, earlier, again, no]}]
+    for record in records:
+        replies = [[d.text[a:b] for a, b in d.spans] for d in record_docs(record, "dpo", tok)]
+        assert replies == [["yes<|im_end|>"], ["no<|im_end|>"]], record
+    # replies that differ from their first turn on keep all their turns
+    other = {"role": "assistant", "content": "Hey"}
+    docs = record_docs({"chosen": [user, earlier, again, yes], "rejected": [user, other, again, no]}, "dpo", tok)
+    assert [[d.text[a:b] for a, b in d.spans] for d in docs] == [
+        ["Hello there<|im_end|>", "yes<|im_end|>"], ["Hey<|im_end|>", "no<|im_end|>"]]
+    same = record_docs({"chosen": [user, earlier, again, yes], "rejected": [user, earlier, again, yes]}, "dpo", tok)
+    assert [[d.text[a:b] for a, b in d.spans] for d in same] == [["yes<|im_end|>"]] * 2
+    # a given `prompt` is the prompt, all of it and only it (TRL): replies that start alike keep that start
+    docs = record_docs({"prompt": [user], "chosen": [earlier, again, yes], "rejected": [earlier, again, no]},
+                       "dpo", tok)
+    assert [[d.text[a:b] for a, b in d.spans] for d in docs] == [
+        ["Hello there<|im_end|>", "yes<|im_end|>"], ["Hello there<|im_end|>", "no<|im_end|>"]]
+    with pytest.raises(RecordError, match="'chosen' has no non-empty assistant message after"):
+        record_docs({"prompt": [user, earlier, again], "chosen": [], "rejected": [no]}, "dpo", tok)
+
+
 def test_loader_pair_index_names_each_rows_pair(builtin_data):
     loader = build_loader("dpo", builtin_data["shards"]["dpo"], seq_len=128, micro_batch_size=3, seed=5)
     batch = next(iter(loader))

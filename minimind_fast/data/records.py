@@ -188,8 +188,9 @@ def prompt_text(msgs: list[dict], tok: ChatTokenizer) -> str:
     return text
 
 
-def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool) -> Doc:
-    """The rendered conversation and the spans of its assistant replies (each through its `<|im_end|>`).
+def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool, first_reply: int = 0) -> Doc:
+    """The rendered conversation and the spans of its assistant replies (each through its `<|im_end|>`),
+    those from message `first_reply` on (a DPO pair's earlier turns are its prompt).
 
     A reply's turn starts where the rendering of the messages before it stops. Its span starts after
     the turn's ChatML header `<|im_start|>assistant\n`, so that whatever the template renders into
@@ -202,7 +203,7 @@ def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool) -> Doc:
     _check_tools_rendered(text, tools)
     doc = Doc(text)
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first_reply:
             continue
         before = _render(tok, msgs[:i], False, tools)
         stop = len(_render(tok, msgs[:i + 1], False, tools)) if i + 1 < len(msgs) else len(text)
@@ -274,7 +275,27 @@ def _docs(record: dict, kind: str, tok: ChatTokenizer) -> list[Doc]:
             raise RecordError("missing_field", "no field 'conversations' (or 'messages')")
         msgs = check_conversation(record[key], key)
         return [conversation_doc(msgs, tok, tags=kind == "reasoning")]
-    return [conversation_doc(msgs, tok, tags=False) for msgs in dpo_conversations(record)]
+    chosen, rejected = dpo_conversations(record)
+    shared = prompt_turns(record, chosen, rejected)
+    return [conversation_doc(msgs, tok, tags=False, first_reply=shared) for msgs in (chosen, rejected)]
+
+
+def prompt_turns(record: dict, chosen: list[dict], rejected: list[dict]) -> int:
+    """How many leading messages of a pair are its prompt, as TRL takes it: the record's `prompt` (a string
+    is one user message), else the messages chosen and rejected start with alike (each keeps at least its
+    last). Their assistant turns are no part of either reply. Refused when a side has no reply after them."""
+    prompt = record.get("prompt")
+    if isinstance(prompt, str) or prompt:
+        shared = 1 if isinstance(prompt, str) else len(prompt)
+    else:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in msgs[shared:]):
+            raise RecordError("empty_conversation", f"'{key}' has no non-empty assistant message after the "
+                                                    f"prompt's {shared} message(s)")
+    return shared
 
 
 def mask_from_offsets(offsets: list[tuple[int, int]] | np.ndarray, doc: Doc) -> np.ndarray:
