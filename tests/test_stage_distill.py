@@ -215,7 +215,9 @@ def test_resume_refuses_another_distillation_term(builtin_data, tmp_path):
     other_teacher = r"\(the --teacher weights \(or --teacher given or not\) differ"
     for flags, what in [(("--teacher", str(teachers[1])), other_teacher),
                         ((), r"\(--kd-alpha; --kd-temperature; the --teacher weights"),
-                        (("--teacher", str(teachers[0]), "--kd-alpha", "0.25"), r"\(--kd-alpha differ")]:
+                        (("--teacher", str(teachers[0]), "--kd-alpha", "0.25"), r"\(--kd-alpha differ"),
+                        (("--teacher", str(teachers[0]), "--special-token-weight", "3"),
+                         r"\(--special-token-weight differ")]:
         with pytest.raises(ValueError, match="trained with another distillation term " + what):
             set_up(*flags, resume=ckpt)
     (ckpt / "objective.json").unlink()  # a checkpoint from before the record: nothing to compare

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from minimind_fast.data.prompts import PromptLoader
 
 OBJECTIVE_FILE = "objective.json"  # in a checkpoint: what the stage's loss depended on beyond the model
+SPECIAL_TOKEN_WEIGHT = 10.0  # the distill stage's default weight of the reasoning tags' tokens
 
 
 def freeze(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
@@ -340,7 +341,7 @@ class ReasoningStage(FineTuneStage):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("distillation")
-        g.add_argument("--special-token-weight", type=float, default=10.0,
+        g.add_argument("--special-token-weight", type=float, default=SPECIAL_TOKEN_WEIGHT,
                        help="loss weight of the <think>, </think>, <answer>, </answer> tag tokens in the "
                             "assistant replies (MiniMind: 10); other assistant tokens weigh 1")
         g.add_argument("--teacher", help="run dir, checkpoint, model dir, MiniMind .pth or HF dir of a teacher "
@@ -398,18 +399,23 @@ class ReasoningStage(FineTuneStage):
         self._check_resumed_teacher()
 
     def _teacher_record(self) -> dict:
-        """What the KL term depends on: the teacher's weights and the term's settings."""
+        """What the loss depends on beyond the student: the tag tokens' weight, the teacher's weights and the
+        KL term's settings."""
+        # None at the default: a checkpoint from before the weight was recorded resumes as a default run
+        weight = self.args.special_token_weight
+        record = {"special_token_weight": None if weight == SPECIAL_TOKEN_WEIGHT else weight}
         if self.teacher is None:
-            return {"teacher": None}
+            return {**record, "teacher": None}
         if self._teacher_id is None:  # hashed once, not at every checkpoint
             self._teacher_id = weights_fingerprint(self.teacher)
-        return {"teacher": self._teacher_id, "kd_temperature": self.args.kd_temperature,
+        return {**record, "teacher": self._teacher_id, "kd_temperature": self.args.kd_temperature,
                 "kd_alpha": self.args.kd_alpha}
 
     def _check_resumed_teacher(self) -> None:
         check_resumed_objective(self.resume_from, "distillation term", self._teacher_record(),
                                 {"teacher": "the --teacher weights (or --teacher given or not)",
-                                 "kd_temperature": "--kd-temperature", "kd_alpha": "--kd-alpha"})
+                                 "kd_temperature": "--kd-temperature", "kd_alpha": "--kd-alpha",
+                                 "special_token_weight": "--special-token-weight"})
 
     def save_extra(self, model: MiniMindForCausalLM, out_dir: Path) -> None:
         save_objective(out_dir, self._teacher_record())
