@@ -149,8 +149,11 @@ def test_only_the_replies_after_the_shared_turns_carry_log_probs(builtin_data):
                        "dpo", tok)
     assert [[d.text[a:b] for a, b in d.spans] for d in docs] == [
         ["Hello there<|im_end|>", "yes<|im_end|>"], ["Hello there<|im_end|>", "no<|im_end|>"]]
-    with pytest.raises(RecordError, match="'chosen' has no non-empty assistant message after"):
+    with pytest.raises(RecordError, match="'chosen' is empty"):
         record_docs({"prompt": [user, earlier, again], "chosen": [], "rejected": [no]}, "dpo", tok)
+    with pytest.raises(RecordError, match="'rejected' has no non-empty assistant message after the prompt's 3"):
+        record_docs({"prompt": [user, earlier, again], "chosen": [yes], "rejected": [{**no, "content": ""}]},
+                    "dpo", tok)
 
 
 def test_loader_pair_index_names_each_rows_pair(builtin_data):
