@@ -50,8 +50,9 @@ MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are com
 # Bump whenever this code would write other shards from the same inputs (rendering, masks, splits),
 # or a manifest without a field the loaders rely on: it is part of the up-to-date signature, so a
 # rerun after such a change rewrites the shards. 5: per-shard max_token_id; 6: per-shard checksum;
-# 7: the held-out share never above --val-fraction (ceil, not round, of its inverse).
-PIPELINE_VERSION = 7
+# 7: the held-out share never above --val-fraction (ceil, not round, of its inverse); 8: a DPO pair's prompt
+# turns carry no loss, an assistant turn there included.
+PIPELINE_VERSION = 8
 SHARD_NAME = re.compile(r"(train|val)-\d{5,}\.bin")  # as _SplitWriter names them
 # What a killed run leaves (ShardWriter's temporary files, the manifest's): a shard's can be GBs.
 LEFTOVER_NAME = re.compile(r"(train|val)-\d{5,}\.bin(\.mask)?\.tmp|manifest\.json\.tmp")
