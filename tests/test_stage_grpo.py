@@ -537,3 +537,13 @@ def test_missing_eos_penalty_lowers_only_completions_cut_before_their_stop_token
     assert rollouts["0"].metrics["truncated"] == rollouts["1.5"].metrics["truncated"] == 3 / 8
     with pytest.raises(ValueError, match="--missing-eos-penalty must be >= 0 and finite, got -1.0"):
         _grpo_stage(random_init, data, "--missing-eos-penalty", "-1")
+
+
+@pytest.mark.parametrize("name", ["mean", "std"])
+def test_a_user_reward_may_not_take_the_name_of_the_totals_metrics(name, random_init, builtin_data, tmp_path):
+    """Each reward's raw mean is logged as reward_<name>, beside the totals' reward_mean and reward_std: a
+    function called `mean` or `std` overwrote them (reward_mean logged 5 where every total was 0)."""
+    path = tmp_path / "clash.py"
+    path.write_text(f"def {name}(completion, sample):\n    return 5.0\n")
+    with pytest.raises(ValueError, match=f"a reward named '{name}' would be logged as reward_{name}, "):
+        _grpo_stage(random_init, builtin_data["files"]["grpo_prompts"], "--reward", f"{path}:{name}:0")

@@ -72,6 +72,7 @@ from minimind_fast.training.tools import (
 ADV_EPS = 1e-4
 DEFAULT_REWARDS = ["answer", "format"]  # when neither --reward nor --reward-model is given
 MODEL_REWARD = "model"  # --reward-model's name among the rewards: logged as reward_model
+TOTALS_METRICS = ("mean", "std")  # logged as reward_mean, reward_std: of the totals, not of one reward
 DEFAULT_MAX_TURNS, DEFAULT_TOOL_TIMEOUT = 3, 10.0  # --max-turns, --tool-timeout (with --tools only)
 # What a resume must keep (objective.json): each setting as the user gives it
 OBJECTIVE_FLAGS = {"reference": "the reference's weights (--init, when --kl-beta > 0)", "reward": "--reward",
@@ -310,9 +311,14 @@ class GRPOStage(FineTuneStage):
         if not a.init:
             raise ValueError(f"{self.name} needs --init RUN_DIR_OR_CHECKPOINT (an SFT model to start from)")
         self.rewards = RewardSet(self.reward_specs(), allow_empty=bool(a.reward_model))
-        if a.reward_model and MODEL_REWARD in [r.name for r in self.rewards.rewards]:
+        names = [r.name for r in self.rewards.rewards]
+        if a.reward_model and MODEL_REWARD in names:
             raise ValueError(f"--reward: a reward named '{MODEL_REWARD}' would be logged as --reward-model's "
                              "reward_model: rename the function")
+        for name in TOTALS_METRICS:  # each reward's raw mean is logged as reward_<name>, beside these
+            if name in names:
+                raise ValueError(f"--reward: a reward named '{name}' would be logged as reward_{name}, the "
+                                 f"statistic of the total rewards: rename the function")
         self._check_tool_flags()
         self.tokenizer = find_tokenizer(a.init, a.tokenizer)
         required = {f: f"the '{r.name}' reward" for r in self.rewards.rewards for f in r.fields}
