@@ -129,10 +129,12 @@ def _route_fwd(L, S, W, IDX, COUNTS, n_rows, n_exp, stride_l, group_size,
     kcols = tl.arange(0, BLOCK_K)
     top_w = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     top_i = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
-    work = tl.where(cmask[None, :], p, -1.0)
+    # A NaN score (a NaN or +inf logit makes the whole row NaN) ranks above every number, as in torch.sort:
+    # argmax passes over NaN, and would pick a padding column, an expert id outside [0, E).
+    work = tl.where(cmask[None, :], tl.where(p != p, 2.0, p), -1.0)
     for j in tl.static_range(K):
-        best = tl.max(work, axis=1)
         arg = tl.argmax(work, axis=1, tie_break_left=True)
+        best = tl.sum(tl.where(cols[None, :] == arg[:, None], p, 0.0), axis=1)  # the score itself, NaN kept
         top_w = tl.where(kcols[None, :] == j, best[:, None], top_w)
         top_i = tl.where(kcols[None, :] == j, arg[:, None], top_i)
         work = tl.where(cols[None, :] == arg[:, None], -1.0, work)

@@ -441,6 +441,32 @@ def test_route_breaks_ties_toward_the_lower_expert(n_exp, k, dtype, device):
         assert_within(name, ours, ref, e, ours.dtype)
 
 
+@pytest.mark.parametrize("impl", [moe, reference], ids=["triton", "reference"])
+@pytest.mark.parametrize("n_exp", [4, 6])
+def test_route_of_non_finite_logits_keeps_expert_ids_in_range(impl, n_exp, device):
+    """A NaN or +inf router logit (an fp16 overflow, a diverging step) makes its row's scores NaN. The
+    router must still pick experts inside [0, E) and hand the NaN on in the weights, as torch.sort ranks
+    NaN (above every number), so the loss comes out NaN and the trainer skips the batch. The Triton
+    router's argmax passed over the NaN scores: it picked a padding column of the expert tile (an id E or
+    above, for an expert count that is not a power of two), which moe_experts refuses (a device-side
+    assert on CUDA, killing the run), and under the interpreter it raised on the all-NaN row."""
+    logits = torch.randn(5, n_exp, device=device)
+    logits[1, 2] = float("nan")
+    logits[3, 0] = float("inf")
+    for k in (1, 2):
+        _, w, idx = impl.moe_route(logits, k, True)
+        _, w_aux, idx_aux, _ = impl.moe_route_with_counts(logits, k, True, group_size=5)
+        for weights, ids in ((w, idx), (w_aux, idx_aux)):
+            assert ((ids >= 0) & (ids < n_exp)).all(), ids
+            # the NaN rows take the lowest experts, in order, as the reference's stable sort does
+            assert torch.equal(ids[[1, 3]].cpu(), torch.tensor([list(range(k))] * 2))
+            assert weights[[1, 3]].isnan().all() and torch.isfinite(weights[[0, 2, 4]]).all()
+        torch.testing.assert_close(w[[0, 2, 4]], reference.moe_route(logits, k, True)[1][[0, 2, 4]])
+        assert torch.equal(idx.cpu(), reference.moe_route(logits, k, True)[2].cpu())
+        out = impl.moe_experts(torch.randn(5, 16, device=device), idx, w, *make_weights(n_exp, 16, 24, device))
+        assert out[[1, 3]].isnan().all() and torch.isfinite(out[[0, 2, 4]]).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # full sizes (CUDA only)
 # ----------------------------------------------------------------------------------------------
