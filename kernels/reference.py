@@ -117,7 +117,7 @@ def moe_route_aux(
         raise ValueError(f"moe_route_aux: {n_rows} rows do not split into groups of {rows}")
     scores, topk_weight, topk_idx, counts = moe_route_with_counts(logits, top_k, norm_topk_prob, rows)
     n_groups, n_exp = counts.shape
-    f = counts.float() * (n_exp / (rows * top_k))
+    f = counts.to(scores.dtype) * (n_exp / (rows * top_k))  # float64 scores: the fractions in float64 too
     p = scores.view(n_groups, -1, n_exp).sum(dim=1) / rows  # a mean, but 0 (not NaN) over no rows
     return topk_weight, topk_idx, (f * p).sum(dim=1).mean() * alpha
 

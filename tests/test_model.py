@@ -199,6 +199,12 @@ def test_reference_ops_keep_float64_precision():
     chosen = logits.softmax(-1).gather(1, idx)
     torch.testing.assert_close(scores, logits.softmax(-1), **tol)
     torch.testing.assert_close(weight, chosen / chosen.sum(-1, keepdim=True), **tol)
+    # MiniMind2's seq_aux over two sequences of 5 rows: f = picks * E / (rows * k), P = mean score
+    _, _, aux = ref.moe_route_aux(logits, 2, True, 5, 0.01)
+    picks = torch.zeros(2, 6, dtype=F64).scatter_add_(1, idx.reshape(2, -1), torch.ones(2, 10, dtype=F64))
+    want = (picks * 6 / (5 * 2) * logits.softmax(-1).view(2, 5, 6).mean(1)).sum(1).mean() * 0.01
+    assert aux.dtype == F64
+    torch.testing.assert_close(aux, want, **tol)
     gate, up, down = (torch.randn(6, 8, 40, dtype=F64), torch.randn(6, 8, 40, dtype=F64),
                       torch.randn(6, 40, 8, dtype=F64))
     tokens = torch.randn(10, 40, dtype=F64)
