@@ -217,7 +217,7 @@ class MoEFeedForward(nn.Module):
                                   config.intermediate_size)
         self.shared_experts = nn.ModuleList(
             FeedForward(config, ops) for _ in range(config.n_shared_experts))
-        # MiniMind2 drops out each expert's output; one mask over their weighted sum is the same in law
+        # MiniMind2 drops out each expert's output (each (token, slot) term) with its own mask
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -234,11 +234,22 @@ class MoEFeedForward(nn.Module):
         else:
             _, topk_weight, topk_idx = self.ops.moe_route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
             aux = None
-        y = self.ops.moe_experts(flat, topk_idx, topk_weight, *self.experts.weights())
-        y = self.dropout(y.view(bsz, seqlen, hidden))
+        y = self._routed(flat, topk_idx, topk_weight).view(bsz, seqlen, hidden)
         for expert in self.shared_experts:
             y = y + expert(x)
         return y, aux
+
+    def _routed(self, flat: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum, each (token, slot) term dropped out with its own mask in training."""
+        weights = self.experts.weights()
+        k = topk_idx.shape[1]
+        if not (self.training and self.dropout.p > 0 and k > 1):
+            return self.dropout(self.ops.moe_experts(flat, topk_idx, topk_weight, *weights))
+        # One call per slot (the same pairs, so the same GEMM work) when the slots need their own masks:
+        # one mask over the sum would keep or drop all k terms of an element together.
+        terms = [self.dropout(self.ops.moe_experts(flat, topk_idx[:, j:j + 1], topk_weight[:, j:j + 1], *weights))
+                 for j in range(k)]
+        return torch.stack(terms).float().sum(0).to(terms[0].dtype)  # summed in fp32, as the fused combine does
 
 
 class DecoderLayer(nn.Module):

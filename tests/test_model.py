@@ -716,15 +716,28 @@ def test_set_dropout_trains_as_a_model_built_with_that_rate(make):
         changed.set_dropout(1.5)
 
 
-def test_moe_routed_experts_output_is_dropped_out_in_training():
-    layer = tiny_moe(dropout=0.5, n_shared_experts=0).model.layers[0].mlp
-    x = torch.randn(2, 6, layer.config.hidden_size)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_routed_experts_output_is_dropped_out_in_training(top_k):
+    """Each routed expert's output is dropped out with its own mask, as MiniMind2's experts (FeedForward
+    modules, each with its dropout) run on their own tokens: with top-2, an output element keeps both
+    slots' terms, one of them or none. One mask over the slots' weighted sum (as before) kept all or none,
+    another noise than the model being matched: half the elements zeroed at p = 0.5 instead of a quarter."""
+    layer = tiny_moe(dropout=0.5, n_shared_experts=0, num_experts_per_tok=top_k).model.layers[0].mlp
+    x = torch.randn(4, 32, layer.config.hidden_size)
+    flat = x.reshape(-1, x.shape[-1])
+    _, weight, idx = ref.moe_route(layer.gate(flat), top_k, True)
+    # each slot's term w_j * expert_j(x), without dropout
+    terms = [ref.moe_experts(flat, idx[:, j:j + 1], weight[:, j:j + 1], *layer.experts.weights()).detach()
+             for j in range(top_k)]
     torch.manual_seed(0)
-    trained, _ = layer.train()(x)
-    kept, _ = layer.eval()(x)
-    dropped = (trained == 0).float().mean().item()
-    assert 0.3 < dropped < 0.7, dropped
-    torch.testing.assert_close(trained[trained != 0], 2 * kept[trained != 0])
+    trained = layer.train()(x)[0].detach().reshape(flat.shape)
+    masks = torch.cartesian_prod(*[torch.tensor([0.0, 1.0])] * top_k).reshape(-1, top_k)
+    candidates = torch.stack([2 * sum(m[j] * terms[j] for j in range(top_k)) for m in masks])  # (masks, N, H)
+    which = (candidates - trained).abs().argmin(0)
+    torch.testing.assert_close(candidates.gather(0, which[None])[0], trained, rtol=1e-5, atol=1e-6)
+    share = torch.bincount(which.flatten(), minlength=len(masks)).float() / which.numel()
+    # every keep/drop pattern of the slots about equally often (1/4 each for top-2, 1/2 each for top-1)
+    assert ((share - 1 / len(masks)).abs() < 0.06).all(), share
 
 
 def test_weights_fingerprint_names_the_function_not_how_it_trains():
