@@ -210,8 +210,7 @@ def _aux_rows(S, COUNTS, PARTIAL, n_rows, n_exp, group_size, coef, BLOCK_R: tl.c
 def _route_forward(logits, top_k, norm_topk_prob, group_size):
     check_device(logits)
     n_rows, n_exp = logits.shape
-    if not 1 <= top_k <= n_exp:
-        raise ValueError(f"moe_route: top_k={top_k} must be between 1 and the {n_exp} experts")
+    _check_top_k(top_k, n_exp)
     logits = logits.contiguous()
     norm = bool(norm_topk_prob and top_k > 1)
     scores = torch.empty(n_rows, n_exp, dtype=torch.float32, device=logits.device)
@@ -225,6 +224,11 @@ def _route_forward(logits, top_k, norm_topk_prob, group_size):
             K=top_k, NORM=norm, COUNT=count, BLOCK_R=ROUTE_ROWS,
             BLOCK_E=next_power_of_2(n_exp), BLOCK_K=next_power_of_2(top_k))
     return scores, weight, idx, counts
+
+
+def _check_top_k(top_k: int, n_exp: int) -> None:
+    if not 1 <= top_k <= n_exp:
+        raise ValueError(f"moe_route: top_k={top_k} must be between 1 and the {n_exp} experts")
 
 
 def _route_groups(n_rows: int, group_size: int | None) -> int:
@@ -250,6 +254,7 @@ def _route_backward(scores, idx, d_scores, d_weight, norm, logits_dtype, counts=
 def _aux_setup(n_rows: int, n_exp: int, top_k: int, group_size: int | None, alpha: float) -> tuple[int, float]:
     """(rows per group, coef): the loss alpha * mean_g sum_e f_ge * P_ge, with f_ge = counts_ge * E / (rows * k)
     and P_ge the mean score over the group's rows, is coef * sum_r sum_e counts[g(r), e] * p[r, e]."""
+    _check_top_k(top_k, n_exp)  # before the coefficient divides by it
     rows = group_size or n_rows or 1
     if n_rows % rows:
         raise ValueError(f"moe_route_aux: {n_rows} rows do not split into groups of {rows}")

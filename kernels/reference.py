@@ -74,6 +74,8 @@ def moe_route(
     receives gradient from the main loss through its (unnormalised) probability. Equal scores go to the
     lowest expert index first, as in the Triton router.
     """
+    if not 1 <= top_k <= logits.shape[-1]:  # the sort below would quietly give fewer than k picks
+        raise ValueError(f"moe_route: top_k={top_k} must be between 1 and the {logits.shape[-1]} experts")
     scores = _wide(logits).softmax(dim=-1)
     # torch.topk leaves the order of equal values unspecified (on the CPU it takes a higher index first as
     # often as not); a stable sort keeps equals in index order, so ties resolve as the Triton router's do

@@ -540,6 +540,19 @@ def test_route_aux_rejects_uneven_groups(impl, device):
         impl.moe_route_aux(torch.randn(20, 4, device=device), 2, True, 7, 0.1)
 
 
+@pytest.mark.parametrize("impl", [moe, reference], ids=["triton", "reference"])
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_route_rejects_a_top_k_outside_the_experts(impl, top_k, device):
+    """The reference's sort gave fewer than k picks for k > E (or none for k = 0) without a word, and its aux
+    loss then divided by k picks per row that were not there; both routers name the bad k instead."""
+    logits = torch.randn(6, 4, device=device)
+    for call in (lambda: impl.moe_route(logits, top_k, True),
+                 lambda: impl.moe_route_with_counts(logits, top_k, True, 3),
+                 lambda: impl.moe_route_aux(logits, top_k, True, 3, 0.1)):
+        with pytest.raises(ValueError, match=f"top_k={top_k} must be between 1 and the 4 experts"):
+            call()
+
+
 # ----------------------------------------------------------------------------------------------
 # the custom-op forms used under torch.compile
 # ----------------------------------------------------------------------------------------------
