@@ -40,6 +40,9 @@ def _ce_rows(LOGITS, TARGETS, LOSS, stride, n_rows, n_cols, ignore_index,
     valid = row_mask & (target != ignore_index) & (target >= 0) & (target < n_cols)
     base = LOGITS + rows[:, None] * stride
     cols = tl.arange(0, BLOCK)
+    # Read before any pass: the second pass overwrites the logits, and nothing orders another warp's
+    # store there against a load of this row's target logit issued after the first pass.
+    x_t = tl.load(LOGITS + rows * stride + target, mask=valid, other=0.0).to(tl.float32)
     # A finite start for the running max: padding rows (all -inf) then give exp(-inf) = 0, never NaN.
     m = tl.full((ROWS,), -1e30, tl.float32)
     s = tl.zeros((ROWS,), tl.float32)
@@ -50,7 +53,6 @@ def _ce_rows(LOGITS, TARGETS, LOSS, stride, n_rows, n_cols, ignore_index,
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
     lse = tl.where(row_mask, m + tl.log(tl.where(row_mask, s, 1.0)), 0.0)  # padding rows: no log(0), no inf
-    x_t = tl.load(LOGITS + rows * stride + target, mask=valid, other=0.0).to(tl.float32)
     tl.store(LOSS + rows, tl.where(valid, lse - x_t, 0.0), mask=row_mask)
     for start in range(0, n_cols, BLOCK):
         mask = row_mask[:, None] & (start + cols < n_cols)[None, :]
