@@ -60,7 +60,8 @@ def document_mask(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Te
     device = cu_seqlens.device
     total = batch * seqlen
     starts = torch.zeros(total, dtype=torch.int64, device=device)
-    starts[cu_seqlens[:-1].long()] = 1
+    bounds = cu_seqlens[:-1].long()
+    starts[bounds[bounds < total]] = 1  # an empty document at the end starts at `total`: nothing to mark
     doc = (torch.cumsum(starts, 0) - 1).view(batch, seqlen)
     pos = torch.arange(seqlen, device=device)
     causal = pos[None, :] <= pos[:, None]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from minimind_fast.kernels import reference as ref
 
-from minimind_fast.attention import causal_attention
+from minimind_fast.attention import causal_attention, document_mask
 from minimind_fast.checkpoint import load_model, resolve_model_dir, save_model_dir
 from minimind_fast.config import get_preset
 from minimind_fast.model import MiniMindForCausalLM, MoEFeedForward, rope_tables
@@ -757,3 +757,12 @@ def test_weights_fingerprint_names_the_function_not_how_it_trains():
     same = tiny()
     same.load_state_dict(other.state_dict())
     assert weights_fingerprint(other) != weights_fingerprint(same)
+
+
+def test_an_empty_document_in_cu_seqlens_masks_as_without_it():
+    """flash-attn takes cu_seqlens with a repeated bound (an empty document), at the end too; the SDPA path's
+    mask must as well, not index past the last position."""
+    plain = document_mask(torch.tensor([0, 3, 8], dtype=torch.int32), 2, 4)
+    for cu in ([0, 3, 8, 8], [0, 3, 3, 8]):
+        assert torch.equal(document_mask(torch.tensor(cu, dtype=torch.int32), 2, 4), plain), cu
+    assert not plain[0, 0, 3, 2] and plain[0, 0, 2, 0] and plain[1, 0, 3, 0]  # documents [0, 3) and [3, 8)
