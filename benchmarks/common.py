@@ -305,6 +305,11 @@ def peak_memory_mb(fn: Callable[[], Any], absolute: bool = False) -> float | Non
         return None
     import torch
 
+    # A `forward_backward` step frees the input gradients its previous call left and writes new ones:
+    # held in the base, they would go uncounted in what the call adds
+    drop_grads = getattr(fn, "drop_grads", None)
+    if drop_grads is not None:
+        drop_grads()
     torch.cuda.synchronize()
     base = 0 if absolute else torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -314,7 +319,8 @@ def peak_memory_mb(fn: Callable[[], Any], absolute: bool = False) -> float | Non
 
 
 def forward_backward(fn: Callable[..., Any], inputs: list, grads: list) -> Callable[[], None]:
-    """A closure running fn(*inputs) and backward with fixed output gradients, clearing input grads first.
+    """A closure running fn(*inputs) and backward with fixed output gradients, clearing input grads first
+    (also its `drop_grads()`, which `peak_memory_mb` calls).
 
     A None gradient skips that output; a step that would backpropagate nothing is an error, so that a
     fused loss (whose gradients are computed in its forward) is never timed against a forward alone."""
@@ -322,9 +328,12 @@ def forward_backward(fn: Callable[..., Any], inputs: list, grads: list) -> Calla
 
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
-    def step() -> None:
+    def drop_grads() -> None:
         for t in leaves:
             t.grad = None
+
+    def step() -> None:
+        drop_grads()
         out = fn(*inputs)
         outs = out if isinstance(out, tuple | list) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
@@ -332,6 +341,7 @@ def forward_backward(fn: Callable[..., Any], inputs: list, grads: list) -> Calla
             raise ValueError("forward_backward: no output gets a gradient, so nothing would be backpropagated")
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
+    step.drop_grads = drop_grads
     return step
 
 

@@ -170,6 +170,32 @@ def test_forward_backward_refuses_a_step_without_backward():
         common.forward_backward(lambda x: x.sum(), [x], [None])()
 
 
+def test_peak_memory_of_a_step_counts_the_input_gradients_it_writes(monkeypatch):
+    """A step drops the previous call's input gradients before writing new ones, so measured after a
+    warm-up call with those still held, its peak came out one set of gradients short (an H100 RMSNorm
+    added 9 MB: its 8 MB output and partials, not the 8 MB dx it writes), inflating the memory ratios.
+    The allocator here holds exactly the leaves' gradients, the only memory a step keeps between calls."""
+    import torch
+
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    step = common.forward_backward(lambda x, w: x * w, [x, w], [torch.ones(64, 32)])
+    step()  # the warm-up and timed calls leave their gradients behind
+
+    def held() -> int:
+        return sum(t.grad.numel() * t.grad.element_size() for t in (x, w) if t.grad is not None)
+
+    peak = [0]
+    monkeypatch.setattr(common, "is_cuda_run", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: peak.__setitem__(0, max(peak[0], held())))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", held)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: peak.__setitem__(0, held()))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak[0])
+    grads_mb = (x.numel() + w.numel()) * 4 / 2**20
+    assert common.peak_memory_mb(step) == pytest.approx(grads_mb)
+    assert common.peak_memory_mb(step, absolute=True) == pytest.approx(grads_mb)
+
+
 # --- results files ---------------------------------------------------------------------------------
 
 def test_load_results_names_the_file_and_field(tmp_path):
