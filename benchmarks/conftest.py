@@ -266,8 +266,12 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session):
-    if _SESSION is not None and (_SESSION.cases or _SESSION.clock.not_run):
+    if _SESSION is None:
+        return
+    if _SESSION.cases or _SESSION.clock.not_run:
         _SESSION.write()  # the last test's seconds and the tests left out
+    else:  # nothing measured (every test skipped): the file written before each test is no result
+        _SESSION.path.unlink(missing_ok=True)
 
 
 def pytest_terminal_summary(terminalreporter):

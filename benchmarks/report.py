@@ -65,13 +65,15 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
             held = chosen.get(key)
             if held is None or ("ours" in impls and not held["has_ours"]):
                 chosen[key] = {"run": run, "has_ours": "ours" in impls}
-    merged = dict(ordered[0], cases=[], _sources=[])
+    cases, sources = [], []
     for run in ordered:
         mine = [c for c in run["cases"] if chosen[(c.get("suite", "other"), c["group"])]["run"] is run]
         if mine:
-            merged["cases"] += mine
-            merged["_sources"].append(run)
-    return merged
+            cases += mine
+            sources.append(run)
+    # The header (commit, date, run time) is the newest run that gave the table cases: a newer one that
+    # measured nothing would put its commit, or its "killed while running", over older figures.
+    return dict(sources[0] if sources else ordered[0], cases=cases, _sources=sources)
 
 
 # The baseline a suite's targets are stated against (MoE: >= 3x MiniMind's loop; minimind2: not slower

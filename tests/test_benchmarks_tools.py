@@ -276,6 +276,23 @@ def test_report_completes_a_partial_newest_run_from_older_ones(tmp_path):
     assert "gpu-20250101" not in text
 
 
+def test_report_header_comes_from_a_run_that_gave_the_table_its_cases(tmp_path):
+    """A newer run that measured nothing (every test skipped, or killed in its first test) supplied the
+    device's header: its commit, date and "killed while running" stood over a table of older cases."""
+    d = _results_dir(tmp_path)
+    timing = {"suite_s": 1.0, "deadline_s": None, "test_seconds": {}, "not_run": [], "running": "t::x"}
+    write(d / "gpu-20250301-000000.json", run("GPU X", "2025-03-01T00:00:00+00:00", [], commit="emptyrun",
+                                              timing=timing))
+    merged = report.newest_per_device(d)["GPU X"]
+    assert merged["date"].startswith("2025-02") and merged["commit"] == "abc123"
+    text = report.render_markdown({"GPU X": merged})
+    assert "emptyrun" not in text and "killed while running" not in text
+    only_empty = tmp_path / "only"
+    only_empty.mkdir()
+    write(only_empty / "gpu-20250301-000000.json", run("GPU X", "2025-03-01T00:00:00+00:00", []))
+    assert report.newest_per_device(only_empty)["GPU X"]["cases"] == []
+
+
 def test_report_table_shows_ratios_memory_and_hardware(tmp_path):
     text = report.render_markdown(report.newest_per_device(_results_dir(tmp_path)))
     lines = text.splitlines()
@@ -460,6 +477,17 @@ def test_benchmarks_past_their_deadline_still_write_a_results_file_naming_what_w
     timing = _results(tmp_path)["timing"]
     assert len(timing["not_run"]) == 2 and all("test_moe_layer" in t for t in timing["not_run"])
     assert timing["running"] is None
+
+
+def test_a_benchmark_run_that_measured_nothing_leaves_no_results_file(tmp_path):
+    """Every test skipped in its body (Triton kernels on a CPU): the file written before each test was
+    left behind with no case, naming a finished test as the one a kill interrupted."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_kernels.py", "-q", "-p", "no:cacheprovider",
+         "--bench-results-dir", str(tmp_path), "-k", "rms_norm and ours"],
+        cwd=REPO, env=_bench_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "2 skipped" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_benchmark_run_killed_mid_test_leaves_a_valid_file_naming_that_test(tmp_path):
