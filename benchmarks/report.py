@@ -140,7 +140,9 @@ def memory_cell(case: dict[str, Any] | None, base: dict[str, Any]) -> str:
         return "—"
     cell = f"{_num(base['peak_mem_MB'])} → {_num(case['peak_mem_MB'])}"
     ratio = case.get(f"mem_ratio_vs_{base['impl']}")
-    return cell + (f" ({ratio:.2f}× less)" if ratio else "")
+    if not ratio:
+        return cell
+    return cell + (f" ({ratio:.2f}× less)" if ratio >= 1 else f" ({1 / ratio:.2f}× more)")
 
 
 def render_suite(cases: list[dict[str, Any]]) -> list[str]:

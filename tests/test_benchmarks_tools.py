@@ -313,6 +313,15 @@ def test_report_table_shows_ratios_memory_and_hardware(tmp_path):
     assert "9" not in row.split("|")[2]  # the older GPU run is not shown
 
 
+def test_report_memory_cell_says_more_when_the_compared_path_takes_more():
+    """The H100 MoE row read "557 → 621 (0.90× less)": a path that takes more memory was called less."""
+    cases = common.compute_ratios([case("moe", "minimind", 2.0, mem=500.0, suite="moe"),
+                                   case("moe", "ours", 1.0, mem=625.0, suite="moe"),
+                                   case("moe", "liger", 1.0, mem=250.0, suite="moe")])
+    assert report.memory_cell(cases[1], cases[0]) == "500 → 625 (1.25× more)"
+    assert report.memory_cell(cases[2], cases[0]) == "500 → 250 (2.00× less)"
+
+
 def test_report_replaces_only_the_marked_block(tmp_path):
     d = _results_dir(tmp_path)
     readme = tmp_path / "README.md"
