@@ -106,15 +106,17 @@ run_engine() {
   step "engine: launch/pretrain.py under DeepSpeed, $preset, ${ENGINE_MICRO_BATCH:-32} x $seq tokens per step"
   # The built-in corpus has a small vocabulary; --vocab-size keeps the preset's 6400 so the FLOPs are
   # small-26m's. Metrics (tokens/s, MFU) come from the engine's own metrics.jsonl.
-  local E=${ENGINE_WORKDIR:-/tmp/engine} limit
+  local E=${ENGINE_WORKDIR:-/tmp/engine} limit status
   mkdir -p "$E"
   limit=$(capped 120)
   if [ "$limit" -lt 10 ]; then echo "engine: skipped, ${limit}s left before DEADLINE"; return; fi
-  if ! timeout -k 5 "$limit" bash -c '"$0" launch/make_corpus.py --out "$1/corpus" --size "$2" &&
+  timeout -k 5 "$limit" bash -c '"$0" launch/make_corpus.py --out "$1/corpus" --size "$2" &&
       "$0" launch/train_tokenizer.py --data "$1/corpus/pretrain.jsonl" --vocab-size "$3" --out "$1/tok" &&
       "$0" launch/tokenize.py --kind pretrain --data "$1/corpus/pretrain.jsonl" --tokenizer "$1/tok" --out "$1/shards" --force' \
-      "$PY" "$E" "${CORPUS_SIZE:-demo}" "$vocab" >"$OUT/engine-data.log" 2>&1; then
-    echo "engine: preparing the corpus failed or ran out of time (exit $?), runs skipped:"; tail -n 5 "$OUT/engine-data.log"
+      "$PY" "$E" "${CORPUS_SIZE:-demo}" "$vocab" >"$OUT/engine-data.log" 2>&1
+  status=$?  # taken here: inside `if ! cmd; then`, $? is the status of `! cmd`, always 0
+  if [ "$status" -ne 0 ]; then
+    echo "engine: preparing the corpus failed or ran out of time (exit $status), runs skipped:"; tail -n 5 "$OUT/engine-data.log"
     return
   fi
   tail -n 1 "$OUT/engine-data.log"

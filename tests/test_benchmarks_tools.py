@@ -555,6 +555,15 @@ def test_gpu_session_dry_run_runs_every_step_and_keeps_every_log_in_out(tmp_path
     assert (out / "env.txt").exists() and log.rstrip().splitlines()[-1].endswith("done")
 
 
+def test_gpu_session_reports_the_exit_status_of_a_failed_corpus_step(tmp_path):
+    """`if ! cmd; then echo $?` prints the status of `! cmd`, always 0: a corpus step that failed, or ran
+    out of time (124), was reported as "(exit 0)"."""
+    (tmp_path / "engine").write_text("a file where the engine's work folder should go")
+    proc, out = _session(tmp_path, 120, SESSION_STEPS="engine")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "engine: preparing the corpus failed or ran out of time (exit 1), runs skipped" in proc.stdout
+
+
 @pytest.mark.slow
 def test_gpu_session_cuts_and_skips_steps_by_what_is_left_of_its_deadline(tmp_path):
     """A DEADLINE too short for the steps: each one is given what is left (less the copying margin)
