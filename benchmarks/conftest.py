@@ -51,7 +51,7 @@ def pytest_addoption(parser):
                          "minutes; none otherwise; env BENCH_DEADLINE_S, 0 = none)")
     group.addoption("--bench-compile-budget", type=float, default=None,
                     help="seconds of torch.compile warm-up allowed per run before compile cases are "
-                         "skipped (default 240 on CUDA, 90 on CPU; env BENCH_COMPILE_BUDGET_S)")
+                         "skipped (default 240 on CUDA, 90 on CPU; 0: none; env BENCH_COMPILE_BUDGET_S)")
 
 
 def pytest_collect_file(file_path: Path, parent):
@@ -81,8 +81,10 @@ class BenchSession:
         # bf16 is what training runs on a GPU; CPU bf16 matmuls are slow paths not worth timing.
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.full = bool(config.getoption("--gpu-sizes")) or os.environ.get("BENCH_FULL") == "1"
-        budget = config.getoption("--bench-compile-budget") or os.environ.get("BENCH_COMPILE_BUDGET_S")
-        self.compile_budget_s = float(budget) if budget else (240.0 if self.cuda else 90.0)
+        budget = config.getoption("--bench-compile-budget")
+        if budget is None:
+            budget = os.environ.get("BENCH_COMPILE_BUDGET_S") or (240.0 if self.cuda else 90.0)
+        self.compile_budget_s = float(budget)  # 0: no compile case at all
         self.compile_spent_s = 0.0
         deadline = config.getoption("--bench-deadline")
         if deadline is None:
@@ -121,7 +123,7 @@ class BenchSession:
                         f"{self.compile_budget_s:.0f}s); raise --bench-compile-budget to include it")
 
     def compile_budget_left(self) -> bool:
-        return self.compile_spent_s <= self.compile_budget_s
+        return self.compile_budget_s > 0 and self.compile_spent_s <= self.compile_budget_s
 
     def warm_up(self, fn, impl: str) -> float:
         """One untimed call, returning its seconds; for compiled functions that time (mostly

@@ -420,6 +420,44 @@ def test_suite_clock_leaves_out_tests_after_its_deadline_and_names_them():
     assert not unlimited.past_deadline("e") and unlimited.as_dict()["not_run"] == []
 
 
+def _bench_conftest():
+    """benchmarks/conftest.py under its own name (tests/conftest.py holds the name `conftest`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_conftest", REPO / "benchmarks" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeConfig:
+    def __init__(self, **options):
+        self.options = {"--gpu-sizes": False, "--bench-compile-budget": None, "--bench-deadline": None,
+                        "--bench-results-dir": "/nonexistent", **options}
+
+    def getoption(self, name):
+        return self.options[name]
+
+
+def test_a_compile_budget_of_zero_skips_every_compile_case(monkeypatch):
+    """`--bench-compile-budget 0` fell through to the 90/240 s default (`0 or ...`), and a budget of 0
+    still let the first compile case in (spent 0 <= 0)."""
+    monkeypatch.setenv("BENCH_DEVICE", "cpu")
+    monkeypatch.delenv("BENCH_COMPILE_BUDGET_S", raising=False)
+    conftest = _bench_conftest()
+    session = conftest.BenchSession(FakeConfig(**{"--bench-compile-budget": 0.0}))
+    assert session.compile_budget_s == 0.0 and not session.compile_budget_left()
+    monkeypatch.setenv("BENCH_COMPILE_BUDGET_S", "0")
+    assert not conftest.BenchSession(FakeConfig()).compile_budget_left()
+    monkeypatch.delenv("BENCH_COMPILE_BUDGET_S")
+    default = conftest.BenchSession(FakeConfig())
+    assert default.compile_budget_s == 90.0 and default.compile_budget_left()
+    default.compile_spent_s = 90.0
+    assert default.compile_budget_left()  # the budget is spent once exceeded, as before
+    default.compile_spent_s = 90.5
+    assert not default.compile_budget_left()
+
+
 def test_benchmark_files_run_in_priority_order():
     files = ["benchmarks/bench_data.py", "benchmarks/bench_decode.py", "benchmarks/bench_extra.py",
              "benchmarks/bench_kernels.py", "benchmarks/bench_minimind_baseline.py",
