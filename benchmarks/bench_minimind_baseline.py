@@ -244,14 +244,19 @@ def test_train_step_vs_minimind2(bench, benchmark, case, all_cores):
                   shape=dict(case), dtype=dtype, tokens=tokens,
                   model_flops=model_flops_per_token(ours.config, case["seq"]) * tokens,
                   params=ours.num_parameters(), threads=all_cores, minimind_variant=variant,
-                  minimind_model_sha256=hashlib.sha256(path.read_bytes()).hexdigest()[:16],
-                  first_loss=losses[mine][0], last_loss=losses[mine][-1])
-    bench.record(benchmark, impl="minimind", timing=timing_from_samples(samples["minimind"]), **common)
+                  minimind_model_sha256=hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+
+    def own_losses(impl: str) -> dict[str, float]:  # each implementation's own first and last step
+        return dict(first_loss=losses[impl][0], last_loss=losses[impl][-1])
+
+    bench.record(benchmark, impl="minimind", timing=timing_from_samples(samples["minimind"]),
+                 **own_losses("minimind"), **common)
     bench.record(benchmark, impl=mine, timing=timing_from_samples(samples[mine]),
-                 paired_ratio_vs_minimind=paired, **common)
+                 paired_ratio_vs_minimind=paired, **own_losses(mine), **common)
     if "cudagraphs" in samples:
         bench.record(benchmark, impl="cudagraphs", timing=timing_from_samples(samples["cudagraphs"]),
-                     paired_ratio_vs_minimind=paired_ratio(samples["minimind"], samples["cudagraphs"]), **common)
+                     paired_ratio_vs_minimind=paired_ratio(samples["minimind"], samples["cudagraphs"]),
+                     **own_losses("cudagraphs"), **common)
     rates = {impl: tokens / statistics.median(ms) * 1e3 for impl, ms in samples.items()}
     print(f"\n{case_id(case)} vs {variant}, {all_cores} threads: MiniMind {rates['minimind']:,.0f} tok/s, "
           f"ours ({mine}) {rates[mine]:,.0f} tok/s; ratio of medians "
