@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 try:
-    from minimind_fast.training.flops import PEAK_BF16
+    from minimind_fast.training.flops import datasheet_peak
 except ImportError:  # the suite still measures without the training package
-    PEAK_BF16 = {}
+    def datasheet_peak(name: str) -> float | None:
+        return None
 
 
 def _median_ms(fn, cuda: bool, reps: int) -> float:
@@ -54,10 +55,8 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None
 
 
 def datasheet_peak_bf16_tflops(name: str) -> float | None:
-    for key, flops in PEAK_BF16.items():
-        if key in name:
-            return flops / 1e12
-    return None
+    flops = datasheet_peak(name)
+    return None if flops is None else flops / 1e12
 
 
 def measure_hardware(device: torch.device) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minimind_fast.config import get_preset
 from minimind_fast.model import MiniMindForCausalLM
-from minimind_fast.training.flops import model_flops_per_token, peak_flops
+from minimind_fast.training.flops import datasheet_peak, model_flops_per_token, peak_flops
 
 
 @pytest.mark.parametrize("variant", [{}, {"tie_word_embeddings": False},
@@ -31,3 +31,10 @@ def test_flops_per_token_is_what_a_training_step_multiplies(variant, monkeypatch
 
 def test_no_peak_and_so_no_mfu_on_the_cpu():
     assert peak_flops("cpu") is None
+
+
+def test_each_h100_board_gets_its_own_datasheet_peak():
+    """The PCIe and NVL boards' names contain "H100" too; the SXM board's 989 TFLOP/s would understate their MFU."""
+    assert datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert datasheet_peak("NVIDIA H100 PCIe") == 756e12 and datasheet_peak("NVIDIA H100 NVL") == 835e12
+    assert datasheet_peak("NVIDIA H200") == 989e12 and datasheet_peak("NVIDIA GeForce GTX 1080") is None

@@ -12,9 +12,10 @@ import torch
 
 from minimind_fast.config import ModelConfig
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets (no sparsity).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12,
-             "RTX 3090": 71e12, "A10": 125e12}
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets (no sparsity), matched in this order
+# against the device's name: the H100's PCIe and NVL boards before the SXM one ("NVIDIA H100 80GB HBM3").
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+             "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "A10": 125e12}
 
 
 def active_matmul_params(config: ModelConfig) -> int:
@@ -38,8 +39,9 @@ def peak_flops(device: torch.device | str | None = None) -> float | None:
     """The device's dense bf16 peak in FLOP/s, or None where unknown (CPU)."""
     if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16.items():
-        if key in name:
-            return value
-    return None
+    return datasheet_peak(torch.cuda.get_device_name(device))
+
+
+def datasheet_peak(name: str) -> float | None:
+    """The dense bf16 peak (FLOP/s) of the GPU called `name`, or None where unknown."""
+    return next((value for key, value in PEAK_BF16.items() if key in name), None)
