@@ -142,3 +142,24 @@ def test_default_bf16_step_reads_the_host_a_few_times_not_once_per_parameter():
     assert zero0["host_reads"] >= zero0["params"], zero0
     assert default["host_reads"] <= 10, default
     assert default["ops"] * 4 < zero0["ops"], (default, zero0)
+
+
+@pytest.mark.parametrize("section, dtype", [({"fp16": {"enabled": False}}, "bf16"),
+                                            ({"bf16": {"enabled": False}}, "fp16"),
+                                            ({"fp16": {"loss_scale": 0}}, "fp16"),
+                                            ({"bf16": {}}, "bf16")])
+def test_a_file_that_enables_no_precision_keeps_the_flags(tmp_path, section, dtype):
+    """A precision section that enables nothing (a template's `"fp16": {"enabled": false}`) leaves --dtype
+    to the flag, as every other setting the file leaves out is; it used to train in fp32, silently."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(section))
+    assert precision(build(dtype=dtype, user_file=str(path))) == dtype
+
+
+def test_a_file_that_disables_the_flags_precision_wins(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": False}}))
+    assert precision(build(dtype="bf16", user_file=str(path))) == "fp32"
+    path.write_text(json.dumps({"bf16": {"enabled": True}}))
+    cfg = build(dtype="fp16", user_file=str(path))
+    assert precision(cfg) == "bf16" and not cfg.get("fp16", {}).get("enabled")

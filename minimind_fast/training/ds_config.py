@@ -33,9 +33,7 @@ def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float,
     cfg.setdefault("train_micro_batch_size_per_gpu", micro_batch_size)
     cfg.setdefault("gradient_accumulation_steps", grad_accum)
     cfg.setdefault("gradient_clipping", grad_clip)
-    if "bf16" not in cfg and "fp16" not in cfg:
-        cfg["bf16"] = {"enabled": dtype == "bf16"}
-        cfg["fp16"] = {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16}
+    fill_precision(cfg, dtype)
     zero = cfg.setdefault("zero_optimization", {})
     zero.setdefault("stage", default_zero_stage(precision(cfg)) if zero_stage is None else zero_stage)
     if zero["stage"] not in (0, 1, 2, 3):
@@ -56,6 +54,18 @@ def build_ds_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float,
     if user_file:
         check_with_deepspeed(cfg, user_file)
     return cfg
+
+
+def fill_precision(cfg: dict[str, Any], dtype: str) -> None:
+    """--dtype where the file enables no precision: a section it has without `enabled` (or with it
+    false for the other precision, as templates write `"fp16": {"enabled": false}`) leaves that to the
+    flag, as every other setting it leaves out; one it enables, or this one disabled, wins."""
+    chosen_by_file = precision(cfg) != "fp32"
+    for key in ("bf16", "fp16"):
+        cfg.setdefault(key, {}).setdefault("enabled", not chosen_by_file and dtype == key)
+    if precision(cfg) == "fp16":
+        cfg["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
+        cfg["fp16"].setdefault("initial_scale_power", 16)
 
 
 # DeepSpeed's pydantic models -> the section of the JSON they read, to name the field in the user's terms.
