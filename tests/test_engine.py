@@ -158,6 +158,28 @@ def test_tokens_seen_counts_every_step_across_a_resume(builtin_data, tiny_model_
     assert losses(out, "tokens") == {4: 4 * per_step, 8: 8 * per_step}
 
 
+def test_tokens_are_summed_over_ranks_whose_batches_differ(builtin_data, tiny_model_config, tmp_path):
+    """A stage whose micro-batches hold a different number of tokens on each rank (GRPO's and PPO's
+    completions): `tokens` and `tokens_per_s` count every rank's, not rank 0's times the ranks, and a
+    checkpoint between two logged steps carries them."""
+    uneven = tmp_path / "pretrain_uneven.py"
+    uneven.write_text(
+        "import torch.distributed as dist\n"
+        "from minimind_fast.training.engine import train\n"
+        "from minimind_fast.training.stages import PretrainStage\n"
+        "class Uneven(PretrainStage):\n"
+        "    def tokens_in_batch(self, batch):\n"
+        "        return 1000 * (dist.get_rank() + 1)\n"
+        "train(Uneven)\n")
+    out = tmp_path / "run"
+    args = common(builtin_data["shards"]["pretrain"], out, 4, "--config", str(tiny_model_config),
+                  "--log-every", "2", "--save-every", "100", "--micro-batch-size", "2")
+    for extra in (["--stop-at-step", "3"], []):
+        subprocess.run([*two_ranks(29793), str(uneven), *args, *extra], cwd=ROOT, env=ENV, check=True,
+                       timeout=300, capture_output=True)
+    assert losses(out, "tokens") == {2: 2 * 3000, 4: 4 * 3000}  # 1000 + 2000 a step
+
+
 def test_a_deepspeed_config_files_batch_shape_is_the_one_trained(builtin_data, tiny_model_config, tmp_path):
     """The file's micro-batch and accumulation win over the flags for DeepSpeed and the loader alike."""
     ds = tmp_path / "ds.json"

@@ -397,7 +397,9 @@ class Trainer:
         batches = iter(self.loader)
         bad_steps = state["bad_steps"]
         tokens_seen = state["tokens"]
-        t_last, tokens_last, paused = time.time(), 0, 0.0
+        # Tokens are counted per rank and summed over ranks at each log and save (a stage's batches may
+        # differ in size between ranks: GRPO's completions).
+        t_last, tokens_last, tokens_here, paused = time.time(), 0, 0, 0.0
         self._last_save = time.monotonic()
         self.engine.train()
         try:
@@ -429,13 +431,13 @@ class Trainer:
                     losses.append(loss.detach().float())
                     for k, v in metrics.items():
                         metrics_acc[k] = metrics_acc.get(k, 0.0) + v / self.grad_accum
-                    batch_tokens = self.stage.tokens_in_batch(batch) * self.world
-                    tokens_last += batch_tokens
-                    tokens_seen += batch_tokens  # every step, not only logged ones: checkpoints save it
+                    tokens_here += self.stage.tokens_in_batch(batch)
                 step += 1
                 profiler.after_step(step)
                 logger.advance()
                 if self._logs(step):
+                    tokens = self._sum_over_ranks(tokens_here)
+                    tokens_seen, tokens_last, tokens_here = tokens_seen + tokens, tokens_last + tokens, 0
                     loss_val = torch.stack(losses).mean()
                     dist.all_reduce(loss_val)
                     elapsed = time.time() - t_last - paused  # evaluation and checkpoints are not training
@@ -458,6 +460,8 @@ class Trainer:
                 stop_requested, save_due = self._agreed(step, stop.requested, self._save_due())
                 stopping = stop_requested or step == a.stop_at_step
                 if step % a.save_every == 0 or step == self.total_steps or stopping or save_due:
+                    tokens = self._sum_over_ranks(tokens_here)  # every step's, not only logged ones
+                    tokens_seen, tokens_last, tokens_here = tokens_seen + tokens, tokens_last + tokens, 0
                     self.save(step, {"tokens": tokens_seen, "bad_steps": bad_steps})
                 paused += time.time() - t_pause
                 if stopping:
@@ -500,6 +504,13 @@ class Trainer:
         """--save-every-minutes: whether that long has passed since the last checkpoint (or the start)."""
         minutes = self.args.save_every_minutes
         return minutes is not None and time.monotonic() - self._last_save >= 60 * minutes
+
+    def _sum_over_ranks(self, count: int) -> int:
+        if self.world == 1:
+            return count
+        t = torch.tensor([count], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
 
     def _mean_over_ranks(self, metrics: dict[str, float | torch.Tensor]) -> dict[str, float]:
         """A stage's metrics (floats or device scalars, read only here so that the steps between logs
