@@ -727,3 +727,38 @@ def test_seed_everything_seeds_python_numpy_and_torch():
     assert draws(7) == draws(7)
     assert all(a != b for a, b in zip(draws(7), draws(8)))
     assert draws(2**40 + 7) == draws(2**40 + 7)  # NumPy takes seeds below 2**32 only
+
+
+def _killed_midway(real_rmtree):
+    """shutil.rmtree that removes one file of a directory and then dies, as a SIGKILL mid-removal would."""
+    def rmtree(path, *args, **kwargs):
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else []
+        if not files:
+            return real_rmtree(path, *args, **kwargs)
+        files[0].unlink()
+        raise KeyboardInterrupt("killed")
+    return rmtree
+
+
+def _contents(d: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in d.iterdir()}
+
+
+def test_final_is_never_left_half_replaced(tmp_path, monkeypatch):
+    """A kill while a finished run's final/ replaces an older one leaves a whole final/ (the old or the
+    new), never some of the old files without the rest; a later run clears what the kill left."""
+    from minimind_fast.training.engine import _replace_dir_copy
+
+    src, dst = tmp_path / "step" / "model", tmp_path / "final"
+    for d, text in ((src, "new"), (dst, "old")):
+        d.mkdir(parents=True)
+        for name in ("model.safetensors", "model_config.json"):
+            (d / name).write_text(text)
+    real = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", _killed_midway(real))
+    with pytest.raises(KeyboardInterrupt):
+        _replace_dir_copy(src, dst)
+    assert _contents(dst) in ({"model.safetensors": "old", "model_config.json": "old"}, _contents(src))
+    monkeypatch.setattr(shutil, "rmtree", real)
+    _replace_dir_copy(src, dst)
+    assert _contents(dst) == _contents(src) and sorted(p.name for p in tmp_path.iterdir()) == ["final", "step"]

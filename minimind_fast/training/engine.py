@@ -596,14 +596,19 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _replace_dir_copy(src: Path, dst: Path) -> None:
+    """`dst` becomes a copy of `src` through renames: a kill at any point leaves the old `dst` or the new
+    one whole (between the two renames, the old one as `.old`), never one half deleted; the next call
+    clears the leftovers."""
     import shutil
 
-    tmp = dst.with_name(dst.name + ".tmp")
+    tmp, old = dst.with_name(dst.name + ".tmp"), dst.with_name(dst.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
-        shutil.rmtree(dst)
+        dst.rename(old)
     tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def stage_parser(stage_cls: type[Stage]) -> argparse.ArgumentParser:
