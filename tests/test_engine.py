@@ -735,7 +735,7 @@ def _killed_midway(real_rmtree):
         files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else []
         if not files:
             return real_rmtree(path, *args, **kwargs)
-        files[0].unlink()
+        files[-1].unlink()
         raise KeyboardInterrupt("killed")
     return rmtree
 
@@ -762,3 +762,27 @@ def test_final_is_never_left_half_replaced(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "rmtree", real)
     _replace_dir_copy(src, dst)
     assert _contents(dst) == _contents(src) and sorted(p.name for p in tmp_path.iterdir()) == ["final", "step"]
+
+
+def test_a_checkpoint_pruned_by_keep_last_is_never_left_half_deleted_but_complete(tmp_path, monkeypatch):
+    """A kill while --keep-last removes an old checkpoint must not leave it marked COMPLETE with files
+    missing: --resume with it, or a later stage's --init, would load half a checkpoint. The next save's
+    pruning removes it, and a killed save's leftovers, once a newer checkpoint is complete."""
+    from minimind_fast.training.checkpointing import MARKER, complete_checkpoints, prune_checkpoints, step_dir
+
+    for step in (4, 8, 12):
+        ckpt = step_dir(tmp_path, step)
+        (ckpt / "model").mkdir(parents=True)
+        (ckpt / "model" / "model.safetensors").write_text("w")
+        (ckpt / "trainer_state.json").write_text("{}")
+        (ckpt / MARKER).write_text(f"step {step}\n")
+    (tmp_path / "checkpoints" / "step_00000002.tmp" / "deepspeed").mkdir(parents=True)  # a killed save's
+    monkeypatch.setattr(shutil, "rmtree", _killed_midway(shutil.rmtree))
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(tmp_path, keep_last=1)
+    for ckpt in complete_checkpoints(tmp_path):
+        assert sorted(p.name for p in ckpt.rglob("*")) == [MARKER, "model", "model.safetensors",
+                                                            "trainer_state.json"], ckpt
+    monkeypatch.undo()
+    prune_checkpoints(tmp_path, keep_last=1)
+    assert [c.name for c in (tmp_path / "checkpoints").iterdir()] == ["step_00000012"]

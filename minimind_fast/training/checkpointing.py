@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,10 +125,26 @@ def save_checkpoint(engine: DeepSpeedEngine, stage: Stage, run_dir: Path, step: 
             shutil.rmtree(final)
         tmp.rename(final)
         (final / MARKER).write_text(f"step {step}\n")
-        for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep_last)
     dist.barrier()
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Remove all but the newest `keep_last` complete checkpoints (0: keep all). The marker goes first:
+    a kill midway leaves an incomplete checkpoint, which nothing resumes from or loads, and which goes
+    with the other incomplete ones (a killed save's) older than the newest complete checkpoint."""
+    complete = complete_checkpoints(run_dir)
+    for old in complete[:-keep_last] if keep_last > 0 else []:
+        (old / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
+    if not complete:
+        return
+    newest = checkpoint_step(complete[-1])
+    for left in (run_dir / "checkpoints").iterdir():
+        found = re.fullmatch(r"step_(\d+)(\.tmp)?", left.name)
+        if found and int(found[1]) < newest and not (left / MARKER).exists():
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def read_rank_state(ckpt: Path, rank: int) -> dict:
