@@ -71,7 +71,7 @@ def test_tensorboard_and_wandb_get_every_metric(tmp_path, monkeypatch):
     logger.log(record(2, 4.0))
     logger.log({"step": 2, "val_loss": 3.5, "val_ppl": 33.1})
     logger.close()
-    assert scalars[0] == ("dir", str(tmp_path / "tensorboard"), None) and scalars[-1] == "closed"
+    assert scalars[0] == ("dir", str(tmp_path / "tensorboard"), 1) and scalars[-1] == "closed"
     assert ("loss", 4.0, 2) in scalars and ("grad_norm", 0.5, 2) in scalars and ("val_ppl", 33.1, 2) in scalars
     assert not any(s[0] == "step" for s in scalars if isinstance(s, tuple))
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
@@ -98,6 +98,18 @@ def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(tmp_pa
     MetricsLogger(tmp_path, 12, 6, True, tensorboard=True).close()
     assert made == [7]
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_no_tensorboard_events(tmp_path, monkeypatch):
+    """Killed at step 3 before any checkpoint: the restart (from step 0) drops the events of steps 1-3 as
+    metrics.jsonl drops their records; kept, TensorBoard would draw those steps twice."""
+    made = []
+    writer = types.SimpleNamespace(add_scalar=lambda *a: None, close=lambda: None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(
+        SummaryWriter=lambda log_dir, purge_step: made.append(purge_step) or writer))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record(s, 1.0)) + "\n" for s in range(1, 4)))
+    MetricsLogger(tmp_path, 12, 0, True, tensorboard=True).close()
+    assert made == [1] and (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_a_rank_other_than_the_first_writes_nothing(tmp_path, capsys):

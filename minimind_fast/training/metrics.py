@@ -43,8 +43,9 @@ class MetricsLogger:
             except ImportError:
                 raise RuntimeError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
             # A resumed run drops the events a stopped or killed run wrote after its checkpoint, as
-            # trim_metrics does for the JSONL file: kept, TensorBoard would draw those steps twice.
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            # trim_metrics does for the JSONL file: kept, TensorBoard would draw those steps twice. From
+            # step 0 too: a run killed before its first checkpoint starts over.
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         if wandb_project:
             try:
                 import wandb
