@@ -277,6 +277,27 @@ def test_a_resume_clips_at_its_own_grad_clip(builtin_data, tiny_model_config, tm
     assert moved < 1e-5, moved  # four steps clipped at 1.0 move the weights by ~1e-2
 
 
+def test_a_resume_that_builds_another_model_is_refused_naming_the_fields(builtin_data, tiny_model_config,
+                                                                         tmp_path):
+    """A resume whose --config (--preset, --vocab-size) builds another model than the checkpoint holds: a
+    clear error naming the fields, before DeepSpeed is set up, not a size mismatch per tensor from inside
+    its load; nor, for a field no tensor shows (rope_theta), a run that trains another model silently."""
+    from launch_helpers import tiny_config
+
+    out = tmp_path / "run"
+    args = common(builtin_data["shards"]["pretrain"], out, 4, "--config", str(tiny_model_config))
+    run("pretrain.py", args + ["--stop-at-step", "2"])
+    for change, shown in (({"hidden_size": 32}, "hidden_size 64 -> 32"), ({"rope_theta": 1e4}, "rope_theta")):
+        other = tmp_path / "other.json"
+        tiny_config().replace(**change).save(other)
+        refused = run("pretrain.py", args + ["--config", str(other)], check=False)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"{out / 'checkpoints' / 'step_00000002'} holds another model: {shown}" in refused.stderr, \
+            refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr
+    run("pretrain.py", args + ["--dropout", "0.1"])  # how it trains, not what it computes: resumes
+
+
 def test_a_restart_in_a_run_dir_with_later_checkpoints_is_refused(builtin_data, tiny_model_config, tmp_path):
     """--resume none (or an earlier checkpoint) in a directory holding a longer run's checkpoints: kept,
     the old step 8 would become this run's final/ and --keep-last would delete this run's own."""

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minimind_fast.checkpoint import CONFIG, RUNTIME_FIELDS
+from minimind_fast.config import ModelConfig
 from minimind_fast.data.mixture import MixtureLoader, data_argument
 from minimind_fast.evaluation import perplexity
 from minimind_fast.ops import check_kernels
@@ -182,6 +184,7 @@ class Trainer:
         self.stage.precision = self.dtype
         self.stage.resume_from = self.resume_from
         model = self.stage.build_model(self.manifest)
+        self._check_resumed_model(model.config)
         self.stage.setup(model)
         self.config = model.config
         if a.seq_len > self.config.max_position_embeddings:
@@ -352,6 +355,21 @@ class Trainer:
             raise TrainingError(f"{self.run_dir / 'checkpoints'} holds {', '.join(later)}, past this run's start "
                                 f"(step {start}): use another --out, resume from the newest with --resume auto, "
                                 "or remove them")
+
+    def _check_resumed_model(self, config: ModelConfig) -> None:
+        """The model this run builds must be the one its checkpoint holds: another --preset, --config,
+        --vocab-size or --init fails inside DeepSpeed's load (a size mismatch per tensor, after its
+        set-up), or, for a field no tensor shows (rope_theta), trains another model on these weights."""
+        saved_config = None if self.resume_from is None else self.resume_from / "model" / CONFIG
+        if saved_config is None or not saved_config.exists():
+            return
+        saved, mine = ModelConfig.load(saved_config).to_dict(), config.to_dict()
+        differ = [f"{k} {saved.get(k)!r} -> {mine.get(k)!r}" for k in sorted(saved.keys() | mine.keys())
+                  if k not in (*RUNTIME_FIELDS, "extra") and saved.get(k) != mine.get(k)]
+        if differ:
+            raise TrainingError(f"{self.resume_from} holds another model: {', '.join(differ)} (the checkpoint's "
+                                "-> this run's); resume with the flags that built it (--preset, --config, "
+                                "--vocab-size, --init), or start anew with --resume none in another --out")
 
     @staticmethod
     def _saved_layout(ckpt: Path | None) -> dict | None:
