@@ -222,12 +222,36 @@ def test_resume_keeps_the_checkpoints_zero_stage_and_refuses_another(builtin_dat
     args = common(builtin_data["shards"]["pretrain"], out, 6, "--config", str(tiny_model_config))
     run("pretrain.py", args + ["--zero-stage", "2", "--stop-at-step", "4"])
     state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
-    assert state["optimizer_layout"] == {"zero_stage": 2, "grad_accum_dtype": None}
+    assert state["optimizer_layout"] == {"zero_stage": 2, "grad_accum_dtype": None, "precision": "fp32"}
     refused = run("pretrain.py", args + ["--zero-stage", "0"], check=False)
     assert refused.returncode == 2 and "written under ZeRO 2 and this run asks for ZeRO 0" in refused.stderr, \
         refused.stderr[-2000:]
     resumed = run("pretrain.py", args)
     assert "resumed from" in resumed.stdout and "ZeRO 2" in resumed.stdout, resumed.stdout[-2000:]
+    assert max(losses(out)) == 6
+
+
+def test_resume_keeps_the_checkpoints_precision_and_refuses_another(builtin_data, tiny_model_config, tmp_path):
+    """DeepSpeed's optimizer state is laid out by precision too: a resume in another failed inside its load
+    (a KeyError at ZeRO 0, a missing file at 1-3). --dtype auto takes the checkpoint's (a run moved between
+    a CPU, whose auto is fp32, and a GPU, whose auto is bf16), and another is refused before any step,
+    naming both; for a checkpoint that predates the record, from its run's config.json."""
+    out = tmp_path / "run"
+    args = common(builtin_data["shards"]["pretrain"], out, 6, "--config", str(tiny_model_config), "--zero-stage", "0")
+    run("pretrain.py", args + ["--dtype", "bf16", "--stop-at-step", "2"])
+    state_file = out / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["optimizer_layout"]["precision"] == "bf16"
+    for older in (False, True):
+        if older:
+            del state["optimizer_layout"]["precision"]
+            state_file.write_text(json.dumps(state))
+        refused = run("pretrain.py", args + ["--dtype", "fp32"], check=False)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert "written under ZeRO 0 in bf16 and this run asks for ZeRO 0 in fp32" in refused.stderr, \
+            refused.stderr[-2000:]
+    resumed = run("pretrain.py", args)
+    assert "resumed from" in resumed.stdout and "on cpu, bf16, ZeRO 0" in resumed.stdout, resumed.stdout[-2000:]
     assert max(losses(out)) == 6
 
 

@@ -165,7 +165,8 @@ def test_muon_runs_resume_exactly_and_refuse_another_optimizer(builtin_data, tin
     run("pretrain.py", muon_args(builtin_data, tiny_model_config, full, 8))
     run("pretrain.py", muon_args(builtin_data, tiny_model_config, resumed, 8, "--stop-at-step", "4"))
     state = json.loads((resumed / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
-    assert state["optimizer_layout"] == {"zero_stage": 0, "grad_accum_dtype": None, "optimizer": "muon"}
+    assert state["optimizer_layout"] == {"zero_stage": 0, "grad_accum_dtype": None, "precision": "fp32",
+                                       "optimizer": "muon"}
     refused = run("pretrain.py", common(builtin_data["shards"]["pretrain"], resumed, 8, "--config",
                                         str(tiny_model_config)), check=False)
     assert refused.returncode == 2 and "trained with --optimizer muon and this run asks for --optimizer adamw" \

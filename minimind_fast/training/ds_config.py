@@ -132,16 +132,18 @@ def precision(cfg: dict[str, Any]) -> str:
 
 def optimizer_layout(cfg: dict[str, Any], optimizer: str = "adamw") -> dict[str, Any]:
     """What a DeepSpeed checkpoint's optimizer state depends on: resuming under another layout fails
-    inside DeepSpeed with a missing-file error, so checkpoints record it and resume compares. The
-    optimizer is recorded when it is not AdamW (whose state holds no momentum buffers Muon could read,
-    and the reverse), so that checkpoints from before the record, all AdamW, still compare equal."""
+    inside DeepSpeed with a missing-file error (or a KeyError: another precision at ZeRO 0), so
+    checkpoints record it and resume compares. The optimizer is recorded when it is not AdamW (whose
+    state holds no momentum buffers Muon could read, and the reverse), so that checkpoints from before
+    the record, all AdamW, still compare equal."""
     layout = {"zero_stage": cfg["zero_optimization"]["stage"],
-              "grad_accum_dtype": cfg.get("data_types", {}).get("grad_accum_dtype")}
+              "grad_accum_dtype": cfg.get("data_types", {}).get("grad_accum_dtype"), "precision": precision(cfg)}
     if optimizer != "adamw":
         layout["optimizer"] = optimizer
     return layout
 
 
-def describe_layout(layout: dict[str, Any]) -> str:
+def describe_layout(layout: dict[str, Any], with_precision: bool = False) -> str:
     accum = layout.get("grad_accum_dtype")
-    return f"ZeRO {layout['zero_stage']}" + (f" with {accum} gradient accumulation" if accum else "")
+    return (f"ZeRO {layout['zero_stage']}" + (f" with {accum} gradient accumulation" if accum else "")
+            + (f" in {layout.get('precision')}" if with_precision else ""))

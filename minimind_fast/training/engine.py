@@ -227,9 +227,12 @@ class Trainer:
             zero_stage = saved["zero_stage"]
         if zero_stage is None and a.optimizer == "muon":  # a --deepspeed-config's own stage still wins
             zero_stage = 0
+        dtype = resolve_dtype(a, self.device)
+        kept = saved.get("precision") if saved else None
+        if a.dtype == "auto" and not a.deepspeed_config and kept and not (kept == "fp16" and self.device.type == "cpu"):
+            dtype = kept  # as the ZeRO stage: a run moved between a CPU (auto: fp32) and a GPU (auto: bf16)
         cfg = build_ds_config(micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum, grad_clip=a.grad_clip,
-                              zero_stage=zero_stage, dtype=resolve_dtype(a, self.device),
-                              user_file=a.deepspeed_config, world_size=self.world)
+                              zero_stage=zero_stage, dtype=dtype, user_file=a.deepspeed_config, world_size=self.world)
         layout = optimizer_layout(cfg, a.optimizer)
         was = saved.get("optimizer", "adamw") if saved else a.optimizer
         if was != a.optimizer:
@@ -238,10 +241,13 @@ class Trainer:
                                 f"resume with --optimizer {was}, or start anew with --resume none")
         if a.optimizer == "muon":
             check_muon_zero_stage(cfg["zero_optimization"]["stage"])
+        if saved and "precision" not in saved:  # unknown for a checkpoint that predates its record
+            layout = {k: v for k, v in layout.items() if k != "precision"}
         if saved and saved != layout:
-            raise TrainingError(f"{self.resume_from} was written under {describe_layout(saved)} and this run asks "
-                                f"for {describe_layout(layout)}: resume with the same "
-                                f"--zero-stage / --deepspeed-config, or start anew with --resume none")
+            other_precision = saved.get("precision") != layout.get("precision")
+            raise TrainingError(f"{self.resume_from} was written under {describe_layout(saved, other_precision)} "
+                                f"and this run asks for {describe_layout(layout, other_precision)}: resume with the "
+                                f"same --zero-stage / --dtype / --deepspeed-config, or start anew with --resume none")
         return cfg
 
     def _wrap(self, model):
@@ -378,12 +384,14 @@ class Trainer:
         if ckpt is None:
             return None
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        if "optimizer_layout" in state:
-            return state["optimizer_layout"]
         run_config = ckpt.parent.parent / "config.json"
-        if not run_config.exists():
-            return None
-        return optimizer_layout(json.loads(run_config.read_text())["deepspeed_config"])
+        recorded = json.loads(run_config.read_text()) if run_config.exists() else {}
+        layout = state.get("optimizer_layout")
+        if layout is None:
+            return optimizer_layout(recorded["deepspeed_config"]) if recorded else None
+        if "precision" not in layout and "precision" in recorded:  # recorded in checkpoints since
+            layout = {**layout, "precision": recorded["precision"]}
+        return layout
 
     def _resume(self) -> dict:
         ckpt = self.resume_from
