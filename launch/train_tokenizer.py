@@ -15,7 +15,7 @@ def main() -> None:
     args = p.parse_args()
     try:
         out = train_tokenizer(args.data, args.vocab_size, args.out)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: also an --out under a file, no permission, a full disk
         sys.exit(f"error: {e}")
     tok = load_tokenizer(out)
     print(f"tokenizer: {out} ({tok.vocab_size} tokens, fingerprint {tok.fingerprint})")

@@ -777,6 +777,23 @@ def test_an_out_that_cannot_be_made_is_an_error_naming_it(builtin_data, tmp_path
                 builtin_data["tokenizer"], "--out", blocker / "o", "--workers", 1)
 
 
+@pytest.mark.parametrize("script, args", [
+    ("make_corpus.py", ["--size", "test"]),
+    ("train_tokenizer.py", ["--vocab-size", 300]),
+])
+def test_corpus_and_tokenizer_scripts_name_an_out_that_cannot_be_made(builtin_data, tmp_path, monkeypatch, script,
+                                                                      args):
+    """An --out under a file (as root, a file stands in for an unwritable directory too) is a one-line error
+    naming it, not a traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    if script == "train_tokenizer.py":
+        args = ["--data", builtin_data["files"]["sft"], *args]
+    with pytest.raises(SystemExit, match=f"^error: .*{blocker}"):
+        _launch(monkeypatch, script, *args, "--out", blocker / "o")
+    assert blocker.read_text() == ""
+
+
 def _launch(monkeypatch, script, *args):
     """Run a launch/ script in this process, as `python launch/SCRIPT ARGS` would."""
     monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
