@@ -539,6 +539,10 @@ def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_r
     ("fp16-file", "ds.json: fp16 needs a CUDA device"),
     ("profile", "--profile-steps 2: profiling starts after 5 warm-up steps (at step 6) and this run ends at step 5"),
     ("tokenizer", "changed since the shards were written"),
+    ("config-dir", "Is a directory"),
+    ("out-is-data", "is --data's shard directory"),
+    ("out-in-data", "is inside --data's shard directory"),
+    ("out-in-val-data", "is inside --val-data's shard directory"),
 ])
 def test_faults_give_clear_errors_before_training(bad, message, builtin_data, tiny_model_config, tmp_path):
     data, out, extra = builtin_data["shards"]["pretrain"], tmp_path / "run", ["--config", str(tiny_model_config)]
@@ -576,8 +580,19 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
         (data / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_dir": str(tokenizer)}))
         with open(tokenizer / "tokenizer.json", "a") as f:
             f.write("\n")
+    elif bad == "config-dir":  # an OSError other than FileNotFoundError was a traceback
+        extra += ["--config", str(tmp_path)]
+    elif bad.startswith("out-"):  # a run written among the shards (a copy: the fixture's stay clean)
+        data = tmp_path / "shards"
+        shutil.copytree(builtin_data["shards"]["pretrain"], data)
+        out = data if bad == "out-is-data" else data / "run"
+        if bad == "out-in-val-data":
+            data, extra = builtin_data["shards"]["pretrain"], extra + ["--val-data", str(tmp_path / "shards")]
     env = {k: v for k, v in ENV.items() if k not in ("TRITON_INTERPRET", "MINIMIND_KERNELS")}
     proc = run("pretrain.py", common(data, out, 8) + extra, check=False, env=env)
+    if bad.startswith("out-"):  # nothing written there, not even an empty directory
+        assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(
+            p.name for p in builtin_data["shards"]["pretrain"].iterdir())
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert bad == "nan" or not (out / "metrics.jsonl").exists()  # the others: before any training step
     assert message in proc.stderr, proc.stderr[-2000:]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from minimind_fast.checkpoint import CONFIG, RUNTIME_FIELDS
 from minimind_fast.config import ModelConfig
-from minimind_fast.data.mixture import MixtureLoader, data_argument
+from minimind_fast.data.mixture import DataSource, MixtureLoader, data_argument
 from minimind_fast.evaluation import perplexity
 from minimind_fast.ops import check_kernels
 from minimind_fast.training import checkpointing
@@ -113,6 +113,26 @@ def _share_cpu_threads() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_ranks))
 
 
+def check_out_apart_from_data(run_dir: Path, data: Path | list[DataSource], val_data: str | None) -> None:
+    """Refuse a run directory that is, or is inside, a shard directory it reads: its checkpoints, final/
+    and metrics would sit among the shards, a later tokenize.py or copy of the data carrying them along
+    (a prompts file, GRPO's and PPO's --data, is no directory and cannot hold one)."""
+    out = run_dir.resolve()
+    sources = [("--data", d if isinstance(d, Path) else d.path) for d in (data if isinstance(data, list) else [data])]
+    if val_data:
+        sources.append(("--val-data", Path(val_data)))
+    for flag, directory in sources:
+        where = directory.resolve()
+        if not where.is_dir():
+            continue
+        if out == where:
+            raise TrainingError(f"--out {run_dir} is {flag}'s shard directory: choose a run directory apart "
+                                f"from the data")
+        if where in out.parents:
+            raise TrainingError(f"--out {run_dir} is inside {flag}'s shard directory {directory}: choose a run "
+                                f"directory apart from the data")
+
+
 def check_output_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,9 +183,10 @@ class Trainer:
     # --- set-up: every check happens here, before the first step ----------------------------
     def _prepare(self) -> None:
         a = self.args
+        data = data_argument(a.data)  # a Path, or several sources to mix
+        check_out_apart_from_data(self.run_dir, data, a.val_data)
         check_output_dir(self.run_dir)
         check_kernels(a.kernels, self.device.type)
-        data = data_argument(a.data)  # a Path, or several sources to mix
         self.manifest = self.stage.open_data(data)
         self.tokenizer_dir = self.stage.tokenizer_dir(self.manifest)  # what checkpoints carry; checked now
         self.resume_from = self._checkpoint_to_resume()
@@ -660,7 +681,7 @@ def train(stage_cls: type[Stage], argv: list[str] | None = None,
         check_training_args(args)
         trainer = Trainer(stage_cls(args), args)
         result = trainer.run()
-    except (TrainingError, FileNotFoundError, ValueError) as e:
+    except (TrainingError, OSError, ValueError) as e:  # OSError: also a --config that is a directory, ...
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     # Only after a clean run (every rank is here), in reverse order of construction, while the process
