@@ -18,6 +18,7 @@ import torch
 from minimind_fast.chat import (
     ChatSession,
     answer_file,
+    check_chat_flags,
     check_utf8,
     check_vocab,
     find_tokenizer,
@@ -53,6 +54,7 @@ def main() -> None:
     if a.batch_size < 1:
         sys.exit(f"error: --batch-size must be >= 1, got {a.batch_size}")
     try:
+        check_chat_flags(a.batch, a.output, a.system, a.mode)
         check_utf8(a.prompt, "--prompt")
         check_utf8(a.system, "--system")
         tokenizer = find_tokenizer(a.model, a.tokenizer)

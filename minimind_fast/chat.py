@@ -20,6 +20,7 @@ from minimind_fast.config import get_preset
 from minimind_fast.data.records import RecordError, check_messages, conversation_field, prompt_text, refuse_record_tools
 from minimind_fast.data.sources import iter_records
 from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, check_same_tokenizer, load_tokenizer
+from minimind_fast.files import check_input_files
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
 from minimind_fast.model import MiniMindForCausalLM
 
@@ -253,9 +254,25 @@ def record_messages(record: dict) -> list[dict]:
     return check_messages(record[key], key)
 
 
+def check_chat_flags(batch: str | None, output: str | None, system: str | None, mode: str) -> None:
+    """Refuse (ValueError) `launch/chat.py` flags its mode would ignore without a word, and an --output that
+    would replace its --batch input."""
+    if output and not batch:
+        raise ValueError("--output needs --batch (one --prompt's reply goes to stdout)")
+    if system is not None and batch:
+        raise ValueError("--system is not applied to --batch (give each line its own system message in "
+                         "'conversations')")
+    if system is not None and mode == "pretrain":
+        raise ValueError("--system is not applied in --mode pretrain (raw text has no chat template)")
+    if batch and output and Path(output).resolve() == Path(batch).resolve():
+        raise ValueError(f"--output {output} is the --batch file: choose another --output")
+
+
 def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[tuple[int, dict]]:
     """(line number, record) of each prompt of a JSONL or Parquet file (`sources`); a bad line raises
     ValueError naming the file, line and field."""
+    if not os.path.exists(path) or os.path.isdir(path):  # not "truncated or corrupt" at record 0; a pipe is read
+        check_input_files([path])
     records = []
     for lineno, raw in iter_records(Path(path)):
         try:

@@ -285,6 +285,31 @@ def test_cli_reports_bad_arguments_clearly(model_dir, tmp_path):
     assert "the tokenizer has 320 tokens but the model's vocab_size is 280" in run.stderr
 
 
+def test_cli_names_a_batch_file_that_is_missing_or_a_directory(model_dir, tmp_path):
+    """Not "cannot be read past record 0 (truncated or corrupt?)": the file is not there at all."""
+    for batch, needle in ((tmp_path / "missing.jsonl", f"{tmp_path / 'missing.jsonl'}: no such input file"),
+                          (tmp_path, f"{tmp_path}: a directory")):
+        run = _cli("--model", str(model_dir), "--batch", str(batch), "--output", str(tmp_path / "o.jsonl"))
+        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+        assert f"error: {needle}" in run.stderr and "truncated" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--prompt", "Hello", "--output", "o.jsonl"], "--output needs --batch"),
+    (["--batch", "in.jsonl", "--output", "o.jsonl", "--system", "Be brief."], "--system is not applied to --batch"),
+    (["--mode", "pretrain", "--prompt", "The cat", "--system", "Be brief."], "--system is not applied in --mode "
+                                                                               "pretrain"),
+    (["--batch", "in.jsonl", "--output", "in.jsonl"], "--output in.jsonl is the --batch file"),
+])
+def test_cli_refuses_flags_it_would_ignore_or_an_output_over_its_input(model_dir, tmp_path, flags, needle):
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "Hello"}) + "\n")
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / "chat.py"), "--model", str(model_dir),
+                          "--max-new-tokens", "2", *flags], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode != 0 and f"error: {needle}" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert (tmp_path / "in.jsonl").read_text() == json.dumps({"prompt": "Hello"}) + "\n"
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_a_tokenizer_other_than_the_models_own_is_refused(model_dir, tmp_path):
     """A --tokenizer with another tokenizer.json than the one beside the weights would have the model read
     ids of a vocabulary it never learnt: refused, naming both. Restating the model's own is accepted, and for
