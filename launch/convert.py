@@ -37,9 +37,9 @@ def parse_set(items: list[str]) -> dict:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set {item!r}: expected NAME=VALUE")
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE")
         if name not in CONFIG_FIELDS:
-            raise SystemExit(f"--set {item!r}: {name!r} is not a ModelConfig field "
+            raise ValueError(f"--set {item!r}: {name!r} is not a ModelConfig field "
                              f"(one of {', '.join(sorted(CONFIG_FIELDS))})")
         try:
             out[name] = json.loads(value)

@@ -516,9 +516,12 @@ def test_convert_cli_round_trip(tmp_path, tokenizer_dir, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "notes.txt" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
-    with pytest.raises(SystemExit, match="'hidden-size' is not a ModelConfig field"):
-        main(["from-minimind", str(tmp_path / "full_sft_64.pth"), "--out", str(tmp_path / "x"),
-              "--num-attention-heads", "4", "--set", "hidden-size=64"])
+    for bad, message in (("hidden-size=64", "'hidden-size' is not a ModelConfig field"),
+                         ("hidden_size", "expected NAME=VALUE")):
+        assert main(["from-minimind", str(tmp_path / "full_sft_64.pth"), "--out", str(tmp_path / "x"),
+                     "--num-attention-heads", "4", "--set", bad]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --set {bad!r}: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
 
 
