@@ -29,6 +29,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     a = parse_args()
+    for flag, value in (("--show", a.show), ("--random", a.random)):
+        if value is not None and value < 0:
+            sys.exit(f"error: {flag} {value}: must be >= 0")
     try:
         print(summary(a.data))
         view = SplitView(a.data, a.split)

@@ -107,6 +107,9 @@ def test_cli_shows_figures_and_documents_and_names_its_errors(builtin_data, monk
         _launch(monkeypatch, "--data", shard_dir, "--tokenizer", other)
     with pytest.raises(SystemExit, match=f"error: {tmp_path}: no manifest.json"):
         _launch(monkeypatch, "--data", tmp_path)
+    for flag in ("--random", "--show"):  # --random -1 was numpy's "negative dimensions", --show -1 quietly 0
+        with pytest.raises(SystemExit, match=f"error: {flag} -1: must be >= 0"):
+            _launch(monkeypatch, "--data", shard_dir, flag, -1)
 
 
 def test_a_directory_without_held_out_records_is_summed_up(builtin_data, monkeypatch, capsys, tmp_path):
