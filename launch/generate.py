@@ -54,7 +54,7 @@ def main() -> None:
         start = time.perf_counter()
         new = generate(model, [ids], config, cuda_graph=not a.no_cuda_graph)[0]
         seconds = time.perf_counter() - start
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError) as e:  # OSError: also weights that cannot be read
         sys.exit(f"error: {e}")
     print(a.prompt + tokenizer.decode(new) if tokenizer else f"prompt ids {ids}\nnew ids {new}")
     weights = next(model.parameters())

@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -340,6 +341,19 @@ def test_generate_cli_reports_bad_arguments_clearly(model_dir, source, args, nee
     run = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), *src, *args],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("script", ["generate.py", "chat.py"])
+def test_an_unreadable_weights_file_is_an_error_naming_it(model_dir, tmp_path, script):
+    """An OSError other than a missing file (here a model.safetensors that is a directory; likewise no
+    permission, an I/O error) was a traceback from generate.py, where chat.py names it."""
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "model.safetensors").mkdir()
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--model", str(broken), "--prompt", "Hi",
+                          "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 1 and run.stderr.startswith("error: ") and "Traceback" not in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("flags, needle", [
