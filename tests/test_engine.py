@@ -335,6 +335,22 @@ def test_a_restart_in_a_run_dir_with_later_checkpoints_is_refused(builtin_data, 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
 
 
+def test_a_checkpoint_of_another_stage_is_refused_naming_it(pretrain_run, builtin_data, tmp_path):
+    """A pretraining checkpoint resumed by SFT, as --resume or as the --out it starts from (--init = --out,
+    --resume auto), failed on "loader state has kind='pretrain', this run has 'sft'", naming neither the
+    checkpoint nor a flag."""
+    newest = pretrain_run / "checkpoints" / "step_00000012"
+    shutil.copytree(pretrain_run, tmp_path / "pre")
+    for out, extra, message in (
+            (tmp_path / "sft", ["--resume", str(pretrain_run)], f"--resume {newest}: a checkpoint of a pretrain run"),
+            (tmp_path / "pre", [], f"--resume auto: {tmp_path / 'pre' / 'checkpoints' / 'step_00000012'}: a "
+                                   f"checkpoint of a pretrain run")):
+        proc = run("sft.py", common(builtin_data["shards"]["sft"], out, 16, "--init", str(tmp_path / "pre"), *extra),
+                   check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert "this sft run cannot resume it" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_resume_takes_a_run_dir_and_refuses_what_would_train_nothing(builtin_data, tiny_model_config, tmp_path):
     """--resume RUN_DIR continues from that run's newest checkpoint (into another --out too); a resume
     past --steps, or a --stop-at-step not after the resumed step, is refused instead of exiting 0 with

@@ -348,7 +348,22 @@ class Trainer:
             ckpt = newest
         if ckpt is not None and not (ckpt / checkpointing.MARKER).exists():
             raise TrainingError(f"--resume {ckpt}: not a complete checkpoint (no {checkpointing.MARKER} marker)")
+        if ckpt is not None:
+            self._refuse_other_stage(ckpt)
         return ckpt
+
+    def _refuse_other_stage(self, ckpt: Path) -> None:
+        """A checkpoint another stage wrote (named in its run's config.json) is not this run's to resume:
+        its weights start a new run through --init. Later checks would refuse it too, but by a loader
+        or objective mismatch that names neither the checkpoint nor what to do."""
+        try:
+            stage = json.loads((ckpt.parent.parent / "config.json").read_text()).get("stage")
+        except (OSError, ValueError, AttributeError):
+            return  # a checkpoint copied out of its run: the loader's and objective's checks still apply
+        if stage and stage != self.stage.name:
+            flag = "--resume auto: " if self.args.resume == "auto" else "--resume "
+            raise TrainingError(f"{flag}{ckpt}: a checkpoint of a {stage} run, and this {self.stage.name} run cannot "
+                                f"resume it: start from its weights with --init, in another --out")
 
     def _start_step(self) -> int:
         if self.resume_from is None:
