@@ -817,7 +817,8 @@ def test_cli_scripts(builtin_data, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("flag, value, message", [("--seq-len", -5, "seq_len=-5"),
-                                                   ("--val-fraction", 0.7, "val_fraction=0.7")])
+                                                   ("--val-fraction", 0.7, "val_fraction=0.7"),
+                                                   ("--workers", -3, "workers=-3")])
 def test_tokenize_script_refuses_bad_options(builtin_data, tmp_path, monkeypatch, flag, value, message):
     with pytest.raises(SystemExit, match=f"error: {message}"):
         _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", builtin_data["files"]["sft"],

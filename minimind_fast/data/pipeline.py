@@ -77,6 +77,8 @@ class TokenizeOptions:
             raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 0.5)")
         if self.seq_len < 2:  # a negative one would cut every sample's tail off instead
             raise ValueError(f"seq_len={self.seq_len} must be at least 2")
+        if self.workers < 1:  # was quietly one process
+            raise ValueError(f"workers={self.workers} must be at least 1")
 
 
 Ids = list[int] | np.ndarray  # an Encoding's ids, or a long text's (`_Encoded`)
