@@ -87,29 +87,20 @@ def test_tensorboard_and_wandb_get_every_metric(tmp_path, monkeypatch):
     assert wandb_calls[-2][4] not in ("", run_id)
 
 
-def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(tmp_path, monkeypatch):
-    """Resumed at step 6 (a run killed at step 9 had logged 7-9): TensorBoard drops its events from step 7
-    on, as metrics.jsonl drops its records."""
+@pytest.mark.parametrize("logged, start", [(9, 6), (3, 0)], ids=["resumed-at-6", "restarted-from-0"])
+def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(tmp_path, monkeypatch, logged, start):
+    """A run killed at step `logged` resumes at `start` (6, or 0 when killed before its first checkpoint):
+    TensorBoard drops its events after `start`, as metrics.jsonl drops those records; kept, TensorBoard would
+    draw those steps twice."""
     made = []
     writer = types.SimpleNamespace(add_scalar=lambda *a: None, close=lambda: None)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(
         SummaryWriter=lambda log_dir, purge_step: made.append(purge_step) or writer))
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record(s, 1.0)) + "\n" for s in range(1, 10)))
-    MetricsLogger(tmp_path, 12, 6, True, tensorboard=True).close()
-    assert made == [7]
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
-
-
-def test_a_run_killed_before_its_first_checkpoint_restarts_with_no_tensorboard_events(tmp_path, monkeypatch):
-    """Killed at step 3 before any checkpoint: the restart (from step 0) drops the events of steps 1-3 as
-    metrics.jsonl drops their records; kept, TensorBoard would draw those steps twice."""
-    made = []
-    writer = types.SimpleNamespace(add_scalar=lambda *a: None, close=lambda: None)
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(
-        SummaryWriter=lambda log_dir, purge_step: made.append(purge_step) or writer))
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record(s, 1.0)) + "\n" for s in range(1, 4)))
-    MetricsLogger(tmp_path, 12, 0, True, tensorboard=True).close()
-    assert made == [1] and (tmp_path / "metrics.jsonl").read_text() == ""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record(s, 1.0)) + "\n" for s in range(1, logged + 1)))
+    MetricsLogger(tmp_path, 12, start, True, tensorboard=True).close()
+    assert made == [start + 1]
+    kept = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == list(range(1, start + 1))
 
 
 def test_a_rank_other_than_the_first_writes_nothing(tmp_path, capsys):
