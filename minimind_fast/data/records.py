@@ -109,8 +109,13 @@ def check_conversation(msgs: object, field: str) -> list[dict]:
     return _with_reply(check_messages(msgs, field), field)
 
 
+def _has_reply(msgs: list[dict]) -> bool:
+    """Whether an assistant message says or calls something: what a training record must hold."""
+    return any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in msgs)
+
+
 def _with_reply(msgs: list[dict], field: str) -> list[dict]:
-    if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in msgs):
+    if not _has_reply(msgs):
         raise RecordError("empty_conversation", f"'{field}' has no non-empty assistant message")
     return msgs
 
@@ -292,7 +297,7 @@ def prompt_turns(record: dict, chosen: list[dict], rejected: list[dict]) -> int:
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
             shared += 1
     for key, msgs in (("chosen", chosen), ("rejected", rejected)):
-        if not any(m["role"] == "assistant" and (m["content"] or m.get("tool_calls")) for m in msgs[shared:]):
+        if not _has_reply(msgs[shared:]):
             raise RecordError("empty_conversation", f"'{key}' has no non-empty assistant message after the "
                                                     f"prompt's {shared} message(s)")
     return shared
