@@ -51,8 +51,9 @@ MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are com
 # or a manifest without a field the loaders rely on: it is part of the up-to-date signature, so a
 # rerun after such a change rewrites the shards. 5: per-shard max_token_id; 6: per-shard checksum;
 # 7: the held-out share never above --val-fraction (ceil, not round, of its inverse); 8: a DPO pair's prompt
-# turns carry no loss, an assistant turn there included.
-PIPELINE_VERSION = 8
+# turns carry no loss, an assistant turn there included; 9: a record's text that spells a control token
+# (<|im_end|>, ...) is encoded as plain text, not as that token.
+PIPELINE_VERSION = 9
 SHARD_NAME = re.compile(r"(train|val)-\d{5,}\.bin")  # as _SplitWriter names them
 # What a killed run leaves (ShardWriter's temporary files, the manifest's): a shard's can be GBs.
 LEFTOVER_NAME = re.compile(r"(train|val)-\d{5,}\.bin(\.mask)?\.tmp|manifest\.json\.tmp")
@@ -148,7 +149,7 @@ def _encode_long(tok: ChatTokenizer, text: str, offsets: bool) -> _Encoded:
     token strings) is dropped once its ids, and offsets where masks need them, are copied out."""
     ids, offs = [], []
     for batch in _piece_batches(text):
-        encodings = tok.tokenizer.encode_batch([piece for _, piece in batch], add_special_tokens=False)
+        encodings = tok.plain.encode_batch([piece for _, piece in batch], add_special_tokens=False)
         for (start, _), e in zip(batch, encodings):
             ids.append(np.asarray(e.ids, dtype=np.int32))
             if offsets:
@@ -157,14 +158,44 @@ def _encode_long(tok: ChatTokenizer, text: str, offsets: bool) -> _Encoded:
 
 
 def _encode_texts(tok: ChatTokenizer, texts: list[str], offsets: bool) -> list:
-    """Encodings of `texts` in order: the short ones in one batch, each long one in pieces (where the
-    tokenizer gives the same ids that way; else whole)."""
+    """Encodings of `texts` as plain text (`ChatTokenizer.plain`) in order: the short ones in one batch,
+    each long one in pieces (where the tokenizer gives the same ids that way; else whole)."""
     pieced = {i for i, t in enumerate(texts) if len(t) > LONG_TEXT_CHARS}
     if pieced and not tok.encodes_whitespace_pieces_exactly:
         pieced = set()  # encoded whole: exact, in memory that grows with the text
-    short = iter(tok.tokenizer.encode_batch([t for i, t in enumerate(texts) if i not in pieced],
+    short = iter(tok.plain.encode_batch([t for i, t in enumerate(texts) if i not in pieced],
                                             add_special_tokens=False))
     return [_encode_long(tok, t, offsets) if i in pieced else next(short) for i, t in enumerate(texts)]
+
+
+def _encode_docs(tok: ChatTokenizer, docs: list[records.Doc], offsets: bool) -> list:
+    """Encodings of `docs` in order: each text between the template's control tokens encoded as plain text,
+    all of them in one `_encode_texts` call, and the control tokens as their ids. The tokenizer splits a
+    text at its special tokens before anything else, so for a text whose every control token is the
+    template's this gives the ids of encoding it whole."""
+    layouts = [d.pieces() for d in docs]
+    encodings = iter(_encode_texts(tok, [d.text[a:b] for d, layout in zip(docs, layouts)
+                                         for a, b, control in layout if not control], offsets))
+    return [next(encodings) if not d.controls else _assembled(d, layout, encodings, tok)
+            for d, layout in zip(docs, layouts)]
+
+
+def _assembled(doc: records.Doc, layout: list[tuple[int, int, bool]], encodings, tok: ChatTokenizer) -> _Encoded:
+    """One document's ids and offsets from its pieces': a control token's id, else the next encoding (its
+    offsets shifted to where it starts). Python lists: a document has a few short pieces per turn."""
+    ids, offsets, shifts = [], [], []
+    for a, b, control in layout:
+        if control:
+            ids.append(tok.control_tokens[doc.text[a:b]])
+            offsets.append((0, b - a))
+            shifts.append(a)
+        else:
+            e = next(encodings)
+            ids += list(e.ids)
+            offsets += list(e.offsets)
+            shifts += [a] * len(e.ids)
+    shifted = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) + np.asarray(shifts, dtype=np.int64)[:, None]
+    return _Encoded(np.asarray(ids, dtype=np.int32), shifted)
 
 
 def _framed(ids: Ids, tok: ChatTokenizer) -> np.ndarray:
@@ -186,7 +217,7 @@ def encode_lines(lines: list[tuple[int, bytes]], opts: TokenizeOptions, tok: Cha
             parsed.append((lineno, records.record_docs(records.parse_line(line), opts.kind, tok)))
         except records.RecordError as e:
             errors.append((lineno, e.reason, str(e)))
-    encodings = _encode_texts(tok, [d.text for _, docs in parsed for d in docs], offsets=opts.kind != "pretrain")
+    encodings = _encode_docs(tok, [d for _, docs in parsed for d in docs], offsets=opts.kind != "pretrain")
     tokens, lengths, masks = [], [], []
     k = 0
     for lineno, docs in parsed:

@@ -15,7 +15,9 @@ with a short reason; the caller adds file and line.
 
 from __future__ import annotations
 
+import bisect
 import json
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +31,9 @@ ASSISTANT_HEADER = "<|im_start|>assistant\n"
 TOOL_FIELDS = ("tools", "functions")  # a system message's tool definitions: minimind-3's name, MiniMind2's
 # A record's messages: MiniMind's field name, then the one OpenAI and most Hugging Face chat datasets use.
 CONVERSATION_FIELDS = ("conversations", "messages")
+# A Unicode noncharacter (never in interchanged text): stands for each control token's text in a record's
+# strings while the template renders them, so that the control tokens left are the template's own.
+MARK = "\ufdd0"
 
 
 class RecordError(ValueError):
@@ -41,11 +46,26 @@ class RecordError(ValueError):
 
 @dataclass
 class Doc:
-    """One document to encode: its text and the character spans that carry loss (mask 1) or weight (2)."""
+    """One document to encode: its text, the character spans that carry loss (mask 1) or weight (2), and
+    those of the template's control tokens (encoded as their ids; the rest of the text, control-token
+    text a record quotes included, as plain text: `pieces`)."""
 
     text: str
     spans: list[tuple[int, int]] = field(default_factory=list)
     tag_spans: list[tuple[int, int]] = field(default_factory=list)
+    controls: list[tuple[int, int]] = field(default_factory=list)
+
+    def pieces(self) -> list[tuple[int, int, bool]]:
+        """(start, end, is_control) of the text in order: the control tokens and the stretches between them."""
+        out, pos = [], 0
+        for start, end in self.controls:
+            if start > pos:
+                out.append((pos, start, False))
+            out.append((start, end, True))
+            pos = end
+        if pos < len(self.text):
+            out.append((pos, len(self.text), False))
+        return out
 
 
 def parse_line(line: bytes | str) -> dict:
@@ -97,6 +117,8 @@ def check_messages(msgs: object, field: str) -> list[dict]:
                 m["content"] = ""
         if not isinstance(m.get("content"), str):
             raise RecordError("bad_message", f"{where} needs a role in {ROLES} and a string content")
+        if MARK in m["content"]:  # what `conversation_doc` escapes control-token text with
+            raise RecordError("bad_unicode", f"{where} holds U+FDD0, a Unicode noncharacter")
         for key in TOOL_FIELDS:
             if m["role"] == "system" and key in m:
                 m[key] = _object_list(m, key, where)
@@ -194,6 +216,62 @@ def prompt_text(msgs: list[dict], tok: ChatTokenizer) -> str:
 
 
 def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool, first_reply: int = 0) -> Doc:
+    """`_rendered_doc` with the template's control tokens marked (`Doc.controls`). The messages are rendered
+    with each control token's text in their strings replaced by `MARK`, so that every control token of
+    that rendering is the template's, then moved onto the real rendering."""
+    regex = tok.control_regex
+    escaped = _escaped(msgs, regex)
+    doc = _rendered_doc(escaped, tok, tags, first_reply)
+    doc.controls = [m.span() for m in regex.finditer(doc.text)]
+    if escaped == msgs:  # no string quotes a control token (the usual case)
+        return doc
+    return _unescaped(doc, _render(tok, msgs, False, conversation_tools(msgs)), regex)
+
+
+def _escaped(value, regex: re.Pattern):
+    """`value` (messages, their fields) with each control token's text in a string replaced by `MARK`."""
+    if isinstance(value, str):
+        if MARK in value:
+            raise RecordError("bad_unicode", "a message field holds U+FDD0, a Unicode noncharacter")
+        return regex.sub(MARK, value)
+    if isinstance(value, list):
+        return [_escaped(v, regex) for v in value]
+    if isinstance(value, dict):
+        return {_escaped(k, regex): _escaped(v, regex) for k, v in value.items()}
+    return value
+
+
+def _unescaped(doc: Doc, text: str, regex: re.Pattern) -> Doc:
+    """`doc`, rendered from escaped messages, moved onto `text`, the real messages' rendering: each `MARK`
+    there is a control token's text here, and every position after it moves by that text's length - 1."""
+    marks = [m.start() for m in re.finditer(MARK, doc.text)]
+    differs = RecordError("template", "the chat template renders a message quoting a control token differently "
+                                      "from the same message without it")
+    growth, pos = [0], 0  # growth[j]: how far a position after j marks moves
+    pieces = doc.text.split(MARK)
+    for k, piece in enumerate(pieces):
+        if not text.startswith(piece, pos):
+            raise differs
+        pos += len(piece)
+        if k + 1 < len(pieces):
+            quoted = regex.match(text, pos)
+            if quoted is None:
+                raise differs
+            growth.append(growth[-1] + len(quoted.group()) - 1)
+            pos = quoted.end()
+    if pos != len(text):
+        raise differs
+
+    def moved(p: int) -> int:
+        return p + growth[bisect.bisect_left(marks, p)]
+
+    def spans(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return [(moved(a), moved(b)) for a, b in pairs]
+
+    return Doc(text, spans(doc.spans), spans(doc.tag_spans), spans(doc.controls))
+
+
+def _rendered_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool, first_reply: int = 0) -> Doc:
     """The rendered conversation and the spans of its assistant replies (each through its `<|im_end|>`),
     those from message `first_reply` on (a DPO pair's earlier turns are its prompt).
 

@@ -245,6 +245,27 @@ class ChatTokenizer:
         return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
                 and pre.get("use_regex", True) and not pre.get("add_prefix_space") and plain_added)
 
+    @cached_property
+    def control_tokens(self) -> dict[str, int]:
+        """The texts and ids of the special added tokens (<|im_start|>, <|im_end|>, <|endoftext|>, ...): what
+        a chat template builds its structure from. Added tokens not marked special (MiniMind's <think>,
+        <tool_call>) are words a reply may say, and stay tokens wherever they appear."""
+        return {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+
+    @cached_property
+    def control_regex(self) -> re.Pattern:
+        """Any control token's text, the longest first (a pattern that never matches when there is none)."""
+        texts = sorted(self.control_tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts)) or "(?!)")
+
+    @cached_property
+    def plain(self) -> Tokenizer:
+        """This tokenizer encoding a control token's text as the characters it is made of: for the text a
+        record holds, so that a message quoting "<|im_end|>" neither ends its turn nor starts one."""
+        plain = Tokenizer.from_str(self.tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
