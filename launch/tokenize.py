@@ -31,7 +31,8 @@ else:
         p.add_argument("--data", nargs="+", required=True,
                        help="JSONL files (also .jsonl.gz/.bz2/.xz/.zst) or Parquet files")
         p.add_argument("--tokenizer", required=True, help="tokenizer directory (ours or MiniMind's)")
-        p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+        p.add_argument("--out", required=True,
+                       help="output directory for shards and manifest.json (not a tokenizer, model or run directory)")
         p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
         p.add_argument("--seq-len", type=int, default=512, help="longest SFT/DPO/reasoning sample kept")
         p.add_argument("--overlong", choices=("truncate", "drop"), default="truncate")

@@ -941,3 +941,22 @@ def test_a_record_holding_the_escape_noncharacter_is_skipped(builtin_data, tmp_p
                            TokenizeOptions(kind="sft", workers=1, val_fraction=0))
     assert m["skipped"] == {"bad_unicode": 1} and m["problems"] == [f"{src}:2: bad_unicode: 'conversations'[0] "
                                                                     f"holds U+FDD0, a Unicode noncharacter"]
+
+
+@pytest.mark.parametrize("what, files", [
+    ("a tokenizer's", ["tokenizer.json", "tokenizer_config.json"]),
+    ("a training run's", ["config.json", "checkpoints/step_00000004/model/model.safetensors",
+                          "final/model.safetensors"]),
+    ("a model's", ["model.safetensors", "model_config.json"]),
+])
+def test_tokenize_script_refuses_an_out_holding_another_kind_of_output(builtin_data, tmp_path, monkeypatch, what,
+                                                                       files):
+    out = tmp_path / "o"
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("keep")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with pytest.raises(SystemExit, match=f"error: --out {out}: holds {what} files .*not shards"):
+        _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", builtin_data["files"]["sft"],
+                "--tokenizer", builtin_data["tokenizer"], "--out", out, "--workers", 1, "--force")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before

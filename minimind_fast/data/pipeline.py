@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from minimind_fast.data import records, sources
 from minimind_fast.data.shards import VERSION, ShardWriter, file_checksum, token_dtype
-from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer, whitespace_pieces
+from minimind_fast.data.tokenizer import TOKENIZER_FILES, ChatTokenizer, load_tokenizer, whitespace_pieces
 from minimind_fast.files import check_input_files, locked_directory
 
 KINDS = ("pretrain", "sft", "reasoning", "dpo")
@@ -57,6 +57,11 @@ PIPELINE_VERSION = 9
 SHARD_NAME = re.compile(r"(train|val)-\d{5,}\.bin")  # as _SplitWriter names them
 # What a killed run leaves (ShardWriter's temporary files, the manifest's): a shard's can be GBs.
 LEFTOVER_NAME = re.compile(r"(train|val)-\d{5,}\.bin(\.mask)?\.tmp|manifest\.json\.tmp")
+# What other commands' outputs hold: an --out holding one is a mistyped path, and shards there would be
+# mixed into (and, rerun with another kind, replace) a tokenizer, a model or a training run.
+OTHER_OUTPUTS = {"a training run's": ("config.json", "checkpoints", "final"),
+                 "a model's": ("model.safetensors", "model_config.json"),
+                 "a tokenizer's": TOKENIZER_FILES}
 
 
 @dataclass
@@ -442,6 +447,7 @@ def tokenize_to_shards(files: list[str | os.PathLike], tokenizer_dir: str | os.P
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
+    _refuse_other_output(out)
     out.mkdir(parents=True, exist_ok=True)
     # Two runs writing here at once would interleave their shards, renames and manifest.
     with locked_directory(out, LOCK_NAME, "--out"):
@@ -508,6 +514,15 @@ def _tokenize_into(paths: list[Path], tok: ChatTokenizer, out: Path, opts: Token
     _write_manifest(out, manifest)
     _remove_stale_shards(out, splits)
     return manifest
+
+
+def _refuse_other_output(out: Path) -> None:
+    """Refuse an --out holding a tokenizer, a model or a training run (`OTHER_OUTPUTS`), even with --force."""
+    for what, names in OTHER_OUTPUTS.items():
+        found = [name for name in names if (out / name).exists()]
+        if found:
+            raise ValueError(f"--out {out}: holds {what} files ({', '.join(found)}), not shards; choose a "
+                             f"directory of their own for the shards")
 
 
 def _refuse_other_kind(out: Path, kind: str) -> None:
