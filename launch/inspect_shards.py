@@ -34,6 +34,8 @@ def main() -> None:
             sys.exit(f"error: {flag} {value}: must be >= 0")
     try:
         print(summary(a.data))
+        if a.index is None and a.random is None and a.show == 0:
+            return  # figures only: an empty split is no error
         view = SplitView(a.data, a.split)
         count = n_items(view)
         if a.index is not None:

@@ -122,3 +122,17 @@ def test_a_directory_without_held_out_records_is_summed_up(builtin_data, monkeyp
     shown = capsys.readouterr().out
     assert f"  {split_figures(SplitView(out, 'train'))}\n  val: no documents\n" in shown
     assert "--- document 0 of train" in shown
+
+
+def test_an_empty_val_split_asked_for_is_said_to_be_empty(builtin_data, monkeypatch, capsys, tmp_path):
+    """--split val on shards tokenized with --val-fraction 0: documents asked for get an error saying the
+    split is empty (it was 'no val split in manifest.json', which it has); figures only is no error."""
+    out = tmp_path / "sft"
+    tokenize_to_shards([builtin_data["files"]["sft"]], builtin_data["tokenizer"], out,
+                       TokenizeOptions(kind="sft", seq_len=128, workers=1, val_fraction=0))
+    for asked in ([], ["--index", 0], ["--random", 2]):
+        with pytest.raises(SystemExit, match=f"error: {out}: its 'val' split is empty .no documents were held out"):
+            _launch(monkeypatch, "--data", out, "--split", "val", *asked)
+        assert "  val: no documents\n" in capsys.readouterr().out  # the figures come first
+    _launch(monkeypatch, "--data", out, "--split", "val", "--show", 0)
+    assert "  val: no documents\n" in capsys.readouterr().out

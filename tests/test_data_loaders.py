@@ -260,7 +260,11 @@ def test_val_split_and_errors(builtin_data, tmp_path):
     m = json.loads((d / "manifest.json").read_text())
     m["splits"]["val"]["shards"] = []
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ShardError, match="no 'val' split"):
+    with pytest.raises(ShardError, match="its 'val' split is empty .no documents were held out"):
+        build_loader("sft", d, seq_len=128, micro_batch_size=2, split="val")
+    del m["splits"]["val"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="no 'val' split in manifest.json"):
         build_loader("sft", d, seq_len=128, micro_batch_size=2, split="val")
     loader = build_loader("sft", d, seq_len=128, micro_batch_size=2)
     with pytest.raises(ValueError, match="seed"):

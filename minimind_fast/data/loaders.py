@@ -59,6 +59,9 @@ def open_split(shard_dir: str | Path, split: str, vocab_size: int | None) -> tup
     except (KeyError, TypeError, AttributeError) as e:
         raise ShardError(f"{shard_dir / 'manifest.json'}: unreadable '{split}' split ({e!r})") from None
     if not entries:
+        if isinstance(manifest["splits"].get(split), dict):  # listed without shards: tokenize.py --val-fraction 0
+            raise ShardError(f"{shard_dir}: its '{split}' split is empty (no documents were held out when it was "
+                             f"tokenized, as with --val-fraction 0)")
         raise ShardError(f"{shard_dir}: no '{split}' split in manifest.json")
     if vocab_size is not None and manifest["vocab_size"] > vocab_size:
         raise ShardError(f"{shard_dir}: shards were tokenized with a vocabulary of {manifest['vocab_size']} "
