@@ -960,3 +960,21 @@ def test_tokenize_script_refuses_an_out_holding_another_kind_of_output(builtin_d
         _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", builtin_data["files"]["sft"],
                 "--tokenizer", builtin_data["tokenizer"], "--out", out, "--workers", 1, "--force")
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("kind", ["sft", "reasoning", "dpo"])
+def test_a_record_quoting_no_control_token_is_encoded_whole_as_in_pieces(builtin_data, tok, kind):
+    """The usual record is encoded whole (`Doc.whole`, the fast path); its ids and offsets are those of
+    encoding it piecewise between the template's control tokens, as a record quoting one is."""
+    from minimind_fast.data import pipeline
+    from minimind_fast.data import records as rec
+
+    docs = [d for r in _records(builtin_data["files"][kind])[:40] for d in rec.record_docs(r, kind, tok)]
+    assert docs and all(d.whole and d.controls for d in docs)
+    whole = pipeline._encode_docs(tok, docs, offsets=True)
+    for d in docs:
+        d.whole = False
+    pieces = pipeline._encode_docs(tok, docs, offsets=True)
+    for a, b in zip(whole, pieces):
+        assert list(a.ids) == list(b.ids)
+        assert np.array_equal(np.asarray(a.offsets).reshape(-1, 2), np.asarray(b.offsets).reshape(-1, 2))

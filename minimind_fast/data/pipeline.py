@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from minimind_fast.data import records, sources
@@ -149,12 +150,12 @@ def _piece_batches(text: str):
         yield batch
 
 
-def _encode_long(tok: ChatTokenizer, text: str, offsets: bool) -> _Encoded:
+def _encode_long(encoder: Tokenizer, text: str, offsets: bool) -> _Encoded:
     """One long text encoded a batch of pieces at a time; each Encoding (~150 bytes a token: ids, offsets,
     token strings) is dropped once its ids, and offsets where masks need them, are copied out."""
     ids, offs = [], []
     for batch in _piece_batches(text):
-        encodings = tok.plain.encode_batch([piece for _, piece in batch], add_special_tokens=False)
+        encodings = encoder.encode_batch([piece for _, piece in batch], add_special_tokens=False)
         for (start, _), e in zip(batch, encodings):
             ids.append(np.asarray(e.ids, dtype=np.int32))
             if offsets:
@@ -162,26 +163,26 @@ def _encode_long(tok: ChatTokenizer, text: str, offsets: bool) -> _Encoded:
     return _Encoded(np.concatenate(ids), np.concatenate(offs) if offsets else None)
 
 
-def _encode_texts(tok: ChatTokenizer, texts: list[str], offsets: bool) -> list:
-    """Encodings of `texts` as plain text (`ChatTokenizer.plain`) in order: the short ones in one batch,
-    each long one in pieces (where the tokenizer gives the same ids that way; else whole)."""
+def _encode_texts(tok: ChatTokenizer, encoder: Tokenizer, texts: list[str], offsets: bool) -> list:
+    """Encodings of `texts` by `encoder` (`tok`'s tokenizer or its `plain` copy) in order: the short ones in
+    one batch, each long one in pieces (where the tokenizer gives the same ids that way; else whole)."""
     pieced = {i for i, t in enumerate(texts) if len(t) > LONG_TEXT_CHARS}
     if pieced and not tok.encodes_whitespace_pieces_exactly:
         pieced = set()  # encoded whole: exact, in memory that grows with the text
-    short = iter(tok.plain.encode_batch([t for i, t in enumerate(texts) if i not in pieced],
-                                            add_special_tokens=False))
-    return [_encode_long(tok, t, offsets) if i in pieced else next(short) for i, t in enumerate(texts)]
+    short = iter(encoder.encode_batch([t for i, t in enumerate(texts) if i not in pieced], add_special_tokens=False))
+    return [_encode_long(encoder, t, offsets) if i in pieced else next(short) for i, t in enumerate(texts)]
 
 
 def _encode_docs(tok: ChatTokenizer, docs: list[records.Doc], offsets: bool) -> list:
-    """Encodings of `docs` in order: each text between the template's control tokens encoded as plain text,
-    all of them in one `_encode_texts` call, and the control tokens as their ids. The tokenizer splits a
-    text at its special tokens before anything else, so for a text whose every control token is the
-    template's this gives the ids of encoding it whole."""
-    layouts = [d.pieces() for d in docs]
-    encodings = iter(_encode_texts(tok, [d.text[a:b] for d, layout in zip(docs, layouts)
-                                         for a, b, control in layout if not control], offsets))
-    return [next(encodings) if not d.controls else _assembled(d, layout, encodings, tok)
+    """Encodings of `docs` in order. A rendering whose every control token is the template's (`Doc.whole`:
+    the usual record) is encoded whole, as the tokenizer splits a text at its special tokens first. Any
+    other text is encoded as plain text between the template's control tokens (`Doc.controls`), which go
+    in as their ids: a pretraining text, and a conversation quoting a control token's text."""
+    whole = iter(_encode_texts(tok, tok.tokenizer, [d.text for d in docs if d.whole], offsets))
+    layouts = [None if d.whole else d.pieces() for d in docs]
+    plain = iter(_encode_texts(tok, tok.plain, [d.text[a:b] for d, layout in zip(docs, layouts) if not d.whole
+                                                for a, b, control in layout if not control], offsets))
+    return [next(whole) if d.whole else _assembled(d, layout, plain, tok) if d.controls else next(plain)
             for d, layout in zip(docs, layouts)]
 
 

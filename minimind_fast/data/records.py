@@ -54,6 +54,7 @@ class Doc:
     spans: list[tuple[int, int]] = field(default_factory=list)
     tag_spans: list[tuple[int, int]] = field(default_factory=list)
     controls: list[tuple[int, int]] = field(default_factory=list)
+    whole: bool = False  # its every control token is the template's: encoded whole, as the tokenizer does
 
     def pieces(self) -> list[tuple[int, int, bool]]:
         """(start, end, is_control) of the text in order: the control tokens and the stretches between them."""
@@ -224,6 +225,7 @@ def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool, first_rep
     doc = _rendered_doc(escaped, tok, tags, first_reply)
     doc.controls = [m.span() for m in regex.finditer(doc.text)]
     if escaped == msgs:  # no string quotes a control token (the usual case)
+        doc.whole = True
         return doc
     return _unescaped(doc, _render(tok, msgs, False, conversation_tools(msgs)), regex)
 
