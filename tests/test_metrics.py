@@ -108,3 +108,27 @@ def test_a_rank_other_than_the_first_writes_nothing(tmp_path, capsys):
     logger.log(record(1, 1.0))
     logger.close()
     assert not list(tmp_path.iterdir()) and capsys.readouterr().out == ""
+
+
+def test_non_finite_values_are_written_as_null_and_every_reader_takes_them(tmp_path):
+    """json.dumps writes NaN and Infinity bare, which strict JSON readers (jq, JavaScript) refuse: an unknown
+    grad norm (NaN) or an overflowed perplexity (inf) is written as null; the plot leaves such points out."""
+    logger = MetricsLogger(tmp_path, total_steps=3, start_step=0, enabled=True)
+    logger.log({**record(1, 3.0), "grad_norm": float("nan")})
+    logger.log({**record(2, 2.0), "loss": float("inf")})
+    logger.log({"step": 2, "val_loss": 800.0, "val_ppl": float("inf")})
+    logger.log({"step": 3, "val_loss": float("nan")})
+    logger.close()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    written = [json.loads(x, parse_constant=refuse) for x in lines]
+    assert written[0]["grad_norm"] is None and written[0]["loss"] == 3.0
+    assert written[1]["loss"] is None and written[2] == {"step": 2, "val_loss": 800.0, "val_ppl": None}
+    assert written[3] == {"step": 3, "val_loss": None}
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a resume reads the file back (to trim it), nulls included
+    MetricsLogger(tmp_path, total_steps=3, start_step=2, enabled=True).close()
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:3]

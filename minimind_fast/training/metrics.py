@@ -58,7 +58,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
         step = record["step"]
         for key, value in record.items():
             if self.tb is not None and isinstance(value, (int, float)) and key != "step":
@@ -98,6 +98,19 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
         plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def json_safe(value):
+    """`value` with every NaN or infinity as None: json.dumps would write them bare (`NaN`, `Infinity`), which
+    is no JSON to strict readers (jq, JavaScript). metrics.jsonl writes an unknown grad norm (NaN) or an
+    overflowed perplexity (inf) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -163,10 +176,15 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _plottable(value) -> bool:
+    """A number to draw: not a missing key, a null (a non-finite value, see `json_safe`) or an older file's NaN."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if _plottable(r.get("loss"))]
+    val = [(r["step"], r["val_loss"]) for r in records if _plottable(r.get("val_loss"))]
     if not train:
         return None
     # The object API, not pyplot: nothing left in pyplot's global figure registry of a long-lived process.
