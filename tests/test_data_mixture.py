@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,6 +197,20 @@ def test_sft_mixes_sft_and_reasoning_shards_and_distillation_refuses_sft(builtin
     assert all(set(b) == set(batches[0]) and "loss_weight" not in b for b in batches)
     with pytest.raises(ValueError, match=f"--data {sft} holds sft shards; the distill stage needs reasoning shards"):
         stage(ReasoningStage, "--data", *specs).open_data(parse_sources(specs))
+
+
+def test_combine_weighs_the_sources_that_have_held_out_values_and_leaves_out_one_without():
+    """A source whose held-out split gave no value (no target token within --seq-len) is left out of the
+    mean, the other weights renormalised: a KeyError before, or a 0 standing for a perfect loss."""
+    specs = ["a:0.5", "b:0.3", "c:0.2"]
+    loaders = [SimpleNamespace(kind="pretrain", split="val", n_items=1) for _ in specs]
+    loader = MixtureLoader(parse_sources(specs), loaders, seed=SEED)
+    means = [{"val_loss": 2.0, "val_ppl": math.exp(2.0)}, {}, {"val_loss": 4.0, "val_ppl": math.exp(4.0)}]
+    combined = loader.combine(means)
+    assert combined == pytest.approx({"val_loss_a": 2.0, "val_ppl_a": math.exp(2.0), "val_loss_c": 4.0,
+                                      "val_ppl_c": math.exp(4.0), "val_loss": (0.5 * 2.0 + 0.2 * 4.0) / 0.7},
+                                     rel=1e-12)
+    assert loader.combine([{}, {}, {}]) == {}
 
 
 # --- a run ----------------------------------------------------------------------------------------------

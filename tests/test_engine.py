@@ -542,6 +542,27 @@ def test_sft_from_pretrain_checkpoint_trains_on_assistant_tokens_only(pretrain_r
     assert json.loads((out / "final" / "model_config.json").read_text())["dropout"] == 0.25
 
 
+def test_a_held_out_split_without_target_tokens_logs_no_val_loss(pretrain_run, builtin_data, tmp_path):
+    """SFT held-out conversations whose assistant turns all start past --seq-len weigh nothing: their mean was
+    logged as val_loss 0 (val_ppl 1), a perfect model; now no val metrics, and one warning naming the data."""
+    from minimind_fast.data.pipeline import TokenizeOptions, tokenize_to_shards
+
+    convs = [json.loads(x) for x in builtin_data["files"]["sft"].read_text().splitlines()]
+    for conv in convs:  # a user turn some 80 tokens long
+        conv["conversations"][0]["content"] = " ".join([conv["conversations"][0]["content"]] * 8)
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    long_val = tmp_path / "long"
+    tokenize_to_shards([tmp_path / "long.jsonl"], builtin_data["tokenizer"], long_val,
+                       TokenizeOptions(kind="sft", seq_len=256, workers=1, val_fraction=0.2))
+    out = tmp_path / "sft"
+    proc = run("sft.py", common(builtin_data["shards"]["sft"], out, 4, "--init", str(pretrain_run), "--seq-len", "32",
+                                "--val-data", str(long_val), "--eval-every", "2"))
+    logged = records(out)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and not any("val_loss" in r for r in logged), logged
+    warning = f"no val_loss: the held-out split of {long_val} gave nothing to average at --seq-len 32"
+    assert (proc.stdout + proc.stderr).count(warning) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("bad, message", [
     ("vocab", "vocab_size"),
     ("missing", "no manifest.json"),

@@ -187,11 +187,17 @@ class MixtureLoader:
     def combine(self, means: list[dict[str, float]]) -> dict[str, float]:
         """Each source's held-out means (`val_loss`, `val_ppl`, ...) logged as `<key>_<name>`, and every
         key but the perplexity (exp of the mean loss, not a mean) as the mean weighted by the mixing
-        weights: the loss of the distribution the run trains on."""
-        out = {f"{key}_{s.name}": value for s, m in zip(self.sources, means) for key, value in m.items()}
-        for key in means[0]:
+        weights: the loss of the distribution the run trains on. A source with no means (`{}`: its split
+        held nothing to evaluate; the engine names it) is left out, the others' weights renormalised;
+        none with means gives `{}`."""
+        present = [(s, m) for s, m in zip(self.sources, means) if m]
+        if not present:
+            return {}
+        out = {f"{key}_{s.name}": value for s, m in present for key, value in m.items()}
+        total = math.fsum(s.weight for s, _ in present)
+        for key in present[0][1]:
             if key != "val_ppl":
-                out[key] = math.fsum(s.weight * m[key] for s, m in zip(self.sources, means))
+                out[key] = math.fsum(s.weight * m[key] for s, m in present) / total
         return out
 
 

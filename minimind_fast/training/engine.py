@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from minimind_fast.checkpoint import CONFIG, RUNTIME_FIELDS
 from minimind_fast.config import ModelConfig
-from minimind_fast.data.mixture import DataSource, MixtureLoader, data_argument
+from minimind_fast.data.mixture import DataSource, MixtureLoader, data_argument, data_label
 from minimind_fast.evaluation import perplexity
 from minimind_fast.ops import check_kernels
 from minimind_fast.training import checkpointing
@@ -221,6 +222,7 @@ class Trainer:
             self.loader.load_state_dict(self.rank_state["loader"])
         self.stage.prepare_training(self.loader, self.config.vocab_size)
         self.val_loader = None
+        self._warned_empty_eval: set[str] = set()
         if a.eval_every > 0:
             try:
                 self.val_loader = self.stage.build_loader(Path(a.val_data) if a.val_data else data, split="val",
@@ -518,7 +520,8 @@ class Trainer:
                     t_last, tokens_last, paused = time.time(), 0, 0.0
                 t_pause = time.time()
                 if self.val_loader is not None and (step % a.eval_every == 0 or step == self.total_steps):
-                    logger.log({"step": step, **self.evaluate()})
+                    if means := self.evaluate():
+                        logger.log({"step": step, **means})
                 stop_requested, save_due = self._agreed(step, stop.requested, self._save_due())
                 stopping = stop_requested or step == a.stop_at_step
                 if step % a.save_every == 0 or step == self.total_steps or stopping or save_due:
@@ -590,13 +593,32 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean loss over the held-out split (one pass, at most --eval-batches batches per rank); for
-        several --data sources, over each one's split and their mean weighted by the mixing weights."""
+        several --data sources, over each one's split and their mean weighted by the mixing weights.
+        A split that gave nothing to average is left out, with a warning naming it (`{}` when none gave)."""
         if not isinstance(self.val_loader, MixtureLoader):
-            return self._evaluate(self.val_loader)
-        means = self.val_loader.combine([self._evaluate(loader) for loader in self.val_loader.loaders])
-        if self.stage.eval_is_token_loss:
+            means = self._evaluate(self.val_loader)
+            if not means:
+                self._warn_nothing_to_evaluate(self.args.val_data or data_label(self.args.data))
+            return means
+        per_source = [self._evaluate(loader) for loader in self.val_loader.loaders]
+        for source, source_means in zip(self.val_loader.sources, per_source):
+            if not source_means:
+                self._warn_nothing_to_evaluate(str(source.path))
+        means = self.val_loader.combine(per_source)
+        if means and self.stage.eval_is_token_loss:
             means["val_ppl"] = perplexity(means["val_loss"])
         return means
+
+    def _warn_nothing_to_evaluate(self, source: str) -> None:
+        """Once per source: its held-out batches weighed nothing, and a mean over nothing is no loss (it was
+        logged as val_loss 0, a perfect model)."""
+        if source in self._warned_empty_eval or not self.is_main:
+            return
+        self._warned_empty_eval.add(source)
+        tqdm.write(f"warning: no val_loss: the held-out split of {source} gave nothing to average at --seq-len "
+                   f"{self.args.seq_len} (no target token in the batches evaluated: an SFT conversation whose "
+                   f"assistant turn starts past --seq-len has none); its val metrics are left out of metrics.jsonl",
+                   file=sys.stderr)
 
     def _evaluate(self, val_loader) -> dict:
         """The held-out means over one shard directory's split."""
@@ -622,7 +644,10 @@ class Trainer:
         totals = torch.stack([sums[k] for k in names] + [weight])
         dist.all_reduce(totals)
         self.engine.train()
-        means = {k: v / max(totals[-1].item(), 1) for k, v in zip(names, totals[:-1].tolist())}
+        total_weight = totals[-1].item()
+        if total_weight == 0:  # no target token (or no batch) on any rank: nothing to average
+            return {}
+        means = {k: v / total_weight for k, v in zip(names, totals[:-1].tolist())}
         if self.stage.eval_is_token_loss:
             means["val_ppl"] = perplexity(means["val_loss"])
         return means
