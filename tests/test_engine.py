@@ -582,7 +582,8 @@ def test_a_held_out_split_without_target_tokens_logs_no_val_loss(pretrain_run, b
     ("out-in-val-data", "is inside --val-data's shard directory"),
 ])
 def test_faults_give_clear_errors_before_training(bad, message, builtin_data, tiny_model_config, tmp_path):
-    data, out, extra = builtin_data["shards"]["pretrain"], tmp_path / "run", ["--config", str(tiny_model_config)]
+    data, out = builtin_data["shards"]["pretrain"], tmp_path / "runs" / "run"
+    extra = ["--config", str(tiny_model_config)]
     if bad == "vocab":
         extra += ["--vocab-size", "300"]
     elif bad == "missing":
@@ -632,6 +633,8 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
             p.name for p in builtin_data["shards"]["pretrain"].iterdir())
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert bad == "nan" or not (out / "metrics.jsonl").exists()  # the others: before any training step
+    if bad not in ("nan", "out-is-data"):  # a refused start leaves no directory it made, parents included
+        assert not out.exists() and not (tmp_path / "runs").exists()
     assert message in proc.stderr, proc.stderr[-2000:]
 
 

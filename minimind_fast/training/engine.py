@@ -134,7 +134,10 @@ def check_out_apart_from_data(run_dir: Path, data: Path | list[DataSource], val_
                                 f"directory apart from the data")
 
 
-def check_output_dir(run_dir: Path) -> None:
+def check_output_dir(run_dir: Path) -> Path | None:
+    """Make `run_dir` and check that it takes a file. Returns the outermost directory this made (None when
+    `run_dir` was there), for `remove_made_dirs` to take away again if the start is refused."""
+    made = next((d for d in reversed([run_dir, *run_dir.parents]) if not d.exists()), None)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -142,6 +145,21 @@ def check_output_dir(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise TrainingError(f"output directory {run_dir} is not writable: {e}") from None
+    return made
+
+
+def remove_made_dirs(run_dir: Path, made: Path | None) -> None:
+    """Undo `check_output_dir` after a refused start: `run_dir` and its parents up to `made`, each only while
+    empty (rmdir removes nothing else), so a start that wrote nothing leaves no directory behind."""
+    if made is None:
+        return
+    for directory in [run_dir, *run_dir.parents]:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (another rank, or anything written), or gone already
+            return
+        if directory == made:
+            return
 
 
 def resolve_dtype(args: argparse.Namespace, device: torch.device) -> str:
@@ -179,14 +197,19 @@ class Trainer:
         self.rank, self.world, self.device = setup_distributed()
         self.is_main = self.rank == 0
         seed_everything(args.seed + self.rank)
-        self._prepare()
+        self._made_dir: Path | None = None
+        try:
+            self._prepare()
+        except BaseException:
+            remove_made_dirs(self.run_dir, self._made_dir)
+            raise
 
     # --- set-up: every check happens here, before the first step ----------------------------
     def _prepare(self) -> None:
         a = self.args
         data = data_argument(a.data)  # a Path, or several sources to mix
         check_out_apart_from_data(self.run_dir, data, a.val_data)
-        check_output_dir(self.run_dir)
+        self._made_dir = check_output_dir(self.run_dir)
         check_kernels(a.kernels, self.device.type)
         self.manifest = self.stage.open_data(data)
         self.tokenizer_dir = self.stage.tokenizer_dir(self.manifest)  # what checkpoints carry; checked now
