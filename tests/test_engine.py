@@ -374,6 +374,35 @@ def test_resume_takes_a_run_dir_and_refuses_what_would_train_nothing(builtin_dat
     assert refused.returncode == 2 and f"--resume {tmp_path / 'typo'}: no such file or directory" in refused.stderr
 
 
+def test_a_finished_run_resumed_past_its_end_loads_as_its_newest_checkpoint(pretrain_run, builtin_data,
+                                                                               tiny_model_config, tmp_path):
+    """A finished run (final/ at 12) resumed with --steps 16 and stopped at 14: its old final/ stayed beside the
+    newer checkpoint, and every loader of the run directory (chat, --init, convert, evaluate) took it. final/ now
+    goes when training resumes past it (its weights are in the checkpoint resumed from) and comes back at the
+    new end; a final/ that no checkpoint holds is refused rather than lost."""
+    from minimind_fast.checkpoint import resolve_model_dir
+
+    out = tmp_path / "run"
+    shutil.copytree(pretrain_run, out)
+    args = common(builtin_data["shards"]["pretrain"], out, 16, "--config", str(tiny_model_config),
+                  "--eval-every", "6")
+    run("pretrain.py", args + ["--stop-at-step", "14"])
+    assert not (out / "final").exists()
+    assert resolve_model_dir(out) == out / "checkpoints" / "step_00000014" / "model"
+    run("pretrain.py", args)
+    newest = out / "checkpoints" / "step_00000016" / "model" / "model.safetensors"
+    assert (out / "final" / "model.safetensors").read_bytes() == newest.read_bytes()
+
+    lost = tmp_path / "lost"  # final/ at 12 with its checkpoint removed: the resume starts at 8
+    shutil.copytree(pretrain_run, lost)
+    shutil.rmtree(lost / "checkpoints" / "step_00000012")
+    refused = run("pretrain.py", args[:args.index("--out")] + ["--out", str(lost)] + args[args.index("--out") + 2:],
+                  check=False)
+    assert refused.returncode == 2 and f"{lost / 'final'} holds weights that no checkpoint" in refused.stderr, \
+        refused.stderr[-2000:]
+    assert (lost / "final" / "model.safetensors").exists()
+
+
 def test_tokens_per_s_leaves_out_checkpoint_time(builtin_data, tiny_model_config, tmp_path):
     """Time spent saving must not show in the next interval's tokens/s. Each save is made to take an
     extra 0.5 s, some hundred steps of the tiny model: counted, it would cut the rate after a save a

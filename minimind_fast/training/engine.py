@@ -262,6 +262,7 @@ class Trainer:
             a.epochs * self.loader.n_items * self.stage.items_tokens(self.loader)
             / self.tokens_per_step))
         self._check_steps()
+        self._old_final = self._final_to_drop()
         self.engine = self._wrap(model)
 
     def _deepspeed_config(self) -> dict:
@@ -423,6 +424,23 @@ class Trainer:
                                 f"(step {start}): use another --out, resume from the newest with --resume auto, "
                                 "or remove them")
 
+    def _final_to_drop(self) -> Path | None:
+        """final/ of an earlier end of this run, when this one trains on past it. Kept, a stop before the new
+        end would leave it beside newer checkpoints as what the run directory loads (chat, --init, convert
+        and evaluate take final/ over any checkpoint); `run` removes it before the first step. A final/ that
+        no checkpoint holds (this run directory's, or the one resumed from) would be lost: refused."""
+        final = self.run_dir / "final"
+        if not final.exists() or self.start_step >= self.total_steps:
+            return None
+        holders = [*([self.resume_from] if self.resume_from else []),
+                   *reversed(checkpointing.complete_checkpoints(self.run_dir))]
+        if any(_same_files(final, ckpt / "model") for ckpt in holders):
+            return final
+        raise TrainingError(f"{final} holds weights that no checkpoint holds (in {self.run_dir / 'checkpoints'}, "
+                            f"or the one this run resumes from), and this run, training on from step "
+                            f"{self.start_step}, would replace it: move it elsewhere to keep it, or use another "
+                            "--out")
+
     def _check_resumed_model(self, config: ModelConfig) -> None:
         """The model this run builds must be the one its checkpoint holds: another --preset, --config,
         --vocab-size or --init fails inside DeepSpeed's load (a size mismatch per tensor, after its
@@ -469,6 +487,11 @@ class Trainer:
         a = self.args
         state = self._resume()
         step = state["step"]
+        if self._old_final is not None and self.is_main:
+            _remove_dir(self._old_final)
+            self._note(f"removed {self._old_final} (its weights are kept in a checkpoint): this run trains on to "
+                       f"step {self.total_steps}, and until it writes final/ again the run directory loads as its "
+                       "newest checkpoint")
         self._write_run_files()
         peak = peak_flops(self.device)
         flops_per_token = model_flops_per_token(self.config, a.seq_len)
@@ -703,6 +726,27 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Whether directories `a` and `b` hold the same files, byte for byte."""
+    import filecmp
+
+    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    if not b.is_dir() or names != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
+        return False
+    return all(filecmp.cmp(a / name, b / name, shallow=False) for name in names)
+
+
+def _remove_dir(path: Path) -> None:
+    """Remove `path` through a rename, as `_replace_dir_copy` replaces one: a kill midway leaves it whole
+    or gone (its `.old` leftover cleared by the next replace), never half deleted."""
+    import shutil
+
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    path.rename(old)
+    shutil.rmtree(old)
 
 
 def _replace_dir_copy(src: Path, dst: Path) -> None:
