@@ -547,3 +547,34 @@ def test_a_user_reward_may_not_take_the_name_of_the_totals_metrics(name, random_
     path.write_text(f"def {name}(completion, sample):\n    return 5.0\n")
     with pytest.raises(ValueError, match=f"a reward named '{name}' would be logged as reward_{name}, "):
         _grpo_stage(random_init, builtin_data["files"]["grpo_prompts"], "--reward", f"{path}:{name}:0")
+
+
+def test_resume_refuses_an_edited_user_reward(random_init, builtin_data, tmp_path, capsys):
+    """A user --reward's file is part of the objective: the same spec over edited code is another reward
+    function, refused on resume naming it; a checkpoint from before the source was recorded resumes with a
+    note, and one with only shipped rewards needs no record."""
+    data = builtin_data["files"]["grpo_prompts"]
+    reward = tmp_path / "mine.py"
+    reward.write_text("def mine(completion, sample):\n    return 1.0\n")
+    spec = f"{reward}:mine"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _grpo_stage(random_init, data, "--reward", spec).save_extra(None, ckpt)
+    _grpo_stage(random_init, data, "--reward", spec, resume=ckpt)  # unchanged
+    reward.write_text("def mine(completion, sample):\n    return -10.0\n")
+    with pytest.raises(ValueError, match=f"another GRPO objective \\(the source of --reward {spec} differ"):
+        _grpo_stage(random_init, data, "--reward", spec, resume=ckpt)
+
+    record = json.loads((ckpt / "objective.json").read_text())
+    (ckpt / "objective.json").write_text(json.dumps({k: v for k, v in record.items() if k != "reward_sources"}))
+    capsys.readouterr()
+    _grpo_stage(random_init, data, "--reward", spec, resume=ckpt)  # written before the record: cannot tell
+    assert f"{ckpt} does not record the source of --reward (written before" in capsys.readouterr().out
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    _grpo_stage(random_init, data).save_extra(None, shipped)
+    record = json.loads((shipped / "objective.json").read_text())
+    assert record["reward_sources"] is None
+    (shipped / "objective.json").write_text(json.dumps({k: v for k, v in record.items() if k != "reward_sources"}))
+    _grpo_stage(random_init, data, resume=shipped)
+    assert "not checked" not in capsys.readouterr().out

@@ -81,7 +81,9 @@ OBJECTIVE_FLAGS = {"reference": "the reference's weights (--init, when --kl-beta
                    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
                    "max_new_tokens": "--max-new-tokens", "updates_per_rollout": "--updates-per-rollout",
                    "missing_eos_penalty": "--missing-eos-penalty", "tools": "--tools (its source)",
-                   "max_turns": "--max-turns"}
+                   "max_turns": "--max-turns", "reward_sources": "the source of --reward"}
+# Recorded since checkpoints were first written: one without it resumes, noted as unchecked
+RECORDED_SINCE = ("reward_sources",)
 
 
 # ------------------------------------------------------------------------------------- the maths
@@ -404,15 +406,18 @@ class GRPOStage(FineTuneStage):
         if self.zero_stage == 3:
             self.rollout_copy = freeze(copy.deepcopy(model))
         self.objective = self._objective_record(model)
-        check_resumed_objective(self.resume_from, self.objective_name, self.objective, self.objective_flags)
+        check_resumed_objective(self.resume_from, self.objective_name, self.objective, self.objective_flags,
+                                RECORDED_SINCE)
 
     def _objective_record(self, model: MiniMindForCausalLM) -> dict:
         """What the loss depends on beyond the policy: the reference (the --init weights, when the KL term
         is on), the rewards, and how rollouts are sampled and reused."""
         a = self.args
         record = {key: getattr(a, key) for key in self.objective_flags
-                  if key not in ("reference", "reward", "reward_model")}
+                  if key not in ("reference", "reward", "reward_model", "reward_sources")}
         record["reward"] = sorted(self.reward_specs())
+        # the user functions' code, not only their names: an edited file is another reward
+        record["reward_sources"] = self.rewards.sources()
         # none without --tools: a checkpoint from before the flag recorded none
         record["tools"] = self.toolbox.fingerprint if self.toolbox else None
         record["max_turns"] = a.max_turns if self.toolbox else None

@@ -15,11 +15,13 @@ on. A function that reads them sets `needs_trajectory = True`, so that a run wit
 `package.module:function`, or `path/to/file.py:function`, each optionally followed by `:WEIGHT` (default 1).
 The total reward of a completion is the weighted sum. A function may list the record fields it needs in a
 `fields` attribute (tuple of names) so that missing fields fail at start-up with the file and line, not
-mid-run.
+mid-run. A user function's module file is fingerprinted (`RewardSet.sources`) so that a resume with edited
+code is refused; code it imports from other files is not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import re
@@ -176,18 +178,23 @@ class Reward:
     name: str
     fn: RewardFn
     weight: float = 1.0
+    origin: str | None = None  # a user function: `module:function` or `file.py:function`, as given
+    fingerprint: str | None = None  # of its module's source file, for resume (None: shipped, or no file)
 
     @property
     def fields(self) -> tuple[str, ...]:
         return tuple(getattr(self.fn, "fields", ()))
 
 
-def _import_function(target: str, func: str, spec: str) -> RewardFn:
-    module, _ = import_user_module(target, f"--reward {spec}")
+def _import_function(target: str, func: str, spec: str) -> tuple[RewardFn, str | None]:
+    """The function, and a fingerprint of the module's source file (None for a module without one): a
+    resume must score with the same code, not only the same name."""
+    module, source = import_user_module(target, f"--reward {spec}")
     fn = getattr(module, func, None)
     if not callable(fn):
         raise ValueError(f"--reward {spec}: {target} has no function {func!r}")
-    return fn
+    fingerprint = hashlib.sha256(source.read_bytes()).hexdigest()[:16] if source and source.is_file() else None
+    return fn, fingerprint
 
 
 def split_weight(spec: str) -> tuple[str, float]:
@@ -207,7 +214,8 @@ def parse_reward(spec: str) -> Reward:
         raise ValueError(f"--reward {spec}: unknown reward {spec_name!r}; shipped: {', '.join(REWARDS)}; "
                          f"or give module:function or file.py:function")
     target, func = spec_name.rsplit(":", 1)
-    return Reward(func, _import_function(target, func, spec), weight)
+    fn, fingerprint = _import_function(target, func, spec)
+    return Reward(func, fn, weight, spec_name, fingerprint)
 
 
 class RewardSet:
@@ -224,6 +232,11 @@ class RewardSet:
     @property
     def fields(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(f for r in self.rewards for f in r.fields))
+
+    def sources(self) -> dict[str, str] | None:
+        """{`file.py:function` as given: its source file's fingerprint} of the user functions; None without
+        any (what a checkpoint from before the record holds, so that it resumes unchanged)."""
+        return {r.origin: r.fingerprint for r in self.rewards if r.origin is not None} or None
 
     def score(self, completions: list[str], samples: list[dict]) -> tuple[list[float], dict[str, list[float]]]:
         """(weighted total per completion, {name: raw values}); a non-finite or non-number value is an error."""

@@ -67,18 +67,33 @@ def save_objective(checkpoint: Path, record: dict) -> None:
     (checkpoint / OBJECTIVE_FILE).write_text(json.dumps(record))
 
 
-def check_resumed_objective(resume_from: Path | None, what: str, mine: dict, flags: dict[str, str]) -> None:
+def check_resumed_objective(resume_from: Path | None, what: str, mine: dict, flags: dict[str, str],
+                            recorded_since: tuple[str, ...] = ()) -> None:
     """A resume continues the same objective: refuse one whose settings (a reference's or teacher's weight
     fingerprint, beta, ...) differ from those the checkpoint recorded (`save_objective`); a checkpoint
-    from before the record cannot tell. `flags` names each setting as the user gives it."""
+    from before the record cannot tell. `flags` names each setting as the user gives it. A key absent from
+    the checkpoint counts as None, except those of `recorded_since` (recorded only by later versions, and
+    not None in a run that has the setting): a checkpoint without one is noted as not checked for it."""
     path = resume_from / OBJECTIVE_FILE if resume_from is not None else None
     if path is None or not path.exists():
         return
     saved = json.loads(path.read_text())
-    changed = [flags.get(k, k) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+    unrecorded = [k for k in recorded_since if k not in saved and mine.get(k) is not None]
+    changed = [_difference(flags.get(k, k), saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine))
+               if k not in unrecorded and saved.get(k) != mine.get(k)]
     if changed:
         raise ValueError(f"{resume_from} trained with another {what} ({'; '.join(changed)} differ): resume with "
                          f"the run's settings, or start anew with --init {resume_from}")
+    if unrecorded and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"{resume_from} does not record {'; '.join(flags.get(k, k) for k in unrecorded)} (written before it "
+              f"was recorded): not checked", flush=True)
+
+
+def _difference(setting: str, saved, mine) -> str:
+    """`setting`, and for a record by name (a fingerprint per reward function) the names that differ."""
+    if isinstance(saved, dict) and isinstance(mine, dict):
+        return f"{setting} {', '.join(sorted(k for k in saved | mine if saved.get(k) != mine.get(k)))}"
+    return setting
 
 
 def decay_groups(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
