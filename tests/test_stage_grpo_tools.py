@@ -473,6 +473,40 @@ def test_the_sequence_budget_ends_rollouts(tool_dir, tools_file):
             assert e.ids == prompt + call and e.sampled == [True] * len(call)
 
 
+def test_the_calls_of_one_turn_are_capped(tool_dir, tool_init, tool_prompts, tmp_path):
+    """A turn of hundreds of calls ran them all, each for up to --tool-timeout: past --max-tool-calls a
+    turn's calls are answered with an error the model reads, and not run; a resume keeps the cap."""
+    path = tmp_path / "counting.py"
+    path.write_text("RAN = []\n\ndef add(a, b=0):\n    RAN.append(a)\n    return a + b\n\n"
+                    "def weather(city):\n    return city\n")
+    tok = load_tokenizer(tool_dir)
+    box = Toolbox(str(path), 1, max_calls=3)
+    eos = tok.eos_token_id
+    prompt = tok.encode(tok.apply_chat_template(PROMPT, add_generation_prompt=True, tools=TOOLS))
+    calls = tok.encode("".join(call_text("add", {"a": i}) for i in range(12))) + [eos]
+    [e] = run_episodes([prompt], [PROMPT], lambda ids, budgets, turn: [calls if turn == 0 else [eos]], tok, box,
+                       2, 4096, 4096)
+    assert box.functions["add"].__globals__["RAN"] == [0, 1, 2]
+    answers = [m["content"] for m in e.messages if m["role"] == "tool"]
+    assert answers[:3] == ["0", "1", "2"]
+    refused = "more than 3 tool calls in one turn (--max-tool-calls 3): this one was not run"
+    assert [json.loads(a)["error"] for a in answers[3:]] == [refused] * 9
+    assert (e.calls, e.errors, e.turns) == (12, 9, 2)
+
+    stage = _stage(tool_init, tool_prompts, "--tools", str(path))
+    assert stage.toolbox.max_calls == 8  # the default, as the README gives it
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    stage.save_extra(None, ckpt)
+    _stage(tool_init, tool_prompts, "--tools", str(path), "--max-tool-calls", "8", resume=ckpt)
+    with pytest.raises(ValueError, match="trained with another GRPO objective \\(--max-tool-calls differ"):
+        _stage(tool_init, tool_prompts, "--tools", str(path), "--max-tool-calls", "4", resume=ckpt)
+    record = json.loads((ckpt / "objective.json").read_text())
+    del record["max_tool_calls"]  # a checkpoint from before the cap: its rollouts had none, it resumes
+    (ckpt / "objective.json").write_text(json.dumps(record))
+    _stage(tool_init, tool_prompts, "--tools", str(path), "--max-tool-calls", "4", resume=ckpt)
+
+
 # ------------------------------------------------------------------------------------- rewards
 
 def test_tool_format_reward_by_hand():
@@ -510,7 +544,8 @@ def test_bad_tool_setups_are_refused_at_start_up(tool_init, tool_prompts, tools_
     with pytest.raises(ValueError, match="--reward-model with --tools"):
         _stage(tool_init, tool_prompts, "--tools", str(tools_file), "--reward-model", str(random_init))
     for flags, message in [(("--max-turns", "0"), "--max-turns must be >= 1"),
-                           (("--tool-timeout", "-1"), "--tool-timeout must be >= 0")]:
+                           (("--tool-timeout", "-1"), "--tool-timeout must be >= 0"),
+                           (("--max-tool-calls", "0"), "--max-tool-calls must be >= 1")]:
         with pytest.raises(ValueError, match=message):
             _stage(tool_init, tool_prompts, "--tools", str(tools_file), *flags)
 
@@ -534,6 +569,7 @@ def test_a_tool_definition_without_a_name_is_refused_as_such(tools_file, tmp_pat
 @pytest.mark.parametrize("flags, message", [
     (["--max-turns", "5"], "--max-turns set tool use, which needs --tools"),
     (["--tool-timeout", "2", "--max-turns", "1"], "--max-turns and --tool-timeout set tool use, which needs --tools"),
+    (["--max-tool-calls", "2"], "--max-tool-calls set tool use, which needs --tools"),
 ])
 def test_tool_flags_without_tools_are_refused(stage_name, flags, message):
     """Without --tools a rollout is one turn and calls nothing: --max-turns and --tool-timeout were ignored,
@@ -552,7 +588,8 @@ def test_tool_flags_without_tools_are_refused(stage_name, flags, message):
     stage._check_flags()
     stage = stage_class(parser.parse_args(["--data", "unused", "--out", "unused"]))
     stage._check_flags()
-    assert (stage.args.max_turns, stage.args.tool_timeout) == (3, 10.0)  # the defaults, as the README gives them
+    # the defaults, as the README gives them
+    assert (stage.args.max_turns, stage.args.tool_timeout, stage.args.max_tool_calls) == (3, 10.0, 8)
 
 
 def test_the_template_is_tried_on_every_prompt_at_start_up(tool_init, tools_file, tmp_path):

@@ -24,12 +24,12 @@ forward, mu > 1 needs the model without dropout (another mask per update would m
 checkpoint records the objective (reference weights, rewards, sampling and clipping settings) and a
 resume with other ones is refused.
 
-With `--tools` a rollout is multi-turn (tools.py): the model's tool calls are run, their results appended
-as the chat template renders them, and sampling goes on, up to `--max-turns` turns. The sequence trained
-on is the prompt, each turn and the template's tokens between turns; only the sampled tokens are in the
-mask, so the loss, `logp_old`, the reference's log-probabilities and the KL are over them alone. The
-rewards score the last turn's text as the completion, and find the whole conversation in the sample
-(`rewards.TRAJECTORY`).
+With `--tools` a rollout is multi-turn (tools.py): the model's tool calls are run (at most
+`--max-tool-calls` a turn), their results appended as the chat template renders them, and sampling goes
+on, up to `--max-turns` turns. The sequence trained on is the prompt, each turn and the template's tokens
+between turns; only the sampled tokens are in the mask, so the loss, `logp_old`, the reference's
+log-probabilities and the KL are over them alone. The rewards score the last turn's text as the
+completion, and find the whole conversation in the sample (`rewards.TRAJECTORY`).
 
 Under ZeRO-3 the parameters are partitioned, so before sampling every rank gathers them
 (`deepspeed.zero.GatheredParameters`, collective) into a private full copy and generates with that;
@@ -60,6 +60,7 @@ from minimind_fast.training.reward_model import load_model_reward
 from minimind_fast.training.rewards import REWARDS, TRAJECTORY, TRAJECTORY_START, RewardSet
 from minimind_fast.training.stages import FineTuneStage, check_resumed_objective, freeze, save_objective
 from minimind_fast.training.tools import (
+    DEFAULT_MAX_CALLS,
     Episode,
     Toolbox,
     check_template,
@@ -81,9 +82,10 @@ OBJECTIVE_FLAGS = {"reference": "the reference's weights (--init, when --kl-beta
                    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
                    "max_new_tokens": "--max-new-tokens", "updates_per_rollout": "--updates-per-rollout",
                    "missing_eos_penalty": "--missing-eos-penalty", "tools": "--tools (its source)",
-                   "max_turns": "--max-turns", "reward_sources": "the source of --reward"}
-# Recorded since checkpoints were first written: one without it resumes, noted as unchecked
-RECORDED_SINCE = ("reward_sources",)
+                   "max_turns": "--max-turns", "max_tool_calls": "--max-tool-calls",
+                   "reward_sources": "the source of --reward"}
+# Recorded since checkpoints were first written: one without them resumes, noted as unchecked
+RECORDED_SINCE = ("reward_sources", "max_tool_calls")
 
 
 # ------------------------------------------------------------------------------------- the maths
@@ -213,6 +215,9 @@ def add_rollout_arguments(parser: argparse.ArgumentParser, title: str, group_siz
     g.add_argument("--tool-timeout", type=float, metavar="S",
                    help=f"with --tools: a call running longer is interrupted and answered with an error (0: no "
                         f"limit; default {DEFAULT_TOOL_TIMEOUT:g})")
+    g.add_argument("--max-tool-calls", type=int, metavar="N",
+                   help=f"with --tools: calls run per turn at most; later ones in the turn are answered with an "
+                        f"error, not run (default {DEFAULT_MAX_CALLS})")
     g.add_argument("--clip-eps", type=float, default=0.2)
     g.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (mu)")
     g.add_argument("--tokenizer", help="tokenizer directory, for an --init with none stored (one other than "
@@ -268,6 +273,8 @@ class GRPOStage(FineTuneStage):
             problems.append(f"--updates-per-rollout must be >= 1, got {a.updates_per_rollout}")
         if a.max_turns < 1:
             problems.append(f"--max-turns must be >= 1, got {a.max_turns}")
+        if a.max_tool_calls < 1:
+            problems.append(f"--max-tool-calls must be >= 1, got {a.max_tool_calls}")
         if not 0 <= a.tool_timeout < math.inf:
             problems.append(f"--tool-timeout must be >= 0 (0: no limit) and finite, got {a.tool_timeout}")
         if a.max_new_tokens < 1 or a.max_new_tokens >= a.seq_len:
@@ -277,13 +284,14 @@ class GRPOStage(FineTuneStage):
             raise ValueError("; ".join(problems))
 
     def _tool_flag_defaults(self) -> list[str]:
-        """Fill in --max-turns' and --tool-timeout's defaults; a problem when either is given without --tools,
-        which would ignore it."""
+        """Fill in --max-turns', --tool-timeout's and --max-tool-calls' defaults; a problem when one is given
+        without --tools, which would ignore it."""
         a = self.args
-        given = [flag for flag, value in (("--max-turns", a.max_turns), ("--tool-timeout", a.tool_timeout))
-                 if value is not None]
+        given = [flag for flag, value in (("--max-turns", a.max_turns), ("--tool-timeout", a.tool_timeout),
+                                          ("--max-tool-calls", a.max_tool_calls)) if value is not None]
         a.max_turns = DEFAULT_MAX_TURNS if a.max_turns is None else a.max_turns
         a.tool_timeout = DEFAULT_TOOL_TIMEOUT if a.tool_timeout is None else a.tool_timeout
+        a.max_tool_calls = DEFAULT_MAX_CALLS if a.max_tool_calls is None else a.max_tool_calls
         return [f"{' and '.join(given)} set tool use, which needs --tools"] if given and not a.tools else []
 
     def _objective_flag_problems(self) -> list[str]:
@@ -359,7 +367,7 @@ class GRPOStage(FineTuneStage):
             raise ValueError("--reward-model with --tools: a reward model scores one reply to the prompt, not a "
                              "conversation with tool results; score multi-turn rollouts with --reward functions")
         check_timeout_support(a.tool_timeout)
-        self.toolbox = Toolbox(a.tools, a.tool_timeout)
+        self.toolbox = Toolbox(a.tools, a.tool_timeout, a.max_tool_calls)
 
     def _check_tool_template(self, records: list, source: str) -> None:
         """The chat template must answer a call by appending the result (tools.check_template), tried on every
@@ -421,6 +429,7 @@ class GRPOStage(FineTuneStage):
         # none without --tools: a checkpoint from before the flag recorded none
         record["tools"] = self.toolbox.fingerprint if self.toolbox else None
         record["max_turns"] = a.max_turns if self.toolbox else None
+        record["max_tool_calls"] = a.max_tool_calls if self.toolbox else None
         # none when off: a checkpoint from before the flag recorded none, and resumes as an unpenalised run
         record["missing_eos_penalty"] = a.missing_eos_penalty or None
         m = self.model_reward
@@ -527,7 +536,7 @@ class GRPOStage(FineTuneStage):
                 for s, e, start in zip(samples, episodes, starts)]
 
     def _tool_metrics(self, episodes: list[Episode]) -> dict[str, float]:
-        """Tool calls run per rollout, the share of them answered with an error, turns per rollout."""
+        """Tool calls answered per rollout, the share of them answered with an error, turns per rollout."""
         if self.toolbox is None:
             return {}
         calls = sum(e.calls for e in episodes)

@@ -7,9 +7,10 @@ object is passed as keyword arguments; the return value, a str as is or anything
 content of the `tool` message that answers the call, cut to `RESULT_CHARS` characters (a lone surrogate,
 as os.fsdecode gives for bytes that are not UTF-8, read as U+FFFD). A call that cannot
 run (not JSON, an unknown tool, arguments that do not fit the function's signature) or that raises or
-outlives `--tool-timeout` is answered with `{"error": "..."}` instead, which the model reads and learns
-from: a tool never stops the run. A module that cannot be imported, or a prompt declaring a tool that
-the module lacks, is refused at start-up. The module runs in the training process: it is your code.
+outlives `--tool-timeout`, or that comes after `--max-tool-calls` calls in its turn (not run), is answered
+with `{"error": "..."}` instead, which the model reads and learns from: a tool never stops the run. A
+module that cannot be imported, or a prompt declaring a tool that the module lacks, is refused at start-up.
+The module runs in the training process: it is your code.
 
 Calls are parsed the way MiniMind-3's chat template writes them (Qwen's layout):
 `<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>`, any number per turn.
@@ -52,6 +53,9 @@ from minimind_fast.data.records import TOOL_FIELDS, conversation_field, conversa
 from minimind_fast.data.tokenizer import ChatTokenizer
 
 RESULT_CHARS = 2000  # a tool message's content at most: a huge result would fill the sequence budget
+# Calls run per turn at most (--max-tool-calls' default): a turn of hundreds would run them all, each for up
+# to --tool-timeout; the rest are answered with an error
+DEFAULT_MAX_CALLS = 8
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # A call block; an opening tag inside a block ends no block of its own, so it is an unclosed call.
 CALL_BLOCK = re.compile(r"<tool_call>((?:(?!<tool_call>).)*?)</tool_call>", re.DOTALL)
@@ -235,9 +239,9 @@ def _import(spec: str) -> tuple[object, Path]:
 class Toolbox:
     """The tools of a run: a module's public functions, called by name with a call's arguments."""
 
-    def __init__(self, spec: str, timeout: float):
+    def __init__(self, spec: str, timeout: float, max_calls: int = DEFAULT_MAX_CALLS):
         module, source = _import(spec)
-        self.spec, self.timeout = spec, timeout
+        self.spec, self.timeout, self.max_calls = spec, timeout, max_calls
         self.functions = {name: fn for name, fn in vars(module).items()
                           if not name.startswith("_") and inspect.isfunction(fn) and fn.__module__ == module.__name__}
         if not self.functions:
@@ -264,6 +268,13 @@ class Toolbox:
                         if name not in self.functions:
                             raise ValueError(f"{where} declares the tool {name!r}, which --tools {self.spec} does "
                                              f"not define (it defines: {', '.join(sorted(self.functions))})")
+
+    def answer(self, calls: list[ToolCall]) -> list[tuple[str, bool]]:
+        """The answers to a turn's calls, in order (`run`): those past `max_calls` are not run but answered
+        with an error, as a call that cannot run is."""
+        over = _error(f"more than {self.max_calls} tool calls in one turn (--max-tool-calls {self.max_calls}): "
+                      f"this one was not run")
+        return [self.run(c) if i < self.max_calls else (over, True) for i, c in enumerate(calls)]
 
     def run(self, call: ToolCall) -> tuple[str, bool]:
         """The content of the tool message that answers `call`, and whether it is an error."""
@@ -359,7 +370,7 @@ class Episode:
     final: list[int] = field(default_factory=list)  # the last turn's tokens
     final_text: str = ""
     turns: int = 0
-    calls: int = 0  # calls run (those of turns that ended with their stop token)
+    calls: int = 0  # calls answered (those of turns that ended with their stop token)
     errors: int = 0  # of which answered with an error
 
     @property
@@ -400,8 +411,7 @@ def _take_turn(e: Episode, out: list[int], text: str, toolbox: Toolbox | None, e
     e.messages.append(assistant_message(content, calls))
     if not calls or not out or out[-1] != eos:
         return False
-    for call in calls:
-        result, failed = toolbox.run(call)
+    for call, (result, failed) in zip(calls, toolbox.answer(calls)):
         e.messages.append(tool_message(call, result))
         e.calls, e.errors = e.calls + 1, e.errors + failed
     return True
