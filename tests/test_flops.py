@@ -38,3 +38,104 @@ def test_each_h100_board_gets_its_own_datasheet_peak():
     assert datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12
     assert datasheet_peak("NVIDIA H100 PCIe") == 756e12 and datasheet_peak("NVIDIA H100 NVL") == 835e12
     assert datasheet_peak("NVIDIA H200") == 989e12 and datasheet_peak("NVIDIA GeForce GTX 1080") is None
+
+
+# --------------------------------------------------------------------------- each stage's FLOPs per token
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+            max_position_embeddings=64, kernels="reference")
+SEQ = 48
+# By hand for TINY (hidden 64, 2 layers, 4 heads of 16, 2 KV heads, FFN 192, vocab 512, tied head), per token:
+# weights N = 2 x (q 64*64 + k 64*32 + v 64*32 + o 64*64 + gate, up, down 3*64*192) + head 512*64 = 131072;
+# attention QK^T and AV at seq 48: forward 2 x 2 x 2 layers x 48 x 64 = 24576, training 3 times that.
+N, ATTN = 131_072, 24_576
+FORWARD, TRAIN = 2 * N + ATTN, 6 * N + 3 * ATTN
+# LoRA rank 4 on every projection, r x (in + out) each: 2 layers x 4 x (q 128 + k 96 + v 96 + o 128 + 3 x 256)
+ADAPTER = 2 * 4 * (128 + 96 + 96 + 128 + 3 * 256)
+# frozen weights: forward and the input's gradient (4 per weight), no weight gradient; adapters 6 per weight
+LORA = 4 * N + 3 * ATTN + 6 * ADAPTER
+# A teacher (or another reference): hidden 128, 3 layers, 4 heads of 32, 2 KV heads, FFN 256, vocab 512:
+# 3 x (128*128 + 2 * 128*64 + 128*128 + 3*128*256) + 512*128 weights, attention forward 2 x 2 x 3 x 48 x 128
+BIG = dict(TINY, hidden_size=128, num_hidden_layers=3, intermediate_size=256)
+TEACHER_FORWARD = 2 * (3 * (128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 256) + 512 * 128) + 4 * 3 * 48 * 128
+
+
+def _stage(name: str, *flags: str):
+    """A stage as its launcher builds it from flags (nothing loaded: the tests set its models)."""
+    from minimind_fast.training.args import training_parser
+    from minimind_fast.training.dpo import DPOStage
+    from minimind_fast.training.grpo import GRPOStage
+    from minimind_fast.training.lora_stage import LoraStage
+    from minimind_fast.training.ppo import PPOStage
+    from minimind_fast.training.stages import STAGES
+
+    stage_class = {**STAGES, "lora": LoraStage, "dpo": DPOStage, "grpo": GRPOStage, "ppo": PPOStage}[name]
+    parser = training_parser(name, name)
+    stage_class.add_arguments(parser)
+    return stage_class(parser.parse_args(["--data", "unused", "--out", "unused", "--seq-len", str(SEQ), *flags]))
+
+
+def _model(**config) -> MiniMindForCausalLM:
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(get_preset("tiny", **{**TINY, **config}))
+
+
+@pytest.mark.parametrize("name, flags, models, expected", [
+    ("pretrain", (), {}, TRAIN),
+    ("sft", (), {}, TRAIN),
+    ("lora", ("--lora-rank", "4"), {}, LORA),
+    ("distill", (), {}, TRAIN),
+    ("distill", ("--teacher", "t"), {"teacher": BIG}, TRAIN + TEACHER_FORWARD),
+    ("dpo", (), {"reference": TINY}, TRAIN + FORWARD),  # the live reference: one forward more
+    ("dpo", ("--reference", "r"), {"reference": BIG}, TRAIN + TEACHER_FORWARD),
+    ("dpo", ("--precompute-reference",), {}, TRAIN),  # scored before training, not in its time
+    ("dpo", ("--lora-rank", "4"), {"reference": TINY}, LORA + FORWARD),
+    # a rollout token: a forward to sample it (prefill or decode) and one of the reference, once per rollout
+    ("grpo", (), {"reference": TINY}, TRAIN + 2 * FORWARD),
+    ("grpo", ("--kl-beta", "0"), {}, TRAIN + FORWARD),
+    ("grpo", ("--updates-per-rollout", "4"), {"reference": TINY}, TRAIN + 2 * FORWARD / 4),
+    ("ppo", ("--updates-per-rollout", "2"), {"reference": TINY}, TRAIN + 6 * 64 + 2 * FORWARD / 2),  # + value head
+    ("ppo", ("--kl-coef", "0"), {}, TRAIN + 6 * 64 + FORWARD),
+])
+def test_each_stage_counts_what_it_runs_per_trained_token(name, flags, models, expected, monkeypatch):
+    """MFU took 6N + attention for every stage: a LoRA run does no weight gradient of its frozen base, and DPO,
+    distillation and GRPO/PPO run other forwards (reference, teacher, sampling) per token they train on."""
+    monkeypatch.setattr("minimind_fast.training.lora_stage.dist.is_initialized", lambda: False)
+    stage = _stage(name, *flags)
+    model = _model()
+    if "--lora-rank" in flags:
+        from minimind_fast.training.lora_stage import add_adapters
+
+        add_adapters(stage.args, model)
+    for attribute, config in models.items():
+        setattr(stage, attribute, _model(**config))
+    assert stage.flops_per_token(model) == expected
+
+
+def test_lora_flops_are_what_its_training_step_multiplies(monkeypatch):
+    """Against torch's FLOP counter over a LoRA model's forward and backward: the formula's count, less the
+    first layer's q/k/v input gradients, which autograd skips as that layer's input (the frozen embedding)
+    needs none (within 3% of the formula's count here, less in a deeper model)."""
+    monkeypatch.setenv("MINIMIND_ATTENTION", "sdpa")
+    stage = _stage("lora", "--lora-rank", "4")
+    model = _model()
+    stage.setup(model)
+    batch = 2
+    ids = torch.randint(0, model.config.vocab_size, (batch, SEQ))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(input_ids=ids, targets=ids).loss.backward()
+    counted = counter.get_total_flops() / (batch * SEQ)
+    skipped = 2 * (64 * 64 + 2 * 64 * 32) + 2 * 3 * 4 * 64  # the base's and A's input gradient, q, k and v
+    assert stage.flops_per_token(model) == LORA
+    assert counted == LORA - skipped
+    assert abs(LORA - counted) / counted < 0.03
+
+
+@pytest.mark.parametrize("name", ["pretrain", "sft"])
+def test_a_full_training_stage_counts_what_its_step_multiplies(name, monkeypatch):
+    monkeypatch.setenv("MINIMIND_ATTENTION", "sdpa")
+    model = _model()
+    ids = torch.randint(0, model.config.vocab_size, (2, SEQ))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(input_ids=ids, targets=ids).loss.backward()
+    assert _stage(name).flops_per_token(model) == counter.get_total_flops() / (2 * SEQ) == TRAIN

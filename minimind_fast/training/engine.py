@@ -33,7 +33,7 @@ from minimind_fast.evaluation import perplexity
 from minimind_fast.ops import check_kernels
 from minimind_fast.training import checkpointing
 from minimind_fast.training.ds_config import build_ds_config, describe_layout, optimizer_layout, precision
-from minimind_fast.training.flops import model_flops_per_token, peak_flops
+from minimind_fast.training.flops import peak_flops
 from minimind_fast.training.metrics import MetricsLogger, memory_mb
 from minimind_fast.training.optim import MuonWithAdamW, check_muon_zero_stage, muon_parameters, split_muon_groups
 from minimind_fast.training.profiling import WARMUP_STEPS, StepProfiler
@@ -232,6 +232,7 @@ class Trainer:
         self._check_resumed_model(model.config)
         self.stage.setup(model)
         self.config = model.config
+        self.flops_per_token = self.stage.flops_per_token(model)  # for MFU: the stage's adapters, reference...
         if a.seq_len > self.config.max_position_embeddings:
             raise TrainingError(f"--seq-len {a.seq_len} exceeds the model's context length "
                                 f"{self.config.max_position_embeddings} (max_position_embeddings)")
@@ -494,7 +495,6 @@ class Trainer:
                        "newest checkpoint")
         self._write_run_files()
         peak = peak_flops(self.device)
-        flops_per_token = model_flops_per_token(self.config, a.seq_len)
         self._note(f"{self.stage.name}: {self.world} rank(s) on {self.device.type}, {self.dtype}, ZeRO "
                    f"{self.ds_config['zero_optimization']['stage']}; global batch "
                    f"{self.stage.describe_batch(self.micro_batch * self.grad_accum * self.world, self.tokens_per_step)}"
@@ -561,7 +561,7 @@ class Trainer:
                     if self.dtype == "fp16":  # steps DeepSpeed skipped on a loss-scale overflow
                         record["overflow_steps"] = int(getattr(self.engine, "skipped_steps", 0))
                     if peak:
-                        record["mfu"] = flops_per_token * tok_s / (peak * self.world)
+                        record["mfu"] = self.flops_per_token * tok_s / (peak * self.world)
                     logger.log(record)
                     t_last, tokens_last, paused = time.time(), 0, 0.0
                 t_pause = time.time()

@@ -3,14 +3,17 @@
 Training FLOPs per token = 6 * N_active (forward 2N, backward 4N over the matmul weights, embedding
 lookup excluded, tied output head included) + attention 12 * L * T * d (QK^T and AV, forward and
 backward, with T the sequence length and d = num_attention_heads * head_dim; the causal mask halves
-the work a kernel must do, but we count the full product as PaLM's appendix B does).
+the work a kernel must do, but we count the full product as PaLM's appendix B does). A forward alone is
+a third of that. Each stage adds what else it runs per trained token (`Stage.flops_per_token`).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from minimind_fast.config import ModelConfig
+from minimind_fast.lora import LoraExpertBank, LoraLinear
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets (no sparsity), matched in this order
 # against the device's name: the H100's PCIe and NVL boards before the SXM one ("NVIDIA H100 80GB HBM3").
@@ -29,10 +32,31 @@ def active_matmul_params(config: ModelConfig) -> int:
     return config.num_hidden_layers * (attn + ffn) + config.vocab_size * h
 
 
+def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """One forward's FLOPs per token (a reference's, a teacher's, sampling's)."""
+    attention = 4 * config.num_hidden_layers * seq_len * config.num_attention_heads * config.head_dim
+    return 2 * active_matmul_params(config) + attention
+
+
 def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token."""
-    attention = 12 * config.num_hidden_layers * seq_len * config.num_attention_heads * config.head_dim
-    return 6 * active_matmul_params(config) + attention
+    """Training (forward + backward) FLOPs per token: the backward takes each matmul's input gradient and
+    its weight gradient, each costing as much as the forward."""
+    return 3 * forward_flops_per_token(config, seq_len)
+
+
+def lora_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token of a model with LoRA adapters (`lora.apply_lora`) on its frozen base: a
+    frozen weight costs its forward and its input's gradient (4 per weight) but no weight gradient; an
+    adapter, r * (in + out) weights per projection, costs 6 per weight like any trained matmul. An adapted
+    MoE expert stack is merged with its update before use, so its weight gradient is taken (6 per active
+    weight); the per-step merge itself (B @ A, not per token) is left out."""
+    config, rank = model.config, model.lora_config.rank  # the config's, not a parameter's shape (ZeRO-3)
+    adapters = sum(rank * (m.base.in_features + m.base.out_features)
+                   for m in model.modules() if isinstance(m, LoraLinear))
+    per_projection = config.hidden_size * config.intermediate_size * config.num_experts_per_tok
+    merged = sum(len(m.lora_A) * per_projection for m in model.modules() if isinstance(m, LoraExpertBank))
+    frozen = active_matmul_params(config) - merged
+    return model_flops_per_token(config, seq_len) - 2 * frozen + 6 * adapters
 
 
 def peak_flops(device: torch.device | str | None = None) -> float | None:

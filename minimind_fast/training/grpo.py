@@ -56,6 +56,7 @@ from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt
 from minimind_fast.data.records import conversation_tools
 from minimind_fast.generation import GenerationConfig, generate
 from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.training.flops import forward_flops_per_token
 from minimind_fast.training.reward_model import load_model_reward
 from minimind_fast.training.rewards import REWARDS, TRAJECTORY, TRAJECTORY_START, RewardSet
 from minimind_fast.training.stages import FineTuneStage, check_resumed_objective, freeze, save_objective
@@ -439,6 +440,15 @@ class GRPOStage(FineTuneStage):
 
     def save_extra(self, model: MiniMindForCausalLM, out_dir: Path) -> None:
         save_objective(out_dir, self.objective)
+
+    def flops_per_token(self, model: MiniMindForCausalLM) -> float:
+        """The policy's training, and per rollout token one forward to sample it (its prompt's prefill or its
+        decoding step) and one of the reference (with the KL term): once per rollout, which
+        --updates-per-rollout trains on that many times."""
+        a = self.args
+        forward = forward_flops_per_token(model.config, a.seq_len)
+        rollout = forward * (2 if self.kl_weight > 0 else 1)
+        return super().flops_per_token(model) + rollout / a.updates_per_rollout
 
     # --- rollouts --------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -195,6 +195,10 @@ class PPOStage(OwnHead, GRPOStage):
         super().setup(model)
         attach_value_head(model)
 
+    def flops_per_token(self, model: MiniMindForCausalLM) -> float:
+        """GRPO's, and the value head's training (hidden_size weights, 6 FLOPs each)."""
+        return super().flops_per_token(model) + 6 * model.config.hidden_size
+
     def parameter_groups(self, model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
         """The policy's groups at --lr, then the head's at --value-lr. Under Adam a parameter's step is
         about its learning rate whatever the gradient's scale, so --vf-coef cannot speed the head up:

@@ -22,6 +22,7 @@ from minimind_fast.config import ModelConfig, get_preset
 from minimind_fast.data.loaders import ShardLoader, build_loader, read_manifest
 from minimind_fast.data.mixture import DataSource, MixtureLoader, data_label, describe_mixture, mixture_manifest
 from minimind_fast.model import MiniMindForCausalLM
+from minimind_fast.training.flops import forward_flops_per_token, model_flops_per_token
 
 if TYPE_CHECKING:
     from minimind_fast.data.prompts import PromptLoader
@@ -257,6 +258,11 @@ class Stage:
     def tokens_in_batch(self, batch: dict) -> int:
         return int(batch["input_ids"].numel())
 
+    def flops_per_token(self, model: MiniMindForCausalLM) -> float:
+        """Hook: the model FLOPs per token of `tokens_in_batch`, for MFU, once `setup` has run: the trained
+        model's forward and backward; a stage adds the other forwards it runs (reference, teacher)."""
+        return model_flops_per_token(model.config, self.args.seq_len)
+
     @staticmethod
     def uses_moe(model: torch.nn.Module) -> bool:
         module = getattr(model, "module", model)
@@ -425,6 +431,11 @@ class ReasoningStage(FineTuneStage):
             self._teacher_id = weights_fingerprint(self.teacher)
         return {**record, "teacher": self._teacher_id, "kd_temperature": self.args.kd_temperature,
                 "kd_alpha": self.args.kd_alpha}
+
+    def flops_per_token(self, model: MiniMindForCausalLM) -> float:
+        """The student's training and the teacher's forward over the same tokens."""
+        teacher = forward_flops_per_token(self.teacher.config, self.args.seq_len) if self.teacher is not None else 0
+        return super().flops_per_token(model) + teacher
 
     def _check_resumed_teacher(self) -> None:
         check_resumed_objective(self.resume_from, "distillation term", self._teacher_record(),
