@@ -148,6 +148,38 @@ def test_exact_resume_matches_an_uninterrupted_run(pretrain_run, builtin_data, t
     assert [resumed[s] for s in range(6, 13)] == [full[s] for s in range(6, 13)]
 
 
+class _TouchOnLoad:
+    """Creates `marker` when unpickled: what a crafted checkpoint file could do in its place."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("zero_stage, name", [("0", "mp_rank_00_model_states.pt"),
+                                              ("2", "zero_pp_rank_0_mp_rank_00_optim_states.pt")])
+def test_a_deepspeed_file_that_would_run_code_is_refused_on_resume(builtin_data, tiny_model_config, tmp_path,
+                                                                   zero_stage, name):
+    """DeepSpeed unpickles its checkpoint files with weights_only=False: a crafted one in a run directory
+    ran its code on --resume. Resume loads every one weights-only (the model's, and the optimizer's under
+    ZeRO): such a file is refused, naming it, before anything in it runs."""
+    out = tmp_path / "run"
+    args = common(builtin_data["shards"]["pretrain"], out, 4, "--config", str(tiny_model_config),
+                  "--save-every", "2", "--zero-stage", zero_stage)
+    run("pretrain.py", args + ["--stop-at-step", "2"])
+    crafted = out / "checkpoints" / "step_00000002" / "deepspeed" / "state" / name
+    state = torch.load(crafted, weights_only=False)  # the file this test's run just wrote
+    marker = tmp_path / "code_ran"
+    state["payload"] = _TouchOnLoad(marker)
+    torch.save(state, crafted)
+    refused = run("pretrain.py", args, check=False)
+    assert not marker.exists()
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"error: {crafted}: refused: a weights-only load" in refused.stderr, refused.stderr[-2000:]
+
+
 def test_tokens_seen_counts_every_step_across_a_resume(builtin_data, tiny_model_config, tmp_path):
     """A checkpoint between two logged steps carries the tokens of every step before it."""
     out = tmp_path / "run"

@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed's sharded state, consolidated weights, loader positions and RNG states.
 
 Layout of one checkpoint, `RUN/checkpoints/step_NNNNNNNN/`:
-    deepspeed/          DeepSpeed's own (model, optimizer, scheduler, loss scale; sharded under ZeRO)
+    deepspeed/          DeepSpeed's own (model, optimizer, scheduler, loss scale; sharded under ZeRO);
+                        loads weights_only (minimind_fast.training.weights_only)
     model/              a model directory (safetensors + model_config.json + tokenizer): what later
                         stages, chat and export load; with LoRA, the frozen base weights (unmerged)
                         and the adapter in model/adapter/ (see minimind_fast.lora); a stage's own
@@ -159,6 +160,9 @@ def read_rank_state(ckpt: Path, rank: int) -> dict:
 def load_checkpoint(engine: DeepSpeedEngine, ckpt: Path, rank_state: dict) -> tuple[dict, list[str]]:
     """Restore DeepSpeed's state and this rank's RNG states (`read_rank_state`); returns the trainer state
     and the optimizer settings this run changes (`keep_hyperparameters`)."""
+    from minimind_fast.training.weights_only import use_weights_only
+
+    use_weights_only(engine)  # DeepSpeed's own load would unpickle its files in full, running any code in them
     scheduler = engine.lr_scheduler
     ours = [{k: v for k, v in g.items() if k != "params"} for g in scheduler.optimizer.param_groups]
     load_path, _ = engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",

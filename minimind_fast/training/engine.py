@@ -301,6 +301,8 @@ class Trainer:
     def _wrap(self, model):
         import deepspeed
 
+        from minimind_fast.training.weights_only import use_weights_only
+
         a = self.args
         groups = self.stage.parameter_groups(model, a.lr, a.weight_decay)
         if not groups:
@@ -314,6 +316,8 @@ class Trainer:
             deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self.ds_config)
+        # Here, not only on resume: a config whose checkpoints could not be resumed safely fails before training.
+        use_weights_only(engine)
         if a.compile:
             # reduce-overhead replays forward and backward as CUDA graphs: a small model's step is
             # otherwise bound by the host's kernel launches, not by the GPU.
