@@ -58,6 +58,12 @@ def test_the_users_file_wins(tmp_path):
     (b"\xff\xfe{}", "not valid JSON"),
     (b'{"gradient_clipping": "1.0"}', "'gradient_clipping' must be a number >= 0 (0: no clipping), got '1.0'"),
     (b'{"gradient_clipping": -1}', "'gradient_clipping' must be a number >= 0 (0: no clipping), got -1"),
+    (b'{"checkpoint": []}', "'checkpoint' must be a JSON object, got []"),
+    # Checkpoints a resume could not load weights-only (another checkpoint engine, or a full unpickle).
+    (b'{"checkpoint": {"writer": {"type": "python"}}}', "'checkpoint.writer' is not supported: minimind_fast "
+     "resumes through DeepSpeed's default checkpoint engine, whose loads it makes weights-only"),
+    (b'{"checkpoint": {"load_universal": true}}', "'checkpoint.load_universal' is not supported"),
+    (b'{"datastates_ckpt": {}}', "'datastates_ckpt' is not supported"),
     # Refused by DeepSpeed's own parsing: an assertion, and pydantic's report naming neither file nor section.
     (b'{"bf16": {"enabled": true}, "fp16": {"enabled": true}}', "bfloat16 and fp16 modes cannot be"),
     (b'{"zero_optimization": {"stage": 2, "overlap_com": true}}',
@@ -70,6 +76,13 @@ def test_a_malformed_file_is_refused_naming_it(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(f"{path}: ") + ".*" + re.escape(message)):
         build(user_file=str(path))
+
+
+def test_checkpoint_settings_that_keep_the_default_engine_are_accepted(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"checkpoint": {"tag_validation": "Fail", "load_universal": False},
+                                "datastates_ckpt": False}))
+    assert build(user_file=str(path))["checkpoint"] == {"tag_validation": "Fail", "load_universal": False}
 
 
 def test_settings_the_engine_would_ignore_are_refused(tmp_path):

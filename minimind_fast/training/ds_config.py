@@ -107,9 +107,10 @@ def read_user_file(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: '{key}' would not be used: the engine builds the optimizer (--optimizer) "
                              "and its learning-rate schedule from --lr, --muon-lr, --muon-momentum, --betas, "
                              "--weight-decay, --warmup-steps, --lr-schedule, --decay-fraction and --min-lr-ratio")
-    for key in ("zero_optimization", "bf16", "fp16", "data_types"):
+    for key in ("zero_optimization", "bf16", "fp16", "data_types", "checkpoint"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise ValueError(f"{path}: '{key}' must be a JSON object, got {cfg[key]!r}")
+    check_checkpoint_loading(cfg, path)
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         value = cfg.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -120,6 +121,18 @@ def read_user_file(path: Path) -> dict[str, Any]:
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < float("inf"):
         raise ValueError(f"{path}: 'gradient_clipping' must be a number >= 0 (0: no clipping), got {clip!r}")
     return cfg
+
+
+def check_checkpoint_loading(cfg: dict[str, Any], path: Path) -> None:
+    """Resume loads DeepSpeed's files weights-only through its default checkpoint engine
+    (training/weights_only.py). These settings swap that engine (and, for the writer, fail inside DeepSpeed
+    on a single machine) or read universal checkpoints with a full unpickle, which can run code."""
+    unsafe = [f"checkpoint.{key}" for key in ("writer", "load_universal") if cfg.get("checkpoint", {}).get(key)]
+    if cfg.get("datastates_ckpt", False) is not False:  # DeepSpeed's own test: any value but false enables it
+        unsafe.append("datastates_ckpt")
+    if unsafe:
+        raise ValueError(f"{path}: '{unsafe[0]}' is not supported: minimind_fast resumes through DeepSpeed's "
+                         "default checkpoint engine, whose loads it makes weights-only; leave it out")
 
 
 def precision(cfg: dict[str, Any]) -> str:
