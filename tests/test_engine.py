@@ -180,6 +180,26 @@ def test_a_deepspeed_file_that_would_run_code_is_refused_on_resume(builtin_data,
     assert f"error: {crafted}: refused: a weights-only load" in refused.stderr, refused.stderr[-2000:]
 
 
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_zero3_resume_is_exact(builtin_data, tiny_model_config, tmp_path, ranks):
+    """ZeRO 3 partitions the weights and the optimizer state, a file of each per rank: a stop and resume
+    reproduces the uninterrupted run bitwise."""
+    def args(out):
+        a = common(builtin_data["shards"]["pretrain"], out, 6, "--config", str(tiny_model_config),
+                   "--zero-stage", "3", "--save-every", "3")
+        a[a.index("--micro-batch-size") + 1] = str(4 // ranks)
+        return a
+    launcher = two_ranks(29650) if ranks == 2 else None
+    run("pretrain.py", args(tmp_path / "full"), launcher=launcher)
+    run("pretrain.py", args(tmp_path / "resumed") + ["--stop-at-step", "3"], launcher=launcher)
+    shards = list((tmp_path / "resumed" / "checkpoints" / "step_00000003" / "deepspeed" / "state").glob("*.pt"))
+    assert len(shards) == 2 * ranks, shards
+    result = run("pretrain.py", args(tmp_path / "resumed"), launcher=launcher)
+    assert "resumed from" in result.stdout, result.stdout[-2000:]
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert [resumed[s] for s in range(4, 7)] == [full[s] for s in range(4, 7)]
+
+
 def test_tokens_seen_counts_every_step_across_a_resume(builtin_data, tiny_model_config, tmp_path):
     """A checkpoint between two logged steps carries the tokens of every step before it."""
     out = tmp_path / "run"
