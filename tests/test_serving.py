@@ -307,7 +307,7 @@ def test_bad_requests_get_400_with_a_message(server):
         ({**good, "model": "gpt-4"}, "unknown model"),
         ({**good, "max_tokens": CONTEXT}, "exceeds the context"),
         ({**good, "messages": []}, "messages"),
-        ({**good, "messages": [{"role": "robot", "content": "Hi"}]}, "role"),
+        ({**good, "messages": [{"role": "robot", "content": "Hi"}]}, "'developer'"),  # every accepted role
         ({**good, "temperature": -1}, "temperature"),
         ({**good, "n": 17}, "n"),
         ({**good, "n": 0}, "n"),

@@ -14,12 +14,13 @@ from minimind_fast.chat import check_utf8
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)  # as OpenAI: a number is not a string, nor "yes" a boolean
 
-    role: Literal["system", "user", "assistant"]
+    # `developer` in the Literal too, so that a bad role's 400 lists every role accepted
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
 
-    @field_validator("role", mode="before")
+    @field_validator("role")
     @classmethod
-    def developer_is_system(cls, value: Any) -> Any:
+    def developer_is_system(cls, value: str) -> str:
         """OpenAI's newer clients send the system prompt under the role `developer`."""
         return "system" if value == "developer" else value
 
