@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from control_text import control_count, shard_prompt_ids
 from piece_texts import PIECE_TEXTS
 from tool_templates import TOOLS_TEMPLATE, WEATHER
 
@@ -978,3 +979,27 @@ def test_a_record_quoting_no_control_token_is_encoded_whole_as_in_pieces(builtin
     for a, b in zip(whole, pieces):
         assert list(a.ids) == list(b.ids)
         assert np.array_equal(np.asarray(a.offsets).reshape(-1, 2), np.asarray(b.offsets).reshape(-1, 2))
+
+
+def test_prompt_ids_are_the_ids_the_shards_put_before_a_reply(builtin_data, tmp_path, tok):
+    """`pipeline.prompt_ids`, what chat, serving and GRPO/PPO encode a prompt with: the SFT shards' ids before
+    the reply that would follow, quoted control-token text as text (in any field the template renders: a tool
+    definition too); the template's control tokens alone are tokens. The usual prompt is encoded whole."""
+    from minimind_fast.data.pipeline import prompt_ids
+    from minimind_fast.data.records import prompt_doc, prompt_text
+
+    system = {"role": "system", "content": "Be <|im_end|> brief."}
+    for i, msgs in enumerate(([CONTROL_TEXT_USER], [system, CONTROL_TEXT_USER, CONTROL_TEXT_REPLY,
+                                                    {"role": "user", "content": "Go on<|endoftext|>"}])):
+        ids = prompt_ids(tok, msgs)
+        assert ids == shard_prompt_ids(builtin_data["tokenizer"], msgs, tmp_path / str(i))
+        assert control_count(tok, ids) == 2 * len(msgs) + 1
+        assert tok.decode(ids, skip_special_tokens=False) == prompt_text(msgs, tok)
+    quoting_tool = {"type": "function", "function": {"name": "weather", "description": "ends <|im_end|> here"}}
+    msgs = [{"role": "system", "content": "Use tools.", "tools": [quoting_tool]}, CONTROL_TEXT_USER]
+    d = _tokenizer_with(builtin_data, tmp_path / "tools_tok", TOOLS_TEMPLATE)
+    tools_tok = load_tokenizer(d)
+    ids = prompt_ids(tools_tok, msgs)
+    assert ids == shard_prompt_ids(d, msgs, tmp_path / "tools") and control_count(tools_tok, ids) == 5
+    usual = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert prompt_doc(usual, tok).whole and prompt_ids(tok, usual) == tok.encode(prompt_text(usual, tok))

@@ -179,16 +179,18 @@ def _encode_docs(tok: ChatTokenizer, docs: list[records.Doc], offsets: bool) -> 
     other text is encoded as plain text between the template's control tokens (`Doc.controls`), which go
     in as their ids: a pretraining text, and a conversation quoting a control token's text."""
     whole = iter(_encode_texts(tok, tok.tokenizer, [d.text for d in docs if d.whole], offsets))
-    layouts = [None if d.whole else d.pieces() for d in docs]
-    plain = iter(_encode_texts(tok, tok.plain, [d.text[a:b] for d, layout in zip(docs, layouts) if not d.whole
-                                                for a, b, control in layout if not control], offsets))
-    return [next(whole) if d.whole else _assembled(d, layout, plain, tok) if d.controls else next(plain)
+    # a text without control tokens is one piece, even empty (a prompt to continue)
+    layouts = [None if d.whole else d.pieces() if d.controls else [(0, len(d.text), False)] for d in docs]
+    texts = [d.text[a:b] for d, layout in zip(docs, layouts) if layout for a, b, control in layout if not control]
+    plain = iter(_encode_texts(tok, tok.plain, texts, offsets) if texts else [])  # `plain` is built on first use
+    return [next(whole) if d.whole else _assembled(d, layout, plain, tok, offsets) if d.controls else next(plain)
             for d, layout in zip(docs, layouts)]
 
 
-def _assembled(doc: records.Doc, layout: list[tuple[int, int, bool]], encodings, tok: ChatTokenizer) -> _Encoded:
-    """One document's ids and offsets from its pieces': a control token's id, else the next encoding (its
-    offsets shifted to where it starts). Python lists: a document has a few short pieces per turn."""
+def _assembled(doc: records.Doc, layout: list[tuple[int, int, bool]], encodings, tok: ChatTokenizer,
+               with_offsets: bool) -> _Encoded:
+    """One document's ids, and offsets where asked, from its pieces': a control token's id, else the next
+    encoding (its offsets shifted to where it starts). Python lists: a document has a few short pieces per turn."""
     ids, offsets, shifts = [], [], []
     for a, b, control in layout:
         if control:
@@ -198,10 +200,27 @@ def _assembled(doc: records.Doc, layout: list[tuple[int, int, bool]], encodings,
         else:
             e = next(encodings)
             ids += list(e.ids)
-            offsets += list(e.offsets)
-            shifts += [a] * len(e.ids)
+            if with_offsets:  # a long piece's encoding has none unless asked (`_encode_long`)
+                offsets += list(e.offsets)
+                shifts += [a] * len(e.ids)
+    if not with_offsets:
+        return _Encoded(np.asarray(ids, dtype=np.int32), None)
     shifted = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) + np.asarray(shifts, dtype=np.int64)[:, None]
     return _Encoded(np.asarray(ids, dtype=np.int32), shifted)
+
+
+def doc_ids(tok: ChatTokenizer, docs: list[records.Doc]) -> list[list[int]]:
+    """The ids of `docs` exactly as the shards hold them (`_encode_docs`, without bos/eos framing): how chat,
+    serving, GRPO/PPO (prompts, tool results) and the reward model encode a rendering at run time, so that a
+    message quoting a control token is text there as it was in training, never a turn of its own."""
+    return [np.asarray(e.ids).tolist() for e in _encode_docs(tok, docs, offsets=False)]
+
+
+def prompt_ids(tok: ChatTokenizer, msgs: list[dict]) -> list[int]:
+    """The ids of checked messages (`records.check_messages`) rendered with the generation prompt: what the
+    SFT shards hold before the reply that would follow them. RecordError (a ValueError) when the template
+    refuses them or a string holds U+FDD0 (`records.MARK`)."""
+    return doc_ids(tok, [records.prompt_doc(msgs, tok)])[0]
 
 
 def _framed(ids: Ids, tok: ChatTokenizer) -> np.ndarray:

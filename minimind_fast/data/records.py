@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -217,17 +218,32 @@ def prompt_text(msgs: list[dict], tok: ChatTokenizer) -> str:
 
 
 def conversation_doc(msgs: list[dict], tok: ChatTokenizer, tags: bool, first_reply: int = 0) -> Doc:
-    """`_rendered_doc` with the template's control tokens marked (`Doc.controls`). The messages are rendered
-    with each control token's text in their strings replaced by `MARK`, so that every control token of
-    that rendering is the template's, then moved onto the real rendering."""
+    """`_rendered_doc` with the template's control tokens marked (`Doc.controls`: `marked_doc`)."""
+    return marked_doc(msgs, tok, lambda m: _rendered_doc(m, tok, tags, first_reply),
+                      lambda m: _render(tok, m, False, conversation_tools(m)))
+
+
+def prompt_doc(msgs: list[dict], tok: ChatTokenizer) -> Doc:
+    """`prompt_text` with the template's control tokens marked (`marked_doc`): encoded by `pipeline.doc_ids`,
+    the ids `conversation_doc`'s shards hold before a reply that would follow these messages."""
+    return marked_doc(msgs, tok, lambda m: Doc(prompt_text(m, tok)),
+                      lambda m: _render(tok, m, True, conversation_tools(m)))
+
+
+def marked_doc(msgs: list[dict], tok: ChatTokenizer, doc_of: Callable[[list[dict]], Doc],
+               render: Callable[[list[dict]], str]) -> Doc:
+    """`doc_of(msgs)`, a rendering of the messages (`render` gives its text alone), with the template's control
+    tokens marked in `Doc.controls`. The messages are rendered with each control token's text in
+    their strings replaced by `MARK`, so that every control token of that rendering is the template's, then
+    moved onto the real rendering. RecordError when a string holds `MARK` itself."""
     regex = tok.control_regex
     escaped = _escaped(msgs, regex)
-    doc = _rendered_doc(escaped, tok, tags, first_reply)
+    doc = doc_of(escaped)
     doc.controls = [m.span() for m in regex.finditer(doc.text)]
     if escaped == msgs:  # no string quotes a control token (the usual case)
         doc.whole = True
         return doc
-    return _unescaped(doc, _render(tok, msgs, False, conversation_tools(msgs)), regex)
+    return _unescaped(doc, render(msgs), regex)
 
 
 def _escaped(value, regex: re.Pattern):
