@@ -17,7 +17,8 @@ import torch
 
 from minimind_fast.checkpoint import tokenizer_dir_beside
 from minimind_fast.config import get_preset
-from minimind_fast.data.records import RecordError, check_messages, conversation_field, prompt_text, refuse_record_tools
+from minimind_fast.data.pipeline import doc_ids, prompt_ids
+from minimind_fast.data.records import Doc, RecordError, check_messages, conversation_field, refuse_record_tools
 from minimind_fast.data.sources import iter_records
 from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, check_same_tokenizer, load_tokenizer
 from minimind_fast.files import check_input_files
@@ -155,9 +156,15 @@ class TextStream:
 
 
 def chat_prompt(tokenizer: ChatTokenizer, messages: list[dict]) -> list[int]:
-    """Ids of `messages` rendered as the SFT data renders the text before a reply; RecordError (a ValueError)
-    when the tokenizer's chat template refuses them (e.g. its raise_exception for an order it does not take)."""
-    return tokenizer.encode(prompt_text(messages, tokenizer))
+    """Ids of `messages` as the SFT shards hold the text before a reply (`pipeline.prompt_ids`: a message quoting
+    `<|im_end|>` is text, not the end of its turn); RecordError (a ValueError) when the tokenizer's chat template
+    refuses them (e.g. its raise_exception for an order it does not take) or a message holds U+FDD0."""
+    return prompt_ids(tokenizer, messages)
+
+
+def text_ids(tokenizer: ChatTokenizer, text: str) -> list[int]:
+    """Ids of raw text as pretraining and the messages' text were encoded: a control token's text is text."""
+    return doc_ids(tokenizer, [Doc(text)])[0]
 
 
 class ChatSession:
@@ -200,14 +207,14 @@ class ChatSession:
         """The prompt with only the last tokens of `user_text` that fit: cut inside the message, so the
         template's markers (system, user, assistant turn) stay whole."""
         frame = len(chat_prompt(self.tokenizer, [*system, {"role": "user", "content": ""}]))
-        text_ids = self.tokenizer.encode(user_text)
+        message = text_ids(self.tokenizer, user_text)  # as the prompt holds it: no control token
         keep = budget - frame
         while keep > 0:  # re-encoding the cut text may merge or split a token at the seams: step down
             # a cut inside a multi-byte character decodes to U+FFFD: leave that piece out
-            cut = self.tokenizer.decode(text_ids[len(text_ids) - keep:]).lstrip("\ufffd")
+            cut = self.tokenizer.decode(message[len(message) - keep:]).lstrip("\ufffd")
             ids = chat_prompt(self.tokenizer, [*system, {"role": "user", "content": cut}])
             if len(ids) <= budget:
-                self.cut_tokens = len(text_ids) - keep
+                self.cut_tokens = len(message) - keep
                 return ids
             keep -= len(ids) - budget
         raise ValueError(f"the system prompt and the chat template take {frame} tokens, leaving no room for a "
@@ -234,11 +241,12 @@ class ChatSession:
 
 
 def encode_prompt(tokenizer: ChatTokenizer, record: dict, mode: str) -> list[int]:
-    """Prompt ids of a JSONL record: raw text after bos (`pretrain`) or, as `records.prompt_text` renders
-    it for GRPO, the text SFT data puts before a reply (`chat`). RecordError if the template cannot."""
+    """Prompt ids of a JSONL record: raw text after bos, as pretraining framed a text (`pretrain`), or as GRPO
+    encodes one, the ids SFT data puts before a reply (`chat`). Text that spells a control token is text in
+    both, as in training. RecordError if the template cannot render the messages."""
     if mode == "pretrain":
-        return [tokenizer.bos_token_id, *tokenizer.encode(record.get("prompt", ""))]
-    return tokenizer.encode(prompt_text(record_messages(record), tokenizer))
+        return [tokenizer.bos_token_id, *text_ids(tokenizer, record.get("prompt", ""))]
+    return chat_prompt(tokenizer, record_messages(record))
 
 
 def record_messages(record: dict) -> list[dict]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from control_text import INJECTION, control_count, shard_prompt_ids
 from launch_helpers import run, two_ranks
 from tool_templates import TOOLS_TEMPLATE
 
@@ -301,6 +302,21 @@ def test_prompts_render_like_the_sft_data(builtin_data, tmp_path):
     assert tok.decode(ids[0], skip_special_tokens=False).endswith("<|im_start|>assistant\n")
     short, kept = encode_prompts(records, tok, max_tokens=len(ids[0]))
     assert len(kept) == 1 and kept[0].line == 1  # too long for the room left: left out
+
+
+def test_a_prompt_quoting_control_tokens_is_text_as_the_sft_data_holds_it(builtin_data, tmp_path):
+    """A GRPO/PPO prompt spelling `<|im_end|>\n<|im_start|>system` is encoded as the SFT shards encode the text
+    before a reply: the template's control tokens only, the quote as plain text."""
+    tok = load_tokenizer(builtin_data["tokenizer"])
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": INJECTION}]
+    path = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "What is 2 + 3?"}), json.dumps({"prompt": convo}),
+                                         json.dumps({"prompt": INJECTION})])
+    ids, kept = encode_prompts(read_prompt_file(path), tok, max_tokens=1000)
+    assert ids[1] == shard_prompt_ids(builtin_data["tokenizer"], convo, tmp_path / "a")
+    assert ids[2] == shard_prompt_ids(builtin_data["tokenizer"], convo[1:], tmp_path / "b")
+    assert [control_count(tok, i) for i in ids] == [3, 5, 3]
+    assert ids[0] == tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                                        add_generation_prompt=True))
 
 
 def _tool_conversation() -> list[dict]:

@@ -7,9 +7,9 @@ the prompt (later turns, such as a reference reply, are dropped). The messages t
 records take (`records.check_messages`): tool definitions in a system message's `tools`/`functions`,
 `tool_calls`, a reply that only calls tools with `"content": null`, lists or JSON strings. Prompts are
 rendered with the tokenizer's chat template, the tool definitions as `tools=`, and a generation
-prompt, which is exactly the prefix the SFT data puts before an assistant reply (see
-`records.prompt_text`), so the policy continues the way it was trained to. Problems raise ValueError
-naming the file, the line and the field.
+prompt, and encoded into exactly the ids the SFT data puts before an assistant reply (`records.prompt_doc`,
+`pipeline.doc_ids`: text quoting a control token is text), so the policy continues the way it was trained to.
+Problems raise ValueError naming the file, the line and the field.
 
 Unlike the shard loaders, prompts are few and small, so they are read and encoded into memory once.
 """
@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from minimind_fast.data.loaders import check_resume_state, fingerprint
-from minimind_fast.data.records import RecordError, check_messages, conversation_field, prompt_text, refuse_record_tools
+from minimind_fast.data.pipeline import doc_ids
+from minimind_fast.data.records import RecordError, check_messages, conversation_field, prompt_doc, refuse_record_tools
 from minimind_fast.data.sources import iter_records
 from minimind_fast.data.tokenizer import ChatTokenizer
 
@@ -91,16 +92,17 @@ def read_prompt_file(path: str | Path, required: dict[str, str] | None = None) -
 
 def encode_prompts(records: list[PromptRecord], tokenizer: ChatTokenizer, max_tokens: int,
                    source: str = "") -> tuple[list[list[int]], list[PromptRecord]]:
-    """Token ids of each prompt under the chat template (with the generation prompt), leaving out
-    those longer than `max_tokens` (no room left to answer); returns (ids, the records kept)."""
-    texts = []
+    """Token ids of each prompt under the chat template (with the generation prompt), as the SFT shards hold
+    the text before a reply (`pipeline.doc_ids`: a prompt quoting `<|im_end|>` is text), leaving out those
+    longer than `max_tokens` (no room left to answer); returns (ids, the records kept)."""
+    docs = []
     for r in records:
         try:
-            texts.append(prompt_text(r.messages, tokenizer))
+            docs.append(prompt_doc(r.messages, tokenizer))
         except RecordError as e:  # a user template may reject a record (e.g. it wants a system message)
             raise ValueError(f"{source}:{r.line}: {e}") from None
     ids, kept = [], []
-    for r, enc in zip(records, tokenizer.encode_batch(texts)):
+    for r, enc in zip(records, doc_ids(tokenizer, docs)):
         if len(enc) <= max_tokens:
             ids.append(enc)
             kept.append(r)

@@ -4,7 +4,10 @@ trained with TRL's RewardTrainer, ...) as GRPO's and PPO's `--reward-model PATH[
 It reads text, not the policy's ids: each sampled completion is decoded with the policy's tokenizer (the
 stop token dropped, special tokens skipped), the prompt's messages plus that reply are rendered with the
 reward model's own chat template and encoded with its own tokenizer, without adding special tokens (the
-template writes them, as `apply_chat_template(tokenize=True)` assumes). The score is the model's single
+template writes them, as `apply_chat_template(tokenize=True)` assumes). So text that spells one of its
+special tokens is read as that token, as that call and TRL's RewardTrainer read it when the model was trained;
+the rule minimind_fast's own data and reward model follow (such text is text: `pipeline.doc_ids`) is not
+applied to a foreign tokenizer, whose training read it otherwise. The score is the model's single
 logit, which decoder models read at the last token that is not `pad_token_id`: so a sequence longer than
 the model's maximum length keeps its end (cut from the left), and a batch is right-padded with exactly
 that id, which makes each row's score its score alone.

@@ -19,7 +19,8 @@ model directory a reward model. There is no reference model.
 
 At RL time `RewardScorer` renders prompt + reply exactly as the DPO shards render a conversation
 (`records.conversation_doc`, the chat template, the reply closed by `<|im_end|>`) and encodes it as
-tokenize.py does, so the model scores the token ids it was trained on. `--reward-model` also takes a
+tokenize.py does (`pipeline.doc_ids`: text spelling a control token is text), so the model scores the token
+ids it was trained on. `--reward-model` also takes a
 Hugging Face sequence-classification reward model, which reads the replies as text (hf_reward.py).
 """
 
@@ -34,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from minimind_fast.checkpoint import is_hf_dir, load_model, read_safetensors, resolve_model_dir, weights_fingerprint
-from minimind_fast.data.records import conversation_doc, prompt_text
+from minimind_fast.data.pipeline import doc_ids, prompt_ids
+from minimind_fast.data.records import MARK, conversation_doc
 from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.dpo import PairStage, concat_pairs
@@ -180,22 +182,26 @@ class RewardScorer(ReplyScorer):
 
     def template_tokens(self, messages: list[dict]) -> int:
         """Tokens the chat template adds after the prompt around a reply (`<|im_end|>\\n` for ChatML)."""
-        return len(self.sequence_ids(messages, "", truncate=False)) - len(
-            self.tokenizer.encode(prompt_text(messages, self.tokenizer)))
+        return len(self.sequence_ids(messages, "", truncate=False)) - len(prompt_ids(self.tokenizer, messages))
 
     def sequence_ids(self, messages: list[dict], completion: str | list[int], truncate: bool = True) -> list[int]:
-        """The ids of prompt + reply as a DPO shard holds a conversation: rendered whole with the chat
-        template, encoded, cut to the context as the pair loader cuts to --seq-len. A reply given as
-        sampled ids loses its stop token (the template closes the reply) and keeps any other special
-        token as text, which encodes back to it."""
+        """The ids of prompt + reply exactly as a DPO shard holds the conversation (`conversation_doc`,
+        `pipeline.doc_ids`: text that spells a control token is text), cut to the context as the pair loader
+        cuts to --seq-len. A reply given as sampled ids loses its stop token (the template closes the reply);
+        it is scored as its text: a control token sampled inside it (`<|im_start|>`) reads as the characters
+        it is made of, as a DPO reply quoting it was encoded. Its ids may then differ from the sampled ones,
+        but the reward model never saw a control token inside a reply, and splicing the sampled one in would
+        let a reply open a turn of its own in the conversation it is scored in."""
         tok = self.tokenizer
         if not isinstance(completion, str):
             ids = list(completion)
             if ids and ids[-1] == tok.eos_token_id:
                 ids = ids[:-1]
             completion = tok.decode(ids, skip_special_tokens=False)
+        # a sampled reply may hold the noncharacter that a DPO record may not (it marks quoted control tokens)
+        completion = completion.replace(MARK, "\ufffd")
         doc = conversation_doc([*messages, {"role": "assistant", "content": completion}], tok, tags=False)
-        ids = tok.encode(doc.text)
+        [ids] = doc_ids(tok, [doc])
         return ids[:self.context] if truncate else ids
 
     @property

@@ -23,7 +23,8 @@ difference between two renderings of the conversation (before and after the tool
 to what the model actually saw, never a re-encoding of the whole conversation: a template that
 re-renders an earlier turn otherwise (normalised JSON, thinking stripped) or a tokenization that differs
 from the sampled one would otherwise make the training sequence disagree with the context each turn was
-sampled in. Every turn's context is thus a prefix of the final sequence.
+sampled in. Every turn's context is thus a prefix of the final sequence. Those tokens are encoded as the
+shards encode a conversation: a tool result that spells a control token (`<|im_end|>`) is text, not a turn.
 
 The timeout is SIGALRM (`setitimer`), which interrupts a stuck Python function in the main thread,
 where the engine samples; a watchdog thread could only stop waiting for it and leave it running. It
@@ -49,7 +50,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minimind_fast.data.records import TOOL_FIELDS, conversation_field, conversation_tools
+from minimind_fast.data.pipeline import doc_ids
+from minimind_fast.data.records import MARK, TOOL_FIELDS, Doc, conversation_field, conversation_tools, marked_doc
 from minimind_fast.data.tokenizer import ChatTokenizer
 
 RESULT_CHARS = 2000  # a tool message's content at most: a huge result would fill the sequence budget
@@ -170,7 +172,9 @@ def check_timeout_support(seconds: float) -> None:
 def _encodable(text: str) -> str:
     """`text` with each lone surrogate as U+FFFD, as a decoder shows bytes it cannot read: a file name that is
     not UTF-8 comes back from os.listdir or os.fsdecode with them, and a model may write one as a JSON escape
-    that a tool echoes, but the tokenizer cannot encode them (the run stopped)."""
+    that a tool echoes, but the tokenizer cannot encode them (the run stopped). U+FDD0 (`records.MARK`, which
+    tells quoted control-token text from the template's) reads U+FFFD too."""
+    text = text.replace(MARK, "\ufffd")
     try:
         text.encode("utf-8")
         return text
@@ -436,11 +440,32 @@ def run_episodes(prompts: list[list[int]], messages: list[list[dict]] | None, sa
     return episodes
 
 
+def results_doc(tok: ChatTokenizer, messages: list[dict]) -> Doc:
+    """`results_text` with the template's control tokens marked (`records.marked_doc`), so that a tool result
+    spelling `<|im_end|>\n<|im_start|>system` (a web page, a file) is encoded as text, as training data quoting
+    it was, and opens no turn. The model's own text, which may hold the noncharacter the marking escapes
+    with, is not in these tokens: it reads U+FFFD for the marking (tool results read so already: `_encodable`)."""
+    return marked_doc(_readable(messages), tok, lambda m: Doc(results_text(tok, m)),
+                      lambda m: results_text(tok, m))
+
+
+def _readable(value):
+    """`value` (messages, their fields) with each `MARK` in a string as U+FFFD."""
+    if isinstance(value, str):
+        return value.replace(MARK, "\ufffd")
+    if isinstance(value, list):
+        return [_readable(v) for v in value]
+    if isinstance(value, dict):
+        return {_readable(k): _readable(v) for k, v in value.items()}
+    return value
+
+
 def _answer(episodes: list[Episode], tok: ChatTokenizer, seq_len: int) -> list[Episode]:
-    """Append the template's tokens of each episode's tool results and next generation prompt, where they
-    leave room for at least one more token; returns the episodes that go on."""
+    """Append the template's tokens of each episode's tool results and next generation prompt (`results_doc`,
+    encoded as the shards encode a conversation), where they leave room for at least one more token; returns
+    the episodes that go on."""
     going = []
-    for e, delta in zip(episodes, tok.encode_batch([results_text(tok, e.messages) for e in episodes])):
+    for e, delta in zip(episodes, doc_ids(tok, [results_doc(tok, e.messages) for e in episodes])):
         if len(e.ids) + len(delta) < seq_len:
             e.extend(delta, False)
             going.append(e)
