@@ -391,13 +391,15 @@ def print_continuation(model: MiniMindForCausalLM, tokenizer: ChatTokenizer, con
     print(stream.finish())
 
 
-def print_reply(session: ChatSession, text: str) -> None:
+def print_reply(session: ChatSession, text: str, prefix: str = "") -> None:
+    """Print the reply to `text` as it is generated, after `prefix`; a message the prompt refuses (RecordError)
+    raises before anything is printed."""
     pieces = session.stream_reply(text)
     first = next(pieces, "")  # the prompt is built before the first piece
     if session.cut_tokens:
         print(f"(the message is longer than the context allows: its first {session.cut_tokens} tokens were left "
               "out)", file=sys.stderr, flush=True)
-    print(first, end="", flush=True)
+    print(prefix + first, end="", flush=True)
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
@@ -430,5 +432,9 @@ def interactive(session: ChatSession) -> None:
             print("(history cleared)")
             continue
         if text:
-            print("model> ", end="", flush=True)
-            print_reply(session, text)
+            try:
+                print_reply(session, text, prefix="model> ")
+            except RecordError as e:  # the template's refusal, or U+FDD0: the history is as it was
+                if not typed:
+                    raise
+                print(f"({e}: type it again)", file=sys.stderr)

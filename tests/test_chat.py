@@ -433,3 +433,21 @@ def test_cli_refuses_input_that_is_not_utf8(model_dir, stdin_encoding):
     os.close(master)
     assert run.returncode == 0 and b"not valid UTF-8: type it again" in run.stderr, run.stderr
     assert run.stdout.count(b"model> ") == 1
+
+
+def test_at_a_terminal_a_refused_message_is_typed_again(model_dir):
+    """A message the prompt encoding refuses (U+FDD0, which marks quoted control-token text) ends a piped chat
+    with an error, but at a terminal it is refused and the chat goes on, as a line that is not UTF-8 is."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    chat = [sys.executable, str(ROOT / "launch" / "chat.py"), "--model", str(model_dir), "--temperature", "0",
+            "--max-new-tokens", "3"]
+    lines = "a\ufdd0b\nHello\n/exit\n".encode()
+    run = subprocess.run(chat, input=lines, capture_output=True, timeout=120, env=env, cwd=ROOT)
+    assert run.returncode != 0 and b"Traceback" not in run.stderr and b"U+FDD0" in run.stderr, run.stderr
+    master, slave = pty.openpty()
+    os.write(master, lines)
+    run = subprocess.run(chat, stdin=slave, capture_output=True, timeout=120, env=env, cwd=ROOT)
+    os.close(slave)
+    os.close(master)
+    assert run.returncode == 0 and b"U+FDD0" in run.stderr and b"type it again" in run.stderr, run.stderr
+    assert run.stdout.count(b"model> ") == 1  # Hello's only
