@@ -594,3 +594,27 @@ def test_resume_refuses_an_edited_user_reward(random_init, builtin_data, tmp_pat
     (shipped / "objective.json").write_text(json.dumps({k: v for k, v in record.items() if k != "reward_sources"}))
     _grpo_stage(random_init, data, resume=shipped)
     assert "not checked" not in capsys.readouterr().out
+
+
+def test_resume_compares_the_rewards_as_parsed_not_as_typed(random_init, builtin_data, tmp_path):
+    """`--reward f.py:fn:1` is `--reward f.py:fn` (weight 1 is the default), and `answer:1.0` is `answer`: a
+    resume that spells the same rewards another way continues the run; another weight is refused. A checkpoint
+    records the specs as typed, so one written before the comparison parsed them resumes alike."""
+    data = builtin_data["files"]["grpo_prompts"]
+    reward = tmp_path / "mine.py"
+    reward.write_text("def mine(completion, sample):\n    return 1.0\n")
+    spec = f"{reward}:mine"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _grpo_stage(random_init, data, "--reward", spec, "--reward", "answer").save_extra(None, ckpt)
+    assert json.loads((ckpt / "objective.json").read_text())["reward"] == sorted([spec, "answer"])
+    _grpo_stage(random_init, data, "--reward", f"{spec}:1", "--reward", "answer:1.0", resume=ckpt)
+    _grpo_stage(random_init, data, "--reward", "answer:1e0", "--reward", f"{spec}:1.", resume=ckpt)
+    for flags in (("--reward", f"{spec}:2", "--reward", "answer"), ("--reward", spec, "--reward", "answer:0.5"),
+                  ("--reward", spec)):
+        with pytest.raises(ValueError, match="trained with another GRPO objective \\(--reward differ"):
+            _grpo_stage(random_init, data, *flags, resume=ckpt)
+    defaults = tmp_path / "defaults"  # no --reward: the shipped answer and format, each of weight 1
+    defaults.mkdir()
+    _grpo_stage(random_init, data).save_extra(None, defaults)
+    _grpo_stage(random_init, data, "--reward", "format:1", "--reward", "answer", resume=defaults)

@@ -58,7 +58,7 @@ from minimind_fast.generation import GenerationConfig, generate
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.flops import forward_flops_per_token
 from minimind_fast.training.reward_model import load_model_reward
-from minimind_fast.training.rewards import REWARDS, TRAJECTORY, TRAJECTORY_START, RewardSet
+from minimind_fast.training.rewards import REWARDS, TRAJECTORY, TRAJECTORY_START, RewardSet, reward_identity
 from minimind_fast.training.stages import FineTuneStage, check_resumed_objective, freeze, save_objective
 from minimind_fast.training.tools import (
     DEFAULT_MAX_CALLS,
@@ -416,7 +416,7 @@ class GRPOStage(FineTuneStage):
             self.rollout_copy = freeze(copy.deepcopy(model))
         self.objective = self._objective_record(model)
         check_resumed_objective(self.resume_from, self.objective_name, self.objective, self.objective_flags,
-                                RECORDED_SINCE)
+                                RECORDED_SINCE, compared_as={"reward": reward_identity})
 
     def _objective_record(self, model: MiniMindForCausalLM) -> dict:
         """What the loss depends on beyond the policy: the reference (the --init weights, when the KL term

@@ -205,6 +205,15 @@ def split_weight(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def reward_identity(specs: list[str] | None) -> list[list] | None:
+    """The rewards of `--reward` specs as a resume compares them: sorted [function, weight] pairs, a shipped
+    reward by its name, a user one as `module:function` or `file.py:function`. A checkpoint records the specs
+    as typed, and `f.py:fn:1`, `f.py:fn:1.0` and `f.py:fn` are the same reward (weight 1 is the default)."""
+    if specs is None:
+        return None
+    return sorted([name, weight] for name, weight in map(split_weight, specs))
+
+
 def parse_reward(spec: str) -> Reward:
     """`name[:weight]`, `module:function[:weight]` or `file.py:function[:weight]` -> a `Reward`."""
     spec_name, weight = split_weight(spec)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -69,19 +70,28 @@ def save_objective(checkpoint: Path, record: dict) -> None:
 
 
 def check_resumed_objective(resume_from: Path | None, what: str, mine: dict, flags: dict[str, str],
-                            recorded_since: tuple[str, ...] = ()) -> None:
+                            recorded_since: tuple[str, ...] = (),
+                            compared_as: dict[str, Callable[[Any], Any]] | None = None) -> None:
     """A resume continues the same objective: refuse one whose settings (a reference's or teacher's weight
     fingerprint, beta, ...) differ from those the checkpoint recorded (`save_objective`); a checkpoint
     from before the record cannot tell. `flags` names each setting as the user gives it. A key absent from
     the checkpoint counts as None, except those of `recorded_since` (recorded only by later versions, and
-    not None in a run that has the setting): a checkpoint without one is noted as not checked for it."""
+    not None in a run that has the setting): a checkpoint without one is noted as not checked for it.
+    `compared_as` maps a setting recorded as typed to what it means (GRPO's --reward specs, parsed), which
+    both sides are compared by."""
     path = resume_from / OBJECTIVE_FILE if resume_from is not None else None
     if path is None or not path.exists():
         return
     saved = json.loads(path.read_text())
     unrecorded = [k for k in recorded_since if k not in saved and mine.get(k) is not None]
+    meaning = compared_as or {}
+
+    def differ(key: str) -> bool:
+        same_as = meaning.get(key, lambda value: value)
+        return same_as(saved.get(key)) != same_as(mine.get(key))
+
     changed = [_difference(flags.get(k, k), saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine))
-               if k not in unrecorded and saved.get(k) != mine.get(k)]
+               if k not in unrecorded and differ(k)]
     if changed:
         raise ValueError(f"{resume_from} trained with another {what} ({'; '.join(changed)} differ): resume with "
                          f"the run's settings, or start anew with --init {resume_from}")
