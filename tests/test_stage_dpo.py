@@ -112,6 +112,24 @@ def test_loss_equals_the_formula_with_live_and_precomputed_reference(eps):
     assert abs(pre.eval_loss(policy, batch).item() - want) < 1e-5
 
 
+def test_tokens_counted_are_the_positions_the_forwards_run_on(monkeypatch):
+    """Chosen and rejected rows go through one forward, padded to the wider side: tokens/s counts those
+    positions (36 here, not each side's own width, 2 x 9 + 2 x 7 = 32), so that MFU, tokens/s x FLOPs per
+    token, is what torch's FLOP counter finds the step (the policy's forward and backward, the live
+    reference's forward) multiplying."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setenv("MINIMIND_ATTENTION", "sdpa")
+    batch = hand_built_batch()
+    stage = stage_for("--seq-len", "9")  # the batch's width: the formula counts attention at --seq-len
+    stage.setup(tiny_model(0))
+    policy = tiny_model(1)
+    assert stage.tokens_in_batch(batch) == 2 * 2 * 9
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        stage.compute_loss(policy, batch)[0].backward()
+    assert stage.flops_per_token(policy) * stage.tokens_in_batch(batch) == counter.get_total_flops()
+
 def test_equal_policy_and_reference_give_log_2():
     model = tiny_model(1)
     stage = stage_for()

@@ -124,7 +124,10 @@ class PairStage(FineTuneStage):
         return f"{items} pairs = {2 * items} sequences of at most {self.args.seq_len} tokens"
 
     def tokens_in_batch(self, batch: dict) -> int:
-        return int(batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel())
+        """The positions the forward runs on: both sides' rows, padded to the wider side (`concat_pairs`), so
+        that tokens/s and MFU count the work done, padding included, as SFT's padded rows are."""
+        width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+        return 2 * batch["chosen_input_ids"].shape[0] * width
 
     def eval_weight(self, batch: dict) -> torch.Tensor:
         """The loss is a mean over pairs: val_loss weighs batches by their pairs, not their tokens."""
