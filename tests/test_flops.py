@@ -49,6 +49,7 @@ SEQ = 48
 # weights N = 2 x (q 64*64 + k 64*32 + v 64*32 + o 64*64 + gate, up, down 3*64*192) + head 512*64 = 131072;
 # attention QK^T and AV at seq 48: forward 2 x 2 x 2 layers x 48 x 64 = 24576, training 3 times that.
 N, ATTN = 131_072, 24_576
+HEAD = 512 * 64  # of N: the output head, which GRPO and PPO run at sampled tokens only
 FORWARD, TRAIN = 2 * N + ATTN, 6 * N + 3 * ATTN
 # LoRA rank 4 on every projection, r x (in + out) each: 2 layers x 4 x (q 128 + k 96 + v 96 + o 128 + 3 x 256)
 ADAPTER = 2 * 4 * (128 + 96 + 96 + 128 + 3 * 256)
@@ -90,12 +91,13 @@ def _model(**config) -> MiniMindForCausalLM:
     ("dpo", ("--reference", "r"), {"reference": BIG}, TRAIN + TEACHER_FORWARD),
     ("dpo", ("--precompute-reference",), {}, TRAIN),  # scored before training, not in its time
     ("dpo", ("--lora-rank", "4"), {"reference": TINY}, LORA + FORWARD),
-    # a rollout token: a forward to sample it (prefill or decode) and one of the reference, once per rollout
-    ("grpo", (), {"reference": TINY}, TRAIN + 2 * FORWARD),
-    ("grpo", ("--kl-beta", "0"), {}, TRAIN + FORWARD),
-    ("grpo", ("--updates-per-rollout", "4"), {"reference": TINY}, TRAIN + 2 * FORWARD / 4),
-    ("ppo", ("--updates-per-rollout", "2"), {"reference": TINY}, TRAIN + 6 * 64 + 2 * FORWARD / 2),  # + value head
-    ("ppo", ("--kl-coef", "0"), {}, TRAIN + 6 * 64 + FORWARD),
+    # a rollout position: a forward to sample (prefill or decode) and one of the reference, once per rollout;
+    # the output head apart (see test_rl_stages_count_the_head_at_sampled_tokens_only)
+    ("grpo", (), {"reference": TINY}, TRAIN - 6 * HEAD + 2 * (FORWARD - 2 * HEAD)),
+    ("grpo", ("--kl-beta", "0"), {}, TRAIN - 6 * HEAD + FORWARD - 2 * HEAD),
+    ("grpo", ("--updates-per-rollout", "4"), {"reference": TINY}, TRAIN - 6 * HEAD + 2 * (FORWARD - 2 * HEAD) / 4),
+    ("ppo", ("--updates-per-rollout", "2"), {"reference": TINY}, TRAIN - 6 * HEAD + 2 * (FORWARD - 2 * HEAD) / 2),
+    ("ppo", ("--kl-coef", "0"), {}, TRAIN - 6 * HEAD + FORWARD - 2 * HEAD),
 ])
 def test_each_stage_counts_what_it_runs_per_trained_token(name, flags, models, expected, monkeypatch):
     """MFU took 6N + attention for every stage: a LoRA run does no weight gradient of its frozen base, and DPO,
@@ -139,3 +141,46 @@ def test_a_full_training_stage_counts_what_its_step_multiplies(name, monkeypatch
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(input_ids=ids, targets=ids).loss.backward()
     assert _stage(name).flops_per_token(model) == counter.get_total_flops() / (2 * SEQ) == TRAIN
+
+
+@pytest.mark.parametrize("name, flags, head", [
+    ("grpo", (), (6 + 2 * 2) * HEAD),  # trained, sampled, the reference's
+    ("grpo", ("--kl-beta", "0", "--updates-per-rollout", "2"), (6 + 2 / 2) * HEAD),
+    ("ppo", ("--updates-per-rollout", "2"), (6 + 2 * 2 / 2) * HEAD + 6 * 64),  # + the value head, trained
+])
+def test_rl_stages_count_the_head_at_sampled_tokens_only(name, flags, head, monkeypatch):
+    """GRPO and PPO count prompt + completion tokens, but take logits (and PPO's values) only where a completion
+    token is predicted: a rollout's FLOPs are the body at each position a row is read at and the head at each
+    sampled token, as torch's FLOP counter finds a training step (forward and backward) and a forward over the
+    rollout multiplying. Counting the head at every token overstated them by a fifth or more here (prompts as long as
+    completions)."""
+    from minimind_fast.training.grpo import Rollout, pack_sequences
+    from minimind_fast.training.ppo import attach_value_head
+
+    monkeypatch.setenv("MINIMIND_ATTENTION", "sdpa")
+    rows, prompt, completion = 4, 8, 8
+    # --seq-len the rows' read positions: the formula counts attention at --seq-len, the counter at the width
+    stage = _stage(name, *flags, "--seq-len", str(prompt + completion - 1), "--max-new-tokens", str(completion))
+    model = _model()
+    if name == "ppo":
+        attach_value_head(model)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 512, (rows, prompt), generator=g).tolist()
+    completions = torch.randint(3, 512, (rows, completion), generator=g).tolist()
+    ids, targets, mask = pack_sequences(prompts, completions, pad_id=0)
+    rollout = Rollout(ids, targets, mask, torch.randn(rows), torch.randn(rows), None, None, {},
+                      rows * (prompt + completion), rows * completion)
+    stage._rollout = lambda engine, batch: rollout
+    stage._head_flops = stage.head_flops_per_token(model.config)
+    assert stage._head_flops == head
+    with FlopCounterMode(display=False) as train, sdpa_kernel(SDPBackend.MATH):
+        stage.compute_loss(model, {})[0].backward()
+    # a rollout forward (the reference's, or the sampler's prefill and decoding steps) over the same positions
+    with FlopCounterMode(display=False) as forward, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(ids, logits_to_keep=targets.shape[1])
+    per_update = (2 if stage.kl_weight > 0 else 1) / stage.args.updates_per_rollout  # sampler, reference
+    expected = train.get_total_flops() + forward.get_total_flops() * per_update
+    flops = stage.flops_in_batch({}, stage.flops_per_token(model))
+    assert flops == expected
+    counted_everywhere = (stage.flops_per_token(model) + stage._head_flops) * stage.tokens_in_batch({})
+    assert counted_everywhere > 1.15 * flops

@@ -511,9 +511,10 @@ class Trainer:
         batches = iter(self.loader)
         bad_steps = state["bad_steps"]
         tokens_seen = state["tokens"]
-        # Tokens are counted per rank and summed over ranks at each log and save (a stage's batches may
-        # differ in size between ranks: GRPO's completions).
+        # Tokens (and their FLOPs, for MFU) are counted per rank and summed over ranks at each log and save
+        # (a stage's batches may differ in size between ranks: GRPO's completions).
         t_last, tokens_last, tokens_here, paused = time.time(), 0, 0, 0.0
+        flops_last, flops_here = 0.0, 0.0
         self._last_save = time.monotonic()
         self.engine.train()
         try:
@@ -546,12 +547,14 @@ class Trainer:
                     for k, v in metrics.items():
                         metrics_acc[k] = metrics_acc.get(k, 0.0) + v / self.grad_accum
                     tokens_here += self.stage.tokens_in_batch(batch)
+                    flops_here += self.stage.flops_in_batch(batch, self.flops_per_token)
                 step += 1
                 profiler.after_step(step)
                 logger.advance()
                 if self._logs(step):
-                    tokens = self._sum_over_ranks(tokens_here)
+                    tokens, flops = self._sum_over_ranks(tokens_here, flops_here)
                     tokens_seen, tokens_last, tokens_here = tokens_seen + tokens, tokens_last + tokens, 0
+                    flops_last, flops_here = flops_last + flops, 0.0
                     loss_val = torch.stack(losses).mean()
                     dist.all_reduce(loss_val)
                     elapsed = time.time() - t_last - paused  # evaluation and checkpoints are not training
@@ -565,9 +568,9 @@ class Trainer:
                     if self.dtype == "fp16":  # steps DeepSpeed skipped on a loss-scale overflow
                         record["overflow_steps"] = int(getattr(self.engine, "skipped_steps", 0))
                     if peak:
-                        record["mfu"] = self.flops_per_token * tok_s / (peak * self.world)
+                        record["mfu"] = flops_last / max(elapsed, 1e-9) / (peak * self.world)
                     logger.log(record)
-                    t_last, tokens_last, paused = time.time(), 0, 0.0
+                    t_last, tokens_last, flops_last, paused = time.time(), 0, 0.0, 0.0
                 t_pause = time.time()
                 if self.val_loader is not None and (step % a.eval_every == 0 or step == self.total_steps):
                     if means := self.evaluate():
@@ -575,8 +578,9 @@ class Trainer:
                 stop_requested, save_due = self._agreed(step, stop.requested, self._save_due())
                 stopping = stop_requested or step == a.stop_at_step
                 if step % a.save_every == 0 or step == self.total_steps or stopping or save_due:
-                    tokens = self._sum_over_ranks(tokens_here)  # every step's, not only logged ones
+                    tokens, flops = self._sum_over_ranks(tokens_here, flops_here)  # every step's, not only logged ones
                     tokens_seen, tokens_last, tokens_here = tokens_seen + tokens, tokens_last + tokens, 0
+                    flops_last, flops_here = flops_last + flops, 0.0
                     self.save(step, {"tokens": tokens_seen, "bad_steps": bad_steps})
                 paused += time.time() - t_pause
                 if stopping:
@@ -620,12 +624,13 @@ class Trainer:
         minutes = self.args.save_every_minutes
         return minutes is not None and time.monotonic() - self._last_save >= 60 * minutes
 
-    def _sum_over_ranks(self, count: int) -> int:
+    def _sum_over_ranks(self, count: int, flops: float) -> tuple[int, float]:
+        """(tokens, FLOPs) summed over ranks, in one collective (float64 holds a token count exactly)."""
         if self.world == 1:
-            return count
-        t = torch.tensor([count], dtype=torch.int64, device=self.device)
+            return count, flops
+        t = torch.tensor([count, flops], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return int(t.item())
+        return int(t[0].item()), t[1].item()
 
     def _mean_over_ranks(self, metrics: dict[str, float | torch.Tensor]) -> dict[str, float]:
         """A stage's metrics (floats or device scalars, read only here so that the steps between logs

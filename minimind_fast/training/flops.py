@@ -29,7 +29,12 @@ def active_matmul_params(config: ModelConfig) -> int:
     ffn = 3 * h * inter
     if config.use_moe:
         ffn = ffn * (config.num_experts_per_tok + config.n_shared_experts) + h * config.n_routed_experts
-    return config.num_hidden_layers * (attn + ffn) + config.vocab_size * h
+    return config.num_hidden_layers * (attn + ffn) + head_matmul_params(config)
+
+
+def head_matmul_params(config: ModelConfig) -> int:
+    """The output head's weights (tied to the embedding or not): part of `active_matmul_params`."""
+    return config.vocab_size * config.hidden_size
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -51,12 +51,13 @@ import torch
 import torch.distributed as dist
 
 from minimind_fast.checkpoint import weights_fingerprint
+from minimind_fast.config import ModelConfig
 from minimind_fast.data.loaders import ShardLoader
 from minimind_fast.data.prompts import PromptLoader, encode_prompts, read_prompt_file
 from minimind_fast.data.records import conversation_tools
 from minimind_fast.generation import GenerationConfig, generate
 from minimind_fast.model import MiniMindForCausalLM
-from minimind_fast.training.flops import forward_flops_per_token
+from minimind_fast.training.flops import forward_flops_per_token, head_matmul_params, model_flops_per_token
 from minimind_fast.training.reward_model import load_model_reward
 from minimind_fast.training.rewards import REWARDS, TRAJECTORY, TRAJECTORY_START, RewardSet, reward_identity
 from minimind_fast.training.stages import FineTuneStage, check_resumed_objective, freeze, save_objective
@@ -156,6 +157,7 @@ class Rollout:
     old_logprobs: torch.Tensor | None  # (N, K), set by the first update
     metrics: dict[str, float]
     tokens: int  # prompt + completion tokens (for tokens/s)
+    sampled_tokens: int  # the completion tokens the policy sampled: where logits are taken (for MFU)
     old_values: torch.Tensor | None = None  # PPO: (N, K) the critic's values, set by the first update
     returns: torch.Tensor | None = None  # PPO: (N, K) the critic's targets, likewise
 
@@ -253,7 +255,8 @@ class GRPOStage(FineTuneStage):
         self.reference: MiniMindForCausalLM | None = None
         self.rollout_copy: MiniMindForCausalLM | None = None
         self.toolbox: Toolbox | None = None
-        self._tokens = 0
+        self._tokens = self._sampled_tokens = self._rows = 0
+        self._head_flops = 0.0  # per sampled token (`head_flops_per_token`), set by `setup`
 
     # --- data ----------------------------------------------------------------------------
     def _check_flags(self) -> None:
@@ -414,6 +417,7 @@ class GRPOStage(FineTuneStage):
             self.reference = freeze(copy.deepcopy(model))
         if self.zero_stage == 3:
             self.rollout_copy = freeze(copy.deepcopy(model))
+        self._head_flops = self.head_flops_per_token(model.config)
         self.objective = self._objective_record(model)
         check_resumed_objective(self.resume_from, self.objective_name, self.objective, self.objective_flags,
                                 RECORDED_SINCE, compared_as={"reward": reward_identity})
@@ -441,14 +445,30 @@ class GRPOStage(FineTuneStage):
     def save_extra(self, model: MiniMindForCausalLM, out_dir: Path) -> None:
         save_objective(out_dir, self.objective)
 
-    def flops_per_token(self, model: MiniMindForCausalLM) -> float:
-        """The policy's training, and per rollout token one forward to sample it (its prompt's prefill or its
-        decoding step) and one of the reference (with the KL term): once per rollout, which
+    def _rollout_forwards(self) -> float:
+        """Forwards per update besides the training one: to sample (the prompt's prefill, then a decoding step
+        per sampled token) and the reference's (with the KL term), once per rollout, which
         --updates-per-rollout trains on that many times."""
-        a = self.args
-        forward = forward_flops_per_token(model.config, a.seq_len)
-        rollout = forward * (2 if self.kl_weight > 0 else 1)
-        return super().flops_per_token(model) + rollout / a.updates_per_rollout
+        return (2 if self.kl_weight > 0 else 1) / self.args.updates_per_rollout
+
+    def flops_per_token(self, model: MiniMindForCausalLM) -> float:
+        """Per position a rollout row is read at (each token but its last, which no forward reads), the output
+        head left out: the policy's training and the rollout's forwards. The head runs only where logits are
+        taken, at the sampled tokens: `flops_in_batch` adds it there."""
+        a, head = self.args, head_matmul_params(model.config)
+        train = model_flops_per_token(model.config, a.seq_len) - 6 * head
+        forward = forward_flops_per_token(model.config, a.seq_len) - 2 * head
+        return train + forward * self._rollout_forwards()
+
+    def head_flops_per_token(self, config: ModelConfig) -> float:
+        """Per sampled token, the output head's: trained (6 per weight), and run by the rollout's forwards (the
+        sampler takes one token's logits per decoding step, the reference the completion's; 2 per weight)."""
+        return head_matmul_params(config) * (6 + 2 * self._rollout_forwards())
+
+    def flops_in_batch(self, batch: dict, per_token: float) -> float:
+        """The micro-batch's rollout: `per_token` over its rows' read positions (prompt + completion tokens, less
+        one a row), the head over its sampled tokens; padding is not counted (nor are its tokens)."""
+        return per_token * (self._tokens - self._rows) + self._head_flops * self._sampled_tokens
 
     # --- rollouts --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -501,7 +521,7 @@ class GRPOStage(FineTuneStage):
         return Rollout(input_ids, targets, mask, rewards.to(device),
                        advantages.to(device) if advantages is not None else None,
                        self._reference_logprobs(input_ids, targets, param.dtype), None, metrics,
-                       sum(len(e.ids) for e in episodes))
+                       sum(len(e.ids) for e in episodes), sum(sum(e.sampled) for e in episodes))
 
     def _episodes(self, model: MiniMindForCausalLM, batch: dict, prompts: list[list[int]]) -> list[Episode]:
         """Each row's rollout: one turn, or with --tools as many as the calls ask for (tools.run_episodes)."""
@@ -603,7 +623,7 @@ class GRPOStage(FineTuneStage):
                                 a.clip_eps, a.kl_beta)
         if self.uses_moe(model) and out.aux_loss is not None:
             loss = loss + out.aux_loss
-        self._tokens = r.tokens
+        self._tokens, self._sampled_tokens, self._rows = r.tokens, r.sampled_tokens, r.input_ids.shape[0]
         return loss, {**r.metrics, **stats}  # the engine averages them over ranks
 
     def eval_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:

@@ -33,6 +33,7 @@ import math
 import torch
 from torch import nn
 
+from minimind_fast.config import ModelConfig
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.grpo import (
     OBJECTIVE_FLAGS,
@@ -195,9 +196,9 @@ class PPOStage(OwnHead, GRPOStage):
         super().setup(model)
         attach_value_head(model)
 
-    def flops_per_token(self, model: MiniMindForCausalLM) -> float:
-        """GRPO's, and the value head's training (hidden_size weights, 6 FLOPs each)."""
-        return super().flops_per_token(model) + 6 * model.config.hidden_size
+    def head_flops_per_token(self, config: ModelConfig) -> float:
+        """GRPO's, and the value head's training (hidden_size weights, 6 FLOPs each), read at the same tokens."""
+        return super().head_flops_per_token(config) + 6 * config.hidden_size
 
     def parameter_groups(self, model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
         """The policy's groups at --lr, then the head's at --value-lr. Under Adam a parameter's step is
@@ -239,5 +240,5 @@ class PPOStage(OwnHead, GRPOStage):
                                a.clip_eps, a.cliprange_value, a.vf_coef)
         if self.uses_moe(model) and out.aux_loss is not None:
             loss = loss + out.aux_loss
-        self._tokens = r.tokens
+        self._tokens, self._sampled_tokens, self._rows = r.tokens, r.sampled_tokens, r.input_ids.shape[0]
         return loss, {**r.metrics, **stats}

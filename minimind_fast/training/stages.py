@@ -273,6 +273,12 @@ class Stage:
         model's forward and backward; a stage adds the other forwards it runs (reference, teacher)."""
         return model_flops_per_token(model.config, self.args.seq_len)
 
+    def flops_in_batch(self, batch: dict, per_token: float) -> float:
+        """Hook: the model FLOPs of the micro-batch just trained on, for MFU: `per_token` (`flops_per_token`)
+        for each of its `tokens_in_batch`; a stage whose tokens do not all cost the same (GRPO's: the output
+        head runs at completion tokens only) counts its own."""
+        return per_token * self.tokens_in_batch(batch)
+
     @staticmethod
     def uses_moe(model: torch.nn.Module) -> bool:
         module = getattr(model, "module", model)
