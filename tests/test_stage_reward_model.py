@@ -62,6 +62,25 @@ def padded_pairs() -> dict:
     return batch
 
 
+def test_flops_counted_are_what_the_step_multiplies(monkeypatch):
+    """MFU's FLOPs of a reward-model micro-batch equal what torch's FLOP counter finds its forward and
+    backward multiplying: the trunk at every position, the output head at one position a row (the forward's
+    logits_to_keep=1, whose logits no loss reads) and the scalar head at each row's last token."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setenv("MINIMIND_ATTENTION", "sdpa")
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(get_preset("tiny", num_hidden_layers=2, vocab_size=128, hidden_size=64,
+                                           kernels="reference"))
+    batch = padded_pairs()
+    stage = rm_stage("--seq-len", "9")  # the batch's width: the formula counts attention at --seq-len
+    stage.setup(model)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        stage.compute_loss(model, batch)[0].backward()
+    assert stage.flops_in_batch(batch, stage.flops_per_token(model)) == counter.get_total_flops()
+
+
 def scores_by_hand(model: MiniMindForCausalLM, batch: dict, side: str) -> torch.Tensor:
     """Each row alone, unpadded: the head on the final hidden state at its last token."""
     out = []

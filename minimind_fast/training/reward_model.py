@@ -40,6 +40,7 @@ from minimind_fast.data.records import MARK, conversation_doc
 from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.dpo import PairStage, concat_pairs
+from minimind_fast.training.flops import head_matmul_params
 from minimind_fast.training.heads import OwnHead, attach_scalar_head
 from minimind_fast.training.hf_reward import HFRewardScorer
 from minimind_fast.training.rewards import ReplyScorer, split_weight
@@ -108,6 +109,7 @@ class RewardModelStage(OwnHead, PairStage):
 
     def setup(self, model: MiniMindForCausalLM) -> None:
         """The head, before DeepSpeed wraps the model (a resume then loads its trained weights)."""
+        self.model_config = model.config  # for `flops_in_batch`
         attach_scalar_head(model, REWARD_HEAD, std=HEAD_INIT_SCALE / math.sqrt(model.config.hidden_size),
                            seed=self.args.seed)
         check_resumed_objective(self.resume_from, "reward-model objective", self._objective(),
@@ -115,6 +117,18 @@ class RewardModelStage(OwnHead, PairStage):
 
     def _objective(self) -> dict:
         return {"center_coef": self.args.center_coef}
+
+    def flops_per_token(self, model: MiniMindForCausalLM) -> float:
+        """The trunk's forward and backward: the output head runs at one position a row (`flops_in_batch`)."""
+        return super().flops_per_token(model) - 6 * head_matmul_params(model.config)
+
+    def flops_in_batch(self, batch: dict, per_token: float) -> float:
+        """The trunk at every position, and at each row's one read position the output head's forward (the
+        logits no loss reads: `sequence_rewards`' logits_to_keep=1) and the scalar head's forward and backward."""
+        rows = 2 * batch["chosen_input_ids"].shape[0]
+        config = self.model_config
+        return per_token * self.tokens_in_batch(batch) + rows * (2 * head_matmul_params(config)
+                                                                 + 6 * config.hidden_size)
 
     def save_extra(self, model: MiniMindForCausalLM, out_dir: Path) -> None:
         save_objective(out_dir, self._objective())
