@@ -22,6 +22,7 @@ from minimind_fast.chat import (
     load_chat_model,
     load_preset_model,
 )
+from minimind_fast.config import PRESETS
 from minimind_fast.generation import generate
 from minimind_fast.inference_args import add_model_arguments, add_sampling_arguments, generation_config
 
@@ -29,7 +30,7 @@ from minimind_fast.inference_args import add_model_arguments, add_sampling_argum
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="randomly initialised model of this preset")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="randomly initialised model of this preset")
     src.add_argument("--model", help="model dir, run dir, Hugging Face export or MiniMind .pth")
     add_model_arguments(p, model_required=False)
     p.add_argument("--prompt", default="Hello")
@@ -54,7 +55,7 @@ def main() -> None:
         start = time.perf_counter()
         new = generate(model, [ids], config, cuda_graph=not a.no_cuda_graph)[0]
         seconds = time.perf_counter() - start
-    except (OSError, KeyError, ValueError) as e:  # OSError: also weights that cannot be read
+    except (OSError, ValueError) as e:  # OSError: also weights that cannot be read
         sys.exit(f"error: {e}")
     print(a.prompt + tokenizer.decode(new) if tokenizer else f"prompt ids {ids}\nnew ids {new}")
     weights = next(model.parameters())

@@ -16,7 +16,7 @@ import torch
 from control_text import INJECTION, control_count, shard_docs, shard_prompt_ids
 from tool_templates import NO_SYSTEM_TEMPLATE, TOOLS_TEMPLATE
 
-from minimind_fast import MiniMindForCausalLM, get_preset
+from minimind_fast import PRESETS, MiniMindForCausalLM, get_preset
 from minimind_fast.chat import (
     ChatSession,
     TextStream,
@@ -378,6 +378,15 @@ def test_generate_cli_reports_bad_arguments_clearly(model_dir, source, args, nee
     run = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), *src, *args],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_generate_cli_names_an_unknown_preset_and_the_valid_ones():
+    """An unknown --preset ended as the repr of a KeyError: the message in stray double quotes."""
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), "--preset", "huge"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and '"' not in run.stderr, run.stderr
+    assert "argument --preset: invalid choice: 'huge'" in run.stderr, run.stderr
+    assert all(f"'{name}'" in run.stderr for name in PRESETS), run.stderr
 
 
 @pytest.mark.parametrize("script", ["generate.py", "chat.py"])
