@@ -76,17 +76,21 @@ def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict in a MiniMind `.pth` (or the `model` entry of a `*_resume.pth`), keys unwrapped,
     saved buffers dropped, floats cast to fp32."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: a directory, not a file; {PTH_EXPECTED}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: an empty file; {PTH_EXPECTED}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(e)}); {PTH_EXPECTED}") from e
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # MiniMind's resume file: {'model': state_dict, 'optimizer': ..., 'step': ...}
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a state dict (parameter name -> tensor) as MiniMind's trainer "
-                         f"saves it, found {type(obj).__name__}")
+                         f"saves it, found {_describe(obj)}")
     state = {}
     for key, value in obj.items():
         key = _strip_wrappers(key)
@@ -94,6 +98,28 @@ def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             continue
         state[key] = value.float() if value.is_floating_point() else value
     return state
+
+
+PTH_EXPECTED = "expected a MiniMind .pth (a state dict of tensors, saved by torch.save)"
+
+
+def _load_failure(e: Exception) -> str:
+    """torch.load's reason in one line. A weights-only refusal puts it on a later line, after advice on
+    loading the file as trusted code, which is not ours to pass on."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    reason = reason.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
+def _describe(obj: object) -> str:
+    """What a .pth held instead of a state dict, for the error that refuses it."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}"
+    if not obj:
+        return "an empty dict"
+    key, value = next((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    return f"a dict with non-tensor entries ({key!r}: {type(value).__name__})"
 
 
 def _strip_wrappers(key: str) -> str:
@@ -461,7 +487,7 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for truncated or foreign files
             raise ValueError(f"{path / 'pytorch_model.bin'}: not a readable PyTorch checkpoint "
-                             f"({type(e).__name__}: {e})") from e
+                             f"({_load_failure(e)})") from e
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()

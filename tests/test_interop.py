@@ -525,6 +525,36 @@ def test_convert_cli_round_trip(tmp_path, tokenizer_dir, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("kind, needle", [
+    ("directory", "a directory, not a file"),
+    ("empty", "an empty file"),
+    ("text", "not a readable PyTorch checkpoint"),
+    ("binary", "not a readable PyTorch checkpoint (UnpicklingError: Unsupported global"),
+    ("pickled-model", "not a readable PyTorch checkpoint (UnpicklingError: Unsupported global: "
+                      "GLOBAL torch.nn.modules.linear.Linear"),
+    ("trainer-state", "found a dict with non-tensor entries ('step': int)"),
+    ("empty-dict", "found an empty dict"),
+    ("other-model", "no model.embed_tokens.weight: not a MiniMind2 state dict (its keys begin: bert."),
+])
+def test_from_minimind_names_a_file_that_is_no_minimind_checkpoint(tmp_path, capsys, kind, needle):
+    """A directory was "no such file"; torch's refusals spread over several lines of advice to load the file
+    as trusted code; a dict of other things was "found dict". Each is one line naming the file, what it is and
+    what was expected."""
+    path = tmp_path / "model.pth"
+    if kind == "directory":
+        path.mkdir()
+    elif kind in ("empty", "text", "binary"):
+        path.write_bytes({"empty": b"", "text": b"hello\n", "binary": b"caf\xe9"}[kind])
+    else:
+        obj = {"pickled-model": torch.nn.Linear(2, 2), "trainer-state": {"step": 3, "lr": 0.1}, "empty-dict": {},
+               "other-model": {"bert.embeddings.word_embeddings.weight": torch.zeros(4, 4)}}[kind]
+        torch.save(obj, path)
+    assert _convert_main()(["from-minimind", str(path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and needle in err and err.count("\n") == 1, err
+    assert "MiniMind" in err and not (tmp_path / "out").exists(), err
+
+
 def test_convert_refuses_a_tokenizer_other_than_the_models_own(tmp_path, tokenizer_dir, capsys):
     """Every conversion that writes a model with a tokenizer refuses a --tokenizer with another tokenizer.json
     than the model's own, naming both, and writes nothing; restating the model's own is accepted."""
