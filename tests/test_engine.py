@@ -403,6 +403,23 @@ def test_a_checkpoint_of_another_stage_is_refused_naming_it(pretrain_run, builti
         assert "this sft run cannot resume it" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("record", [b'{"stage": "pretrain", "deepspeed_config": {', b'["pretrain"]'],
+                         ids=["truncated", "not-an-object"])
+def test_a_resumed_checkpoints_unreadable_run_config_is_an_error_naming_it(pretrain_run, builtin_data,
+                                                                           tiny_model_config, tmp_path, record):
+    """The config.json of the run that wrote a checkpoint (its stage; an older checkpoint's optimizer layout) was
+    read twice: once with any fault ignored, once failing on a truncated file with the JSON parser's bare message
+    ("Expecting value: ...") and accepting a list. One read now, and a fault is an error naming the file."""
+    out = tmp_path / "pre"
+    shutil.copytree(pretrain_run, out)
+    (out / "config.json").write_bytes(record)
+    proc = run("pretrain.py", common(builtin_data["shards"]["pretrain"], out, 16, "--config", str(tiny_model_config)),
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"error: {out / 'config.json'}: " in proc.stderr, proc.stderr[-2000:]
+    assert (out / "config.json").read_bytes() == record and sorted(losses(out)) == sorted(losses(pretrain_run))
+
+
 def test_resume_takes_a_run_dir_and_refuses_what_would_train_nothing(builtin_data, tiny_model_config, tmp_path):
     """--resume RUN_DIR continues from that run's newest checkpoint (into another --out too); a resume
     past --steps, or a --stop-at-step not after the resumed step, is refused instead of exiting 0 with

@@ -214,6 +214,9 @@ class Trainer:
         self.manifest = self.stage.open_data(data)
         self.tokenizer_dir = self.stage.tokenizer_dir(self.manifest)  # what checkpoints carry; checked now
         self.resume_from = self._checkpoint_to_resume()
+        # Read once: the stage check and the optimizer layout both need the run's record.
+        self.resume_record = read_run_record(self.resume_from) if self.resume_from else {}
+        self._refuse_other_stage()
         self.start_step = self._start_step()
         self._refuse_later_checkpoints()
         self.ds_config = self._deepspeed_config()
@@ -269,7 +272,7 @@ class Trainer:
     def _deepspeed_config(self) -> dict:
         """From flags or the user's file; a resumed run keeps its checkpoint's optimizer layout."""
         a = self.args
-        saved = self._saved_layout(self.resume_from)
+        saved = self._saved_layout(self.resume_from, self.resume_record)
         zero_stage = a.zero_stage
         if zero_stage is None and not a.deepspeed_config and saved:
             zero_stage = saved["zero_stage"]
@@ -379,18 +382,14 @@ class Trainer:
             ckpt = newest
         if ckpt is not None and not (ckpt / checkpointing.MARKER).exists():
             raise TrainingError(f"--resume {ckpt}: not a complete checkpoint (no {checkpointing.MARKER} marker)")
-        if ckpt is not None:
-            self._refuse_other_stage(ckpt)
         return ckpt
 
-    def _refuse_other_stage(self, ckpt: Path) -> None:
+    def _refuse_other_stage(self) -> None:
         """A checkpoint another stage wrote (named in its run's config.json) is not this run's to resume:
         its weights start a new run through --init. Later checks would refuse it too, but by a loader
-        or objective mismatch that names neither the checkpoint nor what to do."""
-        try:
-            stage = json.loads((ckpt.parent.parent / "config.json").read_text()).get("stage")
-        except (OSError, ValueError, AttributeError):
-            return  # a checkpoint copied out of its run: the loader's and objective's checks still apply
+        or objective mismatch that names neither the checkpoint nor what to do. A checkpoint copied out
+        of its run has no record: the loader's and objective's checks still apply."""
+        ckpt, stage = self.resume_from, self.resume_record.get("stage")
         if stage and stage != self.stage.name:
             flag = "--resume auto: " if self.args.resume == "auto" else "--resume "
             raise TrainingError(f"{flag}{ckpt}: a checkpoint of a {stage} run, and this {self.stage.name} run cannot "
@@ -399,7 +398,7 @@ class Trainer:
     def _start_step(self) -> int:
         if self.resume_from is None:
             return 0
-        return json.loads((self.resume_from / "trainer_state.json").read_text())["step"]
+        return read_json_object(self.resume_from / "trainer_state.json")["step"]
 
     def _check_steps(self) -> None:
         """A resumed run must have steps left to train (a smaller --steps would otherwise do nothing,
@@ -462,17 +461,14 @@ class Trainer:
                                 "--vocab-size, --init), or start anew with --resume none in another --out")
 
     @staticmethod
-    def _saved_layout(ckpt: Path | None) -> dict | None:
-        """The optimizer layout `ckpt` was written with: recorded in it, or (older checkpoints) in the
-        config.json of the run that wrote it."""
+    def _saved_layout(ckpt: Path | None, recorded: dict) -> dict | None:
+        """The optimizer layout `ckpt` was written with: recorded in it, or (older checkpoints) in
+        `recorded`, the config.json of the run that wrote it."""
         if ckpt is None:
             return None
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        run_config = ckpt.parent.parent / "config.json"
-        recorded = json.loads(run_config.read_text()) if run_config.exists() else {}
-        layout = state.get("optimizer_layout")
+        layout = read_json_object(ckpt / "trainer_state.json").get("optimizer_layout")
         if layout is None:
-            return optimizer_layout(recorded["deepspeed_config"]) if recorded else None
+            return optimizer_layout(recorded["deepspeed_config"]) if "deepspeed_config" in recorded else None
         if "precision" not in layout and "precision" in recorded:  # recorded in checkpoints since
             layout = {**layout, "precision": recorded["precision"]}
         return layout
@@ -729,6 +725,25 @@ def _reported_grad_norm(engine, own_norm: float | None) -> float:
     if norm is not None:
         return float(norm)
     return own_norm if own_norm is not None else float("nan")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object file this package wrote; damaged, it is an error naming it (the parser's own
+    message names no file)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: also a file that is not UTF-8
+        raise TrainingError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TrainingError(f"{path}: expected a JSON object, found a {type(data).__name__}")
+    return data
+
+
+def read_run_record(ckpt: Path) -> dict:
+    """The config.json of the run that wrote `ckpt` (its stage; for older checkpoints the optimizer
+    layout), or {} for a checkpoint copied out of its run."""
+    path = ckpt.parent.parent / "config.json"
+    return read_json_object(path) if path.exists() else {}
 
 
 def _write_json(path: Path, data: dict) -> None:
