@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from minimind_fast.checkpoint import tokenizer_dir_beside
+from minimind_fast.checkpoint import is_hf_dir, resolve_model_dir, tokenizer_dir_beside
 from minimind_fast.config import get_preset
 from minimind_fast.data.pipeline import doc_ids, prompt_ids
 from minimind_fast.data.records import Doc, RecordError, check_messages, conversation_field, refuse_record_tools
@@ -32,6 +32,8 @@ def find_tokenizer(model_path: str | os.PathLike, tokenizer: str | os.PathLike |
     p = Path(model_path)
     if not p.exists():
         raise FileNotFoundError(f"{model_path}: no such model directory or file")
+    if p.suffix != ".pth" and not is_hf_dir(p):
+        resolve_model_dir(p)  # no weights there at all: say that, not that their tokenizer is missing
     beside_dir = tokenizer_dir_beside(p)
     beside = load_tokenizer(beside_dir) if beside_dir else None
     if not tokenizer:

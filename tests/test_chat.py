@@ -389,6 +389,20 @@ def test_generate_cli_names_an_unknown_preset_and_the_valid_ones():
     assert all(f"'{name}'" in run.stderr for name in PRESETS), run.stderr
 
 
+@pytest.mark.parametrize("script", ["generate.py", "chat.py", "serve.py"])
+@pytest.mark.parametrize("kind", ["text-file", "empty-dir"])
+def test_a_model_path_with_no_weights_is_named_as_such(tmp_path, script, kind):
+    """A --model holding no weights at all (a text file, an empty or a wrong directory) was refused for
+    having "no tokenizer.json beside the weights; pass --tokenizer DIR": the tokenizer is looked up first."""
+    model = tmp_path / ("notes.txt" if kind == "text-file" else "empty")
+    model.write_text("hello\n") if kind == "text-file" else model.mkdir()
+    extra = ["--port", "0"] if script == "serve.py" else ["--prompt", "Hi", "--max-new-tokens", "2"]
+    run = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--model", str(model), *extra],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"error: {model}: not a model directory" in run.stderr and "tokenizer" not in run.stderr, run.stderr
+
+
 @pytest.mark.parametrize("script", ["generate.py", "chat.py"])
 def test_an_unreadable_weights_file_is_an_error_naming_it(model_dir, tmp_path, script):
     """An OSError other than a missing file (here a model.safetensors that is a directory; likewise no
