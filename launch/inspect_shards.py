@@ -29,7 +29,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     a = parse_args()
-    for flag, value in (("--show", a.show), ("--random", a.random)):
+    for flag, value in (("--show", a.show), ("--random", a.random), ("--seed", a.seed)):
         if value is not None and value < 0:
             sys.exit(f"error: {flag} {value}: must be >= 0")
     try:

@@ -110,6 +110,8 @@ def test_cli_shows_figures_and_documents_and_names_its_errors(builtin_data, monk
     for flag in ("--random", "--show"):  # --random -1 was numpy's "negative dimensions", --show -1 quietly 0
         with pytest.raises(SystemExit, match=f"error: {flag} -1: must be >= 0"):
             _launch(monkeypatch, "--data", shard_dir, flag, -1)
+    with pytest.raises(SystemExit, match="error: --seed -1: must be >= 0"):  # was numpy's "expected non-negative
+        _launch(monkeypatch, "--data", shard_dir, "--random", 2, "--seed", -1)  # integer", naming no flag
 
 
 def test_a_directory_without_held_out_records_is_summed_up(builtin_data, monkeypatch, capsys, tmp_path):
