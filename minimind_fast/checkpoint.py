@@ -210,8 +210,8 @@ def is_hf_dir(path: Path) -> bool:
         return False
     try:
         return "architectures" in json.loads(config.read_text())
-    except json.JSONDecodeError:
-        return False
+    except ValueError:  # not JSON, or not UTF-8: with weights beside it, a damaged export (its loader names it)
+        return any((path / name).exists() for name in (WEIGHTS, "model.safetensors.index.json", "pytorch_model.bin"))
 
 
 def load_state(model: MiniMindForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:

@@ -238,11 +238,10 @@ class ModelConfig:
     def load(cls, path: str | os.PathLike) -> ModelConfig:
         """The config in a JSON file; a malformed or invalid one raises ValueError naming the file."""
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            return cls.from_json(text)
-        except ValueError as e:  # json.JSONDecodeError is one
-            raise ValueError(f"{path}: {e}") from e
+            try:
+                return cls.from_json(f.read())
+            except ValueError as e:  # json.JSONDecodeError is one, and so is a file that is not UTF-8
+                raise ValueError(f"{path}: {e}") from e
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -507,7 +507,7 @@ def load_hf_dir(path: str | os.PathLike) -> MiniMindForCausalLM:
     config_file = path / "config.json"
     try:
         hf = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
         raise ValueError(f"{config_file}: cannot read the Hugging Face config ({e})") from e
     if not isinstance(hf, dict):
         raise ValueError(f"{config_file}: not a JSON object")

@@ -427,13 +427,20 @@ def test_invalid_configs_name_their_file(tmp_path):
     ours = save_model_dir(model, tmp_path / "ours")
     hf = interop.export_hf(model, tmp_path / "hf")
     config = json.loads((ours / "model_config.json").read_text())
+    hf_config = json.loads((hf / "config.json").read_text())
     (ours / "model_config.json").write_text(json.dumps(config | {"num_key_value_heads": 3}))
     with pytest.raises(ValueError, match=r"ours/model_config.json: invalid ModelConfig: num_key_value_heads=3"):
         load_model(ours)
     (ours / "model_config.json").write_text("{broken")
     with pytest.raises(ValueError, match=r"ours/model_config.json: Expecting property name"):
         load_model(ours)
-    hf_config = json.loads((hf / "config.json").read_text())
+    (ours / "model_config.json").write_bytes(b'{"hidden_size": "caf\xe9"}')  # was the codec's message alone
+    with pytest.raises(ValueError, match=r"ours/model_config.json: 'utf-8' codec can't decode"):
+        load_model(ours)
+    for damaged in (b'{"architectures": "caf\xe9"}', b"{broken"):  # was "no such file: hf/model_config.json"
+        (hf / "config.json").write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"hf/config.json: cannot read the Hugging Face config"):
+            load_model(hf)
     for change, message in [({"num_key_value_heads": 3}, "num_key_value_heads=3 does not divide"),
                             ({"num_hidden_layers": "2"}, "num_hidden_layers='2' must be an integer"),
                             ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads=0 must be a positive"),
