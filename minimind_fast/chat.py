@@ -276,6 +276,8 @@ def check_chat_flags(batch: str | None, output: str | None, system: str | None, 
         raise ValueError("--system is not applied in --mode pretrain (raw text has no chat template)")
     if batch and output and Path(output).resolve() == Path(batch).resolve():
         raise ValueError(f"--output {output} is the --batch file: choose another --output")
+    if output and os.path.isdir(output):  # before the answering, which could not be written there
+        raise ValueError(f"--output {output}: a directory; give the path of the JSONL file to write")
 
 
 def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[tuple[int, dict]]:
@@ -357,7 +359,11 @@ def answer_file(model: MiniMindForCausalLM, tokenizer: ChatTokenizer, config: Ge
     # A hidden name of this process's own: neither a user's OUT.tmp nor another run's is overwritten.
     tmp = Path(out_path).with_name(f".{Path(out_path).name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as out:
+        out = open(tmp, "w", encoding="utf-8")
+    except OSError as e:  # under a file, no permission: named as the output, not its hidden temporary
+        raise OSError(f"{out_path}: cannot write the answers there ({e.strerror or e})") from None
+    try:
+        with out:
             for start in range(0, len(records), batch_size):
                 chunk = [rec for _, rec in records[start:start + batch_size]]
                 prompts = all_prompts[start:start + batch_size]

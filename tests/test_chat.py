@@ -338,6 +338,10 @@ def test_cli_names_a_batch_file_that_is_missing_or_a_directory(model_dir, tmp_pa
     (["--mode", "pretrain", "--prompt", "The cat", "--system", "Be brief."], "--system is not applied in --mode "
                                                                                "pretrain"),
     (["--batch", "in.jsonl", "--output", "in.jsonl"], "--output in.jsonl is the --batch file"),
+    # These two named only the hidden temporary ('.o.jsonl.tmp-PID'); the first after answering every prompt.
+    (["--batch", "in.jsonl", "--output", "."], "--output .: a directory"),
+    (["--batch", "in.jsonl", "--output", "in.jsonl/o.jsonl"], "in.jsonl/o.jsonl: cannot write the answers there "
+                                                              "(Not a directory)"),
 ])
 def test_cli_refuses_flags_it_would_ignore_or_an_output_over_its_input(model_dir, tmp_path, flags, needle):
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "Hello"}) + "\n")
