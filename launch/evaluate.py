@@ -44,6 +44,8 @@ def main() -> None:
     a = parse_args()
     if min(a.seq_len, a.micro_batch_size, a.ranks, 1 if a.max_batches is None else a.max_batches) < 1:
         sys.exit("error: --seq-len, --micro-batch-size, --ranks and --max-batches must be >= 1")
+    if a.seed < 0:  # numpy's generator refuses it, naming no flag
+        sys.exit(f"error: --seed {a.seed}: must be >= 0")
     try:
         fingerprint = model_tokenizer_fingerprint(a.model, a.tokenizer)
         if fingerprint is None:

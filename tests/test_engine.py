@@ -745,6 +745,7 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
     (["--eval-batches", "0"], "--eval-batches 0: must be at least 1"),
     (["--keep-last", "-1"], "--keep-last -1: must be >= 0 (0: keep all)"),
     (["--warmup-steps", "-5"], "--warmup-steps -5: must be >= 0"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),  # was numpy's "expected non-negative integer", after set-up
     (["--min-lr-ratio", "2"], "--min-lr-ratio 2.0: must be in [0, 1]"),
     (["--decay-fraction", "0"], "--decay-fraction 0.0: must be in (0, 1]"),
     (["--save-every-minutes", "0"], "--save-every-minutes 0.0: must be > 0 and finite"),

@@ -128,6 +128,9 @@ def test_bad_inputs_are_refused_naming_what(pretrain_run, builtin_data, tmp_path
     proc = run("evaluate.py", ["--model", str(tmp_path / "nothing"), "--data", str(shards["pretrain"])],
                check=False)
     assert proc.returncode == 1 and "error:" in proc.stderr and "nothing" in proc.stderr
+    proc = run("evaluate.py", ["--model", str(pretrain_run), "--data", str(shards["pretrain"]), "--seq-len", "64",
+                               "--seed", "-1"], check=False)  # was numpy's "expected non-negative integer"
+    assert proc.returncode == 1 and "error: --seed -1: must be >= 0" in proc.stderr, proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,7 @@ LOWER_BOUNDS = {"steps": (1, "at least 1"), "seq_len": (1, "at least 1"), "micro
                 "grad_clip": (0, ">= 0 (0: no clipping)"), "save_every": (1, "at least 1"),
                 "keep_last": (0, ">= 0 (0: keep all)"), "eval_batches": (1, "at least 1"),
                 "log_every": (1, "at least 1"), "max_bad_steps": (0, ">= 0"), "stop_at_step": (1, "at least 1"),
-                "profile_steps": (0, ">= 0")}
+                "profile_steps": (0, ">= 0"), "seed": (0, ">= 0")}
 
 
 def check_training_args(args: argparse.Namespace) -> None:
