@@ -667,6 +667,7 @@ def test_a_held_out_split_without_target_tokens_logs_no_val_loss(pretrain_run, b
     ("shard", "train-00000.bin: shard listed in manifest.json is missing"),
     ("kernels", "--kernels triton: Triton kernels need a CUDA device"),
     ("unwritable", "not writable"),
+    ("file-as-out", "exists and is not a directory"),  # was "is not writable: [Errno 17] File exists"
     ("nan", "non-finite losses"),
     ("kind", "needs pretrain shards"),
     ("context", "--seq-len 300 exceeds the model's context length 256"),
@@ -695,6 +696,9 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
     elif bad == "unwritable":
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "run"
+    elif bad == "file-as-out":
+        out = tmp_path / "file"
+        out.write_text("x")
     elif bad == "nan":
         extra += ["--lr", "1e30", "--max-bad-steps", "2", "--grad-clip", "0"]
     elif bad == "kind":

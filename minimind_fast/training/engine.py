@@ -137,6 +137,8 @@ def check_out_apart_from_data(run_dir: Path, data: Path | list[DataSource], val_
 def check_output_dir(run_dir: Path) -> Path | None:
     """Make `run_dir` and check that it takes a file. Returns the outermost directory this made (None when
     `run_dir` was there), for `remove_made_dirs` to take away again if the start is refused."""
+    if run_dir.exists() and not run_dir.is_dir():  # mkdir's own word for it is "File exists"
+        raise TrainingError(f"--out {run_dir}: exists and is not a directory")
     made = next((d for d in reversed([run_dir, *run_dir.parents]) if not d.exists()), None)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
