@@ -735,7 +735,9 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
             p.name for p in builtin_data["shards"]["pretrain"].iterdir())
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert bad == "nan" or not (out / "metrics.jsonl").exists()  # the others: before any training step
-    if bad not in ("nan", "out-is-data"):  # a refused start leaves no directory it made, parents included
+    if bad == "file-as-out":  # left as it was
+        assert out.read_text() == "x"
+    elif bad not in ("nan", "out-is-data"):  # a refused start leaves no directory it made, parents included
         assert not out.exists() and not (tmp_path / "runs").exists()
     assert message in proc.stderr, proc.stderr[-2000:]
 
