@@ -176,3 +176,12 @@ def test_a_file_that_disables_the_flags_precision_wins(tmp_path):
     path.write_text(json.dumps({"bf16": {"enabled": True}}))
     cfg = build(dtype="fp16", user_file=str(path))
     assert precision(cfg) == "bf16" and not cfg.get("fp16", {}).get("enabled")
+
+
+def test_a_deepspeed_config_path_that_is_a_directory_or_missing_is_named(tmp_path):
+    from minimind_fast.training.ds_config import read_user_file
+
+    with pytest.raises(ValueError, match="a directory, not a DeepSpeed config file"):
+        read_user_file(tmp_path)
+    with pytest.raises(FileNotFoundError, match="ds.json: DeepSpeed config file not found"):
+        read_user_file(tmp_path / "ds.json")

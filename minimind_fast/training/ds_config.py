@@ -94,6 +94,8 @@ def check_with_deepspeed(cfg: dict[str, Any], user_file: str) -> None:
 def read_user_file(path: Path) -> dict[str, Any]:
     """The user's DeepSpeed JSON, with the shape of what the engine reads from it checked (ValueError
     naming the file), so a malformed file fails here and not as a traceback inside DeepSpeed."""
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a DeepSpeed config file (JSON)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: DeepSpeed config file not found")
     try:
