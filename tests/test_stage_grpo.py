@@ -188,6 +188,7 @@ def test_reward_specs_weights_and_user_functions(tmp_path):
     ("missing_file.py:fn", "no such file"),
     ("minimind_fast.training.rewards:missing", "has no function 'missing'"),
     ("no_such_module_xyz:fn", "no module 'no_such_module_xyz'"),
+    ("some/dir/notes.txt:fn", "some/dir/notes.txt is not a .py file"),  # was "No module named 'some/dir/notes'"
 ])
 def test_reward_spec_errors(spec, message):
     with pytest.raises(ValueError, match=message):

@@ -215,6 +215,8 @@ def import_user_module(spec: str, named: str) -> tuple[object, Path | None]:
             found = importlib.util.spec_from_file_location(f"_user_{where.stem}", where)
             module = importlib.util.module_from_spec(found)
             found.loader.exec_module(module)
+        elif "/" in spec or Path(spec).is_file():  # a file's path: a module name has neither
+            raise ValueError(f"{named}: {spec} is not a .py file (give a path ending in .py, or pkg.module)")
         else:
             found = importlib.util.find_spec(spec)
             if found is None:
