@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 
 import pytest
 
+import minimind_fast.data.corpus as corpus_module
 from minimind_fast.data.corpus import ANIMALS, CITIES, write_builtin_corpus
 
 
@@ -26,7 +28,32 @@ def test_deterministic_per_seed(corpus, tmp_path):
     for name in corpus:
         assert again[name].read_bytes() == corpus[name].read_bytes()
     assert other["pretrain"].read_bytes() != corpus["pretrain"].read_bytes()
-    assert not list(tmp_path.glob("*/*.tmp"))
+    assert not list(tmp_path.glob("*/*.tmp*"))  # no temporary left behind
+
+
+def test_a_full_disk_midway_leaves_the_old_corpus_whole(tmp_path, monkeypatch):
+    """The disk fills while the third file is written: no file of the directory is of the new corpus (a
+    mix of two seeds would look complete to train_tokenizer and tokenize), and no temporary is left."""
+    old = {name: path.read_bytes() for name, path in write_builtin_corpus(tmp_path, seed=0, size="test").items()}
+    opened = []
+
+    def open_filling_the_disk(path, mode="r", **kwargs):
+        f = open(path, mode, **kwargs)
+        opened.append(path)
+        if len(opened) == 3:
+            write_some = f.write
+
+            def write(text):
+                write_some(text[: len(text) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write
+        return f
+
+    monkeypatch.setattr(corpus_module, "open", open_filling_the_disk, raising=False)
+    with pytest.raises(OSError, match="No space"):
+        write_builtin_corpus(tmp_path, seed=1, size="test")
+    assert len(opened) == 3
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {f"{n}.jsonl": b for n, b in old.items()}
 
 
 def test_formats(corpus):

@@ -144,12 +144,23 @@ def reasoning_record(rng: random.Random) -> dict:
     return {"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def write_jsonl_files(files: dict[Path, list[dict]]) -> None:
+    """Each path's records as JSONL. All are written to temporary siblings before any is renamed into
+    place: a failure midway (a full disk) leaves every old file as it was, never the files of two corpora
+    side by side, which later commands would take for one."""
+    tmps: dict[Path, Path] = {}
+    try:
+        for path, records in files.items():
+            tmps[path] = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            with open(tmps[path], "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_builtin_corpus(out_dir: str | os.PathLike, seed: int = 0, size: str = "demo") -> dict[str, Path]:
@@ -182,8 +193,6 @@ def write_builtin_corpus(out_dir: str | os.PathLike, seed: int = 0, size: str = 
         q = rng.choice(["Who are you?", "What is your name?", "Who made you?", "Introduce yourself."])
         files["lora"].append({"conversations": [{"role": "user", "content": q},
                                                 {"role": "assistant", "content": IDENTITY}]})
-    paths = {}
-    for name, records in files.items():
-        paths[name] = out / f"{name}.jsonl"
-        write_jsonl(paths[name], records)
+    paths = {name: out / f"{name}.jsonl" for name in files}
+    write_jsonl_files({paths[name]: records for name, records in files.items()})
     return paths
