@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 
 import pytest
 from piece_texts import PIECE_TEXTS
 
+import minimind_fast.data.tokenizer as tokenizer_module
 from minimind_fast.data.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_tokenizer, whitespace_pieces
 
 CONVERSATIONS = [
@@ -161,6 +163,22 @@ def test_training_never_replaces_a_folder_holding_other_files(builtin_data, tmp_
     monkeypatch.chdir(tmp_path / "here")
     train_tokenizer(files, 300, ".")
     assert load_tokenizer(tmp_path / "here").vocab_size <= 300
+
+
+def test_a_failed_save_leaves_the_old_tokenizer_and_no_temporary(builtin_data, tmp_path, monkeypatch):
+    """A failure after the new files are written (a full disk at the last one): the old tokenizer stays,
+    and its temporary sibling goes (a tokenizer's worth of hidden files beside it otherwise)."""
+    files = [builtin_data["files"]["sft"]]
+    first = load_tokenizer(train_tokenizer(files, 300, tmp_path / "tok")).fingerprint
+
+    def full_disk(tmp, out):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tokenizer_module, "swap_into_place", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        train_tokenizer(files, 320, tmp_path / "tok")
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]
+    assert load_tokenizer(tmp_path / "tok").fingerprint == first
 
 
 def test_foreign_tokenizer_dir_is_used_as_is(builtin_data, tmp_path, hf_tok):

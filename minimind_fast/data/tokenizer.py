@@ -174,8 +174,6 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     check_replaceable(out)
     real = out.resolve()  # `.` has no name to put a temporary sibling beside
-    tmp = temporary_sibling_dir(real)
-    tok.save(str(tmp / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD,
@@ -183,10 +181,16 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
         "add_bos_token": False, "add_eos_token": False,
         "chat_template": CHATML_TEMPLATE,
     }
-    (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    (tmp / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD}, indent=2))
-    swap_into_place(tmp, real)
+    tmp = temporary_sibling_dir(real)
+    try:
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        (tmp / "special_tokens_map.json").write_text(
+            json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD}, indent=2))
+        swap_into_place(tmp, real)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
