@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -108,14 +109,14 @@ def locked_directory(directory: Path, lock_name: str, label: str) -> Iterator[No
     """Hold an exclusive lock on `directory` (flock on `directory/lock_name`, not waiting) until the
     block ends; raise `DirectoryBusy` naming `label`, the directory and the holder's pid if it is held.
 
-    The lock file holds the holder's pid and is removed when the block ends. The kernel drops the lock
+    The lock file holds the holder's pid and host and is removed when the block ends. The kernel drops the lock
     when its holder exits, however it exits, so the file a killed run leaves behind blocks nothing.
     """
     path = directory / lock_name
     fd = _lock(path, label, directory)
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         _HELD_LOCKS.add(fd)
         try:
             yield
@@ -138,11 +139,13 @@ def _lock(path: Path, label: str, directory: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            holder = os.pread(fd, 300, 0).decode(errors="replace").split()
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
-            pid = f" (pid {holder})" if holder.isdigit() else ""
+            pid = ""  # a file being written, or of an older version (a pid alone), says less or nothing
+            if holder and holder[0].isdigit():
+                pid = f" (pid {holder[0]}{f' on {holder[1]}' if len(holder) > 1 else ''})"
             raise DirectoryBusy(f"{label} {directory}: another process{pid} is writing there (it holds "
                                 f"{path}); wait for it to end, or choose another directory") from None
         if _is_open_as(fd, path):

@@ -8,6 +8,7 @@ import re
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -707,11 +708,12 @@ def test_a_second_run_into_the_same_out_fails_at_once(builtin_data, tmp_path, mo
     before = _snapshot(out)
     holder, _ = _hold_lock(out)
     try:
-        with pytest.raises(SystemExit, match=f"error: --out {out}: another process \\(pid {holder.pid}\\) is "
-                                             f"writing there .*{LOCK_NAME}"):
+        with pytest.raises(SystemExit, match=f"error: --out {out}: another process \\(pid {holder.pid} on "
+                                             f"{socket.gethostname()}\\) is writing there .*{LOCK_NAME}"):
             _launch(monkeypatch, "tokenize.py", "--kind", "sft", "--data", src, "--tokenizer",
                     builtin_data["tokenizer"], "--out", out, "--workers", 1, "--force")
-        assert _snapshot(out) == before and (out / LOCK_NAME).read_text() == f"{holder.pid}\n"
+        assert _snapshot(out) == before
+        assert (out / LOCK_NAME).read_text() == f"{holder.pid} {socket.gethostname()}\n"
     finally:
         holder.kill()
         holder.wait()
@@ -735,7 +737,7 @@ def test_a_lock_file_removed_under_a_run_is_not_taken_for_free(tmp_path, monkeyp
             path.unlink()  # the holder's last act
             third.append(os.open(path, os.O_RDWR | os.O_CREAT))  # a third run's new lock file, locked
             flock(third[0], op)
-            os.pwrite(third[0], b"4242\n", 0)
+            os.pwrite(third[0], b"4242\n", 0)  # as an older version wrote it: a pid alone
         flock(fd, op)
 
     monkeypatch.setattr(files.fcntl, "flock", holder_ends_and_third_run_starts)
@@ -747,7 +749,7 @@ def test_a_lock_file_removed_under_a_run_is_not_taken_for_free(tmp_path, monkeyp
     finally:
         os.close(third[0])
     with files.locked_directory(tmp_path, LOCK_NAME, "--out"):
-        assert path.read_text() == f"{os.getpid()}\n"
+        assert path.read_text() == f"{os.getpid()} {socket.gethostname()}\n"
     assert not path.exists()
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from minimind_fast.checkpoint import load_model
 from minimind_fast.data.loaders import build_loader
 from minimind_fast.data.tokenizer import load_tokenizer
 from minimind_fast.training.args import check_training_args, training_parser
+from minimind_fast.training.engine import RUN_LOCK
 from minimind_fast.training.schedule import lr_factor
 
 
@@ -515,6 +517,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, tiny_mode
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-2000:]
+    assert not (out / RUN_LOCK).exists()  # released, and its file removed
     ckpts = [p.name for p in (out / "checkpoints").iterdir()]
     assert len(ckpts) == 1 and (out / "checkpoints" / ckpts[0] / "COMPLETE").exists(), ckpts
     stopped_at = int(ckpts[0].split("_")[1])
@@ -559,6 +562,42 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(builtin_data, ti
     assert after == list(range(1, newest + 3)), after
     assert all(losses(out)[s] == before[s] for s in range(1, newest + 1))
     assert (out / "loss.png").exists()
+
+
+def test_a_second_training_into_a_running_runs_out_is_refused_and_a_killed_runs_lock_blocks_nothing(
+        builtin_data, tiny_model_config, tmp_path):
+    """Two trainings writing one --out (a command run again while the first trains, two scheduler jobs)
+    would interleave checkpoints, metrics and final/: the second, on two ranks here, is refused at start-up
+    naming the directory and the first run's pid and host, every rank exits rather than waiting on rank 0,
+    and it writes nothing (config.json is still the first run's). The lock goes with the first run when it
+    is killed: --resume auto then resumes it, and removes the lock file as it ends."""
+    out = tmp_path / "busy"
+    args = common(builtin_data["shards"]["pretrain"], out, 100000, "--config", str(tiny_model_config),
+                  "--save-every", "3")  # steps enough to still be training when the second one starts
+    first = subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                              and len((out / "metrics.jsonl").read_text().splitlines()) >= 4):
+            time.sleep(0.1)
+        second = run("pretrain.py", [*args, "--log-every", "2"], launcher=two_ranks(29631), check=False,
+                     timeout=240)
+        assert first.poll() is None, "the first run ended before the second was refused"
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    said = second.stdout + second.stderr
+    assert second.returncode != 0, said[-3000:]
+    assert f"error: --out {out}: another process (pid {first.pid} on {socket.gethostname()}) is writing there" \
+        in said, said[-3000:]
+    assert json.loads((out / "config.json").read_text())["args"]["log_every"] == 1
+    complete = sorted(p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    newest = int(complete[-1].split("_")[1])
+    steps = args.index("--steps") + 1
+    result = run("pretrain.py", [*args[:steps], str(newest + 1), *args[steps + 1:]])
+    assert f"resumed from {out / 'checkpoints' / complete[-1]}" in result.stdout, result.stdout[-2000:]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
 def test_sigterm_to_every_rank_saves_one_agreed_checkpoint(builtin_data, tiny_model_config, tmp_path):
@@ -735,6 +774,7 @@ def test_faults_give_clear_errors_before_training(bad, message, builtin_data, ti
             p.name for p in builtin_data["shards"]["pretrain"].iterdir())
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert bad == "nan" or not (out / "metrics.jsonl").exists()  # the others: before any training step
+    assert not (out / RUN_LOCK).exists()  # the lock released (its file removed) on an error, in training too
     if bad == "file-as-out":  # left as it was
         assert out.read_text() == "x"
     elif bad not in ("nan", "out-is-data"):  # a refused start leaves no directory it made, parents included

@@ -9,6 +9,7 @@ optimizer steps with metrics, evaluation, periodic checkpoints and a clean stop 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import gc
 import json
@@ -30,6 +31,7 @@ from minimind_fast.checkpoint import CONFIG, RUNTIME_FIELDS
 from minimind_fast.config import ModelConfig
 from minimind_fast.data.mixture import DataSource, MixtureLoader, data_argument, data_label
 from minimind_fast.evaluation import perplexity
+from minimind_fast.files import DirectoryBusy, locked_directory
 from minimind_fast.ops import check_kernels
 from minimind_fast.training import checkpointing
 from minimind_fast.training.ds_config import build_ds_config, describe_layout, optimizer_layout, precision
@@ -41,6 +43,7 @@ from minimind_fast.training.schedule import lr_factor
 from minimind_fast.training.stages import Stage, to_device
 
 STOP_CHECK_EVERY = 5  # steps between the ranks' agreement on a stop or a timed save (multi-rank runs)
+RUN_LOCK = ".train.lock"  # flock'ed in --out by rank 0 of the run writing there, removed when it ends
 
 
 class TrainingError(RuntimeError):
@@ -200,9 +203,11 @@ class Trainer:
         self.is_main = self.rank == 0
         seed_everything(args.seed + self.rank)
         self._made_dir: Path | None = None
+        self._run_lock = contextlib.ExitStack()
         try:
             self._prepare()
         except BaseException:
+            self.release_run_dir()
             remove_made_dirs(self.run_dir, self._made_dir)
             raise
 
@@ -212,6 +217,7 @@ class Trainer:
         data = data_argument(a.data)  # a Path, or several sources to mix
         check_out_apart_from_data(self.run_dir, data, a.val_data)
         self._made_dir = check_output_dir(self.run_dir)
+        self._lock_run_dir()
         check_kernels(a.kernels, self.device.type)
         self.manifest = self.stage.open_data(data)
         self.tokenizer_dir = self.stage.tokenizer_dir(self.manifest)  # what checkpoints carry; checked now
@@ -270,6 +276,32 @@ class Trainer:
         self._check_steps()
         self._old_final = self._final_to_drop()
         self.engine = self._wrap(model)
+
+    def _lock_run_dir(self) -> None:
+        """Refuse an --out another training is writing (a command run again while the first still trains, two
+        scheduler jobs): both would write checkpoints, metrics.jsonl and final/ there. Rank 0 holds the lock
+        for the whole run and tells every rank whether it got it, so that the ranks of one run, starting at
+        different moments, never refuse each other, and all of a refused run stop. The kernel drops the lock
+        of a killed run: --resume auto after a crash finds the directory free."""
+        refusal = ""
+        if self.is_main:
+            try:
+                self._run_lock.enter_context(locked_directory(self.run_dir, RUN_LOCK, "--out"))
+            except DirectoryBusy as e:
+                refusal = (f"{e}. A training stopped with SIGTERM or Ctrl-C saves a checkpoint that "
+                           "--resume auto continues")
+            except ValueError as e:  # no lock file could be made there
+                refusal = str(e)
+        if self.world > 1:
+            said = [refusal]
+            dist.broadcast_object_list(said, src=0)
+            refusal = said[0]
+        if refusal:
+            raise TrainingError(refusal)
+
+    def release_run_dir(self) -> None:
+        """Give up the lock on --out (rank 0; a no-op elsewhere or when done already)."""
+        self._run_lock.close()
 
     def _deepspeed_config(self) -> dict:
         """From flags or the user's file; a resumed run keeps its checkpoint's optimizer layout."""
@@ -813,7 +845,10 @@ def train(stage_cls: type[Stage], argv: list[str] | None = None,
     try:
         check_training_args(args)
         trainer = Trainer(stage_cls(args), args)
-        result = trainer.run()
+        try:
+            result = trainer.run()
+        finally:  # after a clean end every rank has written its last (run() ends at a barrier)
+            trainer.release_run_dir()
     except (TrainingError, OSError, ValueError) as e:  # OSError: also a --config that is a directory, ...
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
