@@ -21,7 +21,7 @@ from minimind_fast.data.pipeline import doc_ids, prompt_ids
 from minimind_fast.data.records import Doc, RecordError, check_messages, conversation_field, refuse_record_tools
 from minimind_fast.data.sources import iter_records
 from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, check_same_tokenizer, load_tokenizer
-from minimind_fast.files import check_input_files
+from minimind_fast.files import check_input_files, remove_stale_temporaries, temporary_name
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
 from minimind_fast.model import MiniMindForCausalLM
 
@@ -357,7 +357,7 @@ def answer_file(model: MiniMindForCausalLM, tokenizer: ChatTokenizer, config: Ge
     all_prompts = encode_prompts_to_fit(tokenizer, records, mode, model.config.max_position_embeddings,
                                         config.max_new_tokens, in_path)
     # A hidden name of this process's own: neither a user's OUT.tmp nor another run's is overwritten.
-    tmp = Path(out_path).with_name(f".{Path(out_path).name}.tmp-{os.getpid()}")
+    tmp = Path(out_path).with_name(temporary_name(Path(out_path)))
     try:
         out = open(tmp, "w", encoding="utf-8")
     except OSError as e:  # under a file, no permission: named as the output, not its hidden temporary
@@ -379,6 +379,7 @@ def answer_file(model: MiniMindForCausalLM, tokenizer: ChatTokenizer, config: Ge
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    remove_stale_temporaries(Path(out_path))  # a killed earlier run's
     return len(records)
 
 

@@ -8,7 +8,10 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from minimind_fast.files import write_text_whole
 
 YARN_DEFAULTS: dict[str, Any] = {
     "type": "yarn",
@@ -229,10 +232,7 @@ class ModelConfig:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        write_text_whole(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelConfig:

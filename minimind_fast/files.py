@@ -1,6 +1,11 @@
 """Writing outputs whole: a temporary sibling filled first, then swapped into place; input files
 checked up front; and an output directory locked against a second writer.
 
+A temporary is hidden and named after its output and its writer (`.NAME.tmp-PID-HOST...`, and a replaced
+directory's `.NAME.old-PID-HOST...`): a failed write removes its own, and the next successful write of
+the same output removes those of writers that were killed (their process gone from this host), never
+one a live writer still fills.
+
 Temporary directories and files (`tempfile.mkdtemp`/`mkstemp`) are private (0700/0600), and the
 safetensors library writes 0600 too; outputs get the permissions `mkdir` and `open` would give under
 the user's umask, so that a model or tokenizer on a shared filesystem is readable as any other file.
@@ -11,10 +16,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,14 +40,61 @@ def check_input_files(files: Iterable[str | os.PathLike]) -> list[Path]:
 
 def write_text_whole(path: Path, text: str) -> None:
     """`text` into the file `path`, never half-written: a temporary sibling, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_file_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_file_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """The file `path` as `write(tmp)` fills a hidden temporary sibling, renamed over it when whole."""
+    tmp = path.with_name(temporary_name(path, "tmp"))
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        if tmp.is_file():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         raise
+    remove_stale_temporaries(path)
+
+
+# Temporaries carry their writer's pid and a tag of its host: on a shared filesystem another host's pid
+# says nothing about whether its writer still runs.
+HOST_TAG = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_TEMPORARY = re.compile(r"\.(?:tmp|old)-(\d+)-([0-9a-f]{8})(?:-.*)?", re.DOTALL)
+
+
+def temporary_name(out: Path, kind: str = "tmp") -> str:
+    """The hidden name of this process's temporary for `out` (`kind` "old": the old one renamed aside)."""
+    return f".{out.name}.{kind}-{os.getpid()}-{HOST_TAG}"
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove the hidden temporaries of `out` (files or directories) that writers killed midway left: those
+    of a process of this host that is gone. Others' (another host's, a live process's) are kept."""
+    prefix = f".{out.name}."
+    with os.scandir(out.parent) as entries:
+        stale = [Path(e.path) for e in entries if e.name.startswith(prefix)
+                 and _is_stale(e.name[len(prefix) - 1:])]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _is_stale(suffix: str) -> bool:
+    found = _TEMPORARY.fullmatch(suffix)
+    return bool(found) and found[2] == HOST_TAG and not _is_running(int(found[1]))
+
+
+def _is_running(pid: int) -> bool:
+    if pid <= 0:
+        return True  # no process of its own (0 would signal our process group): not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def current_umask() -> int:
@@ -61,7 +115,7 @@ def apply_umask(path: Path) -> None:
 def temporary_sibling_dir(out: Path) -> Path:
     """An empty directory beside `out` (same filesystem, so the final rename is atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return Path(tempfile.mkdtemp(prefix=temporary_name(out, "tmp") + "-", dir=out.parent))
 
 
 def swap_into_place(tmp: Path, out: Path) -> None:
@@ -70,7 +124,7 @@ def swap_into_place(tmp: Path, out: Path) -> None:
     apply_umask(tmp)
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=temporary_name(out, "old") + "-", dir=out.parent))
         try:
             os.replace(out, old)
         except BaseException:
@@ -84,6 +138,7 @@ def swap_into_place(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    remove_stale_temporaries(out)
 
 
 # Lock files this process holds: a forked child (a worker pool) closes its copies at once, so that the

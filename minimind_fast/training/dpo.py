@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from minimind_fast.checkpoint import weights_fingerprint
 from minimind_fast.data.loaders import ShardLoader, build_loader, fingerprint
 from minimind_fast.data.shards import file_checksum
-from minimind_fast.files import apply_umask
+from minimind_fast.files import apply_umask, write_file_whole
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.flops import forward_flops_per_token, lora_flops_per_token
 from minimind_fast.training.lora_stage import (
@@ -373,7 +372,8 @@ def _read_tables(path: Path, meta: dict) -> dict[str, torch.Tensor] | None:
 
 
 def _write_tables(path: Path, tables: dict[str, torch.Tensor], meta: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
-    apply_umask(tmp)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
+        apply_umask(tmp)
+
+    write_file_whole(path, write)

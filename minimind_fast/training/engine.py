@@ -31,7 +31,7 @@ from minimind_fast.checkpoint import CONFIG, RUNTIME_FIELDS
 from minimind_fast.config import ModelConfig
 from minimind_fast.data.mixture import DataSource, MixtureLoader, data_argument, data_label
 from minimind_fast.evaluation import perplexity
-from minimind_fast.files import DirectoryBusy, locked_directory
+from minimind_fast.files import DirectoryBusy, locked_directory, write_text_whole
 from minimind_fast.ops import check_kernels
 from minimind_fast.training import checkpointing
 from minimind_fast.training.ds_config import build_ds_config, describe_layout, optimizer_layout, precision
@@ -781,9 +781,7 @@ def read_run_record(ckpt: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_whole(path, json.dumps(data, indent=2, default=str))
 
 
 def _same_files(a: Path, b: Path) -> bool:

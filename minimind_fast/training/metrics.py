@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import secrets
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minimind_fast.files import write_text_whole
+from minimind_fast.files import write_file_whole, write_text_whole
 
 
 def memory_mb(device: torch.device) -> float:
@@ -165,9 +164,7 @@ def trim_metrics(path: Path, start_step: int) -> None:
             kept.append(line)
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_whole(path, "".join(x + "\n" for x in kept))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -202,7 +199,6 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.name + ".tmp")  # a kill mid-write leaves the old plot, not half a PNG
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, out_png)
+    # A kill mid-write leaves the old plot, not half a PNG.
+    write_file_whole(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     return out_png

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from minimind_fast.files import write_text_whole
+
 WARMUP_STEPS = 5
 
 
@@ -55,6 +57,4 @@ class StepProfiler:
                                                  max_name_column_width=70), ""]
         text += ["By host time:", table.table(sort_by="self_cpu_time_total", row_limit=25,
                                               max_name_column_width=70)]
-        tmp = self.out.with_suffix(".tmp")
-        tmp.write_text("\n".join(text))
-        tmp.replace(self.out)
+        write_text_whole(self.out, "\n".join(text))
