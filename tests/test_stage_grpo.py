@@ -566,16 +566,21 @@ def test_a_user_reward_may_not_take_the_name_of_the_totals_metrics(name, random_
         _grpo_stage(random_init, builtin_data["files"]["grpo_prompts"], "--reward", f"{path}:{name}:0")
 
 
+def _user_reward_and_checkpoint_dir(tmp_path):
+    """(a user reward file, its --reward spec, an empty directory to save a stage's objective in)."""
+    reward = tmp_path / "mine.py"
+    reward.write_text("def mine(completion, sample):\n    return 1.0\n")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    return reward, f"{reward}:mine", ckpt
+
+
 def test_resume_refuses_an_edited_user_reward(random_init, builtin_data, tmp_path, capsys):
     """A user --reward's file is part of the objective: the same spec over edited code is another reward
     function, refused on resume naming it; a checkpoint from before the source was recorded resumes with a
     note, and one with only shipped rewards needs no record."""
     data = builtin_data["files"]["grpo_prompts"]
-    reward = tmp_path / "mine.py"
-    reward.write_text("def mine(completion, sample):\n    return 1.0\n")
-    spec = f"{reward}:mine"
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
+    reward, spec, ckpt = _user_reward_and_checkpoint_dir(tmp_path)
     _grpo_stage(random_init, data, "--reward", spec).save_extra(None, ckpt)
     _grpo_stage(random_init, data, "--reward", spec, resume=ckpt)  # unchanged
     reward.write_text("def mine(completion, sample):\n    return -10.0\n")
@@ -602,11 +607,7 @@ def test_resume_compares_the_rewards_as_parsed_not_as_typed(random_init, builtin
     resume that spells the same rewards another way continues the run; another weight is refused. A checkpoint
     records the specs as typed, so one written before the comparison parsed them resumes alike."""
     data = builtin_data["files"]["grpo_prompts"]
-    reward = tmp_path / "mine.py"
-    reward.write_text("def mine(completion, sample):\n    return 1.0\n")
-    spec = f"{reward}:mine"
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
+    reward, spec, ckpt = _user_reward_and_checkpoint_dir(tmp_path)
     _grpo_stage(random_init, data, "--reward", spec, "--reward", "answer").save_extra(None, ckpt)
     assert json.loads((ckpt / "objective.json").read_text())["reward"] == sorted([spec, "answer"])
     _grpo_stage(random_init, data, "--reward", f"{spec}:1", "--reward", "answer:1.0", resume=ckpt)
