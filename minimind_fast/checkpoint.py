@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from minimind_fast.config import ModelConfig
+from minimind_fast.config import SHAPE_FIELDS, ModelConfig
 from minimind_fast.files import swap_into_place, temporary_sibling_dir
 from minimind_fast.model import MiniMindForCausalLM
 
@@ -157,7 +157,7 @@ def load_model(
         model_dir = resolve_model_dir(p)
         # `kernels` was the saving machine's runtime choice (a GPU run's "triton" fails on a CPU); unless
         # asked for here, this machine picks its own.
-        config = ModelConfig.load(model_dir / CONFIG).replace(kernels=kernels or "auto")
+        config = ModelConfig.load(model_dir / CONFIG, SHAPE_FIELDS).replace(kernels=kernels or "auto")
         model = MiniMindForCausalLM(config)
         load_state(model, read_safetensors(model_dir / WEIGHTS), source=str(model_dir / WEIGHTS))
     if kernels is not None:

@@ -28,6 +28,9 @@ INT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_ke
               "intermediate_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
               "num_experts_per_tok", "n_routed_experts", "n_shared_experts")
 FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "dropout", "aux_loss_alpha")
+# The fields that size a model's weights and have no default that could be right for a given file: a
+# model directory's model_config.json without one describes no model (the rest default as they always did).
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
 BOOL_FIELDS = ("inference_rope_scaling", "tie_word_embeddings", "qk_norm", "use_moe", "seq_aux",
                "norm_topk_prob", "gradient_checkpointing")
 
@@ -235,11 +238,17 @@ class ModelConfig:
         write_text_whole(Path(path), self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ModelConfig:
-        """The config in a JSON file; a malformed or invalid one raises ValueError naming the file."""
+    def load(cls, path: str | os.PathLike, required: tuple[str, ...] = ()) -> ModelConfig:
+        """The config in a JSON file; a malformed or invalid one, or one without a `required` field, raises
+        ValueError naming the file."""
         with open(path, encoding="utf-8") as f:
             try:
-                return cls.from_json(f.read())
+                data = json.loads(f.read())
+                missing = [k for k in required if isinstance(data, dict) and k not in data]
+                if missing:
+                    _fail(f"missing {', '.join(missing)}: the defaults would build another model than the "
+                          "weights beside it")
+                return cls.from_dict(data)
             except ValueError as e:  # json.JSONDecodeError is one, and so is a file that is not UTF-8
                 raise ValueError(f"{path}: {e}") from e
 

@@ -8,6 +8,7 @@ still imports from the repository root beside our `kernels/` folder.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -576,6 +577,36 @@ def test_a_saved_kernel_choice_does_not_follow_the_model_to_another_machine(tmp_
     ids = torch.randint(0, 128, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("fields", [{}, {"hidden_size": 128, "vocab_size": 128}])
+def test_a_model_config_without_the_shape_fields_is_refused_naming_them(tmp_path, fields):
+    """`{}` (or a file that lost its sizes) built MiniMind2's default model and failed with a page of weight
+    shape mismatches that never said the config was the culprit."""
+    save_model_dir(tiny(), tmp_path / "m")
+    (tmp_path / "m" / "model_config.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError) as e:
+        load_model(tmp_path / "m")
+    missing = [f for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                           "vocab_size") if f not in fields]
+    assert str(tmp_path / "m" / "model_config.json") in str(e.value)
+    assert all(f in str(e.value) for f in missing) and "shape:" not in str(e.value)
+    assert not any(f in str(e.value) for f in fields)
+
+
+def test_a_model_config_with_only_the_shape_fields_loads_with_the_defaults_of_the_rest(tmp_path):
+    """Optional fields (intermediate_size by MiniMind's rule, qk_norm, use_moe, rope settings) may be left
+    out of a model_config.json: their defaults are what a file without them always meant."""
+    model = tiny().eval()
+    save_model_dir(model, tmp_path / "m")
+    keep = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+            "max_position_embeddings")
+    (tmp_path / "m" / "model_config.json").write_text(json.dumps({k: getattr(model.config, k) for k in keep}))
+    back = load_model(tmp_path / "m", kernels="reference").eval()
+    assert back.config.to_dict() == model.config.to_dict()
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, back(ids).logits)
 
 
 def test_a_run_dir_resolves_to_its_newest_complete_checkpoint_never_a_half_written_one(tmp_path):

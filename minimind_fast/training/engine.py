@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from minimind_fast.checkpoint import CONFIG, RUNTIME_FIELDS
-from minimind_fast.config import ModelConfig
+from minimind_fast.config import SHAPE_FIELDS, ModelConfig
 from minimind_fast.data.mixture import DataSource, MixtureLoader, data_argument, data_label
 from minimind_fast.evaluation import perplexity
 from minimind_fast.files import DirectoryBusy, locked_directory, write_text_whole
@@ -486,7 +486,7 @@ class Trainer:
         saved_config = None if self.resume_from is None else self.resume_from / "model" / CONFIG
         if saved_config is None or not saved_config.exists():
             return
-        saved, mine = ModelConfig.load(saved_config).to_dict(), config.to_dict()
+        saved, mine = ModelConfig.load(saved_config, SHAPE_FIELDS).to_dict(), config.to_dict()
         differ = [f"{k} {saved.get(k)!r} -> {mine.get(k)!r}" for k in sorted(saved.keys() | mine.keys())
                   if k not in (*RUNTIME_FIELDS, "extra") and saved.get(k) != mine.get(k)]
         if differ:
