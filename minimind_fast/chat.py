@@ -282,7 +282,7 @@ def check_chat_flags(batch: str | None, output: str | None, system: str | None, 
 
 def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[tuple[int, dict]]:
     """(line number, record) of each prompt of a JSONL or Parquet file (`sources`); a bad line raises
-    ValueError naming the file, line and field."""
+    ValueError naming the file, line and field, and so does a file without a prompt, naming the file."""
     if not os.path.exists(path) or os.path.isdir(path):  # not "truncated or corrupt" at record 0; a pipe is read
         check_input_files([path])
     records = []
@@ -303,6 +303,8 @@ def read_prompts(path: str | os.PathLike, mode: str = "chat") -> list[tuple[int,
         if problem:
             raise ValueError(f"{path}:{lineno}: {problem}")
         records.append((lineno, rec))
+    if not records:  # as tokenize.py and GRPO/PPO prompt files: an empty answer file would pass for a done job
+        raise ValueError(f"{path}: holds no prompts (no line with a record)")
     return records
 
 

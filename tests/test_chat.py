@@ -179,6 +179,20 @@ def test_answer_file_writes_every_answer_or_nothing(loaded, tmp_path):
     assert mine.read_text() == "keep" and len(out.read_text().splitlines()) == 3
 
 
+@pytest.mark.parametrize("content", ["", "\n  \n\n"])
+def test_answer_file_refuses_a_file_without_prompts_naming_it(loaded, tmp_path, content):
+    """An empty --batch file (a wrong path, a failed export) wrote an empty output and "answered 0 prompts";
+    refused as tokenize.py inputs and GRPO/PPO prompt files without records are, an earlier output kept."""
+    model, tok = loaded
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(content)
+    out.write_text("earlier answers\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(src))}: holds no prompts"):
+        answer_file(model, tok, GenerationConfig(max_new_tokens=2), src, out)
+    assert out.read_text() == "earlier answers\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary left
+
+
 def test_seeded_answers_do_not_depend_on_the_batch_size(loaded, tmp_path):
     """Line n samples with seed + n: as `generate` would for that prompt alone, whatever --batch-size."""
     model, tok = loaded
