@@ -20,6 +20,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +246,7 @@ class Trainer:
         self.stage.setup(model)
         self.config = model.config
         self.flops_per_token = self.stage.flops_per_token(model)  # for MFU: the stage's adapters, reference...
+        self.device_peak = peak_flops(self.device)  # dense bf16 FLOP/s, None where unknown (a CPU)
         if a.seq_len > self.config.max_position_embeddings:
             raise TrainingError(f"--seq-len {a.seq_len} exceeds the model's context length "
                                 f"{self.config.max_position_embeddings} (max_position_embeddings)")
@@ -519,7 +522,6 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> dict:
-        a = self.args
         state = self._resume()
         step = state["step"]
         if self._old_final is not None and self.is_main:
@@ -528,106 +530,124 @@ class Trainer:
                        f"step {self.total_steps}, and until it writes final/ again the run directory loads as its "
                        "newest checkpoint")
         self._write_run_files()
-        peak = peak_flops(self.device)
-        self._note(f"{self.stage.name}: {self.world} rank(s) on {self.device.type}, {self.dtype}, ZeRO "
-                   f"{self.ds_config['zero_optimization']['stage']}; global batch "
-                   f"{self.stage.describe_batch(self.micro_batch * self.grad_accum * self.world, self.tokens_per_step)}"
-                   f" (micro-batch {self.micro_batch} x {self.grad_accum} accumulation x {self.world} rank(s))"
-                   f"; {self.total_steps} steps; {self.config.num_parameters() / 1e6:.1f}M parameters")
+        self._note_start()
+        a = self.args
         logger = MetricsLogger(self.run_dir, self.total_steps, step, self.is_main, a.tensorboard, a.wandb,
                                {"args": vars(a)})
         stop = StopRequest()
         profiler = StepProfiler(a.profile_steps, step, self.run_dir / "profile.txt", self.is_main)
         batches = iter(self.loader)
-        bad_steps = state["bad_steps"]
-        tokens_seen = state["tokens"]
-        # Tokens (and their FLOPs, for MFU) are counted per rank and summed over ranks at each log and save
-        # (a stage's batches may differ in size between ranks: GRPO's completions).
-        t_last, tokens_last, tokens_here, paused = time.time(), 0, 0, 0.0
-        flops_last, flops_here = 0.0, 0.0
+        tally = _Tally(tokens_seen=state["tokens"], bad_steps=state["bad_steps"])
         self._last_save = time.monotonic()
         self.engine.train()
         try:
             while step < self.total_steps:
                 profiler.before_step(step)
-                losses, metrics_acc = [], {}
-                micro = 0
-                lrs = self.engine.get_lr()  # this step's: engine.step() moves the schedule on to the next
-                while micro < self.grad_accum:
-                    batch = to_device(next(batches), self.device)
-                    if a.compile and a.compile_mode != "default":
-                        torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are read
-                    loss, metrics = self.stage.compute_loss(self.engine, batch)
-                    if not all_true(bool(torch.isfinite(loss.detach()).item()), self.device):
-                        bad_steps += 1
-                        logger.message(f"step {step + 1}: non-finite loss, batch skipped ({bad_steps} so far)")
-                        if bad_steps > a.max_bad_steps:
-                            raise TrainingError(f"stopping: {bad_steps} non-finite losses (limit --max-bad-steps "
-                                                f"{a.max_bad_steps}); lower --lr or check the data")
-                        continue
-                    self.engine.backward(loss)
-                    # Only a logged step needs the norm: reading it syncs with the host.
-                    norm_wanted = self.engine.is_gradient_accumulation_boundary() and self._logs(step + 1)
-                    own_norm = _local_grad_norm(self.engine) if norm_wanted else None
-                    self.engine.step()
-                    if norm_wanted:
-                        grad_norm = _reported_grad_norm(self.engine, own_norm)
-                    micro += 1
-                    losses.append(loss.detach().float())
-                    for k, v in metrics.items():
-                        metrics_acc[k] = metrics_acc.get(k, 0.0) + v / self.grad_accum
-                    tokens_here += self.stage.tokens_in_batch(batch)
-                    flops_here += self.stage.flops_in_batch(batch, self.flops_per_token)
+                done = self._train_step(batches, step, logger, tally)
                 step += 1
                 profiler.after_step(step)
                 logger.advance()
                 if self._logs(step):
-                    tokens, flops = self._sum_over_ranks(tokens_here, flops_here)
-                    tokens_seen, tokens_last, tokens_here = tokens_seen + tokens, tokens_last + tokens, 0
-                    flops_last, flops_here = flops_last + flops, 0.0
-                    loss_val = torch.stack(losses).mean()
-                    dist.all_reduce(loss_val)
-                    elapsed = time.time() - t_last - paused  # evaluation and checkpoints are not training
-                    tok_s = tokens_last / max(elapsed, 1e-9)
-                    record = {"step": step, "loss": loss_val.item() / self.world,
-                              "lr": lrs[0], "grad_norm": grad_norm,
-                              "tokens_per_s": tok_s, "tokens": tokens_seen, "memory_mb": memory_mb(self.device),
-                              "bad_steps": bad_steps, **self._mean_over_ranks(metrics_acc)}
-                    if a.optimizer == "muon":  # its groups come last (split_muon_groups)
-                        record["muon_lr"] = lrs[-1]
-                    if self.dtype == "fp16":  # steps DeepSpeed skipped on a loss-scale overflow
-                        record["overflow_steps"] = int(getattr(self.engine, "skipped_steps", 0))
-                    if peak:
-                        record["mfu"] = flops_last / max(elapsed, 1e-9) / (peak * self.world)
-                    logger.log(record)
-                    t_last, tokens_last, flops_last, paused = time.time(), 0, 0.0, 0.0
-                t_pause = time.time()
-                if self.val_loader is not None and (step % a.eval_every == 0 or step == self.total_steps):
-                    if means := self.evaluate():
-                        logger.log({"step": step, **means})
-                stop_requested, save_due = self._agreed(step, stop.requested, self._save_due())
-                stopping = stop_requested or step == a.stop_at_step
-                if step % a.save_every == 0 or step == self.total_steps or stopping or save_due:
-                    tokens, flops = self._sum_over_ranks(tokens_here, flops_here)  # every step's, not only logged ones
-                    tokens_seen, tokens_last, tokens_here = tokens_seen + tokens, tokens_last + tokens, 0
-                    flops_last, flops_here = flops_last + flops, 0.0
-                    self.save(step, {"tokens": tokens_seen, "bad_steps": bad_steps})
-                paused += time.time() - t_pause
-                if stopping:
+                    self._log_step(step, done, tally, logger)
+                if self._between_steps(step, tally, logger, stop):
                     logger.message(f"stopped at step {step} (checkpoint saved); resume with --resume auto")
                     break
             if step == self.total_steps and self.is_main:
-                final = checkpointing.step_dir(self.run_dir, step)
-                if not final.exists():  # resumed at its last step from another run's checkpoint
-                    final = self.resume_from
-                final = final / "model"
-                _replace_dir_copy(final, self.run_dir / "final")
+                self._write_final(step)
         finally:
             batches.close()  # ends the loader's prefetch thread (CUDA) before the interpreter does
             profiler.close()
             logger.close()
         dist.barrier()
-        return {"step": step, "bad_steps": bad_steps}
+        return {"step": step, "bad_steps": tally.bad_steps}
+
+    def _note_start(self) -> None:
+        batch = self.micro_batch * self.grad_accum * self.world
+        self._note(f"{self.stage.name}: {self.world} rank(s) on {self.device.type}, {self.dtype}, ZeRO "
+                   f"{self.ds_config['zero_optimization']['stage']}; global batch "
+                   f"{self.stage.describe_batch(batch, self.tokens_per_step)}"
+                   f" (micro-batch {self.micro_batch} x {self.grad_accum} accumulation x {self.world} rank(s))"
+                   f"; {self.total_steps} steps; {self.config.num_parameters() / 1e6:.1f}M parameters")
+
+    def _train_step(self, batches: Iterator[dict], step: int, logger: MetricsLogger, tally: _Tally) -> _Step:
+        """One optimizer step over --grad-accum micro-batches; a batch whose loss is not finite on some rank
+        is skipped and counted, and too many stop the run."""
+        a = self.args
+        done = _Step(lrs=self.engine.get_lr())  # this step's: engine.step() moves the schedule on to the next
+        while len(done.losses) < self.grad_accum:
+            batch = to_device(next(batches), self.device)
+            if a.compile and a.compile_mode != "default":
+                torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are read
+            loss, metrics = self.stage.compute_loss(self.engine, batch)
+            if not all_true(bool(torch.isfinite(loss.detach()).item()), self.device):
+                tally.bad_steps += 1
+                logger.message(f"step {step + 1}: non-finite loss, batch skipped ({tally.bad_steps} so far)")
+                if tally.bad_steps > a.max_bad_steps:
+                    raise TrainingError(f"stopping: {tally.bad_steps} non-finite losses (limit --max-bad-steps "
+                                        f"{a.max_bad_steps}); lower --lr or check the data")
+                continue
+            self.engine.backward(loss)
+            # Only a logged step needs the norm: reading it syncs with the host.
+            norm_wanted = self.engine.is_gradient_accumulation_boundary() and self._logs(step + 1)
+            own_norm = _local_grad_norm(self.engine) if norm_wanted else None
+            self.engine.step()
+            if norm_wanted:
+                done.grad_norm = _reported_grad_norm(self.engine, own_norm)
+            done.losses.append(loss.detach().float())
+            for k, v in metrics.items():
+                done.metrics[k] = done.metrics.get(k, 0.0) + v / self.grad_accum
+            tally.tokens_here += self.stage.tokens_in_batch(batch)
+            tally.flops_here += self.stage.flops_in_batch(batch, self.flops_per_token)
+        return done
+
+    def _log_step(self, step: int, done: _Step, tally: _Tally, logger: MetricsLogger) -> None:
+        """The step's line of metrics.jsonl: its loss and the stage's metrics averaged over ranks, and the
+        throughput since the last log (training time only: evaluation and checkpoints are left out)."""
+        self._count_over_ranks(tally)
+        loss = torch.stack(done.losses).mean()
+        dist.all_reduce(loss)
+        elapsed = max(time.time() - tally.t_last - tally.paused, 1e-9)
+        record = {"step": step, "loss": loss.item() / self.world, "lr": done.lrs[0], "grad_norm": done.grad_norm,
+                  "tokens_per_s": tally.tokens_last / elapsed, "tokens": tally.tokens_seen,
+                  "memory_mb": memory_mb(self.device), "bad_steps": tally.bad_steps,
+                  **self._mean_over_ranks(done.metrics)}
+        if self.args.optimizer == "muon":  # its groups come last (split_muon_groups)
+            record["muon_lr"] = done.lrs[-1]
+        if self.dtype == "fp16":  # steps DeepSpeed skipped on a loss-scale overflow
+            record["overflow_steps"] = int(getattr(self.engine, "skipped_steps", 0))
+        if self.device_peak:
+            record["mfu"] = tally.flops_last / elapsed / (self.device_peak * self.world)
+        logger.log(record)
+        tally.t_last, tally.tokens_last, tally.flops_last, tally.paused = time.time(), 0, 0.0, 0.0
+
+    def _between_steps(self, step: int, tally: _Tally, logger: MetricsLogger, stop: StopRequest) -> bool:
+        """Evaluate and checkpoint where due (their time is not training time); True when the run stops here
+        (a signal every rank agreed on, or --stop-at-step), its checkpoint saved."""
+        a, started = self.args, time.time()
+        if self.val_loader is not None and (step % a.eval_every == 0 or step == self.total_steps):
+            if means := self.evaluate():
+                logger.log({"step": step, **means})
+        stop_requested, save_due = self._agreed(step, stop.requested, self._save_due())
+        stopping = stop_requested or step == a.stop_at_step
+        if step % a.save_every == 0 or step == self.total_steps or stopping or save_due:
+            self._count_over_ranks(tally)  # every step's tokens, not only the logged ones'
+            self.save(step, {"tokens": tally.tokens_seen, "bad_steps": tally.bad_steps})
+        tally.paused += time.time() - started
+        return stopping
+
+    def _write_final(self, step: int) -> None:
+        """final/: a copy of the last checkpoint's model (rank 0)."""
+        final = checkpointing.step_dir(self.run_dir, step)
+        if not final.exists():  # resumed at its last step from another run's checkpoint
+            final = self.resume_from
+        _replace_dir_copy(final / "model", self.run_dir / "final")
+
+    def _count_over_ranks(self, tally: _Tally) -> None:
+        """Move the ranks' counts since the last call (`tokens_here`, `flops_here`) into the totals."""
+        tokens, flops = self._sum_over_ranks(tally.tokens_here, tally.flops_here)
+        tally.tokens_seen, tally.tokens_last, tally.flops_last = (tally.tokens_seen + tokens,
+                                                                  tally.tokens_last + tokens, tally.flops_last + flops)
+        tally.tokens_here, tally.flops_here = 0, 0.0
 
     def close(self) -> None:
         """Let DeepSpeed take its hooks off the model and drop the engine (see `train`)."""
@@ -743,6 +763,34 @@ class Trainer:
                                       trainer_state, self.tokenizer_dir, self.args.keep_last)
         self._last_save = time.monotonic()
 
+
+
+@dataclass
+class _Tally:
+    """What the training loop counts across steps. Tokens and their FLOPs (for MFU) are counted per rank
+    (`*_here`: a stage's batches may differ in size between ranks, GRPO's completions) and summed over ranks
+    at each log and checkpoint into the run's total and the totals since the last log (`*_last`); `paused`
+    is the time since the last log spent on evaluation and checkpoints."""
+
+    tokens_seen: int
+    bad_steps: int
+    tokens_here: int = 0
+    flops_here: float = 0.0
+    tokens_last: int = 0
+    flops_last: float = 0.0
+    t_last: float = field(default_factory=time.time)
+    paused: float = 0.0
+
+
+@dataclass
+class _Step:
+    """One optimizer step's results: its learning rates, its micro-batches' losses, the stage's metrics
+    averaged over them, and the gradient norm (read only on a logged step)."""
+
+    lrs: list[float]
+    losses: list[torch.Tensor] = field(default_factory=list)
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    grad_norm: float | None = None
 
 def _local_grad_norm(engine) -> float | None:
     """Gradient norm before clipping from the parameters' own .grad (plain fp32 without ZeRO; None when
