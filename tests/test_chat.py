@@ -153,6 +153,24 @@ def test_session_streams_the_greedy_reply_and_keeps_history(loaded):
     assert session.history == []
 
 
+def test_a_reply_holding_the_escape_noncharacter_does_not_block_the_next_message(loaded, monkeypatch):
+    """A model may write U+FDD0 (byte tokens can spell any character), which a message may not hold (it marks
+    quoted control-token text): the history keeps it as U+FFFD, as tool results read it, so the next
+    message's prompt is built instead of refused for a reply the user never wrote."""
+    import minimind_fast.chat as chat
+
+    model, tok = loaded
+    reply = tok.encode("ok \ufdd0 done")
+    monkeypatch.setattr(chat, "stream_generate", lambda *a, **k: iter([*reply, tok.eos_token_id]))
+    session = ChatSession(model, tok, GenerationConfig(max_new_tokens=12))
+    assert "".join(session.stream_reply("Hello")) == "ok \ufdd0 done"  # shown as the model wrote it
+    assert session.history[-1] == {"role": "assistant", "content": "ok \ufffd done"}
+    ids = session.prompt_ids("And then?")
+    assert ids == chat_prompt(tok, [{"role": "user", "content": "Hello"},
+                                    {"role": "assistant", "content": "ok \ufffd done"},
+                                    {"role": "user", "content": "And then?"}])
+
+
 def test_answer_file_writes_every_answer_or_nothing(loaded, tmp_path):
     model, tok = loaded
     config = GenerationConfig(max_new_tokens=8, temperature=0)
