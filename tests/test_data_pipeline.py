@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -539,7 +540,9 @@ def test_a_long_text_is_encoded_in_pieces_as_the_whole(builtin_data, tmp_path, m
 
     def spied(path):
         t = load(path)
-        t.plain = _EncodeSpy(t.plain, seen)  # what a record's text is encoded with
+        # what a record's text is encoded with (a conversation quoting a control token: with stand-ins)
+        t.plain = _EncodeSpy(t.plain, seen)
+        t.stand_ins = dataclasses.replace(t.stand_ins, encoder=_EncodeSpy(t.stand_ins.encoder, seen))
         return t
 
     monkeypatch.setattr(pipeline, "load_tokenizer", spied)
@@ -1005,3 +1008,85 @@ def test_prompt_ids_are_the_ids_the_shards_put_before_a_reply(builtin_data, tmp_
     assert ids == shard_prompt_ids(d, msgs, tmp_path / "tools") and control_count(tools_tok, ids) == 5
     usual = [{"role": "user", "content": "What is 2 + 3?"}]
     assert prompt_doc(usual, tok).whole and prompt_ids(tok, usual) == tok.encode(prompt_text(usual, tok))
+
+
+def _metaspace_tokenizer(d: Path) -> Path:
+    """A SentencePiece-style tokenizer as Hugging Face converts Mistral's and newer Llama's (a Metaspace
+    pre-tokenizer that puts "▁" before the text's first word only, no normalizer) with ChatML's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    t.train_from_iterator(["user\nassistant\nthe cat is grey. what <|im_end|> colour?"] * 20, trainer=trainer)
+    d.mkdir(parents=True)
+    t.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                                         "pad_token": "<|endoftext|>"}))
+    return d
+
+
+def test_control_token_text_leaves_a_metaspace_tokenizers_other_ids_as_a_whole_encoding_has_them(tmp_path):
+    """Between the template's control tokens a conversation quoting one is encoded as a whole encoding does it:
+    for a tokenizer that puts "▁" before a text's first word only, not before each stretch after a control
+    token ("▁user" where the whole encoding has "user"), which would set such a record's every turn apart."""
+    from tokenizers import Tokenizer
+
+    d = _metaspace_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(d)
+    msgs = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "is grey"},
+            {"role": "user", "content": "what <|im_end|> colour?"}, {"role": "assistant", "content": "grey"}]
+    [(ids, mask)] = _docs_of(d, [{"conversations": msgs}], tmp_path / "s", "sft")
+    # the reference: the same tokenizer, "▁" before no stretch (none starts the text) and quotes as text
+    spec = json.loads((d / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["prepend_scheme"] = "never"
+    never = Tokenizer.from_str(json.dumps(spec))
+    never.encode_special_tokens = True
+    expected = []
+    for m in msgs:
+        expected += [tok.bos_token_id, *never.encode(f"{m['role']}\n{m['content']}").ids, tok.eos_token_id,
+                     *never.encode("\n").ids]
+    assert ids.tolist() == expected
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+    assert tok.decode(ids.tolist(), skip_special_tokens=False) == text
+    # and the turns before the quoting message are the ids a record quoting nothing has
+    [(plain_ids, _)] = _docs_of(d, [{"conversations": msgs[:2]}], tmp_path / "p", "sft")
+    assert ids[:len(plain_ids)].tolist() == plain_ids.tolist()
+
+
+def _docs_of(tok_dir: Path, recs: list[dict], out: Path, kind: str) -> list:
+    src = _write(out.with_suffix(".jsonl"), recs)
+    m = tokenize_to_shards([src], tok_dir, out, TokenizeOptions(kind=kind, workers=1, val_fraction=0, seq_len=512))
+    assert m["skipped"] == {}
+    return _all_docs(out)
+
+
+@pytest.mark.parametrize("change", ["metaspace", "rstrip", "lstrip"])
+def test_a_record_is_encoded_with_stand_ins_as_whole_whatever_the_tokenizer(builtin_data, tmp_path, change):
+    """A record quoting a control token is encoded with stand-ins for the template's: that gives the ids and
+    offsets of a whole encoding also where encoding the stretches between control tokens apart does not (a
+    Metaspace "▁" before each, a control token that strips the whitespace beside it)."""
+    from minimind_fast.data import pipeline
+    from minimind_fast.data import records as rec
+
+    if change == "metaspace":
+        d = _metaspace_tokenizer(tmp_path / "tok")
+    else:
+        d = tmp_path / "tok"
+        shutil.copytree(builtin_data["tokenizer"], d)
+        spec = json.loads((d / "tokenizer.json").read_text())
+        for t in spec["added_tokens"]:
+            t[change] = t["content"] == ("<|im_end|>" if change == "rstrip" else "<|im_start|>")
+        (d / "tokenizer.json").write_text(json.dumps(spec))
+    tok = load_tokenizer(d)
+    docs = [d for r in _records(builtin_data["files"]["sft"])[:40] for d in rec.record_docs(r, "sft", tok)]
+    assert docs and all(d.whole and d.controls for d in docs)
+    whole = pipeline._encode_docs(tok, docs, offsets=True)
+    for d in docs:
+        d.whole = False
+    stand_ins = pipeline._encode_docs(tok, docs, offsets=True)
+    for a, b in zip(whole, stand_ins):
+        assert list(a.ids) == list(b.ids)
+        assert np.array_equal(np.asarray(a.offsets).reshape(-1, 2), np.asarray(b.offsets).reshape(-1, 2))

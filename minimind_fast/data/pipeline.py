@@ -53,8 +53,9 @@ MAX_PROBLEMS = 200  # file:line entries kept in the manifest (the counts are com
 # rerun after such a change rewrites the shards. 5: per-shard max_token_id; 6: per-shard checksum;
 # 7: the held-out share never above --val-fraction (ceil, not round, of its inverse); 8: a DPO pair's prompt
 # turns carry no loss, an assistant turn there included; 9: a record's text that spells a control token
-# (<|im_end|>, ...) is encoded as plain text, not as that token.
-PIPELINE_VERSION = 9
+# (<|im_end|>, ...) is encoded as plain text, not as that token; 10: the rest of such a record is cut where a whole
+# encoding cuts it (a Metaspace or lstrip/rstrip tokenizer's ids differed; byte-level BPE's, as ours, did not).
+PIPELINE_VERSION = 10
 SHARD_NAME = re.compile(r"(train|val)-\d{5,}\.bin")  # as _SplitWriter names them
 # What a killed run leaves (ShardWriter's temporary files, the manifest's): a shard's can be GBs.
 LEFTOVER_NAME = re.compile(r"(train|val)-\d{5,}\.bin(\.mask)?\.tmp|manifest\.json\.tmp")
@@ -175,38 +176,43 @@ def _encode_texts(tok: ChatTokenizer, encoder: Tokenizer, texts: list[str], offs
 
 def _encode_docs(tok: ChatTokenizer, docs: list[records.Doc], offsets: bool) -> list:
     """Encodings of `docs` in order. A rendering whose every control token is the template's (`Doc.whole`:
-    the usual record) is encoded whole, as the tokenizer splits a text at its special tokens first. Any
-    other text is encoded as plain text between the template's control tokens (`Doc.controls`), which go
-    in as their ids: a pretraining text, and a conversation quoting a control token's text."""
+    the usual record) is encoded whole, as the tokenizer splits a text at its special tokens first. A text
+    without control tokens (a pretraining text) is encoded as plain text (`ChatTokenizer.plain`), and a
+    conversation quoting a control token's text with its template's control tokens (`Doc.controls`) as their
+    stand-ins (`ChatTokenizer.stand_ins`): its quotes as plain text, cut where a whole encoding cuts it."""
     whole = iter(_encode_texts(tok, tok.tokenizer, [d.text for d in docs if d.whole], offsets))
-    # a text without control tokens is one piece, even empty (a prompt to continue)
-    layouts = [None if d.whole else d.pieces() if d.controls else [(0, len(d.text), False)] for d in docs]
-    texts = [d.text[a:b] for d, layout in zip(docs, layouts) if layout for a, b, control in layout if not control]
-    plain = iter(_encode_texts(tok, tok.plain, texts, offsets) if texts else [])  # `plain` is built on first use
-    return [next(whole) if d.whole else _assembled(d, layout, plain, tok, offsets) if d.controls else next(plain)
-            for d, layout in zip(docs, layouts)]
+    plain = [d.text for d in docs if not d.whole and not d.controls]  # one piece, even empty (a prompt to continue)
+    marked = [_with_stand_ins(d, tok) for d in docs if not d.whole and d.controls]
+    # each encoder is built on first use
+    plain = iter(_encode_texts(tok, tok.plain, plain, offsets) if plain else [])
+    marked = iter(_encode_texts(tok, tok.stand_ins.encoder, marked, offsets) if marked else [])
+    return [next(whole) if d.whole else _restored(d, next(marked), tok, offsets) if d.controls else next(plain)
+            for d in docs]
 
 
-def _assembled(doc: records.Doc, layout: list[tuple[int, int, bool]], encodings, tok: ChatTokenizer,
-               with_offsets: bool) -> _Encoded:
-    """One document's ids, and offsets where asked, from its pieces': a control token's id, else the next
-    encoding (its offsets shifted to where it starts). Python lists: a document has a few short pieces per turn."""
-    ids, offsets, shifts = [], [], []
-    for a, b, control in layout:
-        if control:
-            ids.append(tok.control_tokens[doc.text[a:b]])
-            offsets.append((0, b - a))
-            shifts.append(a)
-        else:
-            e = next(encodings)
-            ids += list(e.ids)
-            if with_offsets:  # a long piece's encoding has none unless asked (`_encode_long`)
-                offsets += list(e.offsets)
-                shifts += [a] * len(e.ids)
+def _with_stand_ins(doc: records.Doc, tok: ChatTokenizer) -> str:
+    """`doc.text` with each of its control tokens replaced by the token's stand-in."""
+    parts, pos = [], 0
+    for a, b in doc.controls:
+        parts += [doc.text[pos:a], tok.stand_ins.texts[doc.text[a:b]]]
+        pos = b
+    parts.append(doc.text[pos:])
+    return "".join(parts)
+
+
+def _restored(doc: records.Doc, e, tok: ChatTokenizer, with_offsets: bool) -> _Encoded:
+    """`e`, the encoding of `_with_stand_ins(doc)`, as that of `doc.text`: each stand-in's id its control token's,
+    and the offsets after each stand-in moved by how much longer its control token is."""
+    ids = [tok.stand_ins.control_ids.get(i, i) for i in e.ids]
     if not with_offsets:
         return _Encoded(np.asarray(ids, dtype=np.int32), None)
-    shifted = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) + np.asarray(shifts, dtype=np.int64)[:, None]
-    return _Encoded(np.asarray(ids, dtype=np.int32), shifted)
+    starts = np.asarray([a for a, _ in doc.controls], dtype=np.int64)
+    lengths = np.asarray([b - a for a, b in doc.controls], dtype=np.int64)
+    stand_in = np.asarray([len(tok.stand_ins.texts[doc.text[a:b]]) for a, b in doc.controls], dtype=np.int64)
+    growth = np.concatenate([[0], np.cumsum(lengths - stand_in)])  # growth[j]: the move after j stand-ins
+    ends = starts - growth[:-1] + stand_in  # each stand-in's end in the encoded text
+    offsets = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
+    return _Encoded(np.asarray(ids, dtype=np.int32), offsets + growth[np.searchsorted(ends, offsets, side="right")])
 
 
 def doc_ids(tok: ChatTokenizer, docs: list[records.Doc]) -> list[list[int]]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer
+from minimind_fast.data.tokenizer import LONE_SURROGATE, MARK, ChatTokenizer
 
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 ROLES = ("system", "user", "assistant", "tool")
@@ -32,9 +32,6 @@ ASSISTANT_HEADER = "<|im_start|>assistant\n"
 TOOL_FIELDS = ("tools", "functions")  # a system message's tool definitions: minimind-3's name, MiniMind2's
 # A record's messages: MiniMind's field name, then the one OpenAI and most Hugging Face chat datasets use.
 CONVERSATION_FIELDS = ("conversations", "messages")
-# A Unicode noncharacter (never in interchanged text): stands for each control token's text in a record's
-# strings while the template renders them, so that the control tokens left are the template's own.
-MARK = "\ufdd0"
 
 
 class RecordError(ValueError):
@@ -49,25 +46,13 @@ class RecordError(ValueError):
 class Doc:
     """One document to encode: its text, the character spans that carry loss (mask 1) or weight (2), and
     those of the template's control tokens (encoded as their ids; the rest of the text, control-token
-    text a record quotes included, as plain text: `pieces`)."""
+    text a record quotes included, as plain text: `pipeline._encode_docs`)."""
 
     text: str
     spans: list[tuple[int, int]] = field(default_factory=list)
     tag_spans: list[tuple[int, int]] = field(default_factory=list)
     controls: list[tuple[int, int]] = field(default_factory=list)
     whole: bool = False  # its every control token is the template's: encoded whole, as the tokenizer does
-
-    def pieces(self) -> list[tuple[int, int, bool]]:
-        """(start, end, is_control) of the text in order: the control tokens and the stretches between them."""
-        out, pos = [], 0
-        for start, end in self.controls:
-            if start > pos:
-                out.append((pos, start, False))
-            out.append((start, end, True))
-            pos = end
-        if pos < len(self.text):
-            out.append((pos, len(self.text), False))
-        return out
 
 
 def parse_line(line: bytes | str) -> dict:

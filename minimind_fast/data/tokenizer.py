@@ -16,11 +16,12 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minimind_fast.data.sources import iter_records
 from minimind_fast.files import check_input_files, swap_into_place, temporary_sibling_dir
@@ -36,6 +37,10 @@ CHATML_TEMPLATE = (
 # Half of a UTF-16 pair, as a broken JSON escape ("\\ud83d") leaves: it has no UTF-8 form, and the
 # tokenizers library rejects any text holding one.
 LONE_SURROGATE = re.compile("[\\ud800-\\udfff]")
+# A Unicode noncharacter (never in interchanged text, and refused in a record's strings): stands for each
+# control token's text in a record's strings while the template renders them (`records.marked_doc`), and
+# spells the stand-ins that take the template's control tokens' place in encoding (`ChatTokenizer.stand_ins`).
+MARK = "\ufdd0"
 # Where a long text can be cut so that its pieces, encoded apart, give the ids of the whole: just before an
 # ASCII whitespace character that follows a non-whitespace one. Byte-level pre-tokenization (GPT-2's
 # regex) never puts a non-space and the space after it in one pre-token, and each pre-token is encoded on
@@ -194,6 +199,16 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
     return out
 
 
+@dataclass
+class StandIns:
+    """`ChatTokenizer.stand_ins`: the encoder, each control token's stand-in text, and the control id of each
+    stand-in's id."""
+
+    encoder: Tokenizer
+    texts: dict[str, str]
+    control_ids: dict[int, int]
+
+
 class ChatTokenizer:
     """A `tokenizers.Tokenizer` plus the chat template and MiniMind's special ids."""
 
@@ -269,6 +284,24 @@ class ChatTokenizer:
         plain = Tokenizer.from_str(self.tokenizer.to_str())
         plain.encode_special_tokens = True
         return plain
+
+    @cached_property
+    def stand_ins(self) -> StandIns:
+        """`plain` with a stand-in for each control token: an added token that is not special, so it stays a token
+        there, spelt with `MARK` (which a record's strings may not hold) and with the control token's flags. Put
+        where the template's control tokens stand in a text that also quotes some, it cuts the text as they do
+        in a whole encoding; encoding the stretches between them apart does not where a text's start is
+        encoded otherwise (a Metaspace pre-tokenizer's "▁" before the first word only: "▁user" for "user")."""
+        encoder = Tokenizer.from_str(self.tokenizer.to_str())
+        encoder.encode_special_tokens = True
+        texts, ids = {}, {}
+        for i, t in self.tokenizer.get_added_tokens_decoder().items():
+            if t.special:
+                texts[t.content] = f"{MARK}{i}{MARK}"
+                encoder.add_tokens([AddedToken(texts[t.content], single_word=t.single_word, lstrip=t.lstrip,
+                                               rstrip=t.rstrip, normalized=t.normalized, special=False)])
+                ids[encoder.token_to_id(texts[t.content])] = i
+        return StandIns(encoder, texts, ids)
 
     @property
     def vocab_size(self) -> int:
