@@ -405,6 +405,21 @@ def test_a_message_holding_the_escape_noncharacter_gets_400(server):
     assert r.status_code == 400 and "U+FDD0" in r.json()["error"]["message"], r.text
 
 
+def test_a_reply_of_the_model_holding_the_escape_noncharacter_may_be_sent_back(server):
+    """The model may write U+FDD0 (byte tokens spell any character); a client sending that reply back as the
+    assistant turn of its next request is not refused: an assistant message reads it as U+FFFD, as the
+    chat's own history does."""
+    def prompt_tokens(reply: str) -> int:
+        msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": "Again"}]
+        r = httpx.post(server["url"] + "/v1/chat/completions", timeout=60,
+                       json={"model": NAME, "max_tokens": 2, "messages": msgs})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    assert prompt_tokens("a\ufdd0b") == prompt_tokens("a\ufffdb")
+
+
 def test_messages_the_chat_template_refuses_get_400_with_its_message(model_dir, tmp_path):
     """A template's raise_exception (here: no system role) is the client's mistake, not a server error."""
     (tmp_path / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())

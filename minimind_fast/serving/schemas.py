@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from minimind_fast.chat import check_utf8
+from minimind_fast.data.tokenizer import MARK
 
 
 class ChatMessage(BaseModel):
@@ -38,8 +39,12 @@ class ChatMessage(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def utf8_only(cls, value: str) -> str:
+    def utf8_only(cls, value: str, info: ValidationInfo) -> str:
         check_utf8(value, "content")  # a \udcXX escape: the tokenizer would fail with a 500
+        if info.data.get("role") == "assistant":
+            # The model may write U+FDD0, which a message may not hold (it marks quoted control-token text):
+            # its reply sent back reads U+FFFD, as the chat's history keeps it, not a 400 on every later turn.
+            value = value.replace(MARK, "\ufffd")
         return value
 
 
