@@ -222,13 +222,26 @@ def marked_doc(msgs: list[dict], tok: ChatTokenizer, doc_of: Callable[[list[dict
     their strings replaced by `MARK`, so that every control token of that rendering is the template's, then
     moved onto the real rendering. RecordError when a string holds `MARK` itself."""
     regex = tok.control_regex
-    escaped = _escaped(msgs, regex)
-    doc = doc_of(escaped)
-    doc.controls = [m.span() for m in regex.finditer(doc.text)]
-    if escaped == msgs:  # no string quotes a control token (the usual case)
+    if not _quotes(msgs, regex):  # the usual case: every control token of the rendering is the template's
+        doc = doc_of(msgs)
+        doc.controls = [m.span() for m in regex.finditer(doc.text)]
         doc.whole = True
         return doc
+    doc = doc_of(_escaped(msgs, regex))
+    doc.controls = [m.span() for m in regex.finditer(doc.text)]
     return _unescaped(doc, render(msgs), regex)
+
+
+def _quotes(value, regex: re.Pattern) -> bool:
+    """Whether a string of `value` (messages, their fields) holds a control token's text or `MARK`: what
+    `_escaped` would change or refuse, found without building its copy."""
+    if isinstance(value, str):
+        return MARK in value or regex.search(value) is not None
+    if isinstance(value, list):
+        return any(_quotes(v, regex) for v in value)
+    if isinstance(value, dict):
+        return any(_quotes(k, regex) or _quotes(v, regex) for k, v in value.items())
+    return False
 
 
 def _escaped(value, regex: re.Pattern):
