@@ -399,15 +399,30 @@ def test_moe_layer_against_naive(top_k, seq_aux):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_router_learns_from_main_loss_without_aux(top_k):
-    model = tiny_moe(num_experts_per_tok=top_k, aux_loss_alpha=0.0).train()
+@pytest.mark.parametrize("norm", [True, False], ids=["norm_topk_prob", "raw-topk"])
+def test_router_learns_from_main_loss_without_aux(top_k, norm):
+    """MiniMind's trap: top-1 with renormalised weights makes every weight exactly 1, so the router learns
+    only from the aux loss. A `> 0` check alone passed on that bug (an epsilon in the renormalisation left
+    ~1e-18 of gradient), so the router's main-loss gradient is compared with the float64 per-token loop
+    and must be of the size of the experts' own gradients."""
+    model = tiny_moe(num_experts_per_tok=top_k, aux_loss_alpha=0.0, norm_topk_prob=norm).train()
     ids = torch.randint(0, 128, (2, 16))
     out = model(ids, targets=torch.roll(ids, -1, 1))
     assert out.aux_loss.item() == 0.0
     out.loss.backward()
     for layer in model.model.layers:
-        grad = layer.mlp.gate.weight.grad
-        assert grad is not None and grad.abs().sum().item() > 0
+        grad, expert_grad = layer.mlp.gate.weight.grad, layer.mlp.experts.gate_proj.grad
+        assert grad is not None and grad.norm() > 1e-3 * expert_grad.norm(), (grad.norm(), expert_grad.norm())
+    # one layer's output alone (no aux loss) against the float64 loop's router gradient
+    layer = model.model.layers[0].mlp
+    x, g = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
+    (got,) = torch.autograd.grad((layer(x)[0] * g).sum(), layer.gate.weight)
+    wg64 = layer.gate.weight.detach().to(F64).requires_grad_(True)
+    layer64 = SimpleNamespace(config=layer.config, experts=layer.experts, shared_experts=layer.shared_experts,
+                              gate=SimpleNamespace(weight=wg64))
+    (want,) = torch.autograd.grad((naive_moe(layer64, x, top_k, 0.0, True)[0] * g.to(F64)).sum(), wg64)
+    assert want.norm() > 1e-3
+    torch.testing.assert_close(got.to(F64), want, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------
