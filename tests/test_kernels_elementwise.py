@@ -158,6 +158,16 @@ def test_rms_norm_weight_grad_reduced_in_fp32(device):
             [torch.randn(rows, 96, device=device).bfloat16(), torch.ones(96, device=device).bfloat16()], ["x", "w"])
 
 
+def test_rms_norm_weight_grad_sums_many_partials_in_fp32(device, monkeypatch):
+    """One partial row per input row, summed two at a time: on the interpreter's default 4 programs a
+    bf16 running sum of the partials hid inside the floor; over 512 partials it drifts far past it."""
+    monkeypatch.setattr(rmsnorm, "PARTIAL_ROWS", 2)
+    monkeypatch.setattr(rmsnorm, "num_programs", lambda n_rows: n_rows)
+    x = torch.randn(512, 40, device=device).bfloat16() + 1
+    compare(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), lambda a, b: ref.rms_norm(a, b, 1e-6),
+            [x, torch.ones(40, device=device).bfloat16()], ["x", "w"])
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
 def test_rms_norm_weight_grad_sums_partials_in_chunks(device, monkeypatch, fused):
     """The partial rows of the weight gradient summed a few at a time (the last chunk partial), cast
