@@ -24,7 +24,7 @@ from minimind_fast.data.pipeline import TokenizeOptions, tokenize_to_shards
 from minimind_fast.data.tokenizer import train_tokenizer
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.args import training_parser
-from minimind_fast.training.dpo import REFERENCE_FILE, DPOStage, _data_identity
+from minimind_fast.training.dpo import REFERENCE_FILE, DPOStage, _data_identity, dpo_loss
 
 STEPS = 16
 
@@ -129,6 +129,26 @@ def test_tokens_counted_are_the_positions_the_forwards_run_on(monkeypatch):
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         stage.compute_loss(policy, batch)[0].backward()
     assert stage.flops_per_token(policy) * stage.tokens_in_batch(batch) == counter.get_total_flops()
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_loss_of_far_apart_sequence_logps_is_finite_and_equals_the_formula(eps):
+    """Sequence log-probs are sums over hundreds of tokens, so margins of hundreds of nats occur: the loss
+    and its gradient must stay finite (log(sigmoid(m)) is -inf there, a NaN after the backward) and equal
+    the float64 softplus form of the formula."""
+    pc = torch.tensor([-50.0, -900.0, -10.0, -400.0], requires_grad=True)
+    pr = torch.tensor([-900.0, -50.0, -10.0, -400.5], requires_grad=True)
+    rc, rr = torch.tensor([-60.0, -60.0, -10.0, -400.0]), torch.tensor([-60.0, -60.0, -10.0, -400.0])
+    beta = 0.5
+    loss, _ = dpo_loss(pc, pr, rc, rr, beta, eps)
+    loss.backward()
+    m = beta * ((pc.detach().double() - rc) - (pr.detach().double() - rr))
+    want = ((1 - eps) * F.softplus(-m) + eps * F.softplus(m)).mean()
+    assert torch.isfinite(loss) and abs(loss.item() - want.item()) < 1e-4 * max(1.0, want.item()), (loss, want)
+    # d loss / d pi_chosen = beta * (-(1 - eps) * sigmoid(-m) + eps * sigmoid(m)) / n, and minus that for rejected
+    g = beta * (-(1 - eps) * torch.sigmoid(-m) + eps * torch.sigmoid(m)) / len(m)
+    torch.testing.assert_close(pc.grad.double(), g, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(pr.grad.double(), -g, rtol=1e-5, atol=1e-9)
+
 
 def test_equal_policy_and_reference_give_log_2():
     model = tiny_model(1)
