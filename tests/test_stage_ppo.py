@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_helpers import records, run
+from launch_helpers import records, run, two_ranks
 from safetensors import safe_open
 
 from minimind_fast.chat import load_chat_model
@@ -278,3 +278,24 @@ def test_resume_continues_exactly(ppo_run, sft_run, builtin_data, tmp_path):
         assert read_safetensors(out / "final" / name).keys() == read_safetensors(ppo_run / "final" / name).keys()
         assert all(torch.equal(v, read_safetensors(ppo_run / "final" / name)[k])
                    for k, v in read_safetensors(out / "final" / name).items()), name
+
+
+def test_two_ranks_zero3_sample_and_train_like_zero0(random_init, letter_reward, builtin_data, tmp_path):
+    """MiniMind's RL trainers stepped the unwrapped model, so ranks never averaged their gradients. Ours
+    step through DeepSpeed's engine like every stage: two ranks under ZeRO 0 (gradients all-reduced
+    after backward) and ZeRO 3 (reduce-scattered into partitions, the value head's too) must log the same
+    run, step after step, as they diverge once either one leaves a rank's gradient un-averaged."""
+    runs = {}
+    for stage in (0, 3):
+        out = tmp_path / f"zero{stage}"
+        args = ppo_args(random_init, builtin_data["files"]["grpo_prompts"], out, 4, "--zero-stage", str(stage),
+                        "--micro-batch-size", "2", "--max-new-tokens", "16", "--lr", "1e-3",
+                        "--reward", letter_reward)
+        run("ppo.py", args, launcher=two_ranks(29670 + stage))
+        runs[stage] = records(out)
+    assert len(runs[0]) == len(runs[3]) == 4
+    for a, b in zip(runs[0], runs[3]):
+        assert a["reward_mean"] == b["reward_mean"] and a["completion_len"] == b["completion_len"]
+        for key in ("loss", "value_loss", "value_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+
