@@ -969,19 +969,25 @@ def test_tokenize_script_refuses_an_out_holding_another_kind_of_output(builtin_d
 
 
 @pytest.mark.parametrize("kind", ["sft", "reasoning", "dpo"])
-def test_a_record_quoting_no_control_token_is_encoded_whole_as_in_pieces(builtin_data, tok, kind):
-    """The usual record is encoded whole (`Doc.whole`, the fast path); its ids and offsets are those of
-    encoding it piecewise between the template's control tokens, as a record quoting one is."""
+def test_a_record_quoting_no_control_token_is_encoded_whole_as_with_stand_ins(builtin_data, tok, kind):
+    """The usual record is encoded whole (`Doc.whole`, the fast path); its ids and offsets are those a record
+    quoting a control token is encoded with (stand-ins for the template's control tokens)."""
+    _assert_whole_encoding_equals_stand_ins(tok, builtin_data["files"][kind], kind)
+
+
+def _assert_whole_encoding_equals_stand_ins(tok, path, kind):
+    """The first records of `path`, none quoting a control token, encode to the same ids and offsets whole
+    (`Doc.whole`) as through the stand-ins a record quoting one is encoded with."""
     from minimind_fast.data import pipeline
     from minimind_fast.data import records as rec
 
-    docs = [d for r in _records(builtin_data["files"][kind])[:40] for d in rec.record_docs(r, kind, tok)]
+    docs = [d for r in _records(path)[:40] for d in rec.record_docs(r, kind, tok)]
     assert docs and all(d.whole and d.controls for d in docs)
     whole = pipeline._encode_docs(tok, docs, offsets=True)
     for d in docs:
         d.whole = False
-    pieces = pipeline._encode_docs(tok, docs, offsets=True)
-    for a, b in zip(whole, pieces):
+    stand_ins = pipeline._encode_docs(tok, docs, offsets=True)
+    for a, b in zip(whole, stand_ins):
         assert list(a.ids) == list(b.ids)
         assert np.array_equal(np.asarray(a.offsets).reshape(-1, 2), np.asarray(b.offsets).reshape(-1, 2))
 
@@ -1068,9 +1074,6 @@ def test_a_record_is_encoded_with_stand_ins_as_whole_whatever_the_tokenizer(buil
     """A record quoting a control token is encoded with stand-ins for the template's: that gives the ids and
     offsets of a whole encoding also where encoding the stretches between control tokens apart does not (a
     Metaspace "▁" before each, a control token that strips the whitespace beside it)."""
-    from minimind_fast.data import pipeline
-    from minimind_fast.data import records as rec
-
     if change == "metaspace":
         d = _metaspace_tokenizer(tmp_path / "tok")
     else:
@@ -1080,13 +1083,4 @@ def test_a_record_is_encoded_with_stand_ins_as_whole_whatever_the_tokenizer(buil
         for t in spec["added_tokens"]:
             t[change] = t["content"] == ("<|im_end|>" if change == "rstrip" else "<|im_start|>")
         (d / "tokenizer.json").write_text(json.dumps(spec))
-    tok = load_tokenizer(d)
-    docs = [d for r in _records(builtin_data["files"]["sft"])[:40] for d in rec.record_docs(r, "sft", tok)]
-    assert docs and all(d.whole and d.controls for d in docs)
-    whole = pipeline._encode_docs(tok, docs, offsets=True)
-    for d in docs:
-        d.whole = False
-    stand_ins = pipeline._encode_docs(tok, docs, offsets=True)
-    for a, b in zip(whole, stand_ins):
-        assert list(a.ids) == list(b.ids)
-        assert np.array_equal(np.asarray(a.offsets).reshape(-1, 2), np.asarray(b.offsets).reshape(-1, 2))
+    _assert_whole_encoding_equals_stand_ins(load_tokenizer(d), builtin_data["files"]["sft"], "sft")
