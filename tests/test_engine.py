@@ -504,16 +504,26 @@ def test_tokens_per_s_leaves_out_checkpoint_time(builtin_data, tiny_model_config
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000012"]
 
 
+def _pretrain_in_background(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for_logged_lines(out: Path, lines: int, timeout: float = 120) -> None:
+    """Until the run in `out` has written `lines` lines of metrics.jsonl (or `timeout` seconds pass)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= lines):
+        time.sleep(0.05)
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(builtin_data, tiny_model_config, tmp_path):
     out = tmp_path / "killed"
     args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(tiny_model_config),
                   "--save-every", "1000")
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
-                                          and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
-        time.sleep(0.2)
+    _wait_for_logged_lines(out, 3)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-2000:]
@@ -535,13 +545,9 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(builtin_data, ti
     out = tmp_path / "sigkilled"
     args = common(builtin_data["shards"]["pretrain"], out, 400, "--config", str(tiny_model_config),
                   "--save-every", "3")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _pretrain_in_background(args)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((out / "metrics.jsonl").exists()
-                                              and len((out / "metrics.jsonl").read_text().splitlines()) >= 8):
-            time.sleep(0.05)
+        _wait_for_logged_lines(out, 8)
     finally:
         proc.kill()
         proc.wait(timeout=60)
@@ -574,13 +580,9 @@ def test_a_second_training_into_a_running_runs_out_is_refused_and_a_killed_runs_
     out = tmp_path / "busy"
     args = common(builtin_data["shards"]["pretrain"], out, 100000, "--config", str(tiny_model_config),
                   "--save-every", "3")  # steps enough to still be training when the second one starts
-    first = subprocess.Popen([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = _pretrain_in_background(args)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((out / "metrics.jsonl").exists()
-                                              and len((out / "metrics.jsonl").read_text().splitlines()) >= 4):
-            time.sleep(0.1)
+        _wait_for_logged_lines(out, 4)
         second = run("pretrain.py", [*args, "--log-every", "2"], launcher=two_ranks(29631), check=False,
                      timeout=240)
         assert first.poll() is None, "the first run ended before the second was refused"
@@ -615,10 +617,7 @@ def test_sigterm_to_every_rank_saves_one_agreed_checkpoint(builtin_data, tiny_mo
     proc = subprocess.Popen([*launcher, str(ROOT / "launch" / "pretrain.py"), *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not ((out / "metrics.jsonl").exists()
-                                              and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
-            time.sleep(0.2)
+        _wait_for_logged_lines(out, 3, timeout=180)
         ranks = [c for c in psutil.Process(proc.pid).children(recursive=True)
                  if any(a.startswith("--local_rank=") for a in c.cmdline())
                  and "deepspeed.launcher.launch" not in c.cmdline()]
