@@ -38,7 +38,7 @@ from minimind_fast.data.loaders import ShardLoader, build_loader, fingerprint
 from minimind_fast.data.shards import file_checksum
 from minimind_fast.files import apply_umask, write_file_whole
 from minimind_fast.model import MiniMindForCausalLM
-from minimind_fast.training.flops import forward_flops_per_token, lora_flops_per_token
+from minimind_fast.training.flops import forward_flops_per_token
 from minimind_fast.training.lora_stage import (
     adapter_parameters,
     add_adapters,
@@ -211,10 +211,9 @@ class DPOStage(PairStage):
         """The policy's training (its adapters' with --lora-rank) and, unless precomputed before training,
         the reference's forward over the same rows."""
         a = self.args
-        trained = (lora_flops_per_token(model, a.seq_len) if a.lora_rank is not None
-                   else super().flops_per_token(model))
         live = not a.precompute_reference
-        return trained + (forward_flops_per_token(self.reference.config, a.seq_len) if live else 0)
+        return super().flops_per_token(model) + (forward_flops_per_token(self.reference.config, a.seq_len) if live
+                                                 else 0)
 
     def _load_reference(self, model: MiniMindForCausalLM) -> MiniMindForCausalLM:
         a = self.args

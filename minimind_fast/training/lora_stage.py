@@ -32,7 +32,6 @@ from minimind_fast.lora import (
     is_expert_adapter_key,
 )
 from minimind_fast.model import ExpertBank, MiniMindForCausalLM
-from minimind_fast.training.flops import lora_flops_per_token
 from minimind_fast.training.stages import SFTStage
 
 # The output head is read directly by the fused linear+cross-entropy (`lm_head.weight`), which would
@@ -142,9 +141,6 @@ class LoraStage(SFTStage):
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return adapter_parameters(model)
-
-    def flops_per_token(self, model: MiniMindForCausalLM) -> float:
-        return lora_flops_per_token(model, self.args.seq_len)
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -23,7 +23,7 @@ from minimind_fast.config import ModelConfig, get_preset
 from minimind_fast.data.loaders import ShardLoader, build_loader, read_manifest
 from minimind_fast.data.mixture import DataSource, MixtureLoader, data_label, describe_mixture, mixture_manifest
 from minimind_fast.model import MiniMindForCausalLM
-from minimind_fast.training.flops import forward_flops_per_token, model_flops_per_token
+from minimind_fast.training.flops import forward_flops_per_token, lora_flops_per_token, model_flops_per_token
 
 if TYPE_CHECKING:
     from minimind_fast.data.prompts import PromptLoader
@@ -270,7 +270,10 @@ class Stage:
 
     def flops_per_token(self, model: MiniMindForCausalLM) -> float:
         """Hook: the model FLOPs per token of `tokens_in_batch`, for MFU, once `setup` has run: the trained
-        model's forward and backward; a stage adds the other forwards it runs (reference, teacher)."""
+        model's forward and backward (with LoRA adapters, `lora.apply_lora`, the frozen base takes no weight
+        gradient); a stage adds the other forwards it runs (reference, teacher)."""
+        if hasattr(model, "lora_config"):
+            return lora_flops_per_token(model, self.args.seq_len)
         return model_flops_per_token(model.config, self.args.seq_len)
 
     def flops_in_batch(self, batch: dict, per_token: float) -> float:
