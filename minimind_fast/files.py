@@ -45,14 +45,24 @@ def write_text_whole(path: Path, text: str) -> None:
 
 def write_file_whole(path: Path, write: Callable[[Path], None]) -> None:
     """The file `path` as `write(tmp)` fills a hidden temporary sibling, renamed over it when whole."""
-    tmp = path.with_name(temporary_name(path, "tmp"))
+    write_files_whole({path: write})
+
+
+def write_files_whole(writes: dict[Path, Callable[[Path], None]]) -> None:
+    """Each file `path` as `write(tmp)` fills a hidden temporary sibling; all are filled before any is renamed
+    into place, so a failure midway (a full disk) leaves every old file as it was, never a mix of old and new."""
+    tmps = {path: path.with_name(temporary_name(path, "tmp")) for path in writes}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            write(tmps[path])
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
         raise
-    remove_stale_temporaries(path)
+    for path in writes:
+        remove_stale_temporaries(path)
 
 
 # Temporaries carry their writer's pid and a tag of its host: on a shared filesystem another host's pid

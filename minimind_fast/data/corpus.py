@@ -9,10 +9,13 @@ identity set for LoRA. The facts repeat with varied wording, so a tiny model lea
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 from pathlib import Path
+
+from minimind_fast.files import write_files_whole
 
 ANIMALS = {
     "cat": dict(colour="grey", home="house", food="fish", sound="meows", legs=4),
@@ -145,22 +148,15 @@ def reasoning_record(rng: random.Random) -> dict:
 
 
 def write_jsonl_files(files: dict[Path, list[dict]]) -> None:
-    """Each path's records as JSONL. All are written to temporary siblings before any is renamed into
-    place: a failure midway (a full disk) leaves every old file as it was, never the files of two corpora
-    side by side, which later commands would take for one."""
-    tmps: dict[Path, Path] = {}
-    try:
-        for path, records in files.items():
-            tmps[path] = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            with open(tmps[path], "w", encoding="utf-8") as f:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        raise
+    """Each path's records as JSONL, all or none (`files.write_files_whole`): a failure midway leaves every old
+    file as it was, never the files of two corpora side by side, which later commands would take for one."""
+    write_files_whole({path: functools.partial(_write_jsonl, records=records) for path, records in files.items()})
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def write_builtin_corpus(out_dir: str | os.PathLike, seed: int = 0, size: str = "demo") -> dict[str, Path]:
