@@ -249,7 +249,7 @@ class MoEFeedForward(nn.Module):
         # one mask over the sum would keep or drop all k terms of an element together.
         terms = [self.dropout(self.ops.moe_experts(flat, topk_idx[:, j:j + 1], topk_weight[:, j:j + 1], *weights))
                  for j in range(k)]
-        return torch.stack(terms).float().sum(0).to(terms[0].dtype)  # summed in fp32, as the fused combine does
+        return torch.stack(terms).sum(0, dtype=torch.float32).to(terms[0].dtype)  # in fp32, as the fused combine
 
 
 class DecoderLayer(nn.Module):
