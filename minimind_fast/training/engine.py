@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,21 +286,25 @@ class Trainer:
         for the whole run and tells every rank whether it got it, so that the ranks of one run, starting at
         different moments, never refuse each other, and all of a refused run stop. The kernel drops the lock
         of a killed run: --resume auto after a crash finds the directory free."""
-        refusal = ""
-        if self.is_main:
+        def lock() -> str:
             try:
                 self._run_lock.enter_context(locked_directory(self.run_dir, RUN_LOCK, "--out"))
             except DirectoryBusy as e:
-                refusal = (f"{e}. A training stopped with SIGTERM or Ctrl-C saves a checkpoint that "
-                           "--resume auto continues")
+                return f"{e}. A training stopped with SIGTERM or Ctrl-C saves a checkpoint that --resume auto continues"
             except ValueError as e:  # no lock file could be made there
-                refusal = str(e)
-        if self.world > 1:
-            said = [refusal]
-            dist.broadcast_object_list(said, src=0)
-            refusal = said[0]
-        if refusal:
+                return str(e)
+            return ""
+
+        if refusal := self._decided_on_main(lock):
             raise TrainingError(refusal)
+
+    def _decided_on_main(self, decide: Callable[[], str]) -> str:
+        """`decide()` run on rank 0 alone (it takes a lock, or reads files every rank would read alike), its
+        answer (a refusal, "" for none) told to every rank, so that all of them go on or stop together."""
+        said = [decide() if self.is_main else ""]
+        if self.world > 1:
+            dist.broadcast_object_list(said, src=0)
+        return said[0]
 
     def release_run_dir(self) -> None:
         """Give up the lock on --out (rank 0; a no-op elsewhere or when done already)."""
@@ -473,14 +477,18 @@ class Trainer:
         final = self.run_dir / "final"
         if not final.exists() or self.start_step >= self.total_steps:
             return None
-        holders = [*([self.resume_from] if self.resume_from else []),
-                   *reversed(checkpointing.complete_checkpoints(self.run_dir))]
-        if any(_same_files(final, ckpt / "model") for ckpt in holders):
-            return final
-        raise TrainingError(f"{final} holds weights that no checkpoint holds (in {self.run_dir / 'checkpoints'}, "
-                            f"or the one this run resumes from), and this run, training on from step "
-                            f"{self.start_step}, would replace it: move it elsewhere to keep it, or use another "
-                            "--out")
+        def held() -> str:  # rank 0 alone reads the weights: a model's worth per checkpoint compared
+            holders = dict.fromkeys([*([self.resume_from] if self.resume_from else []),
+                                     *reversed(checkpointing.complete_checkpoints(self.run_dir))])
+            if any(_same_files(final, ckpt / "model") for ckpt in holders):
+                return ""
+            return (f"{final} holds weights that no checkpoint holds (in {self.run_dir / 'checkpoints'}, or the "
+                    f"one this run resumes from), and this run, training on from step {self.start_step}, would "
+                    "replace it: move it elsewhere to keep it, or use another --out")
+
+        if refusal := self._decided_on_main(held):
+            raise TrainingError(refusal)
+        return final
 
     def _check_resumed_model(self, config: ModelConfig) -> None:
         """The model this run builds must be the one its checkpoint holds: another --preset, --config,
