@@ -21,7 +21,7 @@ from minimind_fast.data.pipeline import doc_ids, prompt_ids
 from minimind_fast.data.records import MARK, Doc, RecordError, check_messages, conversation_field, refuse_record_tools
 from minimind_fast.data.sources import iter_records
 from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, check_same_tokenizer, load_tokenizer
-from minimind_fast.files import check_input_files, remove_stale_temporaries, temporary_name
+from minimind_fast.files import check_input_files, write_file_whole
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
 from minimind_fast.model import MiniMindForCausalLM
 
@@ -360,13 +360,11 @@ def answer_file(model: MiniMindForCausalLM, tokenizer: ChatTokenizer, config: Ge
     config.stop_token_ids = sorted({*config.stop_token_ids, tokenizer.eos_token_id})
     all_prompts = encode_prompts_to_fit(tokenizer, records, mode, model.config.max_position_embeddings,
                                         config.max_new_tokens, in_path)
-    # A hidden name of this process's own: neither a user's OUT.tmp nor another run's is overwritten.
-    tmp = Path(out_path).with_name(temporary_name(Path(out_path)))
-    try:
-        out = open(tmp, "w", encoding="utf-8")
-    except OSError as e:  # under a file, no permission: named as the output, not its hidden temporary
-        raise OSError(f"{out_path}: cannot write the answers there ({e.strerror or e})") from None
-    try:
+    def write(tmp: Path) -> None:  # a hidden name of this process's own: no user's OUT.tmp is overwritten
+        try:
+            out = open(tmp, "w", encoding="utf-8")
+        except OSError as e:  # under a file, no permission: named as the output, not its hidden temporary
+            raise OSError(f"{out_path}: cannot write the answers there ({e.strerror or e})") from None
         with out:
             for start in range(0, len(records), batch_size):
                 chunk = [rec for _, rec in records[start:start + batch_size]]
@@ -378,12 +376,8 @@ def answer_file(model: MiniMindForCausalLM, tokenizer: ChatTokenizer, config: Ge
                     stream = TextStream(tokenizer, config.stop_strings)
                     stream.tokens = ids
                     out.write(json.dumps({**rec, "response": stream.text()}, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    remove_stale_temporaries(Path(out_path))  # a killed earlier run's
+
+    write_file_whole(Path(out_path), write)
     return len(records)
 
 

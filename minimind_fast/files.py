@@ -22,7 +22,7 @@ import socket
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -59,7 +59,8 @@ def write_files_whole(writes: dict[Path, Callable[[Path], None]]) -> None:
             os.replace(tmp, path)
     except BaseException:
         for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
+            with suppress(OSError):  # none made (under a file: ENOTDIR), or unremovable: the error is above
+                tmp.unlink(missing_ok=True)
         raise
     for path in writes:
         remove_stale_temporaries(path)
