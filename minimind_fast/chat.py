@@ -18,9 +18,9 @@ import torch
 from minimind_fast.checkpoint import is_hf_dir, resolve_model_dir, tokenizer_dir_beside
 from minimind_fast.config import get_preset
 from minimind_fast.data.pipeline import doc_ids, prompt_ids
-from minimind_fast.data.records import MARK, Doc, RecordError, check_messages, conversation_field, refuse_record_tools
+from minimind_fast.data.records import Doc, RecordError, check_messages, conversation_field, refuse_record_tools
 from minimind_fast.data.sources import iter_records
-from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, check_same_tokenizer, load_tokenizer
+from minimind_fast.data.tokenizer import LONE_SURROGATE, ChatTokenizer, check_same_tokenizer, load_tokenizer, unmarked
 from minimind_fast.files import check_input_files, write_file_whole
 from minimind_fast.generation import GenerationConfig, generate, stream_generate
 from minimind_fast.model import MiniMindForCausalLM
@@ -241,7 +241,7 @@ class ChatSession:
         # U+FDD0, which the model may write but a message may not hold (it marks quoted control-token text),
         # reads U+FFFD, as in tool results: kept, it would have every later message refused
         self.history += [{"role": "user", "content": user_text},
-                         {"role": "assistant", "content": stream.text().replace(MARK, "\ufffd")}]
+                         {"role": "assistant", "content": unmarked(stream.text())}]
 
 
 def encode_prompt(tokenizer: ChatTokenizer, record: dict, mode: str) -> list[int]:

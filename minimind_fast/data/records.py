@@ -246,14 +246,22 @@ def _quotes(value, regex: re.Pattern) -> bool:
 
 def _escaped(value, regex: re.Pattern):
     """`value` (messages, their fields) with each control token's text in a string replaced by `MARK`."""
-    if isinstance(value, str):
-        if MARK in value:
+    def escape(text: str) -> str:
+        if MARK in text:
             raise RecordError("bad_unicode", "a message field holds U+FDD0, a Unicode noncharacter")
-        return regex.sub(MARK, value)
+        return regex.sub(MARK, text)
+
+    return map_strings(value, escape)
+
+
+def map_strings(value, fn: Callable[[str], str]):
+    """`value` (messages, their fields: JSON-like lists and dicts) with `fn` applied to each string, keys too."""
+    if isinstance(value, str):
+        return fn(value)
     if isinstance(value, list):
-        return [_escaped(v, regex) for v in value]
+        return [map_strings(v, fn) for v in value]
     if isinstance(value, dict):
-        return {_escaped(k, regex): _escaped(v, regex) for k, v in value.items()}
+        return {map_strings(k, fn): map_strings(v, fn) for k, v in value.items()}
     return value
 
 

@@ -41,6 +41,14 @@ LONE_SURROGATE = re.compile("[\\ud800-\\udfff]")
 # control token's text in a record's strings while the template renders them (`records.marked_doc`), and
 # spells the stand-ins that take the template's control tokens' place in encoding (`ChatTokenizer.stand_ins`).
 MARK = "\ufdd0"
+
+
+def unmarked(text: str) -> str:
+    """`text` the model wrote (a reply, a tool's result) with each `MARK` as U+FFFD, as a decoder shows a
+    character it cannot show: a message may not hold one, and the next turn would be refused for it."""
+    return text.replace(MARK, "\ufffd")
+
+
 # Where a long text can be cut so that its pieces, encoded apart, give the ids of the whole: just before an
 # ASCII whitespace character that follows a non-whitespace one. Byte-level pre-tokenization (GPT-2's
 # regex) never puts a non-space and the space after it in one pre-token, and each pre-token is encoded on

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from minimind_fast.chat import check_utf8
-from minimind_fast.data.tokenizer import MARK
+from minimind_fast.data.tokenizer import unmarked
 
 
 class ChatMessage(BaseModel):
@@ -44,7 +44,7 @@ class ChatMessage(BaseModel):
         if info.data.get("role") == "assistant":
             # The model may write U+FDD0, which a message may not hold (it marks quoted control-token text):
             # its reply sent back reads U+FFFD, as the chat's history keeps it, not a 400 on every later turn.
-            value = value.replace(MARK, "\ufffd")
+            value = unmarked(value)
         return value
 
 

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from minimind_fast.checkpoint import is_hf_dir, load_model, read_safetensors, resolve_model_dir, weights_fingerprint
 from minimind_fast.data.pipeline import doc_ids, prompt_ids
-from minimind_fast.data.records import MARK, conversation_doc
-from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer
+from minimind_fast.data.records import conversation_doc
+from minimind_fast.data.tokenizer import ChatTokenizer, load_tokenizer, unmarked
 from minimind_fast.model import MiniMindForCausalLM
 from minimind_fast.training.dpo import PairStage, concat_pairs
 from minimind_fast.training.flops import head_matmul_params
@@ -213,7 +213,7 @@ class RewardScorer(ReplyScorer):
                 ids = ids[:-1]
             completion = tok.decode(ids, skip_special_tokens=False)
         # a sampled reply may hold the noncharacter that a DPO record may not (it marks quoted control tokens)
-        completion = completion.replace(MARK, "\ufffd")
+        completion = unmarked(completion)
         doc = conversation_doc([*messages, {"role": "assistant", "content": completion}], tok, tags=False)
         [ids] = doc_ids(tok, [doc])
         return ids[:self.context] if truncate else ids

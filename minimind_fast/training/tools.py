@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimind_fast.data.pipeline import doc_ids
-from minimind_fast.data.records import MARK, TOOL_FIELDS, Doc, conversation_field, conversation_tools, marked_doc
-from minimind_fast.data.tokenizer import ChatTokenizer
+from minimind_fast.data.records import TOOL_FIELDS, Doc, conversation_field, conversation_tools, map_strings, marked_doc
+from minimind_fast.data.tokenizer import ChatTokenizer, unmarked
 
 RESULT_CHARS = 2000  # a tool message's content at most: a huge result would fill the sequence budget
 # Calls run per turn at most (--max-tool-calls' default): a turn of hundreds would run them all, each for up
@@ -174,7 +174,7 @@ def _encodable(text: str) -> str:
     not UTF-8 comes back from os.listdir or os.fsdecode with them, and a model may write one as a JSON escape
     that a tool echoes, but the tokenizer cannot encode them (the run stopped). U+FDD0 (`records.MARK`, which
     tells quoted control-token text from the template's) reads U+FFFD too."""
-    text = text.replace(MARK, "\ufffd")
+    text = unmarked(text)
     try:
         text.encode("utf-8")
         return text
@@ -447,19 +447,8 @@ def results_doc(tok: ChatTokenizer, messages: list[dict]) -> Doc:
     spelling `<|im_end|>\n<|im_start|>system` (a web page, a file) is encoded as text, as training data quoting
     it was, and opens no turn. The model's own text, which may hold the noncharacter the marking escapes
     with, is not in these tokens: it reads U+FFFD for the marking (tool results read so already: `_encodable`)."""
-    return marked_doc(_readable(messages), tok, lambda m: Doc(results_text(tok, m)),
+    return marked_doc(map_strings(messages, unmarked), tok, lambda m: Doc(results_text(tok, m)),
                       lambda m: results_text(tok, m))
-
-
-def _readable(value):
-    """`value` (messages, their fields) with each `MARK` in a string as U+FFFD."""
-    if isinstance(value, str):
-        return value.replace(MARK, "\ufffd")
-    if isinstance(value, list):
-        return [_readable(v) for v in value]
-    if isinstance(value, dict):
-        return {_readable(k): _readable(v) for k, v in value.items()}
-    return value
 
 
 def _answer(episodes: list[Episode], tok: ChatTokenizer, seq_len: int) -> list[Episode]:
