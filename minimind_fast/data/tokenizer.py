@@ -289,6 +289,9 @@ class ChatTokenizer:
     def plain(self) -> Tokenizer:
         """This tokenizer encoding a control token's text as the characters it is made of: for the text a
         record holds, so that a message quoting "<|im_end|>" neither ends its turn nor starts one."""
+        return self._plain_copy()
+
+    def _plain_copy(self) -> Tokenizer:
         plain = Tokenizer.from_str(self.tokenizer.to_str())
         plain.encode_special_tokens = True
         return plain
@@ -300,15 +303,13 @@ class ChatTokenizer:
         where the template's control tokens stand in a text that also quotes some, it cuts the text as they do
         in a whole encoding; encoding the stretches between them apart does not where a text's start is
         encoded otherwise (a Metaspace pre-tokenizer's "▁" before the first word only: "▁user" for "user")."""
-        encoder = Tokenizer.from_str(self.tokenizer.to_str())
-        encoder.encode_special_tokens = True
-        texts, ids = {}, {}
-        for i, t in self.tokenizer.get_added_tokens_decoder().items():
-            if t.special:
-                texts[t.content] = f"{MARK}{i}{MARK}"
-                encoder.add_tokens([AddedToken(texts[t.content], single_word=t.single_word, lstrip=t.lstrip,
-                                               rstrip=t.rstrip, normalized=t.normalized, special=False)])
-                ids[encoder.token_to_id(texts[t.content])] = i
+        encoder = self._plain_copy()
+        added = self.tokenizer.get_added_tokens_decoder()
+        texts = {text: f"{MARK}{i}{MARK}" for text, i in self.control_tokens.items()}
+        encoder.add_tokens([AddedToken(texts[t.content], single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                                       normalized=t.normalized, special=False)
+                            for t in (added[i] for i in self.control_tokens.values())])  # one call: one rebuild
+        ids = {encoder.token_to_id(texts[text]): i for text, i in self.control_tokens.items()}
         return StandIns(encoder, texts, ids)
 
     @property
