@@ -255,7 +255,7 @@ class GRPOStage(FineTuneStage):
         self.reference: MiniMindForCausalLM | None = None
         self.rollout_copy: MiniMindForCausalLM | None = None
         self.toolbox: Toolbox | None = None
-        self._tokens = self._sampled_tokens = self._rows = 0
+        self._trained: Rollout | None = None  # the micro-batch just trained on (compute_loss): its counts
         self._head_flops = 0.0  # per sampled token (`head_flops_per_token`), set by `setup`
 
     # --- data ----------------------------------------------------------------------------
@@ -468,7 +468,8 @@ class GRPOStage(FineTuneStage):
     def flops_in_batch(self, batch: dict, per_token: float) -> float:
         """The micro-batch's rollout: `per_token` over its rows' read positions (prompt + completion tokens, less
         one a row), the head over its sampled tokens; padding is not counted (nor are its tokens)."""
-        return per_token * (self._tokens - self._rows) + self._head_flops * self._sampled_tokens
+        r = self._trained
+        return per_token * (r.tokens - r.input_ids.shape[0]) + self._head_flops * r.sampled_tokens
 
     # --- rollouts --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -614,7 +615,7 @@ class GRPOStage(FineTuneStage):
     # --- loss ------------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         a = self.args
-        r = self._rollout(model, batch)
+        r = self._trained = self._rollout(model, batch)
         out = model(r.input_ids, logits_to_keep=r.targets.shape[1])
         logprobs = token_logprobs(out.logits, r.targets, a.temperature)
         if r.old_logprobs is None:
@@ -623,7 +624,6 @@ class GRPOStage(FineTuneStage):
                                 a.clip_eps, a.kl_beta)
         if self.uses_moe(model) and out.aux_loss is not None:
             loss = loss + out.aux_loss
-        self._tokens, self._sampled_tokens, self._rows = r.tokens, r.sampled_tokens, r.input_ids.shape[0]
         return loss, {**r.metrics, **stats}  # the engine averages them over ranks
 
     def eval_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -631,5 +631,5 @@ class GRPOStage(FineTuneStage):
 
     def tokens_in_batch(self, batch: dict) -> int:
         """Prompt + completion tokens of the micro-batch just trained on (known only after sampling)."""
-        return self._tokens
+        return self._trained.tokens
 

@@ -229,7 +229,7 @@ class PPOStage(OwnHead, GRPOStage):
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         a = self.args
-        r = self._rollout(model, batch)
+        r = self._trained = self._rollout(model, batch)
         k = r.targets.shape[1]
         out = model(r.input_ids, logits_to_keep=k)
         logprobs = token_logprobs(out.logits, r.targets, a.temperature)
@@ -240,5 +240,4 @@ class PPOStage(OwnHead, GRPOStage):
                                a.clip_eps, a.cliprange_value, a.vf_coef)
         if self.uses_moe(model) and out.aux_loss is not None:
             loss = loss + out.aux_loss
-        self._tokens, self._sampled_tokens, self._rows = r.tokens, r.sampled_tokens, r.input_ids.shape[0]
         return loss, {**r.metrics, **stats}
