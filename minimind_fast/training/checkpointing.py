@@ -157,9 +157,9 @@ def read_rank_state(ckpt: Path, rank: int) -> dict:
     return {"loader": json.loads(saved["loader"]), "rng": saved["rng"]}
 
 
-def load_checkpoint(engine: DeepSpeedEngine, ckpt: Path, rank_state: dict) -> tuple[dict, list[str]]:
-    """Restore DeepSpeed's state and this rank's RNG states (`read_rank_state`); returns the trainer state
-    and the optimizer settings this run changes (`keep_hyperparameters`)."""
+def load_checkpoint(engine: DeepSpeedEngine, ckpt: Path, rank_state: dict) -> list[str]:
+    """Restore DeepSpeed's state and this rank's RNG states (`read_rank_state`); returns the optimizer settings
+    this run changes (`keep_hyperparameters`). The trainer state (trainer_state.json) the caller has read."""
     from minimind_fast.training.weights_only import use_weights_only
 
     use_weights_only(engine)  # DeepSpeed's own load would unpickle its files in full, running any code in them
@@ -171,7 +171,7 @@ def load_checkpoint(engine: DeepSpeedEngine, ckpt: Path, rank_state: dict) -> tu
         raise RuntimeError(f"{ckpt}: DeepSpeed could not load its state")
     set_rng_state(rank_state["rng"])
     changed = keep_hyperparameters(scheduler, ours) + keep_grad_clip(engine)
-    return json.loads((ckpt / "trainer_state.json").read_text()), changed
+    return changed
 
 
 def keep_hyperparameters(scheduler: torch.optim.lr_scheduler.LambdaLR, ours: list[dict]) -> list[str]:

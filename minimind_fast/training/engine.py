@@ -224,8 +224,10 @@ class Trainer:
         self.manifest = self.stage.open_data(data)
         self.tokenizer_dir = self.stage.tokenizer_dir(self.manifest)  # what checkpoints carry; checked now
         self.resume_from = self._checkpoint_to_resume()
-        # Read once: the stage check and the optimizer layout both need the run's record.
+        # Read once: the stage check and the optimizer layout need the run's record; the start step, the layout
+        # and the resume the checkpoint's trainer state.
         self.resume_record = read_run_record(self.resume_from) if self.resume_from else {}
+        self.resume_state = read_json_object(self.resume_from / "trainer_state.json") if self.resume_from else {}
         self._refuse_other_stage()
         self.start_step = self._start_step()
         self._refuse_later_checkpoints()
@@ -313,7 +315,7 @@ class Trainer:
     def _deepspeed_config(self) -> dict:
         """From flags or the user's file; a resumed run keeps its checkpoint's optimizer layout."""
         a = self.args
-        saved = self._saved_layout(self.resume_from, self.resume_record)
+        saved = self._saved_layout()
         zero_stage = a.zero_stage
         if zero_stage is None and not a.deepspeed_config and saved:
             zero_stage = saved["zero_stage"]
@@ -437,9 +439,7 @@ class Trainer:
                                 f"resume it: start from its weights with --init, in another --out")
 
     def _start_step(self) -> int:
-        if self.resume_from is None:
-            return 0
-        return read_json_object(self.resume_from / "trainer_state.json")["step"]
+        return self.resume_state["step"] if self.resume_from is not None else 0
 
     def _check_steps(self) -> None:
         """A resumed run must have steps left to train (a smaller --steps would otherwise do nothing,
@@ -505,13 +505,13 @@ class Trainer:
                                 "-> this run's); resume with the flags that built it (--preset, --config, "
                                 "--vocab-size, --init), or start anew with --resume none in another --out")
 
-    @staticmethod
-    def _saved_layout(ckpt: Path | None, recorded: dict) -> dict | None:
-        """The optimizer layout `ckpt` was written with: recorded in it, or (older checkpoints) in
-        `recorded`, the config.json of the run that wrote it."""
-        if ckpt is None:
+    def _saved_layout(self) -> dict | None:
+        """The optimizer layout the checkpoint resumed from was written with: recorded in it, or (older
+        checkpoints) in the config.json of the run that wrote it."""
+        if self.resume_from is None:
             return None
-        layout = read_json_object(ckpt / "trainer_state.json").get("optimizer_layout")
+        recorded = self.resume_record
+        layout = self.resume_state.get("optimizer_layout")
         if layout is None:
             return optimizer_layout(recorded["deepspeed_config"]) if "deepspeed_config" in recorded else None
         if "precision" not in layout and "precision" in recorded:  # recorded in checkpoints since
@@ -522,11 +522,11 @@ class Trainer:
         ckpt = self.resume_from
         if ckpt is None:
             return {"step": 0, "tokens": 0, "bad_steps": 0}
-        trainer_state, changed = checkpointing.load_checkpoint(self.engine, ckpt, self.rank_state)
-        self._note(f"resumed from {ckpt} at step {trainer_state['step']}")
+        changed = checkpointing.load_checkpoint(self.engine, ckpt, self.rank_state)
+        self._note(f"resumed from {ckpt} at step {self.resume_state['step']}")
         if changed:
             self._note(f"optimizer settings from this run's flags, not the checkpoint's: {'; '.join(changed)}")
-        return trainer_state
+        return self.resume_state
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> dict:
