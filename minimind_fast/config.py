@@ -211,12 +211,14 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, data: dict[str, Any], required: tuple[str, ...] = ()) -> ModelConfig:
         """A config from its JSON fields. Bookkeeping keys of MiniMind's and Hugging Face's config.json
         (`FOREIGN_KEYS`) are kept in `extra`; any other unknown key is refused, since a misspelt field
-        would otherwise leave its default in place and build another model."""
+        would otherwise leave its default in place and build another model, and so is a missing `required` one."""
         if not isinstance(data, dict):
             _fail(f"expected a JSON object of fields, found {type(data).__name__}")
+        if missing := [k for k in required if k not in data]:
+            _fail(f"missing {', '.join(missing)}: the defaults would build another model than the weights beside it")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - FOREIGN_KEYS)
         if unknown:
@@ -231,8 +233,8 @@ class ModelConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, required: tuple[str, ...] = ()) -> ModelConfig:
+        return cls.from_dict(json.loads(text), required)
 
     def save(self, path: str | os.PathLike) -> None:
         write_text_whole(Path(path), self.to_json())
@@ -243,12 +245,7 @@ class ModelConfig:
         ValueError naming the file."""
         with open(path, encoding="utf-8") as f:
             try:
-                data = json.loads(f.read())
-                missing = [k for k in required if isinstance(data, dict) and k not in data]
-                if missing:
-                    _fail(f"missing {', '.join(missing)}: the defaults would build another model than the "
-                          "weights beside it")
-                return cls.from_dict(data)
+                return cls.from_json(f.read(), required)
             except ValueError as e:  # json.JSONDecodeError is one, and so is a file that is not UTF-8
                 raise ValueError(f"{path}: {e}") from e
 
