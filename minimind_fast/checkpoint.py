@@ -209,7 +209,8 @@ def is_hf_dir(path: Path) -> bool:
     if not path.is_dir() or not config.exists() or (path / CONFIG).exists():
         return False
     try:
-        return "architectures" in json.loads(config.read_text())
+        data = json.loads(config.read_text())
+        return isinstance(data, dict) and "architectures" in data
     except ValueError:  # not JSON, or not UTF-8: with weights beside it, a damaged export (its loader names it)
         return any((path / name).exists() for name in (WEIGHTS, "model.safetensors.index.json", "pytorch_model.bin"))
 

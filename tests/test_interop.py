@@ -753,3 +753,13 @@ def test_out_may_be_the_current_directory(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
     ids = torch.randint(0, 320, (1, 6))
     assert torch.equal(our_logits(load_model(tmp_path / "here"), ids), our_logits(model, ids))
+
+
+@pytest.mark.parametrize("text", ["5", "null", '"architectures"', "[1]"])
+def test_a_config_json_that_is_no_object_is_not_taken_for_a_hugging_face_export(tmp_path, text):
+    """`is_hf_dir` read `"architectures" in <JSON value>`: a number or null raised TypeError (a traceback in
+    chat, LoRA and load_model), and a JSON string containing the word counted as an export."""
+    from minimind_fast.checkpoint import is_hf_dir
+
+    (tmp_path / "config.json").write_text(text)
+    assert not is_hf_dir(tmp_path)
