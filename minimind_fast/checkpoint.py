@@ -203,6 +203,20 @@ def tokenizer_dir_beside(src: Path) -> Path | None:
     return next((c for c in candidates if (c / "tokenizer.json").exists()), None)
 
 
+def load_failure(e: Exception) -> str:
+    """torch.load's failure in one line: its type and `load_failure_reason`."""
+    reason = load_failure_reason(e)
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
+def load_failure_reason(e: Exception) -> str:
+    """torch.load's reason in one line. A weights-only refusal puts it on a later line, after advice on
+    loading the file as trusted code, which is not ours to pass on."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    return reason.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
+
+
 def is_hf_dir(path: Path) -> bool:
     """A Hugging Face export: a config.json naming its architectures (our run dirs' config.json does not)."""
     config = path / "config.json"

@@ -85,7 +85,8 @@ def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(e)}); {PTH_EXPECTED}") from e
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({checkpoint.load_failure(e)}); "
+                         f"{PTH_EXPECTED}") from e
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # MiniMind's resume file: {'model': state_dict, 'optimizer': ..., 'step': ...}
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -101,15 +102,6 @@ def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 PTH_EXPECTED = "expected a MiniMind .pth (a state dict of tensors, saved by torch.save)"
-
-
-def _load_failure(e: Exception) -> str:
-    """torch.load's reason in one line. A weights-only refusal puts it on a later line, after advice on
-    loading the file as trusted code, which is not ours to pass on."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
-    reason = reason.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
-    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
 
 
 def _describe(obj: object) -> str:
@@ -487,7 +479,7 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for truncated or foreign files
             raise ValueError(f"{path / 'pytorch_model.bin'}: not a readable PyTorch checkpoint "
-                             f"({_load_failure(e)})") from e
+                             f"({checkpoint.load_failure(e)})") from e
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()

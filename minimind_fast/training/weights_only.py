@@ -9,11 +9,12 @@ puts ours there, whose load admits only tensors, plain values and the DeepSpeed 
 from __future__ import annotations
 
 import pickle
-import re
 from typing import TYPE_CHECKING, Any
 
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from minimind_fast.checkpoint import load_failure, load_failure_reason
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -45,13 +46,12 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
             with torch.serialization.safe_globals(allowed_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", str(e), re.MULTILINE)
             raise ValueError(f"{path}: refused: a weights-only load does not unpickle it "
-                             f"({found[1] if found else str(e).splitlines()[0]}); DeepSpeed's checkpoints hold "
+                             f"({load_failure_reason(e)}); DeepSpeed's checkpoints hold "
                              "only tensors, plain values and a few of its classes, so this file was not written "
                              "by minimind_fast's DeepSpeed, or was altered since") from None
         except Exception as e:  # torch raises many types for truncated or foreign files
-            raise ValueError(f"{path}: not a readable DeepSpeed checkpoint file ({type(e).__name__}: {e})") from e
+            raise ValueError(f"{path}: not a readable DeepSpeed checkpoint file ({load_failure(e)})") from e
 
 
 def use_weights_only(engine: DeepSpeedEngine) -> None:
